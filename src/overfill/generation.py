@@ -1,0 +1,354 @@
+"""One decoding loop for every mode (DESIGN §2 "Modes"; paper §3, Figure 1).
+
+The handoff is one line in `generate_ids`: the *prefill model* reads the prompt and picks the
+first token, the *decode model* produces every later token while reading and extending the
+prefill model's KV cache. Modes only choose the pair:
+
+    overfill: prefill = full model, decode = pruned decoder   (the paper's method)
+    full:     prefill = full model, decode = full model       (quality ceiling)
+    pruned:   prefill = decoder,    decode = decoder          (the paper's baseline)
+
+`prefill` and `decode_step` are small top-level functions so each half can be timed or compiled
+alone (after gpt-fast). Shapes: B rows (prompts x candidates), T cached tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from overfill.errors import OverfillError
+
+MODES = ("overfill", "full", "pruned")
+
+
+# ---------------------------------------------------------------- the two halves
+
+
+def positions_after(mask: torch.Tensor, new_tokens: int, past_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids for the last `new_tokens` columns of `mask`, following each row's real tokens.
+
+    Left padding must not shift positions: a padded row sees exactly the positions it would see
+    alone. `past_lengths` [B] counts real tokens already in the cache (0 for a fresh prompt).
+    """
+    new = mask[:, -new_tokens:]
+    positions = new.cumsum(-1) - 1  # [B, new_tokens]
+    if past_lengths is not None:
+        positions = positions + past_lengths[:, None]
+    return positions.clamp(min=0)
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None = None,
+            past_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, DynamicCache]:
+    """Run `model` over a (left-padded) prompt; returns last-position logits [B, V] and the cache.
+
+    `attention_mask` covers the cached tokens plus the new ones, [B, T_cache + T_new].
+    """
+    cache = DynamicCache() if cache is None else cache
+    positions = positions_after(attention_mask, input_ids.shape[1], past_lengths)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                cache: DynamicCache) -> torch.Tensor:
+    """One token per row: tokens [B, 1] at positions [B, 1] -> next-token logits [B, V]. Extends `cache`."""
+    out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+# ---------------------------------------------------------------- choosing tokens
+
+
+@dataclass
+class GenerationConfig:
+    mode: str = "overfill"
+    """overfill (full prefill, decoder decodes) | full | pruned."""
+    max_new_tokens: int = 256
+    """Upper bound on reply tokens (the first, full-model token included)."""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
+    seed: int | None = None
+    """Seed for sampling (reproducible replies)."""
+    num_return_sequences: int = 1
+    """Candidates per prompt; the prompt is prefilled once and its cache repeated."""
+    stop: tuple[str, ...] = ()
+    """Stop strings; the reply is cut before the first one."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise OverfillError(f"unknown mode '{self.mode}': pick one of {', '.join(MODES)}")
+        if self.max_new_tokens < 1:
+            raise OverfillError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if self.num_return_sequences < 1:
+            raise OverfillError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
+        self.stop = tuple(self.stop or ())
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class TokenChooser:
+    """Greedy argmax, or transformers' own warpers + a seeded multinomial draw."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.warpers = LogitsProcessorList()
+        if not config.greedy:
+            self.warpers.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_k:
+                self.warpers.append(TopKLogitsWarper(config.top_k))
+            if config.top_p < 1:
+                self.warpers.append(TopPLogitsWarper(config.top_p))
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> tokens [B]."""
+        if self.config.greedy:
+            return logits.argmax(-1)
+        scores = self.warpers(history, logits)
+        return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # [B] token chosen at this step (pad for finished rows)
+    finished: torch.Tensor  # [B] bool, row done after this step
+    seconds: float  # wall time of this step (prefill + first token for step 0)
+
+
+def models_for(mode: str, model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(prefill model, decode model) for a mode."""
+    if mode == "overfill":
+        return model.full, model.decoder
+    if mode == "full":
+        return model.full, model.full
+    return model.decoder, model.decoder
+
+
+@torch.inference_mode()
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+                 *, eos_ids: set[int], pad_id: int, is_stopped=None,
+                 cache: DynamicCache | None = None, past_lengths: torch.Tensor | None = None) -> Iterator[Step]:
+    """Yield one Step per generated token. Rows are prompts repeated num_return_sequences times.
+
+    `cache`/`past_lengths` continue an existing conversation (the cache must hold prefill-model KV).
+    `is_stopped(row, new_token_ids) -> bool` lets the caller end a row on a stop string.
+    """
+    prefill_model, decode_model = models_for(config.mode, model)
+    chooser = TokenChooser(config)
+    n = config.num_return_sequences
+    started = time.perf_counter()
+    logits, cache = prefill(prefill_model, input_ids, attention_mask, cache, past_lengths)
+    # Several candidates share one prefill: repeat the cache, never re-run the prompt.
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+        attention_mask = attention_mask.repeat_interleave(n, 0)
+    rows = logits.shape[0]
+    lengths = attention_mask.sum(-1)  # [B] real tokens in the cache
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    finished = torch.zeros(rows, dtype=torch.bool)
+    generated = torch.empty(rows, 0, dtype=torch.long)
+
+    for step in range(config.max_new_tokens):
+        if step > 0:
+            # The handoff: from here on `decode_model` reads and extends `prefill_model`'s cache.
+            logits = decode_step(decode_model, tokens[:, None], attention_mask, lengths[:, None] - 1, cache)
+        tokens = chooser(logits, generated)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+        generated = torch.cat([generated, tokens[:, None]], dim=1)
+        newly_done = ~finished & torch.isin(tokens, eos)
+        if is_stopped is not None:
+            for row in (~finished & ~newly_done).nonzero().flatten().tolist():
+                if is_stopped(row, generated[row]):
+                    newly_done[row] = True
+        finished = finished | newly_done
+        now = time.perf_counter()
+        yield Step(tokens=tokens, finished=finished.clone(), seconds=now - started)
+        started = now
+        if bool(finished.all()):
+            return
+        attention_mask = torch.cat([attention_mask, torch.ones(rows, 1, dtype=attention_mask.dtype)], dim=1)
+        lengths = lengths + 1
+
+
+# ---------------------------------------------------------------- text in, text out
+
+
+@dataclass
+class Reply:
+    mode: str
+    text: str
+    token_ids: list[int]
+    new_tokens: int
+    finish_reason: str  # "eos" | "stop" | "length"
+    prefill_s: float
+    decode_s: float
+    prompt_index: int = 0
+    sequence_index: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced by the decode model (all but the first) per second of decoding."""
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "mode": self.mode, "text": self.text, "new_tokens": self.new_tokens, "finish_reason": self.finish_reason,
+            "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "prompt_index": self.prompt_index, "sequence_index": self.sequence_index,
+        }
+
+
+def eos_ids_of(tokenizer, *models) -> set[int]:
+    ids = set()
+    for source in (tokenizer, *[getattr(m, "generation_config", None) for m in models]):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update([value] if isinstance(value, int) else list(value or []))
+    return ids
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A user string or a message list -> the exact context ids training used (chat template + generation prompt)."""
+    from overfill.data import chat_ids
+
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if getattr(tokenizer, "chat_template", None):
+        return chat_ids(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from overfill.prune import left_pad
+
+    return left_pad(sequences, pad_id)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    hits = [text.index(s) for s in stops if s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def pad_id_of(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def generate(model, prompts, config: GenerationConfig | None = None) -> list[Reply]:
+    """Answer a batch of prompts (strings or message lists); one Reply per prompt x sequence."""
+    config = config or GenerationConfig()
+    single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+    prompts = [prompts] if single else list(prompts)
+    if not prompts:
+        raise OverfillError("no prompts given: pass at least one prompt")
+    tokenizer = model.tokenizer
+    pad_id = pad_id_of(tokenizer)
+    ids, mask = _left_pad([encode_prompt(tokenizer, p) for p in prompts], pad_id)
+    eos = eos_ids_of(tokenizer, model.full, model.decoder)
+
+    def is_stopped(row, row_ids):
+        # Only the tail can complete a stop string; decoding it is cheap.
+        tail = tokenizer.decode(row_ids[-16:].tolist(), skip_special_tokens=True)
+        return any(s in tail for s in config.stop)
+
+    steps = list(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id,
+                              is_stopped=is_stopped if config.stop else None))
+    return _replies(steps, tokenizer, config, eos, len(prompts))
+
+
+def _replies(steps: list[Step], tokenizer, config: GenerationConfig, eos: set[int], n_prompts: int) -> list[Reply]:
+    rows = steps[0].tokens.shape[0]
+    tokens = torch.stack([s.tokens for s in steps], dim=1)  # [B, steps]
+    prefill_s = steps[0].seconds
+    replies = []
+    for row in range(rows):
+        row_ids, reason = [], "length"
+        for step, s in enumerate(steps):
+            token = int(tokens[row, step])
+            row_ids.append(token)
+            if bool(s.finished[row]):
+                reason = "eos" if token in eos else "stop"
+                done_at = step
+                break
+        else:
+            done_at = len(steps) - 1
+        # The batch runs until its slowest row; a row's own decode time is its share of the steps.
+        decode_s = sum(s.seconds for s in steps[1 : done_at + 1])
+        text_ids = [t for t in row_ids if t not in eos]
+        text = tokenizer.decode(text_ids, skip_special_tokens=True)
+        if config.stop:
+            text, _ = _cut_at_stop(text, config.stop)
+        replies.append(Reply(mode=config.mode, text=text, token_ids=row_ids, new_tokens=len(row_ids),
+                             finish_reason=reason, prefill_s=prefill_s, decode_s=decode_s,
+                             prompt_index=row // config.num_return_sequences,
+                             sequence_index=row % config.num_return_sequences))
+    return replies
+
+
+def stream(model, prompt, config: GenerationConfig | None = None) -> Iterator[str]:
+    """Yield the reply to one prompt as text pieces; joined, they equal `generate(...)[0].text`."""
+    config = config or GenerationConfig()
+    if config.num_return_sequences != 1:
+        raise OverfillError("streaming returns one reply: use num_return_sequences=1")
+    tokenizer = model.tokenizer
+    pad_id = pad_id_of(tokenizer)
+    ids, mask = _left_pad([encode_prompt(tokenizer, prompt)], pad_id)
+    eos = eos_ids_of(tokenizer, model.full, model.decoder)
+    yield from stream_steps(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id), tokenizer, eos, config.stop)
+
+
+def stream_steps(steps: Iterator[Step], tokenizer, eos: set[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
+    """Turn single-row steps into text deltas, holding back text that may be the start of a stop string."""
+    row_ids: list[int] = []
+    emitted = ""
+    for s in steps:
+        token = int(s.tokens[0])
+        if token not in eos:
+            row_ids.append(token)
+        text = tokenizer.decode(row_ids, skip_special_tokens=True)
+        text, hit = _cut_at_stop(text, stop)
+        done = hit or bool(s.finished[0])
+        # Hold back an incomplete UTF-8 character and any suffix that could begin a stop string.
+        safe = len(text) if done else _safe_prefix_length(text, stop)
+        if safe > len(emitted):
+            yield text[len(emitted) : safe]
+            emitted = text[:safe]
+        if done:
+            return
+    text = tokenizer.decode(row_ids, skip_special_tokens=True)
+    text, _ = _cut_at_stop(text, stop)
+    if len(text) > len(emitted):
+        yield text[len(emitted) :]
+
+
+def _safe_prefix_length(text: str, stop: tuple[str, ...]) -> int:
+    end = len(text)
+    if text.endswith("\ufffd"):
+        end -= 1
+    for s in stop:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end = min(end, len(text[:end]) - k)
+                break
+    return max(end, 0)

@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Tiny-model tests never touch the user's cache; slow tests share one per session (see below)."""
+    if "OVERFILL_TEST_HOME" in os.environ:
+        monkeypatch.setenv("OVERFILL_HOME", os.environ["OVERFILL_TEST_HOME"])
+    yield
+
+
+@pytest.fixture(scope="session")
+def smollm_folder():
+    """The bundled SmolLM2 materialised once (in OVERFILL_HOME, default ~/.cache/overfill)."""
+    from overfill.zoo import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL, quiet=True)
