@@ -107,3 +107,68 @@ def calibration_ids(tokenizer, records: list[dict]) -> list[list[int]]:
                 text = "\n\n".join(m["content"] for m in messages)
                 sequences.append(tokenizer(text, add_special_tokens=True)["input_ids"])
     return sequences
+
+
+# ---------------------------------------------------------------- context / target split
+
+
+@dataclass
+class Example:
+    """One training/eval pair: context x (ends with the generation prompt) and target y (reply + end of turn)."""
+
+    context_ids: list[int]
+    target_ids: list[int]
+
+
+@dataclass
+class Batch:
+    context_ids: "torch.Tensor"  # [B, Tc] left-padded
+    context_mask: "torch.Tensor"  # [B, Tc]
+    target_ids: "torch.Tensor"  # [B, N] right-padded
+    target_mask: "torch.Tensor"  # [B, N]
+
+
+def split_messages(tokenizer, messages: list[dict]) -> Example | None:
+    """Context = template(turns before the final reply, generation prompt); target = the reply's tokens
+    up to and including the end-of-turn token, exactly as the template renders them in the whole chat.
+
+    None when there is no final assistant reply or it is empty.
+    """
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        return None
+    context = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    whole = chat_ids(tokenizer, messages, add_generation_prompt=False)
+    if whole[: len(context)] != context:
+        raise OverfillError("this chat template renders the context differently with and without the reply; overfill cannot split it")
+    target = whole[len(context) :]
+    end_of_turn = tokenizer.eos_token_id
+    if end_of_turn in target:
+        target = target[: target.index(end_of_turn) + 1]  # drop what the template adds after the turn
+    return Example(context, target)
+
+
+def truncate(example: Example, max_context: int | None, max_target: int | None) -> Example:
+    """Keep the end of a long context (it holds the question) and the start of a long reply."""
+    context = example.context_ids[-max_context:] if max_context else example.context_ids
+    target = example.target_ids[:max_target] if max_target else example.target_ids
+    return Example(list(context), list(target))
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    import torch
+
+    tc = max(len(e.context_ids) for e in examples)
+    n = max(len(e.target_ids) for e in examples)
+    batch = Batch(
+        context_ids=torch.full((len(examples), tc), pad_id, dtype=torch.long),
+        context_mask=torch.zeros((len(examples), tc), dtype=torch.long),
+        target_ids=torch.full((len(examples), n), pad_id, dtype=torch.long),
+        target_mask=torch.zeros((len(examples), n), dtype=torch.long),
+    )
+    for row, e in enumerate(examples):
+        c, t = len(e.context_ids), len(e.target_ids)
+        batch.context_ids[row, tc - c :] = torch.tensor(e.context_ids)
+        batch.context_mask[row, tc - c :] = 1
+        batch.target_ids[row, :t] = torch.tensor(e.target_ids)
+        batch.target_mask[row, :t] = 1
+    return batch
