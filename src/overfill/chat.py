@@ -1,0 +1,83 @@
+"""Multi-turn chat that keeps the prompt cache between turns (issue 3, part 3).
+
+The cache of earlier turns is always *prefill-model* KV (the full model's, in overfill mode).
+After each reply the cache is cut back to the end of the context: the decoder's KV for its own
+reply is dropped, and on the next turn the full model prefills the previous reply plus the new
+user turn on top of the kept cache. Older turns are never re-encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, generate_ids, pad_id_of, stream_steps
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def crop_to(cache, length: int) -> None:
+    """Keep the first `length` cached tokens (5.x `crop` takes minus the number of tokens to remove)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+class ChatSession:
+    def __init__(self, model, config: GenerationConfig | None = None, system: str | None = None):
+        self.model = model
+        self.config = replace(config or GenerationConfig(), num_return_sequences=1)  # one reply per turn
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = None
+        self.cached_ids: list[int] = []  # tokens whose prefill-model KV is in self.cache
+        self.prefilled_tokens = 0  # tokens the prefill model encoded in this session (for tests and stats)
+
+    def set_mode(self, mode: str) -> None:
+        # Another mode may prefill with another model: its cache is not ours to reuse.
+        self.config = replace(self.config, mode=mode)
+        self.cache, self.cached_ids = None, []
+
+    def send(self, text: str) -> Iterator[str]:
+        """Stream the reply to a new user turn; the reply joins the history when the stream ends."""
+        tokenizer = self.model.tokenizer
+        self.messages.append({"role": "user", "content": text})
+        ids = encode_prompt(tokenizer, self.messages)
+        keep = common_prefix_length(ids, self.cached_ids)
+        if keep == len(ids):  # the template must leave something to prefill
+            keep -= 1
+        if self.cache is not None:
+            crop_to(self.cache, keep)
+        if self.cache is None or keep == 0:
+            self.cache = DynamicCache()  # generate_ids fills and extends this object in place
+        new_ids = torch.tensor([ids[keep:]])
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        self.prefilled_tokens += len(ids) - keep
+        eos = eos_ids_of(tokenizer, self.model.full, self.model.decoder)
+        steps = generate_ids(self.model, new_ids, mask, self.config, eos_ids=eos, pad_id=pad_id_of(tokenizer),
+                             cache=self.cache, past_lengths=torch.tensor([keep]))
+        pieces = []
+        for piece in stream_steps(steps, tokenizer, eos, self.config.stop):
+            pieces.append(piece)
+            yield piece
+        steps.close()
+        # Only the context's KV came from the prefill model; drop the reply's (decoder) entries.
+        crop_to(self.cache, len(ids))
+        self.cached_ids = ids
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def say(self, text: str) -> str:
+        return "".join(self.send(text))

@@ -1,0 +1,98 @@
+"""Bad input reaches the user as one `error:` line and exit code 2, never a traceback."""
+
+import json
+import sys
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from overfill import cli
+from tiny import save_tiny, tiny_tokenizer, write_jsonl
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["overfill", *args])
+    capsys.readouterr()  # drop what fixtures printed
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    save_tiny(folder, "llama")
+    return folder
+
+
+def assert_one_line_error(code, err, fragment):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert fragment in lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.2", "1.5"])
+def test_ratio_outside_range(monkeypatch, capsys, tiny_folder, tmp_path, ratio):
+    code, _, err = run_cli(monkeypatch, capsys, "prune", "--model", str(tiny_folder), "--ratio", ratio, "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "must be in [0, 1)")
+
+
+def test_width_larger_than_model(monkeypatch, capsys, tiny_folder, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "prune", "--model", str(tiny_folder), "--hidden-size", "4096", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "larger than the model's hidden size")
+
+
+def test_unsupported_architecture(monkeypatch, capsys, tmp_path):
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300)).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    code, _, err = run_cli(monkeypatch, capsys, "prune", "--model", str(folder), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2'")
+    assert "llama" in err and "qwen2" in err
+
+
+def test_empty_and_malformed_calibration(monkeypatch, capsys, tiny_folder, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = run_cli(monkeypatch, capsys, "prune", "--model", str(tiny_folder), "--calib-data", str(empty), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "is empty")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n[1, 2\n")
+    code, _, err = run_cli(monkeypatch, capsys, "prune", "--model", str(tiny_folder), "--calib-data", str(bad), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "no usable records")
+    missing = tmp_path / "missing.jsonl"
+    code, _, err = run_cli(monkeypatch, capsys, "prune", "--model", str(tiny_folder), "--calib-data", str(missing), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_non_empty_output_needs_force(monkeypatch, capsys, tiny_folder, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run_cli(monkeypatch, capsys, "prune", "--model", str(tiny_folder), "--out", str(out))
+    assert_one_line_error(code, err, "--force")
+    assert (out / "keep.txt").read_text() == "precious"  # nothing lost
+    monkeypatch.setattr(sys, "argv", ["overfill", "prune", "--model", str(tiny_folder), "--out", str(out), "--force", "--ratio", "0.5"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code in (0, None)
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["actual"]["hidden_size"] == 24 and not (out / "keep.txt").exists()
+
+
+def test_prune_command_writes_a_loadable_folder(monkeypatch, capsys, tiny_folder, tmp_path):
+    calib = write_jsonl(tmp_path / "c.jsonl", [{"text": "some calibration text"}, {"text": "and more"}])
+    out = tmp_path / "pruned"
+    monkeypatch.setattr(sys, "argv", ["overfill", "prune", "--model", str(tiny_folder), "--out", str(out),
+                                      "--mlp-size", "50", "--multiple-of", "8", "--calib-data", str(calib)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code in (0, None)
+    record = json.loads((out / "pruning.json").read_text())
+    # llama: hidden rounds down to lcm(8, 4 heads) = 8 -> floor(0.55 * 48) = 26 -> 24; MLP 50 -> 48
+    assert record["requested"] == {"hidden_size": 26, "intermediate_size": 50}
+    assert record["actual"] == {"hidden_size": 24, "intermediate_size": 48}
+    assert "hidden size" in capsys.readouterr().out
