@@ -1,0 +1,195 @@
+"""lm-evaluation-harness (0.4.13) model `overfill`: any harness task on an OverFill model (issue 4 part 3).
+
+Requests map onto the same two-stage scoring and decoding as `overfill eval`:
+- loglikelihood(context, continuation): the prefill model reads the context and scores the first
+  continuation token; the decode model scores the rest on its cache (in overfill mode: full model,
+  then decoder; `evaluate.reply_logprobs`). is_greedy = every continuation token was the argmax.
+- loglikelihood_rolling(text): lm-eval's disjoint rolling windows, each scored the same way (the
+  first token of every window is the prefill model's).
+- generate_until(context, gen_kwargs): the one generation loop (`generation.generate_ids`) with
+  stop strings, from the harness's own prompt text (the chat template is applied only when the
+  harness asks for it with --apply_chat_template).
+
+Discovery: lm-eval 0.4.13 finds models only in its own registry and loads no plugins or entry
+points (`--include_path` adds tasks, not models). Importing this module registers `overfill`
+(`lm_eval.api.registry.register_model`), so run the harness through it:
+
+    python -m overfill.lm_eval_adapter --model overfill \\
+        --model_args path=runs/ckpt,mode=overfill --tasks overfill_two_questions_gen \\
+        --include_path tests/lm_eval_task --device cpu
+
+(all arguments are lm-eval's own), or from Python: `import overfill.lm_eval_adapter` and then
+`lm_eval.simple_evaluate(model="overfill", model_args=...)`. model_args: path (checkpoint) or
+model + decoder (a pruned folder) or model alone (mode=full), mode, batch_size, max_length,
+max_gen_toks, dtype. Runs on CPU (the only device the generation loop supports).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from overfill.errors import OverfillError
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import model_registry, register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError:  # pragma: no cover - depends on the environment
+    raise OverfillError("the lm-eval adapter needs lm-evaluation-harness: pip install 'overfill[eval]' (lm-eval==0.4.13)") from None
+
+from overfill.evaluate import DTYPES, generate_ids_batched, load_for_eval, score_examples
+from overfill.generation import MODES
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "overfill"
+
+
+class OverFillLM(TemplateLM):
+    def __init__(self, path: str | None = None, mode: str = "overfill", model: str | None = None, decoder: str | None = None,
+                 batch_size: int | str | None = 8, max_length: int | None = None, max_gen_toks: int = 256,
+                 dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None, **_ignored):
+        super().__init__()
+        if mode not in MODES:
+            raise OverfillError(f"unknown mode '{mode}': pick one of {', '.join(MODES)} (model_args mode=...)")
+        if not (path or model):
+            raise OverfillError("model_args need path=<OverFill checkpoint>, or model=<full model> with decoder=<pruned folder>")
+        if not (path or decoder) and mode != "full":
+            raise OverfillError(f"mode {mode} needs a decoder: pass path=<checkpoint> or decoder=<pruned folder>")
+        if dtype not in DTYPES:
+            raise OverfillError(f"unknown dtype '{dtype}': pick one of {', '.join(DTYPES)}")
+        if device and not str(device).startswith("cpu"):
+            log.warning("overfill's lm-eval adapter runs on CPU; ignoring device=%s", device)
+        self.mode = mode
+        self.source = path or (f"{model}+{decoder}" if decoder else model)
+        self.model = load_for_eval(path, model, decoder, dtype=DTYPES[dtype], trust_remote_code=bool(trust_remote_code))
+        self.tokenizer = self.model.tokenizer
+        # lm-eval passes "auto" / "auto:N" from its CLI; there is no memory probing on CPU.
+        self.batch_size = int(batch_size) if batch_size is not None and not str(batch_size).startswith("auto") else 8
+        self._max_length = int(max_length) if max_length else min(
+            getattr(self.model.full.config, "max_position_embeddings", 2048) or 2048, 2048)
+        self.max_gen_toks = int(max_gen_toks)
+
+    # ------------------------------------------------------------ tokens
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # Conditions the first token of an empty context (and of rolling windows).
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", self.source)).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    # ------------------------------------------------------------ scoring
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]]):
+        """TokenScores for (context ids, continuation ids) pairs; long contexts lose their start."""
+        from overfill.data import Example
+
+        examples = []
+        for context, continuation in pairs:
+            continuation = continuation[-self.max_length :]
+            room = max(self.max_length - len(continuation), 1)
+            examples.append(Example(list(context[-room:]), list(continuation)))
+        return score_examples(self.model, self.mode, examples, batch_size=self.batch_size)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        scores = self._score([(context, continuation) for _, context, continuation in requests])
+        results = []
+        for (pair, _, _), s in zip(requests, scores):
+            answer = (float(sum(s.logprobs)), bool(all(s.top1)))
+            if pair is not None:
+                self.cache_hook.add_partial("loglikelihood", pair, answer)
+            results.append(answer)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owners = [], []
+        for index, (text,) in enumerate(req.args for req in requests):
+            for window in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append(window)
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for index, s in zip(owners, self._score(windows)):
+            totals[index] += float(sum(s.logprobs))
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------ generation
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
+        groups: dict[tuple, list[int]] = {}
+        settings = []
+        for index, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            stop = tuple(s for s in until if s and s != eos_text)  # the end-of-turn token already ends a row
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(kwargs.pop("temperature", 0.0) or 0.0) if kwargs.pop("do_sample", False) else 0.0
+            key = (stop, max_new, temperature)
+            groups.setdefault(key, []).append(index)
+            settings.append(key)
+        outputs = [""] * len(requests)
+        for (stop, max_new, temperature), indices in groups.items():
+            room = max(self.max_length - max_new, 1)
+            contexts = [self.tok_encode(requests[i].args[0])[-room:] for i in indices]
+            replies = generate_ids_batched(self.model, self.mode, contexts, max_new_tokens=max_new,
+                                           batch_size=self.batch_size, stop=stop, temperature=temperature)
+            for i, ids in zip(indices, replies):
+                text = self.tok_decode([t for t in ids if t != self.eot_token_id])
+                cuts = [text.index(s) for s in stop if s in text]
+                outputs[i] = text[: min(cuts)] if cuts else text
+                self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+        return outputs
+
+
+def register() -> None:
+    """Make `--model overfill` known to lm-eval (idempotent)."""
+    if MODEL_NAME not in model_registry:
+        register_model(MODEL_NAME)(OverFillLM)
+
+
+register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's own command line, with `overfill` registered: `python -m overfill.lm_eval_adapter <lm_eval args>`."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    try:
+        cli_evaluate()
+    except OverfillError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""`overfill bench` on tiny random models: the JSON has every section and the plots are written (no timing checks)."""
+
+import json
+
+import pytest
+from rich.console import Console
+from tiny import tiny_model, tiny_tokenizer
+
+from overfill.bench import BenchConfig, PromptSource, run_bench
+from overfill.errors import OverfillError
+from overfill.modeling import OverFillModel
+from overfill.prune import PruneConfig, prune_model
+
+
+@pytest.fixture(scope="module")
+def pair():
+    full, tok = tiny_model(), tiny_tokenizer()
+    decoder = prune_model(full, tok, PruneConfig(ratio=0.5), progress=False).model
+    return OverFillModel(full, decoder, tok)
+
+
+def test_bench_writes_json_and_plots(pair, tmp_path):
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep="3,6", prompt_len_sweep=(20, 30),
+                         batch_sweep="1,2", sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4)
+    result = run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
+
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert set(saved) >= {"config", "environment", "models", "key_point", "sweeps", "overhead", "files"}
+    key = saved["key_point"]
+    assert set(key["rows"]) == {"overfill", "full", "pruned", "hf_generate", "hf_assisted"}
+    for row in key["rows"].values():
+        assert row["new_tokens"] == 6 and len(row["samples"]["e2e_s"]) == 2
+        assert {"median", "q1", "q3", "min", "max"} <= set(row["decode_tokens_per_s"])
+    names = {r["name"] for r in key["ratios"]}
+    assert {"overfill decode tok/s / full", "overfill end-to-end / pruned end-to-end", "overfill end-to-end / HF assisted"} <= names
+    assert [p["new_tokens"] for p in saved["sweeps"]["new_tokens"]["rows"]["overfill"]] == [3, 6]
+    assert saved["sweeps"]["prompt_len"]["values"] == [20, 30]
+    assert [p["batch"] for p in saved["sweeps"]["batch"]["rows"]["pruned"]] == [1, 2]
+    assert saved["overhead"]["steps"] == 4 and "overhead_percent" in saved["overhead"]
+    for name in ("breakdown.png", "new_tokens.png", "prompt_len.png", "batch.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+        assert name in result["files"]
+    assert "ratios measured in this run" in (tmp_path / "console.txt").read_text()
+
+
+def test_prompts_have_the_exact_length(pair):
+    ids, mask = PromptSource.from_tokenizer(pair.tokenizer).batch(40, 3)
+    assert ids.shape == (3, 40) and bool(mask.all())
+    assert not bool((ids[0] == ids[1]).all())  # rows read different text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(modes="overfill,fast"), "--modes"),
+    (dict(batch_sweep="1,two"), "--batch-sweep"),
+    (dict(repeats=0), "--repeats"),
+])
+def test_bad_config_is_refused(kwargs, message):
+    with pytest.raises(OverfillError, match=message):
+        BenchConfig(**kwargs)
