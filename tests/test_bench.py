@@ -21,7 +21,7 @@ def pair():
 
 def test_bench_writes_json_and_plots(pair, tmp_path):
     config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep="3,6", prompt_len_sweep=(20, 30),
-                         batch_sweep="1,2", sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4)
+                         batch_sweep="1,2", sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4, threads=1)
     result = run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
 
     saved = json.loads((tmp_path / "bench.json").read_text())
@@ -36,7 +36,7 @@ def test_bench_writes_json_and_plots(pair, tmp_path):
     assert [p["new_tokens"] for p in saved["sweeps"]["new_tokens"]["rows"]["overfill"]] == [3, 6]
     assert saved["sweeps"]["prompt_len"]["values"] == [20, 30]
     assert [p["batch"] for p in saved["sweeps"]["batch"]["rows"]["pruned"]] == [1, 2]
-    assert saved["overhead"]["steps"] == 4 and "overhead_percent" in saved["overhead"]
+    assert saved["overhead"]["steps"] == 4 and saved["overhead"]["overhead_in_loop_ms_per_step"]["n"] == 8
     for name in ("breakdown.png", "new_tokens.png", "prompt_len.png", "batch.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
         assert name in result["files"]

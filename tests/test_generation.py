@@ -6,10 +6,12 @@ import functools
 
 import pytest
 import torch
+from transformers import DynamicCache
 
+from overfill import OverfillError
 from overfill.generation import MODES, GenerationConfig, encode_prompt, eos_ids_of, generate, generate_ids, stream
 from overfill.modeling import OverFillModel
-from overfill.prune import PruneConfig, prune_model
+from overfill.prune import PruneConfig, left_pad, prune_model
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["hi", "What is the capital of France?", "Tell me a story about a dragon and a knight.", "2+2="]
@@ -107,6 +109,28 @@ def test_candidates_prefill_once_and_repeat_the_cache():
         assert r.token_ids == single[r.prompt_index].token_ids
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_continuing_a_kept_cache_equals_prefilling_everything(mode):
+    """What multi-turn chat relies on: prefill only the new tokens on top of a kept prefix cache."""
+    model = pruned_model("llama")
+    tok = model.tokenizer
+    ids = encode_prompt(tok, [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": "ok"},
+                              {"role": "user", "content": PROMPTS[1]}])
+    keep = len(ids) // 2
+    config = GenerationConfig(mode=mode, max_new_tokens=10)
+    eos = eos_ids_of(tok, model.full)
+    cache = DynamicCache()
+    prefix = torch.tensor([ids[:keep]])
+    next(generate_ids(model, prefix, torch.ones_like(prefix), config, eos_ids=eos, pad_id=PAD, cache=cache))
+    assert cache.get_seq_length() == keep
+    steps = generate_ids(model, torch.tensor([ids[keep:]]), torch.ones(1, len(ids), dtype=torch.long), config,
+                         eos_ids=eos, pad_id=PAD, cache=cache, past_lengths=torch.tensor([keep]))
+    continued = [int(s.tokens[0]) for s in steps]
+    fresh = generate(model, [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": "ok"},
+                             {"role": "user", "content": PROMPTS[1]}], config)[0]
+    assert continued == fresh.token_ids
+
+
 # ---------------------------------------------------------------- stopping
 
 
@@ -124,15 +148,23 @@ def test_stop_string_cuts_text_and_ends_the_row():
         assert reply.token_ids == free.token_ids[: cut + len(stop)]
 
 
+def test_stop_given_as_one_string():
+    assert GenerationConfig(stop="###").stop == ("###",)
+    assert GenerationConfig(stop=["a", "bc"]).stop == ("a", "bc")
+    with pytest.raises(OverfillError, match="empty stop string"):
+        GenerationConfig(stop=("",))
+
+
 def test_eos_ends_rows_independently():
     model = pruned_model("qwen2")
     config = GenerationConfig(mode="overfill", max_new_tokens=12)
     free = [r.token_ids for r in generate(model, PROMPTS, config)]
     assert all(EOS not in ids for ids in free)
-    # Swap the output rows of EOS and a token that row 0 writes at step 3 (and no other row writes):
-    # row 0 now ends there with EOS, the other rows are untouched. lm_head is untied, inputs unchanged.
-    token, step = free[0][3], 3
-    assert token not in free[0][:step] and all(token not in ids for ids in free[1:])
+    # Swap the output rows of EOS and a token that row 0 first writes at a decoder step (and no other
+    # row writes): row 0 now ends there with EOS, the other rows are untouched (lm_head is untied,
+    # so the models' inputs do not change).
+    step = next(i for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i] and all(t not in r for r in free[1:]))
+    token = free[0][step]
     for m in (model.full, model.decoder):
         with torch.no_grad():
             m.lm_head.weight[[EOS, token]] = m.lm_head.weight[[token, EOS]]
@@ -142,8 +174,6 @@ def test_eos_ends_rows_independently():
         assert reply.token_ids == ids and reply.finish_reason == "length"
     # at the token level, the finished row holds pad while the others go on
     tok = model.tokenizer
-    from overfill.prune import left_pad
-
     ids, mask = left_pad([encode_prompt(tok, p) for p in PROMPTS], PAD)
     steps = list(generate_ids(model, ids, mask, config, eos_ids=eos_ids_of(tok, model.full), pad_id=PAD))
     tokens = torch.stack([s.tokens for s in steps], 1)  # [B, steps]
@@ -155,11 +185,17 @@ def test_eos_ends_rows_independently():
 def test_all_rows_finished_ends_the_loop():
     model = pruned_model("qwen2")
     first = [r.token_ids[0] for r in generate(model, PROMPTS, GenerationConfig(max_new_tokens=1))]
-    for token in set(first):  # every first token becomes EOS
-        with torch.no_grad():
-            model.full.lm_head.weight[[EOS, token]] = model.full.lm_head.weight[[token, EOS]]
-    replies = generate(model, PROMPTS, GenerationConfig(max_new_tokens=10))
-    assert all(r.token_ids == [EOS] and r.text == "" and r.finish_reason == "eos" for r in replies)
+    # Every row's first token becomes an end token (models may name several in their generation config).
+    model.full.generation_config.eos_token_id = [EOS, *first]
+    calls = []
+    handle = model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        replies = generate(model, PROMPTS, GenerationConfig(max_new_tokens=10))
+    finally:
+        handle.remove()
+    assert [r.token_ids for r in replies] == [[t] for t in first]
+    assert all(r.text == "" and r.finish_reason == "eos" for r in replies)
+    assert calls == []  # the decoder never ran: nothing was left to decode
 
 
 # ---------------------------------------------------------------- sampling

@@ -34,7 +34,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -71,7 +71,7 @@ class BenchConfig:
     quick: bool = False
     """Small preset (a couple of minutes): checks the wiring; the default preset makes the figures."""
     modes: tuple[str, ...] = MODES
-    """Modes to time: overfill, full, pruned (comma-separated on the command line)."""
+    """Modes to time: overfill, full, pruned (repeat the flag or separate with commas)."""
     references: bool = True
     """Also time HF `generate` of the full model and HF assisted generation (decoder as assistant)."""
     prompt_len: int | None = None
@@ -81,11 +81,11 @@ class BenchConfig:
     batch_size: int | None = None
     """Key point: rows per batch (preset: 1)."""
     new_tokens_sweep: tuple[int, ...] | None = None
-    """Reply lengths to report (Fig. 3), e.g. 32,64,128,256,512; read off the key-point runs. Empty = skip."""
+    """Reply lengths to report (Fig. 3; preset 32..512), read off the key-point runs. 0 = skip."""
     prompt_len_sweep: tuple[int, ...] | None = None
-    """Prompt lengths to time (Fig. 4), e.g. 64,128,256,512,1024. Empty = skip."""
+    """Prompt lengths to time (Fig. 4; preset 64..1024). 0 = skip."""
     batch_sweep: tuple[int, ...] | None = None
-    """Batch sizes to time (Fig. 5), e.g. 1,2,4,8,16. Empty = skip."""
+    """Batch sizes to time (Fig. 5; preset 1..16). 0 = skip."""
     sweep_new_tokens: int | None = None
     """New tokens per row in the prompt-length and batch sweeps (preset: 64)."""
     repeats: int | None = None
@@ -130,17 +130,21 @@ def _flag(name: str) -> str:
 
 
 def _names(value) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else list(value or ())
-    return tuple(str(v).strip() for v in items if str(v).strip())
+    """'a,b' or ['a', 'b'] or ['a,b'] -> ('a', 'b')."""
+    items = [value] if isinstance(value, (str, int)) else list(value or ())
+    return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
 
 
 def _ints(value, name: str) -> tuple[int, ...]:
+    """A sweep: whole numbers >= 1, sorted; (0,) or nothing = skip the sweep."""
     try:
         numbers = sorted({int(v) for v in _names(value)})
     except ValueError:
-        raise OverfillError(f"--{_flag(name)} takes comma-separated whole numbers, got '{value}'") from None
+        raise OverfillError(f"--{_flag(name)} takes whole numbers (or 0 to skip the sweep), got '{value}'") from None
+    if numbers == [0]:
+        return ()
     if any(n < 1 for n in numbers):
-        raise OverfillError(f"--{_flag(name)} values must be at least 1, got {value}")
+        raise OverfillError(f"--{_flag(name)} values must be at least 1 (or just 0 to skip the sweep), got {value}")
     return tuple(numbers)
 
 
@@ -218,7 +222,6 @@ def _emissions_for(counts: list[int], tokens: int) -> int:
 def time_loop(model, mode: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> Run:
     """One run of the generation loop; EOS is disabled so it always makes `new_tokens` tokens."""
     config = GenerationConfig(mode=mode, max_new_tokens=new_tokens)
-    gc.collect()
     times, total = [], 0.0
     for step in generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id):
         total += step.seconds
@@ -253,7 +256,6 @@ def time_hf(model, reference: str, ids: torch.Tensor, mask: torch.Tensor, new_to
     config = HFGenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                 eos_token_id=eos, pad_token_id=pad_id)
     extra = {"assistant_model": model.decoder} if reference == "hf_assisted" else {}
-    gc.collect()
     clock = _Clock()
     out = model.full.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=clock, **extra)
     produced = out.shape[1] - ids.shape[1]
@@ -355,39 +357,74 @@ def measure_point(model, rows: tuple[str, ...], ids, mask, new_tokens: dict[str,
 
 
 def loop_overhead(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int, pad_id: int) -> dict:
-    """The loop's decode steps vs the same decoder forwards called by hand, paired step by step.
+    """What the loop adds to each decode step, measured two ways.
 
-    Each repeat runs the loop in overfill mode, then re-runs the full model's prefill and feeds
-    the decoder the loop's own tokens with the mask and positions the loop builds (built before
-    the clock starts). The first repeat is a warm-up.
+    - by hand: each repeat runs the loop in overfill mode and, alternately before or after it,
+      the full model's prefill plus `steps` decoder forwards called directly on the loop's own
+      tokens, with the masks and positions the loop builds (built before the clock starts);
+      steps are paired by index (same cache length).
+    - in the loop: hooks on the decoder time its forward inside each loop step; the rest of the
+      step is the loop's own work (token choice, masks, stop checks). Same step, so machine
+      noise between runs cancels.
+    The first repeat is a warm-up.
     """
     from overfill.generation import prefill
 
     config = GenerationConfig(mode="overfill", max_new_tokens=steps + 1)
     rows, length = ids.shape[0], mask.sum(-1, keepdim=True)  # [B, 1] real prompt tokens
-    loop_ms, raw_ms = [], []
-    for repeat in range(repeats + 1):
-        gc.collect()
-        loop = list(generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id))
-        tokens = [s.tokens[:, None] for s in loop]  # [B, 1] each
-        masks = [torch.cat([mask, torch.ones(rows, s, dtype=mask.dtype)], dim=1) for s in range(1, steps + 1)]
-        positions = [length + s - 1 for s in range(1, steps + 1)]  # token s-1 sits right after the prompt
-        gc.collect()
+    masks = [torch.cat([mask, torch.ones(rows, s, dtype=mask.dtype)], dim=1) for s in range(1, steps + 1)]
+    positions = [length + s - 1 for s in range(1, steps + 1)]  # token s-1 sits right after the prompt
+    forward_s: list[float] = []
+    entered = [0.0]
+
+    def before(*_):
+        entered[0] = time.perf_counter()
+
+    def after(*_):
+        forward_s.append(time.perf_counter() - entered[0])
+
+    def run_loop():
+        handles = [model.decoder.register_forward_pre_hook(before), model.decoder.register_forward_hook(after)]
+        try:
+            forward_s.clear()
+            loop = list(generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [s.seconds for s in loop[1:]], list(forward_s), [s.tokens[:, None] for s in loop]  # tokens [B, 1]
+
+    def run_by_hand(tokens):
         _, cache = prefill(model.full, ids, mask)
-        raw = []
-        for s in range(1, steps + 1):
+        seconds = []
+        for s in range(steps):
             started = time.perf_counter()
-            model.decoder(input_ids=tokens[s - 1], attention_mask=masks[s - 1], position_ids=positions[s - 1],
+            model.decoder(input_ids=tokens[s], attention_mask=masks[s], position_ids=positions[s],
                           past_key_values=cache, use_cache=True, logits_to_keep=1)
-            raw.append(time.perf_counter() - started)
+            seconds.append(time.perf_counter() - started)
+        return seconds
+
+    loop_ms, hand_ms, inner_ms = [], [], []
+    tokens = run_loop()[2]
+    for repeat in range(repeats + 1):
+        if repeat % 2:
+            hand = run_by_hand(tokens)
+            loop, inner, tokens = run_loop()
+        else:
+            loop, inner, tokens = run_loop()
+            hand = run_by_hand(tokens)
         if repeat > 0:
-            loop_ms += [1e3 * s.seconds for s in loop[1:]]
-            raw_ms += [1e3 * t for t in raw]
-    differences = [a - b for a, b in zip(loop_ms, raw_ms)]
-    loop_s, raw_s, diff_s = spread(loop_ms), spread(raw_ms), spread(differences)
+            loop_ms += [1e3 * t for t in loop]
+            hand_ms += [1e3 * t for t in hand]
+            inner_ms += [1e3 * t for t in inner]
+    by_hand = spread([a - b for a, b in zip(loop_ms, hand_ms)])
+    in_loop = spread([a - b for a, b in zip(loop_ms, inner_ms)])
+    hand_s = spread(hand_ms)
     return {"steps": steps, "repeats": repeats, "batch": rows, "prompt_len": int(ids.shape[1]),
-            "loop_ms_per_step": loop_s, "raw_forward_ms_per_step": raw_s, "overhead_ms_per_step": diff_s,
-            "overhead_percent": 100 * diff_s["median"] / raw_s["median"] if raw_s["median"] else 0.0}
+            "loop_ms_per_step": spread(loop_ms), "by_hand_forward_ms_per_step": hand_s,
+            "overhead_vs_by_hand_ms_per_step": by_hand,
+            "overhead_vs_by_hand_percent": 100 * by_hand["median"] / hand_s["median"] if hand_s["median"] else 0.0,
+            "in_loop_forward_ms_per_step": spread(inner_ms), "overhead_in_loop_ms_per_step": in_loop,
+            "overhead_in_loop_percent": 100 * in_loop["median"] / hand_s["median"] if hand_s["median"] else 0.0}
 
 
 def environment() -> dict:
@@ -414,8 +451,16 @@ def run_bench(config: BenchConfig, console, model=None) -> dict:
 
     `model` (an OverFillModel) skips loading from config.checkpoint / config.model + config.decoder.
     """
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _run_bench(config, console, model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(config: BenchConfig, console, model) -> dict:
     if model is None:
         from overfill.modeling import load_overfill
 
@@ -433,7 +478,23 @@ def run_bench(config: BenchConfig, console, model=None) -> dict:
     prompts = PromptSource.from_tokenizer(model.tokenizer)
     result = {"config": asdict(config), "environment": environment(), "models": describe(model)}
     started = time.perf_counter()
+    # A full collection takes ~0.2 s here, as long as a few decode steps: freeze what exists now so
+    # that the collector's occasional runs during timing only scan the few objects the runs create.
+    gc.collect()
+    gc.freeze()
+    try:
+        _measure(model, config, console, prompts, pad_id, result, started)
+    finally:
+        gc.unfreeze()
+    result["seconds"] = time.perf_counter() - started
+    result["files"] = write_plots(result, out)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    result["files"] = ["bench.json", *result["files"]]
+    print_bench(console, result, out)
+    return result
 
+
+def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id: int, result: dict, started: float) -> None:
     with torch.inference_mode(), console.status("benchmarking") as status:
         def report(text):
             status.update(f"benchmarking: {text}")
@@ -488,13 +549,6 @@ def run_bench(config: BenchConfig, console, model=None) -> dict:
         if config.overhead_steps:
             report("loop overhead")
             result["overhead"] = loop_overhead(model, ids, mask, config.overhead_steps, config.repeats, pad_id)
-
-    result["seconds"] = time.perf_counter() - started
-    result["files"] = write_plots(result, out)
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    result["files"] = ["bench.json", *result["files"]]
-    print_bench(console, result, out)
-    return result
 
 
 # ---------------------------------------------------------------- plots and tables
@@ -564,7 +618,7 @@ def write_plots(result: dict, out: Path) -> list[str]:
 
 
 def _range(s: dict, fmt: str) -> str:
-    return f"{s['median']:{fmt}} [{s['min']:{fmt}}-{s['max']:{fmt}}]"
+    return f"{s['median']:{fmt}} \\[{s['min']:{fmt}}-{s['max']:{fmt}}]"
 
 
 def print_bench(console, result: dict, out: Path) -> None:
@@ -573,7 +627,7 @@ def print_bench(console, result: dict, out: Path) -> None:
     key = result["key_point"]
     repeats = result["config"]["repeats"]
     table = Table(title=f"overfill bench: batch {key['batch']}, prompt {key['prompt_len']} tokens, "
-                        f"{key['new_tokens']} new tokens, median [min-max] of {repeats}", header_style="bold")
+                        f"{key['new_tokens']} new tokens, median \\[min-max] of {repeats}", header_style="bold")
     for column in ("row", "prefill + 1st (ms)", "decode (ms/token)", "decode tok/s", "end-to-end (s)", "tokens/step"):
         table.add_column(column, justify="left" if column == "row" else "right")
     for row, s in key["rows"].items():
@@ -582,7 +636,7 @@ def print_bench(console, result: dict, out: Path) -> None:
                       _range(s["e2e_s"], ".2f"), f"{s['new_tokens_per_step']['median']:.2f}")
     console.print(table)
 
-    table = Table(title="ratios measured in this run (paired per repeat: median [min-max])", header_style="bold")
+    table = Table(title="ratios measured in this run (paired per repeat: median \\[min-max])", header_style="bold")
     for column in ("ratio", "value", "issue target"):
         table.add_column(column, justify="left" if column == "ratio" else "right")
     for r in key["ratios"]:
@@ -609,11 +663,12 @@ def print_bench(console, result: dict, out: Path) -> None:
 
     if "overhead" in result:
         o = result["overhead"]
+        hand, inner = o["overhead_vs_by_hand_ms_per_step"], o["overhead_in_loop_ms_per_step"]
         console.print(
-            f"loop overhead over {o['steps']} decode steps x {o['repeats']}: loop {o['loop_ms_per_step']['median']:.2f} ms/step, "
-            f"raw decoder forward {o['raw_forward_ms_per_step']['median']:.2f} ms/step, overhead "
-            f"{o['overhead_ms_per_step']['median']:+.3f} ms/step ({o['overhead_percent']:+.2f}%, paired median; "
-            f"IQR {o['overhead_ms_per_step']['q1']:+.3f}..{o['overhead_ms_per_step']['q3']:+.3f} ms)"
+            f"loop overhead ({o['steps']} overfill decode steps x {o['repeats']}): loop step "
+            f"{o['loop_ms_per_step']['median']:.2f} ms, decoder forward by hand {o['by_hand_forward_ms_per_step']['median']:.2f} ms "
+            f"-> {hand['median']:+.3f} ms/step ({o['overhead_vs_by_hand_percent']:+.2f}%, IQR {hand['q1']:+.2f}..{hand['q3']:+.2f}); "
+            f"outside the decoder forward inside the loop: {inner['median']:+.3f} ms/step ({o['overhead_in_loop_percent']:+.2f}%)"
         )
     env = result["environment"]
     console.print(f"{env['torch_threads']} threads, load average {env['load_average'][0] if env['load_average'] else '?'} "

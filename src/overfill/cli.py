@@ -36,36 +36,23 @@ def _quiet_libraries():
     logging.disable_progress_bar()
 
 
-@app.command()
-def prune(
-    model: str = typer.Option("smollm2-135m-instruct", help="Full model: a zoo name, a local HF folder or a hub id."),
-    out_dir: str = typer.Option("runs/pruned", "--out", help="Output folder (HF model folder + pruning.json)."),
-    ratio: float = typer.Option(0.45, help="Share of channels removed from hidden and MLP widths, in [0, 1)."),
-    hidden_ratio: Optional[float] = typer.Option(None, help="Hidden-width pruning ratio (overrides --ratio)."),
-    mlp_ratio: Optional[float] = typer.Option(None, help="MLP-width pruning ratio (overrides --ratio)."),
-    hidden_size: Optional[int] = typer.Option(None, help="Explicit pruned hidden width (overrides ratios)."),
-    mlp_size: Optional[int] = typer.Option(None, help="Explicit pruned MLP width (overrides ratios)."),
-    multiple_of: int = typer.Option(1, help="Round widths down to a multiple of this (e.g. 64)."),
-    calib_data: str = typer.Option("bundled", help="Calibration JSONL (messages / instruction-output / text) or 'bundled'."),
-    calib_samples: int = typer.Option(64, help="Calibration sequences (paper: 512)."),
-    calib_len: int = typer.Option(256, help="Max tokens per calibration sequence (paper: 512)."),
-    batch_size: int = typer.Option(8, help="Calibration batch size."),
-    seed: int = typer.Option(0, help="Seed for sampling records from a calibration file."),
-    force: bool = typer.Option(False, help="Replace a non-empty output folder."),
-    trust_remote_code: bool = typer.Option(False, help="Allow custom model code (only for models you trust)."),
-):
-    """Width-prune a model into a KV-compatible decoder (Minitron-style activation scores)."""
-    from overfill import prune as prune_module
+def _run_prune(config) -> None:
+    from overfill.prune import prune
     from overfill.report import print_prune_summary
 
-    config = prune_module.PruneConfig(
-        model=model, out=out_dir, ratio=ratio, hidden_ratio=hidden_ratio, mlp_ratio=mlp_ratio,
-        hidden_size=hidden_size, mlp_size=mlp_size, multiple_of=multiple_of, calib_data=calib_data,
-        calib_samples=calib_samples, calib_len=calib_len, batch_size=batch_size, seed=seed, force=force,
-        trust_remote_code=trust_remote_code,
-    )
-    result = prune_module.prune(config)
+    result = prune(config)
     print_prune_summary(out, result.record, result.out)
+
+
+def _register_config_commands() -> None:
+    from overfill.cliconfig import add_config_command
+    from overfill.prune import PruneConfig
+
+    add_config_command(app, "prune", PruneConfig, _run_prune,
+                       help="Width-prune a model into a KV-compatible decoder (Minitron-style activation scores).")
+
+
+_register_config_commands()
 
 
 def _load_pair(checkpoint, model, decoder, trust_remote_code):

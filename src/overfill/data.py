@@ -1,16 +1,24 @@
-"""Chat records from files: the common shapes, turned into chat messages (DESIGN §1 data split).
+"""Chat records from files: the common shapes, turned into (context, target) training pairs (DESIGN §1).
 
 Shapes understood, one record per JSONL line or per element of a JSON array:
 - chat:     {"messages": [{"role": ..., "content": ...}, ...]}
 - ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
 - Alpaca:   {"instruction": ..., "input": ..., "output": ...}
-- named:    prompt/response fields given by the caller (e.g. GSM8K's question/answer)
+- named:    prompt/response fields given by the caller (e.g. GSM8K's question/answer), or one of
+            the common pairs in PAIRS when no other shape matches
 - plain:    {"text": ...} (calibration only: there is no reply to split off)
+
+The split (paper §3.2, with the handoff fixed as DESIGN §1 says): the context is exactly what
+`apply_chat_template(turns before the final reply, add_generation_prompt=True)` renders, the
+target is the reply's tokens up to and including the end-of-turn token, at training and at
+inference alike. `load_examples` does it for a whole file and says which records it skipped and
+why; `load_data` adds the train/validation split.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,17 +27,27 @@ from overfill.errors import OverfillError
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+# Prompt/response field pairs recognised without flags, in this order.
+PAIRS = (("prompt", "response"), ("prompt", "completion"), ("question", "answer"), ("query", "response"))
+
+
 @dataclass
 class RecordFile:
-    """The records of one file, plus the lines that could not be parsed (1-based line numbers)."""
+    """The records of one file, where each came from, and the lines that could not be used.
+
+    Numbers are 1-based JSONL line numbers, or item numbers for a JSON array (`unit` says which).
+    """
 
     path: str
     records: list[dict]
-    broken_lines: list[int] = field(default_factory=list)
+    broken_lines: list[int] = field(default_factory=list)  # not JSON
+    numbers: list[int] = field(default_factory=list)  # one per record
+    not_objects: list[int] = field(default_factory=list)  # JSON, but not an object
+    unit: str = "line"
 
 
 def read_records(path: str | Path) -> RecordFile:
-    """Read a JSONL file (or one JSON array). Broken lines are counted, not fatal; an empty file is."""
+    """Read a JSONL file (or one JSON array / object). Broken lines are counted, not fatal; an empty file is."""
     path = Path(path)
     if not path.is_file():
         raise OverfillError(f"data file {path} does not exist: pass a JSONL or JSON file")
@@ -42,8 +60,11 @@ def read_records(path: str | Path) -> RecordFile:
             rows = json.loads(stripped)
         except json.JSONDecodeError as err:
             raise OverfillError(f"data file {path} is not valid JSON ({err.msg} at line {err.lineno}): fix it or use JSONL") from None
-        return RecordFile(str(path), [r for r in rows if isinstance(r, dict)])
-    records, broken = [], []
+        numbered = list(enumerate(rows, start=1))
+        return RecordFile(str(path), [r for _, r in numbered if isinstance(r, dict)],
+                          numbers=[n for n, r in numbered if isinstance(r, dict)],
+                          not_objects=[n for n, r in numbered if not isinstance(r, dict)], unit="item")
+    records, numbers, broken, not_objects = [], [], [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -54,18 +75,23 @@ def read_records(path: str | Path) -> RecordFile:
             continue
         if isinstance(row, dict):
             records.append(row)
+            numbers.append(number)
         else:
-            broken.append(number)
-    return RecordFile(str(path), records, broken)
+            not_objects.append(number)
+    if not records and stripped.startswith("{"):  # one pretty-printed JSON object
+        try:
+            row = json.loads(stripped)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            return RecordFile(str(path), [row], numbers=[1], unit="item")
+    return RecordFile(str(path), records, broken, numbers, not_objects)
 
 
 def record_to_messages(record: dict, prompt_field: str | None = None, response_field: str | None = None) -> list[dict] | None:
     """Normalise one record to [{"role", "content"}, ...]; None when the record has no recognised shape."""
     if prompt_field and response_field:
-        prompt, response = record.get(prompt_field), record.get(response_field)
-        if not isinstance(prompt, str) or not isinstance(response, str):
-            return None
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return _pair_messages(record, prompt_field, response_field)
     if isinstance(record.get("messages"), list):
         turns = [t for t in record["messages"] if isinstance(t, dict)]
         return [{"role": str(t.get("role", "")), "content": str(t.get("content") or "")} for t in turns]
@@ -81,7 +107,21 @@ def record_to_messages(record: dict, prompt_field: str | None = None, response_f
         if record.get("input"):
             prompt = f"{prompt}\n\n{record['input']}"
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    for prompt_key, response_key in PAIRS:
+        if isinstance(record.get(prompt_key), str) and isinstance(record.get(response_key), str):
+            return _pair_messages(record, prompt_key, response_key)
     return None
+
+
+def _pair_messages(record: dict, prompt_field: str, response_field: str) -> list[dict] | None:
+    prompt, response = record.get(prompt_field), record.get(response_field)
+    if not isinstance(prompt, str):
+        return None
+    if response is None:  # a prompt without a reply: recognised, but nothing to learn
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(response, str):
+        return None
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
@@ -172,3 +212,201 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         batch.target_ids[row, :t] = torch.tensor(e.target_ids)
         batch.target_mask[row, :t] = 1
     return batch
+
+
+# ---------------------------------------------------------------- whole files -> examples
+
+SKIP_REASONS = ("broken JSON", "unrecognised shape", "no assistant reply", "empty text", "rejected by the chat template",
+                "reply under 2 tokens")
+
+
+@dataclass
+class LoadedData:
+    """The usable examples of one file and what was skipped: reason -> record numbers (1-based)."""
+
+    path: str
+    examples: list[Example]
+    records: int  # records looked at (broken lines included)
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+    unit: str = "line"  # what the numbers count: JSONL lines, or items of a JSON array
+    truncated_contexts: int = 0
+    truncated_targets: int = 0
+
+    @property
+    def skipped_count(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def summary(self, show: int = 8) -> str:
+        """One line: '<path>: 12 records -> 9 examples; skipped 3 (broken JSON: line 4; empty text: lines 7, 9)'."""
+        text = f"{self.path}: {self.records} records -> {len(self.examples)} examples"
+        if self.skipped_count:
+            parts = []
+            for reason, numbers in self.skipped.items():
+                listed = ", ".join(map(str, numbers[:show])) + (f", ... ({len(numbers) - show} more)" if len(numbers) > show else "")
+                parts.append(f"{reason}: {self.unit}{'s' if len(numbers) > 1 else ''} {listed}")
+            text += f"; skipped {self.skipped_count} ({'; '.join(parts)})"
+        if self.truncated_contexts or self.truncated_targets:
+            text += f"; truncated {self.truncated_contexts} contexts and {self.truncated_targets} replies"
+        return text
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "records": self.records, "examples": len(self.examples), "unit": self.unit,
+                "skipped": self.skipped, "truncated_contexts": self.truncated_contexts,
+                "truncated_targets": self.truncated_targets}
+
+
+def _final_reply(messages: list[dict]) -> tuple[list[dict] | None, str | None]:
+    """Cut the chat after its last assistant turn; (messages, None) or (None, skip reason)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return None, "no assistant reply"
+    messages = messages[: last + 1]
+    if not messages[-1]["content"].strip() or not any(m["content"].strip() for m in messages[:-1]):
+        return None, "empty text"  # no reply text, or nothing before it to reply to
+    return messages, None
+
+
+def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = None, response_field: str | None = None,
+                  max_context: int | None = None, max_target: int | None = None, limit: int | None = None) -> LoadedData:
+    """Read a JSONL/JSON file of chat records and split each into (context ids, target ids).
+
+    Long contexts keep their end (the question), long replies their start. Unusable records are
+    skipped and counted by reason; a file with none usable is an OverfillError. `limit` stops
+    after that many usable examples (quick runs on big files).
+    """
+    from jinja2 import TemplateError
+
+    if bool(prompt_field) != bool(response_field):
+        raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
+    if max_target is not None and max_target < 2:
+        raise OverfillError(f"max_target must be at least 2 (the decoder learns reply tokens 2..N), got {max_target}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise OverfillError("the tokenizer has no chat template, so contexts cannot be rendered as generation sees them: "
+                            "use a chat (instruct) model")
+    source = read_records(path)
+    loaded = LoadedData(str(path), [], len(source.records) + len(source.broken_lines) + len(source.not_objects),
+                        unit=source.unit)
+
+    def skip(reason: str, number: int):
+        loaded.skipped.setdefault(reason, []).append(number)
+
+    for number in source.broken_lines:
+        skip("broken JSON", number)
+    for number in source.not_objects:
+        skip("unrecognised shape", number)
+    last_used = 0
+    for number, record in zip(source.numbers, source.records):
+        if limit is not None and len(loaded.examples) >= limit:
+            # Stopped early: forget what lies beyond the last record used.
+            loaded.skipped = {r: [n for n in ns if n < last_used] for r, ns in loaded.skipped.items()}
+            loaded.skipped = {r: ns for r, ns in loaded.skipped.items() if ns}
+            loaded.records = len(loaded.examples) + loaded.skipped_count
+            break
+        messages = record_to_messages(record, prompt_field, response_field)
+        if messages is None:
+            skip("unrecognised shape", number)
+            continue
+        messages, reason = _final_reply(messages)
+        if reason:
+            skip(reason, number)
+            continue
+        try:
+            example = split_messages(tokenizer, messages)
+        except TemplateError:  # e.g. "roles must alternate user/assistant"
+            skip("rejected by the chat template", number)
+            continue
+        if example is None:
+            skip("empty text", number)
+            continue
+        if len(example.target_ids) < 2:  # only token 1 (the full model's); nothing for the decoder
+            skip("reply under 2 tokens", number)
+            continue
+        cut = truncate(example, max_context, max_target)
+        loaded.truncated_contexts += len(cut.context_ids) < len(example.context_ids)
+        loaded.truncated_targets += len(cut.target_ids) < len(example.target_ids)
+        loaded.examples.append(cut)
+        last_used = number
+    for numbers in loaded.skipped.values():
+        numbers.sort()
+    if not loaded.examples:
+        shape = (f"fields '{prompt_field}'/'{response_field}'" if prompt_field else
+                 "chat `messages`, ShareGPT `conversations`, Alpaca `instruction`/`output`, or pass --prompt-field/--response-field")
+        raise OverfillError(f"{path} has no usable records ({loaded.summary(show=3).split('; ', 1)[-1]}): each record needs {shape} "
+                            "with a non-empty assistant reply")
+    return loaded
+
+
+# ---------------------------------------------------------------- train / validation split
+
+
+@dataclass
+class DataConfig:
+    data: str = ""
+    """Training data: a JSONL/JSON file of chat messages, ShareGPT, Alpaca, or prompt/response records."""
+    val_data: str | None = None
+    """Separate validation file; without it, --val-size examples of --data are held out (chosen by --seed)."""
+    val_size: int = 100
+    """Validation examples (held out of --data, or the first ones of --val-data); 0 = no validation."""
+    prompt_field: str | None = None
+    """Record field holding the prompt (e.g. GSM8K's 'question'); use with --response-field."""
+    response_field: str | None = None
+    """Record field holding the reply (e.g. GSM8K's 'answer')."""
+    max_context: int | None = 1024
+    """Keep at most this many context tokens (the end of the context is kept)."""
+    max_target: int | None = 1024
+    """Keep at most this many reply tokens (the start of the reply is kept)."""
+    max_examples: int | None = None
+    """Read only the first N usable examples of --data, validation hold-out included (quick runs)."""
+    seed: int = 0
+    """Seed for the validation hold-out (and, in training, for data order and initialisation)."""
+
+    def __post_init__(self):
+        if not self.data:
+            raise OverfillError("no training data given: pass --data FILE.jsonl (e.g. ../shared/data/gsm8k/train.jsonl)")
+        for name in ("data", "val_data"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise OverfillError(f"--{name.replace('_', '-')} {value} does not exist: pass a JSONL or JSON file")
+        if bool(self.prompt_field) != bool(self.response_field):
+            raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
+        if self.val_size < 0:
+            raise OverfillError(f"--val-size must be 0 or more, got {self.val_size}")
+        if self.max_context is not None and self.max_context < 1:
+            raise OverfillError(f"--max-context must be at least 1, got {self.max_context}")
+        if self.max_target is not None and self.max_target < 2:
+            raise OverfillError(f"--max-target must be at least 2 (the decoder learns reply tokens 2..N), got {self.max_target}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise OverfillError(f"--max-examples must be at least 1, got {self.max_examples}")
+
+
+@dataclass
+class DataSplits:
+    train: list[Example]
+    val: list[Example]
+    sources: list[LoadedData]
+
+    def summary(self) -> str:
+        return f"{len(self.train)} training and {len(self.val)} validation examples"
+
+
+def split_train_val(examples: list[Example], val_size: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `val_size` examples chosen by `seed`; both parts keep the file order."""
+    if val_size == 0:
+        return list(examples), []
+    if val_size >= len(examples):
+        raise OverfillError(f"only {len(examples)} usable examples, so {val_size} cannot be held out for validation: "
+                            "lower --val-size or pass --val-data")
+    held = set(random.Random(seed).sample(range(len(examples)), val_size))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def load_data(config: DataConfig, tokenizer) -> DataSplits:
+    """Training and validation examples as `config` says (separate file, or a seeded hold-out)."""
+    fields = dict(prompt_field=config.prompt_field, response_field=config.response_field,
+                  max_context=config.max_context, max_target=config.max_target)
+    train = load_examples(config.data, tokenizer, limit=config.max_examples, **fields)
+    if config.val_data:
+        val = load_examples(config.val_data, tokenizer, limit=config.val_size or 1, **fields) if config.val_size else None
+        return DataSplits(train.examples, val.examples if val else [], [train] + ([val] if val else []))
+    train_part, val_part = split_train_val(train.examples, config.val_size, config.seed)
+    return DataSplits(train_part, val_part, [train])

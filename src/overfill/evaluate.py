@@ -62,10 +62,10 @@ def parse_entry(spec: str) -> ModelEntry:
 
 @dataclass
 class EvalConfig:
-    data: str = ""
+    data: str
     """Held-out JSONL/JSON file (chat messages, ShareGPT, Alpaca, or prompt/response fields)."""
     entries: tuple[str, ...] = ("full", "pruned", "overfill")
-    """Models to evaluate, each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used."""
+    """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used."""
     checkpoint: str | None = None
     """OverFill checkpoint folder shared by entries that name none."""
     model: str | None = None
@@ -102,7 +102,8 @@ class EvalConfig:
             raise OverfillError("no held-out data given: pass a JSONL file (e.g. --data ../shared/data/gsm8k/test.jsonl)")
         if not Path(self.data).is_file():
             raise OverfillError(f"held-out data file {self.data} does not exist: pass a JSONL or JSON file")
-        self.entries = tuple([self.entries] if isinstance(self.entries, str) else self.entries)
+        specs = [self.entries] if isinstance(self.entries, str) else list(self.entries)
+        self.entries = tuple(s.strip() for spec in specs for s in spec.split(",") if s.strip())  # 'full,overfill' works too
         if not self.entries:
             raise OverfillError("no models to evaluate: pass at least one entry, e.g. overfill, full, pruned")
         parsed = self.model_entries()
@@ -119,10 +120,10 @@ class EvalConfig:
             raise OverfillError("--prompt-field and --response-field go together (e.g. question and answer for GSM8K)")
         if self.limit is not None and self.limit < 1:
             raise OverfillError(f"limit must be at least 1, got {self.limit}")
-        for name in ("max_context", "max_target"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise OverfillError(f"{name} must be at least 1 (or unset), got {value}")
+        if self.max_context is not None and self.max_context < 1:
+            raise OverfillError(f"max_context must be at least 1 (or unset), got {self.max_context}")
+        if self.max_target is not None and self.max_target < 2:
+            raise OverfillError(f"max_target must be at least 2 (token 1 is the full model's), got {self.max_target}")
         if self.batch_size < 1:
             raise OverfillError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.max_new_tokens < 1:
@@ -347,27 +348,12 @@ def answer_accuracy(texts: list[str], first_token_texts: list[str], references: 
 # ---------------------------------------------------------------- data and models
 
 
-def load_eval_examples(config: EvalConfig, tokenizer) -> tuple[list, dict]:
-    """Examples (context ids, target ids) of the held-out file, truncated as configured, first `limit` kept."""
-    from overfill.data import read_records, record_to_messages, split_messages, truncate
+def load_eval_examples(config: EvalConfig, tokenizer):
+    """data.LoadedData of the held-out file: (context ids, target ids) pairs, truncated, first `limit` kept."""
+    from overfill.data import load_examples
 
-    records = read_records(config.data)
-    examples, skipped = [], 0
-    for record in records.records:
-        messages = record_to_messages(record, config.prompt_field, config.response_field)
-        example = split_messages(tokenizer, messages) if messages else None
-        if example is None:
-            skipped += 1
-            continue
-        examples.append(truncate(example, config.max_context, config.max_target))
-        if config.limit is not None and len(examples) >= config.limit:
-            break
-    if not examples:
-        fields = f" with fields {config.prompt_field}/{config.response_field}" if config.prompt_field else ""
-        raise OverfillError(f"{config.data} has no usable records{fields}: each needs a prompt and a non-empty reply "
-                            "(for GSM8K pass --prompt-field question --response-field answer)")
-    return examples, {"path": config.data, "examples": len(examples), "skipped": skipped,
-                      "broken_lines": records.broken_lines}
+    return load_examples(config.data, tokenizer, prompt_field=config.prompt_field, response_field=config.response_field,
+                         max_context=config.max_context, max_target=config.max_target, limit=config.limit)
 
 
 def load_for_eval(checkpoint: str | None, model: str | None, decoder: str | None, *, dtype: torch.dtype = torch.float32,
@@ -407,7 +393,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         groups.setdefault(_source_of(entry, config), []).append(entry)
 
     examples = data_summary = references = None
-    reference_replies: dict[str, list[list[int]]] = {}  # full-model fingerprint -> greedy replies
+    reference_replies: dict[str, tuple[list[list[int]], float]] = {}  # full-model fingerprint -> (greedy replies, seconds)
     models: dict[str, dict] = {}
     positions: dict[str, dict] = {}
     reply_rows: list[dict] = []
@@ -417,7 +403,8 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         model = load_for_eval(checkpoint, full_name, decoder, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code)
         tokenizer = model.tokenizer
         if examples is None:
-            examples, data_summary = load_eval_examples(config, tokenizer)
+            loaded = load_eval_examples(config, tokenizer)
+            examples, data_summary = loaded.examples, loaded.as_dict()
             texts = [tokenizer.decode(e.target_ids, skip_special_tokens=True) for e in examples]
             references = [reference_answer(t) for t in texts]
             kind = config.answer
@@ -426,7 +413,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
             if kind == "none":
                 references = [None] * len(examples)
             data_summary.update(target_tokens=sum(len(e.target_ids) for e in examples), answer=kind)
-            say(f"{len(examples)} examples from {config.data} ({data_summary['target_tokens']} reply tokens)")
+            say(f"{loaded.summary()}; {data_summary['target_tokens']} reply tokens")
         contexts = [e.context_ids for e in examples]
         fingerprint = model.full_fingerprint
 
@@ -437,7 +424,8 @@ def evaluate(config: EvalConfig, console=None) -> dict:
 
         if config.generate and fingerprint not in reference_replies:
             say("greedy replies of the full model (the agreement reference)")
-            reference_replies[fingerprint], _ = greedy("full")
+            reference_replies[fingerprint] = greedy("full")
+            say(f"  done in {reference_replies[fingerprint][1]:.0f} s")
         for entry in group:
             t0 = time.perf_counter()
             scores = score_examples(model, entry.mode, examples, batch_size=config.batch_size)
@@ -445,12 +433,10 @@ def evaluate(config: EvalConfig, console=None) -> dict:
             result = {"mode": entry.mode, "source": what, **nll_summary(scores), "seconds": {"teacher_forced": round(tf_seconds, 2)}}
             positions[entry.name] = per_position(scores)
             if config.generate:
-                if entry.mode == "full":
-                    replies, gen_seconds = reference_replies[fingerprint], 0.0
-                else:
-                    replies, gen_seconds = greedy(entry.mode)
+                reference = reference_replies[fingerprint][0]
+                replies, gen_seconds = reference_replies[fingerprint] if entry.mode == "full" else greedy(entry.mode)
                 result["seconds"]["generate"] = round(gen_seconds, 2)
-                result["agreement"] = agreement(replies, reference_replies[fingerprint])
+                result["agreement"] = agreement(replies, reference)
                 eos = eos_ids_of(tokenizer, model.full, model.decoder)
                 reply_texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in replies]
                 first_texts = [tokenizer.decode(r[:1], skip_special_tokens=True) for r in replies]

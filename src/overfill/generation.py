@@ -94,7 +94,10 @@ class GenerationConfig:
             raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         if self.num_return_sequences < 1:
             raise OverfillError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
-        self.stop = tuple(self.stop or ())
+        # One string is one stop string, not a tuple of its characters.
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not s for s in self.stop):
+            raise OverfillError("an empty stop string would end every reply at once: drop it")
 
     @property
     def greedy(self) -> bool:
@@ -113,15 +116,21 @@ class TokenChooser:
                 self.warpers.append(TopKLogitsWarper(config.top_k))
             if config.top_p < 1:
                 self.warpers.append(TopPLogitsWarper(config.top_p))
+        # A private generator: seeding never touches (or, unseeded, reseeds) torch's global RNG.
         self.generator = torch.Generator()
-        self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> tokens [B]."""
         if self.config.greedy:
             return logits.argmax(-1)
         scores = self.warpers(history, logits)
-        return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(-1)
+        # Drawn on the CPU generator, so a seed gives the same reply on any device.
+        probs = scores.softmax(-1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
 
 
 # ---------------------------------------------------------------- the loop
@@ -164,9 +173,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
         attention_mask = attention_mask.repeat_interleave(n, 0)
     rows = logits.shape[0]
     lengths = attention_mask.sum(-1)  # [B] real tokens in the cache
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
-    finished = torch.zeros(rows, dtype=torch.bool)
-    generated = torch.empty(rows, 0, dtype=torch.long)
+    device = logits.device
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    generated = torch.empty(rows, 0, dtype=torch.long, device=device)
 
     for step in range(config.max_new_tokens):
         if step > 0:
@@ -181,12 +191,11 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                 if is_stopped(row, generated[row]):
                     newly_done[row] = True
         finished = finished | newly_done
-        now = time.perf_counter()
-        yield Step(tokens=tokens, finished=finished.clone(), seconds=now - started)
-        started = now
+        yield Step(tokens=tokens, finished=finished.clone(), seconds=time.perf_counter() - started)
+        started = time.perf_counter()  # the caller's time between steps is not the model's
         if bool(finished.all()):
             return
-        attention_mask = torch.cat([attention_mask, torch.ones(rows, 1, dtype=attention_mask.dtype)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
         lengths = lengths + 1
 
 
@@ -244,6 +253,24 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return left_pad(sequences, pad_id)
 
 
+def stop_checker(tokenizer, stops: tuple[str, ...]):
+    """`is_stopped(row, row_ids)` for `generate_ids`, or None without stop strings.
+
+    A row is checked every step, so a hit must end in the newest token: decoding a tail that can
+    hold the longest stop string is enough. Every token carries at least one byte, so that tail is
+    the stop's UTF-8 length in tokens, plus a few for a split character or a skipped special token.
+    """
+    if not stops:
+        return None
+    window = max(len(s.encode("utf-8")) for s in stops) + 4
+
+    def is_stopped(_row, row_ids: torch.Tensor) -> bool:
+        tail = tokenizer.decode(row_ids[-window:].tolist(), skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    return is_stopped
+
+
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     hits = [text.index(s) for s in stops if s in text]
     return (text[: min(hits)], True) if hits else (text, False)
@@ -267,13 +294,8 @@ def generate(model, prompts, config: GenerationConfig | None = None) -> list[Rep
     ids, mask = _left_pad([encode_prompt(tokenizer, p) for p in prompts], pad_id)
     eos = eos_ids_of(tokenizer, model.full, model.decoder)
 
-    def is_stopped(row, row_ids):
-        # Only the tail can complete a stop string; decoding it is cheap.
-        tail = tokenizer.decode(row_ids[-16:].tolist(), skip_special_tokens=True)
-        return any(s in tail for s in config.stop)
-
     steps = list(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id,
-                              is_stopped=is_stopped if config.stop else None))
+                              is_stopped=stop_checker(tokenizer, config.stop)))
     return _replies(steps, tokenizer, config, eos, len(prompts))
 
 

@@ -62,6 +62,12 @@ class OverFillModel(nn.Module):
         self.pruning = pruning or {}
         self._full_fingerprint: str | None = None
 
+    def train(self, mode: bool = True) -> "OverFillModel":
+        """Train or eval the decoder; the frozen full model always stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.full.eval()
+        return self
+
     # ------------------------------------------------------------ the two stages
 
     @torch.no_grad()
@@ -76,12 +82,19 @@ class OverFillModel(nn.Module):
 
         context_ids/mask [B, Tc] left-padded; target_ids/mask [B, N] right-padded (reply + end of turn).
         """
+        if target_ids.shape[1] < 2:
+            raise OverfillError("targets need at least 2 tokens: the decoder's loss covers target tokens 2..N")
+        if self.decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in self.decoder.modules()):
+            # transformers' checkpointed layers silently drop past_key_values: the decoder would train
+            # without the full model's context (DESIGN §4).
+            raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
+                                "disable it on the decoder (decoder.gradient_checkpointing_disable())")
         cache, _ = self.prefill(context_ids, context_mask)
         # The decoder sees y1..y_{N-1} and predicts y2..yN; positions continue from each row's
         # own context length, whatever its padding.
         inputs, labels = target_ids[:, :-1], target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)
         mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
-        positions = context_mask.sum(-1, keepdim=True) + torch.arange(inputs.shape[1])  # [B, N-1]
+        positions = context_mask.sum(-1, keepdim=True) + torch.arange(inputs.shape[1], device=inputs.device)  # [B, N-1]
         out = self.decoder(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         return OverFillOutput(loss=loss, logits=out.logits, tokens=int((labels != IGNORE).sum()))
@@ -136,17 +149,20 @@ class OverFillModel(nn.Module):
                 raise OverfillError(f"{folder}/overfill.json names no full model: pass the full model explicitly")
             full, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
         else:
-            full, source = full_model, meta.get("full_model")
+            full, source = full_model, None
         decoder, decoder_tokenizer = load_model(str(folder / meta.get("decoder", "decoder")), dtype=dtype,
                                                 trust_remote_code=trust_remote_code, quiet=True)
         model = cls(full, decoder, tokenizer or decoder_tokenizer, full_source=source,
                     decoder_tokenizer=decoder_tokenizer, pruning=meta.get("pruning"))
         expected = meta.get("full_fingerprint")
         if expected and model.full_fingerprint != expected:
+            given = f"the full model given ({source})" if source else "the full model given"
             raise OverfillError(
-                f"the full model given ({source}) is not the one this decoder was trained against "
+                f"{given} is not the one this decoder was trained against "
                 f"(fingerprint {model.full_fingerprint[:12]} != {expected[:12]}): pass the original full model"
+                + (f" ({meta['full_model']})" if meta.get("full_model") else "")
             )
+        model.full_source = model.full_source or meta.get("full_model")
         return model
 
     @classmethod

@@ -1,0 +1,736 @@
+"""Training the OverFill decoder and the paper's two baselines (paper §3.2 and §4.1; DESIGN §1 "Training").
+
+Three modes share one loop, one data order, one schedule and one loss definition, so their
+numbers compare like with like:
+
+    overfill: the full model is frozen and prefills the context; the decoder is trained on the
+              reply under teacher forcing, reading the full model's cache (OverFillModel.forward)
+    pruned:   the same decoder trained standalone: it reads context + reply itself
+    full:     the full model fine-tuned standalone (the quality ceiling)
+
+The loss is always the mean cross-entropy over reply tokens 2..N (token 1 comes from the full
+model's prefill in OverFill), weighted by tokens across gradient accumulation and processes.
+
+Recipe (paper §4.1): AdamW, cosine schedule with warmup, gradient clipping. Data parallel through
+Accelerate (`accelerate launch -m overfill train ...`); the data order is a function of the seed
+and the step alone, which is what makes `resume` continue exactly. Checkpoints hold no pickles:
+tensors in safetensors, everything else in JSON, with sha256 sums so a damaged one is refused.
+
+Gradient checkpointing is deliberately not offered: in transformers 5.x it drops
+`past_key_values` in decoder layers, so the decoder would silently train without the full
+model's context (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from overfill.data import Batch, DataConfig, Example, collate, load_data
+from overfill.errors import OverfillError
+from overfill.zoo import DEFAULT_MODEL
+
+MODES = ("overfill", "pruned", "full")
+IGNORE = -100
+CHECKPOINT_FORMAT = 1
+TRAINER_FILE = "trainer.json"
+
+# Config fields that decide the training trajectory; a resumed run must agree on all of them.
+TRAJECTORY_FIELDS = (
+    "mode", "model", "decoder", "data", "val_data", "val_size", "prompt_field", "response_field", "max_context",
+    "max_target", "max_examples", "seed", "lr", "weight_decay", "warmup_ratio", "warmup_steps", "batch_size",
+    "grad_accum", "max_grad_norm", "epochs", "max_steps",
+)
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    mode: str = "overfill"
+    """overfill (decoder on the frozen full model's cache) | pruned (decoder standalone) | full (fine-tune the full model)."""
+    model: str = DEFAULT_MODEL
+    """Full model: a zoo name, a local HF folder or a hub id."""
+    decoder: str | None = None
+    """Decoder to train (modes overfill and pruned): a folder from `overfill prune`, or an OverFill checkpoint."""
+    out: str = "runs/train"
+    """Run folder: the final checkpoint, metrics.jsonl, loss.png, checkpoints/step-N/."""
+    lr: float = 1e-4
+    """Peak learning rate (paper: 2e-5 at 3B scale; small models and short runs want more)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, on matrices only (not on norms or biases)."""
+    warmup_ratio: float = 0.01
+    """Warmup as a share of all optimizer steps (paper: 1%)."""
+    warmup_steps: int | None = None
+    """Warmup steps; overrides --warmup-ratio."""
+    batch_size: int = 4
+    """Examples per micro-batch, per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch size x grad accum x processes)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed); ignored when --max-steps is given."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides --epochs."""
+    eval_every: int = 100
+    """Validation loss every N steps (also before the first and after the last); 0 = only before and after."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N steps (0 = none)."""
+    keep_checkpoints: int = 2
+    """Keep only the newest N step checkpoints."""
+    resume: str | None = None
+    """Continue a run: a checkpoints/step-N folder, or 'latest' for the newest one under --out."""
+    force: bool = False
+    """Start over in an --out folder that already holds a training run (deletes it)."""
+    progress: bool = True
+    """Show a progress bar and the data summary (main process only)."""
+    trust_remote_code: bool = False
+    """Allow custom model code (only for models you trust)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise OverfillError(f"unknown mode '{self.mode}': pick one of {', '.join(MODES)}")
+        if self.mode in ("overfill", "pruned") and not self.decoder:
+            raise OverfillError(f"--mode {self.mode} trains a decoder: pass --decoder (a folder from `overfill prune`)")
+        if self.mode == "full" and self.decoder:
+            raise OverfillError("--mode full fine-tunes the full model and uses no --decoder: drop --decoder")
+        if not self.lr > 0:
+            raise OverfillError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise OverfillError("--weight-decay and --max-grad-norm must be 0 or more")
+        if not 0 <= self.warmup_ratio < 1:
+            raise OverfillError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise OverfillError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise OverfillError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise OverfillError(f"--epochs must be positive, got {self.epochs}")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    """The run folder; for modes overfill and pruned it is also the OverFill checkpoint."""
+    checkpoint: Path
+    """Final model folder: an OverFill checkpoint (overfill, pruned) or an HF model folder (full)."""
+    mode: str
+    steps: int
+    examples: int  # training examples consumed (all processes)
+    losses: list[float]  # training loss of every step 1..steps (resumed runs include the earlier steps)
+    val_losses: list[tuple[int, float]]  # (step, validation loss)
+    seconds: float  # wall time of this invocation's steps
+    steps_per_s: float
+    tokens_per_s: float  # context + reply tokens processed per second (all processes)
+    model: nn.Module | None = field(default=None, repr=False)  # trained: OverFillModel (overfill, pruned) or the full model
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.val_losses[-1][1] if self.val_losses else None
+
+
+# ---------------------------------------------------------------- the loss, the same in every mode
+
+
+def target_labels(batch: Batch) -> torch.Tensor:
+    """Labels for reply tokens 2..N, [B, N-1]; padding -> IGNORE."""
+    return batch.target_ids[:, 1:].masked_fill(batch.target_mask[:, 1:] == 0, IGNORE)
+
+
+def standalone_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """One model reads context + reply itself (modes pruned and full); loss on reply tokens 2..N.
+
+    Equals OverFillModel.forward's loss when the decoder *is* the full model: same positions
+    (each row continues from its own context length), same predictions, same tokens.
+    """
+    inputs = torch.cat([batch.context_ids, batch.target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
+    mask = torch.cat([batch.context_mask, batch.target_mask[:, :-1]], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # positions follow the mask, not the column
+    labels = target_labels(batch)  # [B, N-1]
+    out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=False,
+                logits_to_keep=labels.shape[1])
+    loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return loss, int((labels != IGNORE).sum())
+
+
+def batch_loss(mode: str, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over reply tokens 2..N, their number) for the module a mode trains."""
+    if mode == "overfill":
+        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask)
+        return out.loss, out.tokens
+    return standalone_loss(module, batch)
+
+
+def _to(batch: Batch, device) -> Batch:
+    return Batch(*(getattr(batch, f.name).to(device) for f in dataclasses.fields(Batch)))
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class Trainee:
+    mode: str
+    module: nn.Module  # what the loss runs through (OverFillModel for overfill, else the trained model)
+    trained: nn.Module  # the model whose parameters are optimised (decoder, or the full model)
+    tokenizer: object
+    pair: nn.Module | None  # OverFillModel (modes overfill and pruned): what the final checkpoint saves
+
+    def set_training(self, training: bool) -> None:
+        self.module.train(training)
+        if self.pair is not None:
+            self.pair.full.eval()  # the full model stays frozen: no dropout in its prefill
+
+
+def load_trainee(config: TrainConfig) -> Trainee:
+    from overfill.modeling import OverFillModel
+    from overfill.zoo import load_model
+
+    if config.mode == "full":
+        full, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, quiet=True)
+        full.requires_grad_(True)
+        trainee = Trainee("full", full, full, tokenizer, None)
+    else:
+        if (Path(config.decoder) / "overfill.json").is_file():  # continue from an OverFill checkpoint
+            pair = OverFillModel.from_pretrained(config.decoder, config.model, trust_remote_code=config.trust_remote_code)
+        else:
+            pair = OverFillModel.from_pair(config.model, config.decoder, trust_remote_code=config.trust_remote_code)
+        pair.decoder.requires_grad_(True)
+        module = pair if config.mode == "overfill" else pair.decoder
+        trainee = Trainee(config.mode, module, pair.decoder, pair.tokenizer, pair)
+    if getattr(trainee.trained, "is_activation_checkpointing", False):
+        trainee.trained.activation_checkpointing_disable()  # DESIGN §4: it would drop the full model's cache
+    return trainee
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.weight_decay > 0:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": params, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+# ---------------------------------------------------------------- data order
+
+
+class StepSampler:
+    """Which examples each step uses: epoch permutations of the training set laid end to end.
+
+    Step s (1-based) takes stream positions [(s-1)*G, s*G), G = batch x accum x processes, so the
+    order depends only on the seed and the step: a resumed run sees exactly the same batches.
+    Process r takes micro-batch m from the slice (m*W + r)*batch of its step.
+    """
+
+    def __init__(self, n: int, seed: int, batch_size: int, grad_accum: int, world: int = 1, rank: int = 0):
+        self.n, self.seed, self.batch_size, self.grad_accum, self.world, self.rank = n, seed, batch_size, grad_accum, world, rank
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        start = (step - 1) * self.per_step
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.per_step)]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        ids, b = self.indices(step), self.batch_size
+        return [ids[(m * self.world + self.rank) * b:(m * self.world + self.rank + 1) * b] for m in range(self.grad_accum)]
+
+
+def total_steps(config: TrainConfig, n_train: int, world: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum * world)))
+
+
+def data_digest(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.context_ids, e.target_ids]).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validation_loss(trainee: Trainee, module: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+                    accelerator) -> tuple[float, int]:
+    """Token-weighted mean loss over `examples` (reply tokens 2..N), split across processes."""
+    trainee.set_training(False)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].context_ids) + len(examples[i].target_ids))
+    mine = order[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [loss sum, tokens]
+    for start in range(0, len(mine), batch_size):
+        batch = _to(collate([examples[i] for i in mine[start:start + batch_size]], pad_id), accelerator.device)
+        loss, tokens = batch_loss(trainee.mode, module, batch)
+        total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, "sum")
+    trainee.set_training(True)
+    return float(total[0] / total[1].clamp(min=1)), int(total[1])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@contextlib.contextmanager
+def _quiet_saving():
+    """No 'Writing model shards' bars from transformers while we save."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def save_model_folder(trainee: Trainee, folder: Path, extra: dict) -> Path:
+    """The model a run produces: an OverFill checkpoint (overfill, pruned) or an HF folder (full)."""
+    with _quiet_saving():
+        if trainee.pair is not None:
+            return trainee.pair.save_pretrained(folder, extra={"training": extra})
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            trainee.trained.save_pretrained(tmp)
+            trainee.tokenizer.save_pretrained(tmp)
+            (tmp / "training.json").write_text(json.dumps(extra, indent=1) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+
+def _weights_folder(trainee: Trainee, model_folder: Path) -> Path:
+    return model_folder / "decoder" if trainee.pair is not None else model_folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of every random number generator training may touch."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch.cuda.{i}"] = state
+    return {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}, tensors
+
+
+def _set_rng_state(json_part: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, mt, gauss = json_part["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = json_part["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(folder: Path, trainee: Trainee, optimizer, scheduler, state: dict, extra: dict) -> Path:
+    """Write a resumable checkpoint atomically: model/ + optimizer.safetensors + rng.safetensors + trainer.json."""
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        save_model_folder(trainee, tmp / "model", extra)
+        opt = optimizer.state_dict()
+        tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items()
+                   for k, v in s.items() if isinstance(v, torch.Tensor)}
+        scalars = {str(i): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)} for i, s in opt["state"].items()}
+        save_file(tensors, tmp / "optimizer.safetensors")
+        rng_json, rng_tensors = _rng_state()
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / "rng.safetensors")
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        meta = {"format": CHECKPOINT_FORMAT, **state, "scheduler": scheduler.state_dict(),
+                "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}, "rng": rng_json, "files": files}
+        (tmp / TRAINER_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # written last: it marks a complete checkpoint
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _corrupt(folder: Path, what: str) -> OverfillError:
+    return OverfillError(f"checkpoint {folder} is corrupt ({what}): delete it and resume from an earlier checkpoint, or start over with --force")
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """trainer.json of a step checkpoint, after checking every file against its recorded sha256."""
+    meta_path = folder / TRAINER_FILE
+    if not folder.is_dir():
+        raise OverfillError(f"checkpoint {folder} does not exist: pass a checkpoints/step-N folder or 'latest'")
+    if not meta_path.is_file():
+        raise _corrupt(folder, f"no {TRAINER_FILE}, so it was never completed")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _corrupt(folder, f"{TRAINER_FILE} is not valid JSON: {getattr(err, 'msg', err)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("files"), dict):
+        raise _corrupt(folder, f"{TRAINER_FILE} is not a format-{CHECKPOINT_FORMAT} trainer state")
+    for name, expected in meta["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise _corrupt(folder, f"{name} is missing")
+        if _sha256(path) != expected:
+            raise _corrupt(folder, f"{name} does not match its recorded sha256")
+    return meta
+
+
+def latest_checkpoint(out: Path) -> Path:
+    found = sorted((p for p in (out / "checkpoints").glob("step-*") if p.is_dir()), key=lambda p: p.name)
+    if not found:
+        raise OverfillError(f"no checkpoint to resume under {out}/checkpoints: train with --checkpoint-every N, "
+                            "or start over without --resume")
+    return found[-1]
+
+
+def load_checkpoint(folder: Path, meta: dict, trainee: Trainee, optimizer, scheduler) -> None:
+    """Put the weights, optimizer, scheduler and RNG states of a verified checkpoint back in place."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = {}
+        for path in sorted(_weights_folder(trainee, folder / "model").glob("*.safetensors")):
+            weights.update(load_file(path))
+        opt_tensors = load_file(folder / "optimizer.safetensors")
+        rng_tensors = load_file(folder / "rng.safetensors")
+    except (SafetensorError, OSError) as err:
+        raise _corrupt(folder, str(err).splitlines()[0]) from None
+    params = dict(trainee.trained.named_parameters())
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise OverfillError(f"checkpoint {folder} does not hold this model's weights (missing {missing[0]}): "
+                            "resume with the --model/--decoder/--mode it was trained with")
+    with torch.no_grad():
+        for name, p in params.items():
+            if weights[name].shape != p.shape:
+                raise OverfillError(f"checkpoint {folder} holds {name} of shape {tuple(weights[name].shape)}, "
+                                    f"the model has {tuple(p.shape)}: resume with the model it was trained with")
+            p.copy_(weights[name])
+    opt_meta = meta["optimizer"]
+    state: dict[int, dict] = {int(i): dict(s) for i, s in opt_meta["scalars"].items()}
+    for key, tensor in opt_tensors.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = tensor
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt_meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    scheduler.load_state_dict(meta["scheduler"])
+    _set_rng_state(meta["rng"], rng_tensors)
+
+
+# ---------------------------------------------------------------- metrics and the plot
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_losses(metrics: list[dict], path: Path, title: str) -> Path:
+    """Training loss per step (and a running mean) with validation loss on top; PNG via the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
+    fig = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train (mean of {window})")
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss on reply tokens 2..N (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def prepare_out(config: TrainConfig) -> Path | None:
+    """Check the run folder; returns the checkpoint to resume from, if any."""
+    out = Path(config.out)
+    if config.resume:
+        folder = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
+        return folder
+    if out.exists() and any(out.iterdir()):
+        if not config.force:
+            raise OverfillError(f"--out {out} already holds files: pass --resume latest to continue that run, "
+                                "--force to start over, or another --out")
+        if not (out / "train_config.json").is_file():
+            raise OverfillError(f"--out {out} is not empty and is not a training run folder: pick another --out")
+    return None
+
+
+def check_same_run(meta: dict, config: TrainConfig, world: int, digest: str, folder: Path) -> None:
+    saved = meta.get("config", {})
+    for name in TRAJECTORY_FIELDS:
+        if saved.get(name) != getattr(config, name):
+            raise OverfillError(f"cannot resume from {folder}: it was trained with --{name.replace('_', '-')} "
+                                f"{saved.get(name)!r}, this run has {getattr(config, name)!r}; pass the same settings")
+    if meta.get("world_size") != world:
+        raise OverfillError(f"cannot resume from {folder}: it ran on {meta.get('world_size')} processes, this run has "
+                            f"{world}; resume with the same number of processes")
+    if meta.get("data_digest") != digest:
+        raise OverfillError(f"cannot resume from {folder}: the training data changed since (different examples); "
+                            "resume with the same data files")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train as `config` says; the main process writes the run folder. `on_step(record)` sees every step's metrics."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from overfill.generation import pad_id_of
+
+    accelerator = make_accelerator()
+    main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
+    out = Path(config.out)
+    resume_from = prepare_out(config)
+    resume_meta = read_checkpoint(resume_from) if resume_from else None  # refuse a damaged one before loading models
+
+    def say(text: str) -> None:
+        if main and config.progress:
+            tqdm.write(f"overfill train: {text}", file=sys.stderr)
+
+    set_seed(config.seed)
+    trainee = load_trainee(config)
+    tokenizer = trainee.tokenizer
+    data = load_data(config, tokenizer)
+    for source in data.sources:
+        say(source.summary())
+    say(f"{data.summary()}; mode {config.mode}, {sum(p.numel() for p in trainee.trained.parameters()) / 1e6:.1f}M trained parameters")
+    digest = data_digest(data.train)
+    steps = total_steps(config, len(data.train), world)
+    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * steps)
+    pad_id = pad_id_of(tokenizer)
+
+    optimizer = make_optimizer(trainee.trained, config)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    # The scheduler is not prepared: Accelerate would step it once per process. The data order is
+    # ours (StepSampler) rather than a prepared DataLoader, so that resume is exact.
+    module, optimizer = accelerator.prepare(trainee.module, optimizer)
+    trainee.set_training(True)
+
+    config_json = dataclasses.asdict(config)
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    if resume_meta is not None:
+        check_same_run(resume_meta, config, world, digest, resume_from)
+        load_checkpoint(resume_from, resume_meta, trainee, optimizer, scheduler)
+        start = int(resume_meta["step"])
+        say(f"resumed from {resume_from} at step {start}")
+    if main:
+        if resume_meta is None and out.exists() and config.force:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(config_json, indent=1) + "\n")
+        (out / "data.json").write_text(json.dumps([s.as_dict() for s in data.sources], indent=1) + "\n")
+        kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start] if resume_meta else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    accelerator.wait_for_everyone()
+
+    sampler = StepSampler(len(data.train), config.seed, config.batch_size, config.grad_accum, world,
+                          accelerator.process_index)
+    history = read_metrics(metrics_path) if main else []
+    params = [p for p in trainee.trained.parameters() if p.requires_grad]
+
+    def log(record: dict) -> None:
+        history.append(record)
+        if main:
+            with open(metrics_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def validate(step: int) -> None:
+        if not data.val:
+            return
+        loss, tokens = validation_loss(trainee, accelerator.unwrap_model(module), data.val, config.batch_size, pad_id, accelerator)
+        log({"step": step, "val_loss": loss, "val_tokens": tokens})
+        say(f"step {step}: validation loss {loss:.4f} ({tokens} tokens)")
+
+    def run_state(step: int) -> dict:
+        return {"step": step, "examples": step * sampler.per_step, "world_size": world, "data_digest": digest,
+                "config": config_json}
+
+    if start == 0:
+        validate(0)
+    bar = tqdm(total=steps, initial=start, desc=f"train {config.mode}", unit="step", dynamic_ncols=True,
+               disable=not (main and config.progress), file=sys.stderr)
+    started = time.perf_counter()
+    tokens_seen = 0
+    try:
+        for step in range(start + 1, steps + 1):
+            step_started = time.perf_counter()
+            batches = [_to(collate([data.train[i] for i in ids], pad_id), device) for ids in sampler.micro_batches(step)]
+            counts = torch.tensor([sum(int(b.target_mask[:, 1:].sum()) for b in batches),
+                                   sum(int(b.context_mask.sum() + b.target_mask.sum()) for b in batches)],
+                                  dtype=torch.float64, device=device)
+            loss_tokens, all_tokens = accelerator.reduce(counts, "sum").tolist()  # global, before any backward
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for m, batch in enumerate(batches):
+                sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(module)
+                with sync:
+                    loss, tokens = batch_loss(config.mode, module, batch)
+                    # DDP averages gradients over processes; this scaling makes the step's gradient
+                    # the token-weighted mean over every micro-batch of every process.
+                    accelerator.backward(loss * (tokens * world / max(loss_tokens, 1)))
+                loss_sum += loss.detach().double() * tokens
+            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(loss_tokens, 1)
+            seconds = time.perf_counter() - step_started
+            tokens_seen += all_tokens
+            record = {"step": step, "epoch": round(step * sampler.per_step / len(data.train), 4), "loss": step_loss,
+                      "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "loss_tokens": int(loss_tokens), "tokens": int(all_tokens), "tokens_per_s": all_tokens / seconds,
+                      "seconds": seconds}
+            log(record)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{all_tokens / seconds:.0f}", refresh=False)
+            bar.update(1)
+            if step == steps or (config.eval_every and step % config.eval_every == 0):
+                validate(step)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < steps:
+                if main:
+                    folder = save_checkpoint(out / "checkpoints" / f"step-{step:07d}", trainee, optimizer, scheduler,
+                                             run_state(step), _training_extra(config, step, history))
+                    for old in sorted((out / "checkpoints").glob("step-*"))[:-config.keep_checkpoints]:
+                        shutil.rmtree(old)
+                    plot_losses(history, out / "loss.png", _title(config))
+                    bar.set_description_str(f"train {config.mode} (saved {folder.name})", refresh=False)
+                accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(record)
+    except KeyboardInterrupt:
+        say(f"interrupted; continue with --resume latest (checkpoints in {out / 'checkpoints'})")
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    done = steps - start
+
+    trainee.set_training(False)
+    if main:
+        save_model_folder(trainee, out / ".final", _training_extra(config, steps, history))
+        _publish(out / ".final", out, "overfill.json" if trainee.pair is not None else "config.json")
+        plot_losses(history, out / "loss.png", _title(config))
+        say(f"done: {done} steps in {seconds:.0f} s; final model in {out}")
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        out=out, checkpoint=out, mode=config.mode, steps=steps, examples=steps * sampler.per_step,
+        losses=[r["loss"] for r in history if "loss" in r],
+        val_losses=[(r["step"], r["val_loss"]) for r in history if "val_loss" in r],
+        seconds=seconds, steps_per_s=done / seconds if seconds > 0 else 0.0,
+        tokens_per_s=tokens_seen / seconds if seconds > 0 else 0.0,
+        model=trainee.pair if trainee.pair is not None else trainee.trained,
+    )
+
+
+def make_accelerator():
+    """Accelerate's default, except that a multi-process launch on a machine without CUDA runs on CPU.
+
+    Accelerate only picks its gloo (MULTI_CPU) backend when told to use the CPU, but the launchers
+    that start several local processes (`accelerate launch --multi_gpu`, `torchrun`) do not say so.
+    """
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
+    return Accelerator(cpu=True) if launched and not torch.cuda.is_available() else Accelerator()
+
+
+def _title(config: TrainConfig) -> str:
+    return f"overfill train --mode {config.mode} ({Path(config.data).name})"
+
+
+def _training_extra(config: TrainConfig, step: int, history: list[dict]) -> dict:
+    """What a saved model records about how it was trained (beside overfill.json's own fields)."""
+    val = [r["val_loss"] for r in history if "val_loss" in r]
+    return {"mode": config.mode, "step": step, "val_loss": val[-1] if val else None,
+            "config": dataclasses.asdict(config)}
+
+
+def _publish(staged: Path, out: Path, marker: str) -> None:
+    """Move a staged model folder's entries into `out`, the marker file last (it says the folder is complete)."""
+    (out / marker).unlink(missing_ok=True)
+    for entry in sorted(staged.iterdir(), key=lambda p: p.name == marker):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(entry, target)
+    staged.rmdir()

@@ -1,0 +1,154 @@
+import json
+
+import pytest
+
+from overfill import OverfillError
+from overfill.data import DataConfig, collate, load_data, load_examples, split_train_val
+from tiny import tiny_tokenizer, write_jsonl
+
+TOK = tiny_tokenizer()
+END = 2  # <|im_end|>, the end-of-turn token
+
+
+def ids(text: str) -> list[int]:
+    """The tiny tokenizer is byte-level: one id per byte, specials recognised by name."""
+    return TOK(text, add_special_tokens=False)["input_ids"]
+
+
+def only(path, **kw):
+    loaded = load_examples(path, TOK, **kw)
+    assert len(loaded.examples) == 1, loaded.summary()
+    return loaded.examples[0]
+
+
+def test_chat_messages_split_at_the_final_reply(tmp_path):
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4"}]}
+    e = only(write_jsonl(tmp_path / "chat.jsonl", [record]))
+    assert e.context_ids == ids("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                "<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                                "<|im_start|>assistant\n")
+    assert e.target_ids == ids("4") + [END]  # the template's trailing "\n" stays out of the target
+
+
+def test_turns_after_the_last_reply_are_dropped(tmp_path):
+    record = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+                           {"role": "user", "content": "unanswered"}]}
+    e = only(write_jsonl(tmp_path / "c.jsonl", [record]))
+    assert e.context_ids == ids("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")
+    assert e.target_ids == ids("A") + [END]
+
+
+def test_sharegpt(tmp_path):
+    record = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Who?"},
+                                {"from": "gpt", "value": "Me."}]}
+    e = only(write_jsonl(tmp_path / "s.jsonl", [record]))
+    assert e.context_ids == ids("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nWho?<|im_end|>\n<|im_start|>assistant\n")
+    assert e.target_ids == ids("Me.") + [END]
+
+
+def test_alpaca_with_and_without_input_in_a_json_array(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"instruction": "Sort", "input": "b a", "output": "a b"},
+                                {"instruction": "Say hi", "input": "", "output": "hi"}], indent=2))
+    loaded = load_examples(path, TOK)
+    first, second = loaded.examples
+    assert first.context_ids == ids("<|im_start|>user\nSort\n\nb a<|im_end|>\n<|im_start|>assistant\n")
+    assert first.target_ids == ids("a b") + [END]
+    assert second.context_ids == ids("<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n")
+    assert loaded.unit == "item"
+
+
+def test_named_fields_gsm8k_style(tmp_path):
+    path = write_jsonl(tmp_path / "g.jsonl", [{"question": "1+1?", "answer": "2\n#### 2", "id": 7}])
+    e = only(path, prompt_field="question", response_field="answer")
+    assert e.context_ids == ids("<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n")
+    assert e.target_ids == ids("2\n#### 2") + [END]
+    # the common pairs are recognised without flags too
+    assert only(path) == e
+    # custom names need the flags
+    other = write_jsonl(tmp_path / "o.jsonl", [{"problem": "1+1?", "solution": "2"}])
+    assert only(other, prompt_field="problem", response_field="solution").target_ids == ids("2") + [END]
+    with pytest.raises(OverfillError, match="unrecognised shape"):
+        load_examples(other, TOK)
+
+
+def test_truncation_keeps_context_end_and_reply_start(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"question": "abcdef", "answer": "uvwxyz"}, {"question": "q", "answer": "a"}])
+    full = load_examples(path, TOK).examples[0]
+    loaded = load_examples(path, TOK, max_context=5, max_target=3)
+    cut = loaded.examples[0]
+    assert cut.context_ids == full.context_ids[-5:]
+    assert cut.context_ids == ids("tant\n") and cut.target_ids == ids("uvw")
+    assert loaded.truncated_contexts == 2 and loaded.truncated_targets == 1
+    with pytest.raises(OverfillError, match="max_target must be at least 2"):
+        load_examples(path, TOK, max_target=1)
+
+
+def test_skipped_records_counted_by_reason_with_line_numbers(tmp_path):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    lines = [
+        json.dumps(good),                                                    # 1 ok
+        "{not json",                                                         # 2 broken JSON
+        json.dumps({"foo": 1}),                                              # 3 unrecognised shape
+        json.dumps({"messages": [{"role": "user", "content": "alone"}]}),    # 4 no assistant reply
+        "",                                                                  # 5 blank: ignored
+        json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "  "}]}),  # 6 empty
+        json.dumps({"question": "", "answer": "x"}),                         # 7 empty prompt
+        json.dumps([1, 2]),                                                  # 8 not an object
+        json.dumps(good),                                                    # 9 ok
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_examples(path, TOK)
+    assert len(loaded.examples) == 2 and loaded.records == 8
+    assert loaded.skipped == {"broken JSON": [2], "unrecognised shape": [3, 8], "no assistant reply": [4],
+                              "empty text": [6, 7]}
+    summary = loaded.summary()
+    assert "8 records -> 2 examples; skipped 6" in summary and "broken JSON: line 2" in summary
+    assert "unrecognised shape: lines 3, 8" in summary and "\n" not in summary
+    # a limit stops early and forgets what lies beyond
+    limited = load_examples(path, TOK, limit=1)
+    assert len(limited.examples) == 1 and limited.skipped == {} and limited.records == 1
+
+
+def test_zero_usable_records_is_one_line_error(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"foo": 1}, {"messages": [{"role": "user", "content": "x"}]}])
+    with pytest.raises(OverfillError) as err:
+        load_examples(path, TOK)
+    message = str(err.value)
+    assert "no usable records" in message and "line 1" in message and "line 2" in message and "\n" not in message
+    with pytest.raises(OverfillError, match="does not exist"):
+        load_examples(tmp_path / "missing.jsonl", TOK)
+
+
+def test_train_validation_split_is_seeded_and_disjoint(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    a = load_data(DataConfig(data=str(path), val_size=5, seed=1), TOK)
+    b = load_data(DataConfig(data=str(path), val_size=5, seed=1), TOK)
+    c = load_data(DataConfig(data=str(path), val_size=5, seed=2), TOK)
+    assert len(a.train) == 15 and len(a.val) == 5
+    assert a.val == b.val and a.val != c.val
+    key = lambda e: tuple(e.context_ids)  # noqa: E731
+    assert not {key(e) for e in a.train} & {key(e) for e in a.val}
+    # a separate validation file: all of --data trains, the first --val-size of the other validates
+    val_path = write_jsonl(tmp_path / "v.jsonl", [{"question": "vq", "answer": "va"}] * 3)
+    d = load_data(DataConfig(data=str(path), val_data=str(val_path), val_size=2), TOK)
+    assert len(d.train) == 20 and len(d.val) == 2
+    assert len(load_data(DataConfig(data=str(path), val_size=0, max_examples=7), TOK).train) == 7
+    with pytest.raises(OverfillError, match="cannot be held out"):
+        split_train_val(a.train, 15, 0)
+    with pytest.raises(OverfillError, match="go together"):
+        DataConfig(data=str(path), prompt_field="question")
+
+
+def test_collate_pads_context_left_and_target_right(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"question": "a", "answer": "bcd"}, {"question": "long q", "answer": "e"}])
+    first, second = load_examples(path, TOK).examples
+    batch = collate([first, second], pad_id=0)
+    assert batch.context_ids[0, -len(first.context_ids):].tolist() == first.context_ids
+    assert batch.context_mask[0].tolist() == [0] * 5 + [1] * len(first.context_ids)
+    assert batch.target_ids[1].tolist() == second.target_ids + [0, 0]
+    assert batch.target_mask[1].tolist() == [1, 1, 0, 0]

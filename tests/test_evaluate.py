@@ -1,0 +1,217 @@
+"""Evaluation metrics against hand-computed values, and the lm-eval adapter end to end on tiny models."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from overfill.data import Example
+from overfill.errors import OverfillError
+from overfill.evaluate import (
+    EvalConfig, TokenScores, agreement, answer_accuracy, evaluate, extract_answer, nll_summary, parse_entry,
+    per_position, reference_answer, score_examples,
+)
+from overfill.modeling import OverFillModel
+from tiny import save_tiny, tiny_model, tiny_tokenizer, write_jsonl
+
+# The harness must never reach the hub here (set before `datasets` is first imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = [
+    Example([1, 40, 41, 42, 43, 44], [60, 61, 62, 2]),
+    Example([1, 50, 51], [70, 2]),
+    Example([1, 40, 41, 42, 43, 44, 45, 46, 47], [80]),
+]
+
+
+def pair(seed_decoder: int | None = None) -> OverFillModel:
+    """Full model + decoder (a copy of the full model, or another tiny model of the same shape)."""
+    decoder = tiny_model(seed=0 if seed_decoder is None else seed_decoder)
+    return OverFillModel(tiny_model(seed=0), decoder, tiny_tokenizer())
+
+
+def by_hand(model, example: Example) -> list[float]:
+    """log p(y_i | x, y_<i) from one unpadded forward over context + target."""
+    ids = torch.tensor([example.context_ids + example.target_ids])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0].log_softmax(-1)
+    start = len(example.context_ids) - 1
+    return [logprobs[start + i, y].item() for i, y in enumerate(example.target_ids)]
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_gsm8k_answer_extraction():
+    assert reference_answer("3 + 2 = <<3+2=5>>5 apples.\n#### 5") == "5"
+    assert reference_answer("so $1,234.50 in all\n#### 1,234.50") == "1234.5"
+    assert reference_answer("no final answer") is None
+    assert extract_answer("He pays 3 * 4 = 12 dollars, then 12 + 6 = 18.") == "18"  # the last number
+    assert extract_answer("#### $18.00\nQuestion: what about 7?") == "18"  # the number after ####
+    assert extract_answer("The answer is -3.") == "-3"
+    assert extract_answer("I don't know") is None
+
+
+def test_answer_accuracy_by_hand():
+    result = answer_accuracy(["so 5 in all", "#### 7", "12", "anything"], ["so", "####", "12", "x"], ["5", "12", "12", None])
+    assert result == {"accuracy": 2 / 3, "graded": 3, "correct": 2, "correct_from_first_token": 1}
+
+
+# ---------------------------------------------------------------- metrics by hand
+
+
+def test_nll_and_per_position_by_hand():
+    p = [[0.5, 0.25, 1.0], [0.1, 0.5]]
+    scores = [TokenScores([math.log(x) for x in row], [True, False, True][: len(row)]) for row in p]
+    s = nll_summary(scores)
+    assert s["nll_token1"] == pytest.approx(-(math.log(0.5) + math.log(0.1)) / 2)
+    assert s["nll"] == pytest.approx(-(math.log(0.25) + math.log(1.0) + math.log(0.5)) / 3)
+    assert s["ppl"] == pytest.approx(math.exp(s["nll"]))
+    total = -sum(math.log(x) for row in p for x in row)
+    assert s["nll_all"] == pytest.approx(total / 5)
+    assert s["token1_share_of_nll"] == pytest.approx(-(math.log(0.5) + math.log(0.1)) / total)
+    assert s["top1_token1"] == 1.0 and s["top1"] == pytest.approx(1 / 3) and s["tokens"] == 3
+    pos = per_position(scores)
+    assert pos["position"] == [1, 2, 3] and pos["count"] == [2, 2, 1]
+    assert pos["mean_prob"] == pytest.approx([0.3, 0.375, 1.0])
+    assert pos["top1"] == [1.0, 0.0, 1.0]
+
+
+def test_agreement_by_hand():
+    a = agreement([[1, 2, 3, 9], [5, 6], [7]], [[1, 2, 4, 9], [5, 6], [8, 1]])
+    assert a["token1_match"] == pytest.approx(2 / 3)
+    assert a["token_match"] == pytest.approx((2 + 1 + 0) / (3 + 1 + 1))  # positions 2..N of the longer reply
+    assert a["exact_match"] == pytest.approx(1 / 3)
+    assert a["mean_common_prefix"] == pytest.approx((2 + 2 + 0) / 3)
+
+
+def test_full_mode_scores_match_one_forward_under_left_padding():
+    model = pair()
+    scores = score_examples(model, "full", EXAMPLES, batch_size=3)  # one left-padded batch
+    for example, s in zip(EXAMPLES, scores):
+        assert s.logprobs == pytest.approx(by_hand(model.full, example), abs=1e-4)
+        assert len(s.top1) == len(example.target_ids)
+
+
+def test_overfill_mode_token1_is_the_full_models_and_the_rest_the_decoders():
+    model = pair(seed_decoder=1)
+    full = score_examples(model, "full", EXAMPLES, batch_size=2)
+    overfill = score_examples(model, "overfill", EXAMPLES, batch_size=2)
+    pruned = score_examples(model, "pruned", EXAMPLES, batch_size=2)
+    for example, f, o, p in zip(EXAMPLES, full, overfill, pruned):
+        assert o.logprobs[0] == pytest.approx(f.logprobs[0], abs=1e-5)
+        assert p.logprobs == pytest.approx(by_hand(model.decoder, example), abs=1e-4)
+        # Tokens 2..N by hand: the decoder continues the full model's cache of the context.
+        with torch.no_grad():
+            cache = model.full(torch.tensor([example.context_ids]), use_cache=True).past_key_values
+            if len(example.target_ids) > 1:
+                logits = model.decoder(torch.tensor([example.target_ids[:-1]]), past_key_values=cache).logits[0]
+                expected = logits.log_softmax(-1).gather(-1, torch.tensor(example.target_ids[1:])[:, None]).squeeze(-1)
+                assert o.logprobs[1:] == pytest.approx(expected.tolist(), abs=1e-4)
+    # With decoder == full model, OverFill is the full model.
+    same = pair()
+    for a, b in zip(score_examples(same, "overfill", EXAMPLES), score_examples(same, "full", EXAMPLES)):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    full, tok = save_tiny(root / "full", seed=0)
+    OverFillModel(full, tiny_model(seed=1), tok, full_source=str(root / "full")).save_pretrained(root / "ckpt")
+    data = write_jsonl(root / "held_out.jsonl", [
+        {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\n#### 5"},
+        {"question": "4 pens per box, 3 boxes?", "answer": "4 * 3 = 12\n#### 12"},
+        {"question": "no answer here"},
+        {"question": "10 - 7?", "answer": "10 - 7 = 3\n#### 3"},
+    ])
+    return root, data
+
+
+def test_evaluate_writes_results_and_plot(tiny_checkpoint, tmp_path):
+    root, data = tiny_checkpoint
+    config = EvalConfig(data=str(data), entries=("full,pruned", "ours=overfill"), checkpoint=str(root / "ckpt"),
+                        prompt_field="question", response_field="answer", out=str(tmp_path / "out"), max_new_tokens=6)
+    results = evaluate(config)
+    assert results["data"]["examples"] == 3 and sum(map(len, results["data"]["skipped"].values())) == 1 and results["data"]["answer"] == "gsm8k"
+    m = results["models"]
+    assert set(m) == {"full", "pruned", "ours"}
+    assert m["ours"]["nll_token1"] == pytest.approx(m["full"]["nll_token1"], abs=1e-5)  # y1 is the full model's
+    assert m["full"]["agreement"]["exact_match"] == 1.0 and m["ours"]["agreement"]["token1_match"] == 1.0
+    assert 0 <= m["ours"]["answers"]["accuracy"] <= 1
+    for name in ("results.json", "per_position.json", "per_position.png", "replies.jsonl"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "out" / "per_position.json").read_text())
+    assert saved["ours"]["count"][0] == 3
+
+
+def test_eval_config_errors_are_one_line(tiny_checkpoint):
+    _, data = tiny_checkpoint
+    cases = [
+        dict(data="missing.jsonl", checkpoint="x"),
+        dict(data=str(data), entries=("speculative",), checkpoint="x"),
+        dict(data=str(data), entries=("overfill", "overfill:other"), checkpoint="x"),
+        dict(data=str(data), entries=("pruned",), model="smollm2-135m-instruct"),
+        dict(data=str(data), checkpoint="x", prompt_field="question"),
+        dict(data=str(data), checkpoint="x", batch_size=0),
+    ]
+    for kwargs in cases:
+        with pytest.raises(OverfillError) as err:
+            EvalConfig(**kwargs)
+        assert "\n" not in str(err.value)
+    assert parse_entry("base=pruned:runs/a") == parse_entry("base=pruned:runs/a")
+    assert parse_entry("overfill:runs/lr=2e-4").checkpoint == "runs/lr=2e-4"
+
+
+# ---------------------------------------------------------------- lm-eval adapter
+
+
+def test_lm_eval_adapter_loglikelihood_by_hand(tiny_checkpoint):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from overfill.lm_eval_adapter import OverFillLM
+
+    root, _ = tiny_checkpoint
+    lm = OverFillLM(path=str(root / "ckpt"), mode="overfill")
+    full_lm = OverFillLM(model=str(root / "full"), mode="full")
+    requests = [Instance("loglikelihood", {}, ("Question: 3 + 2?\nAnswer:", " 5"), 0),
+                Instance("loglikelihood", {}, ("Question: 3 + 2?\nAnswer:", " 5 apples"), 1)]
+    ours, theirs = lm.loglikelihood(requests), full_lm.loglikelihood(requests)
+    # One continuation token: scored by the full model alone, whatever the decoder.
+    context, continuation = lm.tok_encode("Question: 3 + 2?\nAnswer:"), lm.tok_encode(" 5")
+    assert len(continuation) == 2  # byte-level tiny tokenizer: ' ' and '5'
+    expected = by_hand(full_lm.model.full, Example(context, continuation))
+    assert theirs[0][0] == pytest.approx(sum(expected), abs=1e-4)
+    assert ours[0][0] != pytest.approx(theirs[0][0])  # the second token is the decoder's
+    assert ours[0][1] in (True, False) and len(ours) == 2
+
+
+def test_lm_eval_adapter_runs_local_tasks_end_to_end(tiny_checkpoint, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import overfill.lm_eval_adapter  # noqa: F401  registers --model overfill
+
+    root, _ = tiny_checkpoint
+    monkeypatch.chdir(REPO)  # the task files name their data relative to the repository root
+    tasks = ["overfill_two_questions_gen", "overfill_two_questions_mc", "overfill_two_questions_ppl"]
+    results = lm_eval.simple_evaluate(
+        model="overfill", model_args=f"path={root / 'ckpt'},mode=overfill,max_gen_toks=8", tasks=tasks,
+        task_manager=TaskManager(include_path=str(REPO / "tests" / "lm_eval_task"), include_defaults=False),
+        batch_size=4, device="cpu", log_samples=True,
+    )
+    scores = results["results"]
+    assert 0 <= scores["overfill_two_questions_gen"]["exact_match,last-number"] <= 1
+    assert 0 <= scores["overfill_two_questions_mc"]["acc,none"] <= 1
+    assert scores["overfill_two_questions_ppl"]["byte_perplexity,none"] > 1
+    generated = results["samples"]["overfill_two_questions_gen"]
+    assert len(generated) == 2 and all(isinstance(s["resps"][0][0], str) for s in generated)
