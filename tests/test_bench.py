@@ -57,3 +57,9 @@ def test_prompts_have_the_exact_length(pair):
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(OverfillError, match=message):
         BenchConfig(**kwargs)
+
+
+def test_sweeps_parse_and_skip():
+    config = BenchConfig(quick=True, batch_sweep=0, prompt_len_sweep="256,64", modes=["overfill,full"])
+    assert config.batch_sweep == () and config.prompt_len_sweep == (64, 256) and config.modes == ("overfill", "full")
+    assert config.new_tokens_sweep == (16, 32, 64) and config.key_run_tokens == 64  # the rest comes from the preset

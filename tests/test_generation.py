@@ -114,8 +114,9 @@ def test_continuing_a_kept_cache_equals_prefilling_everything(mode):
     """What multi-turn chat relies on: prefill only the new tokens on top of a kept prefix cache."""
     model = pruned_model("llama")
     tok = model.tokenizer
-    ids = encode_prompt(tok, [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": "ok"},
-                              {"role": "user", "content": PROMPTS[1]}])
+    chat = [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": PROMPTS[1]}]
+    ids = encode_prompt(tok, chat)
     keep = len(ids) // 2
     config = GenerationConfig(mode=mode, max_new_tokens=10)
     eos = eos_ids_of(tok, model.full)
@@ -126,8 +127,7 @@ def test_continuing_a_kept_cache_equals_prefilling_everything(mode):
     steps = generate_ids(model, torch.tensor([ids[keep:]]), torch.ones(1, len(ids), dtype=torch.long), config,
                          eos_ids=eos, pad_id=PAD, cache=cache, past_lengths=torch.tensor([keep]))
     continued = [int(s.tokens[0]) for s in steps]
-    fresh = generate(model, [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": "ok"},
-                             {"role": "user", "content": PROMPTS[1]}], config)[0]
+    fresh = generate(model, chat, config)[0]
     assert continued == fresh.token_ids
 
 

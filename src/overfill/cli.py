@@ -44,12 +44,22 @@ def _run_prune(config) -> None:
     print_prune_summary(out, result.record, result.out)
 
 
+def _run_bench(config) -> None:
+    from overfill.bench import run_bench
+
+    run_bench(config, out)
+
+
 def _register_config_commands() -> None:
     from overfill.cliconfig import add_config_command
     from overfill.prune import PruneConfig
 
     add_config_command(app, "prune", PruneConfig, _run_prune,
                        help="Width-prune a model into a KV-compatible decoder (Minitron-style activation scores).")
+    from overfill.bench import BenchConfig
+
+    add_config_command(app, "bench", BenchConfig, _run_bench,
+                       help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")
 
 
 _register_config_commands()

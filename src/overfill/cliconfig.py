@@ -57,7 +57,10 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
         annotation = _cli_type(hints[f.name])
         if isinstance(default, tuple):
             default = list(default)
-        option = typer.Option(default, f"--{f.name.replace('_', '-')}", help=docs.get(f.name, ""))
+        flag = f"--{f.name.replace('_', '-')}"
+        if annotation is bool:  # on/off switches: --force / --no-force
+            flag = f"{flag}/--no-{flag[2:]}"
+        option = typer.Option(default, flag, help=docs.get(f.name, ""))
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
 
     def command(**kwargs):
