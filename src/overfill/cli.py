@@ -44,6 +44,24 @@ def _run_prune(config) -> None:
     print_prune_summary(out, result.record, result.out)
 
 
+def _run_eval(config) -> None:
+    from overfill.evaluate import evaluate
+
+    evaluate(config, console=out)
+
+
+def _run_demo(config) -> None:
+    from overfill.demo import run_demo
+
+    run_demo(config, out)
+
+
+def _run_train(config) -> None:
+    from overfill.train import train
+
+    train(config)
+
+
 def _run_bench(config) -> None:
     from overfill.bench import run_bench
 
@@ -57,6 +75,18 @@ def _register_config_commands() -> None:
     add_config_command(app, "prune", PruneConfig, _run_prune,
                        help="Width-prune a model into a KV-compatible decoder (Minitron-style activation scores).")
     from overfill.bench import BenchConfig
+    from overfill.demo import DemoConfig
+    from overfill.evaluate import EvalConfig
+
+    add_config_command(app, "eval", EvalConfig, _run_eval,
+                       help="Held-out reply NLL (token 1 apart), per-position accuracy, agreement with the full model, answers.")
+    from overfill.train import TrainConfig
+
+    add_config_command(app, "demo", DemoConfig, _run_demo,
+                       help="The paper at laptop scale: prune, train OverFill and the pruned baseline, evaluate, report.")
+
+    add_config_command(app, "train", TrainConfig, _run_train,
+                       help="Train the OverFill decoder on the frozen full model's cache, or a baseline (--mode pruned|full).")
 
     add_config_command(app, "bench", BenchConfig, _run_bench,
                        help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")
@@ -182,20 +212,6 @@ def chat(
         for piece in session.send(text):
             out.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
         out.print()
-
-
-@app.command()
-def demo(
-    model: str = typer.Option("smollm2-135m-instruct", help="Full model: a zoo name, a local HF folder or a hub id."),
-    ratio: float = typer.Option(0.45, help="Pruning ratio for the decoder."),
-    prompt: str = typer.Option("Give me three tips for staying focused while studying.", help="Prompt to answer."),
-    max_new_tokens: int = typer.Option(64, help="Reply length."),
-    out_dir: str = typer.Option("runs/demo", "--out", help="Where the demo writes its pruned model."),
-):
-    """Prune the bundled model and answer one prompt with the full and the pruned model."""
-    from overfill.demo import run_demo
-
-    run_demo(model=model, ratio=ratio, prompt=prompt, max_new_tokens=max_new_tokens, out_dir=out_dir, console=out)
 
 
 def main():

@@ -182,13 +182,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
+    saved = sys.argv
     if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+        sys.argv = ["lm_eval", *argv]
     try:
         cli_evaluate()
     except OverfillError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":
