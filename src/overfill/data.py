@@ -406,7 +406,7 @@ def load_data(config: DataConfig, tokenizer) -> DataSplits:
                   max_context=config.max_context, max_target=config.max_target)
     train = load_examples(config.data, tokenizer, limit=config.max_examples, **fields)
     if config.val_data:
-        val = load_examples(config.val_data, tokenizer, limit=config.val_size or 1, **fields) if config.val_size else None
+        val = load_examples(config.val_data, tokenizer, limit=config.val_size, **fields) if config.val_size else None
         return DataSplits(train.examples, val.examples if val else [], [train] + ([val] if val else []))
     train_part, val_part = split_train_val(train.examples, config.val_size, config.seed)
     return DataSplits(train_part, val_part, [train])

@@ -141,7 +141,6 @@ class OverFillLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos_text = self.tokenizer.decode([self.eot_token_id]) if self.eot_token_id is not None else None
         groups: dict[tuple, list[int]] = {}
-        settings = []
         for index, req in enumerate(requests):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs or {})
@@ -152,7 +151,6 @@ class OverFillLM(TemplateLM):
             temperature = float(kwargs.pop("temperature", 0.0) or 0.0) if kwargs.pop("do_sample", False) else 0.0
             key = (stop, max_new, temperature)
             groups.setdefault(key, []).append(index)
-            settings.append(key)
         outputs = [""] * len(requests)
         for (stop, max_new, temperature), indices in groups.items():
             room = max(self.max_length - max_new, 1)

@@ -141,9 +141,9 @@ class TrainResult:
     examples: int  # training examples consumed (all processes)
     losses: list[float]  # training loss of every step 1..steps (resumed runs include the earlier steps)
     val_losses: list[tuple[int, float]]  # (step, validation loss)
-    seconds: float  # wall time of this invocation's steps
-    steps_per_s: float
-    tokens_per_s: float  # context + reply tokens processed per second (all processes)
+    seconds: float  # wall time of this invocation's loop (validation and checkpoints included)
+    steps_per_s: float  # optimizer steps per second of training compute (validation and checkpoints excluded)
+    tokens_per_s: float  # context + reply tokens per second of training compute (all processes)
     model: nn.Module | None = field(default=None, repr=False)  # trained: OverFillModel (overfill, pruned) or the full model
 
     @property
@@ -494,10 +494,11 @@ def plot_losses(metrics: list[dict], path: Path, title: str) -> Path:
     ax = fig.subplots()
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="train (per step)")
         window = max(1, len(losses) // 20)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train (mean of {window})")
+        if window > 1:
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train (mean of {window})")
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
     ax.set_xlabel("optimizer step")
@@ -629,7 +630,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     bar = tqdm(total=steps, initial=start, desc=f"train {config.mode}", unit="step", dynamic_ncols=True,
                disable=not (main and config.progress), file=sys.stderr)
     started = time.perf_counter()
-    tokens_seen = 0
+    tokens_seen, step_seconds = 0, 0.0
     try:
         for step in range(start + 1, steps + 1):
             step_started = time.perf_counter()
@@ -655,6 +656,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
             step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(loss_tokens, 1)
             seconds = time.perf_counter() - step_started
             tokens_seen += all_tokens
+            step_seconds += seconds
             record = {"step": step, "epoch": round(step * sampler.per_step / len(data.train), 4), "loss": step_loss,
                       "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                       "loss_tokens": int(loss_tokens), "tokens": int(all_tokens), "tokens_per_s": all_tokens / seconds,
@@ -694,8 +696,8 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
         out=out, checkpoint=out, mode=config.mode, steps=steps, examples=steps * sampler.per_step,
         losses=[r["loss"] for r in history if "loss" in r],
         val_losses=[(r["step"], r["val_loss"]) for r in history if "val_loss" in r],
-        seconds=seconds, steps_per_s=done / seconds if seconds > 0 else 0.0,
-        tokens_per_s=tokens_seen / seconds if seconds > 0 else 0.0,
+        seconds=seconds, steps_per_s=done / step_seconds if step_seconds > 0 else 0.0,
+        tokens_per_s=tokens_seen / step_seconds if step_seconds > 0 else 0.0,
         model=trainee.pair if trainee.pair is not None else trainee.trained,
     )
 
