@@ -12,8 +12,8 @@ from dataclasses import replace
 from typing import Iterator
 
 import torch
-from transformers import DynamicCache
 
+from overfill.kv_cache import GrowingCache
 from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, generate_ids, pad_id_of, stream_steps
 
 
@@ -62,7 +62,7 @@ class ChatSession:
         if self.cache is not None:
             crop_to(self.cache, keep)
         if self.cache is None or keep == 0:
-            self.cache = DynamicCache()  # generate_ids fills and extends this object in place
+            self.cache = GrowingCache()  # generate_ids fills and extends this object in place
         new_ids = torch.tensor([ids[keep:]])
         mask = torch.ones(1, len(ids), dtype=torch.long)
         self.prefilled_tokens += len(ids) - keep

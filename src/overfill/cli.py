@@ -59,7 +59,12 @@ def _run_demo(config) -> None:
 def _run_train(config) -> None:
     from overfill.train import train
 
-    train(config)
+    result = train(config)
+    val = f", validation loss {result.val_loss:.3f}" if result.val_loss is not None else ""
+    out.print(
+        f"trained [bold]{result.mode}[/]: {result.steps} steps, {result.examples} examples{val}, "
+        f"{result.seconds / 60:.1f} min ({result.tokens_per_s:.0f} tokens/s); checkpoint [bold]{result.checkpoint}[/]"
+    )
 
 
 def _run_bench(config) -> None:

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from overfill.errors import OverfillError
+from overfill.kv_cache import GrowingCache
 
 MODES = ("overfill", "full", "pruned")
 
@@ -165,6 +166,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     chooser = TokenChooser(config)
     n = config.num_return_sequences
     started = time.perf_counter()
+    # Decoding appends to the cache every step: grow it in place rather than re-concatenating.
+    cache = GrowingCache() if cache is None else cache
     logits, cache = prefill(prefill_model, input_ids, attention_mask, cache, past_lengths)
     # Several candidates share one prefill: repeat the cache, never re-run the prompt.
     if n > 1:
