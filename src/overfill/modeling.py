@@ -12,9 +12,6 @@ Checkpoint folder (DESIGN §2): overfill.json + decoder/ (a normal HF model fold
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from overfill import arch
+from overfill.atomic import atomic_folder
 from overfill.errors import OverfillError
 from overfill.generation import prefill
 from overfill.zoo import fingerprint, load_model, resolve_model
@@ -112,10 +110,7 @@ class OverFillModel(nn.Module):
     def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> Path:
         """Write overfill.json + decoder/ to a temporary sibling, then rename it into place."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
-            os.chmod(tmp, 0o755)
+        with atomic_folder(folder) as tmp:
             self.decoder.save_pretrained(tmp / "decoder")
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp / "decoder")
@@ -128,12 +123,6 @@ class OverFillModel(nn.Module):
                 **(extra or {}),
             }
             (tmp / "overfill.json").write_text(json.dumps(meta, indent=1) + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

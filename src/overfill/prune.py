@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -27,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from overfill import arch
+from overfill.atomic import atomic_folder
 from overfill.data import calibration_ids, read_records
 from overfill.errors import OverfillError
 from overfill.zoo import DEFAULT_MODEL, fingerprint, load_model, resolve_model
@@ -356,19 +354,10 @@ def check_output_folder(out: str | Path, force: bool) -> Path:
 def save_pruned(result: PruneResult, tokenizer, out: str | Path, *, force: bool = False) -> Path:
     """Write the HF folder + pruning.json to a temporary sibling, then rename it into place."""
     out = check_output_folder(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_folder(out) as tmp:
         result.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "pruning.json").write_text(json.dumps(result.record, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result.out = out
     return out
 

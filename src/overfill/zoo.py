@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from overfill.atomic import atomic_folder
 from overfill.errors import OverfillError
 
 
@@ -91,21 +90,10 @@ def materialise(entry: ZooEntry, *, quiet: bool = False) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = entry.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    # Another process may finish the same folder first: then its copy stays (config.json marks a finished one).
+    with atomic_folder(target, done_marker="config.json") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if (target / "config.json").is_file():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
