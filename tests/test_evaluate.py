@@ -10,11 +10,10 @@ import torch
 
 from overfill.data import Example
 from overfill.errors import OverfillError
-from overfill.evaluate import (
-    EvalConfig, TokenScores, agreement, answer_accuracy, evaluate, extract_answer, nll_summary, parse_entry,
-    per_position, reference_answer, score_examples,
-)
+from overfill.answers import answer_accuracy, extract_answer, reference_answer
+from overfill.evaluate import EvalConfig, agreement, evaluate, nll_summary, parse_entry, per_position
 from overfill.modeling import OverFillModel
+from overfill.scoring import TokenScores, score_examples
 from tiny import save_tiny, tiny_model, tiny_tokenizer, write_jsonl
 
 # The harness must never reach the hub here (set before `datasets` is first imported).

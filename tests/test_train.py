@@ -7,9 +7,10 @@ import torch
 
 from overfill import OverfillError
 from overfill.data import collate, load_examples
+from overfill.loss import batch_loss, standalone_loss
 from overfill.modeling import OverFillModel
 from overfill.prune import PruneConfig, prune_model, save_pruned
-from overfill.train import TrainConfig, batch_loss, load_trainee, standalone_loss, train
+from overfill.train import TrainConfig, load_trainee, train
 from tiny import tiny_model, tiny_tokenizer, write_jsonl
 
 

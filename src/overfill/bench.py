@@ -24,7 +24,8 @@ them alike and ratios are paired per repeat):
 
 Prompts are synthetic but real text: the bundled calibration chats, concatenated and cut to an
 exact token count inside the tokenizer's chat template, so runs are reproducible.
-Outputs in --out: bench.json (config, environment, every sample) and PNG plots.
+Outputs in --out: bench.json (config, environment, every sample) and PNG plots (plots.py); the
+tables go to the terminal (report.py). How one run is timed is in timing.py.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from pathlib import Path
 import torch
 
 from overfill.errors import OverfillError
-from overfill.generation import MODES, GenerationConfig, eos_ids_of, generate_ids, pad_id_of
+from overfill.generation import MODES, pad_id_of
+from overfill.plots import write_plots
+from overfill.report import print_bench
+from overfill.timing import REFERENCES, loop_overhead, measure_point, paired_ratio, spread
 from overfill.zoo import DEFAULT_MODEL
 
-REFERENCES = ("hf_generate", "hf_assisted")
 SENTINEL = "<<<overfill-bench-prompt>>>"
 
 PRESETS = {
@@ -161,8 +164,8 @@ class PromptSource:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "PromptSource":
-        from overfill.data import record_to_messages
         from overfill.prune import bundled_calibration_records
+        from overfill.records import record_to_messages
 
         texts = [m["content"] for r in bundled_calibration_records() for m in (record_to_messages(r) or [])]
         body = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
@@ -191,93 +194,7 @@ class PromptSource:
         return ids, torch.ones_like(ids)
 
 
-# ---------------------------------------------------------------- one timed run
-
-
-@dataclass
-class Run:
-    """When each emission of new tokens happened (seconds since the call began) and how many rows' tokens it held."""
-
-    times: list[float]  # cumulative seconds at each emission; times[0] = prefill + first token
-    counts: list[int]  # new tokens per row in each emission (1, except for assisted generation)
-
-    def split(self, tokens: int | None = None) -> dict:
-        """Prefill / decode seconds of the first `tokens` new tokens (all of them by default)."""
-        k = len(self.times) if tokens is None else _emissions_for(self.counts, tokens)
-        prefill_s, e2e_s = self.times[0], self.times[k - 1]
-        new = sum(self.counts[:k])
-        return {"prefill_s": prefill_s, "decode_s": e2e_s - prefill_s, "e2e_s": e2e_s, "new_tokens": new,
-                "decode_tokens": new - self.counts[0], "steps": k}
-
-
-def _emissions_for(counts: list[int], tokens: int) -> int:
-    total = 0
-    for k, c in enumerate(counts, start=1):
-        total += c
-        if total >= tokens:
-            return k
-    raise OverfillError(f"a run produced {total} tokens, fewer than the {tokens} asked")
-
-
-def time_loop(model, mode: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> Run:
-    """One run of the generation loop; EOS is disabled so it always makes `new_tokens` tokens."""
-    config = GenerationConfig(mode=mode, max_new_tokens=new_tokens)
-    times, total = [], 0.0
-    for step in generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id):
-        total += step.seconds
-        times.append(total)
-    return Run(times, [1] * len(times))
-
-
-class _Clock:
-    """A `generate` streamer that only records when tokens come out (the first put is the prompt)."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.times, self.counts, self._prompt_seen = [], [], False
-
-    def put(self, value):
-        now = time.perf_counter()
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.times.append(now - self.started)
-        self.counts.append(value.shape[-1] if value.dim() > 1 else 1)  # [B] per step, [1, k] when assisted
-
-    def end(self):
-        pass
-
-
-def time_hf(model, reference: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> Run:
-    """HF `generate` of the full model, greedy, exactly `new_tokens` long (min = max); optionally assisted."""
-    from transformers import GenerationConfig as HFGenerationConfig
-
-    eos = sorted(eos_ids_of(model.tokenizer, model.full)) or None
-    config = HFGenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                eos_token_id=eos, pad_token_id=pad_id)
-    extra = {"assistant_model": model.decoder} if reference == "hf_assisted" else {}
-    clock = _Clock()
-    out = model.full.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=clock, **extra)
-    produced = out.shape[1] - ids.shape[1]
-    if produced != new_tokens or sum(clock.counts) != new_tokens:
-        raise OverfillError(f"HF {reference} made {produced} tokens instead of {new_tokens}: a transformers change?")
-    return Run(clock.times, clock.counts)
-
-
-def time_row(model, row: str, ids, mask, new_tokens: int, pad_id: int) -> Run:
-    if row in REFERENCES:
-        return time_hf(model, row, ids, mask, new_tokens, pad_id)
-    return time_loop(model, row, ids, mask, new_tokens, pad_id)
-
-
 # ---------------------------------------------------------------- statistics
-
-
-def spread(values: list[float]) -> dict:
-    """Median, interquartile range and extremes of repeated measurements."""
-    t = torch.tensor(values, dtype=torch.float64)
-    q1, median, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-    return {"median": median, "q1": q1, "q3": q3, "min": float(t.min()), "max": float(t.max()), "n": len(values)}
 
 
 def summarize(splits: list[dict], batch: int) -> dict:
@@ -294,15 +211,6 @@ def summarize(splits: list[dict], batch: int) -> dict:
     }
     return {"new_tokens": splits[0]["new_tokens"], "batch": batch,
             **{name: spread(values) for name, values in samples.items()}, "samples": samples}
-
-
-def paired_ratio(a: dict, b: dict, metric: str) -> dict | None:
-    """a/b per repeat (the rows ran side by side in each repeat), as a spread."""
-    x, y = a["samples"][metric], b["samples"][metric]
-    n = min(len(x), len(y))
-    if n == 0 or any(v == 0 for v in y[:n]):
-        return None
-    return spread([x[i] / y[i] for i in range(n)])
 
 
 # The ratios the issue asks for, then the ones that explain them: (name, a, b, metric, target).
@@ -334,97 +242,6 @@ def key_ratios(rows: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------- the measurements
-
-
-def _rotated(rows: tuple[str, ...], repeat: int) -> tuple[str, ...]:
-    k = repeat % len(rows)
-    return rows[k:] + rows[:k]
-
-
-def measure_point(model, rows: tuple[str, ...], ids, mask, new_tokens: dict[str, int], pad_id: int, repeats: int,
-                  warmup: int, report=None) -> dict[str, list[Run]]:
-    """Warm every row up, then time `repeats` rounds with the rows interleaved in rotating order."""
-    for _ in range(warmup):
-        for row in rows:
-            time_row(model, row, ids, mask, min(new_tokens[row], 16), pad_id)
-    runs = {row: [] for row in rows}
-    for repeat in range(repeats):
-        for row in _rotated(rows, repeat):
-            if report:
-                report(f"{row} {repeat + 1}/{repeats}")
-            runs[row].append(time_row(model, row, ids, mask, new_tokens[row], pad_id))
-    return runs
-
-
-def loop_overhead(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int, pad_id: int) -> dict:
-    """What the loop adds to each decode step, measured two ways.
-
-    - by hand: each repeat runs the loop in overfill mode and, alternately before or after it,
-      the full model's prefill plus `steps` decoder forwards called directly on the loop's own
-      tokens, with the masks and positions the loop builds (built before the clock starts);
-      steps are paired by index (same cache length).
-    - in the loop: hooks on the decoder time its forward inside each loop step; the rest of the
-      step is the loop's own work (token choice, masks, stop checks). Same step, so machine
-      noise between runs cancels.
-    The first repeat is a warm-up.
-    """
-    from overfill.generation import prefill
-
-    config = GenerationConfig(mode="overfill", max_new_tokens=steps + 1)
-    rows, length = ids.shape[0], mask.sum(-1, keepdim=True)  # [B, 1] real prompt tokens
-    masks = [torch.cat([mask, torch.ones(rows, s, dtype=mask.dtype)], dim=1) for s in range(1, steps + 1)]
-    positions = [length + s - 1 for s in range(1, steps + 1)]  # token s-1 sits right after the prompt
-    forward_s: list[float] = []
-    entered = [0.0]
-
-    def before(*_):
-        entered[0] = time.perf_counter()
-
-    def after(*_):
-        forward_s.append(time.perf_counter() - entered[0])
-
-    def run_loop():
-        handles = [model.decoder.register_forward_pre_hook(before), model.decoder.register_forward_hook(after)]
-        try:
-            forward_s.clear()
-            loop = list(generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return [s.seconds for s in loop[1:]], list(forward_s), [s.tokens[:, None] for s in loop]  # tokens [B, 1]
-
-    def run_by_hand(tokens):
-        _, cache = prefill(model.full, ids, mask)
-        seconds = []
-        for s in range(steps):
-            started = time.perf_counter()
-            model.decoder(input_ids=tokens[s], attention_mask=masks[s], position_ids=positions[s],
-                          past_key_values=cache, use_cache=True, logits_to_keep=1)
-            seconds.append(time.perf_counter() - started)
-        return seconds
-
-    loop_ms, hand_ms, inner_ms = [], [], []
-    tokens = run_loop()[2]
-    for repeat in range(repeats + 1):
-        if repeat % 2:
-            hand = run_by_hand(tokens)
-            loop, inner, tokens = run_loop()
-        else:
-            loop, inner, tokens = run_loop()
-            hand = run_by_hand(tokens)
-        if repeat > 0:
-            loop_ms += [1e3 * t for t in loop]
-            hand_ms += [1e3 * t for t in hand]
-            inner_ms += [1e3 * t for t in inner]
-    by_hand = spread([a - b for a, b in zip(loop_ms, hand_ms)])
-    in_loop = spread([a - b for a, b in zip(loop_ms, inner_ms)])
-    hand_s = spread(hand_ms)
-    return {"steps": steps, "repeats": repeats, "batch": rows, "prompt_len": int(ids.shape[1]),
-            "loop_ms_per_step": spread(loop_ms), "by_hand_forward_ms_per_step": hand_s,
-            "overhead_vs_by_hand_ms_per_step": by_hand,
-            "overhead_vs_by_hand_percent": 100 * by_hand["median"] / hand_s["median"] if hand_s["median"] else 0.0,
-            "in_loop_forward_ms_per_step": spread(inner_ms), "overhead_in_loop_ms_per_step": in_loop,
-            "overhead_in_loop_percent": 100 * in_loop["median"] / hand_s["median"] if hand_s["median"] else 0.0}
 
 
 def environment() -> dict:
@@ -549,127 +366,3 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
         if config.overhead_steps:
             report("loop overhead")
             result["overhead"] = loop_overhead(model, ids, mask, config.overhead_steps, config.repeats, pad_id)
-
-
-# ---------------------------------------------------------------- plots and tables
-
-
-COLORS = {"overfill": "tab:green", "full": "tab:blue", "pruned": "tab:orange", "hf_generate": "tab:gray",
-          "hf_assisted": "tab:purple"}
-
-
-def write_plots(result: dict, out: Path) -> list[str]:
-    """PNG figures (matplotlib Agg): the key point's prefill/decode bars, then one figure per sweep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        files.append(name)
-
-    key = result["key_point"]
-    rows = key["rows"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
-    names = list(rows)
-    prefill_s = [rows[r]["prefill_s"]["median"] for r in names]
-    decode_s = [rows[r]["decode_s"]["median"] for r in names]
-    e2e = [rows[r]["e2e_s"] for r in names]
-    ax.bar(names, prefill_s, color="tab:red", label="prefill + first token")
-    ax.bar(names, decode_s, bottom=prefill_s, color=[COLORS.get(r, "tab:gray") for r in names], label="decode")
-    ax.errorbar(names, [e["median"] for e in e2e], fmt="none", ecolor="black", capsize=4,
-                yerr=[[e["median"] - e["q1"] for e in e2e], [e["q3"] - e["median"] for e in e2e]])
-    for i, e in enumerate(e2e):
-        ax.annotate(f"{e['median']:.2f}s", (i, e["q3"]), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("seconds (median, IQR bars)")
-    ax.set_title(f"batch {key['batch']}, prompt {key['prompt_len']}, {key['new_tokens']} new tokens")
-    ax.legend(fontsize=8)
-    save(fig, "breakdown.png")
-
-    panels = {
-        "new_tokens": (("e2e_s", "end-to-end latency (s)"), ("decode_tokens_per_s", "decode tokens/s")),
-        "prompt_len": (("prefill_s", "prefill + first token (s)"), ("e2e_s", "end-to-end latency (s)")),
-        "batch": (("tokens_per_s", "throughput, all rows (tokens/s)"), ("decode_ms_per_token", "decode step (ms)")),
-    }
-    labels = {"new_tokens": "new tokens", "prompt_len": "prompt tokens", "batch": "batch size"}
-    for name, sweep in result["sweeps"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, (metric, ylabel) in zip(axes, panels[name]):
-            for mode, points in sweep["rows"].items():
-                med = [p[metric]["median"] for p in points]
-                ax.plot(sweep["values"], med, marker="o", color=COLORS.get(mode), label=mode)
-                ax.fill_between(sweep["values"], [p[metric]["q1"] for p in points], [p[metric]["q3"] for p in points],
-                                color=COLORS.get(mode), alpha=0.2)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sweep["values"], [str(v) for v in sweep["values"]])
-            ax.set_xlabel(labels[name])
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fixed = ", ".join(f"{k.replace('_', ' ')} {sweep[k]}" for k in ("prompt_len", "batch", "new_tokens") if k in sweep)
-        fig.suptitle(f"{labels[name]} sweep ({fixed}; median, IQR band)")
-        save(fig, f"{name}.png")
-    return files
-
-
-def _range(s: dict, fmt: str) -> str:
-    return f"{s['median']:{fmt}} \\[{s['min']:{fmt}}-{s['max']:{fmt}}]"
-
-
-def print_bench(console, result: dict, out: Path) -> None:
-    from rich.table import Table
-
-    key = result["key_point"]
-    repeats = result["config"]["repeats"]
-    table = Table(title=f"overfill bench: batch {key['batch']}, prompt {key['prompt_len']} tokens, "
-                        f"{key['new_tokens']} new tokens, median \\[min-max] of {repeats}", header_style="bold")
-    for column in ("row", "prefill + 1st (ms)", "decode (ms/token)", "decode tok/s", "end-to-end (s)", "tokens/step"):
-        table.add_column(column, justify="left" if column == "row" else "right")
-    for row, s in key["rows"].items():
-        table.add_row(row, _range({k: 1e3 * v for k, v in s["prefill_s"].items()}, ".0f"),
-                      _range(s["decode_ms_per_token"], ".1f"), _range(s["decode_tokens_per_s"], ".1f"),
-                      _range(s["e2e_s"], ".2f"), f"{s['new_tokens_per_step']['median']:.2f}")
-    console.print(table)
-
-    table = Table(title="ratios measured in this run (paired per repeat: median \\[min-max])", header_style="bold")
-    for column in ("ratio", "value", "issue target"):
-        table.add_column(column, justify="left" if column == "ratio" else "right")
-    for r in key["ratios"]:
-        mark = "" if r["met"] is None else (" [green]met[/]" if r["met"] else " [red]not met[/]")
-        table.add_row(r["name"], _range(r, ".3f"), (r["target"] or "") + mark)
-    console.print(table)
-
-    for name, sweep in result["sweeps"].items():
-        table = Table(title=f"{name.replace('_', ' ')} sweep: end-to-end s (median)", header_style="bold")
-        table.add_column(name.replace("_", " "), justify="right")
-        modes = list(sweep["rows"])
-        for mode in modes:
-            table.add_column(mode, justify="right")
-        both = "overfill" in modes and "pruned" in modes
-        if both:
-            table.add_column("overfill / pruned", justify="right")
-        for i, value in enumerate(sweep["values"]):
-            cells = [f"{sweep['rows'][m][i]['e2e_s']['median']:.2f}" for m in modes]
-            if both:
-                ratio = paired_ratio(sweep["rows"]["overfill"][i], sweep["rows"]["pruned"][i], "e2e_s")
-                cells.append(f"{ratio['median']:.3f}" if ratio else "")
-            table.add_row(str(value), *cells)
-        console.print(table)
-
-    if "overhead" in result:
-        o = result["overhead"]
-        hand, inner = o["overhead_vs_by_hand_ms_per_step"], o["overhead_in_loop_ms_per_step"]
-        console.print(
-            f"loop overhead ({o['steps']} overfill decode steps x {o['repeats']}): loop step "
-            f"{o['loop_ms_per_step']['median']:.2f} ms, decoder forward by hand {o['by_hand_forward_ms_per_step']['median']:.2f} ms "
-            f"-> {hand['median']:+.3f} ms/step ({o['overhead_vs_by_hand_percent']:+.2f}%, IQR {hand['q1']:+.2f}..{hand['q3']:+.2f}); "
-            f"outside the decoder forward inside the loop: {inner['median']:+.3f} ms/step ({o['overhead_in_loop_percent']:+.2f}%)"
-        )
-    env = result["environment"]
-    console.print(f"{env['torch_threads']} threads, load average {env['load_average'][0] if env['load_average'] else '?'} "
-                  f"at start; {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")

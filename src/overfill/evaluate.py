@@ -4,17 +4,15 @@ For each named entry (a checkpoint evaluated in a mode: overfill / full / pruned
 
 - teacher-forced reply NLL and perplexity. Token 1 is reported apart: in OverFill it comes from
   the full model's prefill logits, so the headline number is over tokens 2..N (what the decoder
-  does). Scoring follows the two-stage picture of the paper's Figure 1: the *prefill model* reads
-  the context and scores y1 from its last logits; the *decode model* reads y1..y_{N-1} on that
-  cache and scores y2..yN (`reply_logprobs`, the training loss of modeling.forward with
-  per-token log-probs kept);
+  does). Scoring follows the two-stage picture of the paper's Figure 1 (scoring.py);
 - the probability of the correct token averaged by absolute reply position (paper Figure 8),
   JSON + PNG: the cleanest view of what the decoder learned;
 - greedy-generation agreement with the full model (token match over tokens 2..N, exact match);
 - exact-match accuracy when references carry a final answer (GSM8K's `#### number`), with the
-  share of correct answers already settled by the first (full-model) token.
+  share of correct answers already settled by the first (full-model) token (answers.py).
 
-`reply_logprobs` / `score_examples` / `generate_ids_batched` also serve the lm-eval adapter.
+This module turns scores and replies into those numbers and runs the command; the figure is
+drawn by plots.py and the table by report.py.
 """
 
 from __future__ import annotations
@@ -22,15 +20,19 @@ from __future__ import annotations
 import gc
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from overfill.answers import answer_accuracy, extract_answer, reference_answer
+from overfill.data import load_examples
 from overfill.errors import OverfillError
-from overfill.generation import MODES, GenerationConfig, eos_ids_of, generate_ids, models_for, pad_id_of, prefill
+from overfill.generation import MODES, eos_ids_of
+from overfill.plots import plot_per_position
+from overfill.report import print_eval_table
+from overfill.scoring import TokenScores, generate_ids_batched, score_examples
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ANSWER_KINDS = ("auto", "gsm8k", "none")
@@ -137,100 +139,7 @@ class EvalConfig:
         return [parse_entry(s) for s in self.entries]
 
 
-# ---------------------------------------------------------------- answers (GSM8K-style)
-
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-
-
-def normalise_number(text: str) -> str | None:
-    """'$1,234.50' -> '1234.5'; '18.00' -> '18'; None when it is not a number."""
-    cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".")
-    try:
-        value = float(cleaned)
-    except ValueError:
-        return None
-    if not math.isfinite(value):
-        return None
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-def reference_answer(reference: str) -> str | None:
-    """GSM8K: the number after '####' in the reference solution; None when there is none."""
-    if "####" not in reference:
-        return None
-    found = _NUMBER.search(reference.rsplit("####", 1)[1])
-    return normalise_number(found.group()) if found else None
-
-
-def extract_answer(reply: str) -> str | None:
-    """The number after the last '####' if the reply has one, else the last number in the reply."""
-    tail = reply.rsplit("####", 1)[1] if "####" in reply else reply
-    numbers = _NUMBER.findall(tail)
-    if not numbers:
-        return None
-    return normalise_number(numbers[0] if "####" in reply else numbers[-1])
-
-
-# ---------------------------------------------------------------- teacher-forced scoring
-
-
-@dataclass
-class TokenScores:
-    """One reply under teacher forcing: log p(y_i | x, y_<i) and whether y_i was the argmax, i = 1..N."""
-
-    logprobs: list[float]
-    top1: list[bool]
-
-
-@torch.inference_mode()
-def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
-                   target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs [B, N] and argmax hits [B, N] of right-padded targets after left-padded contexts.
-
-    The prefill model reads the context and scores y1 from its last logits; the decode model reads
-    y1..y_{N-1} on that cache and scores y2..yN (overfill: full then decoder; full / pruned: one model).
-    Padded target positions hold 0 / False.
-    """
-    prefill_model, decode_model = models_for(mode, model)
-    first_logits, cache = prefill(prefill_model, context_ids, context_mask)  # [B, V], cache of x
-    step_logits = [first_logits[:, None]]  # y1
-    n = target_ids.shape[1]
-    if n > 1:
-        # The handoff: the decode model continues the prefill model's cache; positions continue
-        # from each row's own context length, whatever its padding.
-        mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
-        positions = context_mask.sum(-1, keepdim=True) + torch.arange(n - 1)  # [B, N-1]
-        out = decode_model(input_ids=target_ids[:, :-1], attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True)
-        step_logits.append(out.logits)  # [B, N-1, V] predictions of y2..yN
-    logprobs = torch.zeros(target_ids.shape, dtype=torch.float32)
-    hits = torch.zeros(target_ids.shape, dtype=torch.bool)
-    for row in range(target_ids.shape[0]):  # one row at a time keeps float32 copies of [N, V] small
-        logits = torch.cat([part[row].float() for part in step_logits], dim=0)  # [N, V]
-        logprobs[row] = logits.log_softmax(-1).gather(-1, target_ids[row, :, None]).squeeze(-1)
-        hits[row] = logits.argmax(-1) == target_ids[row]
-    real = target_mask.bool()
-    return logprobs.masked_fill(~real, 0.0), hits & real
-
-
-def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: int | None = None) -> list[TokenScores]:
-    """Teacher-forced TokenScores for each Example (context_ids, target_ids), in input order.
-
-    Batches are formed from length-sorted examples so little compute goes to padding.
-    """
-    from overfill.data import collate
-
-    pad_id = pad_id_of(model.tokenizer) if pad_id is None else pad_id
-    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].context_ids) + len(examples[i].target_ids)))
-    scores: list[TokenScores | None] = [None] * len(examples)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = collate([examples[i] for i in rows], pad_id)
-        logprobs, hits = reply_logprobs(model, mode, batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask)
-        for k, i in enumerate(rows):
-            n = len(examples[i].target_ids)
-            scores[i] = TokenScores(logprobs[k, :n].tolist(), hits[k, :n].tolist())
-    return scores
+# ---------------------------------------------------------------- teacher-forced metrics
 
 
 def nll_summary(scores: list[TokenScores]) -> dict:
@@ -272,39 +181,7 @@ def per_position(scores: list[TokenScores]) -> dict:
     }
 
 
-# ---------------------------------------------------------------- generation and agreement
-
-
-def generate_ids_batched(model, mode: str, contexts: list[list[int]], *, max_new_tokens: int, batch_size: int = 8,
-                         stop: tuple[str, ...] = (), temperature: float = 0.0, seed: int | None = None) -> list[list[int]]:
-    """Reply token ids (end-of-turn token included when produced) for pre-tokenised contexts, in input order.
-
-    Same loop as `generation.generate`, but from token ids, so the context is exactly the one
-    scored under teacher forcing (or the one lm-eval built).
-    """
-    from overfill.prune import left_pad
-
-    tokenizer = model.tokenizer
-    pad_id = pad_id_of(tokenizer)
-    eos = eos_ids_of(tokenizer, model.full, model.decoder)
-    config = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop)
-
-    def is_stopped(_row, row_ids):
-        tail = tokenizer.decode(row_ids[-16:].tolist(), skip_special_tokens=True)
-        return any(s in tail for s in stop)
-
-    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
-    replies: list[list[int]] = [[] for _ in contexts]
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        ids, mask = left_pad([contexts[i] for i in rows], pad_id)
-        done = [False] * len(rows)
-        for step in generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id, is_stopped=is_stopped if stop else None):
-            for k, i in enumerate(rows):
-                if not done[k]:
-                    replies[i].append(int(step.tokens[k]))
-                    done[k] = bool(step.finished[k])
-    return replies
+# ---------------------------------------------------------------- agreement with the full model
 
 
 def agreement(replies: list[list[int]], reference: list[list[int]]) -> dict:
@@ -331,27 +208,11 @@ def agreement(replies: list[list[int]], reference: list[list[int]]) -> dict:
     }
 
 
-def answer_accuracy(texts: list[str], first_token_texts: list[str], references: list[str | None]) -> dict:
-    """Exact-match accuracy on final answers, and how many correct answers the first token already held."""
-    predicted = [extract_answer(t) for t in texts]
-    graded = [(p, r, f) for p, r, f in zip(predicted, references, first_token_texts) if r is not None]
-    correct = [p == r for p, r, _ in graded]
-    from_first = sum(1 for (p, r, f), ok in zip(graded, correct) if ok and extract_answer(f) == r)
-    return {
-        "accuracy": sum(correct) / len(graded) if graded else float("nan"),
-        "graded": len(graded),
-        "correct": sum(correct),
-        "correct_from_first_token": from_first,
-    }
-
-
 # ---------------------------------------------------------------- data and models
 
 
 def load_eval_examples(config: EvalConfig, tokenizer):
     """data.LoadedData of the held-out file: (context ids, target ids) pairs, truncated, first `limit` kept."""
-    from overfill.data import load_examples
-
     return load_examples(config.data, tokenizer, prompt_field=config.prompt_field, response_field=config.response_field,
                          max_context=config.max_context, max_target=config.max_target, limit=config.limit)
 
@@ -467,60 +328,3 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         print_eval_table(console, results)
         console.print(f"results in [bold]{out}[/] ({results['seconds']:.0f} s)")
     return results
-
-
-# ---------------------------------------------------------------- reports
-
-
-def plot_per_position(positions: dict[str, dict], path: Path, *, modes: dict[str, str] | None = None,
-                      min_count: int | None = None) -> Path:
-    """Paper Figure 8: mean probability of the correct token by reply position, one line per model.
-
-    Positions reached by fewer than `min_count` replies (default: a tenth of them, at least 1) are
-    left out, so the tail does not rest on one or two long replies.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, pos in positions.items():
-        floor = min_count or max(1, math.ceil(0.1 * max(pos["count"])))
-        keep = [i for i, c in enumerate(pos["count"]) if c >= floor]
-        label = f"{name} ({modes[name]})" if modes and modes[name] != name else name
-        ax.plot([pos["position"][i] for i in keep], [pos["mean_prob"][i] for i in keep], label=label, linewidth=1.2)
-    ax.axvline(1, color="grey", linewidth=0.6, linestyle=":")
-    ax.set_xlabel("reply position (1 = first token; from the full model in overfill mode)")
-    ax.set_ylabel("mean p(correct token)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Probability of the correct token by reply position (teacher forced)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _fmt(value, digits: int = 3, percent: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.0%}" if percent else f"{value:.{digits}f}"
-
-
-def print_eval_table(console, results: dict) -> None:
-    from rich.table import Table
-
-    data = results["data"]
-    table = Table(title=f"overfill eval: {data['examples']} examples, {data['target_tokens']} reply tokens", header_style="bold")
-    columns = ["model", "mode", "NLL y1", "NLL y2..N", "PPL y2..N", "top-1 y2..N", "y1 share of NLL",
-               "agree tok y2..N", "agree exact", "accuracy", "acc from y1"]
-    for c in columns:
-        table.add_column(c, justify="left" if c in ("model", "mode") else "right")
-    for name, m in results["models"].items():
-        agree, answers = m.get("agreement", {}), m.get("answers", {})
-        from_first = f"{answers['correct_from_first_token']}/{answers['correct']}" if answers else "-"
-        table.add_row(name, m["mode"], _fmt(m["nll_token1"]), _fmt(m["nll"]), _fmt(m["ppl"], 2), _fmt(m["top1"], percent=True),
-                      _fmt(m["token1_share_of_nll"], percent=True), _fmt(agree.get("token_match"), percent=True),
-                      _fmt(agree.get("exact_match"), percent=True), _fmt(answers.get("accuracy"), percent=True), from_first)
-    console.print(table)

@@ -274,7 +274,7 @@ def stop_checker(tokenizer, stops: tuple[str, ...]):
     return is_stopped
 
 
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     hits = [text.index(s) for s in stops if s in text]
     return (text[: min(hits)], True) if hits else (text, False)
 
@@ -323,7 +323,7 @@ def _replies(steps: list[Step], tokenizer, config: GenerationConfig, eos: set[in
         text_ids = [t for t in row_ids if t not in eos]
         text = tokenizer.decode(text_ids, skip_special_tokens=True)
         if config.stop:
-            text, _ = _cut_at_stop(text, config.stop)
+            text, _ = cut_at_stop(text, config.stop)
         replies.append(Reply(mode=config.mode, text=text, token_ids=row_ids, new_tokens=len(row_ids),
                              finish_reason=reason, prefill_s=prefill_s, decode_s=decode_s,
                              prompt_index=row // config.num_return_sequences,
@@ -352,7 +352,7 @@ def stream_steps(steps: Iterator[Step], tokenizer, eos: set[int], stop: tuple[st
         if token not in eos:
             row_ids.append(token)
         text = tokenizer.decode(row_ids, skip_special_tokens=True)
-        text, hit = _cut_at_stop(text, stop)
+        text, hit = cut_at_stop(text, stop)
         done = hit or bool(s.finished[0])
         # Hold back an incomplete UTF-8 character and any suffix that could begin a stop string.
         safe = len(text) if done else _safe_prefix_length(text, stop)
@@ -362,7 +362,7 @@ def stream_steps(steps: Iterator[Step], tokenizer, eos: set[int], stop: tuple[st
         if done:
             return
     text = tokenizer.decode(row_ids, skip_special_tokens=True)
-    text, _ = _cut_at_stop(text, stop)
+    text, _ = cut_at_stop(text, stop)
     if len(text) > len(emitted):
         yield text[len(emitted) :]
 

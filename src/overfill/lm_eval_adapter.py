@@ -3,7 +3,7 @@
 Requests map onto the same two-stage scoring and decoding as `overfill eval`:
 - loglikelihood(context, continuation): the prefill model reads the context and scores the first
   continuation token; the decode model scores the rest on its cache (in overfill mode: full model,
-  then decoder; `evaluate.reply_logprobs`). is_greedy = every continuation token was the argmax.
+  then decoder; `scoring.reply_logprobs`). is_greedy = every continuation token was the argmax.
 - loglikelihood_rolling(text): lm-eval's disjoint rolling windows, each scored the same way (the
   first token of every window is the prefill model's).
 - generate_until(context, gen_kwargs): the one generation loop (`generation.generate_ids`) with
@@ -37,8 +37,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise OverfillError("the lm-eval adapter needs lm-evaluation-harness: pip install 'overfill[eval]' (lm-eval==0.4.13)") from None
 
-from overfill.evaluate import DTYPES, generate_ids_batched, load_for_eval, score_examples
-from overfill.generation import MODES
+from overfill.evaluate import DTYPES, load_for_eval
+from overfill.generation import MODES, cut_at_stop
+from overfill.scoring import generate_ids_batched, score_examples
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "overfill"
@@ -158,9 +159,7 @@ class OverFillLM(TemplateLM):
             replies = generate_ids_batched(self.model, self.mode, contexts, max_new_tokens=max_new,
                                            batch_size=self.batch_size, stop=stop, temperature=temperature)
             for i, ids in zip(indices, replies):
-                text = self.tok_decode([t for t in ids if t != self.eot_token_id])
-                cuts = [text.index(s) for s in stop if s in text]
-                outputs[i] = text[: min(cuts)] if cuts else text
+                outputs[i], _ = cut_at_stop(self.tok_decode([t for t in ids if t != self.eot_token_id]), stop)
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
 

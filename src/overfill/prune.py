@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from overfill import arch
 from overfill.atomic import atomic_folder
-from overfill.data import calibration_ids, read_records
+from overfill.data import calibration_ids
 from overfill.errors import OverfillError
+from overfill.records import read_records
 from overfill.zoo import DEFAULT_MODEL, fingerprint, load_model, resolve_model
 
 BUNDLED_CALIBRATION = "bundled"

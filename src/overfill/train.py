@@ -13,8 +13,9 @@ model's prefill in OverFill), weighted by tokens across gradient accumulation an
 
 Recipe (paper §4.1): AdamW, cosine schedule with warmup, gradient clipping. Data parallel through
 Accelerate (`accelerate launch -m overfill train ...`); the data order is a function of the seed
-and the step alone, which is what makes `resume` continue exactly. Checkpoints hold no pickles:
-tensors in safetensors, everything else in JSON, with sha256 sums so a damaged one is refused.
+and the step alone (sampler.py), which is what makes `resume` continue exactly. Checkpoints hold
+no pickles: tensors in safetensors, everything else in JSON, with sha256 sums so a damaged one is
+refused (checkpoint.py). The loss itself is in loss.py.
 
 Gradient checkpointing is deliberately not offered: in transformers 5.x it drops
 `past_key_values` in decoder layers, so the decoder would silently train without the full
@@ -25,39 +26,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from overfill.data import Batch, DataConfig, Example, collate, load_data
+from overfill.checkpoint import (
+    check_same_run, load_checkpoint, prepare_out, publish_model, read_checkpoint, save_checkpoint,
+)
+from overfill.data import DataConfig, collate, load_data
 from overfill.errors import OverfillError
+from overfill.loss import batch_loss, validation_loss
+from overfill.plots import plot_losses
+from overfill.sampler import StepSampler, data_digest, total_steps
 from overfill.zoo import DEFAULT_MODEL
 
 MODES = ("overfill", "pruned", "full")
-IGNORE = -100
-CHECKPOINT_FORMAT = 1
-TRAINER_FILE = "trainer.json"
-
-# Config fields that decide the training trajectory; a resumed run must agree on all of them.
-TRAJECTORY_FIELDS = (
-    "mode", "model", "decoder", "data", "val_data", "val_size", "prompt_field", "response_field", "max_context",
-    "max_target", "max_examples", "seed", "lr", "weight_decay", "warmup_ratio", "warmup_steps", "batch_size",
-    "grad_accum", "max_grad_norm", "epochs", "max_steps",
-)
 
 
 @dataclass
@@ -151,42 +143,6 @@ class TrainResult:
         return self.val_losses[-1][1] if self.val_losses else None
 
 
-# ---------------------------------------------------------------- the loss, the same in every mode
-
-
-def target_labels(batch: Batch) -> torch.Tensor:
-    """Labels for reply tokens 2..N, [B, N-1]; padding -> IGNORE."""
-    return batch.target_ids[:, 1:].masked_fill(batch.target_mask[:, 1:] == 0, IGNORE)
-
-
-def standalone_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """One model reads context + reply itself (modes pruned and full); loss on reply tokens 2..N.
-
-    Equals OverFillModel.forward's loss when the decoder *is* the full model: same positions
-    (each row continues from its own context length), same predictions, same tokens.
-    """
-    inputs = torch.cat([batch.context_ids, batch.target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
-    mask = torch.cat([batch.context_mask, batch.target_mask[:, :-1]], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # positions follow the mask, not the column
-    labels = target_labels(batch)  # [B, N-1]
-    out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=False,
-                logits_to_keep=labels.shape[1])
-    loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-    return loss, int((labels != IGNORE).sum())
-
-
-def batch_loss(mode: str, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over reply tokens 2..N, their number) for the module a mode trains."""
-    if mode == "overfill":
-        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask)
-        return out.loss, out.tokens
-    return standalone_loss(module, batch)
-
-
-def _to(batch: Batch, device) -> Batch:
-    return Batch(*(getattr(batch, f.name).to(device) for f in dataclasses.fields(Batch)))
-
-
 # ---------------------------------------------------------------- models
 
 
@@ -235,241 +191,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-# ---------------------------------------------------------------- data order
-
-
-class StepSampler:
-    """Which examples each step uses: epoch permutations of the training set laid end to end.
-
-    Step s (1-based) takes stream positions [(s-1)*G, s*G), G = batch x accum x processes, so the
-    order depends only on the seed and the step: a resumed run sees exactly the same batches.
-    Process r takes micro-batch m from the slice (m*W + r)*batch of its step.
-    """
-
-    def __init__(self, n: int, seed: int, batch_size: int, grad_accum: int, world: int = 1, rank: int = 0):
-        self.n, self.seed, self.batch_size, self.grad_accum, self.world, self.rank = n, seed, batch_size, grad_accum, world, rank
-        self._perms: dict[int, np.ndarray] = {}
-
-    @property
-    def per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.world
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> list[int]:
-        start = (step - 1) * self.per_step
-        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.per_step)]
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        ids, b = self.indices(step), self.batch_size
-        return [ids[(m * self.world + self.rank) * b:(m * self.world + self.rank + 1) * b] for m in range(self.grad_accum)]
-
-
-def total_steps(config: TrainConfig, n_train: int, world: int) -> int:
-    if config.max_steps is not None:
-        return config.max_steps
-    return max(1, math.ceil(config.epochs * n_train / (config.batch_size * config.grad_accum * world)))
-
-
-def data_digest(examples: list[Example]) -> str:
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(json.dumps([e.context_ids, e.target_ids]).encode())
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- validation
-
-
-@torch.no_grad()
-def validation_loss(trainee: Trainee, module: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-                    accelerator) -> tuple[float, int]:
-    """Token-weighted mean loss over `examples` (reply tokens 2..N), split across processes."""
-    trainee.set_training(False)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].context_ids) + len(examples[i].target_ids))
-    mine = order[accelerator.process_index::accelerator.num_processes]
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [loss sum, tokens]
-    for start in range(0, len(mine), batch_size):
-        batch = _to(collate([examples[i] for i in mine[start:start + batch_size]], pad_id), accelerator.device)
-        loss, tokens = batch_loss(trainee.mode, module, batch)
-        total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(total, "sum")
-    trainee.set_training(True)
-    return float(total[0] / total[1].clamp(min=1)), int(total[1])
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-@contextlib.contextmanager
-def _quiet_saving():
-    """No 'Writing model shards' bars from transformers while we save."""
-    from transformers.utils import logging
-
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
-
-
-def save_model_folder(trainee: Trainee, folder: Path, extra: dict) -> Path:
-    """The model a run produces: an OverFill checkpoint (overfill, pruned) or an HF folder (full)."""
-    with _quiet_saving():
-        if trainee.pair is not None:
-            return trainee.pair.save_pretrained(folder, extra={"training": extra})
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
-            trainee.trained.save_pretrained(tmp)
-            trainee.tokenizer.save_pretrained(tmp)
-            (tmp / "training.json").write_text(json.dumps(extra, indent=1) + "\n")
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
-
-
-def _weights_folder(trainee: Trainee, model_folder: Path) -> Path:
-    return model_folder / "decoder" if trainee.pair is not None else model_folder
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON part, tensor part) of every random number generator training may touch."""
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors = {"torch.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch.cuda.{i}"] = state
-    return {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}, tensors
-
-
-def _set_rng_state(json_part: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, mt, gauss = json_part["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = json_part["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch.cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def save_checkpoint(folder: Path, trainee: Trainee, optimizer, scheduler, state: dict, extra: dict) -> Path:
-    """Write a resumable checkpoint atomically: model/ + optimizer.safetensors + rng.safetensors + trainer.json."""
-    from safetensors.torch import save_file
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        save_model_folder(trainee, tmp / "model", extra)
-        opt = optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items()
-                   for k, v in s.items() if isinstance(v, torch.Tensor)}
-        scalars = {str(i): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)} for i, s in opt["state"].items()}
-        save_file(tensors, tmp / "optimizer.safetensors")
-        rng_json, rng_tensors = _rng_state()
-        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / "rng.safetensors")
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {"format": CHECKPOINT_FORMAT, **state, "scheduler": scheduler.state_dict(),
-                "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}, "rng": rng_json, "files": files}
-        (tmp / TRAINER_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # written last: it marks a complete checkpoint
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def _corrupt(folder: Path, what: str) -> OverfillError:
-    return OverfillError(f"checkpoint {folder} is corrupt ({what}): delete it and resume from an earlier checkpoint, or start over with --force")
-
-
-def read_checkpoint(folder: Path) -> dict:
-    """trainer.json of a step checkpoint, after checking every file against its recorded sha256."""
-    meta_path = folder / TRAINER_FILE
-    if not folder.is_dir():
-        raise OverfillError(f"checkpoint {folder} does not exist: pass a checkpoints/step-N folder or 'latest'")
-    if not meta_path.is_file():
-        raise _corrupt(folder, f"no {TRAINER_FILE}, so it was never completed")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _corrupt(folder, f"{TRAINER_FILE} is not valid JSON: {getattr(err, 'msg', err)}") from None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("files"), dict):
-        raise _corrupt(folder, f"{TRAINER_FILE} is not a format-{CHECKPOINT_FORMAT} trainer state")
-    for name, expected in meta["files"].items():
-        path = folder / name
-        if not path.is_file():
-            raise _corrupt(folder, f"{name} is missing")
-        if _sha256(path) != expected:
-            raise _corrupt(folder, f"{name} does not match its recorded sha256")
-    return meta
-
-
-def latest_checkpoint(out: Path) -> Path:
-    found = sorted((p for p in (out / "checkpoints").glob("step-*") if p.is_dir()), key=lambda p: p.name)
-    if not found:
-        raise OverfillError(f"no checkpoint to resume under {out}/checkpoints: train with --checkpoint-every N, "
-                            "or start over without --resume")
-    return found[-1]
-
-
-def load_checkpoint(folder: Path, meta: dict, trainee: Trainee, optimizer, scheduler) -> None:
-    """Put the weights, optimizer, scheduler and RNG states of a verified checkpoint back in place."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        weights = {}
-        for path in sorted(_weights_folder(trainee, folder / "model").glob("*.safetensors")):
-            weights.update(load_file(path))
-        opt_tensors = load_file(folder / "optimizer.safetensors")
-        rng_tensors = load_file(folder / "rng.safetensors")
-    except (SafetensorError, OSError) as err:
-        raise _corrupt(folder, str(err).splitlines()[0]) from None
-    params = dict(trainee.trained.named_parameters())
-    missing = sorted(set(params) - set(weights))
-    if missing:
-        raise OverfillError(f"checkpoint {folder} does not hold this model's weights (missing {missing[0]}): "
-                            "resume with the --model/--decoder/--mode it was trained with")
-    with torch.no_grad():
-        for name, p in params.items():
-            if weights[name].shape != p.shape:
-                raise OverfillError(f"checkpoint {folder} holds {name} of shape {tuple(weights[name].shape)}, "
-                                    f"the model has {tuple(p.shape)}: resume with the model it was trained with")
-            p.copy_(weights[name])
-    opt_meta = meta["optimizer"]
-    state: dict[int, dict] = {int(i): dict(s) for i, s in opt_meta["scalars"].items()}
-    for key, tensor in opt_tensors.items():
-        _, i, name = key.split(".", 2)
-        state.setdefault(int(i), {})[name] = tensor
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt_meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    scheduler.load_state_dict(meta["scheduler"])
-    _set_rng_state(meta["rng"], rng_tensors)
-
-
-# ---------------------------------------------------------------- metrics and the plot
+# ---------------------------------------------------------------- metrics
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -480,69 +202,6 @@ def read_metrics(path: Path) -> list[dict]:
         with contextlib.suppress(json.JSONDecodeError):
             rows.append(json.loads(line))
     return rows
-
-
-def plot_losses(metrics: list[dict], path: Path, title: str) -> Path:
-    """Training loss per step (and a running mean) with validation loss on top; PNG via the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
-    fig = Figure(figsize=(7, 4), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="train (per step)")
-        window = max(1, len(losses) // 20)
-        if window > 1:
-            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train (mean of {window})")
-    if val:
-        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss on reply tokens 2..N (nats)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
-
-
-# ---------------------------------------------------------------- the run folder
-
-
-def prepare_out(config: TrainConfig) -> Path | None:
-    """Check the run folder; returns the checkpoint to resume from, if any."""
-    out = Path(config.out)
-    if config.resume:
-        folder = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
-        return folder
-    if out.exists() and any(out.iterdir()):
-        if not config.force:
-            raise OverfillError(f"--out {out} already holds files: pass --resume latest to continue that run, "
-                                "--force to start over, or another --out")
-        if not (out / "train_config.json").is_file():
-            raise OverfillError(f"--out {out} is not empty and is not a training run folder: pick another --out")
-    return None
-
-
-def check_same_run(meta: dict, config: TrainConfig, world: int, digest: str, folder: Path) -> None:
-    saved = meta.get("config", {})
-    for name in TRAJECTORY_FIELDS:
-        if saved.get(name) != getattr(config, name):
-            raise OverfillError(f"cannot resume from {folder}: it was trained with --{name.replace('_', '-')} "
-                                f"{saved.get(name)!r}, this run has {getattr(config, name)!r}; pass the same settings")
-    if meta.get("world_size") != world:
-        raise OverfillError(f"cannot resume from {folder}: it ran on {meta.get('world_size')} processes, this run has "
-                            f"{world}; resume with the same number of processes")
-    if meta.get("data_digest") != digest:
-        raise OverfillError(f"cannot resume from {folder}: the training data changed since (different examples); "
-                            "resume with the same data files")
 
 
 # ---------------------------------------------------------------- the loop
@@ -634,7 +293,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     try:
         for step in range(start + 1, steps + 1):
             step_started = time.perf_counter()
-            batches = [_to(collate([data.train[i] for i in ids], pad_id), device) for ids in sampler.micro_batches(step)]
+            batches = [collate([data.train[i] for i in ids], pad_id).to(device) for ids in sampler.micro_batches(step)]
             counts = torch.tensor([sum(int(b.target_mask[:, 1:].sum()) for b in batches),
                                    sum(int(b.context_mask.sum() + b.target_mask.sum()) for b in batches)],
                                   dtype=torch.float64, device=device)
@@ -687,8 +346,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
 
     trainee.set_training(False)
     if main:
-        save_model_folder(trainee, out / ".final", _training_extra(config, steps, history))
-        _publish(out / ".final", out, "overfill.json" if trainee.pair is not None else "config.json")
+        publish_model(trainee, out, _training_extra(config, steps, history))
         plot_losses(history, out / "loss.png", _title(config))
         say(f"done: {done} steps in {seconds:.0f} s; final model in {out}")
     accelerator.wait_for_everyone()
@@ -724,15 +382,3 @@ def _training_extra(config: TrainConfig, step: int, history: list[dict]) -> dict
     return {"mode": config.mode, "step": step, "val_loss": val[-1] if val else None,
             "config": dataclasses.asdict(config)}
 
-
-def _publish(staged: Path, out: Path, marker: str) -> None:
-    """Move a staged model folder's entries into `out`, the marker file last (it says the folder is complete)."""
-    (out / marker).unlink(missing_ok=True)
-    for entry in sorted(staged.iterdir(), key=lambda p: p.name == marker):
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        os.replace(entry, target)
-    staged.rmdir()

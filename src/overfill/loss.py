@@ -1,0 +1,67 @@
+"""The training loss, the same in every mode (paper §3.2): mean cross-entropy over reply tokens 2..N.
+
+Token 1 comes from the full model's prefill in OverFill, so no mode is scored on it. Mode
+overfill runs the loss through OverFillModel.forward (decoder on the frozen full model's cache);
+modes pruned and full through `standalone_loss` (one model reads context + reply itself). The
+two agree exactly when the decoder *is* the full model, so the three modes compare like with like.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from overfill.data import Batch, Example, collate
+from overfill.modeling import IGNORE
+
+if TYPE_CHECKING:
+    from overfill.train import Trainee
+
+
+def target_labels(batch: Batch) -> torch.Tensor:
+    """Labels for reply tokens 2..N, [B, N-1]; padding -> IGNORE."""
+    return batch.target_ids[:, 1:].masked_fill(batch.target_mask[:, 1:] == 0, IGNORE)
+
+
+def standalone_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """One model reads context + reply itself (modes pruned and full); loss on reply tokens 2..N.
+
+    Equals OverFillModel.forward's loss when the decoder *is* the full model: same positions
+    (each row continues from its own context length), same predictions, same tokens.
+    """
+    inputs = torch.cat([batch.context_ids, batch.target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
+    mask = torch.cat([batch.context_mask, batch.target_mask[:, :-1]], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # positions follow the mask, not the column
+    labels = target_labels(batch)  # [B, N-1]
+    out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=False,
+                logits_to_keep=labels.shape[1])
+    loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return loss, int((labels != IGNORE).sum())
+
+
+def batch_loss(mode: str, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over reply tokens 2..N, their number) for the module a mode trains."""
+    if mode == "overfill":
+        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask)
+        return out.loss, out.tokens
+    return standalone_loss(module, batch)
+
+
+@torch.no_grad()
+def validation_loss(trainee: Trainee, module: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+                    accelerator) -> tuple[float, int]:
+    """Token-weighted mean loss over `examples` (reply tokens 2..N), split across processes."""
+    trainee.set_training(False)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].context_ids) + len(examples[i].target_ids))
+    mine = order[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [loss sum, tokens]
+    for start in range(0, len(mine), batch_size):
+        batch = collate([examples[i] for i in mine[start:start + batch_size]], pad_id).to(accelerator.device)
+        loss, tokens = batch_loss(trainee.mode, module, batch)
+        total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, "sum")
+    trainee.set_training(True)
+    return float(total[0] / total[1].clamp(min=1)), int(total[1])

@@ -1,0 +1,208 @@
+"""Timing one generation run, split into prefill and decode, as `overfill bench` measures it (paper Figures 3-5).
+
+`time_loop` times our generation loop (`generation.generate_ids`) in any mode; `time_hf` times
+the reference rows, Hugging Face `generate` of the full model and assisted generation with the
+decoder as the assistant. A `Run` records when each emission of new tokens happened, so one long
+run also yields every shorter one. `measure_point` interleaves the rows in rotating order within
+each repeat (machine drift hits them alike); `loop_overhead` measures what the loop adds to the
+decoder's own forward passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from overfill.errors import OverfillError
+from overfill.generation import GenerationConfig, eos_ids_of, generate_ids, prefill
+
+REFERENCES = ("hf_generate", "hf_assisted")
+
+
+@dataclass
+class Run:
+    """When each emission of new tokens happened (seconds since the call began) and how many rows' tokens it held."""
+
+    times: list[float]  # cumulative seconds at each emission; times[0] = prefill + first token
+    counts: list[int]  # new tokens per row in each emission (1, except for assisted generation)
+
+    def split(self, tokens: int | None = None) -> dict:
+        """Prefill / decode seconds of the first `tokens` new tokens (all of them by default)."""
+        k = len(self.times) if tokens is None else _emissions_for(self.counts, tokens)
+        prefill_s, e2e_s = self.times[0], self.times[k - 1]
+        new = sum(self.counts[:k])
+        return {"prefill_s": prefill_s, "decode_s": e2e_s - prefill_s, "e2e_s": e2e_s, "new_tokens": new,
+                "decode_tokens": new - self.counts[0], "steps": k}
+
+
+def _emissions_for(counts: list[int], tokens: int) -> int:
+    total = 0
+    for k, c in enumerate(counts, start=1):
+        total += c
+        if total >= tokens:
+            return k
+    raise OverfillError(f"a run produced {total} tokens, fewer than the {tokens} asked")
+
+
+def time_loop(model, mode: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> Run:
+    """One run of the generation loop; EOS is disabled so it always makes `new_tokens` tokens."""
+    config = GenerationConfig(mode=mode, max_new_tokens=new_tokens)
+    times, total = [], 0.0
+    for step in generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id):
+        total += step.seconds
+        times.append(total)
+    return Run(times, [1] * len(times))
+
+
+class _Clock:
+    """A `generate` streamer that only records when tokens come out (the first put is the prompt)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.times, self.counts, self._prompt_seen = [], [], False
+
+    def put(self, value):
+        now = time.perf_counter()
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(now - self.started)
+        self.counts.append(value.shape[-1] if value.dim() > 1 else 1)  # [B] per step, [1, k] when assisted
+
+    def end(self):
+        pass
+
+
+def time_hf(model, reference: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> Run:
+    """HF `generate` of the full model, greedy, exactly `new_tokens` long (min = max); optionally assisted."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    eos = sorted(eos_ids_of(model.tokenizer, model.full)) or None
+    config = HFGenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                eos_token_id=eos, pad_token_id=pad_id)
+    extra = {"assistant_model": model.decoder} if reference == "hf_assisted" else {}
+    clock = _Clock()
+    out = model.full.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=clock, **extra)
+    produced = out.shape[1] - ids.shape[1]
+    if produced != new_tokens or sum(clock.counts) != new_tokens:
+        raise OverfillError(f"HF {reference} made {produced} tokens instead of {new_tokens}: a transformers change?")
+    return Run(clock.times, clock.counts)
+
+
+def time_row(model, row: str, ids, mask, new_tokens: int, pad_id: int) -> Run:
+    if row in REFERENCES:
+        return time_hf(model, row, ids, mask, new_tokens, pad_id)
+    return time_loop(model, row, ids, mask, new_tokens, pad_id)
+
+
+# ---------------------------------------------------------------- statistics of repeats
+
+
+def spread(values: list[float]) -> dict:
+    """Median, interquartile range and extremes of repeated measurements."""
+    t = torch.tensor(values, dtype=torch.float64)
+    q1, median, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {"median": median, "q1": q1, "q3": q3, "min": float(t.min()), "max": float(t.max()), "n": len(values)}
+
+
+def paired_ratio(a: dict, b: dict, metric: str) -> dict | None:
+    """a/b per repeat (the rows ran side by side in each repeat), as a spread."""
+    x, y = a["samples"][metric], b["samples"][metric]
+    n = min(len(x), len(y))
+    if n == 0 or any(v == 0 for v in y[:n]):
+        return None
+    return spread([x[i] / y[i] for i in range(n)])
+
+
+# ---------------------------------------------------------------- several rows, several repeats
+
+
+def _rotated(rows: tuple[str, ...], repeat: int) -> tuple[str, ...]:
+    k = repeat % len(rows)
+    return rows[k:] + rows[:k]
+
+
+def measure_point(model, rows: tuple[str, ...], ids, mask, new_tokens: dict[str, int], pad_id: int, repeats: int,
+                  warmup: int, report=None) -> dict[str, list[Run]]:
+    """Warm every row up, then time `repeats` rounds with the rows interleaved in rotating order."""
+    for _ in range(warmup):
+        for row in rows:
+            time_row(model, row, ids, mask, min(new_tokens[row], 16), pad_id)
+    runs = {row: [] for row in rows}
+    for repeat in range(repeats):
+        for row in _rotated(rows, repeat):
+            if report:
+                report(f"{row} {repeat + 1}/{repeats}")
+            runs[row].append(time_row(model, row, ids, mask, new_tokens[row], pad_id))
+    return runs
+
+
+def loop_overhead(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int, pad_id: int) -> dict:
+    """What the loop adds to each decode step, measured two ways.
+
+    - by hand: each repeat runs the loop in overfill mode and, alternately before or after it,
+      the full model's prefill plus `steps` decoder forwards called directly on the loop's own
+      tokens, with the masks and positions the loop builds (built before the clock starts);
+      steps are paired by index (same cache length).
+    - in the loop: hooks on the decoder time its forward inside each loop step; the rest of the
+      step is the loop's own work (token choice, masks, stop checks). Same step, so machine
+      noise between runs cancels.
+    The first repeat is a warm-up.
+    """
+    config = GenerationConfig(mode="overfill", max_new_tokens=steps + 1)
+    rows, length = ids.shape[0], mask.sum(-1, keepdim=True)  # [B, 1] real prompt tokens
+    masks = [torch.cat([mask, torch.ones(rows, s, dtype=mask.dtype)], dim=1) for s in range(1, steps + 1)]
+    positions = [length + s - 1 for s in range(1, steps + 1)]  # token s-1 sits right after the prompt
+    forward_s: list[float] = []
+    entered = [0.0]
+
+    def before(*_):
+        entered[0] = time.perf_counter()
+
+    def after(*_):
+        forward_s.append(time.perf_counter() - entered[0])
+
+    def run_loop():
+        handles = [model.decoder.register_forward_pre_hook(before), model.decoder.register_forward_hook(after)]
+        try:
+            forward_s.clear()
+            loop = list(generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [s.seconds for s in loop[1:]], list(forward_s), [s.tokens[:, None] for s in loop]  # tokens [B, 1]
+
+    def run_by_hand(tokens):
+        _, cache = prefill(model.full, ids, mask)
+        seconds = []
+        for s in range(steps):
+            started = time.perf_counter()
+            model.decoder(input_ids=tokens[s], attention_mask=masks[s], position_ids=positions[s],
+                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+            seconds.append(time.perf_counter() - started)
+        return seconds
+
+    loop_ms, hand_ms, inner_ms = [], [], []
+    tokens = run_loop()[2]
+    for repeat in range(repeats + 1):
+        if repeat % 2:
+            hand = run_by_hand(tokens)
+            loop, inner, tokens = run_loop()
+        else:
+            loop, inner, tokens = run_loop()
+            hand = run_by_hand(tokens)
+        if repeat > 0:
+            loop_ms += [1e3 * t for t in loop]
+            hand_ms += [1e3 * t for t in hand]
+            inner_ms += [1e3 * t for t in inner]
+    by_hand = spread([a - b for a, b in zip(loop_ms, hand_ms)])
+    in_loop = spread([a - b for a, b in zip(loop_ms, inner_ms)])
+    hand_s = spread(hand_ms)
+    return {"steps": steps, "repeats": repeats, "batch": rows, "prompt_len": int(ids.shape[1]),
+            "loop_ms_per_step": spread(loop_ms), "by_hand_forward_ms_per_step": hand_s,
+            "overhead_vs_by_hand_ms_per_step": by_hand,
+            "overhead_vs_by_hand_percent": 100 * by_hand["median"] / hand_s["median"] if hand_s["median"] else 0.0,
+            "in_loop_forward_ms_per_step": spread(inner_ms), "overhead_in_loop_ms_per_step": in_loop,
+            "overhead_in_loop_percent": 100 * in_loop["median"] / hand_s["median"] if hand_s["median"] else 0.0}
