@@ -33,13 +33,13 @@ class DemoConfig:
     quick: bool = False
     """About 3 minutes instead of about 20: fewer steps and held-out problems."""
     steps: int | None = None
-    """Optimizer steps for each of the two decoders (preset: 240; quick 24)."""
+    """Optimizer steps for each of the two decoders (preset: 100; quick 8)."""
     batch_size: int = 8
     """Examples per step."""
     lr: float = 5e-4
     """Peak learning rate (cosine schedule, 5% warmup)."""
     heldout: int | None = None
-    """Held-out problems to evaluate (preset: 64; quick 16)."""
+    """Held-out problems to evaluate (preset: 48; quick 12)."""
     prompt: str = "Noor buys 4 books at 7 dollars each and pays with 40 dollars. How much change does Noor get?"
     """Prompt answered in the three modes at the end."""
     seed: int = 0
@@ -49,9 +49,9 @@ class DemoConfig:
         if not 0 <= self.ratio < 1:
             raise OverfillError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.steps is None:
-            self.steps = 24 if self.quick else 240
+            self.steps = 8 if self.quick else 100
         if self.heldout is None:
-            self.heldout = 16 if self.quick else 64
+            self.heldout = 12 if self.quick else 48
         if self.steps < 1 or self.heldout < 1 or self.batch_size < 1:
             raise OverfillError("--steps, --heldout and --batch-size must be at least 1")
 
@@ -90,8 +90,8 @@ def _train(config: DemoConfig, mode: str, decoder: Path, data: Path):
 
     return train(TrainConfig(
         mode=mode, model=config.model, decoder=str(decoder), data=str(data), prompt_field="question",
-        response_field="answer", val_size=32, out=str(Path(config.out) / f"train-{mode}"), lr=config.lr,
-        warmup_ratio=0.05, batch_size=config.batch_size, max_steps=config.steps, eval_every=max(1, config.steps // 4),
+        response_field="answer", val_size=16, out=str(Path(config.out) / f"train-{mode}"), lr=config.lr,
+        warmup_ratio=0.05, batch_size=config.batch_size, max_steps=config.steps, eval_every=max(1, config.steps // 2),
         seed=config.seed, force=True,
     ))
 
