@@ -169,3 +169,37 @@ def test_config_and_out_folder_errors(setup, tmp_path):
         train(config(setup, tmp_path / "busy", force=True))
     with pytest.raises(OverfillError, match="no checkpoint to resume"):
         train(config(setup, tmp_path / "nothing", resume="latest"))
+
+
+def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) trains the same run as 1 process with twice the batch.
+
+    The step's examples depend only on seed and step (StepSampler) and the loss is token-weighted
+    across processes, so the per-step losses agree up to float summation order.
+    """
+    import os
+    import subprocess
+    import sys
+
+    # Without dropout (whose draws differ per process), the two runs compute the same thing.
+    tok, full = tiny_tokenizer(), tiny_model("llama")
+    full.save_pretrained(tmp_path / "full")
+    tok.save_pretrained(tmp_path / "full")
+    save_pruned(prune_model(full, tok, PruneConfig(ratio=0.5, calib_samples=8, calib_len=64), progress=False),
+                tok, tmp_path / "dec")
+    pair = {**setup, "full": str(tmp_path / "full"), "decoder": str(tmp_path / "dec")}
+    single = train(config(pair, tmp_path / "one", max_steps=3, batch_size=4))
+    flags = ["--model", pair["full"], "--decoder", pair["decoder"], "--data", pair["data"], "--val-size", "4",
+             "--lr", "3e-3", "--max-steps", "3", "--warmup-steps", "1", "--eval-every", "0", "--seed", "3",
+             "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "two")]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "-m", "overfill", "train", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["tokens"] > 0 for r in steps)
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in steps]), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "overfill.json").read_text())["training"]["mode"] == "overfill"
