@@ -51,3 +51,17 @@ def test_reset_and_mode_switch_drop_the_cache():
     assert seen_decoder[0] == len(session.cached_ids)
     session.reset()
     assert session.messages == [] and session.cached_ids == []
+
+
+def test_an_abandoned_turn_leaves_no_unanswered_user_turn():
+    model = overfill_pair()
+    session = ChatSession(model, GenerationConfig(mode="overfill", max_new_tokens=4))
+    session.say("hi")
+    history = list(session.messages)
+    stream = session.send("this one is cut off")
+    next(stream)
+    stream.close()  # the caller stops reading mid-reply
+    assert session.messages == history
+    reply = session.say("next")
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert reply == generate(model, session.messages[:-1], GenerationConfig(mode="overfill", max_new_tokens=4))[0].text

@@ -152,3 +152,23 @@ def test_collate_pads_context_left_and_target_right(tmp_path):
     assert batch.context_mask[0].tolist() == [0] * 5 + [1] * len(first.context_ids)
     assert batch.target_ids[1].tolist() == second.target_ids + [0, 0]
     assert batch.target_mask[1].tolist() == [1, 1, 0, 0]
+
+
+def test_template_refusals_and_split_handoffs_are_skipped_not_fatal(tmp_path):
+    from overfill.data import ChatTemplateError, chat_ids
+
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    rows = [chat, {"messages": [{"role": "system", "content": "be brief"}, *chat["messages"]]}]
+    path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    strict = tiny_tokenizer()
+    strict.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}" + TOK.chat_template
+    loaded = load_examples(path, strict)
+    assert len(loaded.examples) == 1 and loaded.skipped == {"rejected by the chat template": [2]}
+    with pytest.raises(ChatTemplateError, match="no system turns") as err:
+        chat_ids(strict, rows[1]["messages"], add_generation_prompt=True)
+    assert isinstance(err.value, OverfillError) and "\n" not in str(err.value)
+    # A template whose generation prompt differs from how the reply's header renders cannot be split.
+    odd = tiny_tokenizer()
+    odd.chat_template = TOK.chat_template.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>bot\n{% endif %}")
+    with pytest.raises(OverfillError, match="no usable records.*share a token at the handoff"):
+        load_examples(path, odd)

@@ -1,4 +1,4 @@
-"""Folders that appear whole or not at all: write into a temporary sibling, then rename it into place.
+"""Files and folders that appear whole or not at all: write into a temporary sibling, then rename it into place.
 
 Every folder overfill writes for later loading (pruned decoders, OverFill checkpoints, training
 step checkpoints, the zoo's materialised models) goes through `atomic_folder`, so an interrupted
@@ -40,3 +40,20 @@ def atomic_folder(target: str | Path, *, done_marker: str | None = None) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling, so a crash leaves the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path

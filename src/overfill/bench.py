@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from overfill.atomic import atomic_write_text
 from overfill.errors import OverfillError
 from overfill.generation import MODES, pad_id_of
 from overfill.plots import write_plots
@@ -305,7 +306,7 @@ def _run_bench(config: BenchConfig, console, model) -> dict:
         gc.unfreeze()
     result["seconds"] = time.perf_counter() - started
     result["files"] = write_plots(result, out)
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
     result["files"] = ["bench.json", *result["files"]]
     print_bench(console, result, out)
     return result

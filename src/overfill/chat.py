@@ -54,8 +54,7 @@ class ChatSession:
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to a new user turn; the reply joins the history when the stream ends."""
         tokenizer = self.model.tokenizer
-        self.messages.append({"role": "user", "content": text})
-        ids = encode_prompt(tokenizer, self.messages)
+        ids = encode_prompt(tokenizer, [*self.messages, {"role": "user", "content": text}])
         keep = common_prefix_length(ids, self.cached_ids)
         if keep == len(ids):  # the template must leave something to prefill
             keep -= 1
@@ -77,7 +76,9 @@ class ChatSession:
         # Only the context's KV came from the prefill model; drop the reply's (decoder) entries.
         crop_to(self.cache, len(ids))
         self.cached_ids = ids
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        # The turn joins the history only once answered: an abandoned turn leaves no user turn
+        # without a reply behind (templates that insist on alternating roles would refuse it).
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
 
     def say(self, text: str) -> str:
         return "".join(self.send(text))

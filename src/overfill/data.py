@@ -20,9 +20,18 @@ from pathlib import Path
 from overfill.errors import OverfillError
 from overfill.records import read_records, record_to_messages
 
+class ChatTemplateError(OverfillError):
+    """The tokenizer's chat template rejected a conversation."""
+
+
 def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
     """Token ids of a chat rendered with the tokenizer's own template (5.x returns a BatchEncoding)."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    from jinja2 import TemplateError
+
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    except TemplateError as err:  # e.g. a template that refuses system turns or non-alternating roles
+        raise ChatTemplateError(f"the model's chat template refuses this conversation ({err}): change the roles or order of the turns") from None
     if hasattr(encoded, "keys") and "input_ids" in encoded:
         encoded = encoded["input_ids"]
     return list(encoded)
@@ -72,14 +81,15 @@ def split_messages(tokenizer, messages: list[dict]) -> Example | None:
     """Context = template(turns before the final reply, generation prompt); target = the reply's tokens
     up to and including the end-of-turn token, exactly as the template renders them in the whole chat.
 
-    None when there is no final assistant reply or it is empty.
+    None when there is no final assistant reply, it is empty, or the template renders the context
+    differently inside the whole chat (the handoff would fall inside a token).
     """
     if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
         return None
     context = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
     whole = chat_ids(tokenizer, messages, add_generation_prompt=False)
     if whole[: len(context)] != context:
-        raise OverfillError("this chat template renders the context differently with and without the reply; overfill cannot split it")
+        return None  # the reply's first characters merge with the generation prompt into one token
     target = whole[len(context) :]
     end_of_turn = tokenizer.eos_token_id
     if end_of_turn in target:
@@ -117,7 +127,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
 # ---------------------------------------------------------------- whole files -> examples
 
 SKIP_REASONS = ("broken JSON", "unrecognised shape", "no assistant reply", "empty text", "rejected by the chat template",
-                "reply under 2 tokens")
+                "context and reply share a token at the handoff", "reply under 2 tokens")
 
 
 @dataclass
@@ -174,8 +184,6 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
     skipped and counted by reason; a file with none usable is an OverfillError. `limit` stops
     after that many usable examples (quick runs on big files).
     """
-    from jinja2 import TemplateError
-
     if bool(prompt_field) != bool(response_field):
         raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
     if max_target is not None and max_target < 2:
@@ -212,11 +220,11 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
             continue
         try:
             example = split_messages(tokenizer, messages)
-        except TemplateError:  # e.g. "roles must alternate user/assistant"
+        except ChatTemplateError:  # e.g. "roles must alternate user/assistant"
             skip("rejected by the chat template", number)
             continue
         if example is None:
-            skip("empty text", number)
+            skip("context and reply share a token at the handoff", number)
             continue
         if len(example.target_ids) < 2:  # only token 1 (the full model's); nothing for the decoder
             skip("reply under 2 tokens", number)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from overfill.atomic import atomic_write_text
 from overfill.errors import OverfillError
 from overfill.zoo import DEFAULT_MODEL
 
@@ -171,7 +172,7 @@ def run_demo(config: DemoConfig, console) -> dict:
         "accuracy": {n: m.get("answers", {}).get("accuracy") for n, m in results["models"].items()},
         "replies": {m: r.as_dict() for m, r in replies.items()},
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=1) + "\n")
     _write_report(out, summary, results, loss_png)
     console.print(
         f"[bold]reply NLL on tokens 2..N[/]: full {nll['full']:.3f}, pruned baseline {nll['pruned']:.3f}, "
@@ -201,4 +202,4 @@ def _write_report(out: Path, summary: dict, results: dict, loss_png: Path) -> No
         f"![validation loss]({loss_png.name})", "", "![per-position probability](eval/per_position.png)", "",
         f"Wall time: {summary['seconds'] / 60:.1f} min.",
     ]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -28,6 +28,7 @@ import torch
 
 from overfill.answers import answer_accuracy, extract_answer, reference_answer
 from overfill.data import load_examples
+from overfill.atomic import atomic_write_text
 from overfill.errors import OverfillError
 from overfill.generation import MODES, eos_ids_of
 from overfill.plots import plot_per_position
@@ -319,11 +320,11 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         "per_position": positions,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "per_position.json").write_text(json.dumps(positions, indent=1) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "per_position.json", json.dumps(positions, indent=1) + "\n")
     plot_per_position(positions, out / "per_position.png", modes={n: m["mode"] for n, m in models.items()})
     if reply_rows:
-        (out / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reply_rows))
+        atomic_write_text(out / "replies.jsonl", "".join(json.dumps(r) + "\n" for r in reply_rows))
     if console is not None:
         print_eval_table(console, results)
         console.print(f"results in [bold]{out}[/] ({results['seconds']:.0f} s)")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from overfill.data import Batch, Example, collate
+from overfill.errors import OverfillError
 from overfill.modeling import IGNORE
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ def standalone_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     mask = torch.cat([batch.context_mask, batch.target_mask[:, :-1]], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # positions follow the mask, not the column
     labels = target_labels(batch)  # [B, N-1]
+    if labels.shape[1] < 1:  # logits_to_keep=0 would mean "all positions"
+        raise OverfillError("targets need at least 2 tokens: the loss covers reply tokens 2..N")
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=False,
                 logits_to_keep=labels.shape[1])
     loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)

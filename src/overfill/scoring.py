@@ -42,7 +42,7 @@ def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: to
         # The handoff: the decode model continues the prefill model's cache; positions continue
         # from each row's own context length, whatever its padding.
         mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
-        positions = context_mask.sum(-1, keepdim=True) + torch.arange(n - 1)  # [B, N-1]
+        positions = context_mask.sum(-1, keepdim=True) + torch.arange(n - 1, device=target_ids.device)  # [B, N-1]
         out = decode_model(input_ids=target_ids[:, :-1], attention_mask=mask, position_ids=positions,
                            past_key_values=cache, use_cache=True)
         step_logits.append(out.logits)  # [B, N-1, V] predictions of y2..yN

@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from overfill.atomic import atomic_write_text
 from overfill.checkpoint import (
     check_same_run, load_checkpoint, prepare_out, publish_model, read_checkpoint, save_checkpoint,
 )
@@ -256,10 +257,10 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
         if resume_meta is None and out.exists() and config.force:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(config_json, indent=1) + "\n")
-        (out / "data.json").write_text(json.dumps([s.as_dict() for s in data.sources], indent=1) + "\n")
+        atomic_write_text(out / "train_config.json", json.dumps(config_json, indent=1) + "\n")
+        atomic_write_text(out / "data.json", json.dumps([s.as_dict() for s in data.sources], indent=1) + "\n")
         kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start] if resume_meta else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))  # a resume keeps its history even if killed here
     accelerator.wait_for_everyone()
 
     sampler = StepSampler(len(data.train), config.seed, config.batch_size, config.grad_accum, world,
