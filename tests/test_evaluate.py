@@ -78,6 +78,7 @@ def test_nll_and_per_position_by_hand():
     pos = per_position(scores)
     assert pos["position"] == [1, 2, 3] and pos["count"] == [2, 2, 1]
     assert pos["mean_prob"] == pytest.approx([0.3, 0.375, 1.0])
+    assert pos["mean_nll"] == pytest.approx([-(math.log(0.5) + math.log(0.1)) / 2, -(math.log(0.25) + math.log(0.5)) / 2, 0.0])
     assert pos["top1"] == [1.0, 0.0, 1.0]
 
 

@@ -166,17 +166,19 @@ def nll_summary(scores: list[TokenScores]) -> dict:
 
 
 def per_position(scores: list[TokenScores]) -> dict:
-    """Mean probability of the correct token and top-1 rate at each absolute reply position (1-based lists)."""
+    """Mean probability of the correct token, its mean NLL and the top-1 rate at each absolute reply position (1-based lists)."""
     width = max(len(s.logprobs) for s in scores)
-    prob, hit, count = [0.0] * width, [0] * width, [0] * width
+    prob, nll, hit, count = [0.0] * width, [0.0] * width, [0] * width, [0] * width
     for s in scores:
         for i, (lp, h) in enumerate(zip(s.logprobs, s.top1)):
             prob[i] += math.exp(lp)
+            nll[i] -= lp
             hit[i] += int(h)
             count[i] += 1
     return {
         "position": list(range(1, width + 1)),
         "mean_prob": [p / c for p, c in zip(prob, count)],
+        "mean_nll": [x / c for x, c in zip(nll, count)],
         "top1": [h / c for h, c in zip(hit, count)],
         "count": count,
     }
