@@ -203,3 +203,24 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3] and all(r["tokens"] > 0 for r in steps)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in steps]), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "two" / "overfill.json").read_text())["training"]["mode"] == "overfill"
+
+
+def test_standalone_baselines_also_learn_the_first_reply_token(setup):
+    """The pruned and full baselines pick their own first token at generation, so they train on it too;
+    the OverFill decoder does not (the full model picks it). Validation scores tokens 2..N in every mode."""
+    from overfill.loss import first_scored
+
+    tok = tiny_tokenizer()
+    batch = collate(load_examples(setup["data"], tok).examples[:3], pad_id=0)
+    model = tiny_model("llama")
+    whole, n_whole = batch_loss("pruned", model, batch)
+    rest, n_rest = batch_loss("pruned", model, batch, training=False)
+    assert n_whole == n_rest + 3 and n_rest == standalone_loss(model, batch)[1]
+    # token 1's loss by hand: the prediction at each row's last context token
+    with torch.no_grad():
+        logits = model(input_ids=batch.context_ids, attention_mask=batch.context_mask,
+                       position_ids=(batch.context_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    first = torch.nn.functional.cross_entropy(logits, batch.target_ids[:, 0], reduction="sum")
+    torch.testing.assert_close(whole * n_whole, rest * n_rest + first, rtol=1e-5, atol=1e-5)
+    assert (first_scored("overfill", training=True), first_scored("pruned", training=True),
+            first_scored("full", training=False)) == (1, 0, 1)

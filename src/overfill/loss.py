@@ -1,9 +1,15 @@
-"""The training loss, the same in every mode (paper §3.2): mean cross-entropy over reply tokens 2..N.
+"""The training and validation losses (paper §3.2): cross-entropy on the reply, token-weighted.
 
-Token 1 comes from the full model's prefill in OverFill, so no mode is scored on it. Mode
-overfill runs the loss through OverFillModel.forward (decoder on the frozen full model's cache);
-modes pruned and full through `standalone_loss` (one model reads context + reply itself). The
-two agree exactly when the decoder *is* the full model, so the three modes compare like with like.
+Each mode trains on what it will produce at generation time:
+
+    overfill: reply tokens 2..N. Token 1 comes from the frozen full model's prefill, so it is not
+              the decoder's job (OverFillModel.forward: decoder on the full model's cache);
+    pruned, full: reply tokens 1..N. A standalone model (`standalone_loss`) does its own prefill
+              and picks its own first token, as the paper's baselines are fine-tuned.
+
+Validation always scores tokens 2..N in every mode, so the three runs' validation curves compare
+like with like (evaluate.py reports token 1 apart for the same reason). The two loss paths agree
+exactly when the decoder *is* the full model.
 """
 
 from __future__ import annotations
@@ -22,21 +28,28 @@ if TYPE_CHECKING:
     from overfill.train import Trainee
 
 
-def target_labels(batch: Batch) -> torch.Tensor:
-    """Labels for reply tokens 2..N, [B, N-1]; padding -> IGNORE."""
-    return batch.target_ids[:, 1:].masked_fill(batch.target_mask[:, 1:] == 0, IGNORE)
+def first_scored(mode: str, *, training: bool) -> int:
+    """Index of the first reply token in the loss: 0 (token 1) when a standalone model trains, else 1 (token 2)."""
+    return 0 if training and mode != "overfill" else 1
 
 
-def standalone_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """One model reads context + reply itself (modes pruned and full); loss on reply tokens 2..N.
+def target_labels(batch: Batch, first: int = 1) -> torch.Tensor:
+    """Labels for reply tokens first+1..N, [B, N-first]; padding -> IGNORE."""
+    return batch.target_ids[:, first:].masked_fill(batch.target_mask[:, first:] == 0, IGNORE)
 
-    Equals OverFillModel.forward's loss when the decoder *is* the full model: same positions
-    (each row continues from its own context length), same predictions, same tokens.
+
+def standalone_loss(model: nn.Module, batch: Batch, first: int = 1) -> tuple[torch.Tensor, int]:
+    """One model reads context + reply itself (modes pruned and full); loss on reply tokens first+1..N.
+
+    With first=1 this equals OverFillModel.forward's loss when the decoder *is* the full model:
+    same positions (each row continues from its own context length), same predictions, same tokens.
+    With first=0 the prediction of token 1 comes from the last context column, which is the last
+    real context token of every row because contexts are left-padded.
     """
     inputs = torch.cat([batch.context_ids, batch.target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
     mask = torch.cat([batch.context_mask, batch.target_mask[:, :-1]], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # positions follow the mask, not the column
-    labels = target_labels(batch)  # [B, N-1]
+    labels = target_labels(batch, first)  # [B, N-first]
     if labels.shape[1] < 1:  # logits_to_keep=0 would mean "all positions"
         raise OverfillError("targets need at least 2 tokens: the loss covers reply tokens 2..N")
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=False,
@@ -45,12 +58,12 @@ def standalone_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     return loss, int((labels != IGNORE).sum())
 
 
-def batch_loss(mode: str, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over reply tokens 2..N, their number) for the module a mode trains."""
+def batch_loss(mode: str, module: nn.Module, batch: Batch, *, training: bool = True) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy, scored tokens) for the module a mode trains; see the module docstring for which tokens."""
     if mode == "overfill":
         out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask)
         return out.loss, out.tokens
-    return standalone_loss(module, batch)
+    return standalone_loss(module, batch, first_scored(mode, training=training))
 
 
 @torch.no_grad()
@@ -63,7 +76,7 @@ def validation_loss(trainee: Trainee, module: nn.Module, examples: list[Example]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [loss sum, tokens]
     for start in range(0, len(mine), batch_size):
         batch = collate([examples[i] for i in mine[start:start + batch_size]], pad_id).to(accelerator.device)
-        loss, tokens = batch_loss(trainee.mode, module, batch)
+        loss, tokens = batch_loss(trainee.mode, module, batch, training=False)
         total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, "sum")
     trainee.set_training(True)

@@ -46,7 +46,7 @@ def plot_losses(metrics: list[dict], path: Path, title: str) -> Path:
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss on reply tokens 2..N (nats)")
+    ax.set_ylabel("reply loss, nats (validation: tokens 2..N)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

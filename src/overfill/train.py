@@ -8,8 +8,10 @@ numbers compare like with like:
     pruned:   the same decoder trained standalone: it reads context + reply itself
     full:     the full model fine-tuned standalone (the quality ceiling)
 
-The loss is always the mean cross-entropy over reply tokens 2..N (token 1 comes from the full
-model's prefill in OverFill), weighted by tokens across gradient accumulation and processes.
+Each mode learns what it produces at generation time: the OverFill decoder reply tokens 2..N
+(token 1 comes from the full model's prefill), the standalone baselines tokens 1..N; validation
+scores tokens 2..N in every mode so the curves compare (loss.py). Losses are weighted by tokens
+across gradient accumulation and processes.
 
 Recipe (paper §4.1): AdamW, cosine schedule with warmup, gradient clipping. Data parallel through
 Accelerate (`accelerate launch -m overfill train ...`); the data order is a function of the seed
@@ -45,7 +47,7 @@ from overfill.checkpoint import (
 )
 from overfill.data import DataConfig, collate, load_data
 from overfill.errors import OverfillError
-from overfill.loss import batch_loss, validation_loss
+from overfill.loss import batch_loss, first_scored, validation_loss
 from overfill.plots import plot_losses
 from overfill.sampler import StepSampler, data_digest, total_steps
 from overfill.zoo import DEFAULT_MODEL
@@ -237,6 +239,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     steps = total_steps(config, len(data.train), world)
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * steps)
     pad_id = pad_id_of(tokenizer)
+    first = first_scored(config.mode, training=True)  # standalone baselines also learn reply token 1
 
     optimizer = make_optimizer(trainee.trained, config)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
@@ -295,7 +298,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
         for step in range(start + 1, steps + 1):
             step_started = time.perf_counter()
             batches = [collate([data.train[i] for i in ids], pad_id).to(device) for ids in sampler.micro_batches(step)]
-            counts = torch.tensor([sum(int(b.target_mask[:, 1:].sum()) for b in batches),
+            counts = torch.tensor([sum(int(b.target_mask[:, first:].sum()) for b in batches),
                                    sum(int(b.context_mask.sum() + b.target_mask.sum()) for b in batches)],
                                   dtype=torch.float64, device=device)
             loss_tokens, all_tokens = accelerator.reduce(counts, "sum").tolist()  # global, before any backward
