@@ -168,10 +168,14 @@ def run_demo(config: DemoConfig, console) -> dict:
     loss_png = _plot_losses({f"{m} ({'trained on full cache' if m == 'overfill' else 'standalone'})": r.val_losses
                              for m, r in runs.items()}, out / "validation_loss.png")
 
-    pair = OverFillModel.from_pretrained(runs["overfill"].checkpoint)
-    replies = {mode: generate(pair, config.prompt, GenerationConfig(mode=mode, max_new_tokens=64))[0]
-               for mode in ("full", "pruned", "overfill")}
-    table = Table(title="the same prompt, three ways (OverFill decoder after training)", header_style="bold", show_lines=True)
+    # Each mode with the model that was trained for it: pruned = the standalone baseline's decoder.
+    checkpoints = {"full": runs["overfill"].checkpoint, "pruned": runs["pruned"].checkpoint,
+                   "overfill": runs["overfill"].checkpoint}
+    pairs = {path: OverFillModel.from_pretrained(path) for path in set(checkpoints.values())}
+    replies = {mode: generate(pairs[path], config.prompt, GenerationConfig(mode=mode, max_new_tokens=64))[0]
+               for mode, path in checkpoints.items()}
+    table = Table(title="the same prompt, three ways (pruned: the baseline; overfill: the OverFill decoder)",
+                  header_style="bold", show_lines=True)
     for column in ("mode", "prefill s", "decode tok/s", "reply"):
         table.add_column(column)
     for mode, reply in replies.items():
