@@ -20,6 +20,7 @@ from pathlib import Path
 from overfill.errors import OverfillError
 from overfill.records import read_records, record_to_messages
 
+
 class ChatTemplateError(OverfillError):
     """The tokenizer's chat template rejected a conversation."""
 
@@ -126,10 +127,6 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
 
 # ---------------------------------------------------------------- whole files -> examples
 
-SKIP_REASONS = ("broken JSON", "unrecognised shape", "no assistant reply", "empty text", "rejected by the chat template",
-                "context and reply share a token at the handoff", "reply under 2 tokens")
-
-
 @dataclass
 class LoadedData:
     """The usable examples of one file and what was skipped: reason -> record numbers (1-based)."""
@@ -223,7 +220,7 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
         except ChatTemplateError:  # e.g. "roles must alternate user/assistant"
             skip("rejected by the chat template", number)
             continue
-        if example is None:
+        if example is None:  # _final_reply already ruled out a missing or empty reply
             skip("context and reply share a token at the handoff", number)
             continue
         if len(example.target_ids) < 2:  # only token 1 (the full model's); nothing for the decoder

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ def verdict(nll: dict[str, float], nll_all: dict[str, float], share: float) -> s
     """One sentence comparing OverFill with the pruned baseline (and the full model, when that means something)."""
     head = (f"OverFill vs the pruned baseline: reply NLL {nll['overfill']:.3f} vs {nll['pruned']:.3f} on tokens 2..N, "
             f"{nll_all['overfill']:.3f} vs {nll_all['pruned']:.3f} on the whole reply (token 1 included)")
-    if share == share:  # not NaN
+    if not math.isnan(share):
         return f"{head}; OverFill closes {share:.0%} of the pruned-to-full gap on tokens 2..N."
     return (f"{head}; both trained decoders beat the untuned full model ({nll['full']:.3f}) on this set, "
             "so there is no pruned-to-full gap to close.")
@@ -185,7 +186,7 @@ def run_demo(config: DemoConfig, console) -> dict:
 
     seconds = time.perf_counter() - started
     summary = {
-        "config": asdict(config), "nll": nll, "nll_all": nll_all, "gap_closed": None if share != share else share,
+        "config": asdict(config), "nll": nll, "nll_all": nll_all, "gap_closed": None if math.isnan(share) else share,
         "verdict": verdict(nll, nll_all, share), "seconds": round(seconds, 1),
         "train": {m: {"steps": r.steps, "examples": r.examples, "seconds": round(r.seconds, 1), "val_loss": r.val_loss}
                   for m, r in runs.items()},

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from overfill.answers import answer_accuracy, extract_answer, reference_answer
-from overfill.data import load_examples
 from overfill.atomic import atomic_write_text
+from overfill.data import load_examples
 from overfill.errors import OverfillError
 from overfill.generation import MODES, eos_ids_of
 from overfill.plots import plot_per_position

@@ -145,17 +145,20 @@ def plot_per_position(positions: dict[str, dict], path: Path, *, modes: dict[str
     if all("mean_nll" in pos for pos in positions.values()):
         panels.append(("mean_nll", "mean NLL of the correct token"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    # Bins start at position 1 for every model, so bin i is the same positions for all; the longest
+    # reply set names the ticks.
+    ticks = max((position_bins(pos, "mean_prob")[0] for pos in positions.values()), key=len)
     for ax, (key, ylabel) in zip(axes[0], panels):
         spare = iter(["tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 4)
         for name, pos in positions.items():
             floor = min_count or max(1, math.ceil(0.1 * max(pos["count"])))
-            labels, means, counts = position_bins(pos, key)
+            _, means, counts = position_bins(pos, key)
             keep = [i for i, c in enumerate(counts) if c >= floor]
             label = f"{name} ({modes[name]})" if modes and modes.get(name, name) != name else name
             ax.plot(keep, [means[i] for i in keep], "o-", label=label, linewidth=1.4, markersize=4,
                     color=COLORS.get(name) or next(spare))
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=45, fontsize=8)
+        ax.set_xticks(range(len(ticks)))
+        ax.set_xticklabels(ticks, rotation=45, fontsize=8)
         ax.set_xlabel("reply position (1 = first token: the full model's in overfill mode)")
         ax.set_ylabel(ylabel)
         if key == "mean_prob":
