@@ -4,12 +4,13 @@ import json
 
 import pytest
 from rich.console import Console
-from tiny import tiny_model, tiny_tokenizer
 
-from overfill.bench import BenchConfig, PromptSource, run_bench
+from overfill.bench import BenchConfig, run_bench
+from overfill.bench.prompts import PromptSource
 from overfill.errors import OverfillError
 from overfill.modeling import OverFillModel
 from overfill.prune import PruneConfig, prune_model
+from tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

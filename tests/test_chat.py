@@ -1,4 +1,3 @@
-import torch
 
 from overfill.chat import ChatSession
 from overfill.generation import GenerationConfig, generate

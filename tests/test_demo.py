@@ -1,6 +1,6 @@
 import math
 
-from overfill.demo import _write_report, gap_closed, verdict
+from overfill.demo.run import _write_report, gap_closed, verdict
 
 
 def test_gap_share_and_verdict():

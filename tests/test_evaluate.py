@@ -10,10 +10,11 @@ import torch
 
 from overfill.data import Example
 from overfill.errors import OverfillError
-from overfill.answers import answer_accuracy, extract_answer, reference_answer
-from overfill.evaluate import EvalConfig, agreement, evaluate, nll_summary, parse_entry, per_position
+from overfill.evaluation import EvalConfig, evaluate, parse_entry
+from overfill.evaluation.answers import answer_accuracy, extract_answer, reference_answer
+from overfill.evaluation.metrics import agreement, nll_summary, per_position
+from overfill.evaluation.scoring import TokenScores, score_examples
 from overfill.modeling import OverFillModel
-from overfill.scoring import TokenScores, score_examples
 from tiny import save_tiny, tiny_model, tiny_tokenizer, write_jsonl
 
 # The harness must never reach the hub here (set before `datasets` is first imported).
@@ -177,7 +178,8 @@ def test_eval_config_errors_are_one_line(tiny_checkpoint):
 def test_lm_eval_adapter_loglikelihood_by_hand(tiny_checkpoint):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
-    from overfill.lm_eval_adapter import OverFillLM
+
+    from overfill.evaluation.lm_eval import OverFillLM
 
     root, _ = tiny_checkpoint
     lm = OverFillLM(path=str(root / "ckpt"), mode="overfill")
@@ -199,7 +201,7 @@ def test_lm_eval_adapter_runs_local_tasks_end_to_end(tiny_checkpoint, monkeypatc
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import overfill.lm_eval_adapter  # noqa: F401  registers --model overfill
+    import overfill.evaluation.lm_eval  # noqa: F401  registers --model overfill
 
     root, _ = tiny_checkpoint
     monkeypatch.chdir(REPO)  # the task files name their data relative to the repository root

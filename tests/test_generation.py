@@ -9,9 +9,10 @@ import torch
 from transformers import DynamicCache
 
 from overfill import OverfillError
-from overfill.generation import MODES, GenerationConfig, encode_prompt, eos_ids_of, generate, generate_ids, stream
-from overfill.modeling import OverFillModel
-from overfill.prune import PruneConfig, left_pad, prune_model
+from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, generate, generate_ids, stream
+from overfill.modeling import MODES, OverFillModel
+from overfill.prune import PruneConfig, prune_model
+from overfill.tensors import left_pad
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["hi", "What is the capital of France?", "Tell me a story about a dragon and a knight.", "2+2="]

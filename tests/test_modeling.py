@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from overfill import OverfillError
 from overfill.data import collate, split_messages
-from overfill.generation import MODES, GenerationConfig, generate
-from overfill.modeling import OverFillModel
+from overfill.generation import GenerationConfig, generate
+from overfill.modeling import MODES, OverFillModel
 from overfill.prune import PruneConfig, prune_model
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 

@@ -2,18 +2,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from overfill import OverfillError
-from overfill.prune import (
-    PruneConfig,
-    collect_scores,
-    left_pad,
-    positions_from_mask,
-    prune_model,
-    save_pruned,
-    target_widths,
-)
+from overfill.prune import PruneConfig, collect_scores, prune_model, save_pruned, target_widths
+from overfill.tensors import left_pad, positions_from_mask
 from tiny import tiny_model, tiny_tokenizer, write_jsonl
 
 SEQS = [[5, 9, 33, 70, 12, 8, 101], [44, 3, 17], [200, 201, 9, 9, 14, 60], [7, 7]]

@@ -7,10 +7,10 @@ import torch
 
 from overfill import OverfillError
 from overfill.data import collate, load_examples
-from overfill.loss import batch_loss, standalone_loss
 from overfill.modeling import OverFillModel
 from overfill.prune import PruneConfig, prune_model, save_pruned
 from overfill.train import TrainConfig, load_trainee, train
+from overfill.train.loss import batch_loss, standalone_loss
 from tiny import tiny_model, tiny_tokenizer, write_jsonl
 
 
@@ -159,7 +159,7 @@ def test_config_and_out_folder_errors(setup, tmp_path):
         TrainConfig(data=setup["data"], mode="pruned")
     with pytest.raises(OverfillError, match="unknown mode"):
         TrainConfig(data=setup["data"], mode="half", decoder=setup["decoder"])
-    with pytest.raises(OverfillError, match="no training data"):
+    with pytest.raises(OverfillError, match="no data file given"):
         TrainConfig(decoder=setup["decoder"])
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
@@ -208,7 +208,7 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
 def test_standalone_baselines_also_learn_the_first_reply_token(setup):
     """The pruned and full baselines pick their own first token at generation, so they train on it too;
     the OverFill decoder does not (the full model picks it). Validation scores tokens 2..N in every mode."""
-    from overfill.loss import first_scored
+    from overfill.train.loss import first_scored
 
     tok = tiny_tokenizer()
     batch = collate(load_examples(setup["data"], tok).examples[:3], pad_id=0)

@@ -1,4 +1,4 @@
-"""Multi-turn chat that keeps the prompt cache between turns (issue 3, part 3).
+"""Multi-turn chat that keeps the prompt cache between turns.
 
 The cache of earlier turns is always *prefill-model* KV (the full model's, in overfill mode).
 After each reply the cache is cut back to the end of the context: the decoder's KV for its own
@@ -13,8 +13,9 @@ from typing import Iterator
 
 import torch
 
+from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, generate_ids, stream_steps
 from overfill.kv_cache import GrowingCache
-from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, generate_ids, pad_id_of, stream_steps
+from overfill.tensors import pad_id_of
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:

@@ -1,15 +1,11 @@
 """One decoding loop for every mode (DESIGN §2 "Modes"; paper §3, Figure 1).
 
 The handoff is one line in `generate_ids`: the *prefill model* reads the prompt and picks the
-first token, the *decode model* produces every later token while reading and extending the
-prefill model's KV cache. Modes only choose the pair:
-
-    overfill: prefill = full model, decode = pruned decoder   (the paper's method)
-    full:     prefill = full model, decode = full model       (quality ceiling)
-    pruned:   prefill = decoder,    decode = decoder          (the paper's baseline)
-
-`prefill` and `decode_step` are small top-level functions so each half can be timed or compiled
-alone (after gpt-fast). Shapes: B rows (prompts x candidates), T cached tokens, V vocabulary.
+first token (`modeling.prefill`), the *decode model* produces every later token while reading
+and extending the prefill model's KV cache (`modeling.decode`). `OverFillModel.stages(mode)`
+picks the pair, so the three modes run the very same loop and benchmarks compare like with like.
+Each half is a top-level function that can be timed or compiled alone (after gpt-fast).
+Shapes: B rows (prompts x candidates), T cached tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -23,54 +19,16 @@ from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWar
 
 from overfill.errors import OverfillError
 from overfill.kv_cache import GrowingCache
-
-MODES = ("overfill", "full", "pruned")
-
-
-# ---------------------------------------------------------------- the two halves
-
-
-def positions_after(mask: torch.Tensor, new_tokens: int, past_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Position ids for the last `new_tokens` columns of `mask`, following each row's real tokens.
-
-    Left padding must not shift positions: a padded row sees exactly the positions it would see
-    alone. `past_lengths` [B] counts real tokens already in the cache (0 for a fresh prompt).
-    """
-    new = mask[:, -new_tokens:]
-    positions = new.cumsum(-1) - 1  # [B, new_tokens]
-    if past_lengths is not None:
-        positions = positions + past_lengths[:, None]
-    return positions.clamp(min=0)
-
-
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None = None,
-            past_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, DynamicCache]:
-    """Run `model` over a (left-padded) prompt; returns last-position logits [B, V] and the cache.
-
-    `attention_mask` covers the cached tokens plus the new ones, [B, T_cache + T_new].
-    """
-    cache = DynamicCache() if cache is None else cache
-    positions = positions_after(attention_mask, input_ids.shape[1], past_lengths)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
-
-
-def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                cache: DynamicCache) -> torch.Tensor:
-    """One token per row: tokens [B, 1] at positions [B, 1] -> next-token logits [B, V]. Extends `cache`."""
-    out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float()
-
+from overfill.modeling import Mode, check_mode, decode, prefill
+from overfill.tensors import left_pad, pad_id_of
 
 # ---------------------------------------------------------------- choosing tokens
 
 
 @dataclass
 class GenerationConfig:
-    mode: str = "overfill"
-    """overfill (full prefill, decoder decodes) | full | pruned."""
+    mode: Mode = "overfill"
+    """overfill (the full model prefills, the decoder decodes), full (the full model alone) or pruned (the decoder alone)."""
     max_new_tokens: int = 256
     """Upper bound on reply tokens (the first, full-model token included)."""
     temperature: float = 0.0
@@ -87,8 +45,7 @@ class GenerationConfig:
     """Stop strings; the reply is cut before the first one."""
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise OverfillError(f"unknown mode '{self.mode}': pick one of {', '.join(MODES)}")
+        check_mode(self.mode)
         if self.max_new_tokens < 1:
             raise OverfillError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -144,15 +101,6 @@ class Step:
     seconds: float  # wall time of this step (prefill + first token for step 0)
 
 
-def models_for(mode: str, model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(prefill model, decode model) for a mode."""
-    if mode == "overfill":
-        return model.full, model.decoder
-    if mode == "full":
-        return model.full, model.full
-    return model.decoder, model.decoder
-
-
 @torch.inference_mode()
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
                  *, eos_ids: set[int], pad_id: int, is_stopped=None,
@@ -162,7 +110,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     `cache`/`past_lengths` continue an existing conversation (the cache must hold prefill-model KV).
     `is_stopped(row, new_token_ids) -> bool` lets the caller end a row on a stop string.
     """
-    prefill_model, decode_model = models_for(config.mode, model)
+    prefill_model, decode_model = model.stages(config.mode)
     chooser = TokenChooser(config)
     n = config.num_return_sequences
     started = time.perf_counter()
@@ -184,7 +132,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     for step in range(config.max_new_tokens):
         if step > 0:
             # The handoff: from here on `decode_model` reads and extends `prefill_model`'s cache.
-            logits = decode_step(decode_model, tokens[:, None], attention_mask, lengths[:, None] - 1, cache)
+            logits = decode(decode_model, tokens[:, None], attention_mask, cache, start=lengths - 1)[:, -1].float()
         tokens = chooser(logits, generated)
         tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
         generated = torch.cat([generated, tokens[:, None]], dim=1)
@@ -250,12 +198,6 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from overfill.prune import left_pad
-
-    return left_pad(sequences, pad_id)
-
-
 def stop_checker(tokenizer, stops: tuple[str, ...]):
     """`is_stopped(row, row_ids)` for `generate_ids`, or None without stop strings.
 
@@ -279,12 +221,6 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def pad_id_of(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-
 def generate(model, prompts, config: GenerationConfig | None = None) -> list[Reply]:
     """Answer a batch of prompts (strings or message lists); one Reply per prompt x sequence."""
     config = config or GenerationConfig()
@@ -294,7 +230,7 @@ def generate(model, prompts, config: GenerationConfig | None = None) -> list[Rep
         raise OverfillError("no prompts given: pass at least one prompt")
     tokenizer = model.tokenizer
     pad_id = pad_id_of(tokenizer)
-    ids, mask = _left_pad([encode_prompt(tokenizer, p) for p in prompts], pad_id)
+    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], pad_id)
     eos = eos_ids_of(tokenizer, model.full, model.decoder)
 
     steps = list(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id,
@@ -338,7 +274,7 @@ def stream(model, prompt, config: GenerationConfig | None = None) -> Iterator[st
         raise OverfillError("streaming returns one reply: use num_return_sequences=1")
     tokenizer = model.tokenizer
     pad_id = pad_id_of(tokenizer)
-    ids, mask = _left_pad([encode_prompt(tokenizer, prompt)], pad_id)
+    ids, mask = left_pad([encode_prompt(tokenizer, prompt)], pad_id)
     eos = eos_ids_of(tokenizer, model.full, model.decoder)
     yield from stream_steps(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id), tokenizer, eos, config.stop)
 

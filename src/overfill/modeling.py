@@ -1,32 +1,106 @@
-"""OverFillModel: a frozen full model and a trainable, cache-compatible pruned decoder (paper §3).
+"""OverFill's two stages and the one place where they meet (paper §3, Figure 1).
 
-Figure 1 of the paper in code: `prefill` runs the full model over the context x and returns its
-KV cache and last logits (the first reply token y1 comes from them); the decoder then reads that
-cache and appends its own KV for y1, y2, ... Training (`forward`) is the same picture under
-teacher forcing: full model on x without gradients, decoder on y with x's cache as its past,
-cross-entropy on the decoder's predictions of y2..yN only (y1 is the full model's job).
+The paper's Figure 1 is `handoff`: the *prefill model* reads the context x in one parallel pass
+(`prefill`) and its last logits give the first reply token y1; the *decode model* then reads and
+extends that KV cache (`decode`) for y1, y2, ... Training (`OverFillModel.forward`), teacher-forced
+scoring (evaluation.scoring) and generation (generation.generate_ids) all run these same three
+functions, so what is evaluated is what was trained and what is served.
+
+A mode only chooses the pair (`OverFillModel.stages`):
+
+    overfill: prefill = frozen full model, decode = pruned decoder   (the paper's method)
+    full:     prefill = full model,        decode = full model       (the quality ceiling)
+    pruned:   prefill = decoder,           decode = decoder          (the paper's baseline)
 
 Checkpoint folder (DESIGN §2): overfill.json + decoder/ (a normal HF model folder).
+Shapes: B rows, Tc context columns (left-padded), N reply tokens (right-padded), V vocabulary.
 """
 
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from overfill import arch
 from overfill.atomic import atomic_folder
 from overfill.errors import OverfillError
-from overfill.generation import prefill
-from overfill.zoo import fingerprint, load_model, resolve_model
+from overfill.tensors import IGNORE, positions_from_mask
+from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype, fingerprint, load_model, resolve_model
 
-CHECKPOINT_FORMAT = 1
-IGNORE = -100
+Mode = Literal["overfill", "full", "pruned"]
+MODES: Final[tuple[str, ...]] = typing.get_args(Mode)
+CHECKPOINT_FORMAT: Final = 1  # overfill.json's "format"
+
+
+def check_mode(mode: str, flag: str = "--mode") -> str:
+    if mode not in MODES:
+        raise OverfillError(f"{flag} got unknown mode '{mode}': pick one of {', '.join(MODES)}")
+    return mode
+
+
+# ---------------------------------------------------------------- the two stages
+
+
+def prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None = None,
+            past_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, DynamicCache]:
+    """Stage 1: `model` over a left-padded prompt in one pass -> (last-position logits [B, V], its KV cache).
+
+    `attention_mask` covers cached plus new tokens, [B, T_cache + T_new]; `past_lengths` [B]
+    counts real tokens already in `cache` (a chat continuing earlier turns).
+    """
+    cache = DynamicCache() if cache is None else cache
+    positions = positions_from_mask(attention_mask, input_ids.shape[1], past_lengths)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache,
+           start: torch.Tensor) -> torch.Tensor:
+    """Stage 2: `model` reads and extends another stage's `cache` -> next-token logits [B, T, V].
+
+    input_ids [B, T] are reply tokens (one per row when generating, y1..y_{N-1} under teacher
+    forcing); row b's first one sits at position start[b], its real token count so far, whatever
+    its padding. `attention_mask` covers the cache plus these tokens.
+    """
+    positions = start[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # [B, T]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True)
+    return out.logits
+
+
+@dataclass
+class HandoffLogits:
+    first: torch.Tensor  # [B, V] the prefill model's prediction of y1
+    rest: torch.Tensor  # [B, N-1, V] the decode model's predictions of y2..yN
+
+
+def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor, context_mask: torch.Tensor,
+            target_ids: torch.Tensor, target_mask: torch.Tensor) -> HandoffLogits:
+    """Figure 1 under teacher forcing: prefill the context, then decode the whole reply on that cache at once.
+
+    The prefill stage never trains (in overfill mode it is the frozen full model), so it runs
+    without gradients; the decode stage keeps them when the caller is training.
+    """
+    with torch.no_grad():
+        first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
+    inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
+    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
+    if inputs.shape[1] == 0:
+        return HandoffLogits(first, first.new_zeros(first.shape[0], 0, first.shape[-1]))
+    rest = decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
+    return HandoffLogits(first, rest)
+
+
+# ---------------------------------------------------------------- the model
 
 
 @dataclass
@@ -48,6 +122,16 @@ def check_same_tokenizer(full_tokenizer, decoder_tokenizer) -> None:
 
 
 class OverFillModel(nn.Module):
+    """A frozen full model and a width-pruned decoder that reads and extends its KV cache.
+
+    `full` prefills the context and picks the first reply token; `decoder` (same layers, KV heads,
+    head_dim and rotary settings, checked by `arch.check_compatible`) decodes every later token.
+    Only the decoder trains: `forward` is its teacher-forced loss on reply tokens 2..N.
+    `stages(mode)` gives the (prefill, decode) pair of a mode; `save_pretrained` /
+    `from_pretrained` write and read an OverFill checkpoint folder, refusing a full model other
+    than the one the decoder was trained against (by fingerprint).
+    """
+
     def __init__(self, full: nn.Module, decoder: nn.Module, tokenizer=None, *, full_source: str | None = None,
                  decoder_tokenizer=None, pruning: dict | None = None):
         super().__init__()
@@ -66,19 +150,17 @@ class OverFillModel(nn.Module):
         self.full.eval()
         return self
 
-    # ------------------------------------------------------------ the two stages
-
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Full model over a left-padded context: (KV cache, last-position logits [B, V])."""
-        logits, cache = prefill(self.full, input_ids, attention_mask)
-        return cache, logits
+    def stages(self, mode: str) -> tuple[nn.Module, nn.Module]:
+        """(prefill model, decode model) of a mode."""
+        return {"overfill": (self.full, self.decoder), "full": (self.full, self.full),
+                "pruned": (self.decoder, self.decoder)}[check_mode(mode)]
 
     def forward(self, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
                 target_mask: torch.Tensor) -> OverFillOutput:
-        """Teacher-forced decoder loss on top of the frozen full model's context cache.
+        """Teacher-forced decoder loss on top of the frozen full model's context cache (paper §3.2).
 
-        context_ids/mask [B, Tc] left-padded; target_ids/mask [B, N] right-padded (reply + end of turn).
+        context_ids/mask [B, Tc] left-padded; target_ids/mask [B, N] right-padded (reply + end of
+        turn). y1 is the full model's job, so the loss covers the decoder's predictions of y2..yN.
         """
         if target_ids.shape[1] < 2:
             raise OverfillError("targets need at least 2 tokens: the decoder's loss covers target tokens 2..N")
@@ -87,15 +169,10 @@ class OverFillModel(nn.Module):
             # without the full model's context (DESIGN §4).
             raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
                                 "disable it on the decoder (decoder.gradient_checkpointing_disable())")
-        cache, _ = self.prefill(context_ids, context_mask)
-        # The decoder sees y1..y_{N-1} and predicts y2..yN; positions continue from each row's
-        # own context length, whatever its padding.
-        inputs, labels = target_ids[:, :-1], target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)
-        mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
-        positions = context_mask.sum(-1, keepdim=True) + torch.arange(inputs.shape[1], device=inputs.device)  # [B, N-1]
-        out = self.decoder(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        return OverFillOutput(loss=loss, logits=out.logits, tokens=int((labels != IGNORE).sum()))
+        logits = handoff(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask).rest
+        labels = target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)  # [B, N-1]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        return OverFillOutput(loss=loss, logits=logits, tokens=int((labels != IGNORE).sum()))
 
     # ------------------------------------------------------------ identity
 
@@ -179,21 +256,53 @@ def read_checkpoint_meta(folder: Path) -> dict:
     if not meta_path.is_file():
         raise OverfillError(f"{folder} is not an OverFill checkpoint (no overfill.json): pass a folder written by `overfill train`, or --model with --decoder")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise OverfillError(f"{meta_path} is corrupt ({err.msg}): re-create the checkpoint") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise OverfillError(f"{meta_path} has format {meta.get('format')}, this overfill reads format {CHECKPOINT_FORMAT}: upgrade overfill")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise OverfillError(f"{meta_path} is corrupt ({getattr(err, 'msg', err)}): re-create the checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise OverfillError(f"{meta_path} has format {found}, this overfill reads format {CHECKPOINT_FORMAT}: upgrade overfill")
     return meta
 
 
 def load_overfill(checkpoint: str | None = None, *, model: str | None = None, decoder: str | None = None,
-                  dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> OverFillModel:
-    """What the CLI calls: a checkpoint folder, or --model + --decoder (decoder defaults to the model itself)."""
+                  dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                  full_alone: bool = False) -> OverFillModel:
+    """A checkpoint folder, or --model + --decoder. With `full_alone`, --model without a decoder
+    stands in for both halves (only mode full may then run)."""
     if checkpoint:
         return OverFillModel.from_pretrained(checkpoint, model, dtype=dtype, trust_remote_code=trust_remote_code)
-    if not model:
-        raise OverfillError("pass an OverFill checkpoint folder, or --model (and --decoder, a pruned folder)")
-    if not decoder:
-        raise OverfillError("--model needs --decoder (a folder from `overfill prune` or `overfill train`)")
-    return OverFillModel.from_pair(model, decoder, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = model or DEFAULT_MODEL
+    if decoder:
+        return OverFillModel.from_pair(model, decoder, dtype=dtype, trust_remote_code=trust_remote_code)
+    if not full_alone:
+        raise OverfillError("no decoder given: pass an OverFill checkpoint folder, or --decoder (a folder from "
+                            f"`overfill prune`) with --model (default {DEFAULT_MODEL})")
+    full, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
+    return OverFillModel(full, full, tokenizer, full_source=model)
+
+
+@dataclass(unsafe_hash=True)  # hashable: eval groups entries that share one source
+class ModelSource:
+    """Where a command's OverFill model comes from (generate, chat, eval, bench)."""
+
+    checkpoint: str | None = None
+    """OverFill checkpoint folder (from `overfill train`); or use --model with --decoder."""
+    model: str | None = None
+    """Full model (zoo name, folder or hub id); with a checkpoint, it replaces the one the checkpoint records."""
+    decoder: str | None = None
+    """Pruned decoder folder (from `overfill prune`, or a checkpoint's decoder/), paired with --model."""
+    dtype: Dtype = "float32"
+    """Weights dtype of both models."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the model folder (off unless you trust it)."""
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+
+    def describe(self) -> str:
+        return self.checkpoint or f"{self.model or DEFAULT_MODEL}" + (f" + {self.decoder}" if self.decoder else "")
+
+    def load(self, *, full_alone: bool = False) -> OverFillModel:
+        return load_overfill(self.checkpoint, model=self.model, decoder=self.decoder, dtype=check_dtype(self.dtype),
+                             trust_remote_code=self.trust_remote_code, full_alone=full_alone)

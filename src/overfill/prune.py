@@ -17,7 +17,6 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -25,9 +24,10 @@ from tqdm.auto import tqdm
 
 from overfill import arch
 from overfill.atomic import atomic_folder
-from overfill.data import calibration_ids
+from overfill.data.calibration import bundled_calibration_records, calibration_ids
+from overfill.data.records import read_records
 from overfill.errors import OverfillError
-from overfill.records import read_records
+from overfill.tensors import left_pad, pad_id_of, positions_from_mask
 from overfill.zoo import DEFAULT_MODEL, fingerprint, load_model, resolve_model
 
 BUNDLED_CALIBRATION = "bundled"
@@ -109,11 +109,6 @@ class PruneResult:
 # ---------------------------------------------------------------- calibration
 
 
-def bundled_calibration_records() -> list[dict]:
-    text = resources.files("overfill").joinpath("resources/calibration.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def calibration_sequences(tokenizer, config: PruneConfig) -> list[list[int]]:
     """Token ids of the calibration set, cut to calib_len, at most calib_samples of them."""
     if config.calib_data == BUNDLED_CALIBRATION:
@@ -130,22 +125,6 @@ def calibration_sequences(tokenizer, config: PruneConfig) -> list[list[int]]:
             "alpaca `instruction`/`output`, or `text`"
         )
     return sequences
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] ids and mask, padded on the left (as contexts are everywhere in overfill)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that follow the mask, so a left-padded row sees the positions it would alone."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _masked_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -314,7 +293,7 @@ def prune_model(model, tokenizer, config: PruneConfig, *, progress: bool = True)
     spec = arch.arch_of(model.config)
     widths = target_widths(model.config, config)
     sequences = calibration_sequences(tokenizer, config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_id_of(tokenizer)
     scores = collect_scores(model, sequences, pad_id=pad_id, batch_size=config.batch_size, progress=progress)
     hidden_idx = top_channels(scores.hidden, widths.hidden)
     mlp_idx = [top_channels(layer_scores, widths.mlp) for layer_scores in scores.mlp]

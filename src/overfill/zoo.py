@@ -14,6 +14,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -44,6 +45,15 @@ ZOO: dict[str, ZooEntry] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise OverfillError(f"unknown dtype '{name}': pick one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def overfill_home() -> Path:

@@ -1,7 +1,8 @@
 """Build a typer command from a config dataclass: its fields are the flags, its field docstrings the help.
 
-One typed config per stage (prune, train, eval, bench) drives both the Python API and the CLI,
-so the two cannot drift apart (after litgpt).
+One typed config per stage (prune, train, eval, bench, demo, generate, chat) drives both the
+Python API and the CLI, so the two cannot drift apart (after litgpt). A `Literal` field becomes a
+choice that `--help` lists and typer checks.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def _cli_type(annotation):
 
 
 def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[Any], None], *, help: str,
-                       skip: tuple[str, ...] = ()) -> None:
+                       skip: tuple[str, ...] = (), arguments: tuple[str, ...] = (),
+                       aliases: dict[str, str] | None = None) -> None:
+    """Register `name` running `run(config_cls(**flags))`; `arguments` are positional, `aliases` short flags."""
     hints = typing.get_type_hints(config_cls)
     docs = field_docs(config_cls)
     parameters = []
@@ -60,7 +63,11 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
         flag = f"--{f.name.replace('_', '-')}"
         if annotation is bool:  # on/off switches: --force / --no-force
             flag = f"{flag}/--no-{flag[2:]}"
-        option = typer.Option(default, flag, help=docs.get(f.name, ""))
+        if f.name in arguments:
+            option = typer.Argument(default, help=docs.get(f.name, ""), show_default=False)
+        else:
+            names = [flag, *([aliases[f.name]] if aliases and f.name in aliases else [])]
+            option = typer.Option(default, *names, help=docs.get(f.name, ""))
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
 
     def command(**kwargs):

@@ -14,18 +14,14 @@ exactly when the decoder *is* the full model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from overfill.data import Batch, Example, collate
 from overfill.errors import OverfillError
-from overfill.modeling import IGNORE
-
-if TYPE_CHECKING:
-    from overfill.train import Trainee
+from overfill.tensors import IGNORE, positions_from_mask
+from overfill.train.trainee import Trainee
 
 
 def first_scored(mode: str, *, training: bool) -> int:
@@ -48,7 +44,7 @@ def standalone_loss(model: nn.Module, batch: Batch, first: int = 1) -> tuple[tor
     """
     inputs = torch.cat([batch.context_ids, batch.target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
     mask = torch.cat([batch.context_mask, batch.target_mask[:, :-1]], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # positions follow the mask, not the column
+    positions = positions_from_mask(mask)  # [B, Tc + N - 1]
     labels = target_labels(batch, first)  # [B, N-first]
     if labels.shape[1] < 1:  # logits_to_keep=0 would mean "all positions"
         raise OverfillError("targets need at least 2 tokens: the loss covers reply tokens 2..N")

@@ -1,9 +1,9 @@
-"""lm-evaluation-harness (0.4.13) model `overfill`: any harness task on an OverFill model (issue 4 part 3).
+"""lm-evaluation-harness (0.4.13) model `overfill`: any harness task on an OverFill model.
 
 Requests map onto the same two-stage scoring and decoding as `overfill eval`:
 - loglikelihood(context, continuation): the prefill model reads the context and scores the first
   continuation token; the decode model scores the rest on its cache (in overfill mode: full model,
-  then decoder; `scoring.reply_logprobs`). is_greedy = every continuation token was the argmax.
+  then decoder; `modeling.handoff` through `scoring.reply_logprobs`). is_greedy = every continuation token was the argmax.
 - loglikelihood_rolling(text): lm-eval's disjoint rolling windows, each scored the same way (the
   first token of every window is the prefill model's).
 - generate_until(context, gen_kwargs): the one generation loop (`generation.generate_ids`) with
@@ -14,11 +14,11 @@ Discovery: lm-eval 0.4.13 finds models only in its own registry and loads no plu
 points (`--include_path` adds tasks, not models). Importing this module registers `overfill`
 (`lm_eval.api.registry.register_model`), so run the harness through it:
 
-    python -m overfill.lm_eval_adapter --model overfill \\
+    python -m overfill.evaluation.lm_eval --model overfill \\
         --model_args path=runs/ckpt,mode=overfill --tasks overfill_two_questions_gen \\
         --include_path tests/lm_eval_task --device cpu
 
-(all arguments are lm-eval's own), or from Python: `import overfill.lm_eval_adapter` and then
+(all arguments are lm-eval's own), or from Python: `import overfill.evaluation.lm_eval` and then
 `lm_eval.simple_evaluate(model="overfill", model_args=...)`. model_args: path (checkpoint) or
 model + decoder (a pruned folder) or model alone (mode=full), mode, batch_size, max_length,
 max_gen_toks, dtype. Runs on CPU (the only device the generation loop supports).
@@ -37,9 +37,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise OverfillError("the lm-eval adapter needs lm-evaluation-harness: pip install 'overfill[eval]' (lm-eval==0.4.13)") from None
 
-from overfill.evaluate import DTYPES, load_for_eval
-from overfill.generation import MODES, cut_at_stop
-from overfill.scoring import generate_ids_batched, score_examples
+from overfill.evaluation.scoring import generate_ids_batched, score_examples
+from overfill.generation import cut_at_stop
+from overfill.modeling import ModelSource, check_mode
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "overfill"
@@ -50,19 +50,16 @@ class OverFillLM(TemplateLM):
                  batch_size: int | str | None = 8, max_length: int | None = None, max_gen_toks: int = 256,
                  dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None, **_ignored):
         super().__init__()
-        if mode not in MODES:
-            raise OverfillError(f"unknown mode '{mode}': pick one of {', '.join(MODES)} (model_args mode=...)")
+        check_mode(mode)
         if not (path or model):
             raise OverfillError("model_args need path=<OverFill checkpoint>, or model=<full model> with decoder=<pruned folder>")
         if not (path or decoder) and mode != "full":
             raise OverfillError(f"mode {mode} needs a decoder: pass path=<checkpoint> or decoder=<pruned folder>")
-        if dtype not in DTYPES:
-            raise OverfillError(f"unknown dtype '{dtype}': pick one of {', '.join(DTYPES)}")
         if device and not str(device).startswith("cpu"):
             log.warning("overfill's lm-eval adapter runs on CPU; ignoring device=%s", device)
         self.mode = mode
         self.source = path or (f"{model}+{decoder}" if decoder else model)
-        self.model = load_for_eval(path, model, decoder, dtype=DTYPES[dtype], trust_remote_code=bool(trust_remote_code))
+        self.model = ModelSource(path, model, decoder, dtype, bool(trust_remote_code)).load(full_alone=True)
         self.tokenizer = self.model.tokenizer
         # lm-eval passes "auto" / "auto:N" from its CLI; there is no memory probing on CPU.
         self.batch_size = int(batch_size) if batch_size is not None and not str(batch_size).startswith("auto") else 8
@@ -174,7 +171,7 @@ register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's own command line, with `overfill` registered: `python -m overfill.lm_eval_adapter <lm_eval args>`."""
+    """lm-eval's own command line, with `overfill` registered: `python -m overfill.evaluation.lm_eval <lm_eval args>`."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate

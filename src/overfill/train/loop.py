@@ -42,87 +42,21 @@ import torch
 from torch import nn
 
 from overfill.atomic import atomic_write_text
-from overfill.checkpoint import (
-    check_same_run, load_checkpoint, prepare_out, publish_model, read_checkpoint, save_checkpoint,
+from overfill.data import collate, load_data
+from overfill.tensors import pad_id_of
+from overfill.train.checkpoint import (
+    check_same_run,
+    load_checkpoint,
+    prepare_out,
+    publish_model,
+    read_checkpoint,
+    save_checkpoint,
 )
-from overfill.data import DataConfig, collate, load_data
-from overfill.errors import OverfillError
-from overfill.loss import batch_loss, first_scored, validation_loss
-from overfill.plots import plot_losses
-from overfill.sampler import StepSampler, data_digest, total_steps
-from overfill.zoo import DEFAULT_MODEL
-
-MODES = ("overfill", "pruned", "full")
-
-
-@dataclass
-class TrainConfig(DataConfig):
-    mode: str = "overfill"
-    """overfill (decoder on the frozen full model's cache) | pruned (decoder standalone) | full (fine-tune the full model)."""
-    model: str = DEFAULT_MODEL
-    """Full model: a zoo name, a local HF folder or a hub id."""
-    decoder: str | None = None
-    """Decoder to train (modes overfill and pruned): a folder from `overfill prune`, or an OverFill checkpoint."""
-    out: str = "runs/train"
-    """Run folder: the final checkpoint, metrics.jsonl, loss.png, checkpoints/step-N/."""
-    lr: float = 1e-4
-    """Peak learning rate (paper: 2e-5 at 3B scale; small models and short runs want more)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay, on matrices only (not on norms or biases)."""
-    warmup_ratio: float = 0.01
-    """Warmup as a share of all optimizer steps (paper: 1%)."""
-    warmup_steps: int | None = None
-    """Warmup steps; overrides --warmup-ratio."""
-    batch_size: int = 4
-    """Examples per micro-batch, per process."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (effective batch = batch size x grad accum x processes)."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient norm to this (0 = no clipping)."""
-    epochs: float = 1.0
-    """Passes over the training data (fractions allowed); ignored when --max-steps is given."""
-    max_steps: int | None = None
-    """Optimizer steps to run; overrides --epochs."""
-    eval_every: int = 100
-    """Validation loss every N steps (also before the first and after the last); 0 = only before and after."""
-    checkpoint_every: int = 0
-    """Write a resumable checkpoint every N steps (0 = none)."""
-    keep_checkpoints: int = 2
-    """Keep only the newest N step checkpoints."""
-    resume: str | None = None
-    """Continue a run: a checkpoints/step-N folder, or 'latest' for the newest one under --out."""
-    force: bool = False
-    """Start over in an --out folder that already holds a training run (deletes it)."""
-    progress: bool = True
-    """Show a progress bar and the data summary (main process only)."""
-    trust_remote_code: bool = False
-    """Allow custom model code (only for models you trust)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.mode not in MODES:
-            raise OverfillError(f"unknown mode '{self.mode}': pick one of {', '.join(MODES)}")
-        if self.mode in ("overfill", "pruned") and not self.decoder:
-            raise OverfillError(f"--mode {self.mode} trains a decoder: pass --decoder (a folder from `overfill prune`)")
-        if self.mode == "full" and self.decoder:
-            raise OverfillError("--mode full fine-tunes the full model and uses no --decoder: drop --decoder")
-        if not self.lr > 0:
-            raise OverfillError(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise OverfillError("--weight-decay and --max-grad-norm must be 0 or more")
-        if not 0 <= self.warmup_ratio < 1:
-            raise OverfillError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise OverfillError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise OverfillError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise OverfillError(f"--epochs must be positive, got {self.epochs}")
+from overfill.train.config import TrainConfig
+from overfill.train.loss import batch_loss, first_scored, validation_loss
+from overfill.train.plots import plot_losses
+from overfill.train.sampler import StepSampler, data_digest, total_steps
+from overfill.train.trainee import load_trainee, make_optimizer
 
 
 @dataclass
@@ -144,54 +78,6 @@ class TrainResult:
     @property
     def val_loss(self) -> float | None:
         return self.val_losses[-1][1] if self.val_losses else None
-
-
-# ---------------------------------------------------------------- models
-
-
-@dataclass
-class Trainee:
-    mode: str
-    module: nn.Module  # what the loss runs through (OverFillModel for overfill, else the trained model)
-    trained: nn.Module  # the model whose parameters are optimised (decoder, or the full model)
-    tokenizer: object
-    pair: nn.Module | None  # OverFillModel (modes overfill and pruned): what the final checkpoint saves
-
-    def set_training(self, training: bool) -> None:
-        self.module.train(training)
-        if self.pair is not None:
-            self.pair.full.eval()  # the full model stays frozen: no dropout in its prefill
-
-
-def load_trainee(config: TrainConfig) -> Trainee:
-    from overfill.modeling import OverFillModel
-    from overfill.zoo import load_model
-
-    if config.mode == "full":
-        full, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, quiet=True)
-        full.requires_grad_(True)
-        trainee = Trainee("full", full, full, tokenizer, None)
-    else:
-        if (Path(config.decoder) / "overfill.json").is_file():  # continue from an OverFill checkpoint
-            pair = OverFillModel.from_pretrained(config.decoder, config.model, trust_remote_code=config.trust_remote_code)
-        else:
-            pair = OverFillModel.from_pair(config.model, config.decoder, trust_remote_code=config.trust_remote_code)
-        pair.decoder.requires_grad_(True)
-        module = pair if config.mode == "overfill" else pair.decoder
-        trainee = Trainee(config.mode, module, pair.decoder, pair.tokenizer, pair)
-    if getattr(trainee.trained, "is_activation_checkpointing", False):
-        trainee.trained.activation_checkpointing_disable()  # DESIGN §4: it would drop the full model's cache
-    return trainee
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.weight_decay > 0:
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    else:
-        groups = [{"params": params, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 # ---------------------------------------------------------------- metrics
@@ -216,7 +102,6 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from overfill.generation import pad_id_of
 
     accelerator = make_accelerator()
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device

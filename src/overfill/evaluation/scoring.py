@@ -1,10 +1,9 @@
 """What `overfill eval` and the lm-eval adapter run on a model: teacher-forced scoring and batched generation.
 
-Scoring follows the two-stage picture of the paper's Figure 1: the *prefill model* reads the
-context and scores y1 from its last logits; the *decode model* reads y1..y_{N-1} on that cache
-and scores y2..yN (`reply_logprobs`: the training loss of modeling.forward with per-token
-log-probs kept). `generate_ids_batched` runs the one generation loop from token ids, so the
-context is exactly the one scored (or the one lm-eval built).
+Scoring runs `modeling.handoff`, the very computation the decoder was trained on: the *prefill
+model* reads the context and scores y1 from its last logits; the *decode model* reads y1..y_{N-1}
+on that cache and scores y2..yN. `generate_ids_batched` runs the one generation loop from token
+ids, so the context is exactly the one scored (or the one lm-eval built).
 """
 
 from __future__ import annotations
@@ -14,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from overfill.data import collate
-from overfill.generation import GenerationConfig, eos_ids_of, generate_ids, models_for, pad_id_of, prefill, stop_checker
+from overfill.generation import GenerationConfig, eos_ids_of, generate_ids, stop_checker
+from overfill.modeling import handoff
+from overfill.tensors import left_pad, pad_id_of
 
 
 @dataclass
@@ -30,22 +31,10 @@ def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: to
                    target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, N] and argmax hits [B, N] of right-padded targets after left-padded contexts.
 
-    The prefill model reads the context and scores y1 from its last logits; the decode model reads
-    y1..y_{N-1} on that cache and scores y2..yN (overfill: full then decoder; full / pruned: one model).
     Padded target positions hold 0 / False.
     """
-    prefill_model, decode_model = models_for(mode, model)
-    first_logits, cache = prefill(prefill_model, context_ids, context_mask)  # [B, V], cache of x
-    step_logits = [first_logits[:, None]]  # y1
-    n = target_ids.shape[1]
-    if n > 1:
-        # The handoff: the decode model continues the prefill model's cache; positions continue
-        # from each row's own context length, whatever its padding.
-        mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
-        positions = context_mask.sum(-1, keepdim=True) + torch.arange(n - 1, device=target_ids.device)  # [B, N-1]
-        out = decode_model(input_ids=target_ids[:, :-1], attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True)
-        step_logits.append(out.logits)  # [B, N-1, V] predictions of y2..yN
+    stages = handoff(*model.stages(mode), context_ids, context_mask, target_ids, target_mask)
+    step_logits = [stages.first[:, None], stages.rest]  # [B, 1, V] predicts y1, [B, N-1, V] y2..yN
     logprobs = torch.zeros(target_ids.shape, dtype=torch.float32)
     hits = torch.zeros(target_ids.shape, dtype=torch.bool)
     for row in range(target_ids.shape[0]):  # one row at a time keeps float32 copies of [N, V] small
@@ -84,8 +73,6 @@ def generate_ids_batched(model, mode: str, contexts: list[list[int]], *, max_new
     Same loop as `generation.generate`, but from token ids, so the context is exactly the one
     scored under teacher forcing (or the one lm-eval built).
     """
-    from overfill.prune import left_pad
-
     tokenizer = model.tokenizer
     pad_id = pad_id_of(tokenizer)
     eos = eos_ids_of(tokenizer, model.full, model.decoder)

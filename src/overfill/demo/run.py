@@ -1,7 +1,7 @@
 """`overfill demo`: the paper's experiment at laptop scale, end to end, on what the project ships.
 
 1. prune the bundled SmolLM2-135M-Instruct at ratio 0.45 (reused when already done);
-2. write a bundled arithmetic instruction set with checkable answers (synthetic.py);
+2. write a bundled arithmetic instruction set with checkable answers (data/synthetic.py);
 3. train the OverFill decoder (on the frozen full model's cache) and the pruned baseline (the
    same decoder standalone) with the same data, steps and schedule;
 4. evaluate full / pruned / OverFill on held-out problems: reply NLL on tokens 2..N, the share of
@@ -59,8 +59,8 @@ class DemoConfig:
 
 
 def _pruned(config: DemoConfig, console) -> Path:
+    from overfill.cli.report import print_prune_summary
     from overfill.prune import PruneConfig, prune
-    from overfill.report import print_prune_summary
 
     folder = Path(config.out) / f"pruned-{config.ratio:g}"
     record_path = folder / "pruning.json"
@@ -76,7 +76,7 @@ def _pruned(config: DemoConfig, console) -> Path:
 
 
 def _write_data(config: DemoConfig) -> tuple[Path, Path]:
-    from overfill.synthetic import train_and_heldout
+    from overfill.data.synthetic import train_and_heldout
 
     train_rows, heldout_rows = train_and_heldout(config.steps * config.batch_size + 64, config.heldout, seed=config.seed)
     folder = Path(config.out) / "data"
@@ -139,7 +139,7 @@ def _plot_losses(runs: dict[str, list[tuple[int, float]]], path: Path) -> Path:
 
 
 def run_demo(config: DemoConfig, console) -> dict:
-    from overfill.evaluate import EvalConfig, evaluate
+    from overfill.evaluation import EvalConfig, evaluate
     from overfill.generation import GenerationConfig, generate
     from overfill.modeling import OverFillModel
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from overfill.errors import OverfillError
-from overfill.generation import GenerationConfig, eos_ids_of, generate_ids, prefill
+from overfill.generation import GenerationConfig, eos_ids_of, generate_ids
+from overfill.modeling import prefill
 
 REFERENCES = ("hf_generate", "hf_assisted")
 

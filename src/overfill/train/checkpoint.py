@@ -15,18 +15,17 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Final
 
 import numpy as np
 import torch
 
 from overfill.atomic import atomic_folder
 from overfill.errors import OverfillError
+from overfill.train.config import TrainConfig
+from overfill.train.trainee import Trainee
 
-if TYPE_CHECKING:
-    from overfill.train import TrainConfig, Trainee
-
-CHECKPOINT_FORMAT = 1
+TRAINER_STATE_FORMAT: Final = 1  # trainer.json's "format"
 TRAINER_FILE = "trainer.json"
 
 # Config fields that decide the training trajectory; a resumed run must agree on all of them.
@@ -133,7 +132,7 @@ def save_checkpoint(folder: Path, trainee: Trainee, optimizer, scheduler, state:
         rng_json, rng_tensors = _rng_state()
         save_file({k: v.contiguous() for k, v in rng_tensors.items()}, tmp / "rng.safetensors")
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {"format": CHECKPOINT_FORMAT, **state, "scheduler": scheduler.state_dict(),
+        meta = {"format": TRAINER_STATE_FORMAT, **state, "scheduler": scheduler.state_dict(),
                 "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}, "rng": rng_json, "files": files}
         (tmp / TRAINER_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # written last: it marks a complete checkpoint
     return folder
@@ -154,8 +153,8 @@ def read_checkpoint(folder: Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _corrupt(folder, f"{TRAINER_FILE} is not valid JSON: {getattr(err, 'msg', err)}") from None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("files"), dict):
-        raise _corrupt(folder, f"{TRAINER_FILE} is not a format-{CHECKPOINT_FORMAT} trainer state")
+    if not isinstance(meta, dict) or meta.get("format") != TRAINER_STATE_FORMAT or not isinstance(meta.get("files"), dict):
+        raise _corrupt(folder, f"{TRAINER_FILE} is not a format-{TRAINER_STATE_FORMAT} trainer state")
     for name, expected in meta["files"].items():
         path = folder / name
         if not path.is_file():

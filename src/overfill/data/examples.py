@@ -2,7 +2,7 @@
 
 Records are read and their shapes (chat messages, ShareGPT, Alpaca, prompt/response fields)
 brought to a chat by records.py; plain {"text": ...} records serve calibration only (there is no
-reply to split off).
+reply to split off, calibration.py).
 
 The split (paper §3.2, with the handoff fixed as DESIGN §1 says): the context is exactly what
 `apply_chat_template(turns before the final reply, add_generation_prompt=True)` renders, the
@@ -17,8 +17,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from overfill.data.records import read_records, record_to_messages
 from overfill.errors import OverfillError
-from overfill.records import read_records, record_to_messages
+from overfill.tensors import left_pad, right_pad
 
 
 class ChatTemplateError(OverfillError):
@@ -38,23 +41,6 @@ def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) ->
     return list(encoded)
 
 
-def calibration_ids(tokenizer, records: list[dict]) -> list[list[int]]:
-    """Token ids of whole chats (context and reply alike) or plain texts, for activation statistics."""
-    sequences = []
-    for record in records:
-        if isinstance(record.get("text"), str) and record["text"].strip():
-            sequences.append(tokenizer(record["text"], add_special_tokens=True)["input_ids"])
-            continue
-        messages = record_to_messages(record)
-        if messages and any(m["content"].strip() for m in messages):
-            if getattr(tokenizer, "chat_template", None):
-                sequences.append(chat_ids(tokenizer, messages, add_generation_prompt=False))
-            else:
-                text = "\n\n".join(m["content"] for m in messages)
-                sequences.append(tokenizer(text, add_special_tokens=True)["input_ids"])
-    return sequences
-
-
 # ---------------------------------------------------------------- context / target split
 
 
@@ -68,10 +54,10 @@ class Example:
 
 @dataclass
 class Batch:
-    context_ids: "torch.Tensor"  # [B, Tc] left-padded
-    context_mask: "torch.Tensor"  # [B, Tc]
-    target_ids: "torch.Tensor"  # [B, N] right-padded
-    target_mask: "torch.Tensor"  # [B, N]
+    context_ids: torch.Tensor  # [B, Tc] left-padded
+    context_mask: torch.Tensor  # [B, Tc]
+    target_ids: torch.Tensor  # [B, N] right-padded
+    target_mask: torch.Tensor  # [B, N]
 
     def to(self, device) -> "Batch":
         return Batch(self.context_ids.to(device), self.context_mask.to(device), self.target_ids.to(device),
@@ -106,23 +92,10 @@ def truncate(example: Example, max_context: int | None, max_target: int | None) 
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    import torch
-
-    tc = max(len(e.context_ids) for e in examples)
-    n = max(len(e.target_ids) for e in examples)
-    batch = Batch(
-        context_ids=torch.full((len(examples), tc), pad_id, dtype=torch.long),
-        context_mask=torch.zeros((len(examples), tc), dtype=torch.long),
-        target_ids=torch.full((len(examples), n), pad_id, dtype=torch.long),
-        target_mask=torch.zeros((len(examples), n), dtype=torch.long),
-    )
-    for row, e in enumerate(examples):
-        c, t = len(e.context_ids), len(e.target_ids)
-        batch.context_ids[row, tc - c :] = torch.tensor(e.context_ids)
-        batch.context_mask[row, tc - c :] = 1
-        batch.target_ids[row, :t] = torch.tensor(e.target_ids)
-        batch.target_mask[row, :t] = 1
-    return batch
+    """Contexts left-padded (their last column is where y1 is predicted), replies right-padded."""
+    context_ids, context_mask = left_pad([e.context_ids for e in examples], pad_id)
+    target_ids, target_mask = right_pad([e.target_ids for e in examples], pad_id)
+    return Batch(context_ids, context_mask, target_ids, target_mask)
 
 
 # ---------------------------------------------------------------- whole files -> examples
@@ -245,13 +218,11 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
 
 
 @dataclass
-class DataConfig:
+class RecordFields:
+    """Which file to read and how its records become (context, reply) pairs: what training and evaluation share."""
+
     data: str = ""
-    """Training data: a JSONL/JSON file of chat messages, ShareGPT, Alpaca, or prompt/response records."""
-    val_data: str | None = None
-    """Separate validation file; without it, --val-size examples of --data are held out (chosen by --seed)."""
-    val_size: int = 100
-    """Validation examples (held out of --data, or the first ones of --val-data); 0 = no validation."""
+    """A JSONL/JSON file of chat messages, ShareGPT, Alpaca, or prompt/response records."""
     prompt_field: str | None = None
     """Record field holding the prompt (e.g. GSM8K's 'question'); use with --response-field."""
     response_field: str | None = None
@@ -260,26 +231,45 @@ class DataConfig:
     """Keep at most this many context tokens (the end of the context is kept)."""
     max_target: int | None = 1024
     """Keep at most this many reply tokens (the start of the reply is kept)."""
+
+    def __post_init__(self):
+        if not self.data:
+            raise OverfillError("no data file given: pass --data FILE.jsonl")
+        if not Path(self.data).is_file():
+            raise OverfillError(f"--data {self.data} does not exist: pass a JSONL or JSON file")
+        if bool(self.prompt_field) != bool(self.response_field):
+            raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
+        if self.max_context is not None and self.max_context < 1:
+            raise OverfillError(f"--max-context must be at least 1, got {self.max_context}")
+        if self.max_target is not None and self.max_target < 2:
+            raise OverfillError(f"--max-target must be at least 2 (the decoder learns reply tokens 2..N), got {self.max_target}")
+
+    def read(self, tokenizer, *, path: str | None = None, limit: int | None = None) -> LoadedData:
+        """The (context, reply) pairs of `path` (default: --data), read with these fields and limits."""
+        return load_examples(path or self.data, tokenizer, prompt_field=self.prompt_field,
+                             response_field=self.response_field, max_context=self.max_context,
+                             max_target=self.max_target, limit=limit)
+
+
+@dataclass
+class DataConfig(RecordFields):
+    """Training data: RecordFields plus the validation split."""
+
+    val_data: str | None = None
+    """Separate validation file; without it, --val-size examples of --data are held out (chosen by --seed)."""
+    val_size: int = 100
+    """Validation examples (held out of --data, or the first ones of --val-data); 0 = no validation."""
     max_examples: int | None = None
     """Read only the first N usable examples of --data, validation hold-out included (quick runs)."""
     seed: int = 0
     """Seed for the validation hold-out (and, in training, for data order and initialisation)."""
 
     def __post_init__(self):
-        if not self.data:
-            raise OverfillError("no training data given: pass --data FILE.jsonl (e.g. ../shared/data/gsm8k/train.jsonl)")
-        for name in ("data", "val_data"):
-            value = getattr(self, name)
-            if value and not Path(value).is_file():
-                raise OverfillError(f"--{name.replace('_', '-')} {value} does not exist: pass a JSONL or JSON file")
-        if bool(self.prompt_field) != bool(self.response_field):
-            raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
+        super().__post_init__()
+        if self.val_data and not Path(self.val_data).is_file():
+            raise OverfillError(f"--val-data {self.val_data} does not exist: pass a JSONL or JSON file")
         if self.val_size < 0:
             raise OverfillError(f"--val-size must be 0 or more, got {self.val_size}")
-        if self.max_context is not None and self.max_context < 1:
-            raise OverfillError(f"--max-context must be at least 1, got {self.max_context}")
-        if self.max_target is not None and self.max_target < 2:
-            raise OverfillError(f"--max-target must be at least 2 (the decoder learns reply tokens 2..N), got {self.max_target}")
         if self.max_examples is not None and self.max_examples < 1:
             raise OverfillError(f"--max-examples must be at least 1, got {self.max_examples}")
 
@@ -307,11 +297,9 @@ def split_train_val(examples: list[Example], val_size: int, seed: int) -> tuple[
 
 def load_data(config: DataConfig, tokenizer) -> DataSplits:
     """Training and validation examples as `config` says (separate file, or a seeded hold-out)."""
-    fields = dict(prompt_field=config.prompt_field, response_field=config.response_field,
-                  max_context=config.max_context, max_target=config.max_target)
-    train = load_examples(config.data, tokenizer, limit=config.max_examples, **fields)
+    train = config.read(tokenizer, limit=config.max_examples)
     if config.val_data:
-        val = load_examples(config.val_data, tokenizer, limit=config.val_size, **fields) if config.val_size else None
+        val = config.read(tokenizer, path=config.val_data, limit=config.val_size) if config.val_size else None
         return DataSplits(train.examples, val.examples if val else [], [train] + ([val] if val else []))
     train_part, val_part = split_train_val(train.examples, config.val_size, config.seed)
     return DataSplits(train_part, val_part, [train])

@@ -10,14 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from overfill.data import Example
-
-if TYPE_CHECKING:
-    from overfill.train import TrainConfig
+from overfill.train.config import TrainConfig
 
 
 class StepSampler:

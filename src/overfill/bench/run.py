@@ -1,0 +1,234 @@
+"""`overfill bench`: prefill and decode latency of each mode, split as in the paper's Figures 3-5.
+
+Every mode runs through the one generation loop (`generation.generate_ids`), so the three rows
+differ only in which model prefills and which decodes (DESIGN §2 "Modes"):
+
+    overfill  full prefill + first token, decoder decodes   (paper §3)
+    full      the full model does everything                (the latency to beat)
+    pruned    the decoder does everything                   (the paper's baseline)
+
+Reference rows run Hugging Face `generate` the same way: the full model alone, and assisted
+generation with the decoder as the assistant (it keeps its own cache; DESIGN §4).
+
+What is measured (all fp32, `torch.inference_mode`, greedy, EOS disabled so every run has the
+asked length; modes interleaved in rotating order within each repeat so that machine drift hits
+them alike and ratios are paired per repeat):
+
+- key point: one prompt length, batch and reply length (default: a 128-token chat prompt,
+  batch 1, 256 new tokens), every mode and the reference rows side by side;
+- new tokens sweep (paper Fig. 3): read off the same runs. A loop run of N_max tokens passes
+  through exactly the states of a run of N < N_max tokens, so its first N steps *are* that run;
+- prompt length sweep (paper Fig. 4) and batch sweep (paper Fig. 5), each at a fixed reply length;
+- loop overhead: the loop's decode steps vs the same decoder forwards called by hand on the same
+  inputs, paired step by step.
+
+Prompts are synthetic but real text: the bundled calibration chats, concatenated and cut to an
+exact token count inside the tokenizer's chat template, so runs are reproducible.
+Outputs in --out: bench.json (config, environment, every sample) and PNG plots (plots.py); the
+tables go to the terminal (report.py). How one run is timed is in timing.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from overfill.atomic import atomic_write_text
+from overfill.bench.config import BenchConfig
+from overfill.bench.plots import write_plots
+from overfill.bench.prompts import PromptSource
+from overfill.bench.report import print_bench
+from overfill.bench.timing import REFERENCES, loop_overhead, measure_point, paired_ratio, spread
+from overfill.errors import OverfillError
+from overfill.tensors import pad_id_of
+
+# ---------------------------------------------------------------- statistics
+
+
+def summarize(splits: list[dict], batch: int) -> dict:
+    """Per-repeat splits -> spreads of latency and throughput, plus the raw samples."""
+    samples = {
+        "prefill_s": [s["prefill_s"] for s in splits],
+        "decode_s": [s["decode_s"] for s in splits],
+        "e2e_s": [s["e2e_s"] for s in splits],
+        # Throughputs count every row: batch x tokens per second.
+        "decode_tokens_per_s": [batch * s["decode_tokens"] / s["decode_s"] if s["decode_s"] > 0 else 0.0 for s in splits],
+        "tokens_per_s": [batch * s["new_tokens"] / s["e2e_s"] for s in splits],
+        "decode_ms_per_token": [1e3 * s["decode_s"] / max(s["decode_tokens"], 1) for s in splits],
+        "new_tokens_per_step": [s["new_tokens"] / s["steps"] for s in splits],
+    }
+    return {"new_tokens": splits[0]["new_tokens"], "batch": batch,
+            **{name: spread(values) for name, values in samples.items()}, "samples": samples}
+
+
+# The paper's two claims first (OverFill decodes faster than the full model, and costs about
+# what the pruned model costs end to end), then the ratios that explain them: (name, a, b, metric).
+RATIOS = (
+    ("overfill decode tok/s / full", "overfill", "full", "decode_tokens_per_s"),
+    ("overfill end-to-end / pruned end-to-end", "overfill", "pruned", "e2e_s"),
+    ("overfill decode tok/s / pruned", "overfill", "pruned", "decode_tokens_per_s"),
+    ("overfill end-to-end / full end-to-end", "overfill", "full", "e2e_s"),
+    ("overfill prefill / full prefill", "overfill", "full", "prefill_s"),
+    ("pruned prefill / full prefill", "pruned", "full", "prefill_s"),
+    ("loop full end-to-end / HF generate", "full", "hf_generate", "e2e_s"),
+    ("overfill end-to-end / HF generate", "overfill", "hf_generate", "e2e_s"),
+    ("overfill end-to-end / HF assisted", "overfill", "hf_assisted", "e2e_s"),
+)
+
+
+def key_ratios(rows: dict) -> list[dict]:
+    found = []
+    for name, a, b, metric in RATIOS:
+        if a in rows and b in rows:
+            ratio = paired_ratio(rows[a], rows[b], metric)
+            if ratio is not None:
+                found.append({"name": name, "a": a, "b": b, "metric": metric, **ratio})
+    return found
+
+
+# ---------------------------------------------------------------- the measurements
+
+
+def cpu() -> dict:
+    """The processor and the instruction sets that decide fp32/bf16 speed here (Linux /proc/cpuinfo)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"name": name, "instruction_sets": [f for f in wanted if f in flags]}
+
+
+def environment() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu": cpu(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "dtype": "float32",
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def describe(model) -> dict:
+    def one(m):
+        c = m.config
+        return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                "layers": c.num_hidden_layers, "parameters": sum(p.numel() for p in m.parameters())}
+
+    return {"full": {"source": getattr(model, "full_source", None), **one(model.full)}, "decoder": one(model.decoder)}
+
+
+def run_bench(config: BenchConfig, console, model=None) -> dict:
+    """Time the modes and reference rows, write bench.json and plots to config.out, print the tables.
+
+    `model` (an OverFillModel) skips loading from config.checkpoint / config.model + config.decoder.
+    """
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run_bench(config, console, model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(config: BenchConfig, console, model) -> dict:
+    if model is None:
+        model = config.load()
+    model.full.eval()
+    model.decoder.eval()
+    limit = getattr(model.full.config, "max_position_embeddings", None)
+    longest = max((config.prompt_len, *config.prompt_len_sweep)) + max(config.key_run_tokens, config.sweep_new_tokens)
+    if limit and longest > limit:
+        raise OverfillError(f"prompt + new tokens reach {longest} positions, the model has {limit}: shorten the sweeps")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pad_id = pad_id_of(model.tokenizer)
+    prompts = PromptSource.from_tokenizer(model.tokenizer)
+    result = {"config": asdict(config), "environment": environment(), "models": describe(model)}
+    started = time.perf_counter()
+    # A full collection takes ~0.2 s here, as long as a few decode steps: freeze what exists now so
+    # that the collector's occasional runs during timing only scan the few objects the runs create.
+    gc.collect()
+    gc.freeze()
+    try:
+        _measure(model, config, console, prompts, pad_id, result, started)
+    finally:
+        gc.unfreeze()
+    result["seconds"] = time.perf_counter() - started
+    result["files"] = write_plots(result, out)
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
+    result["files"] = ["bench.json", *result["files"]]
+    print_bench(console, result, out)
+    return result
+
+
+def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id: int, result: dict, started: float) -> None:
+    with torch.inference_mode(), console.status("benchmarking") as status:
+        def report(text):
+            status.update(f"benchmarking: {text}")
+
+        # Key point + new-tokens sweep: loop runs of key_run_tokens; HF rows exactly new_tokens long.
+        batch, length = config.batch_size, config.prompt_len
+        ids, mask = prompts.batch(length, batch)
+        rows = config.modes
+        skipped = {}
+        if config.references:
+            rows = rows + ("hf_generate",)
+            if batch == 1:
+                rows = rows + ("hf_assisted",)
+            else:
+                skipped["hf_assisted"] = "HF assisted generation runs batch 1 only"
+        lengths = {row: config.new_tokens if row in REFERENCES else config.key_run_tokens for row in rows}
+        runs = measure_point(model, rows, ids, mask, lengths, pad_id, config.repeats, config.warmup,
+                             lambda t: report(f"key point, {t}"))
+        key_rows = {row: summarize([r.split(config.new_tokens) for r in runs[row]], batch) for row in rows}
+        result["key_point"] = {"prompt_len": length, "batch": batch, "new_tokens": config.new_tokens,
+                               "rows": key_rows, "ratios": key_ratios(key_rows), "skipped": skipped}
+        console.print(f"key point timed ({time.perf_counter() - started:.0f} s)")
+
+        sweeps = {}
+        if config.new_tokens_sweep:
+            sweeps["new_tokens"] = {
+                "x": "new_tokens", "values": list(config.new_tokens_sweep), "prompt_len": length, "batch": batch,
+                "note": f"read off the first N steps of the key point's {config.key_run_tokens}-token loop runs",
+                "rows": {mode: [summarize([r.split(n) for r in runs[mode]], batch) for n in config.new_tokens_sweep]
+                         for mode in config.modes},
+            }
+        n = config.sweep_new_tokens
+        lengths = {mode: n for mode in config.modes}
+        for name, values, point in (("prompt_len", config.prompt_len_sweep, lambda v: (v, batch)),
+                                    ("batch", config.batch_sweep, lambda v: (length, v))):
+            if not values:
+                continue
+            sweep = {"x": name, "values": list(values), "new_tokens": n,
+                     **({"batch": batch} if name == "prompt_len" else {"prompt_len": length}),
+                     "rows": {mode: [] for mode in config.modes}}
+            for value in values:
+                p_len, p_batch = point(value)
+                p_ids, p_mask = prompts.batch(p_len, p_batch)
+                point_runs = measure_point(model, config.modes, p_ids, p_mask, lengths, pad_id, config.sweep_repeats,
+                                           config.warmup, lambda t: report(f"{name} {value}, {t}"))
+                for mode in config.modes:
+                    sweep["rows"][mode].append(summarize([r.split() for r in point_runs[mode]], p_batch))
+            sweeps[name] = sweep
+            console.print(f"{name} sweep timed ({time.perf_counter() - started:.0f} s)")
+        result["sweeps"] = sweeps
+
+        if config.overhead_steps:
+            report("loop overhead")
+            result["overhead"] = loop_overhead(model, ids, mask, config.overhead_steps, config.repeats, pad_id)

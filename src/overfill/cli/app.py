@@ -1,0 +1,84 @@
+"""`overfill <command>`: the typer app, one subcommand per stage, built from the stage's config dataclass.
+
+Every OverfillError becomes a single `error: ...` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from overfill.cli.commands import (
+    ChatCommand,
+    GenerateCommand,
+    err,
+    run_bench,
+    run_chat,
+    run_demo,
+    run_eval,
+    run_generate,
+    run_prune,
+    run_train,
+)
+from overfill.cli.configs import add_config_command
+from overfill.errors import OverfillError
+
+app = typer.Typer(
+    help="OverFill: the full model prefills, a width-pruned copy of it decodes (Kim et al., COLM 2025).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_commands() -> None:
+    from overfill.bench import BenchConfig
+    from overfill.demo import DemoConfig
+    from overfill.evaluation import EvalConfig
+    from overfill.prune import PruneConfig
+    from overfill.train import TrainConfig
+
+    add_config_command(app, "demo", DemoConfig, run_demo,
+                       help="The paper at laptop scale: prune, train OverFill and the pruned baseline, evaluate, report.")
+    add_config_command(app, "prune", PruneConfig, run_prune,
+                       help="Width-prune a model into a KV-compatible decoder (Minitron-style activation scores).")
+    add_config_command(app, "train", TrainConfig, run_train,
+                       help="Train the OverFill decoder on the frozen full model's cache, or a baseline (--mode pruned|full).")
+    add_config_command(app, "eval", EvalConfig, run_eval,
+                       help="Held-out reply NLL (token 1 apart), per-position accuracy, agreement with the full model, answers.")
+    add_config_command(app, "generate", GenerateCommand, run_generate, arguments=("checkpoint",),
+                       aliases={"prompt": "-p", "num_return_sequences": "-n"},
+                       help="Answer prompts with an OverFill model (or the full / pruned model alone).")
+    add_config_command(app, "chat", ChatCommand, run_chat, arguments=("checkpoint",), skip=("num_return_sequences",),
+                       help="Interactive multi-turn chat; earlier turns stay in the full model's cache. /reset, /mode NAME, /exit.")
+    add_config_command(app, "bench", BenchConfig, run_bench,
+                       help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")
+
+
+_register_commands()
+
+
+def _quiet_libraries():
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def main():
+    _quiet_libraries()
+    try:
+        app()
+    except OverfillError as error:
+        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

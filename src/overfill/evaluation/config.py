@@ -1,0 +1,84 @@
+"""`overfill eval`'s settings: the held-out file (data.RecordFields), the shared model source
+(modeling.ModelSource) and the entries to compare, each a mode and optionally its own checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from overfill.data import RecordFields
+from overfill.errors import OverfillError
+from overfill.modeling import MODES, ModelSource
+
+AnswerKind = Literal["auto", "gsm8k", "none"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # column name in reports
+    mode: str  # overfill | full | pruned
+    checkpoint: str | None  # OverFill checkpoint folder; None = the config's shared source
+
+
+def parse_entry(spec: str) -> ModelEntry:
+    """'[NAME=]MODE[:CHECKPOINT]', e.g. 'overfill', 'base=pruned:runs/pruned-ft', 'full:runs/ckpt'."""
+    text = spec.strip()
+    eq, colon = text.find("="), text.find(":")
+    name = ""
+    if eq != -1 and (colon == -1 or eq < colon):
+        name, text = text[:eq].strip(), text[eq + 1 :]
+    mode, _, checkpoint = text.partition(":")
+    mode = mode.strip()
+    if mode not in MODES:
+        raise OverfillError(f"model entry '{spec}' has unknown mode '{mode}': write [NAME=]MODE[:CHECKPOINT] with MODE one of {', '.join(MODES)}")
+    return ModelEntry(name or mode, mode, checkpoint.strip() or None)
+
+
+@dataclass
+class EvalConfig(ModelSource, RecordFields):
+    entries: tuple[str, ...] = ("full", "pruned", "overfill")
+    """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used."""
+    out: str = "runs/eval"
+    """Output folder: results.json, per_position.json, per_position.png, replies.jsonl."""
+    limit: int | None = None
+    """Evaluate only the first N usable examples."""
+    batch_size: int = 8
+    """Examples per forward pass (teacher forcing and generation)."""
+    generate: bool = True
+    """Also generate greedy replies: agreement with the full model and answer accuracy."""
+    max_new_tokens: int = 256
+    """Reply length limit for greedy generation."""
+    answer: AnswerKind = "auto"
+    """Final-answer accuracy: gsm8k ('#### number' in references), none, or auto (gsm8k when every reference has '####')."""
+
+    def __post_init__(self):
+        RecordFields.__post_init__(self)
+        ModelSource.__post_init__(self)
+        specs = [self.entries] if isinstance(self.entries, str) else list(self.entries)
+        self.entries = tuple(s.strip() for spec in specs for s in spec.split(",") if s.strip())  # 'full,overfill' works too
+        if not self.entries:
+            raise OverfillError("no models to evaluate: pass at least one entry, e.g. overfill, full, pruned")
+        parsed = self.model_entries()
+        names = [e.name for e in parsed]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise OverfillError(f"model entry name '{duplicates[0]}' is used twice: name entries NAME=MODE[:CHECKPOINT]")
+        for e in parsed:
+            if e.checkpoint is None and self.checkpoint is None and self.decoder is None and e.mode != "full":
+                raise OverfillError(f"model entry '{e.name}' (mode {e.mode}) needs a decoder: add :CHECKPOINT, or pass --checkpoint or --decoder")
+        for name in ("limit", "batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.answer not in ("auto", "gsm8k", "none"):
+            raise OverfillError(f"unknown answer kind '{self.answer}': pick one of auto, gsm8k, none")
+
+    def model_entries(self) -> list[ModelEntry]:
+        return [parse_entry(s) for s in self.entries]
+
+    def source_of(self, entry: ModelEntry) -> ModelSource:
+        """Where an entry's model comes from: its own checkpoint, or the shared source."""
+        if entry.checkpoint:
+            return ModelSource(checkpoint=entry.checkpoint, model=self.model, dtype=self.dtype,
+                               trust_remote_code=self.trust_remote_code)
+        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code)

@@ -1,0 +1,127 @@
+"""`overfill eval`: held-out evaluation of OverFill models against the full model (DESIGN §1 "Measuring it honestly").
+
+For each named entry (a checkpoint evaluated in a mode: overfill / full / pruned) on a held-out file:
+
+- teacher-forced reply NLL and perplexity. Token 1 is reported apart: in OverFill it comes from
+  the full model's prefill logits, so the headline number is over tokens 2..N (what the decoder
+  does). Scoring follows the two-stage picture of the paper's Figure 1 (scoring.py);
+- the probability of the correct token averaged by absolute reply position (paper Figure 8),
+  JSON + PNG: the cleanest view of what the decoder learned;
+- greedy-generation agreement with the full model (token match over tokens 2..N, exact match);
+- exact-match accuracy when references carry a final answer (GSM8K's `#### number`), with the
+  share of correct answers already settled by the first (full-model) token (answers.py).
+
+This module runs the command; scoring.py computes token scores and replies, metrics.py turns
+them into these numbers, plots.py draws the figure and report.py prints the table.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from overfill.atomic import atomic_write_text
+from overfill.evaluation.answers import answer_accuracy, extract_answer, reference_answer
+from overfill.evaluation.config import EvalConfig, ModelEntry
+from overfill.evaluation.metrics import agreement, nll_summary, per_position
+from overfill.evaluation.plots import plot_per_position
+from overfill.evaluation.report import print_eval_table
+from overfill.evaluation.scoring import generate_ids_batched, score_examples
+from overfill.generation import eos_ids_of
+from overfill.modeling import ModelSource
+
+# ---------------------------------------------------------------- the command
+
+
+def evaluate(config: EvalConfig, console=None) -> dict:
+    """Evaluate every entry; write results.json, per_position.{json,png} and replies.jsonl to `config.out`.
+
+    `console` (a rich Console) gets progress lines and the summary table; None keeps it silent.
+    """
+    started = time.perf_counter()
+    say = console.print if console is not None else (lambda *a, **k: None)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = config.model_entries()
+    groups: dict[ModelSource, list[ModelEntry]] = {}
+    for entry in entries:
+        groups.setdefault(config.source_of(entry), []).append(entry)
+
+    examples = data_summary = references = None
+    reference_replies: dict[str, tuple[list[list[int]], float]] = {}  # full-model fingerprint -> (greedy replies, seconds)
+    models: dict[str, dict] = {}
+    positions: dict[str, dict] = {}
+    reply_rows: list[dict] = []
+    for source, group in groups.items():
+        what = source.describe()
+        say(f"loading [bold]{what}[/]")
+        model = source.load(full_alone=True)
+        tokenizer = model.tokenizer
+        if examples is None:
+            loaded = config.read(tokenizer, limit=config.limit)
+            examples, data_summary = loaded.examples, loaded.as_dict()
+            texts = [tokenizer.decode(e.target_ids, skip_special_tokens=True) for e in examples]
+            references = [reference_answer(t) for t in texts]
+            kind = config.answer
+            if kind == "auto":
+                kind = "gsm8k" if all(r is not None for r in references) else "none"
+            if kind == "none":
+                references = [None] * len(examples)
+            data_summary.update(target_tokens=sum(len(e.target_ids) for e in examples), answer=kind)
+            say(f"{loaded.summary()}; {data_summary['target_tokens']} reply tokens")
+        contexts = [e.context_ids for e in examples]
+        fingerprint = model.full_fingerprint
+
+        def greedy(mode: str) -> tuple[list[list[int]], float]:
+            t0 = time.perf_counter()
+            return generate_ids_batched(model, mode, contexts, max_new_tokens=config.max_new_tokens,
+                                        batch_size=config.batch_size), time.perf_counter() - t0
+
+        if config.generate and fingerprint not in reference_replies:
+            say("greedy replies of the full model (the agreement reference)")
+            reference_replies[fingerprint] = greedy("full")
+            say(f"  done in {reference_replies[fingerprint][1]:.0f} s")
+        for entry in group:
+            t0 = time.perf_counter()
+            scores = score_examples(model, entry.mode, examples, batch_size=config.batch_size)
+            tf_seconds = time.perf_counter() - t0
+            result = {"mode": entry.mode, "source": what, **nll_summary(scores), "seconds": {"teacher_forced": round(tf_seconds, 2)}}
+            positions[entry.name] = per_position(scores)
+            if config.generate:
+                reference = reference_replies[fingerprint][0]
+                replies, gen_seconds = reference_replies[fingerprint] if entry.mode == "full" else greedy(entry.mode)
+                result["seconds"]["generate"] = round(gen_seconds, 2)
+                result["agreement"] = agreement(replies, reference)
+                eos = eos_ids_of(tokenizer, model.full, model.decoder)
+                reply_texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in replies]
+                first_texts = [tokenizer.decode(r[:1], skip_special_tokens=True) for r in replies]
+                result["mean_reply_tokens"] = sum(len(r) for r in replies) / len(replies)
+                if any(r is not None for r in references):
+                    result["answers"] = answer_accuracy(reply_texts, first_texts, references)
+                for i, text in enumerate(reply_texts):
+                    reply_rows.append({"model": entry.name, "index": i, "reply": text,
+                                       "answer": extract_answer(text), "reference_answer": references[i]})
+            models[entry.name] = result
+            say(f"  {entry.name}: reply NLL (tokens 2..N) {result['nll']:.3f} in {sum(result['seconds'].values()):.0f} s")
+        del model
+        gc.collect()
+
+    results = {
+        "config": asdict(config),
+        "data": data_summary,
+        "models": models,
+        "per_position": positions,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "per_position.json", json.dumps(positions, indent=1) + "\n")
+    plot_per_position(positions, out / "per_position.png", modes={n: m["mode"] for n, m in models.items()})
+    if reply_rows:
+        atomic_write_text(out / "replies.jsonl", "".join(json.dumps(r) + "\n" for r in reply_rows))
+    if console is not None:
+        print_eval_table(console, results)
+        console.print(f"results in [bold]{out}[/] ({results['seconds']:.0f} s)")
+    return results

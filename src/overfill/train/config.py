@@ -1,0 +1,79 @@
+"""`overfill train`'s settings: one dataclass whose fields are the command's flags and the Python API's arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from overfill.data import DataConfig
+from overfill.errors import OverfillError
+from overfill.modeling import Mode, check_mode
+from overfill.zoo import DEFAULT_MODEL
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    mode: Mode = "overfill"
+    """overfill (the decoder on the frozen full model's cache), pruned (the decoder standalone) or full (fine-tune the full model)."""
+    model: str = DEFAULT_MODEL
+    """Full model: a zoo name, a local HF folder or a hub id."""
+    decoder: str | None = None
+    """Decoder to train (modes overfill and pruned): a folder from `overfill prune`, or an OverFill checkpoint."""
+    out: str = "runs/train"
+    """Run folder: the final checkpoint, metrics.jsonl, loss.png, checkpoints/step-N/."""
+    lr: float = 1e-4
+    """Peak learning rate (paper: 2e-5 at 3B scale; small models and short runs want more)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, on matrices only (not on norms or biases)."""
+    warmup_ratio: float = 0.01
+    """Warmup as a share of all optimizer steps (paper: 1%)."""
+    warmup_steps: int | None = None
+    """Warmup steps; overrides --warmup-ratio."""
+    batch_size: int = 4
+    """Examples per micro-batch, per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch size x grad accum x processes)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed); ignored when --max-steps is given."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides --epochs."""
+    eval_every: int = 100
+    """Validation loss every N steps (also before the first and after the last); 0 = only before and after."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N steps (0 = none)."""
+    keep_checkpoints: int = 2
+    """Keep only the newest N step checkpoints."""
+    resume: str | None = None
+    """Continue a run: a checkpoints/step-N folder, or 'latest' for the newest one under --out."""
+    force: bool = False
+    """Start over in an --out folder that already holds a training run (deletes it)."""
+    progress: bool = True
+    """Show a progress bar and the data summary (main process only)."""
+    trust_remote_code: bool = False
+    """Allow custom model code (only for models you trust)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_mode(self.mode)
+        if self.mode in ("overfill", "pruned") and not self.decoder:
+            raise OverfillError(f"--mode {self.mode} trains a decoder: pass --decoder (a folder from `overfill prune`)")
+        if self.mode == "full" and self.decoder:
+            raise OverfillError("--mode full fine-tunes the full model and uses no --decoder: drop --decoder")
+        if not self.lr > 0:
+            raise OverfillError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise OverfillError("--weight-decay and --max-grad-norm must be 0 or more")
+        if not 0 <= self.warmup_ratio < 1:
+            raise OverfillError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise OverfillError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise OverfillError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise OverfillError(f"--epochs must be positive, got {self.epochs}")
