@@ -24,8 +24,20 @@ out = Console()
 
 
 @dataclass
-class GenerateCommand(GenerationConfig, ModelSource):
-    """`overfill generate`: a model source, the generation settings, and where prompts and replies go."""
+class GenerationCommand(GenerationConfig, ModelSource):
+    """What generate and chat share: where the model comes from, and how replies are generated."""
+
+    def __post_init__(self):
+        ModelSource.__post_init__(self)
+        GenerationConfig.__post_init__(self)
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)})
+
+
+@dataclass
+class GenerateCommand(GenerationCommand):
+    """`overfill generate`: prompts in (flags or stdin), replies out (text, stream or JSON lines)."""
 
     prompt: tuple[str, ...] = ()
     """Prompt (repeat for a batch); default: stdin."""
@@ -35,28 +47,17 @@ class GenerateCommand(GenerationConfig, ModelSource):
     """One JSON object per reply."""
 
     def __post_init__(self):
-        ModelSource.__post_init__(self)
-        GenerationConfig.__post_init__(self)
+        super().__post_init__()
         if self.stream and not self.json and (len(self.prompt) > 1 or self.num_return_sequences != 1):
             raise OverfillError("--stream prints one reply: give one prompt and -n 1")
 
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)})
-
 
 @dataclass
-class ChatCommand(GenerationConfig, ModelSource):
-    """`overfill chat`: a model source, the generation settings of every turn, and a system prompt."""
+class ChatCommand(GenerationCommand):
+    """`overfill chat`: an interactive session; every turn is generated with the same settings."""
 
     system: str | None = None
     """System prompt."""
-
-    def __post_init__(self):
-        ModelSource.__post_init__(self)
-        GenerationConfig.__post_init__(self)
-
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)})
 
 
 # ---------------------------------------------------------------- the stages
