@@ -21,8 +21,8 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] ids and mask, padded on the left.
+def pad(sequences: list[list[int]], pad_id: int, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and mask, padded on the `side` ('left' or 'right').
 
     Not `tokenizer.pad`: it refuses tokenizers without a pad token (SmolLM2's among them) and
     needs a tokenizer where calibration, scoring and lm-eval only have token ids and a pad id.
@@ -31,20 +31,20 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
+        columns = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, columns] = torch.tensor(seq, dtype=torch.long)
+        mask[row, columns] = 1
     return ids, mask
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts: the last column is every row's last real token, where the next token is predicted."""
+    return pad(sequences, pad_id, side="left")
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, N] ids and mask, padded on the right (replies: position i is reply token i + 1)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
+    """Replies: column i is reply token i + 1 in every row."""
+    return pad(sequences, pad_id, side="right")
 
 
 def positions_from_mask(mask: torch.Tensor, new_tokens: int | None = None,
