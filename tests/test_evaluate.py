@@ -44,6 +44,40 @@ def by_hand(model, example: Example) -> list[float]:
     return [logprobs[start + i, y].item() for i, y in enumerate(example.target_ids)]
 
 
+def by_hand_top1(model, example: Example) -> list[bool]:
+    """Whether each target token is the argmax, from one unpadded forward over context + target."""
+    ids = torch.tensor([example.context_ids + example.target_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    start = len(example.context_ids) - 1
+    return [int(logits[start + i].argmax()) == y for i, y in enumerate(example.target_ids)]
+
+
+def overfill_logprobs(full, decoder, context: list[int], target: list[int]) -> list[float]:
+    """log p(y_i): y1 from the full model's prefill of the context, y2..yN from `decoder` on that cache."""
+    with torch.no_grad():
+        out = full(torch.tensor([context]), use_cache=True)
+        logprobs = [out.logits[0, -1].log_softmax(-1)[target[0]].item()]
+        if len(target) > 1:
+            positions = torch.arange(len(context), len(context) + len(target) - 1)[None]
+            rest = decoder(torch.tensor([target[:-1]]), past_key_values=out.past_key_values, position_ids=positions).logits[0]
+            logprobs += rest.log_softmax(-1).gather(-1, torch.tensor(target[1:])[:, None]).squeeze(-1).tolist()
+    return logprobs
+
+
+def greedy_overfill(full, decoder, context: list[int], n: int) -> list[int]:
+    """n greedy tokens: the full model's first from its prefill, then `decoder` extending that cache."""
+    with torch.no_grad():
+        out = full(torch.tensor([context]), use_cache=True)
+        tokens = [int(out.logits[0, -1].argmax())]
+        cache = out.past_key_values
+        while len(tokens) < n:
+            position = torch.tensor([[len(context) + len(tokens) - 1]])
+            logits = decoder(torch.tensor([tokens[-1:]]), past_key_values=cache, position_ids=position).logits
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
 # ---------------------------------------------------------------- answers
 
 
@@ -147,7 +181,12 @@ def test_evaluate_writes_results_and_plot(tiny_checkpoint, tmp_path):
     assert set(m) == {"full", "pruned", "ours"}
     assert m["ours"]["nll_token1"] == pytest.approx(m["full"]["nll_token1"], abs=1e-5)  # y1 is the full model's
     assert m["full"]["agreement"]["exact_match"] == 1.0 and m["ours"]["agreement"]["token1_match"] == 1.0
-    assert 0 <= m["ours"]["answers"]["accuracy"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "out" / "replies.jsonl").read_text().splitlines()]
+    ours = [r for r in rows if r["model"] == "ours"]
+    assert [r["reference_answer"] for r in ours] == ["5", "12", "3"]  # the record without an answer was skipped
+    answers = m["ours"]["answers"]
+    assert answers["graded"] == 3 and answers["correct"] == sum(r["answer"] == r["reference_answer"] for r in ours)
+    assert answers["accuracy"] == pytest.approx(answers["correct"] / 3)
     for name in ("results.json", "per_position.json", "per_position.png", "replies.jsonl"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "per_position.json").read_text())
@@ -168,8 +207,13 @@ def test_eval_config_errors_are_one_line(tiny_checkpoint):
         with pytest.raises(OverfillError) as err:
             EvalConfig(**kwargs)
         assert "\n" not in str(err.value)
-    assert parse_entry("base=pruned:runs/a") == parse_entry("base=pruned:runs/a")
-    assert parse_entry("overfill:runs/lr=2e-4").checkpoint == "runs/lr=2e-4"
+    entry = parse_entry("base=pruned:runs/a")
+    assert (entry.name, entry.mode, entry.checkpoint) == ("base", "pruned", "runs/a")
+    entry = parse_entry("full")  # no name: named after its mode; no checkpoint: the shared source
+    assert (entry.name, entry.mode, entry.checkpoint) == ("full", "full", None)
+    # an '=' after the ':' belongs to the checkpoint path, not to a name
+    entry = parse_entry("overfill:runs/lr=2e-4")
+    assert (entry.name, entry.mode, entry.checkpoint) == ("overfill", "overfill", "runs/lr=2e-4")
 
 
 # ---------------------------------------------------------------- lm-eval adapter
@@ -193,7 +237,25 @@ def test_lm_eval_adapter_loglikelihood_by_hand(tiny_checkpoint):
     expected = by_hand(full_lm.model.full, Example(context, continuation))
     assert theirs[0][0] == pytest.approx(sum(expected), abs=1e-4)
     assert ours[0][0] != pytest.approx(theirs[0][0])  # the second token is the decoder's
-    assert ours[0][1] in (True, False) and len(ours) == 2
+    assert len(ours) == len(theirs) == 2
+    # overfill by hand: the full model scores ' ' after the context, the decoder scores '5' on the full model's cache
+    full, decoder = lm.model.full, lm.model.decoder
+    assert ours[0][0] == pytest.approx(sum(overfill_logprobs(full, decoder, context, continuation)), abs=1e-4)
+    assert ours[0][1] == (greedy_overfill(full, decoder, context, 2) == continuation)
+    assert theirs[0][1] == all(by_hand_top1(full, Example(context, continuation)))
+    longer = lm.tok_encode(" 5 apples")
+    assert ours[1][0] == pytest.approx(sum(overfill_logprobs(full, decoder, context, longer)), abs=1e-4)
+    assert theirs[1][0] == pytest.approx(sum(by_hand(full, Example(context, longer))), abs=1e-4)
+
+    # is_greedy: true for the continuation greedy decoding writes (full model's y1, then the decoder's), false
+    # once one token is not the argmax; both models' choices differ, so the mode decides which one is greedy.
+    greedy = greedy_overfill(full, decoder, context, 4)
+    full_greedy = greedy_overfill(full, full, context, 4)
+    assert greedy != full_greedy
+    wrong_last = greedy[:-1] + [(greedy[-1] + 1 - 3) % 256 + 3]  # any other byte token
+    requests = [(None, context, greedy), (None, context, wrong_last), (None, context, full_greedy)]
+    assert [greedy_flag for _, greedy_flag in lm._loglikelihood_tokens(requests)] == [True, False, False]
+    assert [greedy_flag for _, greedy_flag in full_lm._loglikelihood_tokens(requests)] == [False, False, True]
 
 
 def test_lm_eval_adapter_runs_local_tasks_end_to_end(tiny_checkpoint, monkeypatch):
@@ -212,8 +274,29 @@ def test_lm_eval_adapter_runs_local_tasks_end_to_end(tiny_checkpoint, monkeypatc
         batch_size=4, device="cpu", log_samples=True,
     )
     scores = results["results"]
-    assert 0 <= scores["overfill_two_questions_gen"]["exact_match,last-number"] <= 1
-    assert 0 <= scores["overfill_two_questions_mc"]["acc,none"] <= 1
+    assert scores["overfill_two_questions_gen"]["exact_match,last-number"] in (0.0, 0.5, 1.0)
     assert scores["overfill_two_questions_ppl"]["byte_perplexity,none"] > 1
     generated = results["samples"]["overfill_two_questions_gen"]
     assert len(generated) == 2 and all(isinstance(s["resps"][0][0], str) for s in generated)
+    # multiple choice by hand: each choice scored as overfill scores it (the full model's first token, the
+    # decoder's rest), the highest log-likelihood is the answer
+    model, tok = OverFillModel.from_pretrained(root / "ckpt"), tiny_tokenizer()
+    rows = [json.loads(line) for line in (REPO / "tests" / "lm_eval_task" / "two_questions.jsonl").read_text().splitlines()]
+    hits = []
+    for row in rows:
+        context = f"Question: {row['question']}\nAnswer:"
+        ids = tok(context, add_special_tokens=False)["input_ids"]
+        lls = [sum(overfill_logprobs(model.full, model.decoder, ids, tok(" " + c, add_special_tokens=False)["input_ids"]))
+               for c in row["choices"]]
+        hits.append(max(range(len(lls)), key=lls.__getitem__) == row["label"])
+    assert scores["overfill_two_questions_mc"]["acc,none"] == pytest.approx(sum(hits) / len(hits))
+    # generate_until by hand: greedy overfill for the task's 64 tokens, the end token dropped, cut at the
+    # first of the task's stop strings
+    stops = ("Question:", "\n\n")
+    for sample in generated:
+        context = f"Question: {sample['doc']['question']}\nAnswer:"
+        reply = greedy_overfill(model.full, model.decoder, tok(context, add_special_tokens=False)["input_ids"], 64)
+        reply = reply[: reply.index(tok.eos_token_id)] if tok.eos_token_id in reply else reply
+        text = tok.decode(reply, skip_special_tokens=True)
+        text = text[: min([text.index(s) for s in stops if s in text] + [len(text)])]
+        assert sample["resps"][0][0] == text

@@ -12,7 +12,8 @@ from overfill.data import collate, split_messages
 from overfill.generation import GenerationConfig, generate
 from overfill.modeling import MODES, OverFillModel
 from overfill.prune import PruneConfig, prune_model
-from tiny import save_tiny, tiny_model, tiny_tokenizer
+from overfill.zoo import fingerprint
+from tiny import KINDS, save_tiny, tiny_model, tiny_tokenizer
 
 CHATS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, like the sky."}],
@@ -62,8 +63,9 @@ def test_gradients_reach_only_the_decoder():
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
-def test_loss_equals_hand_computed_reference():
-    model = pruned_pair("qwen3")
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_equals_hand_computed_reference(kind):
+    model = pruned_pair(kind)
     tok = model.tokenizer
     examples = [split_messages(tok, c) for c in CHATS]
     batch = collate(examples, pad_id=0)
@@ -163,7 +165,11 @@ def test_wrong_full_model_is_refused_by_fingerprint(tmp_path):
     with pytest.raises(OverfillError, match="not the one this decoder was trained against") as err:
         OverFillModel.from_pretrained(tmp_path / "ckpt", other)
     assert "pass the original full model" in str(err.value) and "None" not in str(err.value)
-    assert OverFillModel.from_pretrained(tmp_path / "ckpt", tiny_model("llama", seed=0)).full is not None
+    # the original full model (an equal copy) is accepted, and the saved decoder comes back with it
+    loaded = OverFillModel.from_pretrained(tmp_path / "ckpt", tiny_model("llama", seed=0))
+    assert loaded.full_fingerprint == model.full_fingerprint != fingerprint(other)
+    for (name, a), b in zip(loaded.decoder.state_dict().items(), model.decoder.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_checkpoint_without_recorded_full_model_asks_for_one(tmp_path):

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from overfill import OverfillError
 from overfill.prune import PruneConfig, collect_scores, prune_model, save_pruned, target_widths
 from overfill.tensors import left_pad, positions_from_mask
-from tiny import tiny_model, tiny_tokenizer, write_jsonl
+from overfill.zoo import fingerprint
+from tiny import KINDS, tiny_model, tiny_tokenizer, write_jsonl
 
 SEQS = [[5, 9, 33, 70, 12, 8, 101], [44, 3, 17], [200, 201, 9, 9, 14, 60], [7, 7]]
 
@@ -18,7 +19,7 @@ def logits(model, ids, mask=None):
         return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_ratio_zero_reproduces_full_logits_exactly(kind):
     model, tok = tiny_model(kind), tiny_tokenizer()
     result = prune_model(model, tok, PruneConfig(ratio=0.0), progress=False)
@@ -27,7 +28,7 @@ def test_ratio_zero_reproduces_full_logits_exactly(kind):
     torch.testing.assert_close(logits(result.model, ids, mask), logits(model, ids, mask), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_pruned_folder_reloads_and_writes_full_model_cache_shapes(kind, tmp_path):
     model, tok = tiny_model(kind), tiny_tokenizer()
     result = prune_model(model, tok, PruneConfig(ratio=0.5), progress=False)
@@ -37,7 +38,10 @@ def test_pruned_folder_reloads_and_writes_full_model_cache_shapes(kind, tmp_path
     assert cfg.hidden_size < full.hidden_size and cfg.intermediate_size < full.intermediate_size
     assert cfg.num_hidden_layers == full.num_hidden_layers
     assert cfg.num_key_value_heads == full.num_key_value_heads
-    assert cfg.head_dim == getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads
+    # head_dim is the full model's: explicit in its config, or derived from the full (not the pruned) width
+    full_head_dim = getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads
+    assert cfg.head_dim == full_head_dim
+    assert reloaded.model.layers[0].self_attn.head_dim == full_head_dim
     if full.tie_word_embeddings:
         assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     # the reloaded model computes what the in-memory pruned model computed
@@ -47,16 +51,19 @@ def test_pruned_folder_reloads_and_writes_full_model_cache_shapes(kind, tmp_path
     with torch.no_grad():
         full_cache = model(input_ids=ids, use_cache=True).past_key_values
         pruned_cache = reloaded(input_ids=ids, use_cache=True).past_key_values
+    assert len(full_cache.layers) == len(pruned_cache.layers) == full.num_hidden_layers
     for a, b in zip(full_cache.layers, pruned_cache.layers):
-        assert a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
+        assert a.keys.shape == b.keys.shape == (1, full.num_key_value_heads, ids.shape[1], full_head_dim)
+        assert a.values.shape == b.values.shape == a.keys.shape
     # and the pruned model can extend the full model's cache
     with torch.no_grad():
         out = reloaded(input_ids=torch.tensor([[4]]), past_key_values=full_cache, position_ids=torch.tensor([[ids.shape[1]]]))
     assert full_cache.get_seq_length() == ids.shape[1] + 1 and torch.isfinite(out.logits).all()
-    record = json.loads((out_path := tmp_path / "p" / "pruning.json").read_text())
+    record = json.loads((tmp_path / "p" / "pruning.json").read_text())
     assert record["kept"]["hidden"] == sorted(record["kept"]["hidden"])
     assert len(record["kept"]["mlp"]) == full.num_hidden_layers
-    assert record["source_fingerprint"] and out_path.exists()
+    # the record names the model that was pruned, not the pruned result or any other model
+    assert record["source_fingerprint"] == fingerprint(model) != fingerprint(result.model)
 
 
 def test_importance_keeps_loud_channels_and_drops_dead_ones():

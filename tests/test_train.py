@@ -71,8 +71,17 @@ def test_training_reduces_loss_in_every_mode(setup, tmp_path, mode):
         meta = json.loads((out / "overfill.json").read_text())
         assert meta["training"]["mode"] == mode and meta["full_fingerprint"]
         for gen_mode in (mode, "overfill"):
-            reply = generate(loaded, "abc", GenerationConfig(mode=gen_mode, max_new_tokens=4))[0]
-            assert reply.new_tokens >= 1
+            gen_config = GenerationConfig(mode=gen_mode, max_new_tokens=4)
+            reply = generate(loaded, "abc", gen_config)[0]
+            # the whole budget, unless the reply ended on (and only on) the end-of-turn token
+            ids, eos = reply.token_ids, tiny_tokenizer().eos_token_id
+            assert reply.new_tokens == len(ids)
+            if eos in ids:
+                assert ids.index(eos) == len(ids) - 1 and len(ids) <= 4 and reply.finish_reason == "eos"
+            else:
+                assert len(ids) == 4 and reply.finish_reason == "length"
+            # the reloaded checkpoint generates what the trained model in memory generates
+            assert reply.token_ids == generate(result.model, "abc", gen_config)[0].token_ids
 
 
 def test_overfill_mode_changes_only_the_decoder(setup, tmp_path):
@@ -200,7 +209,12 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["tokens"] > 0 for r in steps)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    # both processes' tokens counted: each step covers what the one process saw with twice the batch
+    single_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    single_steps = [r for r in single_rows if "loss" in r]
+    assert [(r["tokens"], r["loss_tokens"]) for r in steps] == [(r["tokens"], r["loss_tokens"]) for r in single_steps]
+    assert all(r["loss_tokens"] > 0 for r in steps)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in steps]), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "two" / "overfill.json").read_text())["training"]["mode"] == "overfill"
 

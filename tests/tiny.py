@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -49,7 +50,15 @@ CONFIGS = {
         vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1, **kw
     ),
+    # head_dim left to be derived (hidden_size / heads = 10), as in real Mistral configs: pruning must pin it.
+    # No sliding window, so every position sees the whole prompt and results are exact.
+    "mistral": lambda **kw: MistralConfig(
+        vocab_size=VOCAB, hidden_size=40, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+        **{"sliding_window": None, **kw}
+    ),
 }
+KINDS = tuple(CONFIGS)
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, **config_kwargs):
@@ -63,6 +72,15 @@ def tiny_model(kind: str = "llama", seed: int = 0, **config_kwargs):
             else:
                 p.normal_(0, 0.2)
     return model.eval()
+
+
+@functools.cache
+def tiny_pruned(kind: str = "llama"):
+    """(full model, decoder pruned from it at ratio 0.5), built once per session: callers must not edit them."""
+    from overfill.prune import PruneConfig, prune_model
+
+    full = tiny_model(kind)
+    return full, prune_model(full, tiny_tokenizer(), PruneConfig(ratio=0.5), progress=False).model
 
 
 def save_tiny(folder, kind: str = "llama", seed: int = 0):
