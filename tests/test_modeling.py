@@ -112,6 +112,13 @@ def test_mismatched_pair_is_refused_naming_the_field(field, change):
         OverFillModel(full, decoder, tiny_tokenizer())
 
 
+def test_decoder_with_another_sliding_window_is_refused():
+    full = tiny_model("mistral")
+    decoder = tiny_model("mistral", sliding_window=4)  # would attend to fewer cached positions
+    with pytest.raises(OverfillError, match="sliding_window is 4 in the decoder but None"):
+        OverFillModel(full, decoder, tiny_tokenizer())
+
+
 def test_different_architecture_is_refused():
     with pytest.raises(OverfillError, match="model_type"):
         OverFillModel(tiny_model("llama"), tiny_model("qwen3"), tiny_tokenizer())

@@ -1,7 +1,8 @@
 """Where each weight lives, per supported architecture, and the cache-compatibility check (DESIGN §1).
 
 OverFill's decoder reads the full model's KV cache directly, so the two must agree on everything
-that shapes or positions a cache entry: layer count, KV heads, head_dim and the rotary embedding.
+that shapes, positions or windows a cache entry: layer count, KV heads, head_dim, the rotary
+embedding and any sliding window.
 Width pruning changes only the residual width D and the MLP width I, which is why it is the only
 pruning that keeps caches compatible.
 
@@ -81,6 +82,8 @@ def cache_signature(config) -> dict:
         "num_key_value_heads": kv_heads_of(config),
         "head_dim": head_dim_of(config),
         "rope_parameters": rope_of(config),
+        # Which cached positions a layer attends to (Mistral, Qwen2): the two must agree on it too.
+        "sliding_window": getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None,
         "vocab_size": config.vocab_size,
     }
 
