@@ -172,3 +172,19 @@ def test_template_refusals_and_split_handoffs_are_skipped_not_fatal(tmp_path):
     odd.chat_template = TOK.chat_template.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>bot\n{% endif %}")
     with pytest.raises(OverfillError, match="no usable records.*share a token at the handoff"):
         load_examples(path, odd)
+
+
+def test_utf8_bom_and_line_separators_inside_strings_are_read(tmp_path):
+    """Lines are split on newlines only: U+2028 is legal inside a JSON string, and a BOM is not part of the first record."""
+    path = tmp_path / "odd.jsonl"
+    row = json.dumps({"question": "a\u2028b", "answer": "c d"}, ensure_ascii=False)
+    path.write_bytes(b"\xef\xbb\xbf" + (row + "\n" + row + "\n").encode("utf-8"))
+    loaded = load_examples(path, TOK, prompt_field="question", response_field="answer")
+    assert len(loaded.examples) == 2 and not loaded.skipped
+
+
+def test_a_json_array_that_is_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(b'[{"question": "q", "answer": "\xff"}]')
+    with pytest.raises(OverfillError, match=r"is not UTF-8 text \(byte 0xff on line 1\)"):
+        load_examples(path, TOK, prompt_field="question", response_field="answer")

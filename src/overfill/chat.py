@@ -3,7 +3,8 @@
 The cache of earlier turns is always *prefill-model* KV (the full model's, in overfill mode).
 After each reply the cache is cut back to the end of the context: the decoder's KV for its own
 reply is dropped, and on the next turn the full model prefills the previous reply plus the new
-user turn on top of the kept cache. Older turns are never re-encoded.
+user turn on top of the kept cache. Older turns are never re-encoded (unless the conversation
+outgrows the model's context and `truncate` cuts its start: then the whole of it is prefilled anew).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, generate_ids, stream_steps
+from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, fit_prompt, generate_ids, stream_steps
 from overfill.kv_cache import GrowingCache
 from overfill.tensors import pad_id_of
 
@@ -53,9 +54,17 @@ class ChatSession:
         self.cache, self.cached_ids = None, []
 
     def send(self, text: str) -> Iterator[str]:
-        """Stream the reply to a new user turn; the reply joins the history when the stream ends."""
+        """Stream the reply to a new user turn; the reply joins the history when the stream ends.
+
+        The turn is checked at once, not at the first piece: text that is not UTF-8, or a
+        conversation that no longer fits the model's context, is an OverfillError before any output.
+        """
+        ids = encode_prompt(self.model.tokenizer, [*self.messages, {"role": "user", "content": text}])
+        ids = fit_prompt(ids, self.model, self.config, "the conversation")
+        return self._reply(text, ids)
+
+    def _reply(self, text: str, ids: list[int]) -> Iterator[str]:
         tokenizer = self.model.tokenizer
-        ids = encode_prompt(tokenizer, [*self.messages, {"role": "user", "content": text}])
         keep = common_prefix_length(ids, self.cached_ids)
         if keep == len(ids):  # the template must leave something to prefill
             keep -= 1

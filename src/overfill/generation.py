@@ -11,13 +11,14 @@ Shapes: B rows (prompts x candidates), T cached tokens, V vocabulary.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from overfill.errors import OverfillError
+from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.kv_cache import GrowingCache
 from overfill.modeling import Mode, check_mode, decode, prefill
 from overfill.tensors import left_pad, pad_id_of
@@ -43,6 +44,8 @@ class GenerationConfig:
     """Candidates per prompt; the prompt is prefilled once and its cache repeated."""
     stop: tuple[str, ...] = ()
     """Stop strings; the reply is cut before the first one."""
+    truncate: bool = False
+    """Cut a prompt too long for the model's context from the left (its end is kept), with a warning; default: refuse it."""
 
     def __post_init__(self):
         check_mode(self.mode)
@@ -56,6 +59,8 @@ class GenerationConfig:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not s for s in self.stop):
             raise OverfillError("an empty stop string would end every reply at once: drop it")
+        for stop in self.stop:
+            check_utf8(stop, f"stop string {stop!r}")
 
     @property
     def greedy(self) -> bool:
@@ -159,7 +164,7 @@ class Reply:
     text: str
     token_ids: list[int]
     new_tokens: int
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "interrupted"
     prefill_s: float
     decode_s: float
     prompt_index: int = 0
@@ -189,13 +194,50 @@ def eos_ids_of(tokenizer, *models) -> set[int]:
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
-    """A user string or a message list -> the exact context ids training used (chat template + generation prompt)."""
+    """A user string or a message list -> the exact context ids training used (chat template + generation prompt).
+
+    Every prompt passes here (generate, stream, each chat turn), so text that is not UTF-8 is refused here.
+    """
     from overfill.data import chat_ids
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    for message in messages:
+        check_utf8(str(message.get("content") or ""), f"the {message.get('role') or 'user'} message")
     if getattr(tokenizer, "chat_template", None):
         return chat_ids(tokenizer, messages, add_generation_prompt=True)
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+
+
+def context_limit(model) -> int | None:
+    """Positions a model can attend to: its `max_position_embeddings`, the smaller one of a pair's two (None: unknown)."""
+    models = (model.full, model.decoder) if hasattr(model, "decoder") else (model,)
+    limits = [getattr(m.config, "max_position_embeddings", None) for m in models]
+    limits = [limit for limit in limits if limit]
+    return min(limits) if limits else None
+
+
+def fit_prompt(ids: list[int], model, config: GenerationConfig, what: str = "the prompt") -> list[int]:
+    """The prompt's ids if they fit the model's context with room for `config.max_new_tokens`.
+
+    Past the context the model computes positions it never saw in training and answers garbage
+    without any error, so a prompt that does not fit is refused, or with `config.truncate` cut
+    to its last tokens with an OverfillWarning. generate, stream and every chat turn call this.
+    """
+    limit, new = context_limit(model), config.max_new_tokens
+    if limit is None or len(ids) + new <= limit:
+        return ids
+    if new >= limit:
+        raise OverfillError(f"--max-new-tokens {new} leaves no room for a prompt in the model's {limit} positions: "
+                            f"lower it below {limit}")
+    keep = limit - new
+    if not config.truncate:
+        lower = f", lower --max-new-tokens to {limit - len(ids)}" if len(ids) < limit else ""
+        raise OverfillError(f"{what} is {len(ids)} tokens and --max-new-tokens {new} asks for up to {new} more, "
+                            f"{len(ids) + new} positions in all, but the model has {limit}: shorten it{lower}, "
+                            f"or pass --truncate to keep its last {keep} tokens")
+    warnings.warn(f"{what} is {len(ids)} tokens, too long for the model's {limit} positions with --max-new-tokens "
+                  f"{new}: kept its last {keep} tokens (--truncate)", OverfillWarning, stacklevel=2)
+    return ids[-keep:]
 
 
 def stop_checker(tokenizer, stops: tuple[str, ...]):
@@ -221,8 +263,19 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `generate`: still a KeyboardInterrupt, carrying the replies as far as they got."""
+
+    def __init__(self, replies: list[Reply]):
+        super().__init__("generation interrupted")
+        self.replies = replies
+
+
 def generate(model, prompts, config: GenerationConfig | None = None) -> list[Reply]:
-    """Answer a batch of prompts (strings or message lists); one Reply per prompt x sequence."""
+    """Answer a batch of prompts (strings or message lists); one Reply per prompt x sequence.
+
+    Interrupted (KeyboardInterrupt), it raises GenerationInterrupted with the partial replies.
+    """
     config = config or GenerationConfig()
     single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
     prompts = [prompts] if single else list(prompts)
@@ -230,21 +283,30 @@ def generate(model, prompts, config: GenerationConfig | None = None) -> list[Rep
         raise OverfillError("no prompts given: pass at least one prompt")
     tokenizer = model.tokenizer
     pad_id = pad_id_of(tokenizer)
-    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], pad_id)
+    what = (lambda i: "the prompt") if len(prompts) == 1 else (lambda i: f"prompt {i + 1}")
+    ids, mask = left_pad([fit_prompt(encode_prompt(tokenizer, p), model, config, what(i)) for i, p in enumerate(prompts)],
+                         pad_id)
     eos = eos_ids_of(tokenizer, model.full, model.decoder)
 
-    steps = list(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id,
-                              is_stopped=stop_checker(tokenizer, config.stop)))
+    steps: list[Step] = []
+    try:
+        for step in generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id,
+                                 is_stopped=stop_checker(tokenizer, config.stop)):
+            steps.append(step)
+    except KeyboardInterrupt:
+        raise GenerationInterrupted(_replies(steps, tokenizer, config, eos, len(prompts), "interrupted") if steps else []) from None
     return _replies(steps, tokenizer, config, eos, len(prompts))
 
 
-def _replies(steps: list[Step], tokenizer, config: GenerationConfig, eos: set[int], n_prompts: int) -> list[Reply]:
+def _replies(steps: list[Step], tokenizer, config: GenerationConfig, eos: set[int], n_prompts: int,
+             unfinished: str = "length") -> list[Reply]:
+    """One Reply per row; `unfinished` is the finish reason of rows still going at the last step."""
     rows = steps[0].tokens.shape[0]
     tokens = torch.stack([s.tokens for s in steps], dim=1)  # [B, steps]
     prefill_s = steps[0].seconds
     replies = []
     for row in range(rows):
-        row_ids, reason = [], "length"
+        row_ids, reason = [], unfinished
         for step, s in enumerate(steps):
             token = int(tokens[row, step])
             row_ids.append(token)
@@ -274,7 +336,7 @@ def stream(model, prompt, config: GenerationConfig | None = None) -> Iterator[st
         raise OverfillError("streaming returns one reply: use num_return_sequences=1")
     tokenizer = model.tokenizer
     pad_id = pad_id_of(tokenizer)
-    ids, mask = left_pad([encode_prompt(tokenizer, prompt)], pad_id)
+    ids, mask = left_pad([fit_prompt(encode_prompt(tokenizer, prompt), model, config)], pad_id)
     eos = eos_ids_of(tokenizer, model.full, model.decoder)
     yield from stream_steps(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id), tokenizer, eos, config.stop)
 

@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from overfill import arch
-from overfill.atomic import atomic_folder
+from overfill.atomic import atomic_folder, check_writable
 from overfill.data.calibration import bundled_calibration_records, calibration_ids
 from overfill.data.records import read_records
 from overfill.errors import OverfillError
 from overfill.tensors import left_pad, pad_id_of, positions_from_mask
-from overfill.zoo import DEFAULT_MODEL, fingerprint, load_model, resolve_model
+from overfill.zoo import DEFAULT_MODEL, fingerprint, load_config, load_model, resolve_model
 
 BUNDLED_CALIBRATION = "bundled"
 
@@ -344,11 +344,13 @@ def save_pruned(result: PruneResult, tokenizer, out: str | Path, *, force: bool 
 
 def prune(config: PruneConfig, *, progress: bool = True) -> PruneResult:
     """Load the full model, prune it and save the result: what `overfill prune` runs."""
-    from transformers import AutoConfig
-
-    check_output_folder(config.out, config.force)  # fail before a minute of calibration, not after
+    # Everything that can be refused is refused before the model loads and a minute of calibration, not after.
+    check_writable(config.out, "--out", staged_beside=True)  # first: a file named --out is not "a full folder"
+    check_output_folder(config.out, config.force)
+    if config.calib_data != BUNDLED_CALIBRATION:
+        read_records(config.calib_data)  # a missing, empty or binary file; calibration reads it again, it is small
     location = resolve_model(config.model, quiet=not progress)
-    arch.arch_of(AutoConfig.from_pretrained(location, trust_remote_code=config.trust_remote_code))
+    arch.arch_of(load_config(location, trust_remote_code=config.trust_remote_code))
     model, tokenizer = load_model(location, trust_remote_code=config.trust_remote_code)
     result = prune_model(model, tokenizer, config, progress=progress)
     result.record["source_path"] = location

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from overfill.atomic import atomic_write_text
+from overfill.atomic import atomic_write_text, check_writable
 from overfill.bench.config import BenchConfig
 from overfill.bench.plots import write_plots
 from overfill.bench.prompts import PromptSource
@@ -147,6 +147,7 @@ def run_bench(config: BenchConfig, console, model=None) -> dict:
 
 
 def _run_bench(config: BenchConfig, console, model) -> dict:
+    check_writable(config.out, "--out")  # before minutes of timing, not after
     if model is None:
         model = config.load()
     model.full.eval()

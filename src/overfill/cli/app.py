@@ -22,8 +22,8 @@ from overfill.cli.commands import (
     run_prune,
     run_train,
 )
-from overfill.cli.configs import add_config_command
-from overfill.errors import OverfillError
+from overfill.cli.configs import Interrupted, add_config_command
+from overfill.errors import OverfillError, OverfillWarning
 
 app = typer.Typer(
     help="OverFill: the full model prefills, a width-pruned copy of it decodes (Kim et al., COLM 2025).",
@@ -72,13 +72,30 @@ def _quiet_libraries():
     logging.disable_progress_bar()
 
 
+def _show_overfill_warnings():
+    """overfill's own warnings as one `warning: ...` line each, every time (others as Python shows them)."""
+    import warnings
+
+    warnings.simplefilter("always", OverfillWarning)
+    python_way = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, OverfillWarning):
+            err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        else:
+            python_way(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main():
     _quiet_libraries()
+    _show_overfill_warnings()
     try:
         app()
     except OverfillError as error:
         err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
+    except (Interrupted, KeyboardInterrupt) as interrupt:  # KeyboardInterrupt: Ctrl-C outside a command
+        err.print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", highlight=False, soft_wrap=True)
         sys.exit(130)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from overfill.errors import OverfillError
+from overfill.errors import OverfillError, check_utf8
 from overfill.generation import GenerationConfig
 from overfill.modeling import MODES, ModelSource
 
@@ -58,6 +58,11 @@ class ChatCommand(GenerationCommand):
 
     system: str | None = None
     """System prompt."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.system is not None:
+            check_utf8(self.system, "--system")
 
 
 # ---------------------------------------------------------------- the stages
@@ -103,29 +108,59 @@ def run_demo(config) -> None:
 # ---------------------------------------------------------------- generate and chat
 
 
+def tolerant_stdin() -> None:
+    """Let bytes that are not UTF-8 reach check_utf8 (as lone surrogates, like argv) rather than raise in read().
+
+    Python reads stdin strictly under a UTF-8 locale and with surrogateescape under the C locale:
+    this makes both the same, so one check names the bad byte.
+    """
+    if sys.stdin is not None and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
 def read_prompts(prompts: tuple[str, ...]) -> list[str]:
+    """The prompts of --prompt, or stdin's text: every prompt passes here, before any model is loaded."""
     if prompts:
+        for i, prompt in enumerate(prompts, start=1):
+            what = "--prompt" if len(prompts) == 1 else f"--prompt number {i}"
+            if not prompt.strip():
+                raise OverfillError(f"{what} is empty: pass the text to answer, e.g. --prompt 'What is 2+2?'")
+            check_utf8(prompt, what)
         return list(prompts)
     if sys.stdin is None or sys.stdin.isatty():
         raise OverfillError("no prompt: pass --prompt TEXT (repeatable) or pipe the prompt on stdin")
+    tolerant_stdin()
     text = sys.stdin.read().strip()
     if not text:
         raise OverfillError("the prompt on stdin is empty: pass --prompt TEXT or pipe a prompt")
-    return [text]
+    return [check_utf8(text, "the prompt on stdin")]
 
 
 def run_generate(command: GenerateCommand) -> None:
-    from overfill.generation import generate, stream
+    from overfill.generation import GenerationInterrupted, generate, stream
 
     prompts = read_prompts(command.prompt)
     config = command.generation()
     pair = command.load(full_alone=config.mode == "full")
     if command.stream and not command.json:
-        for piece in stream(pair, prompts[0], config):
-            out.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
+        try:
+            for piece in stream(pair, prompts[0], config):
+                out.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
+        except KeyboardInterrupt:
+            out.print()  # what was streamed stays; end its line
+            raise KeyboardInterrupt("the reply above is as far as it got") from None
         out.print()
         return
-    replies = generate(pair, prompts, config)
+    try:
+        replies = generate(pair, prompts, config)
+    except GenerationInterrupted as interrupted:
+        print_replies(command, interrupted.replies)
+        done = {0: "before the first token", 1: "the reply above is as far as it got"}
+        raise KeyboardInterrupt(done.get(len(interrupted.replies), "the replies above are as far as they got")) from None
+    print_replies(command, replies)
+
+
+def print_replies(command: GenerateCommand, replies) -> None:
     for reply in replies:
         if command.json:
             print(json.dumps(reply.as_dict(), ensure_ascii=False))
@@ -144,7 +179,10 @@ def run_chat(command: ChatCommand) -> None:
 
     config = command.generation()
     session = ChatSession(command.load(full_alone=config.mode == "full"), config, system=command.system)
-    err.print(f"[dim]mode {config.mode}. Commands: /reset, /mode {'|'.join(MODES)}, /exit[/]")
+    tolerant_stdin()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:  # a person needs the commands; a script's stderr stays for errors
+        err.print(f"[dim]mode {config.mode}. Commands: /reset, /mode {'|'.join(MODES)}, /exit[/]")
     while True:
         try:
             text = input("you> ").strip()
@@ -166,7 +204,14 @@ def run_chat(command: ChatCommand) -> None:
             session.set_mode(wanted)
             err.print(f"[dim]mode {wanted}[/]")
             continue
+        try:
+            pieces = session.send(text)  # checks the turn before anything is printed
+        except OverfillError as error:
+            if not interactive:  # a script: stop at the bad line, as any other command would
+                raise
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)  # a person: let them retype
+            continue
         out.print("bot> ", end="")
-        for piece in session.send(text):
+        for piece in pieces:
             out.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
         out.print()

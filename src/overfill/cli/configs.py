@@ -17,6 +17,11 @@ from typing import Any, Callable
 import typer
 
 
+class Interrupted(Exception):
+    """Ctrl-C in a command, carried past typer (which turns a KeyboardInterrupt into a silent exit 130)
+    so that `main` can say what was interrupted."""
+
+
 def field_docs(cls) -> dict[str, str]:
     """The string literal under each field of a dataclass, keyed by field name."""
     docs: dict[str, str] = {}
@@ -74,7 +79,10 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
         for key, value in list(kwargs.items()):
             if isinstance(value, list):
                 kwargs[key] = tuple(value)
-        run(config_cls(**kwargs))
+        try:
+            run(config_cls(**kwargs))
+        except KeyboardInterrupt as interrupt:
+            raise Interrupted(str(interrupt)) from None
 
     command.__signature__ = inspect.Signature(parameters)
     command.__doc__ = help

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from overfill.data.records import read_records, record_to_messages
+from overfill.data.records import check_text_file, read_records, record_to_messages
 from overfill.errors import OverfillError
 from overfill.tensors import left_pad, right_pad
 
@@ -98,6 +98,33 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return Batch(context_ids, context_mask, target_ids, target_mask)
 
 
+def check_examples_fit(examples: list[Example], limit: int | None, *, path: str, new_tokens: int | None = None) -> None:
+    """Refuse examples the model cannot hold: context + reply (or context + `new_tokens` generated)
+    beyond its `limit` positions would run past what it was trained on, silently.
+
+    The message names the longest example and the --max-context that makes everything fit.
+    """
+    if not limit or not examples:
+        return
+    reply = lambda e: max(len(e.target_ids), new_tokens or 0)  # noqa: E731 - the reply room an example needs
+    over = [e for e in examples if len(e.context_ids) + reply(e) > limit]
+    if not over:
+        return
+    worst = max(over, key=lambda e: len(e.context_ids) + reply(e))
+    longest_reply = max(len(e.target_ids) for e in examples)
+    room = max(longest_reply, new_tokens or 0)
+    generating = bool(new_tokens) and new_tokens >= longest_reply  # then --max-new-tokens sets the room
+    if room >= limit:
+        fix = f"lower {'--max-new-tokens' if generating else '--max-target'} below {limit}, and --max-context with it"
+    else:
+        fix = (f"pass --max-context {limit - room} or less (each context keeps its end)"
+               + (", or lower --max-new-tokens" if generating else ""))
+    generated = f" and --max-new-tokens {new_tokens}" if new_tokens else ""
+    raise OverfillError(
+        f"{len(over)} of {len(examples)} examples of {path} need more positions than the model has ({limit}): the "
+        f"longest is {len(worst.context_ids)} context tokens + {reply(worst)} for its reply{generated}: {fix}")
+
+
 # ---------------------------------------------------------------- whole files -> examples
 
 @dataclass
@@ -162,12 +189,13 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
         raise OverfillError("the tokenizer has no chat template, so contexts cannot be rendered as generation sees them: "
                             "use a chat (instruct) model")
     source = read_records(path)
-    loaded = LoadedData(str(path), [], len(source.records) + len(source.broken_lines) + len(source.not_objects),
-                        unit=source.unit)
+    loaded = LoadedData(str(path), [], source.looked_at, unit=source.unit)
 
     def skip(reason: str, number: int):
         loaded.skipped.setdefault(reason, []).append(number)
 
+    for number in source.not_utf8:
+        skip("not UTF-8", number)
     for number in source.broken_lines:
         skip("broken JSON", number)
     for number in source.not_objects:
@@ -237,6 +265,7 @@ class RecordFields:
             raise OverfillError("no data file given: pass --data FILE.jsonl")
         if not Path(self.data).is_file():
             raise OverfillError(f"--data {self.data} does not exist: pass a JSONL or JSON file")
+        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
         if bool(self.prompt_field) != bool(self.response_field):
             raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
         if self.max_context is not None and self.max_context < 1:
@@ -268,6 +297,8 @@ class DataConfig(RecordFields):
         super().__post_init__()
         if self.val_data and not Path(self.val_data).is_file():
             raise OverfillError(f"--val-data {self.val_data} does not exist: pass a JSONL or JSON file")
+        if self.val_data:
+            check_text_file(self.val_data)
         if self.val_size < 0:
             raise OverfillError(f"--val-size must be 0 or more, got {self.val_size}")
         if self.max_examples is not None and self.max_examples < 1:

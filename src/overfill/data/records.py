@@ -37,48 +37,99 @@ class RecordFile:
     numbers: list[int] = field(default_factory=list)  # one per record
     not_objects: list[int] = field(default_factory=list)  # JSON, but not an object
     unit: str = "line"
+    not_utf8: list[int] = field(default_factory=list)  # bytes that are not UTF-8 text
+
+    @property
+    def looked_at(self) -> int:
+        """Records and unusable lines alike: what a summary counts as records read."""
+        return len(self.records) + len(self.broken_lines) + len(self.not_objects) + len(self.not_utf8)
+
+
+# How much of a file is looked at to tell text from binary data (as git and grep do).
+SNIFF_BYTES = 8192
+
+
+def _read(path: Path, size: int = -1) -> bytes:
+    if not path.is_file():
+        raise OverfillError(f"data file {path} does not exist: pass a JSONL or JSON file")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(size)
+    except OSError as err:
+        raise OverfillError(f"data file {path} cannot be read ({err.strerror}): check its permissions") from None
+    # A NUL byte never occurs in JSON text (it must be escaped); it does in weights, archives and UTF-16.
+    if b"\0" in data[:SNIFF_BYTES]:
+        raise OverfillError(f"data file {path} is not a text file (it holds binary data, e.g. model weights or UTF-16 "
+                            "text): pass a JSONL or JSON file saved as UTF-8")
+    return data
+
+
+def check_text_file(path: str | Path) -> Path:
+    """Refuse a missing, unreadable or binary data file from its first bytes: cheap enough for a config check."""
+    _read(Path(path), SNIFF_BYTES)
+    return Path(path)
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes without a UTF-8 byte order mark; an OverfillError for a binary or unreadable file."""
+    return _read(path).removeprefix(b"\xef\xbb\xbf")
+
+
+def _decode_whole(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise OverfillError(f"data file {path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}): "
+                            "save it as UTF-8, or as JSONL so that only the broken lines are skipped") from None
 
 
 def read_records(path: str | Path) -> RecordFile:
-    """Read a JSONL file (or one JSON array / object). Broken lines are counted, not fatal; an empty file is."""
+    """Read a JSONL file (or one JSON array / object). Broken lines are counted, not fatal; an empty file is.
+
+    JSONL is decoded line by line, so a line that is not UTF-8 is skipped and counted like a line
+    that is not JSON; a JSON array or object is one text and must be UTF-8 throughout.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise OverfillError(f"data file {path} does not exist: pass a JSONL or JSON file")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
+    data = read_bytes(path)
+    if not data.strip():
         raise OverfillError(f"data file {path} is empty: pass a JSONL file with one record per line")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    stripped = data.lstrip()
+    if stripped.startswith(b"["):
         try:
-            rows = json.loads(stripped)
+            rows = json.loads(_decode_whole(path, stripped))
         except json.JSONDecodeError as err:
             raise OverfillError(f"data file {path} is not valid JSON ({err.msg} at line {err.lineno}): fix it or use JSONL") from None
         numbered = list(enumerate(rows, start=1))
         return RecordFile(str(path), [r for _, r in numbered if isinstance(r, dict)],
                           numbers=[n for n, r in numbered if isinstance(r, dict)],
                           not_objects=[n for n, r in numbered if not isinstance(r, dict)], unit="item")
-    records, numbers, broken, not_objects = [], [], [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    found = RecordFile(str(path), [])
+    # Split bytes on newlines only: JSON strings may hold U+2028 and friends, which str.splitlines would cut at.
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            found.not_utf8.append(number)
+            continue
         except json.JSONDecodeError:
-            broken.append(number)
+            found.broken_lines.append(number)
             continue
         if isinstance(row, dict):
-            records.append(row)
-            numbers.append(number)
+            found.records.append(row)
+            found.numbers.append(number)
         else:
-            not_objects.append(number)
-    if not records and stripped.startswith("{"):  # one pretty-printed JSON object
+            found.not_objects.append(number)
+    if not found.records and stripped.startswith(b"{"):  # one pretty-printed JSON object
         try:
-            row = json.loads(stripped)
-        except json.JSONDecodeError:
-            row = None
+            row = json.loads(stripped.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None  # then it is JSONL after all, and its lines are reported as such
         if isinstance(row, dict):
             return RecordFile(str(path), [row], numbers=[1], unit="item")
-    return RecordFile(str(path), records, broken, numbers, not_objects)
+    return found
 
 
 def record_to_messages(record: dict, prompt_field: str | None = None, response_field: str | None = None) -> list[dict] | None:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from overfill.atomic import atomic_write_text
+from overfill.atomic import atomic_write_text, check_writable
 from overfill.errors import OverfillError
-from overfill.zoo import DEFAULT_MODEL
+from overfill.zoo import DEFAULT_MODEL, resolve_model
 
 
 @dataclass
@@ -144,7 +144,9 @@ def run_demo(config: DemoConfig, console) -> dict:
     from overfill.modeling import OverFillModel
 
     started = time.perf_counter()
-    out = Path(config.out)
+    # Before twenty minutes of pruning and training, and before the report folder exists.
+    out = check_writable(config.out, "--out")
+    resolve_model(config.model)
     out.mkdir(parents=True, exist_ok=True)
     console.rule(f"1/5 prune {config.model} at ratio {config.ratio}")
     pruned_folder = _pruned(config, console)

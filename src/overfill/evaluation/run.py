@@ -21,16 +21,16 @@ import gc
 import json
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-from overfill.atomic import atomic_write_text
+from overfill.atomic import atomic_write_text, check_writable
+from overfill.data.examples import check_examples_fit
 from overfill.evaluation.answers import answer_accuracy, extract_answer, reference_answer
 from overfill.evaluation.config import EvalConfig, ModelEntry
 from overfill.evaluation.metrics import agreement, nll_summary, per_position
 from overfill.evaluation.plots import plot_per_position
 from overfill.evaluation.report import print_eval_table
 from overfill.evaluation.scoring import generate_ids_batched, score_examples
-from overfill.generation import eos_ids_of
+from overfill.generation import context_limit, eos_ids_of
 from overfill.modeling import ModelSource
 
 # ---------------------------------------------------------------- the command
@@ -43,8 +43,8 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     """
     started = time.perf_counter()
     say = console.print if console is not None else (lambda *a, **k: None)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Checked now, created only when there are results: a run that fails leaves no empty folder behind.
+    out = check_writable(config.out, "--out")
     entries = config.model_entries()
     groups: dict[ModelSource, list[ModelEntry]] = {}
     for entry in entries:
@@ -72,6 +72,9 @@ def evaluate(config: EvalConfig, console=None) -> dict:
                 references = [None] * len(examples)
             data_summary.update(target_tokens=sum(len(e.target_ids) for e in examples), answer=kind)
             say(f"{loaded.summary()}; {data_summary['target_tokens']} reply tokens")
+        # Per model: entries may come from checkpoints of models with other context sizes.
+        check_examples_fit(examples, context_limit(model), path=config.data,
+                           new_tokens=config.max_new_tokens if config.generate else None)
         contexts = [e.context_ids for e in examples]
         fingerprint = model.full_fingerprint
 
@@ -116,6 +119,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         "per_position": positions,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "per_position.json", json.dumps(positions, indent=1) + "\n")
     plot_per_position(positions, out / "per_position.png", modes={n: m["mode"] for n, m in models.items()})

@@ -20,7 +20,7 @@ from typing import Final
 import numpy as np
 import torch
 
-from overfill.atomic import atomic_folder
+from overfill.atomic import atomic_folder, check_writable
 from overfill.errors import OverfillError
 from overfill.train.config import TrainConfig
 from overfill.train.trainee import Trainee
@@ -143,12 +143,20 @@ def _corrupt(folder: Path, what: str) -> OverfillError:
 
 
 def read_checkpoint(folder: Path) -> dict:
-    """trainer.json of a step checkpoint, after checking every file against its recorded sha256."""
+    """trainer.json of a step checkpoint, after checking every file against its recorded sha256.
+
+    A folder without trainer.json is no checkpoint at all (atomic_folder never leaves a half one
+    under its final name), so it is refused as the wrong folder, not as a damaged checkpoint.
+    """
     meta_path = folder / TRAINER_FILE
-    if not folder.is_dir():
+    if not folder.exists():
         raise OverfillError(f"checkpoint {folder} does not exist: pass a checkpoints/step-N folder or 'latest'")
-    if not meta_path.is_file():
-        raise _corrupt(folder, f"no {TRAINER_FILE}, so it was never completed")
+    if not folder.is_dir() or not meta_path.is_file():
+        what = "not a folder" if not folder.is_dir() else f"no {TRAINER_FILE}"
+        if folder.is_dir() and folder.name.startswith("step-"):  # where a checkpoint goes, left by a killed writer
+            what += ", so it was never completed"
+        raise OverfillError(f"--resume {folder} is not a training checkpoint ({what}): pass a checkpoints/step-N "
+                            "folder of a run, or 'latest'")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -211,8 +219,8 @@ def load_checkpoint(folder: Path, meta: dict, trainee: Trainee, optimizer, sched
 
 
 def prepare_out(config: TrainConfig) -> Path | None:
-    """Check the run folder; returns the checkpoint to resume from, if any."""
-    out = Path(config.out)
+    """Check the run folder (before any model loads); returns the checkpoint to resume from, if any."""
+    out = check_writable(config.out, "--out")
     if config.resume:
         folder = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
         return folder

@@ -43,6 +43,8 @@ from torch import nn
 
 from overfill.atomic import atomic_write_text
 from overfill.data import collate, load_data
+from overfill.data.examples import check_examples_fit
+from overfill.generation import context_limit
 from overfill.tensors import pad_id_of
 from overfill.train.checkpoint import (
     check_same_run,
@@ -117,6 +119,9 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     trainee = load_trainee(config)
     tokenizer = trainee.tokenizer
     data = load_data(config, tokenizer)
+    limit = context_limit(trainee.pair if trainee.pair is not None else trainee.trained)
+    for source in data.sources:  # before any step: past its positions a model trains on garbage without an error
+        check_examples_fit(source.examples, limit, path=source.path)
     for source in data.sources:
         say(source.summary())
     say(f"{data.summary()}; mode {config.mode}, {sum(p.numel() for p in trainee.trained.parameters()) / 1e6:.1f}M trained parameters")
