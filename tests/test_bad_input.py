@@ -335,3 +335,19 @@ def test_saved_weight_files_have_ordinary_permissions(files, tmp_path):
         assert any(p.suffix == ".safetensors" for p in paths)
         for path in paths:
             assert stat.S_IMODE(path.stat().st_mode) == (FOLDER_MODE if path.is_dir() else FILE_MODE), path
+
+
+# ---------------------------------------------------------------- flags the command line itself refuses
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("generate", "--mode", "half", "-p", "hi"), "'half' is not one of 'overfill', 'full', 'pruned'"),
+    (("train", "--mode", "half"), "'half' is not one of"),
+    (("eval", "--dtype", "fp8"), "'fp8' is not one of"),
+    (("prune", "--ratio"), "requires an argument"),
+    (("prune", "--ratio", "lots"), "Input should be a valid number"),
+    (("generate", "--bogus", "1"), "No such option: --bogus"),
+    (("bogus",), "No such command 'bogus'"),
+])
+def test_usage_errors_are_one_line_too(monkeypatch, capsys, args, fragment):
+    refused(monkeypatch, capsys, fragment, *args)

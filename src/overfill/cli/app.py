@@ -89,13 +89,25 @@ def _show_overfill_warnings():
 
 
 def main():
+    # typer 0.29 carries its own copy of click, whose exceptions it does not re-export.
+    from typer._click import exceptions as usage
+
     _quiet_libraries()
     _show_overfill_warnings()
     try:
-        app()
+        # Not standalone: click's own usage errors come back here, to be said in one line like ours.
+        code = app(standalone_mode=False)
+    except usage.NoArgsIsHelpError as error:
+        print(error.ctx.get_help())
+        sys.exit(2)
+    except usage.UsageError as error:  # an unknown flag, a bad choice, a missing value
+        where = error.ctx.command_path if error.ctx else "overfill"
+        err.print(f"[bold red]error:[/] {error.format_message()} (see `{where} --help`)", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except OverfillError as error:
         err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (Interrupted, KeyboardInterrupt) as interrupt:  # KeyboardInterrupt: Ctrl-C outside a command
+    except (Interrupted, KeyboardInterrupt, typer.Abort) as interrupt:  # Ctrl-C outside a command
         err.print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", highlight=False, soft_wrap=True)
         sys.exit(130)
+    sys.exit(code or 0)
