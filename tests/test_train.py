@@ -7,7 +7,7 @@ import torch
 
 from overfill import OverfillError
 from overfill.data import collate, load_examples
-from overfill.modeling import OverFillModel
+from overfill.modeling import OverFillModel, activation_checkpointing
 from overfill.prune import PruneConfig, prune_model, save_pruned
 from overfill.train import TrainConfig, load_trainee, train
 from overfill.train.loss import batch_loss, standalone_loss
@@ -116,7 +116,7 @@ def test_loss_definitions_agree_and_decoder_loss_depends_on_context(setup):
     torch.manual_seed(0)
     b, _ = batch_loss("overfill", trainee.module, swapped)
     assert abs(a.item() - b.item()) > 1e-3
-    assert not trainee.trained.is_activation_checkpointing
+    assert not activation_checkpointing(trainee.trained)
     assert trainee.pair.full.training is False and trainee.pair.decoder.training is True
 
 

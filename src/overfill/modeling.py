@@ -103,6 +103,17 @@ def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torc
 # ---------------------------------------------------------------- the model
 
 
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether any layer recomputes activations (the flag its layers carry in every transformers 5.x)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Switch it off: transformers 5.23 names the method activation_checkpointing_disable, 5.19 gradient_..."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+
+
 @dataclass
 class OverFillOutput:
     loss: torch.Tensor  # mean cross-entropy over target tokens 2..N
@@ -164,11 +175,11 @@ class OverFillModel(nn.Module):
         """
         if target_ids.shape[1] < 2:
             raise OverfillError("targets need at least 2 tokens: the decoder's loss covers target tokens 2..N")
-        if self.decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in self.decoder.modules()):
+        if self.decoder.training and activation_checkpointing(self.decoder):
             # transformers' checkpointed layers silently drop past_key_values: the decoder would train
             # without the full model's context (DESIGN §4).
             raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
-                                "disable it on the decoder (decoder.gradient_checkpointing_disable())")
+                                "disable it on the decoder (modeling.disable_activation_checkpointing(decoder))")
         logits = handoff(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask).rest
         labels = target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)  # [B, N-1]
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)

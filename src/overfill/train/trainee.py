@@ -26,7 +26,7 @@ class Trainee:
 
 
 def load_trainee(config: TrainConfig) -> Trainee:
-    from overfill.modeling import OverFillModel
+    from overfill.modeling import OverFillModel, activation_checkpointing, disable_activation_checkpointing
     from overfill.zoo import load_model
 
     if config.mode == "full":
@@ -41,8 +41,8 @@ def load_trainee(config: TrainConfig) -> Trainee:
         pair.decoder.requires_grad_(True)
         module = pair if config.mode == "overfill" else pair.decoder
         trainee = Trainee(config.mode, module, pair.decoder, pair.tokenizer, pair)
-    if getattr(trainee.trained, "is_activation_checkpointing", False):
-        trainee.trained.activation_checkpointing_disable()  # DESIGN §4: it would drop the full model's cache
+    if activation_checkpointing(trainee.trained):
+        disable_activation_checkpointing(trainee.trained)  # DESIGN §4: it would drop the full model's cache
     return trainee
 
 
