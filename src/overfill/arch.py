@@ -8,7 +8,7 @@ pruning that keeps caches compatible.
 
 All supported families share Llama's module layout; they differ in biases (Qwen2 q/k/v), per-head
 q/k norms (Qwen3, over head_dim, so untouched by width pruning) and in whether the config class
-insists that hidden_size be a multiple of the head count (Llama, in transformers 5.23).
+insists that hidden_size be a multiple of the head count (Llama, in transformers 5.19 to 5.23).
 """
 
 from __future__ import annotations
