@@ -116,6 +116,17 @@ def test_lines_that_are_not_utf8_are_skipped_and_named(files, tmp_path):
     assert "not UTF-8: line 2" in loaded.summary()
 
 
+def test_records_escaping_a_lone_surrogate_are_skipped_as_not_utf8(tmp_path):
+    path = tmp_path / "escaped.jsonl"  # valid UTF-8 bytes and valid JSON, but text no tokenizer can encode
+    path.write_text('{"question": "ok", "answer": "fine"}\n{"question": "bad \\ud800 here", "answer": "x"}\n')
+    loaded = load_examples(path, tiny_tokenizer(), prompt_field="question", response_field="answer")
+    assert len(loaded.examples) == 1 and loaded.skipped == {"not UTF-8": [2]}
+    from overfill.data.calibration import calibration_ids
+
+    records = [{"text": "fine"}, {"text": "bad \ud800"}, {"messages": [{"role": "user", "content": "bad \ud800"}]}]
+    assert len(calibration_ids(tiny_tokenizer(), records)) == 1
+
+
 # ---------------------------------------------------------------- 2. corrupt weights
 
 
@@ -321,6 +332,30 @@ def test_interactive_chat_reports_a_bad_turn_and_goes_on(monkeypatch, capsys, fi
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)  # a person at a terminal may retype the line
     code, _, err = run_cli(monkeypatch, capsys, "chat", str(files / "ckpt"), "--max-new-tokens", "2")
     assert code in (0, None) and "error: the user message is not valid UTF-8" in err
+
+
+def test_chat_without_a_decoder_refuses_the_modes_that_need_one(monkeypatch, capsys, files):
+    stdin_bytes(monkeypatch, b"/mode pruned\n/mode overfill\n/exit\n")
+    code, _, err = run_cli(monkeypatch, capsys, "chat", "--model", str(files / "full"), "--mode", "full")
+    assert code in (0, None) and err.count("this chat has no decoder") == 2 and "mode pruned" not in err
+
+
+@pytest.mark.parametrize("content", ["{broken", "[1, 2]"])
+def test_corrupt_pruning_record_is_one_line(monkeypatch, capsys, files, tmp_path, content):
+    shutil.copytree(files / "dec", tmp_path / "dec")
+    (tmp_path / "dec" / "pruning.json").write_text(content)
+    refused(monkeypatch, capsys, "pruning.json is corrupt", "generate", "--model", str(files / "full"),
+            "--decoder", str(tmp_path / "dec"), "-p", "hi", untouched=(tmp_path / "dec",))
+
+
+def test_a_pair_loads_in_bfloat16_against_its_float32_fingerprint(files):
+    import torch
+
+    model = OverFillModel.from_pair(str(files / "full"), str(files / "dec"), dtype=torch.bfloat16)
+    assert model.full.dtype == model.decoder.dtype == torch.bfloat16
+    assert model.full_fingerprint == json.loads((files / "dec" / "pruning.json").read_text())["source_fingerprint"]
+    ckpt = OverFillModel.from_pretrained(files / "ckpt", dtype=torch.bfloat16)
+    assert ckpt.decoder.dtype == torch.bfloat16
 
 
 def test_saved_weight_files_have_ordinary_permissions(files, tmp_path):

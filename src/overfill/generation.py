@@ -137,7 +137,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     for step in range(config.max_new_tokens):
         if step > 0:
             # The handoff: from here on `decode_model` reads and extends `prefill_model`'s cache.
-            logits = decode(decode_model, tokens[:, None], attention_mask, cache, start=lengths - 1)[:, -1].float()
+            # tokens [B]: chosen at the previous step
+            logits = decode(decode_model, tokens[:, None], attention_mask, cache, start=lengths - 1)[:, -1].float()  # noqa: F821
         tokens = chooser(logits, generated)
         tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
         generated = torch.cat([generated, tokens[:, None]], dim=1)

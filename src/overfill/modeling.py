@@ -224,10 +224,10 @@ class OverFillModel(nn.Module):
             source = full_model or meta.get("full_model")
             if not source:
                 raise OverfillError(f"{folder}/overfill.json names no full model: pass the full model explicitly")
-            full, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
+            full, tokenizer = load_model(source, trust_remote_code=trust_remote_code, quiet=True)
         else:
             full, source = full_model, None
-        decoder, decoder_tokenizer = load_model(str(folder / meta.get("decoder", "decoder")), dtype=dtype,
+        decoder, decoder_tokenizer = load_model(str(folder / meta.get("decoder", "decoder")),
                                                 trust_remote_code=trust_remote_code, quiet=True)
         model = cls(full, decoder, tokenizer or decoder_tokenizer, full_source=source,
                     decoder_tokenizer=decoder_tokenizer, pruning=meta.get("pruning"))
@@ -240,18 +240,18 @@ class OverFillModel(nn.Module):
                 + (f" ({meta['full_model']})" if meta.get("full_model") else "")
             )
         model.full_source = model.full_source or meta.get("full_model")
-        return model
+        return model.cast(dtype)
 
     @classmethod
     def from_pair(cls, full_model: str, decoder: str, *, dtype: torch.dtype = torch.float32,
                   trust_remote_code: bool = False) -> "OverFillModel":
         """A full model and a decoder folder (e.g. from `overfill prune`), checked against each other."""
-        full, tokenizer = load_model(full_model, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
-        dec, dec_tokenizer = load_model(decoder, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
+        full, tokenizer = load_model(full_model, trust_remote_code=trust_remote_code, quiet=True)
+        dec, dec_tokenizer = load_model(decoder, trust_remote_code=trust_remote_code, quiet=True)
         pruning = {}
         record_path = Path(resolve_model(decoder, quiet=True)) / "pruning.json"
         if record_path.is_file():
-            pruning = json.loads(record_path.read_text())
+            pruning = read_json_object(record_path, "prune the decoder again (`overfill prune`)")
         model = cls(full, dec, tokenizer, full_source=full_model, decoder_tokenizer=dec_tokenizer, pruning=pruning)
         expected = pruning.get("source_fingerprint")
         if expected and model.full_fingerprint != expected:
@@ -259,20 +259,36 @@ class OverFillModel(nn.Module):
                 f"decoder {decoder} was pruned from another model than {full_model} "
                 f"(fingerprint {model.full_fingerprint[:12]} != {expected[:12]}): pair it with its source model"
             )
-        return model
+        return model.cast(dtype)
+
+    def cast(self, dtype: torch.dtype) -> "OverFillModel":
+        """Both models in `dtype`. Loading stays float32 until the pair is checked: the fingerprints
+        recorded at pruning and training time are of float32 weights."""
+        if dtype != torch.float32:
+            _ = self.full_fingerprint  # of the float32 weights, before they are cast
+            self.full.to(dtype)
+            self.decoder.to(dtype)
+        return self
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object from one of our record files (overfill.json, pruning.json), or one error line with `fix`."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise OverfillError(f"{path} is corrupt ({getattr(err, 'msg', err)}): {fix}") from None
+    if not isinstance(value, dict):
+        raise OverfillError(f"{path} is corrupt (not a JSON object): {fix}")
+    return value
 
 
 def read_checkpoint_meta(folder: Path) -> dict:
     meta_path = folder / "overfill.json"
     if not meta_path.is_file():
         raise OverfillError(f"{folder} is not an OverFill checkpoint (no overfill.json): pass a folder written by `overfill train`, or --model with --decoder")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise OverfillError(f"{meta_path} is corrupt ({getattr(err, 'msg', err)}): re-create the checkpoint") from None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise OverfillError(f"{meta_path} has format {found}, this overfill reads format {CHECKPOINT_FORMAT}: upgrade overfill")
+    meta = read_json_object(meta_path, "re-create the checkpoint")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise OverfillError(f"{meta_path} has format {meta.get('format')}, this overfill reads format {CHECKPOINT_FORMAT}: upgrade overfill")
     return meta
 
 

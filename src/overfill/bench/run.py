@@ -113,12 +113,12 @@ def cpu() -> dict:
     return {"name": name, "instruction_sets": [f for f in wanted if f in flags]}
 
 
-def environment() -> dict:
+def environment(dtype: str = "float32") -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu": cpu(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "dtype": "float32",
+            "torch_threads": torch.get_num_threads(), "dtype": dtype,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -160,7 +160,7 @@ def _run_bench(config: BenchConfig, console, model) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pad_id = pad_id_of(model.tokenizer)
     prompts = PromptSource.from_tokenizer(model.tokenizer)
-    result = {"config": asdict(config), "environment": environment(), "models": describe(model)}
+    result = {"config": asdict(config), "environment": environment(config.dtype), "models": describe(model)}
     started = time.perf_counter()
     # A full collection takes ~0.2 s here, as long as a few decode steps: freeze what exists now so
     # that the collector's occasional runs during timing only scan the few objects the runs create.

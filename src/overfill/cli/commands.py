@@ -201,6 +201,9 @@ def run_chat(command: ChatCommand) -> None:
             if wanted not in MODES:
                 err.print(f"[red]usage: /mode {'|'.join(MODES)}[/]")
                 continue
+            if wanted != "full" and session.model.decoder is session.model.full:
+                err.print("[red]this chat has no decoder: start it with a checkpoint, or --model with --decoder[/]")
+                continue
             session.set_mode(wanted)
             err.print(f"[dim]mode {wanted}[/]")
             continue

@@ -12,7 +12,7 @@ import json
 from importlib import resources
 
 from overfill.data.examples import chat_ids
-from overfill.data.records import record_to_messages
+from overfill.data.records import all_utf8, record_to_messages
 
 
 def bundled_calibration_records() -> list[dict]:
@@ -25,10 +25,12 @@ def calibration_ids(tokenizer, records: list[dict]) -> list[list[int]]:
     sequences = []
     for record in records:
         if isinstance(record.get("text"), str) and record["text"].strip():
+            if not all_utf8([record["text"]]):
+                continue  # skipped like a broken line: it cannot be tokenized
             sequences.append(tokenizer(record["text"], add_special_tokens=True)["input_ids"])
             continue
         messages = record_to_messages(record)
-        if messages and any(m["content"].strip() for m in messages):
+        if messages and any(m["content"].strip() for m in messages) and all_utf8(m["content"] for m in messages):
             if getattr(tokenizer, "chat_template", None):
                 sequences.append(chat_ids(tokenizer, messages, add_generation_prompt=False))
             else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from overfill.data.records import check_text_file, read_records, record_to_messages
+from overfill.data.records import all_utf8, check_text_file, read_records, record_to_messages
 from overfill.errors import OverfillError
 from overfill.tensors import left_pad, right_pad
 
@@ -211,6 +211,9 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
         messages = record_to_messages(record, prompt_field, response_field)
         if messages is None:
             skip("unrecognised shape", number)
+            continue
+        if not all_utf8(m["content"] for m in messages):  # e.g. a JSON "\ud800" escape: no tokenizer takes it
+            skip("not UTF-8", number)
             continue
         messages, reason = _final_reply(messages)
         if reason:

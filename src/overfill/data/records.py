@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from overfill.errors import OverfillError
+from overfill.errors import OverfillError, first_undecodable
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -166,3 +166,8 @@ def _pair_messages(record: dict, prompt_field: str, response_field: str) -> list
     if not isinstance(response, str):
         return None
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def all_utf8(texts) -> bool:
+    """Whether every text can be encoded (and so tokenized): valid JSON may still escape a lone surrogate."""
+    return all(first_undecodable(text) is None for text in texts)

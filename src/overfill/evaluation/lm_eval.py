@@ -50,7 +50,7 @@ class OverFillLM(TemplateLM):
                  batch_size: int | str | None = 8, max_length: int | None = None, max_gen_toks: int = 256,
                  dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None, **_ignored):
         super().__init__()
-        check_mode(mode)
+        check_mode(mode, "model_args mode")
         if not (path or model):
             raise OverfillError("model_args need path=<OverFill checkpoint>, or model=<full model> with decoder=<pruned folder>")
         if not (path or decoder) and mode != "full":

@@ -78,7 +78,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         contexts = [e.context_ids for e in examples]
         fingerprint = model.full_fingerprint
 
-        def greedy(mode: str) -> tuple[list[list[int]], float]:
+        def greedy(mode: str, model=model) -> tuple[list[list[int]], float]:
             t0 = time.perf_counter()
             return generate_ids_batched(model, mode, contexts, max_new_tokens=config.max_new_tokens,
                                         batch_size=config.batch_size), time.perf_counter() - t0
