@@ -248,6 +248,13 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
 # ---------------------------------------------------------------- train / validation split
 
 
+def check_data_path(path: str, flag: str) -> None:
+    if Path(path).is_dir():
+        raise OverfillError(f"{flag} {path} is a folder: pass a JSONL or JSON file")
+    if not Path(path).is_file():
+        raise OverfillError(f"{flag} {path} does not exist: pass a JSONL or JSON file")
+
+
 @dataclass
 class RecordFields:
     """Which file to read and how its records become (context, reply) pairs: what training and evaluation share."""
@@ -266,8 +273,7 @@ class RecordFields:
     def __post_init__(self):
         if not self.data:
             raise OverfillError("no data file given: pass --data FILE.jsonl")
-        if not Path(self.data).is_file():
-            raise OverfillError(f"--data {self.data} does not exist: pass a JSONL or JSON file")
+        check_data_path(self.data, "--data")
         check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
         if bool(self.prompt_field) != bool(self.response_field):
             raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
@@ -298,8 +304,8 @@ class DataConfig(RecordFields):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.val_data and not Path(self.val_data).is_file():
-            raise OverfillError(f"--val-data {self.val_data} does not exist: pass a JSONL or JSON file")
+        if self.val_data:
+            check_data_path(self.val_data, "--val-data")
         if self.val_data:
             check_text_file(self.val_data)
         if self.val_size < 0:

@@ -118,11 +118,9 @@ def verdict(nll: dict[str, float], nll_all: dict[str, float], share: float) -> s
 
 
 def _plot_losses(runs: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    import matplotlib
+    from overfill.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in runs.items():
         if points:

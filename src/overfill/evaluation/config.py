@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,8 +71,8 @@ class EvalConfig(ModelSource, RecordFields):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.answer not in ("auto", "gsm8k", "none"):
-            raise OverfillError(f"unknown answer kind '{self.answer}': pick one of auto, gsm8k, none")
+        if self.answer not in typing.get_args(AnswerKind):
+            raise OverfillError(f"unknown answer kind '{self.answer}': pick one of {', '.join(typing.get_args(AnswerKind))}")
 
     def model_entries(self) -> list[ModelEntry]:
         return [parse_entry(s) for s in self.entries]
