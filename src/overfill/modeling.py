@@ -292,23 +292,6 @@ def read_checkpoint_meta(folder: Path) -> dict:
     return meta
 
 
-def load_overfill(checkpoint: str | None = None, *, model: str | None = None, decoder: str | None = None,
-                  dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                  full_alone: bool = False) -> OverFillModel:
-    """A checkpoint folder, or --model + --decoder. With `full_alone`, --model without a decoder
-    stands in for both halves (only mode full may then run)."""
-    if checkpoint:
-        return OverFillModel.from_pretrained(checkpoint, model, dtype=dtype, trust_remote_code=trust_remote_code)
-    model = model or DEFAULT_MODEL
-    if decoder:
-        return OverFillModel.from_pair(model, decoder, dtype=dtype, trust_remote_code=trust_remote_code)
-    if not full_alone:
-        raise OverfillError("no decoder given: pass an OverFill checkpoint folder, or --decoder (a folder from "
-                            f"`overfill prune`) with --model (default {DEFAULT_MODEL})")
-    full, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
-    return OverFillModel(full, full, tokenizer, full_source=model)
-
-
 @dataclass(unsafe_hash=True)  # hashable: eval groups entries that share one source
 class ModelSource:
     """Where a command's OverFill model comes from (generate, chat, eval, bench)."""
@@ -316,7 +299,7 @@ class ModelSource:
     checkpoint: str | None = None
     """OverFill checkpoint folder (from `overfill train`); or use --model with --decoder."""
     model: str | None = None
-    """Full model (zoo name, folder or hub id); with a checkpoint, it replaces the one the checkpoint records."""
+    """Full model (zoo name, folder or hub id; default smollm2-135m-instruct); with a checkpoint, it replaces the one the checkpoint records."""
     decoder: str | None = None
     """Pruned decoder folder (from `overfill prune`, or a checkpoint's decoder/), paired with --model."""
     dtype: Dtype = "float32"
@@ -331,5 +314,16 @@ class ModelSource:
         return self.checkpoint or f"{self.model or DEFAULT_MODEL}" + (f" + {self.decoder}" if self.decoder else "")
 
     def load(self, *, full_alone: bool = False) -> OverFillModel:
-        return load_overfill(self.checkpoint, model=self.model, decoder=self.decoder, dtype=check_dtype(self.dtype),
-                             trust_remote_code=self.trust_remote_code, full_alone=full_alone)
+        """The checkpoint, or --model + --decoder. With `full_alone`, --model without a decoder stands
+        in for both halves (only mode full may then run)."""
+        dtype, trust = check_dtype(self.dtype), self.trust_remote_code
+        if self.checkpoint:
+            return OverFillModel.from_pretrained(self.checkpoint, self.model, dtype=dtype, trust_remote_code=trust)
+        model = self.model or DEFAULT_MODEL
+        if self.decoder:
+            return OverFillModel.from_pair(model, self.decoder, dtype=dtype, trust_remote_code=trust)
+        if not full_alone:
+            raise OverfillError("no decoder given: pass an OverFill checkpoint folder, or --decoder (a folder from "
+                                f"`overfill prune`) with --model (default {DEFAULT_MODEL})")
+        full, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust, quiet=True)
+        return OverFillModel(full, full, tokenizer, full_source=model)
