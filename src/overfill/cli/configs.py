@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import typing
 from typing import Any, Callable
@@ -52,13 +53,14 @@ def _cli_type(annotation):
 
 def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[Any], None], *, help: str,
                        skip: tuple[str, ...] = (), arguments: tuple[str, ...] = (),
-                       aliases: dict[str, str] | None = None) -> None:
-    """Register `name` running `run(config_cls(**flags))`; `arguments` are positional, `aliases` short flags."""
+                       aliases: dict[str, str] | None = None, passthrough: str | None = None) -> None:
+    """Register `name` running `run(config_cls(**flags))`; `arguments` are positional, `aliases` short flags,
+    and the `passthrough` field collects whatever follows `--`, for another program (vLLM's server)."""
     hints = typing.get_type_hints(config_cls)
     docs = field_docs(config_cls)
     parameters = []
     for f in dataclasses.fields(config_cls):
-        if f.name in skip or not f.init:
+        if f.name in skip or f.name == passthrough or not f.init:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else ...)
@@ -75,7 +77,19 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
             option = typer.Option(default, *names, help=docs.get(f.name, ""))
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
 
-    def command(**kwargs):
+    def command(ctx: typer.Context, **kwargs):
+        if passthrough:
+            # click fills an empty positional argument from what follows `--` before it leaves the
+            # rest in ctx.args; what follows `--` belongs to the other program, whole.
+            argv = sys.argv[1:]
+            tail = tuple(argv[argv.index("--") + 1 :]) if "--" in argv else tuple(ctx.args)
+            if len(tail) > len(ctx.args):
+                for argument in arguments:
+                    if kwargs.get(argument) == tail[0]:
+                        kwargs[argument] = None
+            kwargs[passthrough] = tail
+        elif ctx.args:
+            raise typer.BadParameter(f"unexpected extra arguments: {' '.join(ctx.args)}")
         for key, value in list(kwargs.items()):
             if isinstance(value, list):
                 kwargs[key] = tuple(value)
@@ -84,7 +98,10 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
         except KeyboardInterrupt as interrupt:
             raise Interrupted(str(interrupt)) from None
 
-    command.__signature__ = inspect.Signature(parameters)
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([context, *parameters])
     command.__doc__ = help
     command.__name__ = name
-    app.command(name=name, help=help)(command)
+    # Only a passthrough command takes extra arguments, and only after `--`: a mistyped flag stays an error.
+    settings = {"allow_extra_args": True} if passthrough else {}
+    app.command(name=name, help=help, context_settings=settings)(command)

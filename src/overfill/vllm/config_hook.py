@@ -23,6 +23,14 @@ class OverFillConfigHook(VerifyAndUpdateConfig):
             # freeze the branch of its dummy batch (all prompt -> full model) for every replay.
             logger.warning("OverFill: forcing enforce_eager (no torch.compile / CUDA graphs yet)")
             model_config.enforce_eager = True
+        cache_config = vllm_config.cache_config
+        if cache_config.enable_prefix_caching:
+            # vLLM hashes cache blocks by their tokens alone, and caches the blocks of generated tokens
+            # too. Those hold the decoder's keys and values: a later prompt that repeats a reply (the
+            # next chat turn) would reuse them where OverFill prefills with the full model, so the
+            # answer would depend on what happened to be cached.
+            logger.info("OverFill: prefix caching is off (cached reply blocks hold the decoder's KV, not the full model's)")
+            cache_config.enable_prefix_caching = False
         if not vllm_config.use_v2_model_runner:
             procs = list(model_config.logits_processors or [])
             if TRACKER_FQCN not in procs:

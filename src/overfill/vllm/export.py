@@ -1,35 +1,126 @@
-"""Write the folder vLLM loads for an OverFill pair (full model + width-pruned decoder).
+"""The folder vLLM loads: one per (full model, decoder) pair, written once, atomically, and reused.
 
-Layout (all names relative to the output folder):
+`engine_model(source, mode)` is what `overfill serve`, `bench --engine vllm` and `eval --engine vllm`
+hand to vLLM:
+  * overfill: an exported folder under $OVERFILL_HOME/vllm/, named by both models' fingerprints;
+  * full / pruned: the full model's or the decoder's own folder, which vLLM loads as it is
+    (plain Llama / Qwen2 / ... served the same way, for comparison).
+
+Exported layout (names relative to the folder):
 
     config.json                  the full model's config, architectures = ["OverFillForCausalLM"],
                                  plus "overfill": {"format", "decoder": {hidden_size, intermediate_size,
-                                 tie_word_embeddings, rms_norm_eps}, "full_model", "decoder_source"}
+                                 tie_word_embeddings, rms_norm_eps}, "full_fingerprint", "decoder_fingerprint"}
     <full shards>.safetensors    the full model's own files, names unchanged ("model.layers.0...."),
-                                 symlinked (default) or copied
+                                 symlinked to the full model's folder
     decoder.safetensors          the decoder's tensors, every name prefixed with "decoder."
-    model.safetensors.index.json weight_map over both (vLLM drops *.safetensors files an index omits)
-    tokenizer*, chat_template.jinja, generation_config.json, special_tokens_map.json  from the full model
+    model.safetensors.index.json weight_map over both (vLLM skips .safetensors files an index omits)
+    tokenizer files, chat template, generation_config.json     from the full model
 
-Usage: python -m overfill.vllm.export FULL_DIR DECODER_DIR OUT_DIR [--copy]
+The pair is loaded and checked first (same layers, KV heads, head_dim and tokenizer; the decoder's
+recorded full-model fingerprint), exactly as `overfill generate` would.
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from overfill.atomic import atomic_folder
+from overfill.errors import OverfillError
+from overfill.modeling import Mode, ModelSource, check_mode, read_checkpoint_meta
+from overfill.zoo import DEFAULT_MODEL, fingerprint, overfill_home, resolve_model
+
+ARCH = "OverFillForCausalLM"
 FORMAT = 1
+DONE = "config.json"  # written last: a folder that has it is complete
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
-CACHE_FIELDS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "vocab_size", "rope_parameters", "rope_theta", "rope_scaling")
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """A folder vLLM can load, and the name it is served under."""
+
+    path: Path
+    name: str
+    mode: Mode
+    dtype: str
+    trust_remote_code: bool = False
+
+
+def engine_model(source: ModelSource, mode: str = "overfill", *, name: str | None = None) -> EngineModel:
+    """The folder vLLM loads for `mode` of `source` (exporting the OverFill pair on first use)."""
+    mode = check_mode(mode)
+    if mode == "full":
+        path = Path(resolve_model(_full_source(source), quiet=True))
+    elif mode == "pruned":
+        path = Path(resolve_model(_decoder_folder(source), quiet=True))
+    else:
+        path = export(source)
+    for required in ("config.json", "tokenizer_config.json"):
+        if not (path / required).is_file():
+            raise OverfillError(f"{path} has no {required}: vLLM needs a model folder with its tokenizer; "
+                                "re-create it with overfill prune / overfill train")
+    return EngineModel(path=path, name=name or _default_name(source, mode), mode=mode, dtype=source.dtype,
+                       trust_remote_code=source.trust_remote_code)
+
+
+def _full_source(source: ModelSource) -> str:
+    if source.model:
+        return source.model
+    if source.checkpoint:
+        recorded = read_checkpoint_meta(Path(source.checkpoint)).get("full_model")
+        if recorded:
+            return recorded
+    return DEFAULT_MODEL
+
+
+def _decoder_folder(source: ModelSource) -> str:
+    if source.checkpoint:
+        return str(Path(source.checkpoint) / read_checkpoint_meta(Path(source.checkpoint)).get("decoder", "decoder"))
+    if source.decoder:
+        return source.decoder
+    raise OverfillError("no decoder given: pass an OverFill checkpoint folder, or --decoder (a folder from "
+                        f"`overfill prune`) with --model (default {DEFAULT_MODEL})")
+
+
+def _default_name(source: ModelSource, mode: str) -> str:
+    base = Path(source.checkpoint).name if source.checkpoint else Path(source.decoder or source.model or DEFAULT_MODEL).name
+    return f"{base}-{mode}"
+
+
+def export(source: ModelSource) -> Path:
+    """The exported OverFill folder of `source`: reused when it exists, else checked, written and renamed into place."""
+    full_dir = Path(resolve_model(_full_source(source), quiet=True))
+    decoder_dir = Path(resolve_model(_decoder_folder(source), quiet=True))
+    target = overfill_home() / "vllm" / _folder_key(full_dir, decoder_dir)
+    if (target / DONE).is_file():
+        return target  # these very files were checked when it was written
+    pair = source.load()  # checks compatibility, tokenizer and the recorded fingerprint; float32 weights
+    full_print, decoder_print = pair.full_fingerprint, fingerprint(pair.decoder)
+    del pair
+    with atomic_folder(target, done_marker=DONE) as tmp:
+        write_folder(full_dir, decoder_dir, tmp, full_fingerprint=full_print, decoder_fingerprint=decoder_print)
+    return target
+
+
+def _folder_key(full: Path, decoder: Path) -> str:
+    """Names the exported folder after the exact weight files it links and copies (path, size, mtime):
+    retraining or re-pruning into the same folder gives a new export, never a stale one."""
+    digest = hashlib.sha256(f"format {FORMAT}".encode())
+    for folder in (full, decoder):
+        for name in ("config.json", *(shard.name for shard in _shards(folder))):
+            stat = (folder / name).stat()
+            digest.update(f"{(folder / name).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -38,74 +129,44 @@ def _shards(folder: Path) -> list[Path]:
         return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
-        raise SystemExit(f"{folder} has no .safetensors weights")
+        raise OverfillError(f"{folder} has no .safetensors weights: vLLM loads safetensors only; "
+                            "save the model with save_pretrained (safe_serialization)")
     return shards
 
 
-def export(full: str, decoder: str, out: str, *, copy: bool = False) -> Path:
-    full, decoder, out = Path(full), Path(decoder), Path(out)
-    fcfg = json.loads((full / "config.json").read_text())
-    dcfg = json.loads((decoder / "config.json").read_text())
-    for field in CACHE_FIELDS:
-        if fcfg.get(field) != dcfg.get(field):
-            raise SystemExit(f"decoder is not cache-compatible: {field} {dcfg.get(field)} != {fcfg.get(field)}")
-    out.mkdir(parents=True, exist_ok=True)
+def write_folder(full: Path, decoder: Path, out: Path, *, full_fingerprint: str, decoder_fingerprint: str) -> None:
+    """Write the exported layout (module docstring) for a checked pair into the empty folder `out`."""
+    full_config = json.loads((full / "config.json").read_text())
+    decoder_config = json.loads((decoder / "config.json").read_text())
     weight_map: dict[str, str] = {}
     for shard in _shards(full):
-        target = out / shard.name
         if shard.name == "decoder.safetensors":
-            raise SystemExit("the full model has a shard named decoder.safetensors: rename needed")
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        if copy:
-            shutil.copy2(shard, target)
-        else:
-            os.symlink(shard.resolve(), target)
+            raise OverfillError(f"{full} has a weight file named decoder.safetensors, the name OverFill's decoder takes: "
+                                "rename it (and its model.safetensors.index.json entry)")
+        # Symlinks: the full model's weights stay where they are (a 3B model is not copied per decoder).
+        os.symlink(shard.resolve(), out / shard.name)
         with safe_open(str(shard), "pt") as f:
-            for name in f.keys():
-                weight_map[name] = shard.name
+            weight_map.update({name: shard.name for name in f.keys()})
     tensors = {}
     for shard in _shards(decoder):
         with safe_open(str(shard), "pt") as f:
-            for name in f.keys():
-                tensors["decoder." + name] = f.get_tensor(name).contiguous()
+            tensors.update({"decoder." + name: f.get_tensor(name).contiguous() for name in f.keys()})
     save_file(tensors, str(out / "decoder.safetensors"), metadata={"format": "pt"})
     weight_map.update({name: "decoder.safetensors" for name in tensors})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-
-    cfg = dict(fcfg)
-    cfg["architectures"] = ["OverFillForCausalLM"]
-    pruning = {}
-    if (decoder / "pruning.json").is_file():
-        pruning = json.loads((decoder / "pruning.json").read_text())
-    cfg["overfill"] = {
-        "format": FORMAT,
-        "decoder": {
-            "hidden_size": dcfg["hidden_size"],
-            "intermediate_size": dcfg["intermediate_size"],
-            "tie_word_embeddings": dcfg.get("tie_word_embeddings", fcfg.get("tie_word_embeddings", False)),
-            "rms_norm_eps": dcfg.get("rms_norm_eps", fcfg.get("rms_norm_eps")),
-        },
-        "full_model": str(full),
-        "decoder_source": str(decoder),
-        "full_fingerprint": pruning.get("source_fingerprint"),
-    }
-    (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     for name in TOKENIZER_FILES:
         if (full / name).is_file():
             shutil.copy2(full / name, out / name)
-    return out
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("full")
-    ap.add_argument("decoder")
-    ap.add_argument("out")
-    ap.add_argument("--copy", action="store_true", help="copy the full model's shards instead of symlinking them")
-    args = ap.parse_args()
-    print(export(args.full, args.decoder, args.out, copy=args.copy))
-
-
-if __name__ == "__main__":
-    main()
+    config = dict(full_config, architectures=[ARCH])
+    config["overfill"] = {
+        "format": FORMAT,
+        "decoder": {
+            "hidden_size": decoder_config["hidden_size"],
+            "intermediate_size": decoder_config["intermediate_size"],
+            "tie_word_embeddings": decoder_config.get("tie_word_embeddings", full_config.get("tie_word_embeddings", False)),
+            "rms_norm_eps": decoder_config.get("rms_norm_eps", full_config.get("rms_norm_eps")),
+        },
+        "full_fingerprint": full_fingerprint,
+        "decoder_fingerprint": decoder_fingerprint,
+    }
+    (out / DONE).write_text(json.dumps(config, indent=1) + "\n")

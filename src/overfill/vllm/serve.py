@@ -1,0 +1,97 @@
+"""`overfill serve`: an OverFill model (or its full / pruned halves) behind vLLM's own OpenAI-compatible server.
+
+The folder vLLM loads is built (or reused) first, the address checked, then this process becomes
+vLLM's server (`exec`): /v1/chat/completions and /v1/completions with streaming, /v1/models,
+/health, vLLM's 4xx JSON errors for bad requests, and prompts longer than --max-model-len refused
+(vLLM never cuts a prompt unless a request asks it to with truncate_prompt_tokens).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+from overfill.errors import OverfillError, OverfillWarning
+from overfill.modeling import Mode, ModelSource, check_mode
+
+
+@dataclass
+class ServeConfig(ModelSource):
+    mode: Mode = "overfill"
+    """What to serve: overfill (full prefill, decoder decodes), full or pruned (either model alone, for comparison)."""
+    host: str = "127.0.0.1"
+    """Address to listen on (loopback by default; 0.0.0.0 exposes the server to the network)."""
+    port: int = 8000
+    """TCP port."""
+    api_key: str | None = None
+    """Require this bearer key on every request (also read from VLLM_API_KEY)."""
+    max_model_len: int | None = None
+    """Context length in tokens, prompt plus reply (default: the model's); longer prompts are refused."""
+    name: str | None = None
+    """Model name clients ask for (default: the checkpoint's folder name and the mode, e.g. ckpt-overfill)."""
+    vllm_args: tuple[str, ...] = ()
+    """Further vLLM server flags, after `--` (e.g. -- --max-num-seqs 64)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_mode(self.mode)
+        if not 0 < self.port < 65536:
+            raise OverfillError(f"--port must be between 1 and 65535, got {self.port}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise OverfillError(f"--max-model-len must be at least 2 (a prompt token and a reply token), got {self.max_model_len}")
+        if not self.host.strip():
+            raise OverfillError("--host is empty: pass an address to listen on, e.g. 127.0.0.1")
+        if self.name is not None and not self.name.strip():
+            raise OverfillError("--name is empty: pass the model name clients will ask for, or leave it out")
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on, before minutes of loading: one error line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise OverfillError(f"--host {host} is not an address of this machine: pass e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise OverfillError(f"port {port} on {host} is in use: pick another --port (or stop the other server)") from None
+            if error.errno == errno.EACCES:
+                raise OverfillError(f"no permission to listen on port {port}: pick a port above 1023") from None
+            raise OverfillError(f"cannot listen on {host}:{port} ({error.strerror}): pick another --host or --port") from None
+
+
+def _exposed(host: str) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
+def serve(config: ServeConfig, say=print) -> None:
+    """Build the folder, then replace this process with vLLM's OpenAI server (does not return)."""
+    from overfill.vllm.export import engine_model
+    from overfill.vllm.runtime import engine_env, server_argv, vllm_version
+
+    version = vllm_version()
+    check_address(config.host, config.port)
+    api_key = config.api_key or os.environ.get("VLLM_API_KEY")
+    if _exposed(config.host) and not api_key:
+        warnings.warn(f"listening on {config.host} without --api-key: anyone who can reach this machine can use the model",
+                      OverfillWarning, stacklevel=2)
+    model = engine_model(config, config.mode, name=config.name)
+    env = engine_env()
+    if api_key:
+        env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` would show it
+    argv = server_argv(model, host=config.host, port=config.port, max_model_len=config.max_model_len,
+                       extra=tuple(config.vllm_args))
+    say(f"serving {model.name} ({model.mode}, {model.dtype}) from {model.path} with {version}")
+    say(f"  http://{config.host}:{config.port}/v1  (model name '{model.name}'; /health answers when it is ready)")
+    os.execve(argv[0], argv, env)

