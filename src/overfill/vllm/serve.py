@@ -33,6 +33,8 @@ class ServeConfig(ModelSource):
     """Context length in tokens, prompt plus reply (default: the model's); longer prompts are refused."""
     name: str | None = None
     """Model name clients ask for (default: the checkpoint's folder name and the mode, e.g. ckpt-overfill)."""
+    export_only: bool = False
+    """Write (or find) the folder vLLM loads, print its path and exit: for `vllm serve FOLDER` or `LLM(FOLDER)`."""
     vllm_args: tuple[str, ...] = ()
     """Further vLLM server flags, after `--` (e.g. -- --max-num-seqs 64)."""
 
@@ -76,10 +78,13 @@ def _exposed(host: str) -> bool:
 
 
 def serve(config: ServeConfig, say=print) -> None:
-    """Build the folder, then replace this process with vLLM's OpenAI server (does not return)."""
+    """Build the folder, then replace this process with vLLM's OpenAI server (returns only with export_only)."""
     from overfill.vllm.export import engine_model
     from overfill.vllm.runtime import engine_env, server_argv, vllm_version
 
+    if config.export_only:
+        print(engine_model(config, config.mode, name=config.name).path)
+        return
     version = vllm_version()
     check_address(config.host, config.port)
     api_key = config.api_key or os.environ.get("VLLM_API_KEY")

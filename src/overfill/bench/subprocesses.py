@@ -1,0 +1,105 @@
+"""The child processes of `overfill bench --engine vllm`: vLLM engines, `overfill serve`, the load client.
+
+Each starts in a process group of its own with its output in a log file, so that stopping it stops
+everything vLLM started under it (engine core, workers) and nothing else; `wait` shows the child's
+latest progress line while it runs and stops the group if the wait is interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from overfill.errors import OverfillError
+
+PROGRESS = "overfill-bench: "  # children prefix the lines the parent shows as progress
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """vLLM's CPU settings (runtime.engine_env) for a child; local folders only, so no hub look-ups."""
+    from overfill.vllm.runtime import engine_env
+
+    env = engine_env()
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(extra)
+    return env
+
+
+def start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM to the child's process group, SIGKILL to whatever is left after `grace_s`."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _group_alive(proc.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def wait(proc: subprocess.Popen, log: Path, report=None, timeout_s: float | None = None, what: str = "") -> int:
+    """Wait for the child (stopping its group on Ctrl-C or after `timeout_s`), showing its progress lines."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                if report:
+                    line = last_line(log, PROGRESS)
+                    if line:
+                        report(line[len(PROGRESS):])
+                if deadline is not None and time.monotonic() > deadline:
+                    raise OverfillError(f"{what or 'a vLLM child process'} took over {timeout_s:.0f} s and was stopped; "
+                                        f"its log is {log}")
+    except BaseException:
+        stop(proc)
+        raise
+    finally:
+        if proc.poll() is not None:
+            _reap_group(proc)
+
+
+def _reap_group(proc: subprocess.Popen) -> None:
+    """The child exited: stop anything it left behind in its group (a vLLM engine core, say)."""
+    if _group_alive(proc.pid):
+        stop(proc, grace_s=10.0)
+
+
+def last_line(log: Path, prefix: str = "") -> str:
+    """The log's last non-empty line (that starts with `prefix`), from its last 16 KiB."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 16384, 0))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    found = [line.strip() for line in lines if line.strip() and line.strip().startswith(prefix)]
+    return found[-1] if found else ""
+
+
+def failure(what: str, code: int | None, log: Path) -> OverfillError:
+    """One error line for a child that failed: its last log line, and where the whole log is."""
+    return OverfillError(f"{what} failed (exit code {code}): {last_line(log)[:300] or 'no output'}; its whole log is {log}")

@@ -1,0 +1,339 @@
+"""`overfill bench --engine vllm`: the paper's Figures 3-5 with every mode served by vLLM, and our loop beside it.
+
+Each mode is served the same way: the folder `overfill.vllm.export.engine_model(source, mode)`
+(the exported OverFill pair, or the full model's / decoder's own folder) in vLLM's offline engine
+(`overfill.vllm.runtime.offline_engine`), greedy, ignore_eos, prefix caching off for all, one
+engine at a time, each in a process of its own (bench/vllm_engine.py). The prompts are those of
+the torch bench (bench/prompts.py: real text cut to an exact token count in the chat template),
+given to vLLM as token ids, identical for every mode and engine.
+
+vLLM hands back whole requests, not steps, so a point (prompt length P, batch B, N new tokens)
+is two kinds of runs of the same rows:
+    prefill             = T_1, a run with max_tokens = 1 (prompt read, first token picked)
+    decode per token    = (T_N - T_1) / (N - 1)  (one step of all B rows)
+    end-to-end          = T_N
+Statistic: the *minimum* over repeats (`best`), with the median kept beside it. The modes run
+minutes apart in separate engines, so repeats cannot be paired across modes as the torch bench
+pairs them; what the machine adds to a run (other processes, the training job next door) only
+ever makes it slower, so the fastest repeat is the best estimate of the run's own cost, and the
+ratio of minima is the least disturbed by which mode happened to run in a busy minute. The
+difference of minima (not the minimum of per-repeat differences, which would pick a lucky
+T_N against an unlucky T_1) gives the decode cost.
+
+Points: the key point at every --key-batches size (default batch 1 and 8; 128-token prompt, 256
+new tokens); the new-tokens sweep (Fig. 3) at the key prompt and --batch-size; the prompt-length
+sweep (Fig. 4) with its prefill/decode split; the batch sweep (Fig. 5). A point shared by several
+(the key point is on every sweep) is timed once. Our own PyTorch loop is timed at the key points
+too (bench/timing.measure_point, the torch bench's own measurement), on the same prompts.
+With --load-test, bench/load.py then load-tests `overfill serve`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from overfill.atomic import atomic_write_text, check_writable
+from overfill.bench.config import BenchConfig
+from overfill.bench.prompts import PromptSource
+from overfill.bench.subprocesses import child_env, failure, start, wait
+from overfill.bench.vllm_engine import prompt_key
+from overfill.errors import OverfillError
+
+METRICS = ("prefill_s", "decode_s", "e2e_s", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s")
+
+# (name, a, b, metric): a/b within one engine. The paper's claims first (OverFill decodes faster than
+# the full model, and costs about what the pruned model costs end to end), then what explains them.
+RATIOS = (
+    ("overfill decode tok/s / full", "overfill", "full", "decode_tokens_per_s"),
+    ("overfill end-to-end / pruned", "overfill", "pruned", "e2e_s"),
+    ("overfill end-to-end / full", "overfill", "full", "e2e_s"),
+    ("overfill decode tok/s / pruned", "overfill", "pruned", "decode_tokens_per_s"),
+    ("overfill prefill / full prefill", "overfill", "full", "prefill_s"),
+    ("pruned prefill / full prefill", "pruned", "full", "prefill_s"),
+)
+SWEEP_RATIOS = (("overfill / pruned", "overfill", "pruned"), ("overfill / full", "overfill", "full"))
+
+
+# ---------------------------------------------------------------- what to time (no engine)
+
+
+def plan_points(config: BenchConfig) -> list[dict]:
+    """Every distinct run (prompt_len, batch, max_tokens) the figures need, with its repeats, sorted."""
+    repeats: dict[tuple[int, int, int], int] = {}
+
+    def need(prompt_len: int, batch: int, new_tokens: int, n_repeats: int) -> None:
+        for max_tokens in {1, new_tokens}:
+            key = (prompt_len, batch, max_tokens)
+            repeats[key] = max(repeats.get(key, 0), n_repeats)
+
+    for batch in config.key_batches:
+        need(config.prompt_len, batch, config.new_tokens, config.repeats)
+    for n in config.new_tokens_sweep:
+        need(config.prompt_len, config.batch_size, n, config.sweep_repeats)
+    for length in config.prompt_len_sweep:
+        need(length, config.batch_size, config.sweep_new_tokens, config.sweep_repeats)
+    for batch in config.batch_sweep:
+        need(config.prompt_len, batch, config.sweep_new_tokens, config.sweep_repeats)
+    return [{"prompt_len": p, "batch": b, "max_tokens": n, "repeats": r} for (p, b, n), r in sorted(repeats.items())]
+
+
+def planned_tokens(points: list[dict]) -> int:
+    """Generated tokens per row, summed over every timed run of one mode (a cost estimate)."""
+    return sum(p["max_tokens"] * p["repeats"] for p in points)
+
+
+# ---------------------------------------------------------------- summary math (no engine)
+
+
+def _metrics(prefill_s: float, e2e_s: float, new_tokens: int, batch: int) -> dict:
+    decode_s = e2e_s - prefill_s
+    steps = new_tokens - 1
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "e2e_s": e2e_s,
+            "decode_ms_per_token": 1e3 * decode_s / steps,
+            # Throughputs count every row; None when noise made T_N no slower than T_1.
+            "decode_tokens_per_s": batch * steps / decode_s if decode_s > 0 else None,
+            "tokens_per_s": batch * new_tokens / e2e_s}
+
+
+def point_summary(prompt_len: int, batch: int, new_tokens: int, t1: list[float], tn: list[float]) -> dict:
+    """One point from its 1-token runs (t1) and N-token runs (tn): each metric's best (from minima) and median."""
+    if new_tokens < 2 or not t1 or not tn:
+        raise OverfillError(f"a point needs 1-token and {new_tokens}-token runs, and at least 2 new tokens")
+    best = _metrics(min(t1), min(tn), new_tokens, batch)
+    median = _metrics(statistics.median(t1), statistics.median(tn), new_tokens, batch)
+    return {"prompt_len": prompt_len, "batch": batch, "new_tokens": new_tokens,
+            **{m: {"best": best[m], "median": median[m]} for m in METRICS},
+            "samples": {"t1_s": list(t1), "tn_s": list(tn)}}
+
+
+def torch_summary(summary: dict) -> dict:
+    """A torch-bench row (run.summarize) in the same shape: best = fastest repeat of each metric."""
+    fastest = {m: ("max" if m.endswith("_per_s") else "min") for m in METRICS}
+    return {"prompt_len": summary.get("prompt_len"), "batch": summary["batch"], "new_tokens": summary["new_tokens"],
+            **{m: {"best": summary[m][fastest[m]], "median": summary[m]["median"]} for m in METRICS},
+            "samples": summary["samples"]}
+
+
+def ratio(a: dict | None, b: dict | None, metric: str) -> dict | None:
+    """a/b of one metric, for the best and the median values; None when either is missing or zero."""
+    if not a or not b:
+        return None
+    out = {}
+    for stat in ("best", "median"):
+        x, y = a[metric][stat], b[metric][stat]
+        out[stat] = x / y if x is not None and y else None
+    return out if out["best"] is not None else None
+
+
+def key_ratios(rows: dict[str, dict[str, dict]]) -> list[dict]:
+    """`rows[engine][mode]` -> the RATIOS within each engine, then each mode's torch/vLLM end-to-end."""
+    found = []
+    for engine, modes in rows.items():
+        for name, a, b, metric in RATIOS:
+            r = ratio(modes.get(a), modes.get(b), metric)
+            if r:
+                found.append({"engine": engine, "name": name, "a": a, "b": b, "metric": metric, **r})
+    for mode in rows.get("vllm", {}):
+        r = ratio(rows.get("torch", {}).get(mode), rows["vllm"][mode], "e2e_s")
+        if r:
+            found.append({"engine": "torch/vllm", "name": f"{mode}: our loop end-to-end / vLLM", "a": mode, "b": mode,
+                          "metric": "e2e_s", **r})
+    return found
+
+
+def assemble(config: BenchConfig, seconds: dict[str, dict[tuple[int, int, int], list[float]]],
+             torch_rows: dict[int, dict[str, dict]] | None = None) -> dict:
+    """Key points and sweeps from every mode's run times, `seconds[mode][(prompt_len, batch, max_tokens)]`."""
+    def point(mode, prompt_len, batch, n):
+        runs = seconds[mode]
+        return point_summary(prompt_len, batch, n, runs[(prompt_len, batch, 1)], runs[(prompt_len, batch, n)])
+
+    modes = list(seconds)
+    key_points = []
+    for batch in config.key_batches:
+        rows = {"vllm": {m: point(m, config.prompt_len, batch, config.new_tokens) for m in modes}}
+        if torch_rows and batch in torch_rows:
+            rows["torch"] = torch_rows[batch]
+        key_points.append({"prompt_len": config.prompt_len, "batch": batch, "new_tokens": config.new_tokens,
+                           "rows": rows, "ratios": key_ratios(rows)})
+    sweeps = {}
+    for name, values, at in (
+            ("new_tokens", config.new_tokens_sweep, lambda v: (config.prompt_len, config.batch_size, v)),
+            ("prompt_len", config.prompt_len_sweep, lambda v: (v, config.batch_size, config.sweep_new_tokens)),
+            ("batch", config.batch_sweep, lambda v: (config.prompt_len, v, config.sweep_new_tokens))):
+        if not values:
+            continue
+        fixed = {"new_tokens": {"prompt_len": config.prompt_len, "batch": config.batch_size},
+                 "prompt_len": {"batch": config.batch_size, "new_tokens": config.sweep_new_tokens},
+                 "batch": {"prompt_len": config.prompt_len, "new_tokens": config.sweep_new_tokens}}[name]
+        rows = {m: [point(m, *at(v)) for v in values] for m in modes}
+        ratios = {}
+        for label, a, b in SWEEP_RATIOS:
+            if a in rows and b in rows:
+                ratios[label] = [ratio(pa, pb, "e2e_s") for pa, pb in zip(rows[a], rows[b])]
+        sweeps[name] = {"x": name, "values": list(values), **fixed, "rows": rows, "ratios_e2e": ratios}
+    return {"key_points": key_points, "sweeps": sweeps}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
+    """Time every mode on vLLM (and our loop at the key points), write bench.json and plots, print the tables.
+
+    `model` (an OverFillModel) is what our loop times; by default it is loaded from the config.
+    """
+    from overfill.vllm.export import engine_model
+    from overfill.vllm.runtime import vllm_version
+
+    version = vllm_version()  # one error line, before anything else, if vLLM is missing
+    out = check_writable(config.out, "--out")
+    points = plan_points(config)
+    max_model_len = max(p["prompt_len"] + p["max_tokens"] for p in points)
+    if config.load_test:
+        max_model_len = max(max_model_len, config.prompt_len + config.new_tokens)
+    started = time.perf_counter()
+    served = dict.fromkeys((*config.modes, *(config.load_modes if config.load_test else ())))
+    with console.status("building the folders vLLM loads"):
+        engines = {mode: engine_model(config, mode) for mode in served}
+    _check_context(engines, max_model_len)
+    from transformers import AutoTokenizer
+
+    # Every mode and both engines get these very ids (the pair shares one tokenizer: checked at export).
+    prompts = PromptSource.from_tokenizer(AutoTokenizer.from_pretrained(str(engines[config.modes[0]].path)))
+    rows = {prompt_key(p["prompt_len"], p["batch"]): prompts.batch(p["prompt_len"], p["batch"])[0].tolist() for p in points}
+    out.mkdir(parents=True, exist_ok=True)
+
+    from overfill.bench.run import environment
+
+    env = environment(config.dtype)
+    env["vllm"] = version
+    env["vllm_env"] = {k: v for k, v in child_env().items() if k.startswith("VLLM_")}
+    load = f"{env['load_average'][0]:.2f}" if env["load_average"] else "?"
+    console.print(f"CPU: {env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), "
+                  f"{env['cpu_count']} cores, load average {load}; {version}; per mode {len(points)} distinct runs, "
+                  f"{sum(p['repeats'] for p in points)} timed, {planned_tokens(points)} new tokens per row")
+    result = {"config": asdict(config), "environment": env, "engine": "vllm",
+              "engines": {m: {"path": str(e.path), "name": e.name} for m, e in engines.items()},
+              "plan": points, "max_model_len": max_model_len}
+
+    torch_rows = None
+    if config.torch_rows:
+        torch_rows, result["models"] = _time_torch(config, console, rows, model)
+        console.print(f"our PyTorch loop timed at batch {', '.join(map(str, config.key_batches))} "
+                      f"({time.perf_counter() - started:.0f} s)")
+
+    seconds, workers = {}, {}
+    for mode in config.modes:
+        plan = {"model": {"path": str(engines[mode].path), "name": engines[mode].name, "mode": mode,
+                          "dtype": engines[mode].dtype},
+                "max_model_len": max_model_len, "warmup": config.warmup, "points": points, "prompts": rows}
+        worker = _run_worker(plan, out / "logs" / f"vllm_{mode}.log", console, mode)
+        _check_worker(worker, points)
+        seconds[mode] = {(p["prompt_len"], p["batch"], p["max_tokens"]): p["seconds"] for p in worker.pop("points")}
+        workers[mode] = worker
+        console.print(f"vLLM {mode} timed: engine start {worker['engine_start_s']:.0f} s "
+                      f"({time.perf_counter() - started:.0f} s so far)")
+    result["workers"] = workers
+    result["samples"] = {m: [{"prompt_len": k[0], "batch": k[1], "max_tokens": k[2], "seconds": v} for k, v in s.items()]
+                         for m, s in seconds.items()}
+    result.update(assemble(config, seconds, torch_rows))
+
+    if config.load_test:
+        from overfill.bench.load import run_load
+
+        result["load"] = run_load(config, console, out)
+    result["seconds"] = time.perf_counter() - started
+
+    from overfill.bench.plots import write_vllm_plots
+    from overfill.bench.report import print_vllm_bench
+
+    result["files"] = write_vllm_plots(result, out)
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
+    result["files"] = ["bench.json", *result["files"]]
+    print_vllm_bench(console, result, out)
+    return result
+
+
+def _check_context(engines: dict, max_model_len: int) -> None:
+    for mode, engine in engines.items():
+        limit = json.loads((engine.path / "config.json").read_text()).get("max_position_embeddings")
+        if limit and max_model_len > limit:
+            raise OverfillError(f"prompt + new tokens reach {max_model_len} positions, the {mode} model has {limit}: "
+                                "shorten the sweeps")
+
+
+def _time_torch(config: BenchConfig, console, prompt_rows: dict[str, list[list[int]]], model=None):
+    """Our loop at each key batch (the torch bench's measure_point) on vLLM's prompt ids: rows per batch and mode."""
+    import torch
+
+    from overfill.bench.run import describe, summarize
+    from overfill.bench.timing import measure_point
+    from overfill.tensors import pad_id_of
+
+    model = model if model is not None else config.load()
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        model.full.eval()
+        model.decoder.eval()
+        pad_id = pad_id_of(model.tokenizer)
+        rows = {}
+        gc.collect()
+        gc.freeze()  # as the torch bench does: keep the collector's scans short during timing
+        with torch.inference_mode(), console.status("our PyTorch loop") as status:
+            for batch in config.key_batches:
+                ids = torch.tensor(prompt_rows[prompt_key(config.prompt_len, batch)], dtype=torch.long)  # [B, P], no padding
+                mask = torch.ones_like(ids)
+                runs = measure_point(model, config.modes, ids, mask, {m: config.new_tokens for m in config.modes}, pad_id,
+                                     config.repeats, config.warmup,
+                                     lambda text, b=batch: status.update(f"our PyTorch loop, batch {b}: {text}"))
+                rows[batch] = {m: torch_summary({**summarize([r.split() for r in runs[m]], batch),
+                                                 "prompt_len": config.prompt_len}) for m in config.modes}
+        return rows, describe(model)
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
+        del model  # the engines that follow get the memory
+        gc.collect()
+
+
+def _run_worker(plan: dict, log: Path, console, mode: str) -> dict:
+    """One mode's engine in a process of its own (bench/vllm_engine.py); its vLLM output goes to `log`."""
+    # LLM.apply_model (the OverFill counters) pickles a function: vLLM allows that only when told to.
+    env = child_env(**({"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if mode == "overfill" else {}))
+    with tempfile.TemporaryDirectory(prefix="overfill-bench-") as tmp:
+        plan_path, result_path = Path(tmp) / "plan.json", Path(tmp) / "result.json"
+        plan_path.write_text(json.dumps(plan))
+        proc = start([sys.executable, "-m", "overfill.bench.vllm_engine", str(plan_path), str(result_path)], log, env)
+        with console.status(f"vLLM {mode}: starting") as status:
+            code = wait(proc, log, lambda text: status.update(f"vLLM {mode}: {text}"))
+        if code != 0 or not result_path.is_file():
+            raise failure(f"vLLM ({mode})", code, log)
+        return json.loads(result_path.read_text())
+
+
+def _check_worker(worker: dict, points: list[dict]) -> None:
+    got = {(p["prompt_len"], p["batch"], p["max_tokens"]): len(p["seconds"]) for p in worker["points"]}
+    for p in points:
+        if got.get((p["prompt_len"], p["batch"], p["max_tokens"])) != p["repeats"]:
+            raise OverfillError(f"vLLM ({worker['mode']}) timed point {p} {got.get((p['prompt_len'], p['batch'], p['max_tokens']))} "
+                                "times: the engine worker and the plan disagree")
+    stats = worker.get("overfill_stats")
+    if stats and "error" not in stats:
+        # Over the timed runs, the full model reads every prompt token and the decoder every generated
+        # token but the last (a run of N tokens feeds N - 1 of them back in).
+        expected = {"full_tokens": sum(p["repeats"] * p["prompt_len"] * p["batch"] for p in points),
+                    "decoder_tokens": sum(p["repeats"] * (p["max_tokens"] - 1) * p["batch"] for p in points)}
+        got = {k: stats.get(k) for k in expected}
+        if got != expected:
+            raise OverfillError(f"vLLM's OverFill model ran {got} tokens through its two stages, not {expected}: prompt "
+                                "tokens must go to the full model and generated ones to the decoder (see overfill.vllm.tracker)")

