@@ -62,6 +62,9 @@ def test_overfill_folder_loopback_and_passthrough(monkeypatch, capsys, recorded,
     # the same pair again: the exported folder is reused, not rewritten
     argv2, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"))
     assert flag(argv2, "--model") == folder
+    code, out, _ = run_cli(monkeypatch, capsys, "serve", "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
+                           "--export-only")
+    assert code == 0 and out.strip() == folder and len(recorded) == 2
 
 
 def test_full_and_pruned_serve_the_models_own_folders(monkeypatch, capsys, recorded, pair):
