@@ -503,6 +503,43 @@ def test_preempted_requests_recompute_to_the_same_tokens(engines, reference):
 # ---------------------------------------------------------------- the exported folder (no engine)
 
 
+TENSOR_PARALLEL_SCRIPT = """
+import json, sys
+from vllm import SamplingParams
+from overfill.modeling import ModelSource
+from overfill.vllm.export import engine_model
+from overfill.vllm.runtime import offline_engine
+
+if __name__ == "__main__":  # vLLM spawns one worker process per rank
+    full, decoder, prompts, n = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    llm = offline_engine(engine_model(ModelSource(model=full, decoder=decoder)), max_model_len=512,
+                         tensor_parallel_size=2, max_num_seqs=4)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
+"""
+
+
+@vllm_test
+def test_tensor_parallel_two_ranks_equal_our_own_loop(pair, reference, home, tmp_path):
+    """The layers are vLLM's tensor-parallel ones: 2 ranks (one core each) split heads, KV heads and MLP."""
+    _needs_vllm()
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("tensor parallelism on CPU needs 2 cores, one per rank")
+    script = tmp_path / "tensor_parallel.py"
+    script.write_text(TENSOR_PARALLEL_SCRIPT)
+    prompts, n = PROMPTS[:3], 24
+    env = dict(os.environ, OVERFILL_HOME=str(home), HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND=f"{cores[0]}|{cores[1]}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    done = subprocess.run([sys.executable, str(script), str(pair.full), str(pair.pruned), json.dumps(prompts), str(n)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TOKENS ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
+    assert json.loads(lines[0][len("TOKENS "):]) == [reference.tokens(p, n) for p in prompts]
+
+
 def test_export_is_written_once_and_reused(pair, tmp_path, monkeypatch):
     from overfill.vllm import export
 
