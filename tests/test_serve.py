@@ -92,6 +92,7 @@ def test_port_in_use_is_one_error_line(monkeypatch, capsys, recorded, pair):
     (("--host", "no.such.host.invalid"), "is not an address of this machine"),
     (("--mode", "pruned"), "no decoder given"),
     (("--bogus",), "No such option: --bogus"),
+    (("stray", "words"), "unexpected extra arguments: words (flags for vLLM go after `--`)"),
 ])
 def test_bad_flags(monkeypatch, capsys, recorded, pair, args, fragment):
     code, _, err = run_cli(monkeypatch, capsys, "serve", "--model", str(pair / "full"), "--mode", "full", *args)

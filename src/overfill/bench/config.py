@@ -3,13 +3,12 @@ and their presets (one pair per engine)."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Literal
 
 from overfill.errors import OverfillError
 from overfill.modeling import MODES, ModelSource, check_mode
-
-Engine = Literal["torch", "vllm"]
+from overfill.vllm.runtime import Engine
 
 PRESETS = {
     # The key point (batch 1, 128-token chat prompt, 256 new tokens) plus the paper's three sweeps.
@@ -82,7 +81,7 @@ class BenchConfig(ModelSource):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.engine not in ("torch", "vllm"):
+        if self.engine not in typing.get_args(Engine):
             raise OverfillError(f"--engine got '{self.engine}': pick torch or vllm")
         vllm = self.engine == "vllm"
         preset = PRESETS[{"torch": ("default", "quick"), "vllm": ("vllm", "vllm-quick")}[self.engine][self.quick]]

@@ -81,8 +81,20 @@ def waves_for(seconds: float, probe_s: float) -> int:
     return max(1, min(MAX_WAVES, math.ceil(seconds / probe_s)))
 
 
+CONTEXT_MARGIN = 16  # room for a random prompt that re-tokenises a little longer
+
+
+def load_context(config) -> int:
+    """--max-model-len of the load run's servers."""
+    return config.prompt_len + config.new_tokens + CONTEXT_MARGIN
+
+
 def summarize_load(raw: dict) -> dict:
     """The numbers we report from one `vllm bench serve` result (its --save-result JSON)."""
+    missing = [key for key in ("duration", "completed", "total_output_tokens", "output_throughput", "request_throughput")
+               if key not in raw]
+    if missing:
+        raise OverfillError(f"vLLM's bench serve result has no {', '.join(missing)}: this overfill expects vLLM 0.32's result format")
     errors = [e for e in raw.get("errors") or [] if e]
     out = {"duration_s": raw["duration"], "requests": raw.get("num_prompts"), "completed": raw["completed"],
            "failed": raw.get("failed", len(errors)), "errors": sorted(set(e.strip()[:200] for e in errors))[:5],
@@ -127,7 +139,7 @@ def _load_one(config, mode: str, engine, out: Path, report) -> dict:
     port = free_port()
     logs = out / "logs"
     server_log = logs / f"serve_{mode}.log"
-    max_model_len = config.prompt_len + config.new_tokens + 16  # room for a random prompt that re-tokenises longer
+    max_model_len = load_context(config)
     server = start(serve_argv(config, mode, port, max_model_len), server_log, child_env())
     try:
         started = time.perf_counter()

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     from overfill.vllm.export import EngineModel
     from overfill.vllm.runtime import offline_engine, vllm_version
 
-    model = EngineModel(**{**plan["model"], "path": Path(plan["model"]["path"])})
+    model = EngineModel.from_json(plan["model"])
     _say(f"starting vLLM for {model.mode}")
     started = time.perf_counter()
     llm = offline_engine(model, max_model_len=plan["max_model_len"], enable_prefix_caching=False)

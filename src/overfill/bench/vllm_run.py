@@ -198,7 +198,9 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     points = plan_points(config)
     max_model_len = max(p["prompt_len"] + p["max_tokens"] for p in points)
     if config.load_test:
-        max_model_len = max(max_model_len, config.prompt_len + config.new_tokens)
+        from overfill.bench.load import load_context
+
+        max_model_len = max(max_model_len, load_context(config))  # checked now, not after the offline runs
     started = time.perf_counter()
     served = dict.fromkeys((*config.modes, *(config.load_modes if config.load_test else ())))
     with console.status("building the folders vLLM loads"):
@@ -232,8 +234,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
     seconds, workers = {}, {}
     for mode in config.modes:
-        plan = {"model": {"path": str(engines[mode].path), "name": engines[mode].name, "mode": mode,
-                          "dtype": engines[mode].dtype},
+        plan = {"model": engines[mode].as_json(),
                 "max_model_len": max_model_len, "warmup": config.warmup, "points": points, "prompts": rows}
         worker = _run_worker(plan, out / "logs" / f"vllm_{mode}.log", console, mode)
         _check_worker(worker, points)

@@ -82,14 +82,15 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
             # click fills an empty positional argument from what follows `--` before it leaves the
             # rest in ctx.args; what follows `--` belongs to the other program, whole.
             argv = sys.argv[1:]
-            tail = tuple(argv[argv.index("--") + 1 :]) if "--" in argv else tuple(ctx.args)
+            tail = tuple(argv[argv.index("--") + 1 :]) if "--" in argv else ()
+            if len(ctx.args) > len(tail):  # words before `--` that no argument took
+                raise typer.BadParameter(f"unexpected extra arguments: {' '.join(ctx.args[: len(ctx.args) - len(tail)])} "
+                                         "(flags for vLLM go after `--`)")
             if len(tail) > len(ctx.args):
                 for argument in arguments:
                     if kwargs.get(argument) == tail[0]:
                         kwargs[argument] = None
             kwargs[passthrough] = tail
-        elif ctx.args:
-            raise typer.BadParameter(f"unexpected extra arguments: {' '.join(ctx.args)}")
         for key, value in list(kwargs.items()):
             if isinstance(value, list):
                 kwargs[key] = tuple(value)

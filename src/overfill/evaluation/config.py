@@ -11,9 +11,9 @@ from typing import Literal
 from overfill.data import RecordFields
 from overfill.errors import OverfillError
 from overfill.modeling import MODES, ModelSource
+from overfill.vllm.runtime import Engine
 
 AnswerKind = Literal["auto", "gsm8k", "none"]
-Engine = Literal["torch", "vllm"]
 
 
 @dataclass(frozen=True)

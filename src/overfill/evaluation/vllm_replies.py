@@ -35,7 +35,7 @@ def engine_request(source: ModelSource, mode: str, contexts: list[list[int]], *,
 
     model = engine_model(source, mode)
     return {
-        "model": {"path": str(model.path), "name": model.name, "mode": model.mode, "dtype": model.dtype},
+        "model": model.as_json(),
         "prompts": [list(map(int, c)) for c in contexts],
         "max_new_tokens": max_new_tokens,
         "stop_token_ids": sorted(stop_ids),
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     from overfill.vllm.export import EngineModel
     from overfill.vllm.runtime import offline_engine
 
-    model = EngineModel(**{**request["model"], "path": Path(request["model"]["path"])})
+    model = EngineModel.from_json(request["model"])
     llm = offline_engine(model, max_model_len=request["max_model_len"])
     params = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"],
                             stop_token_ids=request["stop_token_ids"], detokenize=False)

