@@ -176,10 +176,15 @@ def _run_bench(config: BenchConfig, console, model) -> dict:
     finally:
         gc.unfreeze()
     result["seconds"] = time.perf_counter() - started
-    result["files"] = write_plots(result, out)
+    return publish(result, out, console, write_plots, print_bench)
+
+
+def publish(result: dict, out: Path, console, plot, report) -> dict:
+    """Either engine's last step: the PNG plots, bench.json (naming them) and the terminal report."""
+    result["files"] = plot(result, out)
     atomic_write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
     result["files"] = ["bench.json", *result["files"]]
-    print_bench(console, result, out)
+    report(console, result, out)
     return result
 
 

@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from overfill.atomic import atomic_write_text, check_writable
+from overfill.atomic import check_writable
 from overfill.bench.config import BenchConfig
 from overfill.bench.prompts import PromptSource
 from overfill.bench.subprocesses import child_env, failure, start, wait
@@ -255,12 +255,9 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
     from overfill.bench.plots import write_vllm_plots
     from overfill.bench.report import print_vllm_bench
+    from overfill.bench.run import publish
 
-    result["files"] = write_vllm_plots(result, out)
-    atomic_write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
-    result["files"] = ["bench.json", *result["files"]]
-    print_vllm_bench(console, result, out)
-    return result
+    return publish(result, out, console, write_vllm_plots, print_vllm_bench)
 
 
 def _check_context(engines: dict, max_model_len: int) -> None:
