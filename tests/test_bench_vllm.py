@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -13,10 +14,9 @@ from rich.console import Console
 
 from overfill.bench import BenchConfig
 from overfill.bench import load as bench_load
-from overfill.bench.subprocesses import PROGRESS, last_line, start, stop, wait
-from overfill.bench.vllm_engine import rounds
-from overfill.bench.vllm_run import _check_worker, assemble, plan_points, point_summary, ratio, torch_summary
+from overfill.bench.vllm_run import _check_worker, assemble, plan_points, point_summary, ratio, rounds, torch_summary
 from overfill.errors import OverfillError
+from overfill.processes import PROGRESS, last_line, start, stop, wait
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -102,9 +102,28 @@ def test_noise_that_leaves_no_decode_time_gives_no_throughput():
 def test_ratios_of_best_and_median():
     a = point_summary(128, 1, 11, t1=[0.1], tn=[1.1])  # decode 1.0 s
     b = point_summary(128, 1, 11, t1=[0.2], tn=[2.2])  # decode 2.0 s
-    assert ratio(a, b, "e2e_s") == pytest.approx({"best": 0.5, "median": 0.5})
+    assert ratio(a, b, "e2e_s") == pytest.approx({"best": 0.5, "median": 0.5, "paired": 0.5})
     assert ratio(a, b, "decode_tokens_per_s")["best"] == pytest.approx(2.0)
     assert ratio(None, b, "e2e_s") is None
+
+
+def test_paired_ratio_follows_the_rounds_through_drift():
+    """The machine slows down round by round (x1, x2, x3); a costs 0.9 of b in every round. Ratios of
+    minima or medians mix rounds (here a's runs are ordered against the drift); the paired one does not."""
+    drift = [1.0, 2.0, 3.0]
+    a = point_summary(128, 1, 11, t1=[0.09 * d for d in reversed(drift)], tn=[0.99 * d for d in reversed(drift)])
+    b = point_summary(128, 1, 11, t1=[0.1 * d for d in reversed(drift)], tn=[1.1 * d for d in reversed(drift)])
+    assert ratio(a, b, "e2e_s")["paired"] == pytest.approx(0.9)
+    assert ratio(a, b, "decode_ms_per_token")["paired"] == pytest.approx(0.9)
+    shuffled = point_summary(128, 1, 11, t1=[0.09 * d for d in drift], tn=[0.99 * d for d in drift])
+    r = ratio(shuffled, b, "e2e_s")  # rounds out of step: the pairing sees it, minima and medians do not
+    assert r["best"] == pytest.approx(0.9) and r["median"] == pytest.approx(0.9)
+    assert r["paired"] == pytest.approx(statistics.median([0.99 / 3.3, 1.98 / 2.2, 2.97 / 1.1]))
+    torch_row = torch_summary({"batch": 1, "new_tokens": 11, "prompt_len": 128, "samples": {},
+                               **{k: {"min": 1.0, "max": 1.0, "median": 1.0} for k in
+                                  ("prefill_s", "decode_s", "e2e_s", "decode_ms_per_token", "decode_tokens_per_s",
+                                   "tokens_per_s")}})
+    assert ratio(torch_row, b, "e2e_s")["paired"] is None  # other engine, other runs: nothing to pair
 
 
 def fake_seconds(config, modes=("overfill", "full", "pruned")):
@@ -175,7 +194,6 @@ def test_worker_results_are_checked_against_the_plan():
     timed = [{**{k: p[k] for k in ("prompt_len", "batch", "max_tokens")}, "seconds": [0.1] * p["repeats"]} for p in points]
     # prompts: 3 runs x 10 tokens x 2 rows; decoder: 2 runs x 4 fed-back tokens x 2 rows
     _check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"full_tokens": 60, "decoder_tokens": 16}}, points)
-    _check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"error": "no pickling"}}, points)
     with pytest.raises(OverfillError, match="two stages"):
         _check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"full_tokens": 76, "decoder_tokens": 0}}, points)
     with pytest.raises(OverfillError, match="disagree"):

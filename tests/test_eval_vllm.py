@@ -3,7 +3,6 @@ greedy replies equal to our own loop's, token for token, for every mode."""
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from overfill import cli
 from overfill.errors import OverfillError
 from overfill.evaluation import EvalConfig, evaluate
 from overfill.evaluation import run as eval_run
-from overfill.evaluation import vllm_replies as replies_module
 from overfill.evaluation.scoring import generate_ids_batched
 from overfill.evaluation.vllm_replies import engine_request, vllm_replies
 from overfill.generation import eos_ids_of
@@ -93,25 +91,32 @@ def test_engine_request_is_our_prompts_stop_ids_and_folders(tiny_pair, tmp_path,
     folders = {}
     for mode in ("full", "pruned", "overfill"):
         request = engine_request(source, mode, contexts, max_new_tokens=7, stop_ids={9, 2})
-        assert request["prompts"] == contexts and request["stop_token_ids"] == [2, 9]
-        assert request["max_new_tokens"] == 7 and request["max_model_len"] == 4 + 7
-        assert request["model"]["mode"] == mode and request["model"]["dtype"] == "float32"
-        folders[mode] = request["model"]["path"]
+        assert request["prompts"] == contexts and request["params"]["stop_token_ids"] == [2, 9]
+        assert request["params"]["max_tokens"] == 7 and request["engine"]["max_model_len"] == 4 + 7
+        assert request["model"].mode == mode and request["model"].dtype == "float32"
+        folders[mode] = str(request["model"].path)
     assert folders["full"] == str(root / "full") and folders["pruned"] == str(root / "decoder")
     assert folders["overfill"].startswith(str(tmp_path / "home" / "vllm"))  # exported on first use
 
 
 def test_a_failed_engine_is_one_line_naming_its_log(tiny_pair, monkeypatch):
     root, source = tiny_pair
+    from overfill.vllm import worker as worker_module
 
-    def failing_child(argv, *, stdout, stderr, env):
-        assert argv[1:3] == ["-m", "overfill.evaluation.vllm_replies"] and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-        stdout.write("INFO starting\nValueError: no KV cache space left\n")
-        return subprocess.CompletedProcess(argv, 1)
+    real_start = worker_module.start
+    seen = {}
 
-    monkeypatch.setattr(replies_module.subprocess, "run", failing_child)
+    def failing_child(argv, log, env, pass_fds=()):
+        seen.update(argv=argv, env=env)
+        # A stand-in for an engine that dies while starting: it reads its setup line, then fails.
+        script = ("import os, sys; fd = int(sys.argv[1]); os.read(fd, 1 << 16); "
+                  "print('INFO starting'); print('ValueError: no KV cache space left'); sys.exit(1)")
+        return real_start([sys.executable, "-c", script, *argv[-2:]], log, env, pass_fds)
+
+    monkeypatch.setattr(worker_module, "start", failing_child)
     with pytest.raises(OverfillError) as err:
         vllm_replies(source, "full", [[1, 40]], max_new_tokens=4, stop_ids={2}, what="base (full)")
+    assert seen["argv"][1:3] == ["-m", "overfill.vllm.worker"] and seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     message = str(err.value)
     assert "\n" not in message and "base (full)" in message and "no KV cache space left" in message
     log = Path(message.rsplit(" ", 1)[1])

@@ -26,9 +26,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from overfill.bench.subprocesses import PROGRESS, child_env, failure, start, stop, wait
 from overfill.errors import OverfillError
 from overfill.modeling import ModelSource
+from overfill.processes import failure, say, start, stop, wait
+from overfill.vllm.runtime import child_env
 
 HOST = "127.0.0.1"
 MAX_WAVES = 50  # bounds the request count whatever the probe measured
@@ -192,7 +193,7 @@ def _client_main(argv: list[str]) -> None:
 
     parser = FlexibleArgumentParser(description="vllm bench serve")
     add_cli_args(parser)
-    print(f"{PROGRESS}load client running", file=sys.stderr, flush=True)
+    say("load client running")
     main(parser.parse_args(argv))
 
 

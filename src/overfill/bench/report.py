@@ -79,6 +79,11 @@ def _best(d: dict | None, fmt: str, scale: float = 1.0, median: bool = True) -> 
     return text
 
 
+def _paired(r: dict) -> str:
+    best = _best(r, ".3f")
+    return best if r.get("paired") is None else f"[bold]{r['paired']:.3f}[/] · {best}"
+
+
 def print_vllm_bench(console, result: dict, out: Path) -> None:
     config = result["config"]
     for key in result["key_points"]:
@@ -93,8 +98,8 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
         console.print(table)
 
     keys = result["key_points"]
-    table = Table(title="ratios measured in this run (best \\[median]; vLLM modes in separate engines, so not paired)",
-                  header_style="bold")
+    table = Table(title="ratios measured in this run: paired (median over rounds; vLLM modes interleaved), "
+                        "then best \\[median]", header_style="bold")
     table.add_column("engine")
     table.add_column("ratio")
     for key in keys:
@@ -104,7 +109,7 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
         cells = []
         for key in keys:
             found = [r for r in key["ratios"] if (r["engine"], r["name"]) == (engine, name)]
-            cells.append(_best(found[0], ".3f") if found else "")
+            cells.append(_paired(found[0]) if found else "")
         table.add_row(engine, name, *cells)
     console.print(table)
 

@@ -1,24 +1,27 @@
 """`overfill bench --engine vllm`: the paper's Figures 3-5 with every mode served by vLLM, and our loop beside it.
 
 Each mode is served the same way: the folder `overfill.vllm.export.engine_model(source, mode)`
-(the exported OverFill pair, or the full model's / decoder's own folder) in vLLM's offline engine
-(`overfill.vllm.runtime.offline_engine`), greedy, ignore_eos, prefix caching off for all, one
-engine at a time, each in a process of its own (bench/vllm_engine.py). The prompts are those of
-the torch bench (bench/prompts.py: real text cut to an exact token count in the chat template),
-given to vLLM as token ids, identical for every mode and engine.
+(the exported OverFill pair, or the full model's / decoder's own folder) in vLLM's offline engine,
+greedy, ignore_eos (exactly max_tokens tokens per row), no detokenisation (our loop does not
+detokenise either), prefix caching off for all and its cache reset before each run. The prompts
+are those of the torch bench (bench/prompts.py: real text cut to an exact token count in the chat
+template), given to vLLM as token ids, identical for every mode and engine.
+
+Every mode's engine stays alive in a process of its own (overfill.vllm.worker) while the runs
+are interleaved: round r times every point still owed a repeat (in an order rotated by r), and
+each point in every mode back to back (the mode order rotated too), with a short pause before each
+run so that the previous engine's threads are idle. Slow drift of the machine then hits all modes
+alike, and the modes' repeats of one round can be paired, as the torch bench pairs its rows.
 
 vLLM hands back whole requests, not steps, so a point (prompt length P, batch B, N new tokens)
 is two kinds of runs of the same rows:
     prefill             = T_1, a run with max_tokens = 1 (prompt read, first token picked)
     decode per token    = (T_N - T_1) / (N - 1)  (one step of all B rows)
     end-to-end          = T_N
-Statistic: the *minimum* over repeats (`best`), with the median kept beside it. The modes run
-minutes apart in separate engines, so repeats cannot be paired across modes as the torch bench
-pairs them; what the machine adds to a run (other processes, the training job next door) only
-ever makes it slower, so the fastest repeat is the best estimate of the run's own cost, and the
-ratio of minima is the least disturbed by which mode happened to run in a busy minute. The
-difference of minima (not the minimum of per-repeat differences, which would pick a lucky
-T_N against an unlucky T_1) gives the decode cost.
+Per point and mode: the *best* (from the minimum T_1 and T_N over repeats: what the machine adds
+to a run only ever makes it slower) and the median. Ratios between modes: of the best values, of
+the medians, and *paired*: the median over rounds of the ratio within a round (each round's T_1
+and T_N of both modes, run minutes apart at most), the least sensitive to drift.
 
 Points: the key point at every --key-batches size (default batch 1 and 8; 128-token prompt, 256
 new tokens); the new-tokens sweep (Fig. 3) at the key prompt and --batch-size; the prompt-length
@@ -33,17 +36,13 @@ from __future__ import annotations
 import gc
 import json
 import statistics
-import sys
-import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
-from pathlib import Path
 
 from overfill.atomic import check_writable
 from overfill.bench.config import BenchConfig
 from overfill.bench.prompts import PromptSource
-from overfill.bench.subprocesses import child_env, failure, start, wait
-from overfill.bench.vllm_engine import prompt_key
 from overfill.errors import OverfillError
 
 METRICS = ("prefill_s", "decode_s", "e2e_s", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s")
@@ -84,6 +83,24 @@ def plan_points(config: BenchConfig) -> list[dict]:
     return [{"prompt_len": p, "batch": b, "max_tokens": n, "repeats": r} for (p, b, n), r in sorted(repeats.items())]
 
 
+def rounds(points: list[dict]) -> list[list[dict]]:
+    """The timed runs, round by round: every point with repeats left, in an order rotated by the round."""
+    out = []
+    for r in range(max((p["repeats"] for p in points), default=0)):
+        k = r % len(points)
+        out.append([p for p in points[k:] + points[:k] if p["repeats"] > r])
+    return out
+
+
+def rotated(items: tuple[str, ...], k: int) -> tuple[str, ...]:
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def prompt_key(prompt_len: int, batch: int) -> str:
+    return f"{prompt_len}x{batch}"
+
+
 def planned_tokens(points: list[dict]) -> int:
     """Generated tokens per row, summed over every timed run of one mode (a cost estimate)."""
     return sum(p["max_tokens"] * p["repeats"] for p in points)
@@ -122,14 +139,33 @@ def torch_summary(summary: dict) -> dict:
 
 
 def ratio(a: dict | None, b: dict | None, metric: str) -> dict | None:
-    """a/b of one metric, for the best and the median values; None when either is missing or zero."""
+    """a/b of one metric: of the best values, of the medians, and paired (median over rounds of the
+    ratio within a round; only for two vLLM points, whose repeats ran round by round). None when a
+    value is missing or zero."""
     if not a or not b:
         return None
     out = {}
     for stat in ("best", "median"):
         x, y = a[metric][stat], b[metric][stat]
         out[stat] = x / y if x is not None and y else None
-    return out if out["best"] is not None else None
+    if out["best"] is None:
+        return None
+    out["paired"] = _paired(a, b, metric)
+    return out
+
+
+def _paired(a: dict, b: dict, metric: str) -> float | None:
+    sa, sb = a.get("samples", {}), b.get("samples", {})
+    if "t1_s" not in sa or "t1_s" not in sb:
+        return None
+    n = min(len(sa["t1_s"]), len(sa["tn_s"]), len(sb["t1_s"]), len(sb["tn_s"]))
+    per_round = []
+    for r in range(n):
+        x = _metrics(sa["t1_s"][r], sa["tn_s"][r], a["new_tokens"], a["batch"])[metric]
+        y = _metrics(sb["t1_s"][r], sb["tn_s"][r], b["new_tokens"], b["batch"])[metric]
+        if x is not None and y:
+            per_round.append(x / y)
+    return statistics.median(per_round) if per_round else None
 
 
 def key_ratios(rows: dict[str, dict[str, dict]]) -> list[dict]:
@@ -192,6 +228,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     """
     from overfill.vllm.export import engine_model
     from overfill.vllm.runtime import vllm_version
+    from overfill.vllm.worker import worker_env
 
     version = vllm_version()  # one error line, before anything else, if vLLM is missing
     out = check_writable(config.out, "--out")
@@ -217,7 +254,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
     env = environment(config.dtype)
     env["vllm"] = version
-    env["vllm_env"] = {k: v for k, v in child_env().items() if k.startswith("VLLM_")}
+    env["vllm_env"] = {k: v for k, v in worker_env().items() if k.startswith("VLLM_")}
     load = f"{env['load_average'][0]:.2f}" if env["load_average"] else "?"
     console.print(f"CPU: {env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), "
                   f"{env['cpu_count']} cores, load average {load}; {version}; per mode {len(points)} distinct runs, "
@@ -232,16 +269,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
         console.print(f"our PyTorch loop timed at batch {', '.join(map(str, config.key_batches))} "
                       f"({time.perf_counter() - started:.0f} s)")
 
-    seconds, workers = {}, {}
-    for mode in config.modes:
-        plan = {"model": engines[mode].as_json(),
-                "max_model_len": max_model_len, "warmup": config.warmup, "points": points, "prompts": rows}
-        worker = _run_worker(plan, out / "logs" / f"vllm_{mode}.log", console, mode)
-        _check_worker(worker, points)
-        seconds[mode] = {(p["prompt_len"], p["batch"], p["max_tokens"]): p["seconds"] for p in worker.pop("points")}
-        workers[mode] = worker
-        console.print(f"vLLM {mode} timed: engine start {worker['engine_start_s']:.0f} s "
-                      f"({time.perf_counter() - started:.0f} s so far)")
+    seconds, workers = _time_vllm(config, engines, points, rows, max_model_len, out, console, started)
     result["workers"] = workers
     result["samples"] = {m: [{"prompt_len": k[0], "batch": k[1], "max_tokens": k[2], "seconds": v} for k, v in s.items()]
                          for m, s in seconds.items()}
@@ -304,19 +332,69 @@ def _time_torch(config: BenchConfig, console, prompt_rows: dict[str, list[list[i
         gc.collect()
 
 
-def _run_worker(plan: dict, log: Path, console, mode: str) -> dict:
-    """One mode's engine in a process of its own (bench/vllm_engine.py); its vLLM output goes to `log`."""
-    # LLM.apply_model (the OverFill counters) pickles a function: vLLM allows that only when told to.
-    env = child_env(**({"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if mode == "overfill" else {}))
-    with tempfile.TemporaryDirectory(prefix="overfill-bench-") as tmp:
-        plan_path, result_path = Path(tmp) / "plan.json", Path(tmp) / "result.json"
-        plan_path.write_text(json.dumps(plan))
-        proc = start([sys.executable, "-m", "overfill.bench.vllm_engine", str(plan_path), str(result_path)], log, env)
-        with console.status(f"vLLM {mode}: starting") as status:
-            code = wait(proc, log, lambda text: status.update(f"vLLM {mode}: {text}"))
-        if code != 0 or not result_path.is_file():
-            raise failure(f"vLLM ({mode})", code, log)
-        return json.loads(result_path.read_text())
+PAUSE_S = 0.3  # before each timed run: the engine that ran last has let its threads go idle
+
+
+def _time_vllm(config: BenchConfig, engines: dict, points: list[dict], rows: dict[str, list[list[int]]],
+               max_model_len: int, out, console, started: float):
+    """Every mode's engine alive side by side, the points timed round by round, all modes back to back.
+
+    Returns seconds[mode][(prompt_len, batch, max_tokens)] (in round order) and each worker's details.
+    """
+    from overfill.vllm.worker import EngineWorker
+
+    modes = tuple(config.modes)
+    shapes = list(dict.fromkeys((p["prompt_len"], p["batch"]) for p in points))
+    seconds = {m: {_key(p): [] for p in points} for m in modes}
+    with ExitStack() as stack:
+        workers = {}
+        for mode in modes:
+            worker = EngineWorker(engines[mode], out / "logs" / f"vllm_{mode}.log",
+                                  engine={"max_model_len": max_model_len, "enable_prefix_caching": False})
+            stack.callback(worker.close)
+            with console.status(f"vLLM {mode}: starting") as status:
+                worker.start(lambda text, m=mode: status.update(f"vLLM {m}: {text}"))
+                for i in range(config.warmup):  # the first call on a shape pays one-time costs
+                    for prompt_len, batch in shapes:
+                        status.update(f"vLLM {mode}: warm-up {i + 1}/{config.warmup}, prompt {prompt_len} x batch {batch}")
+                        _timed_run(worker, rows[prompt_key(prompt_len, batch)], WARMUP_TOKENS)
+            worker.stats(reset=True)
+            workers[mode] = worker
+            console.print(f"vLLM {mode} ready: engine start {worker.info['engine_start_s']:.0f} s "
+                          f"({time.perf_counter() - started:.0f} s so far)")
+        plan = rounds(points)
+        with console.status("vLLM runs") as status:
+            for r, round_points in enumerate(plan):
+                for j, p in enumerate(round_points):
+                    for mode in rotated(modes, r + j):
+                        status.update(f"vLLM round {r + 1}/{len(plan)}, run {j + 1}/{len(round_points)}: prompt "
+                                      f"{p['prompt_len']} x batch {p['batch']}, {p['max_tokens']} tokens, {mode}")
+                        time.sleep(PAUSE_S)
+                        ids = rows[prompt_key(p["prompt_len"], p["batch"])]
+                        seconds[mode][_key(p)].append(_timed_run(workers[mode], ids, p["max_tokens"]))
+        details = {}
+        for mode, worker in workers.items():
+            details[mode] = {**worker.info, "overfill_stats": worker.stats()}
+            _check_worker({**details[mode], "points": [{**p, "seconds": seconds[mode][_key(p)]} for p in points]}, points)
+    console.print(f"vLLM modes timed, interleaved ({time.perf_counter() - started:.0f} s so far)")
+    return seconds, details
+
+
+WARMUP_TOKENS = 2
+
+
+def _key(p: dict) -> tuple[int, int, int]:
+    return p["prompt_len"], p["batch"], p["max_tokens"]
+
+
+def _timed_run(worker, ids: list[list[int]], max_tokens: int) -> float:
+    """One generate call on the rows, exactly `max_tokens` tokens each; its seconds."""
+    replies, seconds = worker.generate(ids, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    made = {len(r) for r in replies}
+    if made != {max_tokens} or len(replies) != len(ids):
+        raise OverfillError(f"vLLM ({worker.model.mode}) was asked for {len(ids)} rows of {max_tokens} tokens and made "
+                            f"{len(replies)} rows of {sorted(made)}")
+    return seconds
 
 
 def _check_worker(worker: dict, points: list[dict]) -> None:
@@ -326,7 +404,7 @@ def _check_worker(worker: dict, points: list[dict]) -> None:
             raise OverfillError(f"vLLM ({worker['mode']}) timed point {p} {got.get((p['prompt_len'], p['batch'], p['max_tokens']))} "
                                 "times: the engine worker and the plan disagree")
     stats = worker.get("overfill_stats")
-    if stats and "error" not in stats:
+    if stats:
         # Over the timed runs, the full model reads every prompt token and the decoder every generated
         # token but the last (a run of N tokens feeds N - 1 of them back in).
         expected = {"full_tokens": sum(p["repeats"] * p["prompt_len"] * p["batch"] for p in points),

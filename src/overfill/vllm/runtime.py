@@ -56,6 +56,14 @@ def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """engine_env for a child process that loads local folders only (so no hub look-ups), plus `extra`."""
+    env = engine_env()
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(extra)
+    return env
+
+
 def engine_args(model: EngineModel, *, max_model_len: int | None = None) -> dict:
     """Keyword arguments for vLLM's engine (offline `LLM(**args)`), the same the server gets as flags."""
     args = {

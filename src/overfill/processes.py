@@ -1,4 +1,4 @@
-"""The child processes of `overfill bench --engine vllm`: vLLM engines, `overfill serve`, the load client.
+"""Child processes with a log file each: vLLM engine workers, `overfill serve`, the load client.
 
 Each starts in a process group of its own with its output in a log file, so that stopping it stops
 everything vLLM started under it (engine core, workers) and nothing else; `wait` shows the child's
@@ -15,24 +15,21 @@ from pathlib import Path
 
 from overfill.errors import OverfillError
 
-PROGRESS = "overfill-bench: "  # children prefix the lines the parent shows as progress
+PROGRESS = "overfill-progress: "  # children prefix the lines the parent shows as progress
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """vLLM's CPU settings (runtime.engine_env) for a child; local folders only, so no hub look-ups."""
-    from overfill.vllm.runtime import engine_env
+def say(text: str) -> None:
+    """In a child: one progress line for the parent to show (see `wait`)."""
+    import sys
 
-    env = engine_env()
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.update(extra)
-    return env
+    print(f"{PROGRESS}{text}", file=sys.stderr, flush=True)
 
 
-def start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def start(argv: list[str], log: Path, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+                                start_new_session=True, pass_fds=pass_fds)
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:

@@ -1,0 +1,208 @@
+"""One offline vLLM engine in a child process of its own, driven by JSON lines over two pipes.
+
+vLLM engines do not share a process well (each keeps its KV cache, threads and state until the
+interpreter exits), so `bench --engine vllm` and `eval --engine vllm` run each engine in a child
+`python -m overfill.vllm.worker IN_FD OUT_FD` and talk to it:
+
+    parent -> child   {"model": EngineModel.as_json(), "engine": {LLM keyword arguments}}   (once)
+    child -> parent   {"ready": {"vllm", "engine_start_s", "scheduler": {...}}}
+    parent -> child   {"op": "generate", "prompts": [[ids]], "params": {SamplingParams fields}}
+    child -> parent   {"replies": [[ids]], "seconds": wall time of the generate call}
+    parent -> child   {"op": "stats", "reset": bool}   -> {"stats": OverFill's counters, or null}
+    parent -> child   end of input                     -> the child exits
+
+JSON only: nothing is pickled either way. The engine runs inside the child
+(VLLM_ENABLE_V1_MULTIPROCESSING=0): the child is the isolation already, and it saves two more
+processes importing torch and vLLM (18 s vs 45 s per engine start here). That also lets the
+OverFill counters be read straight from the model, without vLLM's pickled RPC.
+
+Several workers can stay alive side by side, so that a benchmark interleaves its modes run by run
+rather than timing them minutes apart. vLLM's own output goes to the worker's log; a worker that
+dies is one error line naming its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+import time
+from pathlib import Path
+
+from overfill.errors import OverfillError
+from overfill.processes import PROGRESS, failure, last_line, say, start, stop
+from overfill.vllm.export import EngineModel
+
+POLL_S = 2.0
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of an engine child: vLLM's CPU settings, local folders only, the engine in-process."""
+    from overfill.vllm.runtime import child_env
+
+    env = child_env()
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return env
+
+
+class EngineWorker:
+    """The parent's handle on one engine child. Use as a context manager: leaving it stops the child."""
+
+    def __init__(self, model: EngineModel, log: Path, *, engine: dict | None = None, env: dict[str, str] | None = None,
+                 what: str = ""):
+        self.model, self.log, self.what = model, Path(log), what or f"vLLM ({model.mode})"
+        self.engine, self.env = dict(engine or {}), env
+        self.proc = None
+        self.info: dict = {}
+        self._buffer = b""
+
+    def __enter__(self) -> EngineWorker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self, report=None) -> EngineWorker:
+        """Start the child and wait until its engine is built (`report(text)` gets its progress lines)."""
+        env = dict(self.env if self.env is not None else worker_env())
+        to_child_r, self._to_child = os.pipe()
+        self._from_child, from_child_w = os.pipe()
+        self.proc = start([sys.executable, "-m", "overfill.vllm.worker", str(to_child_r), str(from_child_w)], self.log, env,
+                          pass_fds=(to_child_r, from_child_w))
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._send({"model": self.model.as_json(), "engine": self.engine})
+        self.info = self._receive(report)["ready"]
+        return self
+
+    def generate(self, prompts: list[list[int]], **params) -> tuple[list[list[int]], float]:
+        """Token ids of each prompt's first reply, in order, and the generate call's seconds."""
+        self._send({"op": "generate", "prompts": prompts, "params": params})
+        reply = self._receive()
+        return reply["replies"], reply["seconds"]
+
+    def stats(self, *, reset: bool = False) -> dict | None:
+        """OverFill's counters (tokens through the full model / the decoder); None for a plain model."""
+        self._send({"op": "stats", "reset": reset})
+        return self._receive()["stats"]
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.close(self._to_child)  # end of input: the child exits on its own
+            self.proc.wait(timeout=30)
+        except Exception:
+            pass
+        finally:
+            stop(self.proc, grace_s=10.0)
+            os.close(self._from_child)
+            self.proc = None
+
+    # ---------------------------------------------------------------- the pipe
+
+    def _send(self, message: dict) -> None:
+        try:
+            os.write(self._to_child, (json.dumps(message) + "\n").encode())
+        except BrokenPipeError:
+            raise self._failed() from None
+
+    def _receive(self, report=None) -> dict:
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self._from_child], [], [], POLL_S)
+            if not ready:
+                if self.proc.poll() is not None:
+                    raise self._failed()
+                if report:
+                    line = last_line(self.log, PROGRESS)
+                    if line:
+                        report(line[len(PROGRESS):])
+                continue
+            chunk = os.read(self._from_child, 1 << 20)
+            if not chunk:
+                raise self._failed()
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message = json.loads(line)
+        if "error" in message:
+            raise OverfillError(f"{self.what} failed: {message['error']}; its whole log is {self.log}")
+        return message
+
+    def _failed(self) -> OverfillError:
+        code = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=10)
+            except Exception:
+                pass
+        return failure(self.what, code, self.log)
+
+
+# -------------------------------------------------------------------- the child
+
+
+def _serve(llm, model: EngineModel, receive, send) -> None:
+    from vllm import SamplingParams
+
+    counters = None
+    if model.mode == "overfill":
+        from overfill.vllm.model import get_stats, reset_stats
+
+        counters = lambda reset: llm.apply_model(reset_stats if reset else get_stats)[0]  # noqa: E731
+    for message in receive:
+        op = message.get("op")
+        if op == "generate":
+            params = SamplingParams(**message["params"])
+            prompts = [{"prompt_token_ids": ids} for ids in message["prompts"]]
+            llm.reset_prefix_cache()
+            t0 = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - t0
+            send({"replies": [list(o.outputs[0].token_ids) for o in outputs], "seconds": seconds})
+        elif op == "stats":
+            send({"stats": counters(message.get("reset", False)) if counters else None})
+        else:
+            send({"error": f"unknown request {op!r}"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    in_fd, out_fd = (int(a) for a in (argv if argv is not None else sys.argv[1:]))
+    receive = (json.loads(line) for line in os.fdopen(in_fd, "r"))
+    out = os.fdopen(out_fd, "w")
+
+    def send(message: dict) -> None:
+        out.write(json.dumps(message) + "\n")
+        out.flush()
+
+    try:
+        setup = next(receive)
+        model = EngineModel.from_json(setup["model"])
+        from overfill.vllm.runtime import offline_engine, vllm_version
+
+        say(f"starting vLLM for {model.mode}")
+        started = time.perf_counter()
+        llm = offline_engine(model, **setup["engine"])
+        config = llm.llm_engine.vllm_config
+        send({"ready": {"vllm": vllm_version(), "mode": model.mode, "path": str(model.path),
+                        "engine_start_s": time.perf_counter() - started,
+                        "scheduler": {"max_num_seqs": config.scheduler_config.max_num_seqs,
+                                      "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+                                      "enable_prefix_caching": bool(config.cache_config.enable_prefix_caching),
+                                      "enforce_eager": bool(config.model_config.enforce_eager)}}})
+        say("ready")
+        _serve(llm, model, receive, send)
+    except Exception as error:
+        # One line for the parent's error; the traceback stays in the log.
+        import traceback
+
+        traceback.print_exc()
+        try:
+            send({"error": f"{type(error).__name__}: {error}".splitlines()[0][:300]})
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":  # a spawned engine process (if multiprocessing is turned back on) imports this module again
+    main()
