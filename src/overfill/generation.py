@@ -46,6 +46,8 @@ class GenerationConfig:
     """Stop strings; the reply is cut before the first one."""
     truncate: bool = False
     """Cut a prompt too long for the model's context from the left (its end is kept), with a warning; default: refuse it."""
+    refresh_every: int = 0
+    """Prefill refresh (overfill mode): every K reply tokens the full model re-reads them, replacing the decoder's KV for them and picking the next token (0 = off)."""
 
     def __post_init__(self):
         check_mode(self.mode)
@@ -55,6 +57,8 @@ class GenerationConfig:
             raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         if self.num_return_sequences < 1:
             raise OverfillError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
+        if self.refresh_every < 0:
+            raise OverfillError(f"--refresh-every must be 0 (off) or a number of tokens, got {self.refresh_every}")
         # One string is one stop string, not a tuple of its characters.
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not s for s in self.stop):
@@ -106,6 +110,22 @@ class Step:
     seconds: float  # wall time of this step (prefill + first token for step 0)
 
 
+def refresh(full_model, block: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache, block_start: int,
+            past_lengths: torch.Tensor) -> torch.Tensor:
+    """Prefill refresh (paper §5): the full model re-reads the last reply block, in one pass on top of its own KV.
+
+    block [B, K] are the reply tokens generated since the last refresh (the decoder's KV holds all
+    but the newest); the cache is cut back to `block_start` columns (prompt and earlier blocks,
+    all full-model KV) and the full model's KV for the block is appended: the decoder goes on
+    reading full-model KV for everything before the next token. Like the handoff after the
+    prompt, the full model's last logits pick that next token (they cost nothing more, and are
+    the better model's); returns them [B, V].
+    """
+    cache.crop(block_start)
+    logits, _ = prefill(full_model, block, attention_mask, cache, past_lengths)
+    return logits
+
+
 @torch.inference_mode()
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
                  *, eos_ids: set[int], pad_id: int, is_stopped=None,
@@ -114,8 +134,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
 
     `cache`/`past_lengths` continue an existing conversation (the cache must hold prefill-model KV).
     `is_stopped(row, new_token_ids) -> bool` lets the caller end a row on a stop string.
+    With `config.refresh_every` K (overfill mode), step K, 2K, ... is a `refresh` instead of a decoder step.
     """
     prefill_model, decode_model = model.stages(config.mode)
+    every = config.refresh_every if config.mode == "overfill" else 0  # full: nothing to refresh; pruned: no full model
     chooser = TokenChooser(config)
     n = config.num_return_sequences
     started = time.perf_counter()
@@ -133,9 +155,14 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     generated = torch.empty(rows, 0, dtype=torch.long, device=device)
+    block_start = attention_mask.shape[1]  # cache columns that hold full-model KV
 
     for step in range(config.max_new_tokens):
-        if step > 0:
+        if every and step > 0 and step % every == 0:
+            # generated [B, step]: the block is its last K tokens; lengths - 1 is the newest one's position.
+            logits = refresh(prefill_model, generated[:, -every:], attention_mask, cache, block_start, lengths - every)
+            block_start = attention_mask.shape[1]
+        elif step > 0:
             # The handoff: from here on `decode_model` reads and extends `prefill_model`'s cache.
             # tokens [B]: chosen at the previous step
             logits = decode(decode_model, tokens[:, None], attention_mask, cache, start=lengths - 1)[:, -1].float()  # noqa: F821

@@ -80,24 +80,77 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
 @dataclass
 class HandoffLogits:
     first: torch.Tensor  # [B, V] the prefill model's prediction of y1
-    rest: torch.Tensor  # [B, N-1, V] the decode model's predictions of y2..yN
+    rest: torch.Tensor  # [B, N-1, V] the predictions of y2..yN
+    by_prefill: torch.Tensor | None = None  # [N-1] bool: which of `rest` the prefill model made (refresh); None = none
 
 
 def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor, context_mask: torch.Tensor,
-            target_ids: torch.Tensor, target_mask: torch.Tensor) -> HandoffLogits:
+            target_ids: torch.Tensor, target_mask: torch.Tensor, refresh_every: int = 0) -> HandoffLogits:
     """Figure 1 under teacher forcing: prefill the context, then decode the whole reply on that cache at once.
 
     The prefill stage never trains (in overfill mode it is the frozen full model), so it runs
-    without gradients; the decode stage keeps them when the caller is training.
+    without gradients; the decode stage keeps them when the caller is training. With
+    `refresh_every` K, the schedule of `generation.refresh` instead (see `refreshed_handoff`).
     """
+    inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
+    if refresh_every and inputs.shape[1] >= refresh_every:
+        return refreshed_handoff(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask,
+                                 refresh_every)
     with torch.no_grad():
         first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
-    inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
     mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
     if inputs.shape[1] == 0:
         return HandoffLogits(first, first.new_zeros(first.shape[0], 0, first.shape[-1]))
     rest = decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
     return HandoffLogits(first, rest)
+
+
+def refresh_schedule(reply_inputs: int, every: int) -> torch.Tensor:
+    """[N-1] bool over reply inputs y1..y_{N-1}: True where the prefill model predicts the next token.
+
+    After each block of K reply tokens the full model re-reads the block and picks the next token:
+    y_{K+1}, y_{2K+1}, ... are its predictions (made at inputs y_K, y_2K, ...), the rest the decoder's.
+    """
+    return (torch.arange(reply_inputs) + 1) % every == 0
+
+
+def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor,
+                      context_mask: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+                      every: int) -> HandoffLogits:
+    """Teacher-forced prefill refresh, the whole reply at once: exactly what `generation.refresh` does step by step.
+
+    The prefill model runs once over context + reply (its KV for every position, its logits where
+    it picks a token); the decoder then runs over the reply on that cache with a mask that lets
+    reply token i (in block b = i // K) see the context and blocks before b as the full model's KV,
+    and tokens of block b up to i as its own KV, appended after the full model's:
+
+        keys   = [context (Tc) | reply, full model's KV (N-1) | reply, decoder's KV (N-1)]
+    """
+    batch, tc = context_ids.shape
+    m = target_ids.shape[1] - 1
+    inputs, input_mask = target_ids[:, :-1], target_mask[:, :-1]
+    by_prefill = refresh_schedule(m, every).to(context_ids.device)
+    mask = torch.cat([context_mask, input_mask], dim=1)  # [B, Tc + N - 1]
+    keep = torch.cat([torch.tensor([tc - 1], device=mask.device), tc + by_prefill.nonzero().flatten()])
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = prefill_model(input_ids=torch.cat([context_ids, inputs], dim=1), attention_mask=mask,
+                            position_ids=positions_from_mask(mask), past_key_values=cache, use_cache=True,
+                            logits_to_keep=keep)
+    first, picked = out.logits[:, 0], out.logits[:, 1:]  # y1; the tokens after each refreshed block
+    i = torch.arange(m, device=mask.device)
+    block_start = (i // every) * every  # [m] first reply input of query i's block
+    sees_full = i[None, :] < block_start[:, None]  # [m queries, m keys]
+    sees_own = (i[None, :] >= block_start[:, None]) & (i[None, :] <= i[:, None])
+    real = input_mask.bool()[:, None, :]  # [B, 1, m]
+    allowed = torch.cat([context_mask.bool()[:, None, :].expand(batch, m, tc), sees_full & real, sees_own & real], dim=-1)
+    dtype = next(decode_model.parameters()).dtype
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    start = context_mask.sum(-1)
+    out = decode_model(input_ids=inputs, attention_mask=additive[:, None], position_ids=start[:, None] + i,
+                       past_key_values=cache, use_cache=True)
+    rest = out.logits.index_copy(1, by_prefill.nonzero().flatten(), picked.to(out.logits.dtype))
+    return HandoffLogits(first.float(), rest, by_prefill)
 
 
 # ---------------------------------------------------------------- the model
@@ -167,11 +220,13 @@ class OverFillModel(nn.Module):
                 "pruned": (self.decoder, self.decoder)}[check_mode(mode)]
 
     def forward(self, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
-                target_mask: torch.Tensor) -> OverFillOutput:
+                target_mask: torch.Tensor, refresh_every: int = 0) -> OverFillOutput:
         """Teacher-forced decoder loss on top of the frozen full model's context cache (paper §3.2).
 
         context_ids/mask [B, Tc] left-padded; target_ids/mask [B, N] right-padded (reply + end of
-        turn). y1 is the full model's job, so the loss covers the decoder's predictions of y2..yN.
+        turn). y1 is the full model's job, so the loss covers the decoder's predictions of y2..yN;
+        with `refresh_every` K the decoder reads full-model KV for the blocks before its own, and
+        the tokens the full model picks after each block are left out too.
         """
         if target_ids.shape[1] < 2:
             raise OverfillError("targets need at least 2 tokens: the decoder's loss covers target tokens 2..N")
@@ -180,8 +235,11 @@ class OverFillModel(nn.Module):
             # without the full model's context (DESIGN §4).
             raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
                                 "disable it on the decoder (modeling.disable_activation_checkpointing(decoder))")
-        logits = handoff(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask).rest
+        stages = handoff(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask, refresh_every)
+        logits = stages.rest
         labels = target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)  # [B, N-1]
+        if stages.by_prefill is not None:
+            labels = labels.masked_fill(stages.by_prefill[None, :], IGNORE)  # the full model's picks, not the decoder's
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
         return OverFillOutput(loss=loss, logits=logits, tokens=int((labels != IGNORE).sum()))
 

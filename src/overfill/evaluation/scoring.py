@@ -28,12 +28,14 @@ class TokenScores:
 
 @torch.inference_mode()
 def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
-                   target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   target_mask: torch.Tensor, refresh_every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, N] and argmax hits [B, N] of right-padded targets after left-padded contexts.
 
-    Padded target positions hold 0 / False.
+    Padded target positions hold 0 / False. `refresh_every` (overfill mode) scores the prefill-refresh
+    schedule: each token by the model that would pick it in generation.
     """
-    stages = handoff(*model.stages(mode), context_ids, context_mask, target_ids, target_mask)
+    every = refresh_every if mode == "overfill" else 0
+    stages = handoff(*model.stages(mode), context_ids, context_mask, target_ids, target_mask, every)
     step_logits = [stages.first[:, None], stages.rest]  # [B, 1, V] predicts y1, [B, N-1, V] y2..yN
     logprobs = torch.zeros(target_ids.shape, dtype=torch.float32)
     hits = torch.zeros(target_ids.shape, dtype=torch.bool)
@@ -45,7 +47,8 @@ def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: to
     return logprobs.masked_fill(~real, 0.0), hits & real
 
 
-def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: int | None = None) -> list[TokenScores]:
+def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: int | None = None,
+                   refresh_every: int = 0) -> list[TokenScores]:
     """Teacher-forced TokenScores for each Example (context_ids, target_ids), in input order.
 
     Batches are formed from length-sorted examples so little compute goes to padding.
@@ -56,7 +59,8 @@ def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: i
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = collate([examples[i] for i in rows], pad_id)
-        logprobs, hits = reply_logprobs(model, mode, batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask)
+        logprobs, hits = reply_logprobs(model, mode, batch.context_ids, batch.context_mask, batch.target_ids,
+                                        batch.target_mask, refresh_every)
         for k, i in enumerate(rows):
             n = len(examples[i].target_ids)
             scores[i] = TokenScores(logprobs[k, :n].tolist(), hits[k, :n].tolist())
@@ -67,7 +71,8 @@ def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: i
 
 
 def generate_ids_batched(model, mode: str, contexts: list[list[int]], *, max_new_tokens: int, batch_size: int = 8,
-                         stop: tuple[str, ...] = (), temperature: float = 0.0, seed: int | None = None) -> list[list[int]]:
+                         stop: tuple[str, ...] = (), temperature: float = 0.0, seed: int | None = None,
+                         refresh_every: int = 0) -> list[list[int]]:
     """Reply token ids (end-of-turn token included when produced) for pre-tokenised contexts, in input order.
 
     Same loop as `generation.generate`, but from token ids, so the context is exactly the one
@@ -76,7 +81,8 @@ def generate_ids_batched(model, mode: str, contexts: list[list[int]], *, max_new
     tokenizer = model.tokenizer
     pad_id = pad_id_of(tokenizer)
     eos = eos_ids_of(tokenizer, model.full, model.decoder)
-    config = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop)
+    config = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,
+                              refresh_every=refresh_every)
     is_stopped = stop_checker(tokenizer, config.stop)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     replies: list[list[int]] = [[] for _ in contexts]
