@@ -44,6 +44,36 @@ def test_bench_writes_json_and_plots(pair, tmp_path):
     assert "ratios measured in this run" in (tmp_path / "console.txt").read_text()
 
 
+def test_bench_times_refresh_rows_beside_the_modes(pair, tmp_path):
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=9, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
+                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, refresh_every="4,2")
+    run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
+    key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
+    assert set(key["rows"]) == {"overfill", "full", "pruned", "overfill+refresh2", "overfill+refresh4"}
+    ratios = {r["name"]: r for r in key["ratios"]}
+    assert ratios["overfill+refresh2 decode ms/token / overfill"]["n"] == 2
+
+
+def test_refresh_rows_run_the_refresh_schedule(pair, monkeypatch):
+    """A refresh row calls the full model once per block after the prompt; plain OverFill only for the prompt."""
+    import torch
+
+    from overfill.bench.timing import time_loop
+
+    calls = []
+    handle = pair.full.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        ids, mask = PromptSource.from_tokenizer(pair.tokenizer).batch(20, 1)
+        with torch.inference_mode():
+            for row in ("overfill", "overfill+refresh3"):
+                calls.clear()
+                run = time_loop(pair, row, ids, mask, 10, 0)
+                assert len(run.times) == 10
+                assert len(calls) == {"overfill": 1, "overfill+refresh3": 1 + 3}[row]  # refreshes after y3, y6, y9
+    finally:
+        handle.remove()
+
+
 def test_prompts_have_the_exact_length(pair):
     ids, mask = PromptSource.from_tokenizer(pair.tokenizer).batch(40, 3)
     assert ids.shape == (3, 40) and bool(mask.all())
@@ -54,6 +84,9 @@ def test_prompts_have_the_exact_length(pair):
     (dict(modes="overfill,fast"), "--modes"),
     (dict(batch_sweep="1,two"), "--batch-sweep"),
     (dict(repeats=0), "--repeats"),
+    (dict(refresh_every="8", modes="full,pruned"), "--refresh-every"),
+    (dict(refresh_every="8", engine="vllm"), "--refresh-every"),
+    (dict(refresh_every="-8"), "--refresh-every"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(OverfillError, match=message):

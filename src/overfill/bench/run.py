@@ -45,7 +45,7 @@ from overfill.bench.config import BenchConfig
 from overfill.bench.plots import write_plots
 from overfill.bench.prompts import PromptSource
 from overfill.bench.report import print_bench
-from overfill.bench.timing import REFERENCES, loop_overhead, measure_point, paired_ratio, spread
+from overfill.bench.timing import REFERENCES, loop_overhead, measure_point, paired_ratio, refresh_row, spread
 from overfill.errors import OverfillError
 from overfill.tensors import pad_id_of
 
@@ -85,7 +85,9 @@ RATIOS = (
 
 def key_ratios(rows: dict) -> list[dict]:
     found = []
-    for name, a, b, metric in RATIOS:
+    refreshed = [(f"{row} decode ms/token / overfill", row, "overfill", "decode_ms_per_token")
+                 for row in rows if "+refresh" in row]
+    for name, a, b, metric in (*RATIOS, *refreshed):
         if a in rows and b in rows:
             ratio = paired_ratio(rows[a], rows[b], metric)
             if ratio is not None:
@@ -197,6 +199,8 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
         batch, length = config.batch_size, config.prompt_len
         ids, mask = prompts.batch(length, batch)
         rows = config.modes
+        if "overfill" in config.modes:
+            rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
         skipped = {}
         if config.references:
             rows = rows + ("hf_generate",)

@@ -11,7 +11,7 @@ decoder's own forward passes.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,9 +47,20 @@ def _emissions_for(counts: list[int], tokens: int) -> int:
     raise OverfillError(f"a run produced {total} tokens, fewer than the {tokens} asked")
 
 
-def time_loop(model, mode: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> Run:
+def refresh_row(every: int) -> str:
+    """The bench row of OverFill with prefill refresh every `every` tokens."""
+    return f"overfill+refresh{every}"
+
+
+def row_generation(row: str) -> GenerationConfig:
+    """A loop row's generation settings: a mode, or overfill+refreshK."""
+    mode, _, every = row.partition("+refresh")
+    return GenerationConfig(mode=mode, refresh_every=int(every or 0))
+
+
+def time_loop(model, row: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> Run:
     """One run of the generation loop; EOS is disabled so it always makes `new_tokens` tokens."""
-    config = GenerationConfig(mode=mode, max_new_tokens=new_tokens)
+    config = replace(row_generation(row), max_new_tokens=new_tokens)
     times, total = [], 0.0
     for step in generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id):
         total += step.seconds

@@ -5,7 +5,7 @@ what to measure (teacher-forced NLL, greedy replies) and the engine that generat
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from overfill.data import RecordFields
@@ -21,6 +21,7 @@ class ModelEntry:
     name: str  # column name in reports
     mode: str  # overfill | full | pruned
     checkpoint: str | None  # OverFill checkpoint folder; None = the config's shared source
+    refresh_every: int = 0  # prefill refresh every K reply tokens (overfill mode; 0 = off)
 
 
 def parse_entry(spec: str) -> ModelEntry:
@@ -57,6 +58,8 @@ class EvalConfig(ModelSource, RecordFields):
     """Reply length limit for greedy generation."""
     answer: AnswerKind = "auto"
     """Final-answer accuracy: gsm8k ('#### number' in references), none, or auto (gsm8k when every reference has '####')."""
+    refresh_every: tuple[int, ...] = ()
+    """Also evaluate every overfill entry with prefill refresh every K reply tokens (repeat or comma-separate for a sweep, e.g. 8,16,32): one more entry per K, named NAME+refreshK. Our own engine only."""
 
     def __post_init__(self):
         RecordFields.__post_init__(self)
@@ -65,7 +68,19 @@ class EvalConfig(ModelSource, RecordFields):
         self.entries = tuple(s.strip() for spec in specs for s in spec.split(",") if s.strip())  # 'full,overfill' works too
         if not self.entries:
             raise OverfillError("no models to evaluate: pass at least one entry, e.g. overfill, full, pruned")
+        values = [self.refresh_every] if isinstance(self.refresh_every, (int, str)) else list(self.refresh_every)
+        try:
+            self.refresh_every = tuple(dict.fromkeys(int(k) for v in values for k in str(v).split(",") if k.strip()))
+        except ValueError:
+            raise OverfillError(f"--refresh-every takes token counts, e.g. 8,16,32; got {','.join(map(str, values))}") from None
+        if any(k < 1 for k in self.refresh_every):
+            raise OverfillError(f"--refresh-every takes token counts of at least 1, got {min(self.refresh_every)}")
         parsed = self.model_entries()
+        if self.refresh_every and not any(e.mode == "overfill" for e in parsed):
+            raise OverfillError("--refresh-every applies to overfill entries, and there is none: add one (e.g. --entries overfill)")
+        if self.refresh_every and self.generate and self.engine != "torch":
+            raise OverfillError("prefill refresh runs on our own engine only: pass --engine torch, or --no-generate "
+                                "for its teacher-forced NLL alone")
         names = [e.name for e in parsed]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -87,7 +102,13 @@ class EvalConfig(ModelSource, RecordFields):
             raise OverfillError(f"unknown answer kind '{self.answer}': pick one of {', '.join(typing.get_args(AnswerKind))}")
 
     def model_entries(self) -> list[ModelEntry]:
-        return [parse_entry(s) for s in self.entries]
+        """The entries as given, each overfill entry followed by its refresh variants (--refresh-every)."""
+        out = []
+        for entry in map(parse_entry, self.entries):
+            out.append(entry)
+            if entry.mode == "overfill":
+                out += [replace(entry, name=f"{entry.name}+refresh{k}", refresh_every=k) for k in self.refresh_every]
+        return out
 
     def source_of(self, entry: ModelEntry) -> ModelSource:
         """Where an entry's model comes from: its own checkpoint, or the shared source."""

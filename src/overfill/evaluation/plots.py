@@ -45,13 +45,16 @@ def plot_per_position(positions: dict[str, dict], path: Path, *, modes: dict[str
     ticks = max((position_bins(pos, "mean_prob")[0] for pos in positions.values()), key=len)
     for ax, (key, ylabel) in zip(axes[0], panels):
         spare = iter(["tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 4)
+        refreshed = [name for name in positions if "+refresh" in name]  # one shade each, from short K to long
+        shades = dict(zip(refreshed, plt.cm.viridis([0.15 + 0.7 * i / max(1, len(refreshed) - 1) for i in range(len(refreshed))])))
         for name, pos in positions.items():
             floor = min_count or max(1, math.ceil(0.1 * max(pos["count"])))
             _, means, counts = position_bins(pos, key)
             keep = [i for i, c in enumerate(counts) if c >= floor]
             label = f"{name} ({modes[name]})" if modes and modes.get(name, name) != name else name
-            ax.plot(keep, [means[i] for i in keep], "o-", label=label, linewidth=1.4, markersize=4,
-                    color=COLORS.get(name) or next(spare))
+            color = shades[name] if name in shades else COLORS.get(name) or next(spare)
+            ax.plot(keep, [means[i] for i in keep], "o--" if name in shades else "o-", label=label, linewidth=1.4,
+                    markersize=4, color=color)
         ax.set_xticks(range(len(ticks)))
         ax.set_xticklabels(ticks, rotation=45, fontsize=8)
         ax.set_xlabel("reply position (1 = first token: the full model's in overfill mode)")

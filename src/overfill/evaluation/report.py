@@ -32,3 +32,6 @@ def print_eval_table(console, results: dict) -> None:
                       _fmt(agree.get("token_match"), percent=True), _fmt(agree.get("exact_match"), percent=True),
                       _fmt(answers.get("accuracy"), percent=True), from_first)
     console.print(table)
+    for r in results.get("refresh", []):
+        closed = f", {r['gap_closed']:.0%} of its gap to the full model's {r['full_nll']:.3f} closed" if r["gap_closed"] is not None else ""
+        console.print(f"{r['name']}: reply NLL {r['nll']:.3f} vs {r['plain_nll']:.3f} without refresh{closed}")

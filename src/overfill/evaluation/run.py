@@ -88,10 +88,12 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         eos = eos_ids_of(tokenizer, model.full, model.decoder)  # what ends a reply, in both engines
 
         for entry in group:
-            models[entry.name] = {"mode": entry.mode, "source": what, "seconds": {}}
+            models[entry.name] = {"mode": entry.mode, "source": what, "seconds": {},
+                                  **({"refresh_every": entry.refresh_every} if entry.refresh_every else {})}
             if config.nll:
                 t0 = time.perf_counter()
-                scores = score_examples(model, entry.mode, examples, batch_size=config.batch_size)
+                scores = score_examples(model, entry.mode, examples, batch_size=config.batch_size,
+                                        refresh_every=entry.refresh_every)
                 models[entry.name].update(nll_summary(scores))
                 models[entry.name]["seconds"]["teacher_forced"] = round(time.perf_counter() - t0, 2)
                 positions[entry.name] = per_position(scores)
@@ -105,8 +107,9 @@ def evaluate(config: EvalConfig, console=None) -> dict:
             gc.collect()
             continue
 
-        def greedy(mode: str, name: str, model=model, source=source) -> Replies:
-            return greedy_replies(config, mode, contexts, eos, model=model, source=source, what=f"{name} ({mode} of {what})")
+        def greedy(mode: str, name: str, model=model, source=source, refresh_every: int = 0) -> Replies:
+            return greedy_replies(config, mode, contexts, eos, model=model, source=source, what=f"{name} ({mode} of {what})",
+                                  refresh_every=refresh_every)
 
         if fingerprint not in reference_replies:
             say(f"greedy replies of the full model (the agreement reference) on {config.engine}")
@@ -114,7 +117,8 @@ def evaluate(config: EvalConfig, console=None) -> dict:
             say(f"  done in {sum(reference_replies[fingerprint][1].values()):.0f} s")
         reference = reference_replies[fingerprint][0]
         for entry in group:
-            replies, seconds = reference_replies[fingerprint] if entry.mode == "full" else greedy(entry.mode, entry.name)
+            replies, seconds = (reference_replies[fingerprint] if entry.mode == "full"
+                                else greedy(entry.mode, entry.name, refresh_every=entry.refresh_every))
             result = models[entry.name]
             result["seconds"].update(seconds)
             result.update(engine=config.engine, engine_version=engine_version, agreement=agreement(replies, reference))
@@ -135,6 +139,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         "config": asdict(config),
         "data": data_summary,
         "models": models,
+        "refresh": refresh_summary(entries, models),
         "per_position": positions,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -151,14 +156,32 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     return results
 
 
+def refresh_summary(entries: list[ModelEntry], models: dict[str, dict]) -> list[dict]:
+    """Per refresh entry: how much of its plain OverFill entry's NLL gap to the full model it closes."""
+    full = next((models[e.name].get("nll") for e in entries if e.mode == "full"), None)
+    out = []
+    for entry in entries:
+        if not entry.refresh_every:
+            continue
+        plain = models[entry.name.rsplit("+refresh", 1)[0]].get("nll")
+        nll = models[entry.name].get("nll")
+        if plain is None or nll is None:
+            continue
+        gap = plain - full if full is not None else None
+        out.append({"name": entry.name, "refresh_every": entry.refresh_every, "nll": nll, "plain_nll": plain,
+                    "full_nll": full, "gap_closed": (plain - nll) / gap if gap else None})
+    return out
+
+
 def greedy_replies(config: EvalConfig, mode: str, contexts: list[list[int]], eos: set[int], *, model, source: ModelSource,
-                   what: str = "") -> Replies:
+                   what: str = "", refresh_every: int = 0) -> Replies:
     """Greedy replies to `contexts` in `mode` from the configured engine: our loop on the loaded `model`
     (torch), or vLLM on `source`'s folder in a process of its own (vllm)."""
     if config.engine == "vllm":
         return vllm_replies(source, mode, contexts, max_new_tokens=config.max_new_tokens, stop_ids=eos, what=what)
     t0 = time.perf_counter()
-    replies = generate_ids_batched(model, mode, contexts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    replies = generate_ids_batched(model, mode, contexts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                   refresh_every=refresh_every)
     return replies, {"generate": round(time.perf_counter() - t0, 2)}
 
 

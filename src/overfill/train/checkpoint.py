@@ -32,8 +32,9 @@ TRAINER_FILE = "trainer.json"
 TRAJECTORY_FIELDS = (
     "mode", "model", "decoder", "data", "val_data", "val_size", "prompt_field", "response_field", "max_context",
     "max_target", "max_examples", "seed", "lr", "weight_decay", "warmup_ratio", "warmup_steps", "batch_size",
-    "grad_accum", "max_grad_norm", "epochs", "max_steps",
+    "grad_accum", "max_grad_norm", "epochs", "max_steps", "refresh_every",
 )
+ADDED_LATER = {"refresh_every": 0}  # fields newer than some checkpoints: their value when a checkpoint has none
 
 
 # ---------------------------------------------------------------- model folders
@@ -236,7 +237,7 @@ def prepare_out(config: TrainConfig) -> Path | None:
 def check_same_run(meta: dict, config: TrainConfig, world: int, digest: str, folder: Path) -> None:
     saved = meta.get("config", {})
     for name in TRAJECTORY_FIELDS:
-        if saved.get(name) != getattr(config, name):
+        if saved.get(name, ADDED_LATER.get(name)) != getattr(config, name):
             raise OverfillError(f"cannot resume from {folder}: it was trained with --{name.replace('_', '-')} "
                                 f"{saved.get(name)!r}, this run has {getattr(config, name)!r}; pass the same settings")
     if meta.get("world_size") != world:

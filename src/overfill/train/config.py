@@ -52,10 +52,15 @@ class TrainConfig(DataConfig):
     """Show a progress bar and the data summary (main process only)."""
     trust_remote_code: bool = False
     """Allow custom model code (only for models you trust)."""
+    refresh_every: int = 0
+    """Mode overfill: train (and validate) the decoder on the prefill-refresh schedule, full-model KV for every earlier block of K reply tokens (0 = off)."""
 
     def __post_init__(self):
         super().__post_init__()
         check_mode(self.mode)
+        if self.refresh_every < 0 or (self.refresh_every and self.mode != "overfill"):
+            raise OverfillError(f"--refresh-every trains OverFill's decoder on the prefill-refresh schedule: it needs "
+                                f"--mode overfill and a token count of at least 1, got {self.refresh_every} with --mode {self.mode}")
         if self.mode in ("overfill", "pruned") and not self.decoder:
             raise OverfillError(f"--mode {self.mode} trains a decoder: pass --decoder (a folder from `overfill prune`)")
         if self.mode == "full" and self.decoder:

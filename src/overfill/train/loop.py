@@ -170,7 +170,8 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     def validate(step: int) -> None:
         if not data.val:
             return
-        loss, tokens = validation_loss(trainee, accelerator.unwrap_model(module), data.val, config.batch_size, pad_id, accelerator)
+        loss, tokens = validation_loss(trainee, accelerator.unwrap_model(module), data.val, config.batch_size, pad_id, accelerator,
+                                       config.refresh_every)
         log({"step": step, "val_loss": loss, "val_tokens": tokens})
         say(f"step {step}: validation loss {loss:.4f} ({tokens} tokens)")
 
@@ -196,7 +197,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
             for m, batch in enumerate(batches):
                 sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(module)
                 with sync:
-                    loss, tokens = batch_loss(config.mode, module, batch)
+                    loss, tokens = batch_loss(config.mode, module, batch, refresh_every=config.refresh_every)
                     # DDP averages gradients over processes; this scaling makes the step's gradient
                     # the token-weighted mean over every micro-batch of every process.
                     accelerator.backward(loss * (tokens * world / max(loss_tokens, 1)))

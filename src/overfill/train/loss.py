@@ -10,6 +10,10 @@ Each mode trains on what it will produce at generation time:
 Validation always scores tokens 2..N in every mode, so the three runs' validation curves compare
 like with like (evaluate.py reports token 1 apart for the same reason). The two loss paths agree
 exactly when the decoder *is* the full model.
+
+With --refresh-every K (overfill) the decoder trains, and is validated, on the prefill-refresh
+schedule (modeling.refreshed_handoff): it reads the full model's KV for the blocks before its own,
+and the tokens the full model picks after each block leave the loss.
 """
 
 from __future__ import annotations
@@ -54,17 +58,18 @@ def standalone_loss(model: nn.Module, batch: Batch, first: int = 1) -> tuple[tor
     return loss, int((labels != IGNORE).sum())
 
 
-def batch_loss(mode: str, module: nn.Module, batch: Batch, *, training: bool = True) -> tuple[torch.Tensor, int]:
+def batch_loss(mode: str, module: nn.Module, batch: Batch, *, training: bool = True,
+               refresh_every: int = 0) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy, scored tokens) for the module a mode trains; see the module docstring for which tokens."""
     if mode == "overfill":
-        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask)
+        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask, refresh_every=refresh_every)
         return out.loss, out.tokens
     return standalone_loss(module, batch, first_scored(mode, training=training))
 
 
 @torch.no_grad()
 def validation_loss(trainee: Trainee, module: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-                    accelerator) -> tuple[float, int]:
+                    accelerator, refresh_every: int = 0) -> tuple[float, int]:
     """Token-weighted mean loss over `examples` (reply tokens 2..N), split across processes."""
     trainee.set_training(False)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].context_ids) + len(examples[i].target_ids))
@@ -72,7 +77,7 @@ def validation_loss(trainee: Trainee, module: nn.Module, examples: list[Example]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [loss sum, tokens]
     for start in range(0, len(mine), batch_size):
         batch = collate([examples[i] for i in mine[start:start + batch_size]], pad_id).to(accelerator.device)
-        loss, tokens = batch_loss(trainee.mode, module, batch, training=False)
+        loss, tokens = batch_loss(trainee.mode, module, batch, training=False, refresh_every=refresh_every)
         total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, "sum")
     trainee.set_training(True)
