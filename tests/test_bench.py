@@ -54,6 +54,20 @@ def test_bench_times_refresh_rows_beside_the_modes(pair, tmp_path):
     assert ratios["overfill+refresh2 decode ms/token / overfill"]["n"] == 2
 
 
+def test_bench_times_decoder_dtypes_beside_the_modes(pair, tmp_path):
+    from overfill.precision import decoder_dtype
+
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
+                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False,
+                         decoder_dtypes="float32,bfloat16,int8", modes="overfill,full")
+    run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
+    key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
+    assert set(key["rows"]) == {"overfill", "full", "overfill@bfloat16", "overfill@int8"}  # float32 is the overfill row
+    names = {r["name"] for r in key["ratios"]}
+    assert {"overfill@int8 decode ms/token / overfill", "overfill@int8 decode tok/s / full"} <= names
+    assert decoder_dtype(pair.decoder) == "float32"  # the bench converted copies, not the model it was given
+
+
 def test_refresh_rows_run_the_refresh_schedule(pair, monkeypatch):
     """A refresh row calls the full model once per block after the prompt; plain OverFill only for the prompt."""
     import torch
@@ -87,6 +101,7 @@ def test_prompts_have_the_exact_length(pair):
     (dict(refresh_every="8", modes="full,pruned"), "--refresh-every"),
     (dict(refresh_every="8", engine="vllm"), "--refresh-every"),
     (dict(refresh_every="-8"), "--refresh-every"),
+    (dict(decoder_dtypes="int4"), "--decoder-dtypes"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(OverfillError, match=message):

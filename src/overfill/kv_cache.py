@@ -1,4 +1,11 @@
-"""A KV cache that grows in place, so a decode step appends one token instead of copying the cache.
+"""KV caches for the two stages: one that grows in place, and one whose entries keep their dtype.
+
+`KVCache` (the default everywhere): a DynamicCache whose layers keep the dtype of the first
+entries written, the full model's, and hand a decoder of another dtype (a bfloat16 decoder
+behind a float32 prefill, paper §2) its keys and values in the decoder's dtype; what the decoder
+appends is stored in the cache's dtype. A decoder in the cache's dtype sees no difference.
+
+`GrowingCache`: the same, and a decode step appends one token instead of copying the cache.
 
 transformers' DynamicLayer concatenates on every update: decoding T tokens copies O(T^2) cache
 entries, per layer, and on CPU those copies are a visible share of a small model's decode step.
@@ -19,7 +26,24 @@ from transformers.cache_utils import Cache, DynamicLayer
 MIN_CAPACITY = 256
 
 
-class GrowingLayer(DynamicLayer):
+class DtypeKeepingLayer(DynamicLayer):
+    """Stores entries in the dtype of the first ones; returns keys/values in the dtype of the caller's."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or key_states.dtype == self.keys.dtype:
+            return super().update(key_states, value_states, *args, **kwargs)
+        keys, values = super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+
+class KVCache(DynamicCache):
+    """DynamicCache with DtypeKeepingLayer layers (see module docstring)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=DtypeKeepingLayer)
+
+
+class GrowingLayer(DtypeKeepingLayer):
     _key_buffer: torch.Tensor | None = None
     _value_buffer: torch.Tensor | None = None
 
@@ -47,6 +71,9 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.dtype != self.keys.dtype:  # a decoder in another dtype (see DtypeKeepingLayer)
+            keys, values = self.update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype))
+            return keys.to(key_states.dtype), values.to(value_states.dtype)
         length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         new = key_states.shape[-2]
         self._reserve(length + new, key_states, value_states)

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from overfill import arch
 from overfill.atomic import atomic_folder
 from overfill.errors import OverfillError
+from overfill.kv_cache import KVCache
 from overfill.tensors import IGNORE, positions_from_mask
 from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype, fingerprint, load_model, resolve_model
 
@@ -56,7 +57,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     `attention_mask` covers cached plus new tokens, [B, T_cache + T_new]; `past_lengths` [B]
     counts real tokens already in `cache` (a chat continuing earlier turns).
     """
-    cache = DynamicCache() if cache is None else cache
+    cache = KVCache() if cache is None else cache
     positions = positions_from_mask(attention_mask, input_ids.shape[1], past_lengths)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -133,7 +134,7 @@ def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context
     mask = torch.cat([context_mask, input_mask], dim=1)  # [B, Tc + N - 1]
     keep = torch.cat([torch.tensor([tc - 1], device=mask.device), tc + by_prefill.nonzero().flatten()])
     with torch.no_grad():
-        cache = DynamicCache()
+        cache = KVCache()
         out = prefill_model(input_ids=torch.cat([context_ids, inputs], dim=1), attention_mask=mask,
                             position_ids=positions_from_mask(mask), past_key_values=cache, use_cache=True,
                             logits_to_keep=keep)
@@ -254,10 +255,20 @@ class OverFillModel(nn.Module):
     # ------------------------------------------------------------ save / load
 
     def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """Write overfill.json + decoder/ to a temporary sibling, then rename it into place."""
+        """Write overfill.json + decoder/ to a temporary sibling, then rename it into place.
+
+        A bfloat16 or int8 decoder (precision.set_decoder_dtype) is recorded as overfill.json's
+        "decoder_dtype" and comes back so on loading; an int8 one is saved as the float32 weights
+        its int8 values stand for (a plain model folder) plus the int8 values themselves.
+        """
+        from overfill.precision import decoder_dtype, float_copy, save_int8
+
         folder = Path(folder)
+        dtype = decoder_dtype(self.decoder)
         with atomic_folder(folder) as tmp:
-            self.decoder.save_pretrained(tmp / "decoder")
+            (float_copy(self.decoder) if dtype == "int8" else self.decoder).save_pretrained(tmp / "decoder")
+            if dtype == "int8":
+                save_int8(self.decoder, tmp / "decoder")
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp / "decoder")
             meta = {
@@ -266,6 +277,7 @@ class OverFillModel(nn.Module):
                 "full_fingerprint": self.full_fingerprint,
                 "decoder": "decoder",
                 "pruning": {k: v for k, v in self.pruning.items() if k != "kept"},
+                **({"decoder_dtype": dtype} if dtype != "float32" else {}),
                 **(extra or {}),
             }
             (tmp / "overfill.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -273,8 +285,10 @@ class OverFillModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, full_model: str | nn.Module | None = None, *,
-                        dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> "OverFillModel":
-        """Load a checkpoint folder; the full model defaults to the one recorded in overfill.json."""
+                        dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                        decoder_dtype: str | None = None) -> "OverFillModel":
+        """Load a checkpoint folder; the full model defaults to the one recorded in overfill.json,
+        the decoder's dtype (precision.py) to the recorded one, else `dtype`."""
         folder = Path(folder)
         meta = read_checkpoint_meta(folder)
         tokenizer = None
@@ -298,11 +312,16 @@ class OverFillModel(nn.Module):
                 + (f" ({meta['full_model']})" if meta.get("full_model") else "")
             )
         model.full_source = model.full_source or meta.get("full_model")
-        return model.cast(dtype)
+        model.cast(dtype, decoder_dtype or meta.get("decoder_dtype"))
+        if (decoder_dtype or meta.get("decoder_dtype")) == "int8":
+            from overfill.precision import restore_int8
+
+            restore_int8(model.decoder, folder / meta.get("decoder", "decoder"))
+        return model
 
     @classmethod
     def from_pair(cls, full_model: str, decoder: str, *, dtype: torch.dtype = torch.float32,
-                  trust_remote_code: bool = False) -> "OverFillModel":
+                  trust_remote_code: bool = False, decoder_dtype: str | None = None) -> "OverFillModel":
         """A full model and a decoder folder (e.g. from `overfill prune`), checked against each other."""
         full, tokenizer = load_model(full_model, trust_remote_code=trust_remote_code, quiet=True)
         dec, dec_tokenizer = load_model(decoder, trust_remote_code=trust_remote_code, quiet=True)
@@ -317,15 +336,23 @@ class OverFillModel(nn.Module):
                 f"decoder {decoder} was pruned from another model than {full_model} "
                 f"(fingerprint {model.full_fingerprint[:12]} != {expected[:12]}): pair it with its source model"
             )
-        return model.cast(dtype)
+        return model.cast(dtype, decoder_dtype)
 
-    def cast(self, dtype: torch.dtype) -> "OverFillModel":
-        """Both models in `dtype`. Loading stays float32 until the pair is checked: the fingerprints
+    def cast(self, dtype: torch.dtype, decoder_dtype: str | None = None) -> "OverFillModel":
+        """Both models in `dtype`, then the decoder alone in `decoder_dtype` if given (precision.py:
+        float32, bfloat16 or int8). Loading stays float32 until the pair is checked: the fingerprints
         recorded at pruning and training time are of float32 weights."""
         if dtype != torch.float32:
             _ = self.full_fingerprint  # of the float32 weights, before they are cast
             self.full.to(dtype)
             self.decoder.to(dtype)
+        if decoder_dtype:
+            from overfill.precision import set_decoder_dtype
+
+            if decoder_dtype == "float32" and dtype != torch.float32:
+                self.decoder.float()
+            else:
+                set_decoder_dtype(self.decoder, decoder_dtype)
         return self
 
 
@@ -364,9 +391,15 @@ class ModelSource:
     """Weights dtype of both models."""
     trust_remote_code: bool = False
     """Allow custom model code from the model folder (off unless you trust it)."""
+    decoder_dtype: str | None = None
+    """The decoder alone in float32, bfloat16 or int8 (torchao int8 weight-only), behind a full model and KV cache left in --dtype; default: a checkpoint's recorded one, else --dtype."""
 
     def __post_init__(self):
         check_dtype(self.dtype)
+        if self.decoder_dtype is not None:
+            from overfill.precision import check_decoder_dtype
+
+            check_decoder_dtype(self.decoder_dtype)
 
     def describe(self) -> str:
         return self.checkpoint or f"{self.model or DEFAULT_MODEL}" + (f" + {self.decoder}" if self.decoder else "")
@@ -376,10 +409,12 @@ class ModelSource:
         in for both halves (only mode full may then run)."""
         dtype, trust = check_dtype(self.dtype), self.trust_remote_code
         if self.checkpoint:
-            return OverFillModel.from_pretrained(self.checkpoint, self.model, dtype=dtype, trust_remote_code=trust)
+            return OverFillModel.from_pretrained(self.checkpoint, self.model, dtype=dtype, trust_remote_code=trust,
+                                                 decoder_dtype=self.decoder_dtype)
         model = self.model or DEFAULT_MODEL
         if self.decoder:
-            return OverFillModel.from_pair(model, self.decoder, dtype=dtype, trust_remote_code=trust)
+            return OverFillModel.from_pair(model, self.decoder, dtype=dtype, trust_remote_code=trust,
+                                           decoder_dtype=self.decoder_dtype)
         if not full_alone:
             raise OverfillError("no decoder given: pass an OverFill checkpoint folder, or --decoder (a folder from "
                                 f"`overfill prune`) with --model (default {DEFAULT_MODEL})")

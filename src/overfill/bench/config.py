@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from overfill.errors import OverfillError
 from overfill.modeling import MODES, ModelSource, check_mode
+from overfill.precision import check_decoder_dtype
 from overfill.vllm.runtime import Engine
 
 PRESETS = {
@@ -42,6 +43,8 @@ class BenchConfig(ModelSource):
     """Modes to time: overfill, full, pruned (repeat the flag or separate with commas)."""
     refresh_every: tuple[int, ...] = ()
     """Also time OverFill with prefill refresh every K tokens at the key point, one row per K (e.g. 8,16,32); torch engine only."""
+    decoder_dtypes: tuple[str, ...] = ()
+    """Also time OverFill with its decoder in each of these dtypes at the key point (float32, bfloat16, int8; rows overfill@DTYPE); torch engine only."""
     references: bool = True
     """Also time HF `generate` of the full model and HF assisted generation (decoder as assistant); torch engine only."""
     prompt_len: int | None = None
@@ -97,6 +100,12 @@ class BenchConfig(ModelSource):
             check_mode(mode, "--modes")
         for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "refresh_every"):
             setattr(self, name, _ints(getattr(self, name), name))
+        self.decoder_dtypes = _names(self.decoder_dtypes)
+        for dtype in self.decoder_dtypes:
+            check_decoder_dtype(dtype, "--decoder-dtypes")
+        if self.decoder_dtypes and (vllm or "overfill" not in self.modes):
+            raise OverfillError("--decoder-dtypes times OverFill's decoder in other dtypes on our own engine: use "
+                                "--engine torch with overfill among --modes")
         if self.refresh_every and (vllm or "overfill" not in self.modes):
             raise OverfillError("--refresh-every times OverFill with prefill refresh on our own engine: use --engine torch "
                                 "with overfill among --modes")

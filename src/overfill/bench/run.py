@@ -30,6 +30,7 @@ tables go to the terminal (report.py). How one run is timed is in timing.py.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -45,7 +46,7 @@ from overfill.bench.config import BenchConfig
 from overfill.bench.plots import write_plots
 from overfill.bench.prompts import PromptSource
 from overfill.bench.report import print_bench
-from overfill.bench.timing import REFERENCES, loop_overhead, measure_point, paired_ratio, refresh_row, spread
+from overfill.bench.timing import REFERENCES, dtype_row, loop_overhead, measure_point, paired_ratio, refresh_row, spread
 from overfill.errors import OverfillError
 from overfill.tensors import pad_id_of
 
@@ -83,11 +84,26 @@ RATIOS = (
 )
 
 
+def decoder_variants(model, dtypes: tuple[str, ...]) -> dict:
+    """Row overfill@DTYPE -> the same full model with a copy of the decoder in DTYPE (float32 is the overfill row)."""
+    from overfill.modeling import OverFillModel
+    from overfill.precision import decoder_dtype, set_decoder_dtype
+
+    variants = {}
+    for dtype in dtypes:
+        if dtype == decoder_dtype(model.decoder):
+            continue
+        decoder = set_decoder_dtype(copy.deepcopy(model.decoder), dtype)
+        variants[dtype_row(dtype)] = OverFillModel(model.full, decoder, model.tokenizer, full_source=model.full_source)
+    return variants
+
+
 def key_ratios(rows: dict) -> list[dict]:
     found = []
-    refreshed = [(f"{row} decode ms/token / overfill", row, "overfill", "decode_ms_per_token")
-                 for row in rows if "+refresh" in row]
-    for name, a, b, metric in (*RATIOS, *refreshed):
+    variants = [(f"{row} decode ms/token / overfill", row, "overfill", "decode_ms_per_token")
+                for row in rows if "+refresh" in row or "@" in row]
+    variants += [(f"{row} decode tok/s / full", row, "full", "decode_tokens_per_s") for row in rows if "@" in row]
+    for name, a, b, metric in (*RATIOS, *variants):
         if a in rows and b in rows:
             ratio = paired_ratio(rows[a], rows[b], metric)
             if ratio is not None:
@@ -201,6 +217,8 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
         rows = config.modes
         if "overfill" in config.modes:
             rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
+        variants = decoder_variants(model, config.decoder_dtypes)
+        rows = rows + tuple(variants)
         skipped = {}
         if config.references:
             rows = rows + ("hf_generate",)
@@ -210,7 +228,7 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
                 skipped["hf_assisted"] = "HF assisted generation runs batch 1 only"
         lengths = {row: config.new_tokens if row in REFERENCES else config.key_run_tokens for row in rows}
         runs = measure_point(model, rows, ids, mask, lengths, pad_id, config.repeats, config.warmup,
-                             lambda t: report(f"key point, {t}"))
+                             lambda t: report(f"key point, {t}"), models=variants)
         key_rows = {row: summarize([r.split(config.new_tokens) for r in runs[row]], batch) for row in rows}
         result["key_point"] = {"prompt_len": length, "batch": batch, "new_tokens": config.new_tokens,
                                "rows": key_rows, "ratios": key_ratios(key_rows), "skipped": skipped}

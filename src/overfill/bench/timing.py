@@ -52,9 +52,15 @@ def refresh_row(every: int) -> str:
     return f"overfill+refresh{every}"
 
 
+def dtype_row(dtype: str) -> str:
+    """The bench row of OverFill with its decoder in `dtype` (precision.py)."""
+    return f"overfill@{dtype}"
+
+
 def row_generation(row: str) -> GenerationConfig:
-    """A loop row's generation settings: a mode, or overfill+refreshK."""
-    mode, _, every = row.partition("+refresh")
+    """A loop row's generation settings: a mode, overfill+refreshK, or overfill@DTYPE (the decoder's dtype
+    is the row's model, see measure_point)."""
+    mode, _, every = row.split("@")[0].partition("+refresh")
     return GenerationConfig(mode=mode, refresh_every=int(every or 0))
 
 
@@ -137,17 +143,21 @@ def _rotated(rows: tuple[str, ...], repeat: int) -> tuple[str, ...]:
 
 
 def measure_point(model, rows: tuple[str, ...], ids, mask, new_tokens: dict[str, int], pad_id: int, repeats: int,
-                  warmup: int, report=None) -> dict[str, list[Run]]:
-    """Warm every row up, then time `repeats` rounds with the rows interleaved in rotating order."""
+                  warmup: int, report=None, models: dict | None = None) -> dict[str, list[Run]]:
+    """Warm every row up, then time `repeats` rounds with the rows interleaved in rotating order.
+
+    `models` gives some rows a model of their own (overfill@int8: the same full model, another decoder).
+    """
+    models = models or {}
     for _ in range(warmup):
         for row in rows:
-            time_row(model, row, ids, mask, min(new_tokens[row], 16), pad_id)
+            time_row(models.get(row, model), row, ids, mask, min(new_tokens[row], 16), pad_id)
     runs = {row: [] for row in rows}
     for repeat in range(repeats):
         for row in _rotated(rows, repeat):
             if report:
                 report(f"{row} {repeat + 1}/{repeats}")
-            runs[row].append(time_row(model, row, ids, mask, new_tokens[row], pad_id))
+            runs[row].append(time_row(models.get(row, model), row, ids, mask, new_tokens[row], pad_id))
     return runs
 
 

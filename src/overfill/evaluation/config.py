@@ -114,5 +114,5 @@ class EvalConfig(ModelSource, RecordFields):
         """Where an entry's model comes from: its own checkpoint, or the shared source."""
         if entry.checkpoint:
             return ModelSource(checkpoint=entry.checkpoint, model=self.model, dtype=self.dtype,
-                               trust_remote_code=self.trust_remote_code)
-        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code)
+                               trust_remote_code=self.trust_remote_code, decoder_dtype=self.decoder_dtype)
+        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code, self.decoder_dtype)

@@ -67,6 +67,9 @@ class EngineModel:
 def engine_model(source: ModelSource, mode: str = "overfill", *, name: str | None = None) -> EngineModel:
     """The folder vLLM loads for `mode` of `source` (exporting the OverFill pair on first use)."""
     mode = check_mode(mode)
+    if getattr(source, "decoder_dtype", None) not in (None, "float32", source.dtype):
+        raise OverfillError(f"--decoder-dtype {source.decoder_dtype} runs on our own engine; vLLM serves both models in "
+                            f"--dtype {source.dtype}: drop --decoder-dtype (or use vLLM's own --quantization after --)")
     if mode == "full":
         path = Path(resolve_model(_full_source(source), quiet=True))
     elif mode == "pruned":

@@ -1,0 +1,83 @@
+"""A low-precision decoder behind a full-precision prefill, on tiny models: what changes, what does not, and that
+it survives save/load."""
+
+import copy
+
+import pytest
+import torch
+
+from overfill import OverfillError
+from overfill.generation import GenerationConfig, generate_ids
+from overfill.modeling import ModelSource, OverFillModel, handoff
+from overfill.precision import decoder_dtype, set_decoder_dtype, weight_bytes
+from overfill.tensors import left_pad
+from test_generation import PAD, pruned_model
+from tiny import save_tiny
+
+PROMPTS = [[1, 5, 9, 14, 3], [1, 7, 7, 30, 22, 41, 8, 12, 6]]
+
+
+def greedy(model, n=10) -> torch.Tensor:
+    ids, mask = left_pad(PROMPTS, PAD)
+    steps = list(generate_ids(model, ids, mask, GenerationConfig(max_new_tokens=n), eos_ids=set(), pad_id=PAD))
+    return torch.stack([s.tokens for s in steps], dim=1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_only_the_decoder_changes_and_the_cache_keeps_its_dtype(dtype):
+    model = pruned_model("llama")
+    full_before = {k: v.clone() for k, v in model.full.state_dict().items()}
+    fp32_bytes = weight_bytes(model.decoder)
+    reference = copy.deepcopy(model.decoder)
+    set_decoder_dtype(model.decoder, dtype)
+    assert decoder_dtype(model.decoder) == dtype and decoder_dtype(reference) == "float32"
+    assert weight_bytes(model.decoder) < 0.6 * fp32_bytes
+    for name, tensor in model.full.state_dict().items():
+        assert torch.equal(tensor, full_before[name]) and tensor.dtype == torch.float32
+    # The decoder reads and extends the full model's float32 cache: its entries stay float32.
+    from overfill.kv_cache import GrowingCache
+
+    cache = GrowingCache()
+    ids, mask = left_pad(PROMPTS, PAD)
+    tokens = torch.stack([s.tokens for s in generate_ids(model, ids, mask, GenerationConfig(max_new_tokens=6),
+                                                         eos_ids=set(), pad_id=PAD, cache=cache)], 1)
+    assert {layer.keys.dtype for layer in cache.layers} == {torch.float32} and tokens.shape == (2, 6)
+    # Close to the float32 decoder under teacher forcing (same first token: the full model's).
+    targets = torch.randint(3, 60, (2, 8))
+    with torch.no_grad():
+        low = handoff(model.full, model.decoder, ids, mask, targets, torch.ones_like(targets))
+        high = handoff(model.full, reference, ids, mask, targets, torch.ones_like(targets))
+    assert torch.equal(low.first, high.first)
+    p_low, p_high = low.rest.float().softmax(-1), high.rest.float().softmax(-1)
+    assert (p_low - p_high).abs().max() < 0.1 and not torch.equal(low.rest.float(), high.rest.float())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_low_precision_decoder_round_trips_through_save_and_load(dtype, tmp_path):
+    full, tok = save_tiny(tmp_path / "full")
+    model = pruned_model("llama")
+    model = OverFillModel(full, model.decoder, tok, full_source=str(tmp_path / "full"))
+    set_decoder_dtype(model.decoder, dtype)
+    expected = greedy(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = OverFillModel.from_pretrained(tmp_path / "ckpt")
+    assert decoder_dtype(loaded.decoder) == dtype
+    for (name, a), b in zip(model.decoder.state_dict().items(), loaded.decoder.state_dict().values()):
+        if hasattr(a, "qdata"):
+            assert torch.equal(a.qdata, b.qdata) and torch.allclose(a.scale, b.scale, rtol=1e-6), name
+        else:
+            assert torch.equal(a, b), name
+    assert torch.equal(greedy(loaded), expected)
+    for name, tensor in loaded.full.state_dict().items():
+        assert torch.equal(tensor, full.state_dict()[name])  # the full model untouched
+    as_float = ModelSource(checkpoint=str(tmp_path / "ckpt"), decoder_dtype="float32").load()
+    assert decoder_dtype(as_float.decoder) == "float32"  # the flag overrides the recorded dtype
+
+
+def test_bad_decoder_dtype_is_one_line():
+    with pytest.raises(OverfillError, match="--decoder-dtype"):
+        ModelSource(decoder="d", decoder_dtype="int4")
+    with pytest.raises(OverfillError, match="--decoder-dtype"):
+        from overfill.vllm.export import engine_model
+
+        engine_model(ModelSource(decoder="d", decoder_dtype="int8"), "overfill")
