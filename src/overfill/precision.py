@@ -21,7 +21,6 @@ products at batch 1 can still gain from the halved bytes. `dtype_advice` says so
 
 from __future__ import annotations
 
-import logging
 import typing
 import warnings
 from pathlib import Path
@@ -60,9 +59,7 @@ def dtype_advice(dtype: str, batch: int = 1) -> str | None:
 
 
 def _torchao():
-    """torchao, imported without its messages about GPU kernels a CPU machine cannot load."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """torchao (its messages about GPU kernels a CPU machine cannot load are muted in overfill/__init__)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
