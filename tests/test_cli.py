@@ -96,3 +96,19 @@ def test_prune_command_writes_a_loadable_folder(monkeypatch, capsys, tiny_folder
     assert record["requested"] == {"hidden_size": 26, "intermediate_size": 50}
     assert record["actual"] == {"hidden_size": 24, "intermediate_size": 48}
     assert "hidden size" in capsys.readouterr().out
+
+
+def test_number_lists_take_commas_or_repeated_flags(monkeypatch, capsys, tiny_folder, tmp_path):
+    """`--refresh-every 8,16` and `--refresh-every 8 --refresh-every 16` are the same sweep; a bad number is one line."""
+    import overfill.bench
+
+    seen = []
+    monkeypatch.setattr(overfill.bench, "run_bench", lambda config, console: seen.append(config))
+    for args in (["--refresh-every", "8,16"], ["--refresh-every", "8", "--refresh-every", "16"]):
+        code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", str(tiny_folder), "--decoder", str(tiny_folder),
+                               "--batch-sweep", "1,2", "--out", str(tmp_path / "b"), *args)
+        assert code in (0, None), err
+    assert [c.refresh_every for c in seen] == [(8, 16), (8, 16)] and seen[0].batch_sweep == (1, 2)
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", str(tiny_folder), "--decoder", str(tiny_folder),
+                           "--refresh-every", "8,x")
+    assert_one_line_error(code, err, "--refresh-every")

@@ -50,6 +50,12 @@ def native_bf16() -> bool:
 
 def dtype_advice(dtype: str, batch: int = 1) -> str | None:
     """A warning to show before running a decoder in `dtype` here, or None."""
+    if dtype == "int8" and not torch.cuda.is_available():
+        # torchao's weight-only linear widens the whole int8 weight to the activation dtype on every
+        # call on CPU (no fused kernel; PyTorch's own _weight_int8pack_mm gave wrong results here for
+        # widths that are not a multiple of its block): a quarter of the weight memory, not less time.
+        return ("int8 decoder on CPU: a quarter of the weight memory, but torchao's CPU path widens each weight "
+                "on every call, so it decodes slower than float32 here (`overfill bench --decoder-dtypes` measures it)")
     if dtype == "bfloat16" and not native_bf16():
         where = "matrix-vector products at batch 1 may gain from the halved bytes" if batch == 1 else \
             f"at batch {batch} its matrix-matrix products can be far slower than float32"

@@ -47,7 +47,9 @@ def _cli_type(annotation):
         inner = [a for a in args if a is not type(None)][0]
         return typing.Optional[_cli_type(inner)]
     if origin in (tuple, list):
-        return list[args[0]]
+        # Numbers are taken as text, so that "8,16,32" works as well as repeating the flag: the
+        # config's __post_init__ splits and checks them (one error line for a bad one).
+        return list[str] if args[0] in (int, float) else list[args[0]]
     return annotation
 
 
