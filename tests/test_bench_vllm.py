@@ -14,7 +14,8 @@ from rich.console import Console
 
 from overfill.bench import BenchConfig
 from overfill.bench import load as bench_load
-from overfill.bench.vllm_run import _check_worker, assemble, plan_points, point_summary, ratio, rounds, torch_summary
+from overfill.bench.vllm_run import assemble, plan_points, point_summary, ratio, torch_summary
+from overfill.bench.vllm_timing import check_worker, rounds
 from overfill.errors import OverfillError
 from overfill.processes import PROGRESS, last_line, start, stop, wait
 
@@ -193,11 +194,11 @@ def test_worker_results_are_checked_against_the_plan():
     points = [{"prompt_len": 10, "batch": 2, "max_tokens": 1, "repeats": 1}, {"prompt_len": 10, "batch": 2, "max_tokens": 5, "repeats": 2}]
     timed = [{**{k: p[k] for k in ("prompt_len", "batch", "max_tokens")}, "seconds": [0.1] * p["repeats"]} for p in points]
     # prompts: 3 runs x 10 tokens x 2 rows; decoder: 2 runs x 4 fed-back tokens x 2 rows
-    _check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"full_tokens": 60, "decoder_tokens": 16}}, points)
+    check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"full_tokens": 60, "decoder_tokens": 16}}, points)
     with pytest.raises(OverfillError, match="two stages"):
-        _check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"full_tokens": 76, "decoder_tokens": 0}}, points)
+        check_worker({"mode": "overfill", "points": timed, "overfill_stats": {"full_tokens": 76, "decoder_tokens": 0}}, points)
     with pytest.raises(OverfillError, match="disagree"):
-        _check_worker({"mode": "full", "points": timed[:1], "overfill_stats": None}, points)
+        check_worker({"mode": "full", "points": timed[:1], "overfill_stats": None}, points)
 
 
 # ---------------------------------------------------------------- child processes

@@ -14,7 +14,8 @@ from overfill import OverfillError
 from overfill import generation as generation_module
 from overfill.generation import GenerationConfig, generate_ids
 from overfill.kv_cache import GrowingCache
-from overfill.modeling import OverFillModel, handoff, prefill, refresh_schedule
+from overfill.modeling import OverFillModel, handoff, prefill
+from overfill.refresh import refresh_schedule
 from overfill.tensors import left_pad
 from test_generation import EOS, PAD, pruned_model
 from tiny import KINDS, tiny_model, tiny_tokenizer

@@ -21,6 +21,7 @@ from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWar
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.kv_cache import GrowingCache
 from overfill.modeling import Mode, check_mode, decode, prefill
+from overfill.refresh import refresh
 from overfill.tensors import left_pad, pad_id_of
 
 # ---------------------------------------------------------------- choosing tokens
@@ -108,22 +109,6 @@ class Step:
     tokens: torch.Tensor  # [B] token chosen at this step (pad for finished rows)
     finished: torch.Tensor  # [B] bool, row done after this step
     seconds: float  # wall time of this step (prefill + first token for step 0)
-
-
-def refresh(full_model, block: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache, block_start: int,
-            past_lengths: torch.Tensor) -> torch.Tensor:
-    """Prefill refresh (paper §5): the full model re-reads the last reply block, in one pass on top of its own KV.
-
-    block [B, K] are the reply tokens generated since the last refresh (the decoder's KV holds all
-    but the newest); the cache is cut back to `block_start` columns (prompt and earlier blocks,
-    all full-model KV) and the full model's KV for the block is appended: the decoder goes on
-    reading full-model KV for everything before the next token. Like the handoff after the
-    prompt, the full model's last logits pick that next token (they cost nothing more, and are
-    the better model's); returns them [B, V].
-    """
-    cache.crop(block_start)
-    logits, _ = prefill(full_model, block, attention_mask, cache, past_lengths)
-    return logits
 
 
 @torch.inference_mode()

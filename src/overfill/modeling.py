@@ -91,10 +91,12 @@ def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torc
 
     The prefill stage never trains (in overfill mode it is the frozen full model), so it runs
     without gradients; the decode stage keeps them when the caller is training. With
-    `refresh_every` K, the schedule of `generation.refresh` instead (see `refreshed_handoff`).
+    `refresh_every` K, the prefill-refresh schedule instead (refresh.py).
     """
     inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
     if refresh_every and inputs.shape[1] >= refresh_every:
+        from overfill.refresh import refreshed_handoff
+
         return refreshed_handoff(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask,
                                  refresh_every)
     with torch.no_grad():
@@ -104,54 +106,6 @@ def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torc
         return HandoffLogits(first, first.new_zeros(first.shape[0], 0, first.shape[-1]))
     rest = decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
     return HandoffLogits(first, rest)
-
-
-def refresh_schedule(reply_inputs: int, every: int) -> torch.Tensor:
-    """[N-1] bool over reply inputs y1..y_{N-1}: True where the prefill model predicts the next token.
-
-    After each block of K reply tokens the full model re-reads the block and picks the next token:
-    y_{K+1}, y_{2K+1}, ... are its predictions (made at inputs y_K, y_2K, ...), the rest the decoder's.
-    """
-    return (torch.arange(reply_inputs) + 1) % every == 0
-
-
-def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor,
-                      context_mask: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
-                      every: int) -> HandoffLogits:
-    """Teacher-forced prefill refresh, the whole reply at once: exactly what `generation.refresh` does step by step.
-
-    The prefill model runs once over context + reply (its KV for every position, its logits where
-    it picks a token); the decoder then runs over the reply on that cache with a mask that lets
-    reply token i (in block b = i // K) see the context and blocks before b as the full model's KV,
-    and tokens of block b up to i as its own KV, appended after the full model's:
-
-        keys   = [context (Tc) | reply, full model's KV (N-1) | reply, decoder's KV (N-1)]
-    """
-    batch, tc = context_ids.shape
-    m = target_ids.shape[1] - 1
-    inputs, input_mask = target_ids[:, :-1], target_mask[:, :-1]
-    by_prefill = refresh_schedule(m, every).to(context_ids.device)
-    mask = torch.cat([context_mask, input_mask], dim=1)  # [B, Tc + N - 1]
-    keep = torch.cat([torch.tensor([tc - 1], device=mask.device), tc + by_prefill.nonzero().flatten()])
-    with torch.no_grad():
-        cache = KVCache()
-        out = prefill_model(input_ids=torch.cat([context_ids, inputs], dim=1), attention_mask=mask,
-                            position_ids=positions_from_mask(mask), past_key_values=cache, use_cache=True,
-                            logits_to_keep=keep)
-    first, picked = out.logits[:, 0], out.logits[:, 1:]  # y1; the tokens after each refreshed block
-    i = torch.arange(m, device=mask.device)
-    block_start = (i // every) * every  # [m] first reply input of query i's block
-    sees_full = i[None, :] < block_start[:, None]  # [m queries, m keys]
-    sees_own = (i[None, :] >= block_start[:, None]) & (i[None, :] <= i[:, None])
-    real = input_mask.bool()[:, None, :]  # [B, 1, m]
-    allowed = torch.cat([context_mask.bool()[:, None, :].expand(batch, m, tc), sees_full & real, sees_own & real], dim=-1)
-    dtype = next(decode_model.parameters()).dtype
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    start = context_mask.sum(-1)
-    out = decode_model(input_ids=inputs, attention_mask=additive[:, None], position_ids=start[:, None] + i,
-                       past_key_values=cache, use_cache=True)
-    rest = out.logits.index_copy(1, by_prefill.nonzero().flatten(), picked.to(out.logits.dtype))
-    return HandoffLogits(first.float(), rest, by_prefill)
 
 
 # ---------------------------------------------------------------- the model

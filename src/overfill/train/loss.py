@@ -12,7 +12,7 @@ like with like (evaluate.py reports token 1 apart for the same reason). The two 
 exactly when the decoder *is* the full model.
 
 With --refresh-every K (overfill) the decoder trains, and is validated, on the prefill-refresh
-schedule (modeling.refreshed_handoff): it reads the full model's KV for the blocks before its own,
+schedule (refresh.refreshed_handoff): it reads the full model's KV for the blocks before its own,
 and the tokens the full model picks after each block leave the loss.
 """
 
