@@ -21,6 +21,7 @@ products at batch 1 can still gain from the halved bytes. `dtype_advice` says so
 
 from __future__ import annotations
 
+import copy
 import typing
 import warnings
 from pathlib import Path
@@ -107,7 +108,7 @@ INT8_FILE = "int8.safetensors"  # beside an int8 decoder's float32 weights: its 
 
 def float_copy(decoder: nn.Module) -> nn.Module:
     """A copy of an int8 decoder with float32 weights (int8 x scale): a plain model folder when saved."""
-    copy_ = __import__("copy").deepcopy(decoder)
+    copy_ = copy.deepcopy(decoder)
     for module in copy_.modules():
         if isinstance(module, nn.Linear) and hasattr(module.weight, "qdata"):
             module.weight = nn.Parameter(module.weight.dequantize().float(), requires_grad=False)
