@@ -57,11 +57,16 @@ def test_bench_times_refresh_rows_beside_the_modes(pair, tmp_path):
 def test_bench_times_decoder_dtypes_beside_the_modes(pair, tmp_path):
     from overfill.precision import decoder_dtype
 
-    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
-                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False,
-                         decoder_dtypes="float32,bfloat16,int8", modes="overfill,full")
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep="1,2",
+                         sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=0, overhead_steps=0, threads=1,
+                         references=False, decoder_dtypes="float32,bfloat16,int8", modes="overfill,full")
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
-    key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    key = result["key_point"]
+    # The batch sweep times the dtype rows too (whether a dtype pays can flip with the batch size).
+    batch = result["sweeps"]["batch"]["rows"]
+    assert set(batch) == set(key["rows"]) and all(len(points) == 2 for points in batch.values())
+    assert "decode ms/token" in (tmp_path / "console.txt").read_text()
     assert set(key["rows"]) == {"overfill", "full", "overfill@bfloat16", "overfill@int8"}  # float32 is the overfill row
     names = {r["name"] for r in key["ratios"]}
     assert {"overfill@int8 decode ms/token / overfill", "overfill@int8 decode tok/s / full"} <= names

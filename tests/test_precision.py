@@ -81,3 +81,26 @@ def test_bad_decoder_dtype_is_one_line():
         from overfill.vllm.export import engine_model
 
         engine_model(ModelSource(decoder="d", decoder_dtype="int8"), "overfill")
+
+
+@pytest.mark.parametrize("in_features", [24, 315, 844])  # widths a pruned decoder has: not multiples of the kernel's block
+@pytest.mark.parametrize("rows", [1, 8])
+def test_int8_layers_multiply_like_their_dequantised_weights(in_features, rows, monkeypatch):
+    from torch import nn
+
+    import overfill.precision as precision
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(in_features, 96, bias=True))
+    set_decoder_dtype(layer, "int8")
+    int8 = layer[0]
+    assert isinstance(int8, precision.Int8Linear) and int8.qdata.dtype == torch.int8
+    assert int8.qdata.shape == (96, in_features)
+    x = torch.randn(2, rows, in_features)
+    exact = nn.functional.linear(x, int8.dequantize(), int8.bias)
+    fused = layer(x)
+    assert fused.shape == exact.shape and fused.dtype == torch.float32
+    # The kernel may take bfloat16 input here (precision.int8_kernel_input): ~3 significant digits.
+    assert (fused - exact).abs().max() <= 0.02 * exact.abs().max()
+    monkeypatch.setattr(precision, "int8_kernel_input", lambda: None)  # where float32 F.linear is faster
+    assert torch.allclose(layer(x), exact, atol=1e-5)

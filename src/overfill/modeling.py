@@ -346,7 +346,7 @@ class ModelSource:
     trust_remote_code: bool = False
     """Allow custom model code from the model folder (off unless you trust it)."""
     decoder_dtype: str | None = None
-    """The decoder alone in float32, bfloat16 or int8 (torchao int8 weight-only), behind a full model and KV cache left in --dtype; default: a checkpoint's recorded one, else --dtype."""
+    """The decoder alone in float32, bfloat16 or int8 (int8 weights on PyTorch's fused int8 kernel), behind a full model and KV cache left in --dtype; default: a checkpoint's recorded one, else --dtype."""
 
     def __post_init__(self):
         check_dtype(self.dtype)

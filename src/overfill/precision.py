@@ -7,11 +7,13 @@ bfloat16). Only the decoder changes:
 
     float32   as trained
     bfloat16  every decoder weight and activation in bfloat16 (half the bytes)
-    int8      torchao's int8 weight-only quantisation of every linear layer, LM head included
-              (a quarter of the bytes; per-output-channel scales; activations stay float32, so
-              the decoder reads the float32 cache as is). torchao is PyTorch's own quantisation
-              library: its Int8Tensor runs on PyTorch's int8 CPU/GPU matmul kernels and needs no
-              calibration data; hand-written quantisation would have to match both.
+    int8      int8 weights with one float32 scale per output channel for every linear layer, LM
+              head included (a quarter of the bytes); activations, norms and attention stay
+              float32, so the decoder reads the float32 cache as is. torchao (PyTorch's own
+              quantisation library) computes the int8 values and scales; PyTorch's fused int8
+              weight-only kernel (`_weight_int8pack_mm`) multiplies with them, reading the int8
+              bytes directly. torchao's own CPU linear widens the whole weight to float32 on every
+              call, which costs more time than the int8 bytes save (measured: slower than float32).
 
 Whether bfloat16 pays depends on the CPU: with AVX512-BF16 or AMX it is native; without (AMD Zen3,
 AVX2 only) matrix-matrix products were measured ~400x slower than float32, while matrix-vector
@@ -22,6 +24,8 @@ products at batch 1 can still gain from the halved bytes. `dtype_advice` says so
 from __future__ import annotations
 
 import copy
+import functools
+import time
 import typing
 import warnings
 from pathlib import Path
@@ -51,12 +55,9 @@ def native_bf16() -> bool:
 
 def dtype_advice(dtype: str, batch: int = 1) -> str | None:
     """A warning to show before running a decoder in `dtype` here, or None."""
-    if dtype == "int8" and not torch.cuda.is_available():
-        # torchao's weight-only linear widens the whole int8 weight to the activation dtype on every
-        # call on CPU (no fused kernel; PyTorch's own _weight_int8pack_mm gave wrong results here for
-        # widths that are not a multiple of its block): a quarter of the weight memory, not less time.
-        return ("int8 decoder on CPU: a quarter of the weight memory, but torchao's CPU path widens each weight "
-                "on every call, so it decodes slower than float32 here (`overfill bench --decoder-dtypes` measures it)")
+    if dtype == "int8" and not torch.cuda.is_available() and int8_kernel_input() is None:
+        return ("PyTorch's int8 kernel measured slower than a float32 product on this CPU: the int8 decoder keeps "
+                "a quarter of the weight memory but widens each weight on every call, so it decodes slower here")
     if dtype == "bfloat16" and not native_bf16():
         where = "matrix-vector products at batch 1 may gain from the halved bytes" if batch == 1 else \
             f"at batch {batch} its matrix-matrix products can be far slower than float32"
@@ -79,27 +80,123 @@ def _torchao():
 def set_decoder_dtype(decoder: nn.Module, dtype: str, batch: int = 1) -> nn.Module:
     """Convert `decoder` in place to `dtype` (from float32 weights) and return it; warns where it may be slower here."""
     check_decoder_dtype(dtype)
-    advice = dtype_advice(dtype, batch)
-    if advice:
-        warnings.warn(advice, OverfillWarning, stacklevel=2)
     if dtype == "bfloat16":
+        _advise(dtype, batch)
         decoder.to(torch.bfloat16)
-    elif dtype == "int8":
+    elif dtype == "int8" and decoder_dtype(decoder) != "int8":
+        _advise(dtype, batch)
         quantization = _torchao()
-        if decoder_dtype(decoder) == "int8":
-            return decoder
         quantization.quantize_(decoder, quantization.Int8WeightOnlyConfig())
+        for parent in list(decoder.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear) and hasattr(child.weight, "qdata"):
+                    setattr(parent, name, Int8Linear(child.weight.qdata, child.weight.scale, child.bias))
     return decoder
 
 
+def _advise(dtype: str, batch: int) -> None:
+    advice = dtype_advice(dtype, batch)
+    if advice:
+        warnings.warn(advice, OverfillWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------- int8 weights, PyTorch's fused kernel
+
+# The kernel needs the inner dimension padded to a multiple of its block: at widths a pruned
+# decoder has (315, 844) an unpadded call returned wrong values, or crashed.
+KERNEL_BLOCK = 64
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W held as int8 [out, in] and one float32 scale per output row.
+
+    The product runs in PyTorch's `_weight_int8pack_mm` on CPU, which reads the int8 bytes as they
+    are: at batch 1 a decode step is bound by weight bytes, so a quarter of them is most of the
+    saving. Its input is cast to the dtype that kernel is fastest with here (`int8_kernel_input`),
+    and the output back, so the rest of the decoder keeps its dtype. On other devices the weight is
+    widened per call (correct, not fast).
+    """
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = qdata.shape[1], qdata.shape[0]
+        padded = -self.in_features % KERNEL_BLOCK
+        self.register_buffer("packed", nn.functional.pad(qdata.detach(), (0, padded)).contiguous())
+        self.register_buffer("scale", scale.detach().reshape(-1).float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @property
+    def qdata(self) -> torch.Tensor:
+        return self.packed[:, : self.in_features]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qdata.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel_dtype = int8_kernel_input() if x.device.type == "cpu" else None
+        if kernel_dtype is None:
+            y = nn.functional.linear(x, self.dequantize().to(x.dtype))
+        else:
+            rows = x.reshape(-1, self.in_features).to(kernel_dtype)
+            if self.packed.shape[1] != self.in_features:
+                rows = nn.functional.pad(rows, (0, self.packed.shape[1] - self.in_features))
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.packed, self._kernel_scale(kernel_dtype))
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _kernel_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """The scales in the kernel's input dtype, converted once (again after a move or `restore_int8`)."""
+        key = (dtype, self.scale.data_ptr())
+        if getattr(self, "_scale_key", None) != key:
+            self._scale_key, self._scale_as = key, self.scale.to(dtype)
+        return self._scale_as
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+@functools.lru_cache(maxsize=1)
+def int8_kernel_input() -> torch.dtype | None:
+    """The input dtype PyTorch's int8 kernel is fastest with on this CPU, or None if float32 F.linear beats both.
+
+    With native bfloat16 (AVX512-BF16 or AMX) the kernel's bfloat16 path is its vectorised one:
+    measured here ~8x faster than its float32 path and 3-9x faster than float32 F.linear at batch 1.
+    Without, nothing is assumed: measured once per process, a batch-1 product with a matrix larger
+    than the caches (a decode step reads its weights from memory), the candidates interleaved so a
+    busy machine slows them alike, best of each. (Not measured where it is native: on a busy machine
+    the kernel's threads suffer more than MKL's, and the pick would follow the load, not the CPU.)
+    """
+    if native_bf16():
+        return torch.bfloat16
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8192, 1024, generator=generator)  # 32 MB in float32
+    scale = weight.abs().amax(1) / 127
+    packed = torch.round(weight / scale[:, None]).to(torch.int8).contiguous()
+    x = torch.randn(1, 1024, generator=generator)
+    calls = {None: lambda: nn.functional.linear(x, weight)}
+    for dtype in (torch.bfloat16, torch.float32):
+        h, s = x.to(dtype), scale.to(dtype)
+        try:
+            torch.ops.aten._weight_int8pack_mm(h, packed, s)
+        except (RuntimeError, NotImplementedError):  # a build without the kernel
+            continue
+        calls[dtype] = lambda h=h, s=s: torch.ops.aten._weight_int8pack_mm(h, packed, s)
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(8):
+        for dtype, call in calls.items():
+            start = time.perf_counter()
+            call()
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
 def decoder_dtype(decoder: nn.Module) -> str:
-    """What `set_decoder_dtype` made of a decoder: int8 when its linear layers hold quantised weights."""
+    """What `set_decoder_dtype` made of a decoder: int8 when its linear layers hold int8 weights."""
     for module in decoder.modules():
+        if isinstance(module, Int8Linear):
+            return "int8"
         if isinstance(module, nn.Linear):
-            weight = module.weight
-            if hasattr(weight, "dequantize") and getattr(weight, "qdata", None) is not None:
-                return "int8"
-            return {torch.bfloat16: "bfloat16"}.get(weight.dtype, "float32")
+            return {torch.bfloat16: "bfloat16"}.get(module.weight.dtype, "float32")
     return "float32"
 
 
@@ -109,9 +206,14 @@ INT8_FILE = "int8.safetensors"  # beside an int8 decoder's float32 weights: its 
 def float_copy(decoder: nn.Module) -> nn.Module:
     """A copy of an int8 decoder with float32 weights (int8 x scale): a plain model folder when saved."""
     copy_ = copy.deepcopy(decoder)
-    for module in copy_.modules():
-        if isinstance(module, nn.Linear) and hasattr(module.weight, "qdata"):
-            module.weight = nn.Parameter(module.weight.dequantize().float(), requires_grad=False)
+    for parent in list(copy_.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, Int8Linear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight = nn.Parameter(child.dequantize(), requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(parent, name, linear)
     if getattr(copy_.config, "tie_word_embeddings", False):
         copy_.config.tie_word_embeddings = False  # the LM head was quantised apart from the embedding
     return copy_
@@ -119,8 +221,8 @@ def float_copy(decoder: nn.Module) -> nn.Module:
 
 def _quantised(decoder: nn.Module):
     for name, module in decoder.named_modules():
-        if isinstance(module, nn.Linear) and hasattr(module.weight, "qdata"):
-            yield name, module.weight
+        if isinstance(module, Int8Linear):
+            yield name, module
 
 
 def save_int8(decoder: nn.Module, folder: Path) -> None:
@@ -128,8 +230,8 @@ def save_int8(decoder: nn.Module, folder: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
-    for name, weight in _quantised(decoder):
-        tensors[f"{name}.qdata"], tensors[f"{name}.scale"] = weight.qdata.contiguous(), weight.scale.contiguous()
+    for name, linear in _quantised(decoder):
+        tensors[f"{name}.qdata"], tensors[f"{name}.scale"] = linear.qdata.contiguous(), linear.scale.contiguous()
     save_file(tensors, str(Path(folder) / INT8_FILE))
 
 
@@ -142,15 +244,14 @@ def restore_int8(decoder: nn.Module, folder: Path) -> None:
         return
     saved = load_file(str(path))
     with torch.no_grad():
-        for name, weight in _quantised(decoder):
-            weight.qdata.copy_(saved[f"{name}.qdata"])
-            weight.scale.copy_(saved[f"{name}.scale"])
+        for name, linear in _quantised(decoder):
+            linear.qdata.copy_(saved[f"{name}.qdata"])
+            linear.scale.copy_(saved[f"{name}.scale"].reshape(-1))
+            linear._scale_key = None
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of a module's weights as stored (quantised tensors count their int8 data and scales)."""
-    total = 0
-    for p in module.parameters():
-        inner = [getattr(p, name) for name in getattr(p, "tensor_data_names", ()) if getattr(p, name, None) is not None]
-        total += sum(t.numel() * t.element_size() for t in inner) if inner else p.numel() * p.element_size()
-    return total
+    """Bytes of a module's weights (an int8 layer counts its int8 values and scales, not the kernel's padding)."""
+    int8 = [m for m in module.modules() if isinstance(m, Int8Linear)]
+    return (sum(p.numel() * p.element_size() for p in module.parameters())
+            + sum(m.qdata.numel() + m.scale.numel() * m.scale.element_size() for m in int8))

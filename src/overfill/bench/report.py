@@ -36,7 +36,9 @@ def print_bench(console, result: dict, out: Path) -> None:
     console.print(table)
 
     for name, sweep in result["sweeps"].items():
-        table = Table(title=f"{name.replace('_', ' ')} sweep: end-to-end s (median)", header_style="bold")
+        # Across batch sizes the decode step is what changes; elsewhere the whole reply's latency.
+        metric, what, digits = ("decode_ms_per_token", "decode ms/token", ".1f") if name == "batch" else ("e2e_s", "end-to-end s", ".2f")
+        table = Table(title=f"{name.replace('_', ' ')} sweep: {what} (median)", header_style="bold")
         table.add_column(name.replace("_", " "), justify="right")
         modes = list(sweep["rows"])
         for mode in modes:
@@ -45,9 +47,9 @@ def print_bench(console, result: dict, out: Path) -> None:
         if both:
             table.add_column("overfill / pruned", justify="right")
         for i, value in enumerate(sweep["values"]):
-            cells = [f"{sweep['rows'][m][i]['e2e_s']['median']:.2f}" for m in modes]
+            cells = [f"{sweep['rows'][m][i][metric]['median']:{digits}}" for m in modes]
             if both:
-                ratio = paired_ratio(sweep["rows"]["overfill"][i], sweep["rows"]["pruned"][i], "e2e_s")
+                ratio = paired_ratio(sweep["rows"]["overfill"][i], sweep["rows"]["pruned"][i], metric)
                 cells.append(f"{ratio['median']:.3f}" if ratio else "")
             table.add_row(str(value), *cells)
         console.print(table)

@@ -234,30 +234,33 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
                                "rows": key_rows, "ratios": key_ratios(key_rows), "skipped": skipped}
         console.print(f"key point timed ({time.perf_counter() - started:.0f} s)")
 
+        # Every sweep shows every loop row (refresh and decoder-dtype rows too: whether bfloat16 or
+        # int8 pays can flip between batch 1 and batch 8).
+        loop_rows = tuple(row for row in rows if row not in REFERENCES)
         sweeps = {}
         if config.new_tokens_sweep:
             sweeps["new_tokens"] = {
                 "x": "new_tokens", "values": list(config.new_tokens_sweep), "prompt_len": length, "batch": batch,
                 "note": f"read off the first N steps of the key point's {config.key_run_tokens}-token loop runs",
-                "rows": {mode: [summarize([r.split(n) for r in runs[mode]], batch) for n in config.new_tokens_sweep]
-                         for mode in config.modes},
+                "rows": {row: [summarize([r.split(n) for r in runs[row]], batch) for n in config.new_tokens_sweep]
+                         for row in loop_rows},
             }
         n = config.sweep_new_tokens
-        lengths = {mode: n for mode in config.modes}
+        lengths = {row: n for row in loop_rows}
         for name, values, point in (("prompt_len", config.prompt_len_sweep, lambda v: (v, batch)),
                                     ("batch", config.batch_sweep, lambda v: (length, v))):
             if not values:
                 continue
             sweep = {"x": name, "values": list(values), "new_tokens": n,
                      **({"batch": batch} if name == "prompt_len" else {"prompt_len": length}),
-                     "rows": {mode: [] for mode in config.modes}}
+                     "rows": {row: [] for row in loop_rows}}
             for value in values:
                 p_len, p_batch = point(value)
                 p_ids, p_mask = prompts.batch(p_len, p_batch)
-                point_runs = measure_point(model, config.modes, p_ids, p_mask, lengths, pad_id, config.sweep_repeats,
-                                           config.warmup, lambda t: report(f"{name} {value}, {t}"))
-                for mode in config.modes:
-                    sweep["rows"][mode].append(summarize([r.split() for r in point_runs[mode]], p_batch))
+                point_runs = measure_point(model, loop_rows, p_ids, p_mask, lengths, pad_id, config.sweep_repeats,
+                                           config.warmup, lambda t: report(f"{name} {value}, {t}"), models=variants)
+                for row in loop_rows:
+                    sweep["rows"][row].append(summarize([r.split() for r in point_runs[row]], p_batch))
             sweeps[name] = sweep
             console.print(f"{name} sweep timed ({time.perf_counter() - started:.0f} s)")
         result["sweeps"] = sweeps

@@ -16,6 +16,7 @@ import typing
 from typing import Any, Callable
 
 import typer
+from rich.markup import escape
 
 
 class Interrupted(Exception):
@@ -73,10 +74,10 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
         if annotation is bool:  # on/off switches: --force / --no-force
             flag = f"{flag}/--no-{flag[2:]}"
         if f.name in arguments:
-            option = typer.Argument(default, help=docs.get(f.name, ""), show_default=False)
+            option = typer.Argument(default, help=escape(docs.get(f.name, "")), show_default=False)
         else:
             names = [flag, *([aliases[f.name]] if aliases and f.name in aliases else [])]
-            option = typer.Option(default, *names, help=docs.get(f.name, ""))
+            option = typer.Option(default, *names, help=escape(docs.get(f.name, "")))
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
 
     def command(ctx: typer.Context, **kwargs):
