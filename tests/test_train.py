@@ -195,11 +195,14 @@ def test_config_and_out_folder_errors(setup, tmp_path):
         train(config(setup, tmp_path / "nothing", resume="latest"))
 
 
-def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
+@pytest.mark.parametrize("run", [dict(mode="overfill"), dict(mode="pruned", loss="ce+kd", kd_temperature=2.0)],
+                         ids=["overfill", "pruned-ce+kd"])
+def test_two_process_data_parallel_matches_one_process(setup, tmp_path, run):
     """`accelerate launch` with 2 CPU processes (gloo) trains the same run as 1 process with twice the batch.
 
     The step's examples depend only on seed and step (StepSampler) and the loss is token-weighted
-    across processes, so the per-step losses agree up to float summation order.
+    across processes, so the per-step losses agree up to float summation order. Pruned-mode
+    distillation runs its teacher, the full model, outside the data-parallel module.
     """
     import os
     import subprocess
@@ -212,8 +215,9 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
     save_pruned(prune_model(full, tok, PruneConfig(ratio=0.5, calib_samples=8, calib_len=64), progress=False),
                 tok, tmp_path / "dec")
     pair = {**setup, "full": str(tmp_path / "full"), "decoder": str(tmp_path / "dec")}
-    single = train(config(pair, tmp_path / "one", max_steps=3, batch_size=4))
-    flags = ["--model", pair["full"], "--decoder", pair["decoder"], "--data", pair["data"], "--val-size", "4",
+    single = train(config(pair, tmp_path / "one", max_steps=3, batch_size=4, **run))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in run.items()]
+    flags += ["--model", pair["full"], "--decoder", pair["decoder"], "--data", pair["data"], "--val-size", "4",
              "--lr", "3e-3", "--max-steps", "3", "--warmup-steps", "1", "--eval-every", "0", "--seed", "3",
              "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "two")]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -231,7 +235,10 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
     assert [(r["tokens"], r["loss_tokens"]) for r in steps] == [(r["tokens"], r["loss_tokens"]) for r in single_steps]
     assert all(r["loss_tokens"] > 0 for r in steps)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in steps]), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
-    assert json.loads((tmp_path / "two" / "overfill.json").read_text())["training"]["mode"] == "overfill"
+    for part in ("loss_ce", "loss_kd") if "loss" in run else ():  # the logged parts are global means too
+        torch.testing.assert_close(torch.tensor([r[part] for r in steps]), torch.tensor([r[part] for r in single_steps]),
+                                   rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "overfill.json").read_text())["training"]["mode"] == run["mode"]
 
 
 def test_standalone_baselines_also_learn_the_first_reply_token(setup):

@@ -64,6 +64,22 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out.logits[:, -1].float(), out.past_key_values
 
 
+@torch.no_grad()
+def prefill_with_reply(model: nn.Module, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
+                       target_mask: torch.Tensor, logits_to_keep: int | torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+    """A model that does not train, once over context + reply inputs y1..y_{N-1} -> (logits, KV of all Tc + N - 1 columns).
+
+    Teacher forcing for the prefill stage: logits_to_keep=N gives its predictions of y1..yN, [B, N, V]
+    (column Tc - 1 predicts y1: contexts are left-padded). Attention is causal, so the KV of the first
+    Tc columns is what `prefill` of the context alone gives; positions follow the mask.
+    """
+    inputs = torch.cat([context_ids, target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
+    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)
+    out = model(input_ids=inputs, attention_mask=mask, position_ids=positions_from_mask(mask), past_key_values=KVCache(),
+                use_cache=True, logits_to_keep=logits_to_keep)
+    return out.logits, out.past_key_values
+
+
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache,
            start: torch.Tensor) -> torch.Tensor:
     """Stage 2: `model` reads and extends another stage's `cache` -> next-token logits [B, T, V].
@@ -83,29 +99,40 @@ class HandoffLogits:
     first: torch.Tensor  # [B, V] the prefill model's prediction of y1
     rest: torch.Tensor  # [B, N-1, V] the predictions of y2..yN
     by_prefill: torch.Tensor | None = None  # [N-1] bool: which of `rest` the prefill model made (refresh); None = none
+    teacher: torch.Tensor | None = None  # [B, N-1, V] the prefill model's own predictions of y2..yN (handoff(teacher=True))
 
 
 def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor, context_mask: torch.Tensor,
-            target_ids: torch.Tensor, target_mask: torch.Tensor, refresh_every: int = 0) -> HandoffLogits:
+            target_ids: torch.Tensor, target_mask: torch.Tensor, refresh_every: int = 0,
+            teacher: bool = False) -> HandoffLogits:
     """Figure 1 under teacher forcing: prefill the context, then decode the whole reply on that cache at once.
 
     The prefill stage never trains (in overfill mode it is the frozen full model), so it runs
     without gradients; the decode stage keeps them when the caller is training. With
-    `refresh_every` K, the prefill-refresh schedule instead (refresh.py).
+    `refresh_every` K, the prefill-refresh schedule instead (refresh.py). With `teacher`, the
+    prefill model reads context + reply in one pass (distillation's teacher, train/distill_loss.py)
+    and the decoder reads that pass's KV cropped to the context: one prefill, not two.
     """
     inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
     if refresh_every and inputs.shape[1] >= refresh_every:
         from overfill.refresh import refreshed_handoff
 
         return refreshed_handoff(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask,
-                                 refresh_every)
-    with torch.no_grad():
-        first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
+                                 refresh_every, teacher=teacher)
+    predicted = None
+    if teacher:
+        logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
+                                           target_ids.shape[1])  # [B, N, V]
+        cache.crop(context_ids.shape[1])  # cache of x
+        first, predicted = logits[:, 0].float(), logits[:, 1:]
+    else:
+        with torch.no_grad():
+            first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
     mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
     if inputs.shape[1] == 0:
-        return HandoffLogits(first, first.new_zeros(first.shape[0], 0, first.shape[-1]))
+        return HandoffLogits(first, first.new_zeros(first.shape[0], 0, first.shape[-1]), teacher=predicted)
     rest = decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
-    return HandoffLogits(first, rest)
+    return HandoffLogits(first, rest, teacher=predicted)
 
 
 # ---------------------------------------------------------------- the model
@@ -127,6 +154,8 @@ class OverFillOutput:
     loss: torch.Tensor  # mean cross-entropy over target tokens 2..N
     logits: torch.Tensor  # [B, N-1, V] decoder predictions of y2..yN
     tokens: int  # number of target tokens in the loss
+    labels: torch.Tensor | None = None  # [B, N-1] y2..yN, IGNORE where a token is not in the loss
+    teacher: torch.Tensor | None = None  # [B, N-1, V] the full model's predictions of y2..yN (forward(teacher=True))
 
 
 def check_same_tokenizer(full_tokenizer, decoder_tokenizer) -> None:
@@ -175,13 +204,14 @@ class OverFillModel(nn.Module):
                 "pruned": (self.decoder, self.decoder)}[check_mode(mode)]
 
     def forward(self, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
-                target_mask: torch.Tensor, refresh_every: int = 0) -> OverFillOutput:
+                target_mask: torch.Tensor, refresh_every: int = 0, teacher: bool = False) -> OverFillOutput:
         """Teacher-forced decoder loss on top of the frozen full model's context cache (paper §3.2).
 
         context_ids/mask [B, Tc] left-padded; target_ids/mask [B, N] right-padded (reply + end of
         turn). y1 is the full model's job, so the loss covers the decoder's predictions of y2..yN;
         with `refresh_every` K the decoder reads full-model KV for the blocks before its own, and
-        the tokens the full model picks after each block are left out too.
+        the tokens the full model picks after each block are left out too. With `teacher` the full
+        model's prefill runs over context + reply and its predictions come back for distillation.
         """
         if target_ids.shape[1] < 2:
             raise OverfillError("targets need at least 2 tokens: the decoder's loss covers target tokens 2..N")
@@ -190,13 +220,15 @@ class OverFillModel(nn.Module):
             # without the full model's context (DESIGN §4).
             raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
                                 "disable it on the decoder (modeling.disable_activation_checkpointing(decoder))")
-        stages = handoff(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask, refresh_every)
+        stages = handoff(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask, refresh_every,
+                         teacher=teacher)
         logits = stages.rest
         labels = target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)  # [B, N-1]
         if stages.by_prefill is not None:
             labels = labels.masked_fill(stages.by_prefill[None, :], IGNORE)  # the full model's picks, not the decoder's
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        return OverFillOutput(loss=loss, logits=logits, tokens=int((labels != IGNORE).sum()))
+        return OverFillOutput(loss=loss, logits=logits, tokens=int((labels != IGNORE).sum()), labels=labels,
+                              teacher=stages.teacher)
 
     # ------------------------------------------------------------ identity
 

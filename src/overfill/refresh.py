@@ -16,9 +16,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from overfill.kv_cache import KVCache
-from overfill.modeling import HandoffLogits, prefill
-from overfill.tensors import positions_from_mask
+from overfill.modeling import HandoffLogits, prefill, prefill_with_reply
 
 
 def refresh(full_model, block: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache, block_start: int,
@@ -48,13 +46,14 @@ def refresh_schedule(reply_inputs: int, every: int) -> torch.Tensor:
 
 def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor,
                       context_mask: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
-                      every: int) -> HandoffLogits:
+                      every: int, teacher: bool = False) -> HandoffLogits:
     """Teacher-forced prefill refresh, the whole reply at once: exactly what `refresh` does step by step.
 
     The prefill model runs once over context + reply (its KV for every position, its logits where
-    it picks a token); the decoder then runs over the reply on that cache with a mask that lets
-    reply token i (in block b = i // K) see the context and blocks before b as the full model's KV,
-    and tokens of block b up to i as its own KV, appended after the full model's:
+    it picks a token, or everywhere with `teacher`, for distillation); the decoder then runs over
+    the reply on that cache with a mask that lets reply token i (in block b = i // K) see the
+    context and blocks before b as the full model's KV, and tokens of block b up to i as its own
+    KV, appended after the full model's:
 
         keys   = [context (Tc) | reply, full model's KV (N-1) | reply, decoder's KV (N-1)]
     """
@@ -64,12 +63,11 @@ def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context
     by_prefill = refresh_schedule(m, every).to(context_ids.device)
     mask = torch.cat([context_mask, input_mask], dim=1)  # [B, Tc + N - 1]
     keep = torch.cat([torch.tensor([tc - 1], device=mask.device), tc + by_prefill.nonzero().flatten()])
-    with torch.no_grad():
-        cache = KVCache()
-        out = prefill_model(input_ids=torch.cat([context_ids, inputs], dim=1), attention_mask=mask,
-                            position_ids=positions_from_mask(mask), past_key_values=cache, use_cache=True,
-                            logits_to_keep=keep)
-    first, picked = out.logits[:, 0], out.logits[:, 1:]  # y1; the tokens after each refreshed block
+    logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
+                                       m + 1 if teacher else keep)
+    predicted = logits[:, 1:] if teacher else None  # [B, N-1, V] its predictions of y2..yN
+    # y1; the tokens after each refreshed block
+    first, picked = logits[:, 0], (predicted[:, by_prefill] if teacher else logits[:, 1:])
     i = torch.arange(m, device=mask.device)
     block_start = (i // every) * every  # [m] first reply input of query i's block
     sees_full = i[None, :] < block_start[:, None]  # [m queries, m keys]
@@ -82,4 +80,4 @@ def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context
     out = decode_model(input_ids=inputs, attention_mask=additive[:, None], position_ids=start[:, None] + i,
                        past_key_values=cache, use_cache=True)
     rest = out.logits.index_copy(1, by_prefill.nonzero().flatten(), picked.to(out.logits.dtype))
-    return HandoffLogits(first.float(), rest, by_prefill)
+    return HandoffLogits(first.float(), rest, by_prefill, teacher=predicted)

@@ -32,9 +32,10 @@ TRAINER_FILE = "trainer.json"
 TRAJECTORY_FIELDS = (
     "mode", "model", "decoder", "data", "val_data", "val_size", "prompt_field", "response_field", "max_context",
     "max_target", "max_examples", "seed", "lr", "weight_decay", "warmup_ratio", "warmup_steps", "batch_size",
-    "grad_accum", "max_grad_norm", "epochs", "max_steps", "refresh_every",
+    "grad_accum", "max_grad_norm", "epochs", "max_steps", "refresh_every", "loss", "kd_temperature", "kd_weight",
 )
-ADDED_LATER = {"refresh_every": 0}  # fields newer than some checkpoints: their value when a checkpoint has none
+# Fields newer than some checkpoints: their value when a checkpoint has none (older runs trained on plain CE).
+ADDED_LATER = {"refresh_every": 0, "loss": "ce", "kd_temperature": 1.0, "kd_weight": 0.5}
 
 
 # ---------------------------------------------------------------- model folders
@@ -237,9 +238,10 @@ def prepare_out(config: TrainConfig) -> Path | None:
 def check_same_run(meta: dict, config: TrainConfig, world: int, digest: str, folder: Path) -> None:
     saved = meta.get("config", {})
     for name in TRAJECTORY_FIELDS:
-        if saved.get(name, ADDED_LATER.get(name)) != getattr(config, name):
+        value = saved.get(name, ADDED_LATER.get(name))
+        if value != getattr(config, name):
             raise OverfillError(f"cannot resume from {folder}: it was trained with --{name.replace('_', '-')} "
-                                f"{saved.get(name)!r}, this run has {getattr(config, name)!r}; pass the same settings")
+                                f"{value!r}, this run has {getattr(config, name)!r}; pass the same settings")
     if meta.get("world_size") != world:
         raise OverfillError(f"cannot resume from {folder}: it ran on {meta.get('world_size')} processes, this run has "
                             f"{world}; resume with the same number of processes")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
+from typing import Final, Literal
 
 from overfill.data import DataConfig
 from overfill.errors import OverfillError
 from overfill.modeling import Mode, check_mode
 from overfill.zoo import DEFAULT_MODEL
+
+Loss = Literal["ce", "kd", "ce+kd"]
+LOSSES: Final[tuple[str, ...]] = typing.get_args(Loss)
 
 
 @dataclass
@@ -54,6 +60,12 @@ class TrainConfig(DataConfig):
     """Allow custom model code (only for models you trust)."""
     refresh_every: int = 0
     """Mode overfill: train (and validate) the decoder on the prefill-refresh schedule, full-model KV for every earlier block of K reply tokens (0 = off)."""
+    loss: Loss = "ce"
+    """ce (cross-entropy on the reply), kd (distil the frozen full model's next-token distributions, KL(full || trained)) or ce+kd (both, mixed by --kd-weight); kd needs --mode overfill or pruned. Validation stays CE."""
+    kd_temperature: float = 1.0
+    """Temperature T of both distributions in the KD term, which is scaled by T^2 so its gradients keep their size across T (Hinton et al.)."""
+    kd_weight: float = 0.5
+    """--loss ce+kd: loss = (1 - w) * CE + w * KD with this w in [0, 1] (--loss kd is w = 1)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,6 +73,15 @@ class TrainConfig(DataConfig):
         if self.refresh_every < 0 or (self.refresh_every and self.mode != "overfill"):
             raise OverfillError(f"--refresh-every trains OverFill's decoder on the prefill-refresh schedule: it needs "
                                 f"--mode overfill and a token count of at least 1, got {self.refresh_every} with --mode {self.mode}")
+        if self.loss not in LOSSES:
+            raise OverfillError(f"--loss got unknown loss '{self.loss}': pick one of {', '.join(LOSSES)}")
+        if self.loss != "ce" and self.mode == "full":
+            raise OverfillError(f"--loss {self.loss} distils the frozen full model into a decoder; --mode full trains "
+                                "the full model itself, which would distil from itself: use --loss ce with --mode full")
+        if not 0 < self.kd_temperature < math.inf:
+            raise OverfillError(f"--kd-temperature must be a positive number, got {self.kd_temperature}")
+        if not 0 <= self.kd_weight <= 1:
+            raise OverfillError(f"--kd-weight must be in [0, 1] (loss = (1 - w) * CE + w * KD), got {self.kd_weight}")
         if self.mode in ("overfill", "pruned") and not self.decoder:
             raise OverfillError(f"--mode {self.mode} trains a decoder: pass --decoder (a folder from `overfill prune`)")
         if self.mode == "full" and self.decoder:

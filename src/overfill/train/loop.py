@@ -11,7 +11,9 @@ numbers compare like with like:
 Each mode learns what it produces at generation time: the OverFill decoder reply tokens 2..N
 (token 1 comes from the full model's prefill), the standalone baselines tokens 1..N; validation
 scores tokens 2..N in every mode so the curves compare (loss.py). Losses are weighted by tokens
-across gradient accumulation and processes.
+across gradient accumulation and processes. `--loss kd|ce+kd` distils the frozen full model's
+next-token distributions into the decoder (distill_loss.py); metrics.jsonl then logs the step's
+CE and KD parts beside the loss it optimised (`loss_ce`, `loss_kd`).
 
 Recipe (paper §4.1): AdamW, cosine schedule with warmup, gradient clipping. Data parallel through
 Accelerate (`accelerate launch -m overfill train ...`); the data order is a function of the seed
@@ -55,7 +57,8 @@ from overfill.train.checkpoint import (
     save_checkpoint,
 )
 from overfill.train.config import TrainConfig
-from overfill.train.loss import batch_loss, first_scored, validation_loss
+from overfill.train.distill_loss import training_loss
+from overfill.train.loss import first_scored, validation_loss
 from overfill.train.plots import plot_losses
 from overfill.train.sampler import StepSampler, data_digest, total_steps
 from overfill.train.trainee import load_trainee, make_optimizer
@@ -136,6 +139,9 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     # The scheduler is not prepared: Accelerate would step it once per process. The data order is
     # ours (StepSampler) rather than a prepared DataLoader, so that resume is exact.
     module, optimizer = accelerator.prepare(trainee.module, optimizer)
+    # Pruned mode distils from a full model outside the trained module: on the device, under the same autocast.
+    teacher = (accelerator.prepare_model(trainee.pair.full, evaluation_mode=True)
+               if config.loss != "ce" and config.mode == "pruned" else None)
     trainee.set_training(True)
 
     config_json = dataclasses.asdict(config)
@@ -194,14 +200,17 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
                                   dtype=torch.float64, device=device)
             loss_tokens, all_tokens = accelerator.reduce(counts, "sum").tolist()  # global, before any backward
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            part_sums: dict[str, torch.Tensor] = {}  # --loss kd, ce+kd: token-weighted sums of its CE and KD
             for m, batch in enumerate(batches):
                 sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(module)
                 with sync:
-                    loss, tokens = batch_loss(config.mode, module, batch, refresh_every=config.refresh_every)
+                    loss, tokens, parts = training_loss(config, module, batch, teacher)
                     # DDP averages gradients over processes; this scaling makes the step's gradient
                     # the token-weighted mean over every micro-batch of every process.
                     accelerator.backward(loss * (tokens * world / max(loss_tokens, 1)))
                 loss_sum += loss.detach().double() * tokens
+                for name, value in parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value.double() * tokens
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -212,6 +221,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
             tokens_seen += all_tokens
             step_seconds += seconds
             record = {"step": step, "epoch": round(step * sampler.per_step / len(data.train), 4), "loss": step_loss,
+                      **_parts(accelerator, part_sums, loss_tokens),
                       "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                       "loss_tokens": int(loss_tokens), "tokens": int(all_tokens), "tokens_per_s": all_tokens / seconds,
                       "seconds": seconds}
@@ -267,8 +277,18 @@ def make_accelerator():
     return Accelerator(cpu=True) if launched and not torch.cuda.is_available() else Accelerator()
 
 
+def _parts(accelerator, sums: dict[str, torch.Tensor], loss_tokens: float) -> dict[str, float]:
+    """The step's token-weighted mean of each loss part over every process, as metrics (`loss_ce`, `loss_kd`)."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[n] for n in names]), "sum").tolist()
+    return {f"loss_{n}": total / max(loss_tokens, 1) for n, total in zip(names, totals)}
+
+
 def _title(config: TrainConfig) -> str:
-    return f"overfill train --mode {config.mode} ({Path(config.data).name})"
+    loss = f" --loss {config.loss}" if config.loss != "ce" else ""
+    return f"overfill train --mode {config.mode}{loss} ({Path(config.data).name})"
 
 
 def _training_extra(config: TrainConfig, step: int, history: list[dict]) -> dict:

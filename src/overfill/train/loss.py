@@ -14,6 +14,9 @@ exactly when the decoder *is* the full model.
 With --refresh-every K (overfill) the decoder trains, and is validated, on the prefill-refresh
 schedule (refresh.refreshed_handoff): it reads the full model's KV for the blocks before its own,
 and the tokens the full model picks after each block leave the loss.
+
+`--loss kd|ce+kd` trains on the same tokens against the full model's distributions instead of, or
+as well as, the labels (distill_loss.py); validation stays this cross-entropy whatever the loss.
 """
 
 from __future__ import annotations
@@ -38,13 +41,12 @@ def target_labels(batch: Batch, first: int = 1) -> torch.Tensor:
     return batch.target_ids[:, first:].masked_fill(batch.target_mask[:, first:] == 0, IGNORE)
 
 
-def standalone_loss(model: nn.Module, batch: Batch, first: int = 1) -> tuple[torch.Tensor, int]:
-    """One model reads context + reply itself (modes pruned and full); loss on reply tokens first+1..N.
+def standalone_logits(model: nn.Module, batch: Batch, first: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model reads context + reply itself (modes pruned and full) -> (its predictions of reply
+    tokens first+1..N [B, N-first, V], their labels [B, N-first]).
 
-    With first=1 this equals OverFillModel.forward's loss when the decoder *is* the full model:
-    same positions (each row continues from its own context length), same predictions, same tokens.
-    With first=0 the prediction of token 1 comes from the last context column, which is the last
-    real context token of every row because contexts are left-padded.
+    The prediction of token 1 (first=0) comes from the last context column, which is the last real
+    context token of every row because contexts are left-padded.
     """
     inputs = torch.cat([batch.context_ids, batch.target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
     mask = torch.cat([batch.context_mask, batch.target_mask[:, :-1]], dim=1)
@@ -54,7 +56,17 @@ def standalone_loss(model: nn.Module, batch: Batch, first: int = 1) -> tuple[tor
         raise OverfillError("targets need at least 2 tokens: the loss covers reply tokens 2..N")
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=False,
                 logits_to_keep=labels.shape[1])
-    loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return out.logits, labels
+
+
+def standalone_loss(model: nn.Module, batch: Batch, first: int = 1) -> tuple[torch.Tensor, int]:
+    """`standalone_logits`' cross-entropy on reply tokens first+1..N, and how many tokens it covers.
+
+    With first=1 this equals OverFillModel.forward's loss when the decoder *is* the full model:
+    same positions (each row continues from its own context length), same predictions, same tokens.
+    """
+    logits, labels = standalone_logits(model, batch, first)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     return loss, int((labels != IGNORE).sum())
 
 

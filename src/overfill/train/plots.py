@@ -14,6 +14,7 @@ def plot_losses(metrics: list[dict], path: Path, title: str) -> Path:
     from matplotlib.figure import Figure
 
     train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    train_ce = [(r["step"], r["loss_ce"]) for r in metrics if "loss_ce" in r]  # --loss kd, ce+kd: CE beside the optimised loss
     val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
     fig = Figure(figsize=(7, 4), dpi=120)
     FigureCanvasAgg(fig)
@@ -25,6 +26,8 @@ def plot_losses(metrics: list[dict], path: Path, title: str) -> Path:
         if window > 1:
             smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
             ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train (mean of {window})")
+    if train_ce:
+        ax.plot(*zip(*train_ce), color="tab:green", alpha=0.6, linewidth=0.8, label="train CE (per step)")
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
     ax.set_xlabel("optimizer step")
