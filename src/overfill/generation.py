@@ -73,10 +73,15 @@ class GenerationConfig:
 
 
 class TokenChooser:
-    """Greedy argmax, or transformers' own warpers + a seeded multinomial draw."""
+    """Greedy argmax, or transformers' own warpers + a seeded multinomial draw.
 
-    def __init__(self, config: GenerationConfig):
+    With `row_seeds` (one per row), each row draws from a generator of its own, so a row's tokens
+    depend on its seed and its own logits only, not on the rows that share its batch.
+    """
+
+    def __init__(self, config: GenerationConfig, row_seeds: list[int] | None = None):
         self.config = config
+        self.row_generators = None if row_seeds is None else [torch.Generator().manual_seed(s) for s in row_seeds]
         self.warpers = LogitsProcessorList()
         if not config.greedy:
             self.warpers.append(TemperatureLogitsWarper(config.temperature))
@@ -98,6 +103,9 @@ class TokenChooser:
         scores = self.warpers(history, logits)
         # Drawn on the CPU generator, so a seed gives the same reply on any device.
         probs = scores.softmax(-1).cpu()
+        if self.row_generators is not None:
+            picks = [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.row_generators, strict=True)]
+            return torch.cat(picks).to(logits.device)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
 
 
@@ -114,16 +122,18 @@ class Step:
 @torch.inference_mode()
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
                  *, eos_ids: set[int], pad_id: int, is_stopped=None,
-                 cache: DynamicCache | None = None, past_lengths: torch.Tensor | None = None) -> Iterator[Step]:
+                 cache: DynamicCache | None = None, past_lengths: torch.Tensor | None = None,
+                 chooser: TokenChooser | None = None) -> Iterator[Step]:
     """Yield one Step per generated token. Rows are prompts repeated num_return_sequences times.
 
     `cache`/`past_lengths` continue an existing conversation (the cache must hold prefill-model KV).
     `is_stopped(row, new_token_ids) -> bool` lets the caller end a row on a stop string.
+    `chooser` replaces the one `config` makes (e.g. a TokenChooser seeded row by row).
     With `config.refresh_every` K (overfill mode), step K, 2K, ... is a `refresh` instead of a decoder step.
     """
     prefill_model, decode_model = model.stages(config.mode)
     every = config.refresh_every if config.mode == "overfill" else 0  # full: nothing to refresh; pruned: no full model
-    chooser = TokenChooser(config)
+    chooser = TokenChooser(config) if chooser is None else chooser
     n = config.num_return_sequences
     started = time.perf_counter()
     # Decoding appends to the cache every step: grow it in place rather than re-concatenating.

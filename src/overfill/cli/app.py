@@ -18,6 +18,7 @@ from overfill.cli.commands import (
     run_bench,
     run_chat,
     run_demo,
+    run_distill,
     run_eval,
     run_generate,
     run_prune,
@@ -38,6 +39,7 @@ app = typer.Typer(
 def _register_commands() -> None:
     from overfill.bench import BenchConfig
     from overfill.demo import DemoConfig
+    from overfill.distill import DistillConfig
     from overfill.evaluation import EvalConfig
     from overfill.prune import PruneConfig
     from overfill.train import TrainConfig
@@ -49,6 +51,8 @@ def _register_commands() -> None:
                        help="Width-prune a model into a KV-compatible decoder (Minitron-style activation scores).")
     add_config_command(app, "train", TrainConfig, run_train,
                        help="Train the OverFill decoder on the frozen full model's cache, or a baseline (--mode pruned|full).")
+    add_config_command(app, "distill", DistillConfig, run_distill,
+                       help="The full model's own replies to a file of prompts, as a chat JSONL for `overfill train` (resumable).")
     add_config_command(app, "eval", EvalConfig, run_eval,
                        help="Held-out reply NLL (token 1 apart), per-position accuracy, agreement with the full model, answers.")
     add_config_command(app, "generate", GenerateCommand, run_generate, arguments=("checkpoint",),

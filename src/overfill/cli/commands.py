@@ -2,8 +2,8 @@
 
 Every command's flags are the fields of one dataclass (cli/configs.py turns them into options),
 so the CLI and the Python API take the same settings and their help lives in one place:
-prune -> PruneConfig, train -> TrainConfig, eval -> EvalConfig, bench -> BenchConfig,
-demo -> DemoConfig, and generate / chat -> GenerationConfig + ModelSource (below).
+prune -> PruneConfig, train -> TrainConfig, distill -> DistillConfig, eval -> EvalConfig,
+bench -> BenchConfig, demo -> DemoConfig, and generate / chat -> GenerationConfig + ModelSource (below).
 """
 
 from __future__ import annotations
@@ -86,6 +86,12 @@ def run_train(config) -> None:
         f"trained [bold]{result.mode}[/]: {result.steps} steps, {result.examples} examples{val}, "
         f"{result.seconds / 60:.1f} min ({result.tokens_per_s:.0f} tokens/s); checkpoint [bold]{result.checkpoint}[/]"
     )
+
+
+def run_distill(config) -> None:
+    from overfill.distill import distill
+
+    out.print(distill(config).summary(), highlight=False, markup=False, soft_wrap=True)
 
 
 def run_eval(config) -> None:

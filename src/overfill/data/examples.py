@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -138,6 +139,7 @@ class LoadedData:
     unit: str = "line"  # what the numbers count: JSONL lines, or items of a JSON array
     truncated_contexts: int = 0
     truncated_targets: int = 0
+    noun: ClassVar[str] = "examples"  # what the file's usable records became, in the summary
 
     @property
     def skipped_count(self) -> int:
@@ -145,7 +147,7 @@ class LoadedData:
 
     def summary(self, show: int = 8) -> str:
         """One line: '<path>: 12 records -> 9 examples; skipped 3 (broken JSON: line 4; empty text: lines 7, 9)'."""
-        text = f"{self.path}: {self.records} records -> {len(self.examples)} examples"
+        text = f"{self.path}: {self.records} records -> {len(self.examples)} {self.noun}"
         if self.skipped_count:
             parts = []
             for reason, numbers in self.skipped.items():

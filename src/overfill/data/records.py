@@ -133,8 +133,11 @@ def read_records(path: str | Path) -> RecordFile:
 
 
 def record_to_messages(record: dict, prompt_field: str | None = None, response_field: str | None = None) -> list[dict] | None:
-    """Normalise one record to [{"role", "content"}, ...]; None when the record has no recognised shape."""
-    if prompt_field and response_field:
+    """Normalise one record to [{"role", "content"}, ...]; None when the record has no recognised shape.
+
+    A `prompt_field` without a `response_field` reads prompts alone (what `overfill distill` answers).
+    """
+    if prompt_field:
         return _pair_messages(record, prompt_field, response_field)
     if isinstance(record.get("messages"), list):
         turns = [t for t in record["messages"] if isinstance(t, dict)]
@@ -157,8 +160,8 @@ def record_to_messages(record: dict, prompt_field: str | None = None, response_f
     return None
 
 
-def _pair_messages(record: dict, prompt_field: str, response_field: str) -> list[dict] | None:
-    prompt, response = record.get(prompt_field), record.get(response_field)
+def _pair_messages(record: dict, prompt_field: str, response_field: str | None) -> list[dict] | None:
+    prompt, response = record.get(prompt_field), record.get(response_field) if response_field else None
     if not isinstance(prompt, str):
         return None
     if response is None:  # a prompt without a reply: recognised, but nothing to learn

@@ -6,7 +6,7 @@ interpreter exits), so `bench --engine vllm` and `eval --engine vllm` run each e
 
     parent -> child   {"model": EngineModel.as_json(), "engine": {LLM keyword arguments}}   (once)
     child -> parent   {"ready": {"vllm", "engine_start_s", "scheduler": {...}}}
-    parent -> child   {"op": "generate", "prompts": [[ids]], "params": {SamplingParams fields}}
+    parent -> child   {"op": "generate", "prompts": [[ids]], "params": {SamplingParams fields}, "seeds": [int] (optional)}
     child -> parent   {"replies": [[ids]], "seconds": wall time of the generate call}
     parent -> child   {"op": "stats", "reset": bool}   -> {"stats": OverFill's counters, or null}
     parent -> child   end of input                     -> the child exits
@@ -76,9 +76,12 @@ class EngineWorker:
         self.info = self._receive(report)["ready"]
         return self
 
-    def generate(self, prompts: list[list[int]], **params) -> tuple[list[list[int]], float]:
-        """Token ids of each prompt's first reply, in order, and the generate call's seconds."""
-        self._send({"op": "generate", "prompts": prompts, "params": params})
+    def generate(self, prompts: list[list[int]], *, seeds: list[int] | None = None, **params) -> tuple[list[list[int]], float]:
+        """Token ids of each prompt's first reply, in order, and the generate call's seconds.
+
+        `seeds` (one per prompt) seeds each request's sampling on its own: a reply then does not depend
+        on the other requests in the engine."""
+        self._send({"op": "generate", "prompts": prompts, "params": params, **({"seeds": seeds} if seeds is not None else {})})
         reply = self._receive()
         return reply["replies"], reply["seconds"]
 
@@ -153,7 +156,9 @@ def _serve(llm, model: EngineModel, receive, send) -> None:
     for message in receive:
         op = message.get("op")
         if op == "generate":
-            params = SamplingParams(**message["params"])
+            seeds = message.get("seeds")
+            params = (SamplingParams(**message["params"]) if seeds is None
+                      else [SamplingParams(**message["params"], seed=seed) for seed in seeds])
             prompts = [{"prompt_token_ids": ids} for ids in message["prompts"]]
             llm.reset_prefix_cache()
             t0 = time.perf_counter()
