@@ -104,3 +104,22 @@ def test_int8_layers_multiply_like_their_dequantised_weights(in_features, rows, 
     assert (fused - exact).abs().max() <= 0.02 * exact.abs().max()
     monkeypatch.setattr(precision, "int8_kernel_input", lambda: None)  # where float32 F.linear is faster
     assert torch.allclose(layer(x), exact, atol=1e-5)
+
+
+def test_without_native_bfloat16_the_int8_kernel_input_is_measured(monkeypatch):
+    """Where bfloat16 is not native nothing is assumed: the pick is whichever measured fastest, and the layer agrees."""
+    from torch import nn
+
+    import overfill.precision as precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    precision.int8_kernel_input.cache_clear()
+    try:
+        picked = precision.int8_kernel_input()
+        assert picked in (None, torch.bfloat16, torch.float32)
+        layer = set_decoder_dtype(nn.Sequential(nn.Linear(315, 40)), "int8")
+        x = torch.randn(3, 315)
+        exact = nn.functional.linear(x, layer[0].dequantize(), layer[0].bias)
+        assert (layer(x) - exact).abs().max() <= 0.02 * exact.abs().max()
+    finally:
+        precision.int8_kernel_input.cache_clear()

@@ -128,8 +128,16 @@ def test_training_loss_with_refresh_leaves_out_the_full_models_picks():
     ids, mask = left_pad(PROMPTS, PAD)
     targets = torch.randint(3, 60, (2, 10))
     target_mask = torch.ones_like(targets)
+    target_mask[0, 7:] = 0  # row 0: y1..y7, so its y9 pick is padding anyway
     out = model(ids, mask, targets, target_mask, refresh_every=4)
-    assert out.tokens == 2 * (9 - 2)  # y2..y10 less y5 and y9
+    assert out.tokens == (6 - 1) + (9 - 2)  # y2..y7 less y5; y2..y10 less y5 and y9
+    # The training loop weights each micro-batch's loss by the same count (its gradient scale).
+    from overfill.data import Batch
+    from overfill.train.loss import scored_tokens
+
+    batch = Batch(context_ids=ids, context_mask=mask, target_ids=targets, target_mask=target_mask)
+    assert scored_tokens(batch, 1, refresh_every=4) == out.tokens
+    assert scored_tokens(batch, 1) == 6 + 9
     out.loss.backward()
     assert model.decoder.model.layers[0].self_attn.q_proj.weight.grad is not None
     assert all(p.grad is None for p in model.full.parameters())

@@ -58,7 +58,7 @@ from overfill.train.checkpoint import (
 )
 from overfill.train.config import TrainConfig
 from overfill.train.distill_loss import training_loss
-from overfill.train.loss import first_scored, validation_loss
+from overfill.train.loss import first_scored, scored_tokens, validation_loss
 from overfill.train.plots import plot_losses
 from overfill.train.sampler import StepSampler, data_digest, total_steps
 from overfill.train.trainee import load_trainee, make_optimizer
@@ -195,7 +195,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
         for step in range(start + 1, steps + 1):
             step_started = time.perf_counter()
             batches = [collate([data.train[i] for i in ids], pad_id).to(device) for ids in sampler.micro_batches(step)]
-            counts = torch.tensor([sum(int(b.target_mask[:, first:].sum()) for b in batches),
+            counts = torch.tensor([sum(scored_tokens(b, first, config.refresh_every) for b in batches),
                                    sum(int(b.context_mask.sum() + b.target_mask.sum()) for b in batches)],
                                   dtype=torch.float64, device=device)
             loss_tokens, all_tokens = accelerator.reduce(counts, "sum").tolist()  # global, before any backward

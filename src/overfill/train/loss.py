@@ -41,6 +41,16 @@ def target_labels(batch: Batch, first: int = 1) -> torch.Tensor:
     return batch.target_ids[:, first:].masked_fill(batch.target_mask[:, first:] == 0, IGNORE)
 
 
+def scored_tokens(batch: Batch, first: int, refresh_every: int = 0) -> int:
+    """How many reply tokens the loss scores in `batch`: tokens first+1..N, less the full model's refresh picks."""
+    scored = batch.target_mask[:, first:].bool()  # [B, N-first]
+    if refresh_every:
+        from overfill.refresh import refresh_schedule
+
+        scored = scored & ~refresh_schedule(scored.shape[1], refresh_every).to(scored.device)
+    return int(scored.sum())
+
+
 def standalone_logits(model: nn.Module, batch: Batch, first: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One model reads context + reply itself (modes pruned and full) -> (its predictions of reply
     tokens first+1..N [B, N-first, V], their labels [B, N-first]).
