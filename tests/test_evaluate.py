@@ -12,7 +12,7 @@ from overfill.data import Example
 from overfill.errors import OverfillError
 from overfill.evaluation import EvalConfig, evaluate, parse_entry
 from overfill.evaluation.answers import answer_accuracy, extract_answer, reference_answer
-from overfill.evaluation.metrics import agreement, nll_summary, per_position
+from overfill.evaluation.metrics import nll_summary, per_position
 from overfill.evaluation.scoring import TokenScores, score_examples
 from overfill.modeling import OverFillModel
 from tiny import save_tiny, tiny_model, tiny_tokenizer, write_jsonl
@@ -115,14 +115,6 @@ def test_nll_and_per_position_by_hand():
     assert pos["mean_prob"] == pytest.approx([0.3, 0.375, 1.0])
     assert pos["mean_nll"] == pytest.approx([-(math.log(0.5) + math.log(0.1)) / 2, -(math.log(0.25) + math.log(0.5)) / 2, 0.0])
     assert pos["top1"] == [1.0, 0.0, 1.0]
-
-
-def test_agreement_by_hand():
-    a = agreement([[1, 2, 3, 9], [5, 6], [7]], [[1, 2, 4, 9], [5, 6], [8, 1]])
-    assert a["token1_match"] == pytest.approx(2 / 3)
-    assert a["token_match"] == pytest.approx((2 + 1 + 0) / (3 + 1 + 1))  # positions 2..N of the longer reply
-    assert a["exact_match"] == pytest.approx(1 / 3)
-    assert a["mean_common_prefix"] == pytest.approx((2 + 2 + 0) / 3)
 
 
 def test_full_mode_scores_match_one_forward_under_left_padding():

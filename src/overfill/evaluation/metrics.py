@@ -1,4 +1,5 @@
-"""The numbers `overfill eval` reports, from teacher-forced token scores and greedy replies (DESIGN §1 "Measuring it honestly").
+"""The numbers `overfill eval` reports from teacher-forced token scores (DESIGN §1 "Measuring it honestly");
+agreement.py turns them, and greedy replies, into agreement with the full model.
 
 Token 1 is always reported apart: in OverFill it comes from the full model's prefill logits,
 so the headline numbers are over tokens 2..N, what the decoder does.
@@ -50,32 +51,3 @@ def per_position(scores: list[TokenScores]) -> dict:
         "top1": [h / c for h, c in zip(hit, count)],
         "count": count,
     }
-
-
-
-
-
-def agreement(replies: list[list[int]], reference: list[list[int]]) -> dict:
-    """Position-wise token match with the full model's greedy replies (over the longer reply), and exact match.
-
-    Token 1 is reported apart: in OverFill both replies take it from the same full-model logits.
-    """
-    first = [bool(a[:1] == b[:1]) for a, b in zip(replies, reference)]
-    matched = compared = 0
-    prefix = []
-    for a, b in zip(replies, reference):
-        longer = max(len(a), len(b))
-        matched += sum(1 for i in range(1, min(len(a), len(b))) if a[i] == b[i])
-        compared += max(longer - 1, 0)
-        same = 0
-        while same < min(len(a), len(b)) and a[same] == b[same]:
-            same += 1
-        prefix.append(same)
-    return {
-        "token1_match": sum(first) / len(first),
-        "token_match": matched / compared if compared else float("nan"),  # tokens 2..N
-        "exact_match": sum(a == b for a, b in zip(replies, reference)) / len(replies),
-        "mean_common_prefix": sum(prefix) / len(prefix),
-    }
-
-

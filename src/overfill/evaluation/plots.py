@@ -1,4 +1,6 @@
-"""`overfill eval`'s per_position.png: p(correct token) and NLL by reply position (paper Fig. 8)."""
+"""`overfill eval`'s per-position figures (paper Fig. 8): per_position.png, p(correct token) and NLL by reply
+position on the reference replies; agreement_per_position.png, top-1 agreement with the full model's
+greedy replies and their NLL by reply position."""
 
 from __future__ import annotations
 
@@ -6,6 +8,11 @@ import math
 from pathlib import Path
 
 from overfill.plotting import COLORS, pyplot
+
+# (key of a metrics.per_position curve, y-axis label); the curves of shares are drawn on [0, 1].
+REFERENCE_PANELS = (("mean_prob", "mean p(correct token)"), ("mean_nll", "mean NLL of the correct token"))
+AGREEMENT_PANELS = (("top1", "top-1 agreement with the full model's token"), ("mean_nll", "mean NLL of the full model's token"))
+SHARES = ("mean_prob", "top1")
 
 
 def position_bins(pos: dict, key: str) -> tuple[list[str], list[float], list[int]]:
@@ -28,17 +35,17 @@ def position_bins(pos: dict, key: str) -> tuple[list[str], list[float], list[int
 
 
 def plot_per_position(positions: dict[str, dict], path: Path, *, modes: dict[str, str] | None = None,
-                      min_count: int | None = None) -> Path:
-    """Paper Figure 8: the correct token's mean probability (and mean NLL) by reply position, one line per model.
+                      min_count: int | None = None, panels=REFERENCE_PANELS,
+                      title: str = "Teacher-forced quality by reply position (paper Fig. 8)") -> Path:
+    """Paper Figure 8: one panel per (curve, label) of `panels`, by reply position, one line per model;
+    by default the correct token's mean probability and mean NLL.
 
     Positions are grouped in doubling bins (position_bins); bins holding fewer than `min_count`
     tokens (default: a tenth of the replies, at least 1) are left out.
     """
     plt = pyplot()
 
-    panels = [("mean_prob", "mean p(correct token)")]
-    if all("mean_nll" in pos for pos in positions.values()):
-        panels.append(("mean_nll", "mean NLL of the correct token"))
+    panels = [(key, label) for key, label in panels if all(key in pos for pos in positions.values())]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     # Bins start at position 1 for every model, so bin i is the same positions for all; the longest
     # reply set names the ticks.
@@ -59,11 +66,11 @@ def plot_per_position(positions: dict[str, dict], path: Path, *, modes: dict[str
         ax.set_xticklabels(ticks, rotation=45, fontsize=8)
         ax.set_xlabel("reply position (1 = first token: the full model's in overfill mode)")
         ax.set_ylabel(ylabel)
-        if key == "mean_prob":
+        if key in SHARES:
             ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Teacher-forced quality by reply position (paper Fig. 8)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

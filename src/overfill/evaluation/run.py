@@ -7,7 +7,10 @@ For each named entry (a checkpoint evaluated in a mode: overfill / full / pruned
   does). Scoring follows the two-stage picture of the paper's Figure 1 (scoring.py);
 - the probability of the correct token averaged by absolute reply position (paper Figure 8),
   JSON + PNG: the cleanest view of what the decoder learned;
-- greedy-generation agreement with the full model (token match over tokens 2..N, exact match);
+- agreement with the full model's own greedy replies (agreement.py): every entry teacher-forced on
+  them (top-1 agreement and NLL, token 1 apart, and by reply position, JSON + PNG), and each
+  entry's greedy replies against them (token match over tokens 2..N, exact match, tokens before
+  the first divergence);
 - exact-match accuracy when references carry a final answer (GSM8K's `#### number`), with the
   share of correct answers already settled by the first (full-model) token (answers.py).
 
@@ -15,8 +18,8 @@ Teacher forcing always runs on our PyTorch code. The greedy replies come from ou
 (`--engine torch`) or from vLLM (`--engine vllm`, vllm_replies.py: the same prompt ids, greedy,
 the same stop tokens), and every metric on them is computed here, the same way for both.
 
-This module runs the command; scoring.py computes token scores and replies, metrics.py turns
-them into these numbers, plots.py draws the figure and report.py prints the table.
+This module runs the command; scoring.py computes token scores and replies, metrics.py and
+agreement.py turn them into these numbers, plots.py draws the figures and report.py prints the table.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from dataclasses import asdict
 
 from overfill.atomic import atomic_write_text, check_writable
 from overfill.data.examples import check_examples_fit
+from overfill.evaluation.agreement import DEFAULT_TIE, first_divergence, greedy_agreement, reference_examples, score_agreement
 from overfill.evaluation.answers import answer_accuracy, extract_answer, reference_answer
 from overfill.evaluation.config import EvalConfig, ModelEntry
-from overfill.evaluation.metrics import agreement, nll_summary, per_position
-from overfill.evaluation.plots import plot_per_position
+from overfill.evaluation.metrics import nll_summary, per_position
+from overfill.evaluation.plots import AGREEMENT_PANELS, plot_per_position
 from overfill.evaluation.report import print_eval_table
 from overfill.evaluation.scoring import generate_ids_batched, score_examples
 from overfill.evaluation.vllm_replies import vllm_replies
@@ -44,7 +48,8 @@ Replies = tuple[list[list[int]], dict]  # reply token ids per example (stop toke
 
 
 def evaluate(config: EvalConfig, console=None) -> dict:
-    """Evaluate every entry; write results.json, per_position.{json,png} and replies.jsonl to `config.out`.
+    """Evaluate every entry; write results.json, per_position.{json,png}, agreement_per_position.{json,png}
+    and replies.jsonl to `config.out`.
 
     `console` (a rich Console) gets progress lines and the summary table; None keeps it silent.
     """
@@ -62,6 +67,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     reference_replies: dict[str, Replies] = {}  # full-model fingerprint -> the full model's greedy replies
     models: dict[str, dict] = {}
     positions: dict[str, dict] = {}
+    agreement_positions: dict[str, dict] = {}  # entry -> per-position agreement on the full model's replies
     reply_rows: list[dict] = []
     for source, group in groups.items():
         what = source.describe()
@@ -69,7 +75,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         model = source.load(full_alone=True)
         tokenizer = model.tokenizer
         if examples is None:
-            loaded = config.read(tokenizer, limit=config.limit)
+            loaded = config.held_out(tokenizer)
             examples, data_summary = loaded.examples, loaded.as_dict()
             texts = [tokenizer.decode(e.target_ids, skip_special_tokens=True) for e in examples]
             references = [reference_answer(t) for t in texts]
@@ -78,8 +84,10 @@ def evaluate(config: EvalConfig, console=None) -> dict:
                 kind = "gsm8k" if all(r is not None for r in references) else "none"
             if kind == "none":
                 references = [None] * len(examples)
-            data_summary.update(target_tokens=sum(len(e.target_ids) for e in examples), answer=kind)
-            say(f"{loaded.summary()}; {data_summary['target_tokens']} reply tokens")
+            data_summary.update(target_tokens=sum(len(e.target_ids) for e in examples), answer=kind,
+                                prompts_alone=not any(e.target_ids for e in examples))
+            say(f"{loaded.summary()}; " + ("prompts alone: agreement with the full model only" if data_summary["prompts_alone"]
+                                           else f"{data_summary['target_tokens']} reply tokens"))
         # Per model: entries may come from checkpoints of models with other context sizes.
         check_examples_fit(examples, context_limit(model), path=config.data,
                            new_tokens=config.max_new_tokens if config.generate else None)
@@ -121,7 +129,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
                                 else greedy(entry.mode, entry.name, refresh_every=entry.refresh_every))
             result = models[entry.name]
             result["seconds"].update(seconds)
-            result.update(engine=config.engine, engine_version=engine_version, agreement=agreement(replies, reference))
+            result.update(engine=config.engine, engine_version=engine_version, agreement=greedy_agreement(replies, reference))
             reply_texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in replies]
             first_texts = [tokenizer.decode(r[:1], skip_special_tokens=True) for r in replies]
             result["mean_reply_tokens"] = sum(len(r) for r in replies) / len(replies)
@@ -129,9 +137,23 @@ def evaluate(config: EvalConfig, console=None) -> dict:
                 result["answers"] = answer_accuracy(reply_texts, first_texts, references)
             for i, (text, ids) in enumerate(zip(reply_texts, replies)):
                 reply_rows.append({"model": entry.name, "engine": config.engine, "index": i, "reply": text,
-                                   "answer": extract_answer(text), "reference_answer": references[i], "token_ids": ids})
+                                   "answer": extract_answer(text), "reference_answer": references[i], "token_ids": ids,
+                                   "first_divergence": first_divergence(ids, reference[i])})
             say(f"  {entry.name}: greedy replies on {config.engine} in {sum(seconds.values()):.0f} s, "
                 f"token agreement with the full model (tokens 2..N) {result['agreement']['token_match']:.0%}")
+        if config.agreement:
+            if model is None:  # vLLM had the machine: our weights come back for teacher forcing
+                model = source.load(full_alone=True)
+            on_reference = reference_examples(contexts, reference)
+            tie = config.agreement_tie if config.agreement_tie is not None else DEFAULT_TIE[config.dtype]
+            for entry in group:
+                t0 = time.perf_counter()
+                summary, agreement_positions[entry.name] = score_agreement(
+                    model, entry.mode, on_reference, tie=tie, batch_size=config.batch_size, refresh_every=entry.refresh_every)
+                models[entry.name]["agreement"].update(summary)
+                models[entry.name]["seconds"]["agreement"] = round(time.perf_counter() - t0, 2)
+                say(f"  {entry.name}: teacher-forced on the full model's replies, top-1 agreement (tokens 2..N) "
+                    f"{summary['top1']:.1%}, NLL {summary['nll']:.3f}")
         del model, greedy
         gc.collect()
 
@@ -141,6 +163,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         "models": models,
         "refresh": refresh_summary(entries, models),
         "per_position": positions,
+        "agreement_per_position": agreement_positions,
         "seconds": round(time.perf_counter() - started, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +171,11 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     if positions:
         atomic_write_text(out / "per_position.json", json.dumps(positions, indent=1) + "\n")
         plot_per_position(positions, out / "per_position.png", modes={n: m["mode"] for n, m in models.items()})
+    if agreement_positions:
+        atomic_write_text(out / "agreement_per_position.json", json.dumps(agreement_positions, indent=1) + "\n")
+        plot_per_position(agreement_positions, out / "agreement_per_position.png", panels=AGREEMENT_PANELS,
+                          modes={n: m["mode"] for n, m in models.items()},
+                          title="Agreement with the full model's greedy replies, by reply position (teacher forced)")
     if reply_rows:
         atomic_write_text(out / "replies.jsonl", "".join(json.dumps(r) + "\n" for r in reply_rows))
     if console is not None:

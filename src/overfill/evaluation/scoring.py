@@ -8,7 +8,7 @@ ids, so the context is exactly the one scored (or the one lm-eval built).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,18 +20,24 @@ from overfill.tensors import left_pad, pad_id_of
 
 @dataclass
 class TokenScores:
-    """One reply under teacher forcing: log p(y_i | x, y_<i) and whether y_i was the argmax, i = 1..N."""
+    """One reply under teacher forcing: log p(y_i | x, y_<i) and whether y_i was the argmax, i = 1..N.
+
+    `margin` is max_v log p(v | x, y_<i) - log p(y_i | x, y_<i): 0 when y_i is the argmax, small when
+    it nearly is (the agreement measures count near-ties within float noise, agreement.py).
+    """
 
     logprobs: list[float]
     top1: list[bool]
+    margin: list[float] = field(default_factory=list)
 
 
 @torch.inference_mode()
 def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
-                   target_mask: torch.Tensor, refresh_every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs [B, N] and argmax hits [B, N] of right-padded targets after left-padded contexts.
+                   target_mask: torch.Tensor, refresh_every: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probs [B, N], argmax hits [B, N] and margins below the argmax [B, N] (TokenScores) of
+    right-padded targets after left-padded contexts.
 
-    Padded target positions hold 0 / False. `refresh_every` (overfill mode) scores the prefill-refresh
+    Padded target positions hold 0 / False / 0. `refresh_every` (overfill mode) scores the prefill-refresh
     schedule: each token by the model that would pick it in generation.
     """
     every = refresh_every if mode == "overfill" else 0
@@ -39,12 +45,15 @@ def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: to
     step_logits = [stages.first[:, None], stages.rest]  # [B, 1, V] predicts y1, [B, N-1, V] y2..yN
     logprobs = torch.zeros(target_ids.shape, dtype=torch.float32)
     hits = torch.zeros(target_ids.shape, dtype=torch.bool)
+    margins = torch.zeros(target_ids.shape, dtype=torch.float32)
     for row in range(target_ids.shape[0]):  # one row at a time keeps float32 copies of [N, V] small
         logits = torch.cat([part[row].float() for part in step_logits], dim=0)  # [N, V]
-        logprobs[row] = logits.log_softmax(-1).gather(-1, target_ids[row, :, None]).squeeze(-1)
+        row_logprobs = logits.log_softmax(-1)  # [N, V]
+        logprobs[row] = row_logprobs.gather(-1, target_ids[row, :, None]).squeeze(-1)
         hits[row] = logits.argmax(-1) == target_ids[row]
+        margins[row] = row_logprobs.max(-1).values - logprobs[row]
     real = target_mask.bool()
-    return logprobs.masked_fill(~real, 0.0), hits & real
+    return logprobs.masked_fill(~real, 0.0), hits & real, margins.masked_fill(~real, 0.0)
 
 
 def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: int | None = None,
@@ -59,11 +68,11 @@ def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: i
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = collate([examples[i] for i in rows], pad_id)
-        logprobs, hits = reply_logprobs(model, mode, batch.context_ids, batch.context_mask, batch.target_ids,
-                                        batch.target_mask, refresh_every)
+        logprobs, hits, margins = reply_logprobs(model, mode, batch.context_ids, batch.context_mask, batch.target_ids,
+                                                 batch.target_mask, refresh_every)
         for k, i in enumerate(rows):
             n = len(examples[i].target_ids)
-            scores[i] = TokenScores(logprobs[k, :n].tolist(), hits[k, :n].tolist())
+            scores[i] = TokenScores(logprobs[k, :n].tolist(), hits[k, :n].tolist(), margins[k, :n].tolist())
     return scores
 
 
