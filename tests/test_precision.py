@@ -123,3 +123,26 @@ def test_without_native_bfloat16_the_int8_kernel_input_is_measured(monkeypatch):
         assert (layer(x) - exact).abs().max() <= 0.02 * exact.abs().max()
     finally:
         precision.int8_kernel_input.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_convert_saves_a_checkpoint_with_its_decoder_in_another_dtype(dtype, tmp_path, monkeypatch, capsys):
+    from test_cli import assert_one_line_error, run_cli
+
+    full, tok = save_tiny(tmp_path / "full")
+    model = OverFillModel(full, pruned_model("llama").decoder, tok, full_source=str(tmp_path / "full"))
+    model.save_pretrained(tmp_path / "ckpt")
+    expected = greedy(ModelSource(checkpoint=str(tmp_path / "ckpt"), decoder_dtype=dtype).load())
+    code, out, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "ckpt"), "--decoder-dtype", dtype,
+                             "--out", str(tmp_path / "converted"))
+    assert code == 0, err
+    assert dtype in out
+    loaded = OverFillModel.from_pretrained(tmp_path / "converted")  # no flag: the recorded dtype
+    assert decoder_dtype(loaded.decoder) == dtype and decoder_dtype(model.decoder) == "float32"
+    assert torch.equal(greedy(loaded), expected)
+    # The folder is not replaced by accident, and the dtype must be named.
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "ckpt"), "--decoder-dtype", dtype,
+                           "--out", str(tmp_path / "converted"))
+    assert_one_line_error(code, err, "already exists")
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "--decoder-dtype")

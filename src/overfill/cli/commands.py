@@ -3,7 +3,8 @@
 Every command's flags are the fields of one dataclass (cli/configs.py turns them into options),
 so the CLI and the Python API take the same settings and their help lives in one place:
 prune -> PruneConfig, train -> TrainConfig, distill -> DistillConfig, eval -> EvalConfig,
-bench -> BenchConfig, demo -> DemoConfig, and generate / chat -> GenerationConfig + ModelSource (below).
+bench -> BenchConfig, demo -> DemoConfig, generate / chat -> GenerationConfig + ModelSource and
+convert -> ModelSource (below).
 """
 
 from __future__ import annotations
@@ -64,6 +65,25 @@ class ChatCommand(GenerationCommand):
         super().__post_init__()
         if self.system is not None:
             check_utf8(self.system, "--system")
+
+
+@dataclass
+class ConvertCommand(ModelSource):
+    """`overfill convert`: an OverFill checkpoint saved with its decoder in another dtype."""
+
+    out: str = ""
+    """Folder for the converted checkpoint (a new one: an existing folder is not replaced unless --force)."""
+    force: bool = False
+    """Replace --out if it exists."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.decoder_dtype:
+            raise OverfillError("convert needs --decoder-dtype (bfloat16 or int8; float32 turns a converted one back)")
+        if not self.out:
+            raise OverfillError("convert needs --out: the folder to write the converted checkpoint to")
+        if not self.checkpoint and not self.decoder:
+            raise OverfillError("convert needs a checkpoint folder, or --model with --decoder")
 
 
 # ---------------------------------------------------------------- the stages
@@ -147,6 +167,21 @@ def read_prompts(prompts: tuple[str, ...]) -> list[str]:
     if not text:
         raise OverfillError("the prompt on stdin is empty: pass --prompt TEXT or pipe a prompt")
     return [check_utf8(text, "the prompt on stdin")]
+
+
+def run_convert(command: ConvertCommand) -> None:
+    from pathlib import Path
+
+    from overfill.precision import decoder_dtype, weight_bytes
+
+    target = Path(command.out)
+    if target.exists() and not command.force:
+        raise OverfillError(f"{target} already exists: pass another --out, or --force to replace it")
+    pair = command.load()
+    pair.save_pretrained(target)
+    out.print(f"saved {command.describe()} with a {decoder_dtype(pair.decoder)} decoder "
+              f"({weight_bytes(pair.decoder) / 1e6:.0f} MB of weights) to [bold]{escape(str(target))}[/]; "
+              f"every command loads it as it is (`overfill generate {escape(str(target))}`)", highlight=False)
 
 
 def run_generate(command: GenerateCommand) -> None:
