@@ -175,6 +175,24 @@ def _final_reply(messages: list[dict]) -> tuple[list[dict] | None, str | None]:
     return messages, None
 
 
+def read_skipping(path, loaded_class):
+    """A file's records, an empty `loaded_class` result for it, and `skip(reason, number)`, with the
+    lines that are no records at all (not UTF-8, broken JSON, no object) already counted."""
+    source = read_records(path)
+    loaded = loaded_class(str(path), [], source.looked_at, unit=source.unit)
+
+    def skip(reason: str, number: int):
+        loaded.skipped.setdefault(reason, []).append(number)
+
+    for number in source.not_utf8:
+        skip("not UTF-8", number)
+    for number in source.broken_lines:
+        skip("broken JSON", number)
+    for number in source.not_objects:
+        skip("unrecognised shape", number)
+    return source, loaded, skip
+
+
 def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = None, response_field: str | None = None,
                   max_context: int | None = None, max_target: int | None = None, limit: int | None = None) -> LoadedData:
     """Read a JSONL/JSON file of chat records and split each into (context ids, target ids).
@@ -190,18 +208,7 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
     if not getattr(tokenizer, "chat_template", None):
         raise OverfillError("the tokenizer has no chat template, so contexts cannot be rendered as generation sees them: "
                             "use a chat (instruct) model")
-    source = read_records(path)
-    loaded = LoadedData(str(path), [], source.looked_at, unit=source.unit)
-
-    def skip(reason: str, number: int):
-        loaded.skipped.setdefault(reason, []).append(number)
-
-    for number in source.not_utf8:
-        skip("not UTF-8", number)
-    for number in source.broken_lines:
-        skip("broken JSON", number)
-    for number in source.not_objects:
-        skip("unrecognised shape", number)
+    source, loaded, skip = read_skipping(path, LoadedData)
     last_used = 0
     for number, record in zip(source.numbers, source.records):
         if limit is not None and len(loaded.examples) >= limit:

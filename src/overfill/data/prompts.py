@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from overfill.data.examples import ChatTemplateError, LoadedData, chat_ids
-from overfill.data.records import all_utf8, read_records, record_to_messages
+from overfill.data.examples import ChatTemplateError, LoadedData, chat_ids, read_skipping
+from overfill.data.records import all_utf8, record_to_messages
 from overfill.errors import OverfillError
 
 
@@ -62,18 +62,7 @@ def load_prompts(path: str | Path, tokenizer, *, prompt_field: str | None = None
     if not getattr(tokenizer, "chat_template", None):
         raise OverfillError("the tokenizer has no chat template, so prompts cannot be rendered as training renders them: "
                             "use a chat (instruct) model")
-    source = read_records(path)
-    loaded = LoadedPrompts(str(path), [], source.looked_at, unit=source.unit)
-
-    def skip(reason: str, number: int):
-        loaded.skipped.setdefault(reason, []).append(number)
-
-    for number in source.not_utf8:
-        skip("not UTF-8", number)
-    for number in source.broken_lines:
-        skip("broken JSON", number)
-    for number in source.not_objects:
-        skip("unrecognised shape", number)
+    source, loaded, skip = read_skipping(path, LoadedPrompts)
     for number, record in zip(source.numbers, source.records):
         if limit is not None and len(loaded.prompts) >= limit:
             # Stopped early: forget what lies beyond the last prompt used.
