@@ -48,7 +48,7 @@ def _register_commands() -> None:
     from overfill.vllm.serve import ServeConfig
 
     add_config_command(app, "demo", DemoConfig, run_demo,
-                       help="The paper at laptop scale: prune, train OverFill and the pruned baseline, evaluate, report.")
+                       help="The recipe at laptop scale: the full model's own replies, OverFill and the pruned baseline trained on them, agreement, chat.")
     add_config_command(app, "prune", PruneConfig, run_prune,
                        help="Width-prune a model into a KV-compatible decoder (Minitron-style activation scores).")
     add_config_command(app, "train", TrainConfig, run_train,

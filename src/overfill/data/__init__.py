@@ -2,8 +2,7 @@
 
 records.py reads files and brings each record's shape to a chat; examples.py splits chats into
 the context the full model prefills and the reply the decoder learns, batches them, and holds
-the train/validation split; calibration.py serves pruning; synthetic.py is the bundled
-arithmetic set of the demo.
+the train/validation split; calibration.py serves pruning; prompts.py reads the prompt side alone.
 """
 
 from overfill.data.examples import (

@@ -1,12 +1,14 @@
-"""`overfill demo`: the paper's experiment at laptop scale, end to end, on what the project ships.
+"""`overfill demo`: the general-purpose recipe at demo scale, end to end, on what the project ships.
 
-1. prune the bundled SmolLM2-135M-Instruct at ratio 0.45 (reused when already done);
-2. write a bundled arithmetic instruction set with checkable answers (data/synthetic.py);
-3. train the OverFill decoder (on the frozen full model's cache) and the pruned baseline (the
-   same decoder standalone) with the same data, steps and schedule;
-4. evaluate full / pruned / OverFill on held-out problems: reply NLL on tokens 2..N, the share of
-   the pruned-to-full gap that OverFill closes, per-position accuracy (paper Figure 8), answers;
-5. answer one prompt in the three modes with timings, and write report.md + PNGs.
+1. prune the bundled SmolLM2-135M-Instruct (ratio 0.25 by default; reused when already done);
+2. compose general instructions of many kinds, training and held-out apart (prompts.py);
+3. the full model's own greedy replies to the training prompts (`overfill distill`; sequence-level
+   distillation), cached in the out folder so a rerun reuses them;
+4. train the OverFill decoder (on the frozen full model's cache) and the pruned baseline (the same
+   decoder standalone) on those replies, with the same steps, schedule and --loss;
+5. evaluate on held-out prompts: each model's teacher-forced top-1 agreement with the full model's
+   own greedy replies and the NLL of them, by reply position too (evaluation/agreement.py);
+6. answer a few held-out prompts with full / OverFill / pruned, timed, and write report.md + PNGs.
 """
 
 from __future__ import annotations
@@ -14,48 +16,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from itertools import islice
 from pathlib import Path
 
-from rich.table import Table
-
 from overfill.atomic import atomic_write_text, check_writable
-from overfill.errors import OverfillError
-from overfill.zoo import DEFAULT_MODEL, resolve_model
+from overfill.demo.config import DemoConfig
+from overfill.demo.prompts import chat_prompts, demo_prompts, write_prompts
+from overfill.demo.report import CHAT_MODES, gap_closed, print_chat, print_summary, verdict, write_report
+from overfill.zoo import resolve_model
 
-
-@dataclass
-class DemoConfig:
-    model: str = DEFAULT_MODEL
-    """Full model: a zoo name, a local HF folder or a hub id."""
-    ratio: float = 0.45
-    """Pruning ratio of the decoder (paper: 0.45)."""
-    out: str = "runs/demo"
-    """Report folder (report.md, PNGs, the pruned model, both trained decoders, evaluation)."""
-    quick: bool = False
-    """About 3 minutes instead of about 20: fewer steps and held-out problems."""
-    steps: int | None = None
-    """Optimizer steps for each of the two decoders (preset: 100; quick 8)."""
-    batch_size: int = 8
-    """Examples per step."""
-    lr: float = 5e-4
-    """Peak learning rate (cosine schedule, 5% warmup)."""
-    heldout: int | None = None
-    """Held-out problems to evaluate (preset: 48; quick 12)."""
-    prompt: str = "Noor buys 4 books at 7 dollars each and pays with 40 dollars. How much change does Noor get?"
-    """Prompt answered in the three modes at the end."""
-    seed: int = 0
-    """Seed for the data and the training order."""
-
-    def __post_init__(self):
-        if not 0 <= self.ratio < 1:
-            raise OverfillError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if self.steps is None:
-            self.steps = 8 if self.quick else 100
-        if self.heldout is None:
-            self.heldout = 12 if self.quick else 48
-        if self.steps < 1 or self.heldout < 1 or self.batch_size < 1:
-            raise OverfillError("--steps, --heldout and --batch-size must be at least 1")
+VAL_SIZE = 16  # held-back training replies for the validation curve (a quarter of them at most)
 
 
 def _pruned(config: DemoConfig, console) -> Path:
@@ -75,46 +47,54 @@ def _pruned(config: DemoConfig, console) -> Path:
     return folder
 
 
-def _write_data(config: DemoConfig) -> tuple[Path, Path]:
-    from overfill.data.synthetic import train_and_heldout
-
-    train_rows, heldout_rows = train_and_heldout(config.steps * config.batch_size + 64, config.heldout, seed=config.seed)
-    folder = Path(config.out) / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "train.jsonl", folder / "heldout.jsonl"
-    for path, rows in zip(paths, (train_rows, heldout_rows)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
+def _slug(model: str) -> str:
+    return Path(model).name or model.replace("/", "_")
 
 
-def _train(config: DemoConfig, mode: str, decoder: Path, data: Path):
+def _replies(config: DemoConfig, prompts_path: Path, console):
+    """The full model's replies to the first --prompts training prompts, in a file named by what they depend on.
+
+    distill continues a file made with the same settings (a longer --prompts adds replies, a shorter
+    one reads the first ones) and refuses one made otherwise, so the name carries the rest: model,
+    prompt order (seed), length and engine.
+    """
+    from overfill.distill import DistillConfig, distill
+
+    settings = DistillConfig(data=str(prompts_path), out=str(prompts_path.parent / "replies.jsonl"), model=config.model,
+                             engine=config.engine, max_new_tokens=config.max_new_tokens, limit=config.prompts)
+    engine = settings.resolved_engine()  # what --engine auto means here; the file's real name follows
+    path = prompts_path.parent / f"replies-{_slug(config.model)}-seed{config.seed}-{config.max_new_tokens}tok-{engine}.jsonl"
+    result = distill(replace(settings, out=str(path)))
+    console.print(result.summary())
+    return path, result
+
+
+def first_replies(path: Path, count: int, tokenizer, max_new_tokens: int) -> tuple[list[dict], int, int]:
+    """(the first `count` records, how many of their replies ended before the length limit, how many were cut there).
+
+    A cut reply has max_new_tokens tokens and no end-of-turn token; one that stopped has at most
+    max_new_tokens - 1 before its end-of-turn token, counted as training tokenizes it (empty replies,
+    which training skips, count as neither).
+    """
+    from overfill.data import split_messages
+
+    with open(path, encoding="utf-8") as file:
+        records = [json.loads(line) for line in islice(file, count)]
+    lengths = [len(e.target_ids) - 1 for r in records if (e := split_messages(tokenizer, r["messages"])) is not None]
+    cut = sum(1 for n in lengths if n >= max_new_tokens)
+    return records, len(lengths) - cut, cut
+
+
+def _train(config: DemoConfig, mode: str, decoder: Path, data: Path, val_size: int):
     from overfill.train import TrainConfig, train
 
     return train(TrainConfig(
-        mode=mode, model=config.model, decoder=str(decoder), data=str(data), prompt_field="question",
-        response_field="answer", val_size=16, out=str(Path(config.out) / f"train-{mode}"), lr=config.lr,
-        warmup_ratio=0.05, batch_size=config.batch_size, max_steps=config.steps, eval_every=max(1, config.steps // 2),
-        seed=config.seed, force=True,
+        # Training appends the end-of-turn token to every reply; keeping max_new_tokens of them drops it from
+        # exactly the replies cut there, so no decoder learns to end its turn mid-sentence.
+        mode=mode, model=config.model, decoder=str(decoder), data=str(data), val_size=val_size, max_target=config.max_new_tokens,
+        out=str(Path(config.out) / f"train-{mode}"), lr=config.lr, warmup_ratio=0.05, batch_size=config.batch_size,
+        max_steps=config.steps, eval_every=max(1, config.steps // 2), seed=config.seed, loss=config.loss, force=True,
     ))
-
-
-def gap_closed(full: float, pruned: float, overfill: float) -> float:
-    """Share of the pruned-to-full NLL gap that OverFill closes (1 = as good as the full model).
-
-    NaN when there is no gap: on a narrow task the fine-tuned decoders can beat the frozen,
-    untuned full model, and a "share" of a negative gap means nothing.
-    """
-    return (pruned - overfill) / (pruned - full) if pruned > full else float("nan")
-
-
-def verdict(nll: dict[str, float], nll_all: dict[str, float], share: float) -> str:
-    """One sentence comparing OverFill with the pruned baseline (and the full model, when that means something)."""
-    head = (f"OverFill vs the pruned baseline: reply NLL {nll['overfill']:.3f} vs {nll['pruned']:.3f} on tokens 2..N, "
-            f"{nll_all['overfill']:.3f} vs {nll_all['pruned']:.3f} on the whole reply (token 1 included)")
-    if not math.isnan(share):
-        return f"{head}; OverFill closes {share:.0%} of the pruned-to-full gap on tokens 2..N."
-    return (f"{head}; both trained decoders beat the untuned full model ({nll['full']:.3f}) on this set, "
-            "so there is no pruned-to-full gap to close.")
 
 
 def _plot_losses(runs: dict[str, list[tuple[int, float]]], path: Path) -> Path:
@@ -136,92 +116,97 @@ def _plot_losses(runs: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     return path
 
 
-def run_demo(config: DemoConfig, console) -> dict:
-    from overfill.evaluation import EvalConfig, evaluate
+def chat(checkpoints: dict[str, Path], prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Each prompt answered greedily in each mode, one at a time (batch 1), so each reply's timing is its own.
+
+    Each mode runs on the model trained for it: pruned = the standalone baseline's decoder.
+    """
     from overfill.generation import GenerationConfig, generate
     from overfill.modeling import OverFillModel
 
+    models = {path: OverFillModel.from_pretrained(path) for path in set(checkpoints.values())}
+    for mode in CHAT_MODES:  # a first call pays one-off costs (allocations, kernel choice) that no reply should carry
+        generate(models[checkpoints[mode]], prompts[0], GenerationConfig(mode=mode, max_new_tokens=2))
+    return [{"prompt": prompt,
+             "replies": {mode: generate(models[checkpoints[mode]], prompt, GenerationConfig(mode=mode, max_new_tokens=max_new_tokens))[0].as_dict()
+                         for mode in CHAT_MODES}}
+            for prompt in prompts]
+
+
+def run_demo(config: DemoConfig, console) -> dict:
+    from transformers import AutoTokenizer
+
+    from overfill.evaluation import EvalConfig, evaluate
+
     started = time.perf_counter()
-    # Before twenty minutes of pruning and training, and before the report folder exists.
+    phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(name: str, title: str):
+        console.rule(title)
+        t0 = time.perf_counter()
+        yield
+        phases[name] = round(time.perf_counter() - t0, 1)
+
+    # Before twenty minutes of work, and before the report folder exists.
     out = check_writable(config.out, "--out")
-    resolve_model(config.model)
+    folder = resolve_model(config.model)
     out.mkdir(parents=True, exist_ok=True)
-    console.rule(f"1/5 prune {config.model} at ratio {config.ratio}")
-    pruned_folder = _pruned(config, console)
-    console.rule("2/5 data: bundled arithmetic problems with checkable answers")
-    train_path, heldout_path = _write_data(config)
-    console.print(f"{config.steps * config.batch_size} training examples used, {config.heldout} held out ({train_path.parent})")
+    with phase("prune", f"1/6 prune {config.model} at ratio {config.ratio}"):
+        pruned_folder = _pruned(config, console)
+    with phase("prompts", "2/6 prompts: general instructions of many kinds, held-out topics apart"):
+        train_prompts, heldout_prompts = demo_prompts(config.seed)
+        # The whole training pool, so that any --prompts reads the same file (distill --limit takes its first N).
+        prompts_path = write_prompts(out / "data" / f"train-prompts-seed{config.seed}.jsonl", train_prompts)
+        heldout_path = write_prompts(out / "data" / f"heldout-prompts-seed{config.seed}.jsonl", heldout_prompts[: config.heldout])
+        families = len({p.family for p in train_prompts[: config.prompts]})
+        console.print(f"{config.prompts} training prompts of {families} kinds (of {len(train_prompts)} composed), "
+                      f"{config.heldout} held out on other topics ({prompts_path.parent})")
+    with phase("distill", f"3/6 the full model's own replies to the training prompts (cached in {prompts_path.parent})"):
+        replies_path, distilled = _replies(config, prompts_path, console)
+        records, ended, cut = first_replies(replies_path, config.prompts, AutoTokenizer.from_pretrained(folder), config.max_new_tokens)
+        train_path = atomic_write_text(out / "data" / "train.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        console.print(f"{ended} replies ended within {config.max_new_tokens} tokens; {cut} were cut there "
+                      "and are learnt without an end of turn")
     runs = {}
-    for index, mode in enumerate(("overfill", "pruned"), start=3):
+    val_size = min(VAL_SIZE, len(records) // 4)
+    for index, mode in enumerate(("overfill", "pruned"), start=4):
         what = "OverFill decoder (reads the frozen full model's cache)" if mode == "overfill" else "pruned baseline (the same decoder standalone)"
-        console.rule(f"{index}/5 train the {what}: {config.steps} steps x {config.batch_size}")
-        runs[mode] = _train(config, mode, pruned_folder, train_path)
-    console.rule("5/5 evaluate on held-out problems")
-    results = evaluate(EvalConfig(
-        data=str(heldout_path), prompt_field="question", response_field="answer", out=str(out / "eval"),
-        entries=(f"full=full:{runs['overfill'].checkpoint}", f"pruned=pruned:{runs['pruned'].checkpoint}",
-                 f"overfill=overfill:{runs['overfill'].checkpoint}", "untrained=overfill"),
-        model=config.model, decoder=str(pruned_folder), max_new_tokens=64, batch_size=8,
-    ), console=console)
-    nll = {name: m["nll"] for name, m in results["models"].items()}
-    nll_all = {name: m["nll_all"] for name, m in results["models"].items()}
-    share = gap_closed(nll["full"], nll["pruned"], nll["overfill"])
+        with phase(f"train {mode}", f"{index}/6 train the {what}: {config.steps} steps x {config.batch_size}, --loss {config.loss}"):
+            runs[mode] = _train(config, mode, pruned_folder, train_path, val_size)
+    with phase("evaluate", f"6/6 agreement with the full model on {config.heldout} held-out prompts"):
+        results = evaluate(EvalConfig(
+            data=str(heldout_path), out=str(out / "eval"), nll=False, max_new_tokens=config.max_new_tokens, batch_size=8,
+            entries=(f"full=full:{runs['overfill'].checkpoint}", f"pruned=pruned:{runs['pruned'].checkpoint}",
+                     f"overfill=overfill:{runs['overfill'].checkpoint}", "untrained=overfill"),
+            model=config.model, decoder=str(pruned_folder),
+        ), console=console)
+    agreement = {name: {"mode": m["mode"], "mean_reply_tokens": m["mean_reply_tokens"], **m["agreement"]}
+                 for name, m in results["models"].items()}
+    share = gap_closed(agreement["full"]["nll"], agreement["pruned"]["nll"], agreement["overfill"]["nll"])
     loss_png = _plot_losses({f"{m} ({'trained on full cache' if m == 'overfill' else 'standalone'})": r.val_losses
                              for m, r in runs.items()}, out / "validation_loss.png")
 
-    # Each mode with the model that was trained for it: pruned = the standalone baseline's decoder.
-    checkpoints = {"full": runs["overfill"].checkpoint, "pruned": runs["pruned"].checkpoint,
-                   "overfill": runs["overfill"].checkpoint}
-    pairs = {path: OverFillModel.from_pretrained(path) for path in set(checkpoints.values())}
-    replies = {mode: generate(pairs[path], config.prompt, GenerationConfig(mode=mode, max_new_tokens=64))[0]
-               for mode, path in checkpoints.items()}
-    table = Table(title="the same prompt, three ways (pruned: the baseline; overfill: the OverFill decoder)",
-                  header_style="bold", show_lines=True)
-    for column in ("mode", "prefill s", "decode tok/s", "reply"):
-        table.add_column(column)
-    for mode, reply in replies.items():
-        table.add_row(mode, f"{reply.prefill_s:.2f}", f"{reply.decode_tokens_per_s:.1f}", reply.text.strip())
-    console.print(f"[bold]prompt:[/] {config.prompt}")
-    console.print(table)
+    with phase("chat", "chat: held-out prompts answered by the full model, OverFill and the pruned baseline"):
+        questions = [p.text for p in chat_prompts(heldout_prompts)] + ([config.prompt] if config.prompt else [])
+        turns = chat({"full": runs["overfill"].checkpoint, "overfill": runs["overfill"].checkpoint,
+                      "pruned": runs["pruned"].checkpoint}, questions, config.max_new_tokens)
+        print_chat(console, turns)
 
-    seconds = time.perf_counter() - started
     summary = {
-        "config": asdict(config), "nll": nll, "nll_all": nll_all, "gap_closed": None if math.isnan(share) else share,
-        "verdict": verdict(nll, nll_all, share), "seconds": round(seconds, 1),
-        "train": {m: {"steps": r.steps, "examples": r.examples, "seconds": round(r.seconds, 1), "val_loss": r.val_loss}
-                  for m, r in runs.items()},
-        "accuracy": {n: m.get("answers", {}).get("accuracy") for n, m in results["models"].items()},
-        "replies": {m: r.as_dict() for m, r in replies.items()},
+        "config": asdict(config),
+        "data": {"prompts": config.prompts, "families": families, "ended": ended, "cut": cut,
+                 "replies": str(replies_path), "engine": distilled.engine, "generated": distilled.written,
+                 "reused": distilled.already, "heldout": config.heldout},
+        "train": {m: {"steps": r.steps, "examples": r.examples, "seconds": round(r.seconds, 1), "val_loss": r.val_loss,
+                      "s_per_step": round(1 / r.steps_per_s, 2) if r.steps_per_s else None,
+                      "val_first": r.val_losses[0][1] if r.val_losses else None} for m, r in runs.items()},
+        "agreement": agreement, "gap_closed": None if math.isnan(share) else share,
+        "verdict": verdict(agreement, share, config.heldout), "chat": turns, "phases": phases,
+        "seconds": round(time.perf_counter() - started, 1), "validation_png": loss_png.name,
     }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1) + "\n")
-    _write_report(out, summary, results, loss_png)
-    console.print(
-        f"[bold]reply NLL on tokens 2..N[/]: full {nll['full']:.3f}, pruned baseline {nll['pruned']:.3f}, "
-        f"OverFill {nll['overfill']:.3f}, untrained decoder {nll['untrained']:.3f}"
-    )
-    console.print(f"[bold]{summary['verdict']}[/]")
-    console.print(f"report: [bold]{out / 'report.md'}[/]; demo finished in {seconds / 60:.1f} min")
+    write_report(out, summary)
+    print_summary(console, summary)
+    console.print(f"report: [bold]{out / 'report.md'}[/]; demo finished in {summary['seconds'] / 60:.1f} min")
     return summary
-
-
-def _write_report(out: Path, summary: dict, results: dict, loss_png: Path) -> None:
-    rows = []
-    for name, m in results["models"].items():
-        acc = m.get("answers", {}).get("accuracy")
-        rows.append(f"| {name} | {m['mode']} | {m['nll']:.3f} | {m['nll_all']:.3f} | {m['ppl']:.2f} | {m['top1']:.1%} | "
-                    f"{'-' if acc is None else f'{acc:.0%}'} |")
-    cfg = summary["config"]
-    lines = [
-        "# OverFill demo report", "",
-        f"Full model `{cfg['model']}`, decoder pruned at ratio {cfg['ratio']}; both decoders trained for "
-        f"{cfg['steps']} steps x {cfg['batch_size']} examples (lr {cfg['lr']}, cosine) on the bundled arithmetic set; "
-        f"{cfg['heldout']} held-out problems.", "",
-        "| model | mode | reply NLL (tokens 2..N) | whole-reply NLL | PPL (2..N) | top-1 (2..N) | answer accuracy |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |", *rows, "",
-        f"**{summary['verdict']}**", "",
-        "In OverFill the first reply token comes from the full model: tokens 2..N measure the decoder, the whole "
-        "reply what a user gets. The full model here is the frozen, untuned one OverFill prefills with.", "",
-        f"![validation loss]({loss_png.name})", "", "![per-position probability](eval/per_position.png)", "",
-        f"Wall time: {summary['seconds'] / 60:.1f} min.",
-    ]
-    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
