@@ -9,6 +9,7 @@ is what every command calls on its output location before the expensive work sta
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -121,3 +122,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object from one of the record files we write (overfill.json, pruning.json), or one error line with `fix`."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise OverfillError(f"{path} is corrupt ({getattr(err, 'msg', err)}): {fix}") from None
+    if not isinstance(value, dict):
+        raise OverfillError(f"{path} is corrupt (not a JSON object): {fix}")
+    return value

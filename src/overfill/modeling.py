@@ -30,7 +30,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from overfill import arch
-from overfill.atomic import atomic_folder
+from overfill.atomic import atomic_folder, read_json_object
 from overfill.errors import OverfillError
 from overfill.kv_cache import KVCache
 from overfill.tensors import IGNORE, positions_from_mask
@@ -340,17 +340,6 @@ class OverFillModel(nn.Module):
             else:
                 set_decoder_dtype(self.decoder, decoder_dtype)
         return self
-
-
-def read_json_object(path: Path, fix: str) -> dict:
-    """A JSON object from one of our record files (overfill.json, pruning.json), or one error line with `fix`."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise OverfillError(f"{path} is corrupt ({getattr(err, 'msg', err)}): {fix}") from None
-    if not isinstance(value, dict):
-        raise OverfillError(f"{path} is corrupt (not a JSON object): {fix}")
-    return value
 
 
 def read_checkpoint_meta(folder: Path) -> dict:

@@ -16,10 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from overfill.atomic import atomic_write_text
+from overfill.atomic import atomic_write_text, read_json_object
 from overfill.data.prompts import Prompt
 from overfill.errors import OverfillError
-from overfill.modeling import read_json_object
 
 FORMAT = 1
 FIX = "pass --force to start over, or another --out"
