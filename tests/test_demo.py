@@ -117,7 +117,7 @@ def test_demo_end_to_end_on_a_tiny_model_and_its_rerun(tmp_path):
     assert len(replies) == 24
     assert [json.loads(line) for line in open(out / "data" / "train.jsonl", encoding="utf-8")] == replies
     train_config = json.loads((out / "train-overfill" / "train_config.json").read_text())
-    assert train_config["max_target"] == 10 and train_config["loss"] == "ce+kd" and train_config["mode"] == "overfill"
+    assert train_config["max_target"] == 10 and train_config["loss"] == "ce" and train_config["mode"] == "overfill"
     examples = load_examples(out / "data" / "train.jsonl", tokenizer, max_target=train_config["max_target"]).examples
     ended = [e for e in examples if e.target_ids[-1] == EOS]
     cut = [e for e in examples if e.target_ids[-1] != EOS]
