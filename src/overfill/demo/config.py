@@ -21,11 +21,11 @@ class DemoConfig:
     Presets, timed on this project's 2-core CPU in float32 with the bundled SmolLM2-135M and the demo's 0.25
     decoder (report.md's "where the time went" has a run's own split):
 
-    - default (about 20 minutes with vLLM installed, about 28 without): the full model answers 320 training
-      prompts with replies of up to 96 tokens (about 2 minutes on vLLM, 9 on our loop; cached, a rerun reuses
-      them), each decoder trains 80 steps x 8 examples on them with --loss ce (a few seconds a step; the
-      pruned baseline also runs its decoder with gradients over each prompt), 32 held-out prompts are
-      evaluated (about 4.5 minutes), 4 are answered in the chat comparison (about 1);
+    - default (21 minutes measured with vLLM installed, about 28 without): the bundled model is pruned (half a
+      minute), the full model answers 320 training prompts with replies of up to 96 tokens (under 2 minutes on
+      vLLM, 9 on our loop; cached, a rerun reuses them), each decoder trains 80 steps x 8 examples on them with
+      --loss ce (7 and 8 minutes: the pruned baseline also runs its decoder with gradients over each prompt),
+      32 held-out prompts are evaluated (3 minutes), 4 are answered in the chat comparison (1);
     - --quick (about 4 minutes): 32 training prompts, replies of up to 40 tokens, 8 steps x 8, 12 held-out
       prompts. A check that everything runs: its decoders do not yet write sense.
 
