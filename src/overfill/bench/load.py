@@ -1,7 +1,7 @@
 """`overfill bench --engine vllm --load-test`: `overfill serve` under concurrent streaming clients, mode by mode.
 
-For each of --load-modes (default overfill and full), one at a time: start `overfill serve` on
-127.0.0.1 at a free port (prefix caching off, as in the offline bench), wait for /health, drive
+For each of --load-modes (default overfill, full and pruned), one at a time: start `overfill serve` on
+127.0.0.1 at a free port (vLLM's defaults, as users serve it), wait for /health, drive
 it with vLLM's own load client (`vllm bench serve`, module vllm.benchmarks.serve: random
 prompts of exactly --prompt-len tokens, --new-tokens streamed back per request with ignore_eos,
 --load-clients requests in flight at once), then stop the server's whole process group.
@@ -12,7 +12,7 @@ requests takes, and the measured run sends enough waves to last --load-seconds; 
 duration is reported. (guidellm 0.8.1 can stop after a time, but installing it would downgrade
 click and multidict, aiohttp's, and add 19 packages: not adopted.) Reported per mode: output tokens/s, TTFT and ITL (inter-token
 latency) median and p99, TPOT, requests completed and failed with their errors; then the
-OverFill / full ratios. All traffic goes to 127.0.0.1; request count and time are bounded.
+OverFill / full and OverFill / pruned ratios. All traffic goes to 127.0.0.1; request count and time are bounded.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def serve_argv(source: ModelSource, mode: str, port: int, max_model_len: int) ->
              "--max-model-len", str(max_model_len)]
     if source.trust_remote_code:
         argv.append("--trust-remote-code")
-    return argv + ["--", "--no-enable-prefix-caching"]
+    return argv
 
 
 def client_argv(*, port: int, model_name: str, tokenizer: str, prompt_len: int, new_tokens: int, clients: int,
@@ -109,13 +109,15 @@ def summarize_load(raw: dict) -> dict:
 
 
 def load_ratios(rows: dict[str, dict]) -> list[dict]:
-    if "overfill" not in rows or "full" not in rows:
-        return []
+    """OverFill's figures over each plain model's served the same way."""
     found = []
-    for label, key in LOAD_RATIOS:
-        a, b = rows["overfill"].get(key), rows["full"].get(key)
-        if a is not None and b:
-            found.append({"name": f"overfill / full {label}", "metric": key, "value": a / b})
+    for other in ("full", "pruned"):
+        if "overfill" not in rows or other not in rows:
+            continue
+        for label, key in LOAD_RATIOS:
+            a, b = rows["overfill"].get(key), rows[other].get(key)
+            if a is not None and b:
+                found.append({"name": f"overfill / {other} {label}", "metric": key, "value": a / b})
     return found
 
 

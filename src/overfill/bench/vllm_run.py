@@ -3,7 +3,11 @@
 Each mode is served the same way: the folder `overfill.vllm.export.engine_model(source, mode)`
 (the exported OverFill pair, or the full model's / decoder's own folder) in vLLM's offline engine,
 greedy, ignore_eos (exactly max_tokens tokens per row), no detokenisation (our loop does not
-detokenise either), prefix caching off for all and its cache reset before each run. The prompts
+detokenise either). Every engine runs at vLLM's defaults, as users run it: compiled (CPU: one Dynamo
+trace, Inductor; GPU: piecewise CUDA graphs for OverFill, vLLM's own choice for the plain models),
+prefix caching on, its cache emptied before each run so that every run reads its whole prompt.
+With --eager-rows (default) each mode is timed again at the key points with --enforce-eager: extra
+rows labelled "vllm eager", for what compilation buys each model. The prompts
 are those of the torch bench (bench/prompts.py: real text cut to an exact token count in the chat
 template), given to vLLM as token ids, identical for every mode and engine.
 
@@ -166,17 +170,28 @@ def key_ratios(rows: dict[str, dict[str, dict]]) -> list[dict]:
     return found
 
 
+def key_point_plan(config: BenchConfig) -> list[dict]:
+    """The key points alone (what the eager rows time)."""
+    return [p for p in plan_points(config) if p["prompt_len"] == config.prompt_len and p["batch"] in config.key_batches
+            and p["max_tokens"] in (1, config.new_tokens)]
+
+
 def assemble(config: BenchConfig, seconds: dict[str, dict[tuple[int, int, int], list[float]]],
-             torch_rows: dict[int, dict[str, dict]] | None = None) -> dict:
-    """Key points and sweeps from every mode's run times, `seconds[mode][(prompt_len, batch, max_tokens)]`."""
-    def point(mode, prompt_len, batch, n):
-        runs = seconds[mode]
+             torch_rows: dict[int, dict[str, dict]] | None = None,
+             eager_seconds: dict[str, dict[tuple[int, int, int], list[float]]] | None = None) -> dict:
+    """Key points and sweeps from every mode's run times, `seconds[mode][(prompt_len, batch, max_tokens)]`
+    (vLLM at its defaults), with `eager_seconds` (the same engines with --enforce-eager) as extra key-point rows."""
+    def point(mode, prompt_len, batch, n, runs_of=seconds):
+        runs = runs_of[mode]
         return point_summary(prompt_len, batch, n, runs[(prompt_len, batch, 1)], runs[(prompt_len, batch, n)])
 
     modes = list(seconds)
     key_points = []
     for batch in config.key_batches:
         rows = {"vllm": {m: point(m, config.prompt_len, batch, config.new_tokens) for m in modes}}
+        if eager_seconds:
+            rows["vllm eager"] = {m: point(m, config.prompt_len, batch, config.new_tokens, eager_seconds)
+                                  for m in eager_seconds}
         if torch_rows and batch in torch_rows:
             rows["torch"] = torch_rows[batch]
         key_points.append({"prompt_len": config.prompt_len, "batch": batch, "new_tokens": config.new_tokens,
@@ -253,9 +268,15 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
     seconds, workers = time_modes(config, engines, points, rows, max_model_len, out, console, started)
     result["workers"] = workers
+    eager_seconds = None
+    if config.eager_rows:
+        eager_seconds, eager_workers = time_modes(config, engines, key_point_plan(config), rows, max_model_len, out,
+                                                  console, started, eager=True)
+        result["workers"].update({f"{m} eager": w for m, w in eager_workers.items()})
+    samples = {m: s for m, s in seconds.items()} | {f"{m} eager": s for m, s in (eager_seconds or {}).items()}
     result["samples"] = {m: [{"prompt_len": k[0], "batch": k[1], "max_tokens": k[2], "seconds": v} for k, v in s.items()]
-                         for m, s in seconds.items()}
-    result.update(assemble(config, seconds, torch_rows))
+                         for m, s in samples.items()}
+    result.update(assemble(config, seconds, torch_rows, eager_seconds))
 
     if config.load_test:
         from overfill.bench.load import run_load

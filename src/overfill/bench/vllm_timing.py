@@ -4,7 +4,8 @@ Each mode's engine is an `overfill.vllm.worker.EngineWorker` (a process of its o
 core inside it). Round r times every point still owed a repeat (in an order rotated by r), and each
 point in every mode back to back (the mode order rotated too), after a short pause so the engine
 that ran last has let its threads go idle. A run is one generate call on the point's rows: greedy,
-ignore_eos (exactly max_tokens tokens per row), no detokenisation, prefix cache reset before it.
+ignore_eos (exactly max_tokens tokens per row), no detokenisation, prefix cache reset before it (so
+every run reads its whole prompt, while the engine keeps vLLM's default of caching prefixes).
 """
 
 from __future__ import annotations
@@ -38,38 +39,42 @@ PAUSE_S = 0.3  # before each timed run: the engine that ran last has let its thr
 
 
 def time_modes(config: BenchConfig, engines: dict, points: list[dict], rows: dict[str, list[list[int]]],
-               max_model_len: int, out, console, started: float):
+               max_model_len: int, out, console, started: float, *, eager: bool = False):
     """Every mode's engine alive side by side, the points timed round by round, all modes back to back.
 
+    Each engine runs at vLLM's defaults (compiled, prefix caching on: the cache is emptied before each
+    run), as users run it; `eager` adds vLLM's --enforce-eager to every mode (the extra, labelled rows).
     Returns seconds[mode][(prompt_len, batch, max_tokens)] (in round order) and each worker's details.
     """
     from overfill.vllm.worker import EngineWorker
 
     modes = tuple(config.modes)
+    label = "vLLM eager" if eager else "vLLM"
     shapes = list(dict.fromkeys((p["prompt_len"], p["batch"]) for p in points))
     seconds = {m: {_key(p): [] for p in points} for m in modes}
     with ExitStack() as stack:
         workers = {}
         for mode in modes:
-            worker = EngineWorker(engines[mode], out / "logs" / f"vllm_{mode}.log",
-                                  engine={"max_model_len": max_model_len, "enable_prefix_caching": False})
+            worker = EngineWorker(engines[mode], out / "logs" / f"vllm_{mode}{'_eager' if eager else ''}.log",
+                                  engine={"max_model_len": max_model_len, **({"enforce_eager": True} if eager else {})},
+                                  what=f"{label} ({mode})")
             stack.callback(worker.close)
-            with console.status(f"vLLM {mode}: starting") as status:
-                worker.start(lambda text, m=mode: status.update(f"vLLM {m}: {text}"))
+            with console.status(f"{label} {mode}: starting") as status:
+                worker.start(lambda text, m=mode: status.update(f"{label} {m}: {text}"))
                 for i in range(config.warmup):  # the first call on a shape pays one-time costs
                     for prompt_len, batch in shapes:
-                        status.update(f"vLLM {mode}: warm-up {i + 1}/{config.warmup}, prompt {prompt_len} x batch {batch}")
+                        status.update(f"{label} {mode}: warm-up {i + 1}/{config.warmup}, prompt {prompt_len} x batch {batch}")
                         _timed_run(worker, rows[prompt_key(prompt_len, batch)], WARMUP_TOKENS)
             worker.stats(reset=True)
             workers[mode] = worker
-            console.print(f"vLLM {mode} ready: engine start {worker.info['engine_start_s']:.0f} s "
+            console.print(f"{label} {mode} ready: engine start {worker.info['engine_start_s']:.0f} s "
                           f"({time.perf_counter() - started:.0f} s so far)")
         plan = rounds(points)
-        with console.status("vLLM runs") as status:
+        with console.status(f"{label} runs") as status:
             for r, round_points in enumerate(plan):
                 for j, p in enumerate(round_points):
                     for mode in rotated(modes, r + j):
-                        status.update(f"vLLM round {r + 1}/{len(plan)}, run {j + 1}/{len(round_points)}: prompt "
+                        status.update(f"{label} round {r + 1}/{len(plan)}, run {j + 1}/{len(round_points)}: prompt "
                                       f"{p['prompt_len']} x batch {p['batch']}, {p['max_tokens']} tokens, {mode}")
                         time.sleep(PAUSE_S)
                         ids = rows[prompt_key(p["prompt_len"], p["batch"])]
@@ -78,7 +83,7 @@ def time_modes(config: BenchConfig, engines: dict, points: list[dict], rows: dic
         for mode, worker in workers.items():
             details[mode] = {**worker.info, "overfill_stats": worker.stats()}
             check_worker({**details[mode], "points": [{**p, "seconds": seconds[mode][_key(p)]} for p in points]}, points)
-    console.print(f"vLLM modes timed, interleaved ({time.perf_counter() - started:.0f} s so far)")
+    console.print(f"{label}: modes timed, interleaved ({time.perf_counter() - started:.0f} s so far)")
     return seconds, details
 
 

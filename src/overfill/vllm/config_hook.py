@@ -1,12 +1,21 @@
 """Per-architecture config hook: vLLM calls MODELS_CONFIG_MAP[arch].verify_and_update_config(vllm_config)
 from VllmConfig.__post_init__ (vllm/config/vllm.py:try_verify_and_update_config), in the process that
-builds the config, before the enforce_eager / compilation decisions; the config is then shipped to
-the engine core and workers. register() adds OverFill's entry, so users pass no extra arguments.
+builds the config, before its compilation defaults are filled in; the config is then shipped to the
+engine core and workers. register() adds OverFill's entry, so users pass no extra arguments.
+
+What OverFill changes, and only where it must (everything else is the user's and vLLM's defaults):
+  * its batch tracker, a no-op logits processor (tracker.py), on the V1 model runner;
+  * with prefix caching on, its scheduler (prefix_cache.py), so that a cache block holding the
+    decoder's KV is never served to a later prompt as if the full model had computed it;
+  * on CUDA, piecewise graph capture instead of whole-model capture (model.py says why).
 """
 
+from vllm.config import CUDAGraphMode
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.platforms import current_platform
 
+from overfill.vllm.prefix_cache import SCHEDULER_FQCN
 from overfill.vllm.tracker import TRACKER_FQCN
 
 logger = init_logger(__name__)
@@ -17,20 +26,24 @@ class OverFillConfigHook(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config) -> None:
         model_config = vllm_config.model_config
         if vllm_config.speculative_config is not None:
-            raise ValueError("OverFill: speculative decoding is not supported")
-        if not model_config.enforce_eager:
-            # The forward pass branches on which tokens are prompt tokens: a captured graph would
-            # freeze the branch of its dummy batch (all prompt -> full model) for every replay.
-            logger.warning("OverFill: forcing enforce_eager (no torch.compile / CUDA graphs yet)")
-            model_config.enforce_eager = True
-        cache_config = vllm_config.cache_config
+            raise ValueError("OverFill: vLLM's speculative decoding is not supported on an OverFill model "
+                             "(serve the full model with the decoder as its draft instead)")
+        cache_config, scheduler_config = vllm_config.cache_config, vllm_config.scheduler_config
         if cache_config.enable_prefix_caching:
-            # vLLM hashes cache blocks by their tokens alone, and caches the blocks of generated tokens
-            # too. Those hold the decoder's keys and values: a later prompt that repeats a reply (the
-            # next chat turn) would reuse them where OverFill prefills with the full model, so the
-            # answer would depend on what happened to be cached.
-            logger.info("OverFill: prefix caching is off (cached reply blocks hold the decoder's KV, not the full model's)")
-            cache_config.enable_prefix_caching = False
+            if scheduler_config.scheduler_cls in (None, SCHEDULER_FQCN):
+                scheduler_config.scheduler_cls = SCHEDULER_FQCN
+            else:
+                logger.warning("OverFill: prefix caching is off: it needs OverFill's scheduler, and "
+                               "--scheduler-cls %s is set", scheduler_config.scheduler_cls)
+                cache_config.enable_prefix_caching = False
+        compilation = vllm_config.compilation_config
+        if current_platform.is_cuda_alike() and not model_config.enforce_eager:
+            mode = compilation.cudagraph_mode
+            if mode is None or mode.has_full_cudagraphs():
+                if mode is not None:
+                    logger.warning("OverFill: cudagraph_mode %s -> PIECEWISE (a whole-model graph would "
+                                   "freeze one stage routing into every replay)", mode.name)
+                compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
         if not vllm_config.use_v2_model_runner:
             procs = list(model_config.logits_processors or [])
             if TRACKER_FQCN not in procs:

@@ -4,14 +4,28 @@ Per layer there is ONE vLLM `Attention` (one KV-cache slot per layer), fed by th
 q/k/v projections for prompt tokens and by the decoder's for generated tokens; its output goes
 back through the matching o_proj. Everything else (norms, MLPs, embeddings, final norm, LM head)
 exists twice, at the two widths. Both stages share the rotary embedding (same head_dim / rope).
-
 Which stage a token uses: tracker.py (positions < prompt length of its request).
+
+A step takes one of three routes, chosen on the host before any layer runs:
+  * full:    every token is a prompt token (a prefill step)         -> `FullStage`, compiled
+  * decoder: every token is a generated one (a decode step)         -> `DecoderStage`, compiled
+  * mixed:   both kinds (a prompt chunk beside decoding requests, or a preempted request
+             recomputing prompt + reply)                            -> both stages' layers, eager,
+             each on its own rows, sharing each layer's attention call
+Each stage is its own `@support_torch_compile` class, as vLLM's drafters are separate compiled
+modules: a compiled graph holds no branch on which tokens are whose, so the route cannot live
+inside one. The two stages have different `forward` functions because vLLM keys its compile cache
+on forward's qualified name. On CUDA, vLLM's whole-model graph capture would freeze the route of
+its capture batch into every replay, so config_hook.py keeps capture piecewise (per stage).
 
 The hidden states returned to the model runner have width max(D_full, D_dec) + 1: a full-model
 row is [norm_full(h), 0..., 0], a decoder row [norm_dec(h), 0..., 1]. The runner gathers the rows
 it samples from (logits_indices, prompt-logprob rows, ...) and calls compute_logits, which reads the
 last column to pick the LM head of each row: the first reply token comes from the full model's
 head (its row is the last prompt token), every later token from the decoder's.
+
+Architectures: Llama, Mistral, Qwen2 and Qwen3 differ only in ARCH_TRAITS (biases, per-head q/k
+norms); sliding windows come per layer from `layer_types`, else from vLLM's cache config (Mistral).
 
 Weights: full model's names as in its HF checkpoint ("model.layers.0.self_attn.q_proj.weight",
 "lm_head.weight"); decoder's the same with a "decoder." prefix. See export.py.
@@ -20,11 +34,14 @@ Weights: full model's names as in its HF checkpoint ("model.layers.0.self_attn.q
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context, is_forward_context_available, set_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -48,47 +65,154 @@ STACKED = (
 )
 
 
-class StageLayer(nn.Module):
-    """One transformer layer's weights of one stage; the attention kernel itself is shared."""
+@dataclass(frozen=True)
+class ArchTraits:
+    """What sets one family's layer apart from Llama's (as vLLM's own llama/qwen2/qwen3 files read them)."""
 
-    def __init__(self, config, hidden: int, intermediate: int, eps: float, quant_config, prefix: str):
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool  # RMSNorm over each head's q and k before rotary (over head_dim: width pruning keeps it)
+
+
+def arch_traits(config) -> ArchTraits:
+    model_type = getattr(config, "model_type", "llama")
+    if model_type == "qwen2":
+        return ArchTraits(qkv_bias=True, o_bias=False, qk_norm=False)
+    if model_type == "qwen3":
+        return ArchTraits(qkv_bias=bool(getattr(config, "attention_bias", False)), o_bias=False, qk_norm=True)
+    bias = bool(getattr(config, "attention_bias", False))  # llama, mistral
+    return ArchTraits(qkv_bias=bias, o_bias=bias, qk_norm=False)
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """One stage's widths: the full model's, or the decoder's from config.json's "overfill" section."""
+
+    hidden: int
+    intermediate: int
+    eps: float
+    tie: bool
+
+
+class StageLayer(nn.Module):
+    """One transformer layer's weights of one stage, in two halves around the shared attention kernel."""
+
+    def __init__(self, config, shape: StageShape, traits: ArchTraits, quant_config, prefix: str):
         super().__init__()
-        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        bias = getattr(config, "attention_bias", False)
-        self.input_layernorm = RMSNorm(hidden, eps=eps)
-        self.qkv_proj = QKVParallelLinear(hidden, head_dim, heads, kv_heads, bias=bias, quant_config=quant_config,
-                                          prefix=f"{prefix}.qkv_proj")
-        self.o_proj = RowParallelLinear(heads * head_dim, hidden, bias=bias, quant_config=quant_config,
+        tp = get_tensor_model_parallel_world_size()
+        heads, kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        q_size, kv_size = heads // tp * self.head_dim, max(1, kv_heads // tp) * self.head_dim
+        self.split = [q_size, kv_size, kv_size]
+        self.input_layernorm = RMSNorm(shape.hidden, eps=shape.eps)
+        self.qkv_proj = QKVParallelLinear(shape.hidden, self.head_dim, heads, kv_heads, bias=traits.qkv_bias,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.qk_norm = traits.qk_norm
+        if traits.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=shape.eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=shape.eps)
+        self.o_proj = RowParallelLinear(heads * self.head_dim, shape.hidden, bias=traits.o_bias, quant_config=quant_config,
                                         prefix=f"{prefix}.o_proj")
-        self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
-        self.mlp = LlamaMLP(hidden, intermediate, config.hidden_act, quant_config=quant_config,
+        self.post_attention_layernorm = RMSNorm(shape.hidden, eps=shape.eps)
+        self.mlp = LlamaMLP(shape.hidden, shape.intermediate, config.hidden_act, quant_config=quant_config,
                             bias=getattr(config, "mlp_bias", False), prefix=f"{prefix}.mlp")
+
+    def attention_input(self, h, residual, positions, rotary_emb):
+        """[n, D] stream -> q [n, H*hd], k, v [n, KV*hd] with rotary applied, and the residual."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        q, k, v = self.qkv_proj(x)[0].split(self.split, dim=-1)
+        if self.qk_norm:
+            q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        q, k = rotary_emb(positions, q, k)
+        return q, k, v, residual
+
+    def attention_output(self, out, residual):
+        """Attention output [n, H*hd] -> the layer's output stream [n, D] and the residual."""
+        h, residual = self.post_attention_layernorm(self.o_proj(out)[0], residual)
+        return self.mlp(h), residual
+
+
+class SharedAttention(nn.Module):
+    """What both stages use: one Attention (one KV-cache slot) per layer and the rotary embedding."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        tp = get_tensor_model_parallel_world_size()
+        self.rotary_emb = get_rope(config.head_dim, max_position=getattr(config, "max_position_embeddings", 8192),
+                                   rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
+        layer_types = getattr(config, "layer_types", None)
+        self.attn = nn.ModuleList(
+            Attention(config.num_attention_heads // tp, config.head_dim, config.head_dim ** -0.5,
+                      num_kv_heads=max(1, config.num_key_value_heads // tp), cache_config=vllm_config.cache_config,
+                      quant_config=vllm_config.quant_config,
+                      # None falls back to the cache config's window (one window for all layers, e.g. Mistral)
+                      per_layer_sliding_window=(config.sliding_window if layer_types
+                                                and layer_types[i] == "sliding_attention" else None),
+                      prefix=maybe_prefix(prefix, f"model.layers.{i}.self_attn.attn"))
+            for i in range(config.num_hidden_layers)
+        )
 
 
 class Stage(nn.Module):
     """Embedding, layers, final norm and LM head of one model (full or decoder)."""
 
-    def __init__(self, config, hidden: int, intermediate: int, eps: float, tie: bool, quant_config, prefix: str):
+    is_decoder = False
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", shape: StageShape, shared: SharedAttention,
+                 out_width: int):
         super().__init__()
-        self.hidden = hidden
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, quant_config=quant_config,
+        config = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
+        self.hidden, self.out_width = shape.hidden, out_width
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, shape.hidden, quant_config=quant_config,
                                                    prefix=f"{prefix}.embed_tokens")
+        traits = arch_traits(config)
         self.layers = nn.ModuleList(
-            StageLayer(config, hidden, intermediate, eps, quant_config, f"{prefix}.layers.{i}")
-            for i in range(config.num_hidden_layers)
+            StageLayer(config, shape, traits, quant_config, f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hidden, eps=eps)
-        self.lm_head = ParallelLMHead(config.vocab_size, hidden, quant_config=quant_config,
-                                      prefix=f"{prefix}.lm_head")
-        if tie:
+        self.norm = RMSNorm(shape.hidden, eps=shape.eps)
+        self.lm_head = ParallelLMHead(config.vocab_size, shape.hidden, quant_config=quant_config, prefix=f"{prefix}.lm_head")
+        if shape.tie:
             self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
+        self.__dict__["shared"] = shared  # not a submodule: the OverFill model owns it (once)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """All tokens through this stage: [N] -> marked hidden states [N, out_width]."""
+        h, residual = self.embed_tokens(input_ids), None
+        for layer, attn in zip(self.layers, self.shared.attn):
+            q, k, v, residual = layer.attention_input(h, residual, positions, self.shared.rotary_emb)
+            h, residual = layer.attention_output(attn(q, k, v), residual)
+        normed, _ = self.norm(h, residual)
+        return self.mark(normed)
+
+    def mark(self, normed: torch.Tensor) -> torch.Tensor:
+        """[n, D] -> [n, out_width]: zero-padded, last column 1 for decoder rows (compute_logits reads it)."""
+        marked = nn.functional.pad(normed, (0, self.out_width - self.hidden))
+        marked[:, -1] = float(self.is_decoder)
+        return marked
 
 
-def _qkv_sizes(config) -> tuple[int, int]:
-    tp = get_tensor_model_parallel_world_size()
-    q = config.num_attention_heads // tp * config.head_dim
-    kv = max(1, config.num_key_value_heads // tp) * config.head_dim
-    return q, kv
+# Both inputs are [num_tokens]: the one dimension that varies between steps.
+STEP_DIMS = {"input_ids": 0, "positions": 0}
+WARMUP_TOKENS = 8  # any size above 1 traces a graph for every size
+
+
+@support_torch_compile(dynamic_arg_dims=STEP_DIMS)
+class FullStage(Stage):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.run(input_ids, positions)
+
+
+@support_torch_compile(dynamic_arg_dims=STEP_DIMS)
+class DecoderStage(Stage):
+    is_decoder = True
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.run(input_ids, positions)
 
 
 def _full_model_ties(vllm_config: VllmConfig) -> bool:
@@ -115,7 +239,6 @@ class OverFillForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        quant_config = vllm_config.quant_config
         if get_pp_group().world_size > 1:
             raise NotImplementedError("OverFill: pipeline parallelism is not supported")
         meta = getattr(config, "overfill", None)
@@ -124,30 +247,24 @@ class OverFillForCausalLM(nn.Module):
         dec = meta["decoder"]
         if not getattr(config, "head_dim", None):
             config.head_dim = config.hidden_size // config.num_attention_heads
-        self.config = config
+        self.config, self.vllm_config = config, vllm_config
         self.uses_model_state = bool(getattr(vllm_config, "use_v2_model_runner", False))
         if not self.uses_model_state and not tracker.MIRROR.installed:
             raise RuntimeError("OverFill on vLLM's V1 model runner needs its batch tracker: pass "
                                f"logits_processors=['{tracker.TRACKER_FQCN}'] (CLI: --logits-processors "
                                f"{tracker.TRACKER_FQCN})")
         eps = config.rms_norm_eps
-        self.full = Stage(config, config.hidden_size, config.intermediate_size, eps, _full_model_ties(vllm_config),
-                          quant_config, maybe_prefix(prefix, "full"))
-        self.decoder = Stage(config, dec["hidden_size"], dec["intermediate_size"], dec.get("rms_norm_eps") or eps,
-                             bool(dec.get("tie_word_embeddings", False)), quant_config,
-                             maybe_prefix(prefix, "decoder"))
-        self.q_size, self.kv_size = _qkv_sizes(config)
-        tp = get_tensor_model_parallel_world_size()
-        self.rotary_emb = get_rope(config.head_dim, max_position=getattr(config, "max_position_embeddings", 8192),
-                                   rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
-        self.attn = nn.ModuleList(
-            Attention(config.num_attention_heads // tp, config.head_dim, config.head_dim ** -0.5,
-                      num_kv_heads=max(1, config.num_key_value_heads // tp), cache_config=vllm_config.cache_config,
-                      quant_config=quant_config, prefix=maybe_prefix(prefix, f"model.layers.{i}.self_attn.attn"))
-            for i in range(config.num_hidden_layers)
-        )
-        self.out_width = max(self.full.hidden, self.decoder.hidden) + 1
+        full_shape = StageShape(config.hidden_size, config.intermediate_size, eps, _full_model_ties(vllm_config))
+        decoder_shape = StageShape(dec["hidden_size"], dec["intermediate_size"], dec.get("rms_norm_eps") or eps,
+                                   bool(dec.get("tie_word_embeddings", False)))
+        self.out_width = max(full_shape.hidden, decoder_shape.hidden) + 1
+        self.shared = SharedAttention(vllm_config, prefix)
+        self.full = FullStage(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "full"), shape=full_shape,
+                              shared=self.shared, out_width=self.out_width)
+        self.decoder = DecoderStage(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "decoder"), shape=decoder_shape,
+                                    shared=self.shared, out_width=self.out_width)
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
+        self.compiled_both = False  # both stages traced on a batch of more than one token (see _compile_both)
         # Counters for tests: tokens run through each stage so far (this process).
         self.stats = {"full_tokens": 0, "decoder_tokens": 0, "steps": 0, "mixed_steps": 0}
 
@@ -165,70 +282,55 @@ class OverFillForCausalLM(nn.Module):
                 overfill_is_prompt: torch.Tensor | None = None, **_unused) -> torch.Tensor:
         if input_ids is None:
             raise NotImplementedError("OverFill: inputs_embeds (multimodal / prompt embeds) are not supported")
+        if is_forward_context_available() and not get_forward_context().attn_metadata:
+            # A profile / warm-up run: nothing is cached and nothing sampled. Run (and so compile)
+            # both stages now, at engine start, rather than the decoder on the first request.
+            self.decoder(input_ids, positions)
+            self.compiled_both = input_ids.shape[0] > 1
+            return self.full(input_ids, positions)
+        if not self.compiled_both:
+            self._compile_both(input_ids.device)
         is_prompt = overfill_is_prompt if overfill_is_prompt is not None else tracker.prompt_mask_from_context(positions)
-        n = input_ids.shape[0]
-        idx_f = is_prompt.nonzero().squeeze(1)
-        n_f = idx_f.numel()
-        if n_f == n:
-            idx_f, idx_d = None, idx_f[:0]  # all full
-        elif n_f == 0:
-            idx_f, idx_d = idx_f, None  # all decoder
-        else:
-            idx_d = (~is_prompt).nonzero().squeeze(1)
+        n, n_full = input_ids.shape[0], int(is_prompt.sum())  # one host sync: the route is a host decision
         self.stats["steps"] += 1
-        self.stats["full_tokens"] += n_f
-        self.stats["decoder_tokens"] += n - n_f
-        self.stats["mixed_steps"] += int(0 < n_f < n)
-        return self._run(input_ids, positions, idx_f, idx_d)
+        self.stats["full_tokens"] += n_full
+        self.stats["decoder_tokens"] += n - n_full
+        if n_full == n:
+            return self.full(input_ids, positions)
+        if n_full == 0:
+            return self.decoder(input_ids, positions)
+        self.stats["mixed_steps"] += 1
+        return self._mixed(input_ids, positions, is_prompt)
 
-    @staticmethod
-    def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        return x if idx is None else x.index_select(0, idx)
+    def _compile_both(self, device) -> None:
+        """Trace both stages on a dummy batch of several tokens, where vLLM started serving without a
+        warm-up run (VLLM_CPU_CI_ENV skips it). vLLM compiles a stage on its first call and keeps that
+        graph for every later size; Dynamo specialises a size of 1, so a decoder first called by a decode
+        step at batch 1 would keep a graph for one row. With no attention metadata, no KV is written."""
+        ids = torch.zeros(WARMUP_TOKENS, dtype=torch.long, device=device)
+        with set_forward_context(None, self.vllm_config):
+            self.full(ids, ids)
+            self.decoder(ids, ids)
+        self.compiled_both = True
 
-    def _run(self, input_ids, positions, idx_f, idx_d) -> torch.Tensor:
-        """idx_f / idx_d: token indices of each stage; None means "all tokens", an empty tensor "none"."""
+    def _mixed(self, input_ids, positions, is_prompt) -> torch.Tensor:
+        """Each stage on its own rows; per layer, one attention call over all rows (eager: the row split is data)."""
+        rows = [is_prompt.nonzero().squeeze(1), (~is_prompt).nonzero().squeeze(1)]  # [n_full], [n_dec]
+        stages = [self.full, self.decoder]
+        streams = [[stage.embed_tokens(input_ids[r]), None] for stage, r in zip(stages, rows)]  # [h, residual]
+        pos = [positions[r] for r in rows]
         n = input_ids.shape[0]
-        stages = [(self.full, idx_f), (self.decoder, idx_d)]
-        active = [(s, idx) for s, idx in stages if idx is None or idx.numel() > 0]
-        streams = [[s.embed_tokens(self._take(input_ids, idx)), None] for s, idx in active]  # [hidden, residual]
-        qkv_width = self.q_size + 2 * self.kv_size
-        for i, attn in enumerate(self.attn):
-            parts = []
-            for (stage, idx), st in zip(active, streams):
-                layer = stage.layers[i]
-                if st[1] is None:
-                    st[1] = st[0]
-                    x = layer.input_layernorm(st[0])
-                else:
-                    x, st[1] = layer.input_layernorm(st[0], st[1])
-                parts.append(layer.qkv_proj(x)[0])
-            if len(active) == 1:
-                qkv = parts[0]
-            else:
-                qkv = parts[0].new_empty(n, qkv_width)
-                for (_, idx), part in zip(active, parts):
-                    qkv.index_copy_(0, idx, part)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q, k = self.rotary_emb(positions, q, k)
+        for i, attn in enumerate(self.shared.attn):
+            qkv = [stage.layers[i].attention_input(st[0], st[1], p, self.shared.rotary_emb)
+                   for stage, st, p in zip(stages, streams, pos)]
+            q, k, v = (torch.empty(n, *x.shape[1:], dtype=x.dtype, device=x.device).index_copy_(0, rows[0], x)
+                       .index_copy_(0, rows[1], y) for x, y in zip(qkv[0][:3], qkv[1][:3]))
             out = attn(q, k, v)
-            for (stage, idx), st in zip(active, streams):
-                layer = stage.layers[i]
-                h = layer.o_proj(out if len(active) == 1 else out.index_select(0, idx))[0]
-                h, st[1] = layer.post_attention_layernorm(h, st[1])
-                st[0] = layer.mlp(h)
-        hidden = streams[0][0].new_zeros(n, self.out_width)
-        for (stage, idx), st in zip(active, streams):
-            normed, _ = stage.norm(st[0], st[1])
-            if idx is None:
-                hidden[:, : stage.hidden] = normed
-                if stage is self.decoder:
-                    hidden[:, -1] = 1
-            else:
-                block = normed.new_zeros(idx.numel(), self.out_width)
-                block[:, : stage.hidden] = normed
-                if stage is self.decoder:
-                    block[:, -1] = 1
-                hidden.index_copy_(0, idx, block)
+            for stage, st, r, part in zip(stages, streams, rows, qkv):
+                st[0], st[1] = stage.layers[i].attention_output(out[r], part[3])
+        hidden = streams[0][0].new_empty(n, self.out_width)
+        for stage, st, r in zip(stages, streams, rows):
+            hidden.index_copy_(0, r, stage.mark(stage.norm(st[0], st[1])[0]))
         return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -265,7 +367,6 @@ class OverFillForCausalLM(nn.Module):
                 target = f"{stage}.{hf_name}"
             else:
                 raise ValueError(f"OverFill: unexpected weight {name}")
-            target = target.replace(".self_attn.o_proj.", ".o_proj.")
             for old, new, shard in STACKED:
                 if old in target:
                     target = target.replace(old, new)
@@ -273,6 +374,7 @@ class OverFillForCausalLM(nn.Module):
                     param.weight_loader(param, tensor, shard)
                     break
             else:
+                target = target.replace(".self_attn.", ".")  # o_proj, q_norm, k_norm sit on the stage's layer
                 param = params[target]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)

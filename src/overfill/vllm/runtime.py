@@ -65,15 +65,15 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def engine_args(model: EngineModel, *, max_model_len: int | None = None) -> dict:
-    """Keyword arguments for vLLM's engine (offline `LLM(**args)`), the same the server gets as flags."""
+    """Keyword arguments for vLLM's engine (offline `LLM(**args)`), the same the server gets as flags.
+
+    Only what names the model: compilation, prefix caching and every other setting stay at vLLM's
+    defaults, for OverFill and for the plain models it is compared with alike."""
     args = {
         "model": str(model.path),
         "tokenizer": str(model.path),
         "served_model_name": model.name,
         "dtype": model.dtype,
-        # OverFill's forward pass branches on which tokens are prompt tokens (see overfill.vllm.model);
-        # the plugin forces eager mode for it, and the baselines are run the same way for a fair comparison.
-        "enforce_eager": True,
         "trust_remote_code": model.trust_remote_code,
     }
     if max_model_len is not None:
