@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.overfill-installed
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast test-heavy
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,3 +29,7 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# What `make test` leaves out for time (see the `heavy` marker in pyproject.toml): a few minutes more.
+test-heavy: setup
+	$(PY) -m pytest -q -m heavy

@@ -289,7 +289,7 @@ class OverFillForCausalLM(nn.Module):
             self.compiled_both = input_ids.shape[0] > 1
             return self.full(input_ids, positions)
         if not self.compiled_both:
-            self._compile_both(input_ids.device)
+            self._compile_both(input_ids, positions)
         is_prompt = overfill_is_prompt if overfill_is_prompt is not None else tracker.prompt_mask_from_context(positions)
         n, n_full = input_ids.shape[0], int(is_prompt.sum())  # one host sync: the route is a host decision
         self.stats["steps"] += 1
@@ -302,15 +302,16 @@ class OverFillForCausalLM(nn.Module):
         self.stats["mixed_steps"] += 1
         return self._mixed(input_ids, positions, is_prompt)
 
-    def _compile_both(self, device) -> None:
+    def _compile_both(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
         """Trace both stages on a dummy batch of several tokens, where vLLM started serving without a
         warm-up run (VLLM_CPU_CI_ENV skips it). vLLM compiles a stage on its first call and keeps that
-        graph for every later size; Dynamo specialises a size of 1, so a decoder first called by a decode
-        step at batch 1 would keep a graph for one row. With no attention metadata, no KV is written."""
-        ids = torch.zeros(WARMUP_TOKENS, dtype=torch.long, device=device)
+        graph, without guards, for every later call: Dynamo specialises a size of 1, so a decoder first
+        called by a decode step at batch 1 would keep a graph for one row; and the dummy inputs must have
+        the real ones' dtypes (vLLM's token ids are int32). With no attention metadata, no KV is written."""
+        ids, pos = input_ids.new_zeros(WARMUP_TOKENS), positions.new_zeros(WARMUP_TOKENS)
         with set_forward_context(None, self.vllm_config):
-            self.full(ids, ids)
-            self.decoder(ids, ids)
+            self.full(ids, pos)
+            self.decoder(ids, pos)
         self.compiled_both = True
 
     def _mixed(self, input_ids, positions, is_prompt) -> torch.Tensor:
