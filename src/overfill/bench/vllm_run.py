@@ -7,7 +7,10 @@ detokenise either). Every engine runs at vLLM's defaults, as users run it: compi
 trace, Inductor; GPU: piecewise CUDA graphs for OverFill, vLLM's own choice for the plain models),
 prefix caching on, its cache emptied before each run so that every run reads its whole prompt.
 With --eager-rows (default) each mode is timed again at the key points with --enforce-eager: extra
-rows labelled "vllm eager", for what compilation buys each model. The prompts
+rows labelled "vllm eager", for what compilation buys each model. With --speculative-tokens K,...
+the plain full model is timed at the key points beside vLLM's own draft-model speculative decoding
+(the pruned decoder drafting K tokens, the full model verifying them; the output is the full model's
+own): rows labelled "vllm speculative", with vLLM's acceptance rate and tokens per target pass. The prompts
 are those of the torch bench (bench/prompts.py: real text cut to an exact token count in the chat
 template), given to vLLM as token ids, identical for every mode and engine.
 
@@ -46,7 +49,7 @@ from dataclasses import asdict
 from overfill.atomic import check_writable
 from overfill.bench.config import BenchConfig
 from overfill.bench.prompts import PromptSource
-from overfill.bench.vllm_timing import prompt_key, time_modes
+from overfill.bench.vllm_timing import prompt_key, time_lanes
 from overfill.errors import OverfillError
 
 METRICS = ("prefill_s", "decode_s", "e2e_s", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s")
@@ -60,6 +63,7 @@ RATIOS = (
     ("overfill decode tok/s / pruned", "overfill", "pruned", "decode_tokens_per_s"),
     ("overfill prefill / full prefill", "overfill", "full", "prefill_s"),
     ("pruned prefill / full prefill", "pruned", "full", "prefill_s"),
+    ("pruned decode tok/s / full", "pruned", "full", "decode_tokens_per_s"),
 )
 SWEEP_RATIOS = (("overfill / pruned", "overfill", "pruned"), ("overfill / full", "overfill", "full"))
 
@@ -162,6 +166,12 @@ def key_ratios(rows: dict[str, dict[str, dict]]) -> list[dict]:
             r = ratio(modes.get(a), modes.get(b), metric)
             if r:
                 found.append({"engine": engine, "name": name, "a": a, "b": b, "metric": metric, **r})
+        for lane in (m for m in modes if m.startswith("draft k=")):  # vLLM's speculative decoding, against its target
+            for what, metric in (("decode tok/s", "decode_tokens_per_s"), ("end-to-end", "e2e_s")):
+                r = ratio(modes[lane], modes.get("full"), metric)
+                if r:
+                    found.append({"engine": engine, "name": f"{lane} {what} / full", "a": lane, "b": "full",
+                                  "metric": metric, **r})
     for mode in rows.get("vllm", {}):
         r = ratio(rows.get("torch", {}).get(mode), rows["vllm"][mode], "e2e_s")
         if r:
@@ -178,9 +188,12 @@ def key_point_plan(config: BenchConfig) -> list[dict]:
 
 def assemble(config: BenchConfig, seconds: dict[str, dict[tuple[int, int, int], list[float]]],
              torch_rows: dict[int, dict[str, dict]] | None = None,
-             eager_seconds: dict[str, dict[tuple[int, int, int], list[float]]] | None = None) -> dict:
+             extra: dict[str, dict[str, dict[tuple[int, int, int], list[float]]]] | None = None,
+             speculation: dict[str, dict] | None = None) -> dict:
     """Key points and sweeps from every mode's run times, `seconds[mode][(prompt_len, batch, max_tokens)]`
-    (vLLM at its defaults), with `eager_seconds` (the same engines with --enforce-eager) as extra key-point rows."""
+    (vLLM at its defaults). `extra[engine]` holds further lanes timed at the key points only, each phase
+    side by side within itself ("vllm eager": the modes with --enforce-eager; "vllm speculative": the full
+    model beside vLLM's draft-model speculative decoding); `speculation[lane]` their acceptance counters."""
     def point(mode, prompt_len, batch, n, runs_of=seconds):
         runs = runs_of[mode]
         return point_summary(prompt_len, batch, n, runs[(prompt_len, batch, 1)], runs[(prompt_len, batch, n)])
@@ -189,11 +202,12 @@ def assemble(config: BenchConfig, seconds: dict[str, dict[tuple[int, int, int], 
     key_points = []
     for batch in config.key_batches:
         rows = {"vllm": {m: point(m, config.prompt_len, batch, config.new_tokens) for m in modes}}
-        if eager_seconds:
-            rows["vllm eager"] = {m: point(m, config.prompt_len, batch, config.new_tokens, eager_seconds)
-                                  for m in eager_seconds}
+        for engine, lanes in (extra or {}).items():
+            rows[engine] = {n: point(n, config.prompt_len, batch, config.new_tokens, lanes) for n in lanes}
         if torch_rows and batch in torch_rows:
             rows["torch"] = torch_rows[batch]
+        for name, counters in (speculation or {}).items():
+            rows["vllm speculative"][name]["speculation"] = counters
         key_points.append({"prompt_len": config.prompt_len, "batch": batch, "new_tokens": config.new_tokens,
                            "rows": rows, "ratios": key_ratios(rows)})
     sweeps = {}
@@ -236,7 +250,8 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
         max_model_len = max(max_model_len, load_context(config))  # checked now, not after the offline runs
     started = time.perf_counter()
-    served = dict.fromkeys((*config.modes, *(config.load_modes if config.load_test else ())))
+    served = dict.fromkeys((*config.modes, *(config.load_modes if config.load_test else ()),
+                            *(("full", "pruned") if config.speculative_tokens else ())))
     with console.status("building the folders vLLM loads"):
         engines = {mode: engine_model(config, mode) for mode in served}
     _check_context(engines, max_model_len)
@@ -266,17 +281,22 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
         console.print(f"our PyTorch loop timed at batch {', '.join(map(str, config.key_batches))} "
                       f"({time.perf_counter() - started:.0f} s)")
 
-    seconds, workers = time_modes(config, engines, points, rows, max_model_len, out, console, started)
-    result["workers"] = workers
-    eager_seconds = None
-    if config.eager_rows:
-        eager_seconds, eager_workers = time_modes(config, engines, key_point_plan(config), rows, max_model_len, out,
-                                                  console, started, eager=True)
-        result["workers"].update({f"{m} eager": w for m, w in eager_workers.items()})
-    samples = {m: s for m, s in seconds.items()} | {f"{m} eager": s for m, s in (eager_seconds or {}).items()}
+    seconds, workers = time_lanes(config, {m: (engines[m], {}) for m in config.modes}, points, rows, max_model_len,
+                                  out, console, started)
+    result["workers"] = dict(workers)
+    samples, extra, speculation = dict(seconds), {}, {}
+    for engine, lanes in extra_lanes(config, engines).items():
+        lane_seconds, lane_workers = time_lanes(config, lanes, key_point_plan(config), rows, max_model_len, out,
+                                                console, started, label=engine.replace("vllm", "vLLM"))
+        extra[engine] = lane_seconds
+        for name, worker in lane_workers.items():
+            result["workers"][f"{engine}: {name}"] = worker
+            samples[f"{engine}: {name}"] = lane_seconds[name]
+            if worker.get("speculation"):
+                speculation[name] = worker["speculation"]
     result["samples"] = {m: [{"prompt_len": k[0], "batch": k[1], "max_tokens": k[2], "seconds": v} for k, v in s.items()]
                          for m, s in samples.items()}
-    result.update(assemble(config, seconds, torch_rows, eager_seconds))
+    result.update(assemble(config, seconds, torch_rows, extra, speculation))
 
     if config.load_test:
         from overfill.bench.load import run_load
@@ -289,6 +309,23 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     from overfill.bench.run import publish
 
     return publish(result, out, console, write_vllm_plots, print_vllm_bench)
+
+
+def extra_lanes(config: BenchConfig, engines: dict) -> dict[str, dict[str, tuple]]:
+    """The key-point-only phases after the main one: engine label -> lane -> (EngineModel, vLLM settings)."""
+    phases = {}
+    if config.eager_rows:
+        phases["vllm eager"] = {m: (engines[m], {"enforce_eager": True}) for m in config.modes}
+    if config.speculative_tokens:
+        # vLLM's own draft-model speculative decoding: the plain full model verifies, the pruned decoder
+        # (a model of its own, with its own KV cache) drafts; the full model alone beside it for the ratio.
+        draft = str(engines["pruned"].path)
+        phases["vllm speculative"] = {"full": (engines["full"], {}), **{
+            f"draft k={k}": (engines["full"], {"speculative_config": {"method": "draft_model", "model": draft,
+                                                                      "num_speculative_tokens": k},
+                                                "disable_log_stats": False})  # its acceptance counters
+            for k in config.speculative_tokens}}
+    return phases
 
 
 def _check_context(engines: dict, max_model_len: int) -> None:

@@ -1,6 +1,6 @@
-"""The vLLM side of `overfill bench --engine vllm`: every mode's engine alive at once, the runs interleaved.
+"""The vLLM side of `overfill bench --engine vllm`: every lane's engine alive at once, the runs interleaved.
 
-Each mode's engine is an `overfill.vllm.worker.EngineWorker` (a process of its own, vLLM's engine
+Each lane (a mode, or a mode with extra vLLM settings)'s engine is an `overfill.vllm.worker.EngineWorker` (a process of its own, vLLM's engine
 core inside it). Round r times every point still owed a repeat (in an order rotated by r), and each
 point in every mode back to back (the mode order rotated too), after a short pause so the engine
 that ran last has let its threads go idle. A run is one generate call on the point's rows: greedy,
@@ -38,53 +38,68 @@ def prompt_key(prompt_len: int, batch: int) -> str:
 PAUSE_S = 0.3  # before each timed run: the engine that ran last has let its threads go idle
 
 
-def time_modes(config: BenchConfig, engines: dict, points: list[dict], rows: dict[str, list[list[int]]],
-               max_model_len: int, out, console, started: float, *, eager: bool = False):
-    """Every mode's engine alive side by side, the points timed round by round, all modes back to back.
+def time_lanes(config: BenchConfig, lanes: dict[str, tuple], points: list[dict], rows: dict[str, list[list[int]]],
+               max_model_len: int, out, console, started: float, *, label: str = "vLLM"):
+    """Every lane's engine alive side by side, the points timed round by round, all lanes back to back.
 
-    Each engine runs at vLLM's defaults (compiled, prefix caching on: the cache is emptied before each
-    run), as users run it; `eager` adds vLLM's --enforce-eager to every mode (the extra, labelled rows).
-    Returns seconds[mode][(prompt_len, batch, max_tokens)] (in round order) and each worker's details.
+    A lane is (EngineModel, vLLM keyword arguments beyond the model's own): `{}` is vLLM's defaults
+    (compiled, prefix caching on), as users run it; the bench adds {"enforce_eager": True} for its eager
+    rows and a `speculative_config` for vLLM's own speculative decoding. The prefix cache is emptied
+    before every run, so each run reads its whole prompt.
+    Returns seconds[lane][(prompt_len, batch, max_tokens)] (in round order) and each worker's details.
     """
     from overfill.vllm.worker import EngineWorker
 
-    modes = tuple(config.modes)
-    label = "vLLM eager" if eager else "vLLM"
+    names = tuple(lanes)
+    slug = label.lower().replace(" ", "_")
     shapes = list(dict.fromkeys((p["prompt_len"], p["batch"]) for p in points))
-    seconds = {m: {_key(p): [] for p in points} for m in modes}
+    seconds = {n: {_key(p): [] for p in points} for n in names}
     with ExitStack() as stack:
-        workers = {}
-        for mode in modes:
-            worker = EngineWorker(engines[mode], out / "logs" / f"vllm_{mode}{'_eager' if eager else ''}.log",
-                                  engine={"max_model_len": max_model_len, **({"enforce_eager": True} if eager else {})},
-                                  what=f"{label} ({mode})")
+        workers, before = {}, {}
+        for name in names:
+            model, overrides = lanes[name]
+            worker = EngineWorker(model, out / "logs" / f"{slug}_{name.replace(' ', '_').replace('=', '')}.log",
+                                  engine={"max_model_len": max_model_len, **overrides}, what=f"{label} ({name})")
             stack.callback(worker.close)
-            with console.status(f"{label} {mode}: starting") as status:
-                worker.start(lambda text, m=mode: status.update(f"{label} {m}: {text}"))
+            with console.status(f"{label} {name}: starting") as status:
+                worker.start(lambda text, n=name: status.update(f"{label} {n}: {text}"))
                 for i in range(config.warmup):  # the first call on a shape pays one-time costs
                     for prompt_len, batch in shapes:
-                        status.update(f"{label} {mode}: warm-up {i + 1}/{config.warmup}, prompt {prompt_len} x batch {batch}")
+                        status.update(f"{label} {name}: warm-up {i + 1}/{config.warmup}, prompt {prompt_len} x batch {batch}")
                         _timed_run(worker, rows[prompt_key(prompt_len, batch)], WARMUP_TOKENS)
             worker.stats(reset=True)
-            workers[mode] = worker
-            console.print(f"{label} {mode} ready: engine start {worker.info['engine_start_s']:.0f} s "
+            before[name] = worker.speculation()
+            workers[name] = worker
+            console.print(f"{label} {name} ready: engine start {worker.info['engine_start_s']:.0f} s "
                           f"({time.perf_counter() - started:.0f} s so far)")
         plan = rounds(points)
         with console.status(f"{label} runs") as status:
             for r, round_points in enumerate(plan):
                 for j, p in enumerate(round_points):
-                    for mode in rotated(modes, r + j):
+                    for name in rotated(names, r + j):
                         status.update(f"{label} round {r + 1}/{len(plan)}, run {j + 1}/{len(round_points)}: prompt "
-                                      f"{p['prompt_len']} x batch {p['batch']}, {p['max_tokens']} tokens, {mode}")
+                                      f"{p['prompt_len']} x batch {p['batch']}, {p['max_tokens']} tokens, {name}")
                         time.sleep(PAUSE_S)
                         ids = rows[prompt_key(p["prompt_len"], p["batch"])]
-                        seconds[mode][_key(p)].append(_timed_run(workers[mode], ids, p["max_tokens"]))
+                        seconds[name][_key(p)].append(_timed_run(workers[name], ids, p["max_tokens"]))
         details = {}
-        for mode, worker in workers.items():
-            details[mode] = {**worker.info, "overfill_stats": worker.stats()}
-            check_worker({**details[mode], "points": [{**p, "seconds": seconds[mode][_key(p)]} for p in points]}, points)
-    console.print(f"{label}: modes timed, interleaved ({time.perf_counter() - started:.0f} s so far)")
+        for name, worker in workers.items():
+            details[name] = {**worker.info, "overfill_stats": worker.stats(),
+                             "speculation": speculation_between(before[name], worker.speculation())}
+            check_worker({**details[name], "points": [{**p, "seconds": seconds[name][_key(p)]} for p in points]}, points)
+    console.print(f"{label}: lanes timed, interleaved ({time.perf_counter() - started:.0f} s so far)")
     return seconds, details
+
+
+def speculation_between(start: dict | None, end: dict | None) -> dict | None:
+    """vLLM's speculative-decoding counters over the timed runs: acceptance rate, tokens per target pass."""
+    if not start or not end:
+        return None
+    drafts, drafted, accepted = (end[k] - start[k] for k in ("drafts", "draft_tokens", "accepted_tokens"))
+    return {"drafts": drafts, "draft_tokens": drafted, "accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None,
+            # each verification pass of the target keeps the accepted drafts plus one token of its own
+            "tokens_per_target_pass": 1 + accepted / drafts if drafts else None}
 
 
 WARMUP_TOKENS = 2

@@ -41,7 +41,6 @@ class _Mirror:
         self.prompt_lens = np.full(0, -1, dtype=np.int64)
         self.num_reqs = 0
         self.installed = False
-        self.updates = 0
 
     def reset(self, max_num_reqs: int) -> None:
         self.prompt_lens = np.full(max_num_reqs, -1, dtype=np.int64)
@@ -81,7 +80,6 @@ class PromptLengthTracker(LogitsProcessor):
                 lens[b] = lens[a]
                 lens[a] = -1
         MIRROR.num_reqs = batch_update.batch_size
-        MIRROR.updates += 1
 
 
 def prompt_mask_from_context(positions: torch.Tensor) -> torch.Tensor:

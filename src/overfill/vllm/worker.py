@@ -9,6 +9,8 @@ interpreter exits), so `bench --engine vllm` and `eval --engine vllm` run each e
     parent -> child   {"op": "generate", "prompts": [[ids]], "params": {SamplingParams fields}, "seeds": [int] (optional)}
     child -> parent   {"replies": [[ids]], "seconds": wall time of the generate call}
     parent -> child   {"op": "stats", "reset": bool}   -> {"stats": OverFill's counters, or null}
+    parent -> child   {"op": "speculation"}            -> {"speculation": vLLM's speculative-decoding
+                                                           counters so far, or null without speculation}
     parent -> child   end of input                     -> the child exits
 
 JSON only: nothing is pickled either way. The engine runs inside the child
@@ -90,6 +92,11 @@ class EngineWorker:
         self._send({"op": "stats", "reset": reset})
         return self._receive()["stats"]
 
+    def speculation(self) -> dict | None:
+        """vLLM's speculative-decoding counters since the engine started (drafts, draft_tokens, accepted_tokens)."""
+        self._send({"op": "speculation"})
+        return self._receive()["speculation"]
+
     def close(self) -> None:
         if self.proc is None:
             return
@@ -167,8 +174,22 @@ def _serve(llm, model: EngineModel, receive, send) -> None:
             send({"replies": [list(o.outputs[0].token_ids) for o in outputs], "seconds": seconds})
         elif op == "stats":
             send({"stats": counters(message.get("reset", False)) if counters else None})
+        elif op == "speculation":
+            send({"speculation": speculation_counters(llm)})
         else:
             send({"error": f"unknown request {op!r}"})
+
+
+SPECULATION_METRICS = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                       "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+
+
+def speculation_counters(llm) -> dict | None:
+    """vLLM's cumulative speculative-decoding counters (its Prometheus metrics), or None without speculation."""
+    if llm.llm_engine.vllm_config.speculative_config is None:
+        return None
+    found = {SPECULATION_METRICS[m.name]: m.value for m in llm.get_metrics() if m.name in SPECULATION_METRICS}
+    return {key: found.get(key, 0) for key in SPECULATION_METRICS.values()}
 
 
 def main(argv: list[str] | None = None) -> None:
