@@ -7,6 +7,7 @@ most cases are refused before any model loads, the rest load tiny models only.
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -227,7 +228,7 @@ def test_out_under_a_regular_file_is_refused_before_work(monkeypatch, capsys, fi
         "bench": ("bench", "--checkpoint", str(files / "ckpt"), "--out", out),
         "demo": ("demo", "--model", str(files / "full"), "--out", out),
     }[command]
-    refused(monkeypatch, capsys, f"{files / 'afile'} is a file, not a folder", *args, untouched=[files / "afile"], seconds=5)
+    refused(monkeypatch, capsys, f"({files / 'afile'} is a file, not a folder)", *args, untouched=[files / "afile"], seconds=5)
 
 
 def test_out_that_is_a_file_is_kept_even_with_force(monkeypatch, capsys, files):
@@ -235,12 +236,52 @@ def test_out_that_is_a_file_is_kept_even_with_force(monkeypatch, capsys, files):
             "--force", untouched=[files / "afile"])
 
 
-def test_out_in_a_folder_without_write_permission(monkeypatch, tmp_path):
-    # Tests run as root, for whom permission bits do not count: ask os.access to say what it says to a user.
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
-    with pytest.raises(OverfillError, match=r"--out .* cannot be written in .*: pick a writable --out"):
+IMPOSSIBLE_OUTS = {
+    # name: (--out under tmp_path, or an absolute path; what the one error line says)
+    "a file on the way": ("afile/out", "afile is a file, not a folder"),
+    "a link to nowhere on the way": ("dangling/out", "dangling is a file, not a folder"),
+    "a name too long for the file system": ("x" * 300 + "/out", "File name too long"),
+    "a kernel file system": ("/proc/overfill-test/out", "cannot be written"),
+    "a device on the way": ("/dev/null/out", "/dev/null is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMPOSSIBLE_OUTS))
+def test_outs_that_cannot_be_written_are_refused_and_nothing_is_left(tmp_path, case):
+    (tmp_path / "afile").write_text("keep")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    out, says = IMPOSSIBLE_OUTS[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for staged in (False, True):
+        with pytest.raises(OverfillError, match=re.escape(says)) as error:
+            check_writable(tmp_path / out, staged_beside=staged)
+        assert str(error.value).startswith("--out ") and "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "afile").read_text() == "keep"
+
+
+def test_out_without_write_permission(monkeypatch, tmp_path):
+    # Tests run as root, for whom permission bits do not count: the probe's write is refused as it would be a user's.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("overfill.atomic.tempfile.mkstemp", refuse)
+    with pytest.raises(OverfillError, match=r"--out .* cannot be written \(Permission denied\): pick another --out"):
         check_writable(tmp_path / "new" / "out")
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists()  # the folders made for the probe are gone again
+
+
+def test_a_writable_out_is_checked_without_a_trace(tmp_path):
+    assert check_writable(tmp_path / "a" / "b", staged_beside=True) == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["prune", "eval", "convert"])
+def test_out_on_a_kernel_file_system_is_refused_before_work(monkeypatch, capsys, files, command):
+    out = "/proc/overfill-test/out"
+    args = {"prune": ("prune", "--model", str(files / "full"), "--out", out),
+            "eval": ("eval", "--checkpoint", str(files / "ckpt"), "--data", str(files / "data.jsonl"), *qa("--out", out)),
+            "convert": ("convert", str(files / "ckpt"), "--decoder-dtype", "bfloat16", "--out", out)}[command]
+    refused(monkeypatch, capsys, "--out /proc/overfill-test/out cannot be written", *args, seconds=5)
 
 
 # ---------------------------------------------------------------- 5. prompts longer than the context

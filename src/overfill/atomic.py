@@ -3,7 +3,8 @@
 Every folder overfill writes for later loading (pruned decoders, OverFill checkpoints, training
 step checkpoints, the zoo's materialised models) goes through `atomic_folder`, so an interrupted
 write never leaves a half-written folder under the name a reader would load. `check_writable`
-is what every command calls on its output location before the expensive work starts.
+is what every command calls on its output location before the expensive work starts: it tries
+the write itself, rather than guessing from a list of the ways a write can fail.
 """
 
 from __future__ import annotations
@@ -48,36 +49,56 @@ def publish_modes(folder: Path) -> None:
                 os.chmod(path, FILE_MODE)
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _read_only_mount(folder: Path) -> bool:
-    return bool(hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY)
-
-
 def check_writable(path: str | Path, flag: str = "--out", *, staged_beside: bool = False) -> Path:
-    """Refuse an output folder that cannot be created or written, before any work is done; create nothing.
+    """Refuse an output folder that cannot be created or written, before any work is done; leave nothing behind.
 
+    The check is the write itself: create the folder (and any missing parents), write and delete a
+    probe file in it, then remove what was created. Whatever the reason a write would fail later (a
+    file in the way, permissions, a read-only or full file system, a name the file system refuses, a
+    place like /proc), it fails here, as one line naming the reason.
     `staged_beside`: the folder is written as a temporary sibling and renamed into place
-    (`atomic_folder`), so its parent folder must be writable too.
+    (`atomic_folder`), so a probe must be written beside it too.
     """
     path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise OverfillError(f"{flag} {path} is a file, not a folder: pick a folder for {flag}")
-    places = [_nearest_existing(path)]
-    if staged_beside:
-        places.append(_nearest_existing(path.parent))
-    for place in places:
-        if not place.is_dir():
-            raise OverfillError(f"{flag} {path} cannot be created: {place} is a file, not a folder: pick another {flag}")
-        # os.access answers as a write would (permissions, ACLs, read-only file systems), and writes nothing.
-        if not os.access(place, os.W_OK | os.X_OK):
-            why = "it is on a read-only file system" if _read_only_mount(place) else "no write permission"
-            raise OverfillError(f"{flag} {path} cannot be written in {place} ({why}): pick a writable {flag}")
+    try:
+        if path.is_file():
+            raise OverfillError(f"{flag} {path} is a file, not a folder: pick a folder for {flag}")
+        for folder in ([path.parent, path] if staged_beside else [path]):
+            _probe(folder)
+    except OSError as error:
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            reason = f"{_in_the_way(path)} is a file, not a folder"
+        else:
+            reason = error.strerror or type(error).__name__
+        raise OverfillError(f"{flag} {path} cannot be written ({reason}): pick another {flag}") from None
     return path
+
+
+def _in_the_way(path: Path) -> Path:
+    """The first part of `path` that exists but is no folder (a file, or a link to nowhere)."""
+    for part in reversed(path.parents):
+        if part.is_symlink() and not part.exists() or part.exists() and not part.is_dir():
+            return part
+    return path
+
+
+def _probe(folder: Path) -> None:
+    """Create `folder`, write and delete a file in it, and remove every folder this made (OSError on failure)."""
+    created = []
+    place = folder
+    while not place.exists() and place != place.parent:
+        created.append(place)
+        place = place.parent
+    try:
+        for made in reversed(created):
+            made.mkdir()
+        handle, probe = tempfile.mkstemp(prefix=".overfill-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    finally:
+        for made in created:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from overfill.atomic import atomic_folder
+from overfill.atomic import atomic_folder, check_writable
 from overfill.errors import OverfillError
 
 
@@ -88,6 +88,7 @@ def materialise(entry: ZooEntry, *, quiet: bool = False) -> Path:
     if (target / "config.json").is_file():
         return target
     source = gguf_path(entry)
+    check_writable(target, "OVERFILL_HOME", staged_beside=True)  # before half a minute of dequantising
     if not quiet:
         from rich.console import Console
 

@@ -170,11 +170,11 @@ def read_prompts(prompts: tuple[str, ...]) -> list[str]:
 
 
 def run_convert(command: ConvertCommand) -> None:
-    from pathlib import Path
 
+    from overfill.atomic import check_writable
     from overfill.precision import decoder_dtype, weight_bytes
 
-    target = Path(command.out)
+    target = check_writable(command.out, "--out", staged_beside=True)
     if target.exists() and not command.force:
         raise OverfillError(f"{target} already exists: pass another --out, or --force to replace it")
     pair = command.load()

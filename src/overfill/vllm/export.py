@@ -33,7 +33,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from overfill.atomic import atomic_folder
+from overfill.atomic import atomic_folder, check_writable
 from overfill.errors import OverfillError
 from overfill.modeling import Mode, ModelSource, check_mode, read_checkpoint_meta
 from overfill.vllm import ARCH
@@ -116,6 +116,7 @@ def export(source: ModelSource) -> Path:
     target = overfill_home() / "vllm" / _folder_key(full_dir, decoder_dir)
     if (target / DONE).is_file():
         return target  # these very files were checked when it was written
+    check_writable(target, "OVERFILL_HOME", staged_beside=True)  # before loading the pair
     pair = source.load()  # checks compatibility, tokenizer and the recorded fingerprint; float32 weights
     full_print, decoder_print = pair.full_fingerprint, fingerprint(pair.decoder)
     del pair
