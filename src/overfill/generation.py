@@ -49,6 +49,10 @@ class GenerationConfig:
     """Cut a prompt too long for the model's context from the left (its end is kept), with a warning; default: refuse it."""
     refresh_every: int = 0
     """Prefill refresh (overfill mode): every K reply tokens the full model re-reads them, replacing the decoder's KV for them and picking the next token (0 = off)."""
+    draft_tokens: int = 4
+    """Speculative mode: tokens the decoder drafts per pass of the full model."""
+    drafter: str = "overfill"
+    """Speculative mode: the decoder drafts on the full model's cache (overfill) or on a cache of its own (pruned)."""
 
     def __post_init__(self):
         check_mode(self.mode)
@@ -100,13 +104,25 @@ class TokenChooser:
         """logits [B, V] -> tokens [B]."""
         if self.config.greedy:
             return logits.argmax(-1)
-        scores = self.warpers(history, logits)
-        # Drawn on the CPU generator, so a seed gives the same reply on any device.
-        probs = scores.softmax(-1).cpu()
+        return self.draw(self.probs(logits, history))
+
+    def probs(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """The distribution sampling draws from: logits [B, V] through the warpers -> probabilities [B, V]."""
+        return self.warpers(history, logits).softmax(-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row from probs [B, V], on the CPU generators, so a seed gives the same reply on any device."""
+        cpu = probs.float().cpu()
         if self.row_generators is not None:
-            picks = [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.row_generators, strict=True)]
-            return torch.cat(picks).to(logits.device)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).to(logits.device)
+            picks = [torch.multinomial(row, 1, generator=g) for row, g in zip(cpu, self.row_generators, strict=True)]
+            return torch.cat(picks).to(probs.device)
+        return torch.multinomial(cpu, 1, generator=self.generator).squeeze(-1).to(probs.device)
+
+    def uniform(self, shape: tuple[int, int]) -> torch.Tensor:
+        """U(0, 1) numbers [B, k] from the same generators (a row's from its own, with row seeds)."""
+        if self.row_generators is not None:
+            return torch.stack([torch.rand(shape[1], generator=g) for g in self.row_generators])
+        return torch.rand(shape, generator=self.generator)
 
 
 # ---------------------------------------------------------------- the loop

@@ -1,0 +1,223 @@
+"""Lossless OverFill: speculative decoding with the decoder as the drafter (paper §6.2).
+
+The decoder drafts k tokens, the full model reads them in one pass and keeps the longest prefix it
+agrees with, then adds one token of its own; the reply is the full model's own, token for token
+when greedy and in distribution when sampling (Leviathan et al., 2023; Chen et al., 2023). The
+decoder can be either drafter:
+
+  * overfill: it drafts on the full model's cache, as OverFill decodes, and the full model's KV
+    replaces the decoder's for every accepted token: the drafter always reads full-model KV;
+  * pruned:   it drafts on a cache of its own (its own prefill of the prompt), as a standalone
+    draft model does (vLLM's `draft_model` method).
+
+One round, with t0 the newest token (chosen, its KV not yet cached; L cache columns before it):
+
+    draft    d1..dk   the decoder, one token at a time from t0
+    verify   the full model over [t0, d1..dk] in one pass on its own KV -> k + 1 predictions
+    accept   greedy: the longest prefix with d_i == argmax p_i; sampling: d_i kept with
+             probability min(1, p_i(d_i) / q_i(d_i)), the first refused one replaced by a draw from
+             max(0, p_i - q_i) renormalised; all kept: one more token drawn from p_{k+1}
+    crop     the full model's cache to L + n + 1 columns (t0 and the n kept drafts)
+
+A batch moves together: every unfinished row keeps the batch's smallest n, and a row that would
+have kept more emits its own kept draft at position n + 1, which is exactly what that row's
+algorithm emits there (so nothing is lost, only some rows' luck beyond n). Shapes: B rows, k
+drafts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Drafter = Literal["overfill", "pruned"]
+
+
+@dataclass
+class Speculation:
+    """Counters over a reply batch: what the drafter proposed and what the full model kept."""
+
+    rounds: int = 0  # passes of the full model over drafts
+    drafted: int = 0  # draft tokens proposed, summed over unfinished rows
+    accepted: int = 0  # of those, the ones each row's own test kept (before the batch's common length)
+    emitted: int = 0  # tokens the rounds emitted per row (kept drafts + the full model's own), summed over rounds
+    per_round: list[int] = field(default_factory=list)  # the batch's common kept length, round by round
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_pass(self) -> float | None:
+        """Tokens each pass of the full model yields (kept drafts + its own token): speculation's speed-up bound."""
+        return self.emitted / self.rounds if self.rounds else None
+
+    def as_dict(self) -> dict:
+        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_full_pass": self.tokens_per_pass}
+
+
+@dataclass
+class Verdict:
+    kept: torch.Tensor  # [B] drafts each row's own test kept (0..k)
+    n: int  # the batch's common length: min of `kept` over unfinished rows
+    tokens: torch.Tensor  # [B, n + 1] what each row emits: n kept drafts, then one more token
+
+
+def accept_greedy(drafts: torch.Tensor, target_logits: torch.Tensor, active: torch.Tensor) -> Verdict:
+    """drafts [B, k], the full model's logits [B, k + 1, V] at t0, d1..dk -> what greedy decoding keeps."""
+    choice = target_logits.argmax(-1)  # [B, k + 1]: the full model's own token after t0, d1, ..., dk
+    return _verdict(drafts, drafts == choice[:, :-1], choice, active)
+
+
+def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor, active: torch.Tensor,
+                   uniform, sample) -> Verdict:
+    """Speculative sampling. drafts [B, k] drawn from draft_probs [B, k, V]; target_probs [B, k + 1, V].
+
+    `uniform(shape)` draws U(0, 1) numbers, `sample(probs [B, V])` one token per row (the caller's seeded
+    generators, so a seed gives the same reply). The token after the kept prefix is a draw from the
+    residual max(0, p - q) where a draft was refused, from p_{k+1} where all were kept.
+    """
+    batch, k = drafts.shape
+    p = target_probs[:, :k].gather(-1, drafts[..., None])[..., 0]  # [B, k] p_i(d_i)
+    q = draft_probs.gather(-1, drafts[..., None])[..., 0]
+    kept_each = uniform((batch, k)).to(p.device) * q < p  # r < p / q, without dividing by a zero q
+    n_each = _leading(kept_each)  # [B]
+    # the distribution each row draws its own token from, at its own first refusal (or after all k)
+    at = n_each.clamp(max=k - 1) if k else n_each
+    rows = torch.arange(batch, device=drafts.device)
+    residual = (target_probs[rows, at] - (draft_probs[rows, at] if k else 0)).clamp(min=0)
+    last = torch.where((n_each == k)[:, None], target_probs[:, k], residual)
+    total = last.sum(-1, keepdim=True)
+    # a refusal where p == q leaves no residual (probability zero, but floats): fall back to p itself
+    last = torch.where(total > 0, last / total.clamp(min=torch.finfo(last.dtype).tiny), target_probs[rows, at])
+    own = sample(last)  # [B]
+    choice = torch.cat([drafts, own[:, None]], dim=1)  # a row's token at position n_each is its own draw
+    choice[rows, n_each] = own
+    return _verdict(drafts, kept_each, choice, active)
+
+
+def _leading(kept: torch.Tensor) -> torch.Tensor:
+    """[B, k] bool -> [B] length of each row's run of True from the start."""
+    return kept.long().cumprod(-1).sum(-1)
+
+
+def _verdict(drafts: torch.Tensor, kept_each: torch.Tensor, choice: torch.Tensor, active: torch.Tensor) -> Verdict:
+    """choice [B, k + 1]: each row's token at every position, valid up to its own first refusal (inclusive)."""
+    kept = _leading(kept_each)
+    n = int(kept[active].min()) if bool(active.any()) else 0
+    # rows that kept more than n emit their n-th kept draft + 1 as their last token: it equals choice there
+    return Verdict(kept=kept, n=n, tokens=choice[:, : n + 1])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@torch.inference_mode()
+def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, *, eos_ids: set[int],
+                    pad_id: int, is_stopped=None, chooser=None, stats: Speculation | None = None):
+    """Yield one generation.Step per reply token, as `generation.generate_ids` does, the full model's reply.
+
+    `config.draft_tokens` k and `config.drafter` pick the round's shape and the drafter's cache;
+    `stats` (a Speculation) collects what was drafted and kept.
+    """
+    import time
+
+    from overfill.generation import Step, TokenChooser
+    from overfill.kv_cache import GrowingCache
+    from overfill.modeling import decode, prefill
+
+    full, decoder = model.full, model.decoder
+    chooser = TokenChooser(config) if chooser is None else chooser
+    stats = Speculation() if stats is None else stats
+    k_max, own = config.draft_tokens, config.drafter == "pruned"
+    started = time.perf_counter()
+    logits, cache = prefill(full, input_ids, attention_mask, GrowingCache())
+    own_cache = prefill(decoder, input_ids, attention_mask, GrowingCache())[1] if own else None
+    if config.num_return_sequences > 1:  # several candidates share one prefill (each model's)
+        for c in (cache, own_cache):
+            if c is not None:
+                c.batch_repeat_interleave(config.num_return_sequences)
+        logits = logits.repeat_interleave(config.num_return_sequences, 0)
+        attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, 0)
+    rows, prompt_columns = logits.shape[0], attention_mask.shape[1]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    generated = torch.empty(rows, 0, dtype=torch.long, device=logits.device)
+    own_length = prompt_columns  # columns of the drafter's own cache (pruned drafter)
+
+    def emit(tokens: torch.Tensor, seconds: float):
+        nonlocal generated, finished
+        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+        generated = torch.cat([generated, tokens[:, None]], dim=1)
+        done = ~finished & torch.isin(tokens, eos)
+        if is_stopped is not None:
+            for row in (~finished & ~done).nonzero().flatten().tolist():
+                done[row] = bool(is_stopped(row, generated[row]))
+        finished = finished | done
+        return Step(tokens=tokens, finished=finished.clone(), seconds=seconds)
+
+    yield emit(chooser(logits, generated), time.perf_counter() - started)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)  # covers the cache and t0
+    lengths = mask.sum(-1)  # [B] real tokens, t0 included: t0 sits at position lengths - 1
+    while not bool(finished.all()) and generated.shape[1] < config.max_new_tokens:
+        started = time.perf_counter()
+        cached = mask.shape[1] - 1  # full-model KV columns; t0, the newest token, is not cached yet
+        k = min(k_max, config.max_new_tokens - generated.shape[1] - 1)
+        active = ~finished
+        # draft d1..dk: from t0, on the full model's cache (overfill) or on the drafter's own (pruned)
+        drafts, draft_probs = [], []
+        if k:
+            if own:
+                feed = generated[:, own_length - prompt_columns:]  # [B, m] accepted tokens the drafter has not read
+                step_logits = decode(decoder, feed, mask, own_cache, start=lengths - feed.shape[1])[:, -1].float()
+            else:
+                step_logits = decode(decoder, generated[:, -1:], mask, cache, start=lengths - 1)[:, -1].float()
+            for i in range(k):
+                if i:
+                    feed_mask = torch.cat([mask, mask.new_ones(rows, i)], dim=1)
+                    step_logits = decode(decoder, drafts[-1][:, None], feed_mask, own_cache if own else cache,
+                                         start=lengths - 1 + i)[:, -1].float()
+                history = torch.cat([generated, *[d[:, None] for d in drafts]], dim=1)
+                if config.greedy:
+                    drafts.append(step_logits.argmax(-1))
+                else:
+                    q = chooser.probs(step_logits, history)
+                    draft_probs.append(q)
+                    drafts.append(chooser.draw(q))
+            if not own:
+                cache.crop(cached)  # the decoder's KV for t0, d1..d(k-1) goes: the full model's replaces it
+        drafted = torch.stack(drafts, dim=1) if drafts else generated.new_empty(rows, 0)  # [B, k]
+        # verify: the full model over [t0, d1..dk] in one pass on its own KV
+        block = torch.cat([generated[:, -1:], drafted], dim=1)  # [B, k + 1]
+        verify_mask = torch.cat([mask, mask.new_ones(rows, k)], dim=1)
+        positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=block.device)
+        target = full(input_ids=block, attention_mask=verify_mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True).logits.float()  # [B, k + 1, V]
+        if config.greedy:
+            verdict = accept_greedy(drafted, target, active)
+        else:
+            history = torch.cat([generated, drafted], dim=1)
+            target_probs = torch.stack([chooser.probs(target[:, i], history[:, : generated.shape[1] + i])
+                                        for i in range(k + 1)], dim=1)
+            verdict = accept_sampled(drafted, torch.stack(draft_probs, dim=1) if k else target_probs[:, :0],
+                                     target_probs, active, chooser.uniform, chooser.draw)
+        n = verdict.n
+        cache.crop(cached + n + 1)  # t0 and the n kept drafts, as the full model computed them
+        if own and k:
+            own_length = min(cached + n + 1, cached + k)  # the drafter read t0, d1..d(k-1): keep what was kept
+            own_cache.crop(own_length)
+        stats.rounds += 1
+        stats.drafted += k * int(active.sum())
+        stats.accepted += int(verdict.kept[active].sum())
+        stats.emitted += n + 1
+        stats.per_round.append(n)
+        seconds = (time.perf_counter() - started) / (n + 1)
+        for j in range(n + 1):
+            yield emit(verdict.tokens[:, j], seconds)
+            if bool(finished.all()):
+                return
+        mask = torch.cat([mask, mask.new_ones(rows, n + 1)], dim=1)
+        lengths = lengths + n + 1
