@@ -47,6 +47,7 @@ from overfill.bench.plots import write_plots
 from overfill.bench.prompts import PromptSource
 from overfill.bench.report import print_bench
 from overfill.bench.timing import REFERENCES, dtype_row, loop_overhead, measure_point, paired_ratio, refresh_row, spread
+from overfill.devices import cpu_info
 from overfill.errors import OverfillError
 from overfill.tensors import pad_id_of
 
@@ -114,28 +115,11 @@ def key_ratios(rows: dict) -> list[dict]:
 # ---------------------------------------------------------------- the measurements
 
 
-def cpu() -> dict:
-    """The processor and the instruction sets that decide fp32/bf16 speed here (Linux /proc/cpuinfo)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"name": name, "instruction_sets": [f for f in wanted if f in flags]}
-
-
 def environment(dtype: str = "float32") -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu": cpu(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "cpu": cpu_info(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "dtype": dtype,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
