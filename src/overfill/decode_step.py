@@ -139,19 +139,19 @@ class StepWeights(nn.Module):
             self.head = Projection([[model.lm_head]], self.transposed)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor, mask: torch.Tensor,
-                kv: torch.Tensor) -> torch.Tensor:
-        """One token per row -> next-token logits [B, V] in float32, the new keys/values written into `kv`.
+                cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor]) -> torch.Tensor:
+        """One token per row -> next-token logits [B, V] in float32, the new keys/values written into the cache.
 
         tokens, positions [B]; column [1]: the cache column every row's new entry goes to (moved on by
-        one here); mask [B, C] bool: the columns each row attends to, the new one included; kv
-        [L, 2, B, KV, C, D] in the cache's dtype (the full model's, which may differ from ours).
+        one here); mask [B, C] bool: the columns each row attends to, the new one included;
+        cache_keys/values: L tensors [B, KV, C, D] in the cache's dtype (the full model's, which may differ from ours).
         """
         rows, heads, kv_heads, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         x = self.embed(tokens)  # [B, hidden]
         cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]
         cos, sin = cos[:, :, None], sin[:, :, None]  # [B, 1, 1, D]: over kv heads, then query groups
         attend = mask[:, None, None, :]  # [B, 1, 1, C]
-        for i in range(kv.shape[0]):
+        for i, (keys, values) in enumerate(zip(cache_keys, cache_values)):
             h = rms_norm(x, self.norms[i, 0], self.eps)
             q, k, v = self.qkv(i, h).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
             q = q.view(rows, kv_heads, heads // kv_heads, dim)  # [B, KV, G, D]: query head j reads kv head j // G
@@ -159,7 +159,6 @@ class StepWeights(nn.Module):
             if self.qk_eps is not None:
                 q, k = rms_norm(q, self.qk_norms[i, 0], self.qk_eps), rms_norm(k, self.qk_norms[i, 1], self.qk_eps)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            keys, values = kv[i, 0], kv[i, 1]  # [B, KV, C, D]
             keys.index_copy_(2, column, k.to(keys.dtype))
             values.index_copy_(2, column, v.to(values.dtype))
             scores = (q @ keys.transpose(-1, -2).to(q.dtype)) * self.scaling  # [B, KV, G, C]
@@ -248,7 +247,7 @@ class CompiledStep:
         started = time.perf_counter() if shape not in self.seen else None
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        logits = self.compiled(tokens, positions, cache.column, mask, cache.kv)
+        logits = self.compiled(tokens, positions, cache.column, mask, cache.key_buffers, cache.value_buffers)
         cache.advance(1)
         cache.column_at = length + 1
         if started is not None:

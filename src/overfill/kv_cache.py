@@ -100,7 +100,7 @@ class GrowingCache(DynamicCache):
 
 
 class StaticLayer(DtypeKeepingLayer):
-    """A layer whose keys/values are views of two slices of its cache's one preallocated buffer.
+    """A layer whose keys/values are views of two preallocated buffers of its cache.
 
     To the model's eager forward (prefill, refresh) it looks exactly like a DynamicLayer: `keys` is
     the filled part [B, kv_heads, T, head_dim], `update` appends in place, `crop` shortens the view.
@@ -139,20 +139,21 @@ class StaticLayer(DtypeKeepingLayer):
 
 
 class StaticCache(DynamicCache):
-    """Every layer's keys and values in one preallocated buffer `kv` [L, 2, B, kv_heads, capacity, head_dim].
+    """Every layer's keys and values in preallocated buffers `key_buffers[i]`, `value_buffers[i]` [B, kv_heads, capacity, head_dim].
 
     What the compiled decode step reads and writes (decode_step.py), so that its inputs keep their
     shapes and addresses from step to step (what CUDA graphs need) and across calls of the same
-    shape: buffers come from a small pool and go back to it when the cache is dropped. `mask` [B, capacity]
-    (bool) says which columns a decode step attends to. Capacities are whole multiples of
-    CAPACITY_STEP, so prompts of many lengths share one compiled step.
+    shape: buffers come from a small pool and go back to it when the cache is dropped. Each layer's
+    are separate tensors, not views of one: a compiled step writing into views of one input would
+    copy all of it, every layer. `mask` [B, capacity] (bool) says which columns a decode step attends
+    to. Capacities are whole multiples of CAPACITY_STEP, so prompts of many lengths share one compiled step.
     """
 
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
                  device: torch.device):
-        self.shape = (layers, 2, rows, kv_heads, capacity_for(capacity), head_dim)
-        self.kv, self.mask, self.column = _POOL.borrow(self, self.shape, dtype, torch.device(device))
-        Cache.__init__(self, layers=[StaticLayer(self.kv[i, 0], self.kv[i, 1]) for i in range(layers)])
+        self.shape = (layers, rows, kv_heads, capacity_for(capacity), head_dim)
+        self.key_buffers, self.value_buffers, self.mask, self.column = _POOL.borrow(self, self.shape, dtype, torch.device(device))
+        Cache.__init__(self, layers=[StaticLayer(k, v) for k, v in zip(self.key_buffers, self.value_buffers)])
         self.mask_width = 0  # columns of `mask` that hold the loop's attention mask (mask_from)
         self.column_at = -1  # the length `column` holds, -1 when unknown (the step moves it on by one)
 
@@ -177,11 +178,11 @@ class StaticCache(DynamicCache):
 
     @property
     def rows(self) -> int:
-        return self.kv.shape[2]
+        return self.shape[1]
 
     @property
     def capacity(self) -> int:
-        return self.kv.shape[-2]
+        return self.shape[3]
 
     def advance(self, tokens: int = 1) -> None:
         """The compiled step wrote `tokens` more columns into every layer's buffer: show them to the eager forward."""
@@ -205,14 +206,13 @@ class StaticCache(DynamicCache):
         """Several candidates from one prefill: a buffer of `repeats` times the rows, each row's entries repeated."""
         if repeats == 1:
             return
-        length = self.get_seq_length()
-        old = self.kv
-        self.shape = (*self.shape[:2], self.rows * repeats, *self.shape[3:])
-        self.kv, self.mask, self.column = _POOL.borrow(self, self.shape, old.dtype, old.device)
-        self.kv[..., :length, :] = old[..., :length, :].repeat_interleave(repeats, dim=2)
-        self.layers = [StaticLayer(self.kv[i, 0], self.kv[i, 1]) for i in range(self.shape[0])]
-        for layer in self.layers:
-            layer.keys, layer.values = layer.key_buffer[..., :length, :], layer.value_buffer[..., :length, :]
+        old = self.layers
+        self.shape = (self.shape[0], self.rows * repeats, *self.shape[2:])
+        self.key_buffers, self.value_buffers, self.mask, self.column = _POOL.borrow(self, self.shape, self.key_buffers[0].dtype,
+                                                                      self.key_buffers[0].device)
+        self.layers = [StaticLayer(k, v) for k, v in zip(self.key_buffers, self.value_buffers)]
+        for source, layer in zip(old, self.layers):
+            layer.update(source.keys.repeat_interleave(repeats, dim=0), source.values.repeat_interleave(repeats, dim=0))
         self.mask_width, self.column_at = 0, -1
 
 
@@ -231,7 +231,7 @@ class _BufferPool:
     KEEP = 4  # idle buffer sets kept, the most recently returned first
 
     def __init__(self):
-        self.idle: list[tuple[tuple, tuple]] = []  # (key, (kv, mask, column))
+        self.idle: list[tuple[tuple, tuple]] = []  # (key, (keys, values, mask, column))
 
     def borrow(self, owner, shape: tuple, dtype: torch.dtype, device: torch.device):
         key = (shape, dtype, device)
@@ -240,13 +240,15 @@ class _BufferPool:
                 del self.idle[i]
                 break
         else:
-            kv = torch.zeros(shape, dtype=dtype, device=device)
-            mask = torch.zeros(shape[2], shape[4], dtype=torch.bool, device=device)  # [B, capacity]
+            layers, rows, *layer_shape = shape
+            keys = [torch.zeros(rows, *layer_shape, dtype=dtype, device=device) for _ in range(layers)]
+            values = [torch.zeros(rows, *layer_shape, dtype=dtype, device=device) for _ in range(layers)]
+            mask = torch.zeros(rows, layer_shape[1], dtype=torch.bool, device=device)  # [B, capacity]
             column = torch.zeros(1, dtype=torch.long, device=device)
             if device.type == "cuda":  # CUDA graphs read these where they are, not from copies
-                for tensor in (kv, mask, column):
+                for tensor in (*keys, *values, mask, column):
                     torch._dynamo.mark_static_address(tensor)
-            buffers = (kv, mask, column)
+            buffers = (keys, values, mask, column)
         weakref.finalize(owner, self._give_back, key, buffers)
         return buffers
 
