@@ -64,16 +64,19 @@ class Projection(nn.Module):
         if self.dense:
             with torch.no_grad():
                 weight = torch.stack([torch.cat([m.weight for m in layer]) for layer in parts])  # [L, out, in]
-                self.register_buffer("weight", weight.transpose(1, 2).contiguous() if transposed else weight)
+                self.weight = _frozen(weight.transpose(1, 2).contiguous() if transposed else weight)
                 biased = [m.bias is not None for layer in parts for m in layer]
                 if any(biased):
                     bias = [torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layer])
                             for layer in parts]
-                    self.register_buffer("bias", torch.stack(bias))  # [L, out]
+                    self.bias = _frozen(torch.stack(bias))  # [L, out]
                 else:
                     self.bias = None
         else:
             self.layers = nn.ModuleList(nn.ModuleList(layer) for layer in parts)
+            for module in self.layers.modules():
+                if hasattr(module, "prepare"):  # precision.Int8Linear: its kernel settings, before tracing
+                    module.prepare()
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] -> [B, out] through layer i's projection(s)."""
@@ -85,6 +88,12 @@ class Projection(nn.Module):
         else:
             y = F.linear(x, weight, None if self.bias is None else self.bias[i])
         return y
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    # A parameter, not a buffer: torch.compile keeps parameter shapes static (a buffer's may turn symbolic
+    # once a second model's step compiles), and CUDA graphs read parameters in place.
+    return nn.Parameter(tensor, requires_grad=False)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -127,14 +136,12 @@ class StepWeights(nn.Module):
         self.gate_up = Projection([[m.gate_proj, m.up_proj] for m in mlp], self.transposed)
         self.down = Projection([[m.down_proj] for m in mlp], self.transposed)
         with torch.no_grad():
-            self.register_buffer("norms", torch.stack([torch.stack([layer.input_layernorm.weight,
-                                                                      layer.post_attention_layernorm.weight])
-                                                       for layer in layers]))  # [L, 2, hidden]
+            self.norms = _frozen(torch.stack([torch.stack([layer.input_layernorm.weight, layer.post_attention_layernorm.weight])
+                                              for layer in layers]))  # [L, 2, hidden]
             qk_norm = getattr(attention[0], "q_norm", None)  # Qwen3: RMSNorm over each head's head_dim
             self.qk_eps = float(qk_norm.variance_epsilon) if qk_norm is not None else None
             if qk_norm is not None:
-                self.register_buffer("qk_norms", torch.stack([torch.stack([a.q_norm.weight, a.k_norm.weight])
-                                                              for a in attention]))  # [L, 2, D]
+                self.qk_norms = _frozen(torch.stack([torch.stack([a.q_norm.weight, a.k_norm.weight]) for a in attention]))  # [L, 2, D]
             self.final_norm = body.norm
             self.head = Projection([[model.lm_head]], self.transposed)
 
@@ -194,9 +201,16 @@ def unsupported(model: nn.Module, capacity: int) -> str | None:
 # ---------------------------------------------------------------- compiled, with its caches
 
 
-def compile_mode(device: torch.device) -> str | None:
-    """torch.compile's mode per device: CUDA graphs on a GPU (a step is one graph launch), inductor's default elsewhere."""
-    return "reduce-overhead" if device.type == "cuda" else None
+# What torch.compile lowers the step with. Tests of the loop around the step swap in "aot_eager" (the same
+# captured graph, run by PyTorch's own kernels: seconds instead of a C++ build per shape).
+BACKEND = "inductor"
+
+
+def compile_options(device: torch.device) -> dict:
+    """torch.compile's settings per device: CUDA graphs on a GPU (a step is one graph launch), inductor's C++
+    kernels on a CPU; the whole step one graph (`fullgraph`), so nothing falls back to Python midway."""
+    mode = "reduce-overhead" if device.type == "cuda" and BACKEND == "inductor" else None
+    return {"backend": BACKEND, "mode": mode, "fullgraph": True}
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -231,7 +245,7 @@ class CompiledStep:
         if self.weights is None or key != self.key:
             self.weights = StepWeights(model, self.device).eval()
             self.key = key
-            self.compiled = torch.compile(self.weights, mode=compile_mode(self.device), fullgraph=True)
+            self.compiled = torch.compile(self.weights, **compile_options(self.device))
         return self.weights
 
     @torch.inference_mode()
@@ -272,3 +286,34 @@ def compile_seconds(model: nn.Module) -> dict[str, float]:
     """What compiling the model's step took so far, per device and shape ('cpu 1x384': seconds)."""
     return {f"{device} {shape}": s for device, step in _STEPS.get(model, {}).items()
             for shape, s in step.compile_seconds.items()}
+
+
+# ---------------------------------------------------------------- when compiling pays
+
+# Measured on this project's 2-core CPU (AMD EPYC, fp32, SmolLM2-135M + its 0.45 decoder, batch 1):
+# compiling both models' steps took 30-60 s (less once inductor's on-disk cache holds the kernels) and
+# saved 8.6 ms per OverFill decode step (23.2 -> 14.6 ms) and 11.7 ms per full-model step: it pays
+# back after a few thousand decoded tokens. On a GPU eager decoding is bound by kernel launches, so a
+# compiled step (one CUDA graph) pays back within a reply or two of a long run.
+CPU_PAYS_AFTER_TOKENS = 4096
+
+
+def decide_compile(asked: bool | None, device: torch.device, decode_tokens: int | None = None) -> tuple[bool, str]:
+    """Whether a command compiles its decode step, and the line that says why.
+
+    `asked` is --compile / --no-compile (None: decide here); `decode_tokens` bounds the tokens the
+    command will decode (rows x new tokens), None when unknown (chat).
+    """
+    if asked is not None:
+        return asked, f"decode step: {'compiled' if asked else 'eager'} (--{'' if asked else 'no-'}compile)"
+    if device.type == "cuda":
+        return True, ("decode step: compiled, CUDA graphs (auto on a GPU: an eager step waits on one kernel launch "
+                      "per operator; --no-compile to decode eagerly)")
+    if device.type != "cpu":
+        return False, f"decode step: eager (auto on {device.type}; --compile to try torch.compile there)"
+    if decode_tokens is not None and decode_tokens >= CPU_PAYS_AFTER_TOKENS:
+        return True, (f"decode step: compiled (auto on a CPU: up to {decode_tokens:,} tokens to decode; compiling "
+                      f"takes about a minute and pays back after ~{CPU_PAYS_AFTER_TOKENS:,}; --no-compile to decode eagerly)")
+    bound = "" if decode_tokens is None else f", this run decodes at most {decode_tokens:,}"
+    return False, (f"decode step: eager (auto on a CPU: compiling takes about a minute and pays back after "
+                   f"~{CPU_PAYS_AFTER_TOKENS:,} decoded tokens{bound}; --compile to compile anyway)")

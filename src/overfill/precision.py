@@ -133,16 +133,25 @@ class Int8Linear(nn.Module):
         return self.qdata.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel_dtype = int8_kernel_input() if x.device.type == "cpu" else None
+        if torch.compiler.is_compiling():  # a compiled step: what `prepare` settled, as constants
+            kernel_dtype, scale = self._prepared
+        else:
+            kernel_dtype = int8_kernel_input() if x.device.type == "cpu" else None
+            scale = None if kernel_dtype is None else self._kernel_scale(kernel_dtype)
         if kernel_dtype is None:
             y = nn.functional.linear(x, self.dequantize().to(x.dtype))
         else:
             rows = x.reshape(-1, self.in_features).to(kernel_dtype)
             if self.packed.shape[1] != self.in_features:
                 rows = nn.functional.pad(rows, (0, self.packed.shape[1] - self.in_features))
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.packed, self._kernel_scale(kernel_dtype))
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.packed, scale)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def prepare(self) -> None:
+        """Settle the kernel's input dtype and scales before a compiled step traces `forward` (decode_step.py)."""
+        kernel_dtype = int8_kernel_input() if self.packed.device.type == "cpu" else None
+        self._prepared = (kernel_dtype, None if kernel_dtype is None else self._kernel_scale(kernel_dtype))
 
     def _kernel_scale(self, dtype: torch.dtype) -> torch.Tensor:
         """The scales in the kernel's input dtype, converted once (again after a move or `restore_int8`)."""

@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,9 +47,22 @@ from overfill.bench.config import BenchConfig
 from overfill.bench.plots import write_plots
 from overfill.bench.prompts import PromptSource
 from overfill.bench.report import print_bench
-from overfill.bench.timing import REFERENCES, dtype_row, loop_overhead, measure_point, paired_ratio, refresh_row, spread
-from overfill.devices import cpu_info
+from overfill.bench.timing import (
+    COMPILED,
+    REFERENCES,
+    compiled_row,
+    dtype_row,
+    loop_overhead,
+    measure_point,
+    paired_ratio,
+    refresh_row,
+    spread,
+)
+from overfill.decode_step import compile_seconds
+from overfill.devices import cpu_info, model_device
+from overfill.devices import describe as describe_device
 from overfill.errors import OverfillError
+from overfill.modeling import MODES
 from overfill.tensors import pad_id_of
 
 # ---------------------------------------------------------------- statistics
@@ -100,11 +114,26 @@ def decoder_variants(model, dtypes: tuple[str, ...]) -> dict:
 
 
 def key_ratios(rows: dict) -> list[dict]:
+    """The paper's ratios among eager rows, the same among compiled rows (each side on its engine's default,
+    the compiled step), what compiling gains per mode, and what the refresh and dtype rows cost."""
+    def compiled(name: str) -> str:
+        for mode in MODES:
+            name = re.sub(rf"\b{mode}\b(?!{COMPILED})", compiled_row(mode), name)
+        return name
+
     found = []
-    variants = [(f"{row} decode ms/token / overfill", row, "overfill", "decode_ms_per_token")
-                for row in rows if "+refresh" in row or "@" in row]
-    variants += [(f"{row} decode tok/s / full", row, "full", "decode_tokens_per_s") for row in rows if "@" in row]
-    for name, a, b, metric in (*RATIOS, *variants):
+    on_compiled = [(compiled(name), compiled_row(a), compiled_row(b), metric) for name, a, b, metric in RATIOS
+                   if b not in REFERENCES]
+    gains = [(f"{compiled_row(mode)} decode tok/s / {mode}", compiled_row(mode), mode, "decode_tokens_per_s")
+             for mode in MODES]
+    variants = []
+    for row in rows:
+        suffix = COMPILED if row.endswith(COMPILED) else ""
+        if "+refresh" in row or "@" in row:
+            variants.append((f"{row} decode ms/token / overfill{suffix}", row, f"overfill{suffix}", "decode_ms_per_token"))
+        if "@" in row:
+            variants.append((f"{row} decode tok/s / full{suffix}", row, f"full{suffix}", "decode_tokens_per_s"))
+    for name, a, b, metric in (*RATIOS, *on_compiled, *gains, *variants):
         if a in rows and b in rows:
             ratio = paired_ratio(rows[a], rows[b], metric)
             if ratio is not None:
@@ -115,12 +144,13 @@ def key_ratios(rows: dict) -> list[dict]:
 # ---------------------------------------------------------------- the measurements
 
 
-def environment(dtype: str = "float32") -> dict:
+def environment(dtype: str = "float32", device: torch.device | None = None) -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu": cpu_info(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "dtype": dtype,
+            "device": describe_device(device or torch.device("cpu")),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -167,7 +197,8 @@ def _run_bench(config: BenchConfig, console, model) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pad_id = pad_id_of(model.tokenizer)
     prompts = PromptSource.from_tokenizer(model.tokenizer)
-    result = {"config": asdict(config), "environment": environment(config.dtype), "models": describe(model)}
+    result = {"config": asdict(config), "environment": environment(config.dtype, model_device(model.full)),
+              "models": describe(model)}
     started = time.perf_counter()
     # A full collection takes ~0.2 s here, as long as a few decode steps: freeze what exists now so
     # that the collector's occasional runs during timing only scan the few objects the runs create.
@@ -203,6 +234,8 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
             rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
         variants = decoder_variants(model, config.decoder_dtypes)
         rows = rows + tuple(variants)
+        rows = (rows if "eager" in config.decode_steps else ()) + (
+            tuple(map(compiled_row, rows)) if "compiled" in config.decode_steps else ())
         skipped = {}
         if config.references:
             rows = rows + ("hf_generate",)
@@ -252,3 +285,6 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
         if config.overhead_steps:
             report("loop overhead")
             result["overhead"] = loop_overhead(model, ids, mask, config.overhead_steps, config.repeats, pad_id)
+        # First call of each compiled shape: compiling (or capturing a CUDA graph), paid once per process.
+        result["compile_seconds"] = {"full": compile_seconds(model.full), "decoder": compile_seconds(model.decoder),
+                                     **{row: compile_seconds(v.decoder) for row, v in variants.items()}}

@@ -190,6 +190,7 @@ def run_generate(command: GenerateCommand) -> None:
     prompts = read_prompts(command.prompt)
     config = command.generation()
     pair = command.load(full_alone=config.mode == "full")
+    config = decided(config, command, len(prompts) * config.num_return_sequences * config.max_new_tokens)
     if command.stream and not command.json:
         try:
             for piece in stream(pair, prompts[0], config):
@@ -222,11 +223,23 @@ def print_replies(command: GenerateCommand, replies) -> None:
         )
 
 
+def decided(config: GenerationConfig, source: ModelSource, decode_tokens: int | None) -> GenerationConfig:
+    """`config` with --compile decided for this device and workload (decode_step.decide_compile), said on stderr."""
+    import torch
+
+    from overfill.decode_step import decide_compile
+
+    compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
+    err.print(f"[dim]{escape(why)}[/]", highlight=False, soft_wrap=True)
+    return dataclasses.replace(config, compile=compile)
+
+
 def run_chat(command: ChatCommand) -> None:
     from overfill.chat import ChatSession
 
     config = command.generation()
-    session = ChatSession(command.load(full_alone=config.mode == "full"), config, system=command.system)
+    model = command.load(full_alone=config.mode == "full")
+    session = ChatSession(model, decided(config, command, None), system=command.system)
     tolerant_stdin()
     interactive = sys.stdin is not None and sys.stdin.isatty()
     if interactive:  # a person needs the commands; a script's stderr stays for errors
