@@ -56,7 +56,7 @@ def test_inductor_step_equals_eager(device):
     for mode in MODES:
         same_both_ways(model, mode=mode, max_new_tokens=16)
     compiled = {**compile_seconds(model.full), **compile_seconds(model.decoder)}
-    assert compiled and all(seconds > 0 for seconds in compiled.values())
+    assert [key.split()[-1] for key in compiled] == ["4x128"]  # one batch shape, one cache capacity
     shorter = [p[: len(p) // 2 + 1] for p in PROMPTS]  # other lengths, same batch and cache capacity
     same_both_ways(model, shorter, max_new_tokens=16)
     assert {**compile_seconds(model.full), **compile_seconds(model.decoder)} == compiled  # nothing compiled again
