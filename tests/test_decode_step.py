@@ -22,7 +22,7 @@ from overfill.kv_cache import CAPACITY_STEP, StaticCache, capacity_for
 from overfill.modeling import MODES, OverFillModel, prefill
 from overfill.tensors import left_pad
 from test_generation import PROMPTS, pruned_model
-from tiny import KINDS, tiny_model, tiny_pruned, tiny_tokenizer
+from tiny import KINDS, tiny_model, tiny_tokenizer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

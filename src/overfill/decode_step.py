@@ -208,9 +208,15 @@ BACKEND = "inductor"
 
 def compile_options(device: torch.device) -> dict:
     """torch.compile's settings per device: CUDA graphs on a GPU (a step is one graph launch), inductor's C++
-    kernels on a CPU; the whole step one graph (`fullgraph`), so nothing falls back to Python midway."""
-    mode = "reduce-overhead" if device.type == "cuda" and BACKEND == "inductor" else None
-    return {"backend": BACKEND, "mode": mode, "fullgraph": True}
+    kernels on a CPU; the whole step one graph (`fullgraph`), so nothing falls back to Python midway.
+
+    On a GPU rows and cache capacity are symbolic from the first compile (batch 1 apart, which torch
+    always specialises): a sweep of shapes then costs one CUDA graph capture per shape, not a compile.
+    On a CPU they turn symbolic at their second value (the first shape keeps kernels fixed to it).
+    """
+    cuda = device.type == "cuda"
+    mode = "reduce-overhead" if cuda and BACKEND == "inductor" else None
+    return {"backend": BACKEND, "mode": mode, "fullgraph": True, "dynamic": True if cuda else None}
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:

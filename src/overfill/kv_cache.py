@@ -31,6 +31,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 MIN_CAPACITY = 256
 
 
+def crop_to(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` cached tokens (5.x `crop` takes minus the number of tokens to remove)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 class DtypeKeepingLayer(DynamicLayer):
     """Stores entries in the dtype of the first ones; returns keys/values in the dtype of the caller's."""
 

@@ -33,7 +33,7 @@ from overfill import arch
 from overfill.atomic import atomic_folder, read_json_object
 from overfill.devices import default_dtype, resolve_device
 from overfill.errors import OverfillError
-from overfill.kv_cache import KVCache
+from overfill.kv_cache import KVCache, crop_to
 from overfill.tensors import IGNORE, positions_from_mask
 from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype, fingerprint, load_model, resolve_model
 
@@ -124,7 +124,7 @@ def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torc
     if teacher:
         logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
                                            target_ids.shape[1])  # [B, N, V]
-        cache.crop(context_ids.shape[1])  # cache of x
+        crop_to(cache, context_ids.shape[1])  # cache of x
         first, predicted = logits[:, 0].float(), logits[:, 1:]
     else:
         with torch.no_grad():

@@ -226,65 +226,104 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
         def report(text):
             status.update(f"benchmarking: {text}")
 
-        # Key point + new-tokens sweep: loop runs of key_run_tokens; HF rows exactly new_tokens long.
-        batch, length = config.batch_size, config.prompt_len
-        ids, mask = prompts.batch(length, batch)
-        rows = config.modes
-        if "overfill" in config.modes:
-            rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
-        variants = decoder_variants(model, config.decoder_dtypes)
-        rows = rows + tuple(variants)
-        rows = (rows if "eager" in config.decode_steps else ()) + (
-            tuple(map(compiled_row, rows)) if "compiled" in config.decode_steps else ())
-        skipped = {}
-        if config.references:
-            rows = rows + ("hf_generate",)
-            if batch == 1:
-                rows = rows + ("hf_assisted",)
-            else:
-                skipped["hf_assisted"] = "HF assisted generation runs batch 1 only"
-        lengths = {row: config.new_tokens if row in REFERENCES else config.key_run_tokens for row in rows}
-        runs = measure_point(model, rows, ids, mask, lengths, pad_id, config.repeats, config.warmup,
-                             lambda t: report(f"key point, {t}"), models=variants)
-        key_rows = {row: summarize([r.split(config.new_tokens) for r in runs[row]], batch) for row in rows}
-        result["key_point"] = {"prompt_len": length, "batch": batch, "new_tokens": config.new_tokens,
-                               "rows": key_rows, "ratios": key_ratios(key_rows), "skipped": skipped}
+        rows, variants, skipped = bench_rows(model, config)
+        result["key_point"], runs = measure_key_point(model, config, prompts, pad_id, rows, variants, skipped, report)
         console.print(f"key point timed ({time.perf_counter() - started:.0f} s)")
-
         # Every sweep shows every loop row (refresh and decoder-dtype rows too: whether bfloat16 or
         # int8 pays can flip between batch 1 and batch 8).
         loop_rows = tuple(row for row in rows if row not in REFERENCES)
         sweeps = {}
         if config.new_tokens_sweep:
-            sweeps["new_tokens"] = {
-                "x": "new_tokens", "values": list(config.new_tokens_sweep), "prompt_len": length, "batch": batch,
-                "note": f"read off the first N steps of the key point's {config.key_run_tokens}-token loop runs",
-                "rows": {row: [summarize([r.split(n) for r in runs[row]], batch) for n in config.new_tokens_sweep]
-                         for row in loop_rows},
-            }
-        n = config.sweep_new_tokens
-        lengths = {row: n for row in loop_rows}
-        for name, values, point in (("prompt_len", config.prompt_len_sweep, lambda v: (v, batch)),
-                                    ("batch", config.batch_sweep, lambda v: (length, v))):
-            if not values:
-                continue
-            sweep = {"x": name, "values": list(values), "new_tokens": n,
-                     **({"batch": batch} if name == "prompt_len" else {"prompt_len": length}),
-                     "rows": {row: [] for row in loop_rows}}
-            for value in values:
-                p_len, p_batch = point(value)
-                p_ids, p_mask = prompts.batch(p_len, p_batch)
-                point_runs = measure_point(model, loop_rows, p_ids, p_mask, lengths, pad_id, config.sweep_repeats,
-                                           config.warmup, lambda t: report(f"{name} {value}, {t}"), models=variants)
-                for row in loop_rows:
-                    sweep["rows"][row].append(summarize([r.split() for r in point_runs[row]], p_batch))
-            sweeps[name] = sweep
-            console.print(f"{name} sweep timed ({time.perf_counter() - started:.0f} s)")
+            sweeps["new_tokens"] = new_tokens_sweep(config, runs, loop_rows)
+        for name in ("prompt_len", "batch"):
+            if getattr(config, f"{name}_sweep"):
+                sweeps[name] = measure_sweep(model, config, name, prompts, pad_id, loop_rows, variants, report)
+                console.print(f"{name} sweep timed ({time.perf_counter() - started:.0f} s)")
         result["sweeps"] = sweeps
 
         if config.overhead_steps:
             report("loop overhead")
+            ids, mask = prompts.batch(config.prompt_len, config.batch_size)
             result["overhead"] = loop_overhead(model, ids, mask, config.overhead_steps, config.repeats, pad_id)
-        # First call of each compiled shape: compiling (or capturing a CUDA graph), paid once per process.
-        result["compile_seconds"] = {"full": compile_seconds(model.full), "decoder": compile_seconds(model.decoder),
-                                     **{row: compile_seconds(v.decoder) for row, v in variants.items()}}
+        result["compile_seconds"] = compile_report(model, variants)
+
+
+def bench_rows(model, config: BenchConfig) -> tuple[tuple[str, ...], dict, dict]:
+    """(the key point's rows, the models of the decoder-dtype rows, rows skipped and why): every mode, refresh and
+    dtype row, eager and/or compiled, then the HF reference rows."""
+    rows = config.modes
+    if "overfill" in config.modes:
+        rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
+    variants = decoder_variants(model, config.decoder_dtypes)
+    rows = rows + tuple(variants)
+    rows = (rows if "eager" in config.decode_steps else ()) + (
+        tuple(map(compiled_row, rows)) if "compiled" in config.decode_steps else ())
+    skipped = {}
+    if config.references:
+        rows = rows + ("hf_generate",)
+        if config.batch_size == 1:
+            rows = rows + ("hf_assisted",)
+        else:
+            skipped["hf_assisted"] = "HF assisted generation runs batch 1 only"
+    return rows, variants, skipped
+
+
+def measure_key_point(model, config: BenchConfig, prompts: PromptSource, pad_id: int, rows, variants: dict, skipped: dict,
+                      report) -> tuple[dict, dict]:
+    """The key point (every row side by side, with ratios) and its runs: loop runs of key_run_tokens, so the
+    new-tokens sweep can be read off them; HF rows exactly new_tokens long."""
+    batch = config.batch_size
+    ids, mask = prompts.batch(config.prompt_len, batch)
+    lengths = {row: config.new_tokens if row in REFERENCES else config.key_run_tokens for row in rows}
+    runs = measure_point(model, rows, ids, mask, lengths, pad_id, config.repeats, config.warmup,
+                         lambda t: report(f"key point, {t}"), models=variants)
+    key_rows = {row: summarize([r.split(config.new_tokens) for r in runs[row]], batch) for row in rows}
+    key = {"prompt_len": config.prompt_len, "batch": batch, "new_tokens": config.new_tokens,
+           "rows": key_rows, "ratios": key_ratios(key_rows), "skipped": skipped}
+    return key, runs
+
+
+def new_tokens_sweep(config: BenchConfig, runs: dict, loop_rows) -> dict:
+    """Paper Fig. 3, read off the key point's runs: a loop run of N_max tokens passes through exactly the states of
+    a run of N < N_max tokens, so its first N steps *are* that run."""
+    return {"x": "new_tokens", "values": list(config.new_tokens_sweep), "prompt_len": config.prompt_len,
+            "batch": config.batch_size,
+            "note": f"read off the first N steps of the key point's {config.key_run_tokens}-token loop runs",
+            "rows": {row: [summarize([r.split(n) for r in runs[row]], config.batch_size) for n in config.new_tokens_sweep]
+                     for row in loop_rows}}
+
+
+def measure_sweep(model, config: BenchConfig, name: str, prompts: PromptSource, pad_id: int, loop_rows, variants: dict,
+                  report, time_left=None) -> dict:
+    """Paper Fig. 4 (name prompt_len) or Fig. 5 (batch), each point timed at config.sweep_new_tokens new tokens.
+
+    `time_left()` (seconds), when given, ends the sweep early once the next point may not fit: the values
+    timed so far are kept, and `cut_short` says so.
+    """
+    values = getattr(config, f"{name}_sweep")
+    n = config.sweep_new_tokens
+    sweep = {"x": name, "values": [], "new_tokens": n,
+             **({"batch": config.batch_size} if name == "prompt_len" else {"prompt_len": config.prompt_len}),
+             "rows": {row: [] for row in loop_rows}}
+    took = 0.0
+    for value in values:
+        if time_left is not None and time_left() < 2 * took:
+            sweep["cut_short"] = f"stopped before {value}: out of time"
+            break
+        started = time.perf_counter()
+        p_len, p_batch = (value, config.batch_size) if name == "prompt_len" else (config.prompt_len, value)
+        p_ids, p_mask = prompts.batch(p_len, p_batch)
+        point_runs = measure_point(model, loop_rows, p_ids, p_mask, {row: n for row in loop_rows}, pad_id,
+                                   config.sweep_repeats, config.warmup, lambda t: report(f"{name} {value}, {t}"),
+                                   models=variants)
+        for row in loop_rows:
+            sweep["rows"][row].append(summarize([r.split() for r in point_runs[row]], p_batch))
+        sweep["values"].append(value)
+        took = time.perf_counter() - started
+    return sweep
+
+
+def compile_report(model, variants: dict | None = None) -> dict:
+    """First call of each compiled shape, per model: compiling (or capturing a CUDA graph), paid once per process."""
+    return {"full": compile_seconds(model.full), "decoder": compile_seconds(model.decoder),
+            **{row: compile_seconds(v.decoder) for row, v in (variants or {}).items()}}
