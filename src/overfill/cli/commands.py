@@ -187,9 +187,13 @@ def run_convert(command: ConvertCommand) -> None:
 def run_generate(command: GenerateCommand) -> None:
     from overfill.generation import GenerationInterrupted, generate, stream
 
+    from overfill.generation import encode_prompt, fit_prompt
+
     prompts = read_prompts(command.prompt)
     config = command.generation()
     pair = command.load(full_alone=config.mode == "full")
+    for i, prompt in enumerate(prompts):  # a prompt the model cannot take is one error line, before anything else is said
+        fit_prompt(encode_prompt(pair.tokenizer, prompt), pair, config, "the prompt" if len(prompts) == 1 else f"prompt {i + 1}")
     config = decided(config, command, len(prompts) * config.num_return_sequences * config.max_new_tokens)
     if command.stream and not command.json:
         try:
@@ -223,14 +227,15 @@ def print_replies(command: GenerateCommand, replies) -> None:
         )
 
 
-def decided(config: GenerationConfig, source: ModelSource, decode_tokens: int | None) -> GenerationConfig:
+def decided(config: GenerationConfig, source: ModelSource, decode_tokens: int | None, say: bool = True) -> GenerationConfig:
     """`config` with --compile decided for this device and workload (decode_step.decide_compile), said on stderr."""
     import torch
 
     from overfill.decode_step import decide_compile
 
     compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
-    err.print(f"[dim]{escape(why)}[/]", highlight=False, soft_wrap=True)
+    if say:
+        err.print(f"[dim]{escape(why)}[/]", highlight=False, soft_wrap=True)
     return dataclasses.replace(config, compile=compile)
 
 
@@ -239,9 +244,11 @@ def run_chat(command: ChatCommand) -> None:
 
     config = command.generation()
     model = command.load(full_alone=config.mode == "full")
-    session = ChatSession(model, decided(config, command, None), system=command.system)
     tolerant_stdin()
     interactive = sys.stdin is not None and sys.stdin.isatty()
+    # A script's stderr stays for errors, unless the run compiles (a minute or more before the first reply).
+    config = decided(config, command, None, say=interactive or bool(config.compile))
+    session = ChatSession(model, config, system=command.system)
     if interactive:  # a person needs the commands; a script's stderr stays for errors
         err.print(f"[dim]mode {config.mode}. Commands: /reset, /mode {'|'.join(MODES)}, /exit[/]")
     while True:
