@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.markup import escape
 
-from overfill.errors import OverfillError, check_utf8
+from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.generation import GenerationConfig
 from overfill.modeling import MODES, ModelSource
 
@@ -192,8 +193,10 @@ def run_generate(command: GenerateCommand) -> None:
     prompts = read_prompts(command.prompt)
     config = command.generation()
     pair = command.load(full_alone=config.mode == "full")
-    for i, prompt in enumerate(prompts):  # a prompt the model cannot take is one error line, before anything else is said
-        fit_prompt(encode_prompt(pair.tokenizer, prompt), pair, config, "the prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+    with warnings.catch_warnings():  # generate warns about a cut prompt; this only refuses one it cannot take
+        warnings.simplefilter("ignore", OverfillWarning)
+        for i, prompt in enumerate(prompts):  # one error line, before anything else is said
+            fit_prompt(encode_prompt(pair.tokenizer, prompt), pair, config, "the prompt" if len(prompts) == 1 else f"prompt {i + 1}")
     config = decided(config, command, len(prompts) * config.num_return_sequences * config.max_new_tokens)
     if command.stream and not command.json:
         try:
