@@ -76,6 +76,8 @@ class ConvertCommand(ModelSource):
     """Folder for the converted checkpoint (a new one: an existing folder is not replaced unless --force)."""
     force: bool = False
     """Replace --out if it exists."""
+    device: str = "cpu"
+    """Where the conversion runs (it computes little; the CPU by default, so the weights need no GPU memory)."""
 
     def __post_init__(self):
         super().__post_init__()
