@@ -188,9 +188,7 @@ def run_convert(command: ConvertCommand) -> None:
 
 
 def run_generate(command: GenerateCommand) -> None:
-    from overfill.generation import GenerationInterrupted, generate, stream
-
-    from overfill.generation import encode_prompt, fit_prompt
+    from overfill.generation import GenerationInterrupted, encode_prompt, fit_prompt, generate, stream
 
     prompts = read_prompts(command.prompt)
     config = command.generation()
