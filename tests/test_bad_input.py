@@ -364,8 +364,9 @@ def test_interrupted_generate_prints_what_it_has(monkeypatch, capsys, files, str
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("interrupted: the reply above is as far as it got")
     assert out.endswith("\n")
+    assert err.startswith("decode step: eager")  # what the run chose, said before it starts
     if not stream:  # 4 tokens chosen before the interrupt: token 1 from the prefill, 3 decoded
-        assert "4 tokens" in err and "interrupted" in err.splitlines()[0]
+        assert "4 tokens" in err and "interrupted" in err.splitlines()[1]
 
 
 def test_interactive_chat_reports_a_bad_turn_and_goes_on(monkeypatch, capsys, files):

@@ -22,7 +22,8 @@ def pair():
 
 def test_bench_writes_json_and_plots(pair, tmp_path):
     config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep="3,6", prompt_len_sweep=(20, 30),
-                         batch_sweep="1,2", sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4, threads=1)
+                         batch_sweep="1,2", sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4, threads=1,
+                         decode_steps="eager")
     result = run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
 
     saved = json.loads((tmp_path / "bench.json").read_text())
@@ -46,7 +47,8 @@ def test_bench_writes_json_and_plots(pair, tmp_path):
 
 def test_bench_times_refresh_rows_beside_the_modes(pair, tmp_path):
     config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=9, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
-                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, refresh_every="4,2")
+                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, refresh_every="4,2",
+                         decode_steps="eager")
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
     key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
     assert set(key["rows"]) == {"overfill", "full", "pruned", "overfill+refresh2", "overfill+refresh4"}
@@ -59,7 +61,7 @@ def test_bench_times_decoder_dtypes_beside_the_modes(pair, tmp_path):
 
     config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep="1,2",
                          sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=0, overhead_steps=0, threads=1,
-                         references=False, decoder_dtypes="float32,bfloat16,int8", modes="overfill,full")
+                         references=False, decoder_dtypes="float32,bfloat16,int8", modes="overfill,full", decode_steps="eager")
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
     result = json.loads((tmp_path / "bench.json").read_text())
     key = result["key_point"]
@@ -71,6 +73,23 @@ def test_bench_times_decoder_dtypes_beside_the_modes(pair, tmp_path):
     names = {r["name"] for r in key["ratios"]}
     assert {"overfill@int8 decode ms/token / overfill", "overfill@int8 decode tok/s / full"} <= names
     assert decoder_dtype(pair.decoder) == "float32"  # the bench converted copies, not the model it was given
+
+
+def test_bench_times_compiled_rows_beside_the_eager_ones(pair, tmp_path):
+    # Batch 4: the shapes tests/test_decode_step.py compiles too, so one compiled step serves both.
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, batch_size=4, new_tokens_sweep=0, prompt_len_sweep=0,
+                         batch_sweep=0, repeats=2, warmup=1, overhead_steps=0, threads=1, references=False, modes="overfill,full")
+    run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    key = result["key_point"]
+    assert set(key["rows"]) == {"overfill", "full", "overfill:compiled", "full:compiled"}
+    names = {r["name"] for r in key["ratios"]}
+    # Each engine's OverFill against that engine's full model, and what compiling gains per mode.
+    assert {"overfill decode tok/s / full", "overfill:compiled decode tok/s / full:compiled",
+            "overfill:compiled decode tok/s / overfill", "full:compiled decode tok/s / full"} <= names
+    # Compiled in the warm-up (same shapes as the timed runs), so the timed runs pay no compile.
+    assert set(result["compile_seconds"]["full"]) == {"cpu 4x128"} and set(result["compile_seconds"]["decoder"]) == {"cpu 4x128"}
+    assert "compiled step, first call of each shape" in (tmp_path / "console.txt").read_text()
 
 
 def test_refresh_rows_run_the_refresh_schedule(pair, monkeypatch):

@@ -112,3 +112,13 @@ def test_number_lists_take_commas_or_repeated_flags(monkeypatch, capsys, tiny_fo
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", str(tiny_folder), "--decoder", str(tiny_folder),
                            "--refresh-every", "8,x")
     assert_one_line_error(code, err, "--refresh-every")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["eval", "--data", "x.jsonl"], ["prune"], ["bench"],
+                                     ["train", "--data", "x.jsonl", "--decoder", "d"], ["demo"], ["distill", "--data", "x.jsonl"]])
+def test_a_gpu_on_a_machine_without_one_is_one_line(monkeypatch, capsys, tmp_path, command):
+    (tmp_path / "x.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, *command, "--device", "cuda")
+    assert_one_line_error(code, err, "--device cuda: this machine has no CUDA device")

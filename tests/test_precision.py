@@ -146,3 +146,23 @@ def test_convert_saves_a_checkpoint_with_its_decoder_in_another_dtype(dtype, tmp
     assert_one_line_error(code, err, "already exists")
     code, _, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, "--decoder-dtype")
+
+
+def test_int8_on_torchaos_kernels_saves_the_same_values(tmp_path):
+    """The GPU's int8 path (torchao's weights and kernels), run here on the CPU: it counts, saves and reloads
+    exactly the int8 values and scales of the CPU's fused-kernel path."""
+    from overfill.precision import Int8Linear
+
+    full, tok = save_tiny(tmp_path / "full")
+    pair = pruned_model("llama")
+    torchao_int8 = OverFillModel(full, set_decoder_dtype(copy.deepcopy(pair.decoder), "int8", kernels="torchao"), tok,
+                                 full_source=str(tmp_path / "full"))
+    fused_int8 = set_decoder_dtype(copy.deepcopy(pair.decoder), "int8", kernels="pytorch")
+    assert not any(isinstance(m, Int8Linear) for m in torchao_int8.decoder.modules())
+    assert decoder_dtype(torchao_int8.decoder) == "int8" and weight_bytes(torchao_int8.decoder) == weight_bytes(fused_int8)
+    tokens = greedy(torchao_int8)
+    torchao_int8.save_pretrained(tmp_path / "ckpt")
+    loaded = OverFillModel.from_pretrained(tmp_path / "ckpt")  # on the CPU: the fused kernel's layers
+    for (name, a), b in zip(fused_int8.state_dict().items(), loaded.decoder.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (greedy(loaded) == tokens).float().mean() > 0.9  # other kernels, other rounding

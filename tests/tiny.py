@@ -1,82 +1,14 @@
-"""Tiny randomly initialised models and a tiny tokenizer, built in the tests (no downloads)."""
+"""Tiny randomly initialised models and a tiny tokenizer for the tests (no downloads; overfill.bench.synthetic)."""
 
 from __future__ import annotations
 
 import functools
 import json
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: ids 0-2 are specials, then one token per byte (vocab 259)."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    for ch in sorted(byte_chars):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), pre_tokenizers.Split("", "isolated")]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-VOCAB = 3 + 256
-
-CONFIGS = {
-    # Any field can be overridden, e.g. head_dim=32 (and a hidden size to match) for vLLM's CPU attention.
-    "llama": lambda **kw: LlamaConfig(**{
-        **dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=12, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1),
-        **kw,
-    }),
-    "qwen2": lambda **kw: Qwen2Config(**{
-        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1),
-        **kw,
-    }),
-    "qwen3": lambda **kw: Qwen3Config(**{
-        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1),
-        **kw,
-    }),
-    # head_dim left to be derived (hidden_size / heads = 10), as in real Mistral configs: pruning must pin it.
-    # No sliding window by default, so every position sees the whole prompt and results are exact.
-    "mistral": lambda **kw: MistralConfig(**{
-        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=1,
-               sliding_window=None),
-        **kw,
-    }),
-}
-KINDS = tuple(CONFIGS)
-
-
-def tiny_model(kind: str = "llama", seed: int = 0, **config_kwargs):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[kind](**config_kwargs), dtype=torch.float32)
-    # Random init gives near-identical tiny weights; widen them so outputs differ clearly per channel.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.2)
-    return model.eval()
+# The builders live in the package, where the GPU check uses them too.
+from overfill.bench.synthetic import KINDS, VOCAB, tiny_model  # noqa: F401 - the tests import them from here
+from overfill.bench.synthetic import TINY_CONFIGS as CONFIGS  # noqa: F401
+from overfill.bench.synthetic import byte_tokenizer as tiny_tokenizer
 
 
 @functools.cache

@@ -73,6 +73,17 @@ def rope_of(config) -> dict:
     return dict(rope)
 
 
+def sliding_window_of(config) -> int | None:
+    """The attention window some layers use (Mistral, Qwen2/3 with use_sliding_window), or None when every layer sees all."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 def cache_signature(config) -> dict:
     """Everything that must match for one model to read another's KV cache and tokens."""
     return {

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, fit_prompt, generate_ids, stream_steps
-from overfill.kv_cache import GrowingCache
+from overfill.kv_cache import GrowingCache, crop_to
 from overfill.tensors import pad_id_of
 
 
@@ -26,13 +26,6 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def crop_to(cache, length: int) -> None:
-    """Keep the first `length` cached tokens (5.x `crop` takes minus the number of tokens to remove)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
 
 
 class ChatSession:

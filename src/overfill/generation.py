@@ -18,8 +18,9 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
-from overfill.kv_cache import GrowingCache
+from overfill.kv_cache import GrowingCache, StaticCache
 from overfill.modeling import Mode, check_mode, decode, prefill
 from overfill.refresh import refresh
 from overfill.tensors import left_pad, pad_id_of
@@ -53,6 +54,8 @@ class GenerationConfig:
     """Speculative mode: tokens the decoder drafts per pass of the full model."""
     drafter: str = "overfill"
     """Speculative mode: the decoder drafts on the full model's cache (overfill) or on a cache of its own (pruned)."""
+    compile: bool | None = None
+    """Decode with a compiled step on a static KV cache (CUDA graphs on a GPU, inductor on a CPU): --compile, --no-compile, or neither to let the command decide by device and workload (it says what it chose)."""
 
     def __post_init__(self):
         check_mode(self.mode)
@@ -132,7 +135,24 @@ class TokenChooser:
 class Step:
     tokens: torch.Tensor  # [B] token chosen at this step (pad for finished rows)
     finished: torch.Tensor  # [B] bool, row done after this step
-    seconds: float  # wall time of this step (prefill + first token for step 0)
+    seconds: float  # wall time of this step (prefill + first token for step 0), the device's work included
+
+
+def step_function(decode_model, device: torch.device, compile: bool | None, capacity: int):
+    """The decode step generate_ids runs: `decode_step.CompiledStep` when compiling (None: on a GPU), else None
+    (the model's own forward, op by op). A model the compiled step cannot run decodes eagerly, with a warning
+    when compiling was asked for."""
+    if not (compile if compile is not None else device.type == "cuda"):
+        return None
+    from overfill.decode_step import compiled_step, unsupported
+
+    reason = unsupported(decode_model, capacity)
+    if reason is not None:
+        if compile:
+            warnings.warn(f"decoding eagerly: the compiled step cannot run this model ({reason})", OverfillWarning,
+                          stacklevel=3)
+        return None
+    return compiled_step(decode_model, device)
 
 
 @torch.inference_mode()
@@ -142,19 +162,29 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                  chooser: TokenChooser | None = None) -> Iterator[Step]:
     """Yield one Step per generated token. Rows are prompts repeated num_return_sequences times.
 
-    `cache`/`past_lengths` continue an existing conversation (the cache must hold prefill-model KV).
+    Runs where the models are: ids and masks move to the prefill model's device. `cache`/`past_lengths`
+    continue an existing conversation (the cache must hold prefill-model KV; it keeps the context's KV).
     `is_stopped(row, new_token_ids) -> bool` lets the caller end a row on a stop string.
     `chooser` replaces the one `config` makes (e.g. a TokenChooser seeded row by row).
     With `config.refresh_every` K (overfill mode), step K, 2K, ... is a `refresh` instead of a decoder step.
+    With `config.compile` the decoder's steps run compiled on a StaticCache (decode_step.py).
     """
     prefill_model, decode_model = model.stages(config.mode)
+    device = model_device(prefill_model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    past_lengths = None if past_lengths is None else past_lengths.to(device)
     every = config.refresh_every if config.mode == "overfill" else 0  # full: nothing to refresh; pruned: no full model
     chooser = TokenChooser(config) if chooser is None else chooser
     n = config.num_return_sequences
+    columns = attention_mask.shape[1] + config.max_new_tokens  # cache columns the longest row can reach
+    step = step_function(decode_model, device, config.compile, columns)
     started = time.perf_counter()
-    # Decoding appends to the cache every step: grow it in place rather than re-concatenating.
-    cache = GrowingCache() if cache is None else cache
+    if cache is None:
+        # Decoding appends to the cache every step: in place, into spare room, never re-concatenated.
+        cache = StaticCache.for_model(prefill_model, input_ids.shape[0], columns) if step else GrowingCache()
     logits, cache = prefill(prefill_model, input_ids, attention_mask, cache, past_lengths)
+    if step and not isinstance(cache, StaticCache):  # a caller's cache keeps the context; the reply goes on here
+        cache = StaticCache.copy_of(cache, columns)
     # Several candidates share one prefill: repeat the cache, never re-run the prompt.
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -162,21 +192,23 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
         attention_mask = attention_mask.repeat_interleave(n, 0)
     rows = logits.shape[0]
     lengths = attention_mask.sum(-1)  # [B] real tokens in the cache
-    device = logits.device
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     generated = torch.empty(rows, 0, dtype=torch.long, device=device)
     block_start = attention_mask.shape[1]  # cache columns that hold full-model KV
 
-    for step in range(config.max_new_tokens):
-        if every and step > 0 and step % every == 0:
-            # generated [B, step]: the block is its last K tokens; lengths - 1 is the newest one's position.
+    for index in range(config.max_new_tokens):
+        if every and index > 0 and index % every == 0:
+            # generated [B, index]: the block is its last K tokens; lengths - 1 is the newest one's position.
             logits = refresh(prefill_model, generated[:, -every:], attention_mask, cache, block_start, lengths - every)
             block_start = attention_mask.shape[1]
-        elif step > 0:
+        elif index > 0:
             # The handoff: from here on `decode_model` reads and extends `prefill_model`'s cache.
             # tokens [B]: chosen at the previous step
-            logits = decode(decode_model, tokens[:, None], attention_mask, cache, start=lengths - 1)[:, -1].float()  # noqa: F821
+            if step is None:
+                logits = decode(decode_model, tokens[:, None], attention_mask, cache, start=lengths - 1)[:, -1].float()  # noqa: F821
+            else:
+                logits = step(tokens, lengths - 1, cache, attention_mask)  # noqa: F821
         tokens = chooser(logits, generated)
         tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
         generated = torch.cat([generated, tokens[:, None]], dim=1)
@@ -186,12 +218,79 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                 if is_stopped(row, generated[row]):
                     newly_done[row] = True
         finished = finished | newly_done
+        done = bool(finished.all())  # waits for the device: the step's time includes its work
         yield Step(tokens=tokens, finished=finished.clone(), seconds=time.perf_counter() - started)
         started = time.perf_counter()  # the caller's time between steps is not the model's
-        if bool(finished.all()):
+        if done:
             return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
         lengths = lengths + 1
+
+
+@dataclass
+class RowReply:
+    """One row's reply as the loop made it: its token ids (the stop token included), why it ended, and the
+    steps it took (prefill + first token is step 1)."""
+
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length" | "interrupted"
+    steps: int
+
+
+class Rows:
+    """Collects each row's tokens from the loop's Steps, up to and including the step that finished it.
+
+    The one place where a batch's steps become per-row replies: `generate`, evaluation's batched
+    replies and distillation's torch engine all read the loop through it (`decode_batch`).
+    """
+
+    def __init__(self, rows: int, eos_ids: set[int]):
+        self.eos_ids = eos_ids
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.reasons: list[str | None] = [None] * rows
+        self.seconds: list[float] = []  # per step, the device's work included
+
+    def add(self, step: Step) -> None:
+        tokens, finished = step.tokens.tolist(), step.finished.tolist()  # one copy per step, not one per row
+        self.seconds.append(step.seconds)
+        for row, (token, done) in enumerate(zip(tokens, finished)):
+            if self.reasons[row] is None:
+                self.ids[row].append(token)
+                if done:
+                    self.reasons[row] = "eos" if token in self.eos_ids else "stop"
+
+    def replies(self, unfinished: str = "length") -> list[RowReply]:
+        """One RowReply per row; `unfinished` is the finish reason of rows still going at the last step."""
+        return [RowReply(ids, reason or unfinished, len(ids)) for ids, reason in zip(self.ids, self.reasons)]
+
+
+@dataclass(frozen=True)
+class Endings:
+    """What ends and pads a row, for one model and set of stop strings: built once, passed to every batch."""
+
+    eos_ids: frozenset[int]
+    pad_id: int
+    is_stopped: object = None  # stop_checker(...) or None
+
+    @classmethod
+    def of(cls, model, stop: tuple[str, ...] = ()) -> "Endings":
+        tokenizer = model.tokenizer
+        return cls(frozenset(eos_ids_of(tokenizer, model.full, model.decoder)), pad_id_of(tokenizer),
+                   stop_checker(tokenizer, tuple(stop)))
+
+
+def decode_batch(model, contexts: list[list[int]], config: GenerationConfig, endings: Endings, *,
+                 chooser: TokenChooser | None = None, rows: Rows | None = None) -> list[RowReply]:
+    """Replies to a batch of token-id contexts (left-padded here), one RowReply per context x candidate.
+
+    `rows` collects the steps (pass one to keep what was made when the loop is interrupted).
+    """
+    ids, mask = left_pad(contexts, endings.pad_id)
+    rows = rows if rows is not None else Rows(len(contexts) * config.num_return_sequences, set(endings.eos_ids))
+    for step in generate_ids(model, ids, mask, config, eos_ids=set(endings.eos_ids), pad_id=endings.pad_id,
+                             is_stopped=endings.is_stopped, chooser=chooser):
+        rows.add(step)
+    return rows.replies()
 
 
 # ---------------------------------------------------------------- text in, text out
@@ -321,48 +420,29 @@ def generate(model, prompts, config: GenerationConfig | None = None) -> list[Rep
     if not prompts:
         raise OverfillError("no prompts given: pass at least one prompt")
     tokenizer = model.tokenizer
-    pad_id = pad_id_of(tokenizer)
     what = (lambda i: "the prompt") if len(prompts) == 1 else (lambda i: f"prompt {i + 1}")
-    ids, mask = left_pad([fit_prompt(encode_prompt(tokenizer, p), model, config, what(i)) for i, p in enumerate(prompts)],
-                         pad_id)
-    eos = eos_ids_of(tokenizer, model.full, model.decoder)
-
-    steps: list[Step] = []
+    contexts = [fit_prompt(encode_prompt(tokenizer, p), model, config, what(i)) for i, p in enumerate(prompts)]
+    endings = Endings.of(model, config.stop)
+    rows = Rows(len(contexts) * config.num_return_sequences, set(endings.eos_ids))
     try:
-        for step in generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id,
-                                 is_stopped=stop_checker(tokenizer, config.stop)):
-            steps.append(step)
+        decode_batch(model, contexts, config, endings, rows=rows)
     except KeyboardInterrupt:
-        raise GenerationInterrupted(_replies(steps, tokenizer, config, eos, len(prompts), "interrupted") if steps else []) from None
-    return _replies(steps, tokenizer, config, eos, len(prompts))
+        raise GenerationInterrupted(_replies(rows, rows.replies("interrupted"), tokenizer, config, endings)
+                                    if rows.seconds else []) from None
+    return _replies(rows, rows.replies(), tokenizer, config, endings)
 
 
-def _replies(steps: list[Step], tokenizer, config: GenerationConfig, eos: set[int], n_prompts: int,
-             unfinished: str = "length") -> list[Reply]:
-    """One Reply per row; `unfinished` is the finish reason of rows still going at the last step."""
-    rows = steps[0].tokens.shape[0]
-    tokens = torch.stack([s.tokens for s in steps], dim=1)  # [B, steps]
-    prefill_s = steps[0].seconds
+def _replies(rows: Rows, made: list[RowReply], tokenizer, config: GenerationConfig, endings: Endings) -> list[Reply]:
+    """Text replies with their timing: prefill (+ first token) is the first step; a row's decode time is its
+    share of the steps (the batch runs until its slowest row)."""
     replies = []
-    for row in range(rows):
-        row_ids, reason = [], unfinished
-        for step, s in enumerate(steps):
-            token = int(tokens[row, step])
-            row_ids.append(token)
-            if bool(s.finished[row]):
-                reason = "eos" if token in eos else "stop"
-                done_at = step
-                break
-        else:
-            done_at = len(steps) - 1
-        # The batch runs until its slowest row; a row's own decode time is its share of the steps.
-        decode_s = sum(s.seconds for s in steps[1 : done_at + 1])
-        text_ids = [t for t in row_ids if t not in eos]
-        text = tokenizer.decode(text_ids, skip_special_tokens=True)
+    for row, r in enumerate(made):
+        text = tokenizer.decode([t for t in r.token_ids if t not in endings.eos_ids], skip_special_tokens=True)
         if config.stop:
             text, _ = cut_at_stop(text, config.stop)
-        replies.append(Reply(mode=config.mode, text=text, token_ids=row_ids, new_tokens=len(row_ids),
-                             finish_reason=reason, prefill_s=prefill_s, decode_s=decode_s,
+        replies.append(Reply(mode=config.mode, text=text, token_ids=r.token_ids, new_tokens=len(r.token_ids),
+                             finish_reason=r.finish_reason, prefill_s=rows.seconds[0],
+                             decode_s=sum(rows.seconds[1 : r.steps]),
                              prompt_index=row // config.num_return_sequences,
                              sequence_index=row % config.num_return_sequences))
     return replies
@@ -374,10 +454,11 @@ def stream(model, prompt, config: GenerationConfig | None = None) -> Iterator[st
     if config.num_return_sequences != 1:
         raise OverfillError("streaming returns one reply: use num_return_sequences=1")
     tokenizer = model.tokenizer
-    pad_id = pad_id_of(tokenizer)
-    ids, mask = left_pad([fit_prompt(encode_prompt(tokenizer, prompt), model, config)], pad_id)
-    eos = eos_ids_of(tokenizer, model.full, model.decoder)
-    yield from stream_steps(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id), tokenizer, eos, config.stop)
+    endings = Endings.of(model)
+    ids, mask = left_pad([fit_prompt(encode_prompt(tokenizer, prompt), model, config)], endings.pad_id)
+    eos = set(endings.eos_ids)
+    yield from stream_steps(generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=endings.pad_id), tokenizer, eos,
+                            config.stop)
 
 
 def stream_steps(steps: Iterator[Step], tokenizer, eos: set[int], stop: tuple[str, ...] = ()) -> Iterator[str]:

@@ -15,15 +15,27 @@ filled part as a view, so `keys`/`values` look exactly like DynamicLayer's to th
 It is still a DynamicCache: crop, batch_repeat_interleave and friends replace `keys`/`values`
 with new tensors, and the next update notices and adopts them into a fresh buffer.
 Inference only: the in-place writes would clash with autograd in training.
+
+`StaticCache`: every layer in one buffer of a fixed capacity, which the compiled decode step
+(decode_step.py) reads and extends in place; the eager forward sees it as a DynamicCache too.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 MIN_CAPACITY = 256
+
+
+def crop_to(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` cached tokens (5.x `crop` takes minus the number of tokens to remove)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 class DtypeKeepingLayer(DynamicLayer):
@@ -89,3 +101,167 @@ class GrowingCache(DynamicCache):
 
     def __init__(self):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
+# ---------------------------------------------------------------- one preallocated buffer (the compiled step's)
+
+
+class StaticLayer(DtypeKeepingLayer):
+    """A layer whose keys/values are views of two preallocated buffers of its cache.
+
+    To the model's eager forward (prefill, refresh) it looks exactly like a DynamicLayer: `keys` is
+    the filled part [B, kv_heads, T, head_dim], `update` appends in place, `crop` shortens the view.
+    The compiled decode step (decode_step.py) writes the whole buffer's next column itself and then
+    moves the view on (`StaticCache.advance`).
+    """
+
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor):
+        super().__init__()
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer  # [B, kv_heads, capacity, head_dim]
+        self.dtype, self.device = key_buffer.dtype, key_buffer.device
+        self.keys, self.values = key_buffer[..., :0, :], value_buffer[..., :0, :]
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.dtype != self.dtype:  # a decoder in another dtype (see DtypeKeepingLayer)
+            keys, values = self.update(key_states.to(self.dtype), value_states.to(self.dtype))
+            return keys.to(key_states.dtype), values.to(value_states.dtype)
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        if length + new > self.key_buffer.shape[-2]:
+            raise RuntimeError(f"internal: a static KV cache of {self.key_buffer.shape[-2]} tokens was asked to hold {length + new}")
+        self.key_buffer[..., length : length + new, :] = key_states
+        self.value_buffer[..., length : length + new, :] = value_states
+        self.keys = self.key_buffer[..., : length + new, :]
+        self.values = self.value_buffer[..., : length + new, :]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise RuntimeError("internal: StaticCache repeats rows as a whole (StaticCache.batch_repeat_interleave)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise RuntimeError("internal: a StaticCache keeps its rows")
+
+
+class StaticCache(DynamicCache):
+    """Every layer's keys and values in preallocated buffers `key_buffers[i]`, `value_buffers[i]` [B, kv_heads, capacity, head_dim].
+
+    What the compiled decode step reads and writes (decode_step.py), so that its inputs keep their
+    shapes and addresses from step to step (what CUDA graphs need) and across calls of the same
+    shape: buffers come from a small pool and go back to it when the cache is dropped. Each layer's
+    are separate tensors, not views of one: a compiled step writing into views of one input would
+    copy all of it, every layer. `mask` [B, capacity] (bool) says which columns a decode step attends
+    to. Capacities are whole multiples of CAPACITY_STEP, so prompts of many lengths share one compiled step.
+    """
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.shape = (layers, rows, kv_heads, capacity_for(capacity), head_dim)
+        self.key_buffers, self.value_buffers, self.mask, self.column = _POOL.borrow(self, self.shape, dtype, torch.device(device))
+        Cache.__init__(self, layers=[StaticLayer(k, v) for k, v in zip(self.key_buffers, self.value_buffers)])
+        self.mask_width = 0  # columns of `mask` that hold the loop's attention mask (mask_from)
+        self.column_at = -1  # the length `column` holds, -1 when unknown (the step moves it on by one)
+
+    @classmethod
+    def for_model(cls, model, rows: int, columns: int) -> "StaticCache":
+        """An empty cache for `model`'s KV (its layers, KV heads, head_dim, activation dtype and device), for
+        `rows` rows of up to `columns` tokens."""
+        from overfill.arch import head_dim_of, kv_heads_of
+
+        config, embedding = model.config, model.get_input_embeddings().weight
+        return cls(config.num_hidden_layers, rows, kv_heads_of(config), head_dim_of(config), columns,
+                   embedding.dtype, embedding.device)
+
+    @classmethod
+    def copy_of(cls, cache: DynamicCache, columns: int) -> "StaticCache":
+        """A StaticCache of up to `columns` tokens holding what `cache` holds (e.g. a chat's kept context)."""
+        keys = cache.layers[0].keys  # [B, kv_heads, T, head_dim]
+        static = cls(len(cache.layers), keys.shape[0], keys.shape[1], keys.shape[-1], columns, keys.dtype, keys.device)
+        for source, layer in zip(cache.layers, static.layers):
+            layer.update(source.keys, source.values)
+        return static
+
+    @property
+    def rows(self) -> int:
+        return self.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.shape[3]
+
+    def advance(self, tokens: int = 1) -> None:
+        """The compiled step wrote `tokens` more columns into every layer's buffer: show them to the eager forward."""
+        for layer in self.layers:
+            length = layer.keys.shape[-2] + tokens
+            layer.keys, layer.values = layer.key_buffer[..., :length, :], layer.value_buffer[..., :length, :]
+
+    def mask_from(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`mask` [B, capacity] holding `attention_mask` [B, T] (cache + new token), False beyond: updated in place,
+        one column per step once in step with the loop."""
+        width = attention_mask.shape[1]
+        if width == self.mask_width + 1 and self.mask_width:
+            self.mask[:, width - 1] = attention_mask[:, -1].bool()
+        elif width != self.mask_width:
+            self.mask.zero_()
+            self.mask[:, :width] = attention_mask.bool()
+        self.mask_width = width
+        return self.mask
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Several candidates from one prefill: a buffer of `repeats` times the rows, each row's entries repeated."""
+        if repeats == 1:
+            return
+        old = self.layers
+        self.shape = (self.shape[0], self.rows * repeats, *self.shape[2:])
+        self.key_buffers, self.value_buffers, self.mask, self.column = _POOL.borrow(self, self.shape, self.key_buffers[0].dtype,
+                                                                      self.key_buffers[0].device)
+        self.layers = [StaticLayer(k, v) for k, v in zip(self.key_buffers, self.value_buffers)]
+        for source, layer in zip(old, self.layers):
+            layer.update(source.keys.repeat_interleave(repeats, dim=0), source.values.repeat_interleave(repeats, dim=0))
+        self.mask_width, self.column_at = 0, -1
+
+
+CAPACITY_STEP = 128
+
+
+def capacity_for(tokens: int) -> int:
+    """The static cache's capacity for `tokens` columns: the next multiple of CAPACITY_STEP."""
+    return max(CAPACITY_STEP, -(-tokens // CAPACITY_STEP) * CAPACITY_STEP)
+
+
+class _BufferPool:
+    """KV buffers kept for reuse between calls of the same shape: a compiled step (a CUDA graph above all)
+    then finds its inputs where it left them. A cache borrows one for its lifetime; a finalizer gives it back."""
+
+    KEEP = 4  # idle buffer sets kept, the most recently returned first
+
+    def __init__(self):
+        self.idle: list[tuple[tuple, tuple]] = []  # (key, (keys, values, mask, column))
+
+    def borrow(self, owner, shape: tuple, dtype: torch.dtype, device: torch.device):
+        key = (shape, dtype, device)
+        for i, (k, buffers) in enumerate(self.idle):
+            if k == key:
+                del self.idle[i]
+                break
+        else:
+            layers, rows, *layer_shape = shape
+            keys = [torch.zeros(rows, *layer_shape, dtype=dtype, device=device) for _ in range(layers)]
+            values = [torch.zeros(rows, *layer_shape, dtype=dtype, device=device) for _ in range(layers)]
+            mask = torch.zeros(rows, layer_shape[1], dtype=torch.bool, device=device)  # [B, capacity]
+            column = torch.zeros(1, dtype=torch.long, device=device)
+            if device.type == "cuda":  # CUDA graphs read these where they are, not from copies
+                for tensor in (*keys, *values, mask, column):
+                    torch._dynamo.mark_static_address(tensor)
+            buffers = (keys, values, mask, column)
+        weakref.finalize(owner, self._give_back, key, buffers)
+        return buffers
+
+    def _give_back(self, key, buffers) -> None:
+        self.idle.insert(0, (key, buffers))
+        del self.idle[self.KEEP :]
+
+
+_POOL = _BufferPool()

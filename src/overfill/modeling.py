@@ -31,8 +31,9 @@ from transformers import DynamicCache
 
 from overfill import arch
 from overfill.atomic import atomic_folder, read_json_object
+from overfill.devices import default_dtype, resolve_device
 from overfill.errors import OverfillError
-from overfill.kv_cache import KVCache
+from overfill.kv_cache import KVCache, crop_to
 from overfill.tensors import IGNORE, positions_from_mask
 from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype, fingerprint, load_model, resolve_model
 
@@ -123,7 +124,7 @@ def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torc
     if teacher:
         logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
                                            target_ids.shape[1])  # [B, N, V]
-        cache.crop(context_ids.shape[1])  # cache of x
+        crop_to(cache, context_ids.shape[1])  # cache of x
         first, predicted = logits[:, 0].float(), logits[:, 1:]
     else:
         with torch.no_grad():
@@ -272,8 +273,8 @@ class OverFillModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, full_model: str | nn.Module | None = None, *,
                         dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                        decoder_dtype: str | None = None) -> "OverFillModel":
-        """Load a checkpoint folder; the full model defaults to the one recorded in overfill.json,
+                        decoder_dtype: str | None = None, device: str | torch.device = "cpu") -> "OverFillModel":
+        """Load a checkpoint folder onto `device`; the full model defaults to the one recorded in overfill.json,
         the decoder's dtype (precision.py) to the recorded one, else `dtype`."""
         folder = Path(folder)
         meta = read_checkpoint_meta(folder)
@@ -298,7 +299,7 @@ class OverFillModel(nn.Module):
                 + (f" ({meta['full_model']})" if meta.get("full_model") else "")
             )
         model.full_source = model.full_source or meta.get("full_model")
-        model.cast(dtype, decoder_dtype or meta.get("decoder_dtype"))
+        model.cast(dtype, decoder_dtype or meta.get("decoder_dtype"), device)
         if (decoder_dtype or meta.get("decoder_dtype")) == "int8":
             from overfill.precision import restore_int8
 
@@ -307,7 +308,8 @@ class OverFillModel(nn.Module):
 
     @classmethod
     def from_pair(cls, full_model: str, decoder: str, *, dtype: torch.dtype = torch.float32,
-                  trust_remote_code: bool = False, decoder_dtype: str | None = None) -> "OverFillModel":
+                  trust_remote_code: bool = False, decoder_dtype: str | None = None,
+                  device: str | torch.device = "cpu") -> "OverFillModel":
         """A full model and a decoder folder (e.g. from `overfill prune`), checked against each other."""
         full, tokenizer = load_model(full_model, trust_remote_code=trust_remote_code, quiet=True)
         dec, dec_tokenizer = load_model(decoder, trust_remote_code=trust_remote_code, quiet=True)
@@ -322,16 +324,21 @@ class OverFillModel(nn.Module):
                 f"decoder {decoder} was pruned from another model than {full_model} "
                 f"(fingerprint {model.full_fingerprint[:12]} != {expected[:12]}): pair it with its source model"
             )
-        return model.cast(dtype, decoder_dtype)
+        return model.cast(dtype, decoder_dtype, device)
 
-    def cast(self, dtype: torch.dtype, decoder_dtype: str | None = None) -> "OverFillModel":
-        """Both models in `dtype`, then the decoder alone in `decoder_dtype` if given (precision.py:
-        float32, bfloat16 or int8). Loading stays float32 until the pair is checked: the fingerprints
-        recorded at pruning and training time are of float32 weights."""
+    def cast(self, dtype: torch.dtype, decoder_dtype: str | None = None,
+             device: str | torch.device | None = None) -> "OverFillModel":
+        """Both models in `dtype` on `device`, then the decoder alone in `decoder_dtype` if given
+        (precision.py: float32, bfloat16 or int8, whose kernels depend on the device). Loading stays
+        float32 until the pair is checked: the fingerprints recorded at pruning and training time are
+        of float32 weights."""
         if dtype != torch.float32:
             _ = self.full_fingerprint  # of the float32 weights, before they are cast
             self.full.to(dtype)
             self.decoder.to(dtype)
+        if device is not None:
+            self.full.to(device)
+            self.decoder.to(device)
         if decoder_dtype:
             from overfill.precision import set_decoder_dtype
 
@@ -354,7 +361,7 @@ def read_checkpoint_meta(folder: Path) -> dict:
 
 @dataclass(unsafe_hash=True)  # hashable: eval groups entries that share one source
 class ModelSource:
-    """Where a command's OverFill model comes from (generate, chat, eval, bench)."""
+    """Where a command's OverFill model comes from, and where it runs (generate, chat, eval, bench)."""
 
     checkpoint: str | None = None
     """OverFill checkpoint folder (from `overfill train`); or use --model with --decoder."""
@@ -362,14 +369,19 @@ class ModelSource:
     """Full model (zoo name, folder or hub id; default smollm2-135m-instruct); with a checkpoint, it replaces the one the checkpoint records."""
     decoder: str | None = None
     """Pruned decoder folder (from `overfill prune`, or a checkpoint's decoder/), paired with --model."""
-    dtype: Dtype = "float32"
-    """Weights dtype of both models."""
+    dtype: Dtype | None = None
+    """Weights dtype of both models; the KV cache keeps the full model's (default: bfloat16 on a GPU, float32 on a CPU)."""
     trust_remote_code: bool = False
     """Allow custom model code from the model folder (off unless you trust it)."""
     decoder_dtype: str | None = None
-    """The decoder alone in float32, bfloat16 or int8 (int8 weights on PyTorch's fused int8 kernel), behind a full model and KV cache left in --dtype; default: a checkpoint's recorded one, else --dtype."""
+    """The decoder alone in float32, bfloat16 or int8 (int8 weights on PyTorch's fused int8 kernel on a CPU, torchao's on a GPU), behind a full model and KV cache left in --dtype; default: a checkpoint's recorded one, else --dtype."""
+    device: str = "auto"
+    """Where both models run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
 
     def __post_init__(self):
+        # The device is checked here, before any model loads: a missing GPU is one error line, at once.
+        self.device = str(resolve_device(self.device))
+        self.dtype = self.dtype or default_dtype(torch.device(self.device))
         check_dtype(self.dtype)
         if self.decoder_dtype is not None:
             from overfill.precision import check_decoder_dtype
@@ -380,18 +392,18 @@ class ModelSource:
         return self.checkpoint or f"{self.model or DEFAULT_MODEL}" + (f" + {self.decoder}" if self.decoder else "")
 
     def load(self, *, full_alone: bool = False) -> OverFillModel:
-        """The checkpoint, or --model + --decoder. With `full_alone`, --model without a decoder stands
-        in for both halves (only mode full may then run)."""
-        dtype, trust = check_dtype(self.dtype), self.trust_remote_code
+        """The checkpoint, or --model + --decoder, on --device. With `full_alone`, --model without a decoder
+        stands in for both halves (only mode full may then run)."""
+        dtype, trust, device = check_dtype(self.dtype), self.trust_remote_code, torch.device(self.device)
         if self.checkpoint:
             return OverFillModel.from_pretrained(self.checkpoint, self.model, dtype=dtype, trust_remote_code=trust,
-                                                 decoder_dtype=self.decoder_dtype)
+                                                 decoder_dtype=self.decoder_dtype, device=device)
         model = self.model or DEFAULT_MODEL
         if self.decoder:
             return OverFillModel.from_pair(model, self.decoder, dtype=dtype, trust_remote_code=trust,
-                                           decoder_dtype=self.decoder_dtype)
+                                           decoder_dtype=self.decoder_dtype, device=device)
         if not full_alone:
             raise OverfillError("no decoder given: pass an OverFill checkpoint folder, or --decoder (a folder from "
                                 f"`overfill prune`) with --model (default {DEFAULT_MODEL})")
         full, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust, quiet=True)
-        return OverFillModel(full, full, tokenizer, full_source=model)
+        return OverFillModel(full.to(device), full, tokenizer, full_source=model)

@@ -8,12 +8,13 @@ bfloat16). Only the decoder changes:
     float32   as trained
     bfloat16  every decoder weight and activation in bfloat16 (half the bytes)
     int8      int8 weights with one float32 scale per output channel for every linear layer, LM
-              head included (a quarter of the bytes); activations, norms and attention stay
-              float32, so the decoder reads the float32 cache as is. torchao (PyTorch's own
-              quantisation library) computes the int8 values and scales; PyTorch's fused int8
-              weight-only kernel (`_weight_int8pack_mm`) multiplies with them, reading the int8
-              bytes directly. torchao's own CPU linear widens the whole weight to float32 on every
-              call, which costs more time than the int8 bytes save (measured: slower than float32).
+              head included (a quarter of the bytes); activations, norms and attention stay in the
+              model's dtype, so the decoder reads the cache as is. torchao (PyTorch's own
+              quantisation library) computes the int8 values and scales. On a CPU, PyTorch's fused
+              int8 weight-only kernel (`_weight_int8pack_mm`, `Int8Linear`) multiplies with them,
+              reading the int8 bytes directly: torchao's own CPU linear widens the whole weight to
+              float32 on every call, which costs more time than the int8 bytes save (measured: slower
+              than float32). On a GPU the layers keep torchao's weights and kernels (`int8_kernels`).
 
 Whether bfloat16 pays depends on the CPU: with AVX512-BF16 or AMX it is native; without (AMD Zen3,
 AVX2 only) matrix-matrix products were measured ~400x slower than float32, while matrix-vector
@@ -77,8 +78,14 @@ def _torchao():
     return quantization
 
 
-def set_decoder_dtype(decoder: nn.Module, dtype: str, batch: int = 1) -> nn.Module:
-    """Convert `decoder` in place to `dtype` (from float32 weights) and return it; warns where it may be slower here."""
+def int8_kernels(device: torch.device) -> str:
+    """Whose kernels an int8 decoder multiplies with on `device`: pytorch (the fused CPU kernel, `Int8Linear`) or torchao."""
+    return "pytorch" if device.type == "cpu" else "torchao"
+
+
+def set_decoder_dtype(decoder: nn.Module, dtype: str, batch: int = 1, kernels: str | None = None) -> nn.Module:
+    """Convert `decoder` in place to `dtype` (from float32 weights, on its device) and return it; warns where it may be
+    slower here. int8 `kernels` default to the device's (`int8_kernels`)."""
     check_decoder_dtype(dtype)
     if dtype == "bfloat16":
         _advise(dtype, batch)
@@ -87,10 +94,12 @@ def set_decoder_dtype(decoder: nn.Module, dtype: str, batch: int = 1) -> nn.Modu
         _advise(dtype, batch)
         quantization = _torchao()
         quantization.quantize_(decoder, quantization.Int8WeightOnlyConfig())
-        for parent in list(decoder.modules()):
-            for name, child in parent.named_children():
-                if isinstance(child, nn.Linear) and hasattr(child.weight, "qdata"):
-                    setattr(parent, name, Int8Linear(child.weight.qdata, child.weight.scale, child.bias))
+        device = next(decoder.parameters()).device
+        if (kernels or int8_kernels(device)) == "pytorch":
+            for parent in list(decoder.modules()):
+                for name, child in parent.named_children():
+                    if isinstance(child, nn.Linear) and hasattr(child.weight, "qdata"):
+                        setattr(parent, name, Int8Linear(child.weight.qdata, child.weight.scale, child.bias))
     return decoder
 
 
@@ -133,16 +142,25 @@ class Int8Linear(nn.Module):
         return self.qdata.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel_dtype = int8_kernel_input() if x.device.type == "cpu" else None
+        if torch.compiler.is_compiling():  # a compiled step: what `prepare` settled, as constants
+            kernel_dtype, scale = self._prepared
+        else:
+            kernel_dtype = int8_kernel_input() if x.device.type == "cpu" else None
+            scale = None if kernel_dtype is None else self._kernel_scale(kernel_dtype)
         if kernel_dtype is None:
             y = nn.functional.linear(x, self.dequantize().to(x.dtype))
         else:
             rows = x.reshape(-1, self.in_features).to(kernel_dtype)
             if self.packed.shape[1] != self.in_features:
                 rows = nn.functional.pad(rows, (0, self.packed.shape[1] - self.in_features))
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.packed, self._kernel_scale(kernel_dtype))
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.packed, scale)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def prepare(self) -> None:
+        """Settle the kernel's input dtype and scales before a compiled step traces `forward` (decode_step.py)."""
+        kernel_dtype = int8_kernel_input() if self.packed.device.type == "cpu" else None
+        self._prepared = (kernel_dtype, None if kernel_dtype is None else self._kernel_scale(kernel_dtype))
 
     def _kernel_scale(self, dtype: torch.dtype) -> torch.Tensor:
         """The scales in the kernel's input dtype, converted once (again after a move or `restore_int8`)."""
@@ -191,9 +209,9 @@ def int8_kernel_input() -> torch.dtype | None:
 
 
 def decoder_dtype(decoder: nn.Module) -> str:
-    """What `set_decoder_dtype` made of a decoder: int8 when its linear layers hold int8 weights."""
+    """What `set_decoder_dtype` made of a decoder: int8 when its linear layers hold int8 weights (either kernels')."""
     for module in decoder.modules():
-        if isinstance(module, Int8Linear):
+        if isinstance(module, Int8Linear) or (isinstance(module, nn.Linear) and hasattr(module.weight, "qdata")):
             return "int8"
         if isinstance(module, nn.Linear):
             return {torch.bfloat16: "bfloat16"}.get(module.weight.dtype, "float32")
@@ -208,11 +226,12 @@ def float_copy(decoder: nn.Module) -> nn.Module:
     copy_ = copy.deepcopy(decoder)
     for parent in list(copy_.modules()):
         for name, child in parent.named_children():
-            if isinstance(child, Int8Linear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                linear.weight = nn.Parameter(child.dequantize(), requires_grad=False)
+            if isinstance(child, Int8Linear) or (isinstance(child, nn.Linear) and hasattr(child.weight, "qdata")):
+                weight = child.dequantize() if isinstance(child, Int8Linear) else child.weight.dequantize()
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device=weight.device)
+                linear.weight = nn.Parameter(weight.float(), requires_grad=False)
                 if child.bias is not None:
-                    linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                    linear.bias = nn.Parameter(child.bias.detach().float().clone(), requires_grad=False)
                 setattr(parent, name, linear)
     if getattr(copy_.config, "tie_word_embeddings", False):
         copy_.config.tie_word_embeddings = False  # the LM head was quantised apart from the embedding
@@ -220,9 +239,12 @@ def float_copy(decoder: nn.Module) -> nn.Module:
 
 
 def _quantised(decoder: nn.Module):
+    """(name, int8 values [out, in], scales [out]) of every int8 layer, views of the tensors the layer computes with."""
     for name, module in decoder.named_modules():
         if isinstance(module, Int8Linear):
-            yield name, module
+            yield name, module.qdata, module.scale
+        elif isinstance(module, nn.Linear) and hasattr(module.weight, "qdata"):  # torchao's weights
+            yield name, module.weight.qdata, module.weight.scale.view(-1)
 
 
 def save_int8(decoder: nn.Module, folder: Path) -> None:
@@ -230,8 +252,8 @@ def save_int8(decoder: nn.Module, folder: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
-    for name, linear in _quantised(decoder):
-        tensors[f"{name}.qdata"], tensors[f"{name}.scale"] = linear.qdata.contiguous(), linear.scale.contiguous()
+    for name, qdata, scale in _quantised(decoder):
+        tensors[f"{name}.qdata"], tensors[f"{name}.scale"] = qdata.contiguous().cpu(), scale.contiguous().cpu()
     save_file(tensors, str(Path(folder) / INT8_FILE))
 
 
@@ -244,14 +266,16 @@ def restore_int8(decoder: nn.Module, folder: Path) -> None:
         return
     saved = load_file(str(path))
     with torch.no_grad():
-        for name, linear in _quantised(decoder):
-            linear.qdata.copy_(saved[f"{name}.qdata"])
-            linear.scale.copy_(saved[f"{name}.scale"].reshape(-1))
-            linear._scale_key = None
+        for name, qdata, scale in _quantised(decoder):
+            qdata.copy_(saved[f"{name}.qdata"])
+            scale.copy_(saved[f"{name}.scale"].reshape(-1))
+    for module in decoder.modules():
+        if isinstance(module, Int8Linear):
+            module._scale_key = None
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of a module's weights (an int8 layer counts its int8 values and scales, not the kernel's padding)."""
-    int8 = [m for m in module.modules() if isinstance(m, Int8Linear)]
-    return (sum(p.numel() * p.element_size() for p in module.parameters())
-            + sum(m.qdata.numel() + m.scale.numel() * m.scale.element_size() for m in int8))
+    """Bytes of a module's weights, shared ones once (an int8 layer counts its int8 values and scales, not the kernel's padding)."""
+    dense = {id(p): p for p in module.parameters() if not hasattr(p, "qdata")}
+    return (sum(p.numel() * p.element_size() for p in dense.values())
+            + sum(q.numel() * q.element_size() + s.numel() * s.element_size() for _, q, s in _quantised(module)))

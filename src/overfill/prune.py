@@ -26,6 +26,7 @@ from overfill import arch
 from overfill.atomic import atomic_folder, check_writable
 from overfill.data.calibration import bundled_calibration_records, calibration_ids
 from overfill.data.records import read_records
+from overfill.devices import model_device, resolve_device
 from overfill.errors import OverfillError
 from overfill.tensors import left_pad, pad_id_of, positions_from_mask
 from overfill.zoo import DEFAULT_MODEL, fingerprint, load_config, load_model, resolve_model
@@ -65,8 +66,11 @@ class PruneConfig:
     """Replace a non-empty output folder."""
     trust_remote_code: bool = False
     """Allow custom model code from the model folder (off unless you trust it)."""
+    device: str = "auto"
+    """Where the calibration batches run (in float32): auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
 
     def __post_init__(self):
+        self.device = str(resolve_device(self.device))
         for name in ("ratio", "hidden_ratio", "mlp_ratio"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -128,19 +132,22 @@ def calibration_sequences(tokenizer, config: PruneConfig) -> list[list[int]]:
 
 
 def _masked_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, C] -> [B, C], averaging real tokens only."""
+    """[B, T, C] -> [B, C], averaging real tokens only (in float64, float32 on MPS)."""
     m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1).double() / m.sum(1).double()
+    wide = torch.float32 if x.device.type == "mps" else torch.float64
+    return (x * m).sum(1).to(wide) / m.sum(1).to(wide)
 
 
 @torch.no_grad()
 def collect_scores(model, sequences: list[list[int]], *, pad_id: int, batch_size: int = 8, progress: bool = True) -> ChannelScores:
-    """Stream calibration batches through the model and return per-channel importance scores."""
+    """Stream calibration batches through the model (on its device) and return per-channel importance scores."""
     layers = model.model.layers
     n_layers, hidden = len(layers), model.config.hidden_size
     inter = model.config.intermediate_size
-    hidden_sq = torch.zeros(hidden, dtype=torch.float64)
-    mlp_sq = torch.zeros(n_layers, inter, dtype=torch.float64)
+    device = model_device(model)
+    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    hidden_sq = torch.zeros(hidden, dtype=wide, device=device)
+    mlp_sq = torch.zeros(n_layers, inter, dtype=wide, device=device)
     state: dict = {}
 
     def on_norm(_module, _inputs, output):
@@ -163,16 +170,17 @@ def collect_scores(model, sequences: list[list[int]], *, pad_id: int, batch_size
     ordered = sorted(sequences, key=len, reverse=True)
     try:
         for start in tqdm(range(0, len(ordered), batch_size), desc="calibrating", unit="batch", disable=not progress):
-            ids, mask = left_pad(ordered[start : start + batch_size], pad_id)
+            ids, mask = (t.to(device) for t in left_pad(ordered[start : start + batch_size], pad_id))
             state["mask"] = mask
-            state["hidden"] = torch.zeros(ids.shape[0], hidden, dtype=torch.float64)
+            state["hidden"] = torch.zeros(ids.shape[0], hidden, dtype=wide, device=device)
             model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False, logits_to_keep=1)
             hidden_sq += (state["hidden"] ** 2).sum(0)
             tokens += int(mask.sum())
     finally:
         for handle in handles:
             handle.remove()
-    return ChannelScores(hidden=hidden_sq.sqrt(), mlp=mlp_sq.sqrt(), sequences=len(sequences), tokens=tokens)
+    return ChannelScores(hidden=hidden_sq.sqrt().double().cpu(), mlp=mlp_sq.sqrt().double().cpu(), sequences=len(sequences),
+                         tokens=tokens)
 
 
 # ---------------------------------------------------------------- widths and selection
@@ -262,7 +270,8 @@ def slice_model(model, hidden_idx: torch.Tensor, mlp_idx: list[torch.Tensor]):
     from transformers import AutoModelForCausalLM
 
     new_config = pruned_config(model.config, len(hidden_idx), len(mlp_idx[0]))
-    state = slice_state_dict(model.state_dict(), hidden_idx, mlp_idx)
+    device = model_device(model)  # slicing happens where the weights are
+    state = slice_state_dict(model.state_dict(), hidden_idx.to(device), [idx.to(device) for idx in mlp_idx])
     # Parameters on the meta device (no random init of a model we overwrite), buffers such as
     # rotary inv_freq stay real.
     with init_empty_weights(include_buffers=False):
@@ -352,7 +361,8 @@ def prune(config: PruneConfig, *, progress: bool = True) -> PruneResult:
     location = resolve_model(config.model, quiet=not progress)
     arch.arch_of(load_config(location, trust_remote_code=config.trust_remote_code))
     model, tokenizer = load_model(location, trust_remote_code=config.trust_remote_code)
-    result = prune_model(model, tokenizer, config, progress=progress)
+    result = prune_model(model.to(config.device), tokenizer, config, progress=progress)
+    result.model.to("cpu")  # saved from the CPU; its weights are sliced from the same float32 ones
     result.record["source_path"] = location
     save_pruned(result, tokenizer, config.out, force=config.force)
     return result

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from overfill.kv_cache import crop_to
 from overfill.modeling import HandoffLogits, prefill, prefill_with_reply
 
 
@@ -30,7 +31,7 @@ def refresh(full_model, block: torch.Tensor, attention_mask: torch.Tensor, cache
     prompt, the full model's last logits pick that next token (they cost nothing more, and are
     the better model's); returns them [B, V].
     """
-    cache.crop(block_start)
+    crop_to(cache, block_start)
     logits, _ = prefill(full_model, block, attention_mask, cache, past_lengths)
     return logits
 

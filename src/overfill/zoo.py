@@ -300,7 +300,7 @@ def fingerprint(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         # 256 values spread evenly over the whole tensor: costs microseconds, sees every region.
-        sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float32).contiguous()
+        sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float32).cpu().contiguous()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(sample.numpy().tobytes())

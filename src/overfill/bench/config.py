@@ -45,6 +45,8 @@ class BenchConfig(ModelSource):
     """Also time OverFill with prefill refresh every K tokens at the key point, one row per K (e.g. 8,16,32); torch engine only."""
     decoder_dtypes: tuple[str, ...] = ()
     """Also time OverFill with its decoder in each of these dtypes at the key point (float32, bfloat16, int8; rows overfill@DTYPE); torch engine only."""
+    decode_steps: tuple[str, ...] = ("eager", "compiled")
+    """Decode steps to time every loop row with, side by side: eager (the model's own forward, op by op) and compiled (static KV cache + torch.compile, rows MODE:compiled); torch engine only."""
     references: bool = True
     """Also time HF `generate` of the full model and HF assisted generation (decoder as assistant); torch engine only."""
     prompt_len: int | None = None
@@ -104,6 +106,9 @@ class BenchConfig(ModelSource):
             check_mode(mode, "--modes")
         for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "refresh_every", "speculative_tokens"):
             setattr(self, name, _ints(getattr(self, name), name))
+        self.decode_steps = _names(self.decode_steps)
+        if not self.decode_steps or any(step not in ("eager", "compiled") for step in self.decode_steps):
+            raise OverfillError(f"--decode-steps got '{','.join(self.decode_steps)}': pick eager, compiled or both")
         self.decoder_dtypes = _names(self.decoder_dtypes)
         for dtype in self.decoder_dtypes:
             check_decoder_dtype(dtype, "--decoder-dtypes")

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from overfill.bench.timing import paired_ratio
+from overfill.bench.timing import COMPILED, paired_ratio
 
 
 def _range(s: dict, fmt: str) -> str:
@@ -43,13 +43,15 @@ def print_bench(console, result: dict, out: Path) -> None:
         modes = list(sweep["rows"])
         for mode in modes:
             table.add_column(mode, justify="right")
-        both = "overfill" in modes and "pruned" in modes
-        if both:
-            table.add_column("overfill / pruned", justify="right")
+        # OverFill against the pruned model (what it costs) and the full model (what it saves), per engine.
+        pairs = [(a + suffix, b + suffix) for suffix in ("", COMPILED) for a, b in (("overfill", "pruned"), ("full", "overfill"))
+                 if a + suffix in modes and b + suffix in modes]
+        for a, b in pairs:
+            table.add_column(f"{a} / {b}", justify="right")
         for i, value in enumerate(sweep["values"]):
             cells = [f"{sweep['rows'][m][i][metric]['median']:{digits}}" for m in modes]
-            if both:
-                ratio = paired_ratio(sweep["rows"]["overfill"][i], sweep["rows"]["pruned"][i], metric)
+            for a, b in pairs:
+                ratio = paired_ratio(sweep["rows"][a][i], sweep["rows"][b][i], metric)
                 cells.append(f"{ratio['median']:.3f}" if ratio else "")
             table.add_row(str(value), *cells)
         console.print(table)
@@ -63,9 +65,13 @@ def print_bench(console, result: dict, out: Path) -> None:
             f"-> {hand['median']:+.3f} ms/step ({o['overhead_vs_by_hand_percent']:+.2f}%, IQR {hand['q1']:+.2f}..{hand['q3']:+.2f}); "
             f"outside the decoder forward inside the loop: {inner['median']:+.3f} ms/step ({o['overhead_in_loop_percent']:+.2f}%)"
         )
+    compiles = {model: seconds for model, seconds in result.get("compile_seconds", {}).items() if seconds}
+    if compiles:
+        console.print("compiled step, first call of each shape (compiling; capturing a CUDA graph on a GPU): " + "; ".join(
+            f"{model} " + ", ".join(f"{shape} {s:.1f} s" for shape, s in shapes.items()) for model, shapes in compiles.items()))
     env = result["environment"]
     console.print(f"{env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), {env['torch_threads']} threads, load average {env['load_average'][0] if env['load_average'] else '?'} "
-                  f"at start; {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")
+                  f"at start; {env.get('device', 'cpu')}, {env['dtype']}; {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")
 
 
 # ---------------------------------------------------------------- --engine vllm

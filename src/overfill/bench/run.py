@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,8 +47,22 @@ from overfill.bench.config import BenchConfig
 from overfill.bench.plots import write_plots
 from overfill.bench.prompts import PromptSource
 from overfill.bench.report import print_bench
-from overfill.bench.timing import REFERENCES, dtype_row, loop_overhead, measure_point, paired_ratio, refresh_row, spread
+from overfill.bench.timing import (
+    COMPILED,
+    REFERENCES,
+    compiled_row,
+    dtype_row,
+    loop_overhead,
+    measure_point,
+    paired_ratio,
+    refresh_row,
+    spread,
+)
+from overfill.decode_step import compile_seconds
+from overfill.devices import cpu_info, model_device
+from overfill.devices import describe as describe_device
 from overfill.errors import OverfillError
+from overfill.modeling import MODES
 from overfill.tensors import pad_id_of
 
 # ---------------------------------------------------------------- statistics
@@ -99,11 +114,26 @@ def decoder_variants(model, dtypes: tuple[str, ...]) -> dict:
 
 
 def key_ratios(rows: dict) -> list[dict]:
+    """The paper's ratios among eager rows, the same among compiled rows (each side on its engine's default,
+    the compiled step), what compiling gains per mode, and what the refresh and dtype rows cost."""
+    def compiled(name: str) -> str:
+        for mode in MODES:
+            name = re.sub(rf"\b{mode}\b(?!{COMPILED})", compiled_row(mode), name)
+        return name
+
     found = []
-    variants = [(f"{row} decode ms/token / overfill", row, "overfill", "decode_ms_per_token")
-                for row in rows if "+refresh" in row or "@" in row]
-    variants += [(f"{row} decode tok/s / full", row, "full", "decode_tokens_per_s") for row in rows if "@" in row]
-    for name, a, b, metric in (*RATIOS, *variants):
+    on_compiled = [(compiled(name), compiled_row(a), compiled_row(b), metric) for name, a, b, metric in RATIOS
+                   if b not in REFERENCES]
+    gains = [(f"{compiled_row(mode)} decode tok/s / {mode}", compiled_row(mode), mode, "decode_tokens_per_s")
+             for mode in MODES]
+    variants = []
+    for row in rows:
+        suffix = COMPILED if row.endswith(COMPILED) else ""
+        if "+refresh" in row or "@" in row:
+            variants.append((f"{row} decode ms/token / overfill{suffix}", row, f"overfill{suffix}", "decode_ms_per_token"))
+        if "@" in row:
+            variants.append((f"{row} decode tok/s / full{suffix}", row, f"full{suffix}", "decode_tokens_per_s"))
+    for name, a, b, metric in (*RATIOS, *on_compiled, *gains, *variants):
         if a in rows and b in rows:
             ratio = paired_ratio(rows[a], rows[b], metric)
             if ratio is not None:
@@ -114,29 +144,13 @@ def key_ratios(rows: dict) -> list[dict]:
 # ---------------------------------------------------------------- the measurements
 
 
-def cpu() -> dict:
-    """The processor and the instruction sets that decide fp32/bf16 speed here (Linux /proc/cpuinfo)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"name": name, "instruction_sets": [f for f in wanted if f in flags]}
-
-
-def environment(dtype: str = "float32") -> dict:
+def environment(dtype: str = "float32", device: torch.device | None = None) -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu": cpu(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "cpu": cpu_info(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "dtype": dtype,
+            "device": describe_device(device or torch.device("cpu")),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -183,7 +197,8 @@ def _run_bench(config: BenchConfig, console, model) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pad_id = pad_id_of(model.tokenizer)
     prompts = PromptSource.from_tokenizer(model.tokenizer)
-    result = {"config": asdict(config), "environment": environment(config.dtype), "models": describe(model)}
+    result = {"config": asdict(config), "environment": environment(config.dtype, model_device(model.full)),
+              "models": describe(model)}
     started = time.perf_counter()
     # A full collection takes ~0.2 s here, as long as a few decode steps: freeze what exists now so
     # that the collector's occasional runs during timing only scan the few objects the runs create.
@@ -211,60 +226,104 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
         def report(text):
             status.update(f"benchmarking: {text}")
 
-        # Key point + new-tokens sweep: loop runs of key_run_tokens; HF rows exactly new_tokens long.
-        batch, length = config.batch_size, config.prompt_len
-        ids, mask = prompts.batch(length, batch)
-        rows = config.modes
-        if "overfill" in config.modes:
-            rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
-        variants = decoder_variants(model, config.decoder_dtypes)
-        rows = rows + tuple(variants)
-        skipped = {}
-        if config.references:
-            rows = rows + ("hf_generate",)
-            if batch == 1:
-                rows = rows + ("hf_assisted",)
-            else:
-                skipped["hf_assisted"] = "HF assisted generation runs batch 1 only"
-        lengths = {row: config.new_tokens if row in REFERENCES else config.key_run_tokens for row in rows}
-        runs = measure_point(model, rows, ids, mask, lengths, pad_id, config.repeats, config.warmup,
-                             lambda t: report(f"key point, {t}"), models=variants)
-        key_rows = {row: summarize([r.split(config.new_tokens) for r in runs[row]], batch) for row in rows}
-        result["key_point"] = {"prompt_len": length, "batch": batch, "new_tokens": config.new_tokens,
-                               "rows": key_rows, "ratios": key_ratios(key_rows), "skipped": skipped}
+        rows, variants, skipped = bench_rows(model, config)
+        result["key_point"], runs = measure_key_point(model, config, prompts, pad_id, rows, variants, skipped, report)
         console.print(f"key point timed ({time.perf_counter() - started:.0f} s)")
-
         # Every sweep shows every loop row (refresh and decoder-dtype rows too: whether bfloat16 or
         # int8 pays can flip between batch 1 and batch 8).
         loop_rows = tuple(row for row in rows if row not in REFERENCES)
         sweeps = {}
         if config.new_tokens_sweep:
-            sweeps["new_tokens"] = {
-                "x": "new_tokens", "values": list(config.new_tokens_sweep), "prompt_len": length, "batch": batch,
-                "note": f"read off the first N steps of the key point's {config.key_run_tokens}-token loop runs",
-                "rows": {row: [summarize([r.split(n) for r in runs[row]], batch) for n in config.new_tokens_sweep]
-                         for row in loop_rows},
-            }
-        n = config.sweep_new_tokens
-        lengths = {row: n for row in loop_rows}
-        for name, values, point in (("prompt_len", config.prompt_len_sweep, lambda v: (v, batch)),
-                                    ("batch", config.batch_sweep, lambda v: (length, v))):
-            if not values:
-                continue
-            sweep = {"x": name, "values": list(values), "new_tokens": n,
-                     **({"batch": batch} if name == "prompt_len" else {"prompt_len": length}),
-                     "rows": {row: [] for row in loop_rows}}
-            for value in values:
-                p_len, p_batch = point(value)
-                p_ids, p_mask = prompts.batch(p_len, p_batch)
-                point_runs = measure_point(model, loop_rows, p_ids, p_mask, lengths, pad_id, config.sweep_repeats,
-                                           config.warmup, lambda t: report(f"{name} {value}, {t}"), models=variants)
-                for row in loop_rows:
-                    sweep["rows"][row].append(summarize([r.split() for r in point_runs[row]], p_batch))
-            sweeps[name] = sweep
-            console.print(f"{name} sweep timed ({time.perf_counter() - started:.0f} s)")
+            sweeps["new_tokens"] = new_tokens_sweep(config, runs, loop_rows)
+        for name in ("prompt_len", "batch"):
+            if getattr(config, f"{name}_sweep"):
+                sweeps[name] = measure_sweep(model, config, name, prompts, pad_id, loop_rows, variants, report)
+                console.print(f"{name} sweep timed ({time.perf_counter() - started:.0f} s)")
         result["sweeps"] = sweeps
 
         if config.overhead_steps:
             report("loop overhead")
+            ids, mask = prompts.batch(config.prompt_len, config.batch_size)
             result["overhead"] = loop_overhead(model, ids, mask, config.overhead_steps, config.repeats, pad_id)
+        result["compile_seconds"] = compile_report(model, variants)
+
+
+def bench_rows(model, config: BenchConfig) -> tuple[tuple[str, ...], dict, dict]:
+    """(the key point's rows, the models of the decoder-dtype rows, rows skipped and why): every mode, refresh and
+    dtype row, eager and/or compiled, then the HF reference rows."""
+    rows = config.modes
+    if "overfill" in config.modes:
+        rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
+    variants = decoder_variants(model, config.decoder_dtypes)
+    rows = rows + tuple(variants)
+    rows = (rows if "eager" in config.decode_steps else ()) + (
+        tuple(map(compiled_row, rows)) if "compiled" in config.decode_steps else ())
+    skipped = {}
+    if config.references:
+        rows = rows + ("hf_generate",)
+        if config.batch_size == 1:
+            rows = rows + ("hf_assisted",)
+        else:
+            skipped["hf_assisted"] = "HF assisted generation runs batch 1 only"
+    return rows, variants, skipped
+
+
+def measure_key_point(model, config: BenchConfig, prompts: PromptSource, pad_id: int, rows, variants: dict, skipped: dict,
+                      report) -> tuple[dict, dict]:
+    """The key point (every row side by side, with ratios) and its runs: loop runs of key_run_tokens, so the
+    new-tokens sweep can be read off them; HF rows exactly new_tokens long."""
+    batch = config.batch_size
+    ids, mask = prompts.batch(config.prompt_len, batch)
+    lengths = {row: config.new_tokens if row in REFERENCES else config.key_run_tokens for row in rows}
+    runs = measure_point(model, rows, ids, mask, lengths, pad_id, config.repeats, config.warmup,
+                         lambda t: report(f"key point, {t}"), models=variants)
+    key_rows = {row: summarize([r.split(config.new_tokens) for r in runs[row]], batch) for row in rows}
+    key = {"prompt_len": config.prompt_len, "batch": batch, "new_tokens": config.new_tokens,
+           "rows": key_rows, "ratios": key_ratios(key_rows), "skipped": skipped}
+    return key, runs
+
+
+def new_tokens_sweep(config: BenchConfig, runs: dict, loop_rows) -> dict:
+    """Paper Fig. 3, read off the key point's runs: a loop run of N_max tokens passes through exactly the states of
+    a run of N < N_max tokens, so its first N steps *are* that run."""
+    return {"x": "new_tokens", "values": list(config.new_tokens_sweep), "prompt_len": config.prompt_len,
+            "batch": config.batch_size,
+            "note": f"read off the first N steps of the key point's {config.key_run_tokens}-token loop runs",
+            "rows": {row: [summarize([r.split(n) for r in runs[row]], config.batch_size) for n in config.new_tokens_sweep]
+                     for row in loop_rows}}
+
+
+def measure_sweep(model, config: BenchConfig, name: str, prompts: PromptSource, pad_id: int, loop_rows, variants: dict,
+                  report, time_left=None) -> dict:
+    """Paper Fig. 4 (name prompt_len) or Fig. 5 (batch), each point timed at config.sweep_new_tokens new tokens.
+
+    `time_left()` (seconds), when given, ends the sweep early once the next point may not fit: the values
+    timed so far are kept, and `cut_short` says so.
+    """
+    values = getattr(config, f"{name}_sweep")
+    n = config.sweep_new_tokens
+    sweep = {"x": name, "values": [], "new_tokens": n,
+             **({"batch": config.batch_size} if name == "prompt_len" else {"prompt_len": config.prompt_len}),
+             "rows": {row: [] for row in loop_rows}}
+    took = 0.0
+    for value in values:
+        if time_left is not None and time_left() < 2 * took:
+            sweep["cut_short"] = f"stopped before {value}: out of time"
+            break
+        started = time.perf_counter()
+        p_len, p_batch = (value, config.batch_size) if name == "prompt_len" else (config.prompt_len, value)
+        p_ids, p_mask = prompts.batch(p_len, p_batch)
+        point_runs = measure_point(model, loop_rows, p_ids, p_mask, {row: n for row in loop_rows}, pad_id,
+                                   config.sweep_repeats, config.warmup, lambda t: report(f"{name} {value}, {t}"),
+                                   models=variants)
+        for row in loop_rows:
+            sweep["rows"][row].append(summarize([r.split() for r in point_runs[row]], p_batch))
+        sweep["values"].append(value)
+        took = time.perf_counter() - started
+    return sweep
+
+
+def compile_report(model, variants: dict | None = None) -> dict:
+    """First call of each compiled shape, per model: compiling (or capturing a CUDA graph), paid once per process."""
+    return {"full": compile_seconds(model.full), "decoder": compile_seconds(model.decoder),
+            **{row: compile_seconds(v.decoder) for row, v in (variants or {}).items()}}

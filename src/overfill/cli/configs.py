@@ -71,7 +71,7 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
         if isinstance(default, tuple):
             default = list(default)
         flag = f"--{f.name.replace('_', '-')}"
-        if annotation is bool:  # on/off switches: --force / --no-force
+        if annotation in (bool, typing.Optional[bool]):  # on/off switches: --force / --no-force (neither: None)
             flag = f"{flag}/--no-{flag[2:]}"
         if f.name in arguments:
             option = typer.Argument(default, help=escape(docs.get(f.name, "")), show_default=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from overfill.devices import resolve_device
 from overfill.distill.config import DistillEngine
 from overfill.errors import OverfillError
 from overfill.train.config import LOSSES, Loss
@@ -60,10 +61,13 @@ class DemoConfig:
     """A prompt of your own for the chat comparison at the end, answered after the held-out ones."""
     seed: int = 0
     """Seed for the prompt order and the training order."""
+    device: str = "auto"
+    """Where every step runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
 
     def __post_init__(self):
         from overfill.demo.prompts import demo_prompts
 
+        self.device = str(resolve_device(self.device))
         if not 0 <= self.ratio < 1:
             raise OverfillError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.loss not in LOSSES:

@@ -42,7 +42,7 @@ def _pruned(config: DemoConfig, console) -> Path:
             console.print(f"reusing the pruned decoder in [bold]{folder}[/] (delete it to prune again)")
             print_prune_summary(console, record)
             return folder
-    result = prune(PruneConfig(model=config.model, out=str(folder), ratio=config.ratio, force=True))
+    result = prune(PruneConfig(model=config.model, out=str(folder), ratio=config.ratio, force=True, device=config.device))
     print_prune_summary(console, result.record, folder)
     return folder
 
@@ -61,7 +61,8 @@ def _replies(config: DemoConfig, prompts_path: Path, console):
     from overfill.distill import DistillConfig, distill
 
     settings = DistillConfig(data=str(prompts_path), out=str(prompts_path.parent / "replies.jsonl"), model=config.model,
-                             engine=config.engine, max_new_tokens=config.max_new_tokens, limit=config.prompts)
+                             engine=config.engine, max_new_tokens=config.max_new_tokens, limit=config.prompts,
+                             device=config.device)
     engine = settings.resolved_engine()  # what --engine auto means here; the file's real name follows
     path = prompts_path.parent / f"replies-{_slug(config.model)}-seed{config.seed}-{config.max_new_tokens}tok-{engine}.jsonl"
     result = distill(replace(settings, out=str(path)))
@@ -94,6 +95,7 @@ def _train(config: DemoConfig, mode: str, decoder: Path, data: Path, val_size: i
         mode=mode, model=config.model, decoder=str(decoder), data=str(data), val_size=val_size, max_target=config.max_new_tokens,
         out=str(Path(config.out) / f"train-{mode}"), lr=config.lr, warmup_ratio=0.05, batch_size=config.batch_size,
         max_steps=config.steps, eval_every=max(1, config.steps // 2), seed=config.seed, loss=config.loss, force=True,
+        device=config.device,
     ))
 
 
@@ -116,15 +118,15 @@ def _plot_losses(runs: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     return path
 
 
-def chat(checkpoints: dict[str, Path], prompts: list[str], max_new_tokens: int) -> list[dict]:
+def chat(checkpoints: dict[str, Path], prompts: list[str], max_new_tokens: int, device: str = "cpu") -> list[dict]:
     """Each prompt answered greedily in each mode, one at a time (batch 1), so each reply's timing is its own.
 
     Each mode runs on the model trained for it: pruned = the standalone baseline's decoder.
     """
     from overfill.generation import GenerationConfig, generate
-    from overfill.modeling import OverFillModel
+    from overfill.modeling import ModelSource
 
-    models = {path: OverFillModel.from_pretrained(path) for path in set(checkpoints.values())}
+    models = {path: ModelSource(checkpoint=str(path), device=device).load() for path in set(checkpoints.values())}
     for mode in CHAT_MODES:  # a first call pays one-off costs (allocations, kernel choice) that no reply should carry
         generate(models[checkpoints[mode]], prompts[0], GenerationConfig(mode=mode, max_new_tokens=2))
     return [{"prompt": prompt,
@@ -179,7 +181,7 @@ def run_demo(config: DemoConfig, console) -> dict:
             data=str(heldout_path), out=str(out / "eval"), nll=False, max_new_tokens=config.max_new_tokens, batch_size=8,
             entries=(f"full=full:{runs['overfill'].checkpoint}", f"pruned=pruned:{runs['pruned'].checkpoint}",
                      f"overfill=overfill:{runs['overfill'].checkpoint}", "untrained=overfill"),
-            model=config.model, decoder=str(pruned_folder),
+            model=config.model, decoder=str(pruned_folder), device=config.device,
         ), console=console)
     agreement = {name: {"mode": m["mode"], "mean_reply_tokens": m["mean_reply_tokens"], **m["agreement"]}
                  for name, m in results["models"].items()}
@@ -190,7 +192,7 @@ def run_demo(config: DemoConfig, console) -> dict:
     with phase("chat", "chat: held-out prompts answered by the full model, OverFill and the pruned baseline"):
         questions = [p.text for p in chat_prompts(heldout_prompts)] + ([config.prompt] if config.prompt else [])
         turns = chat({"full": runs["overfill"].checkpoint, "overfill": runs["overfill"].checkpoint,
-                      "pruned": runs["pruned"].checkpoint}, questions, config.max_new_tokens)
+                      "pruned": runs["pruned"].checkpoint}, questions, config.max_new_tokens, config.device)
         print_chat(console, turns)
 
     summary = {

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from overfill.atomic import check_writable
 from overfill.data.examples import check_data_path
 from overfill.data.records import check_text_file
+from overfill.devices import default_dtype, resolve_device
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig
 from overfill.modeling import ModelSource
@@ -40,8 +43,12 @@ class DistillConfig:
     """Output chat JSONL, one {"messages": [prompt turns..., the model's reply]} per prompt, in file order, appended batch by batch; its settings go beside it in OUT.settings.json. An interrupted run continues where it stopped."""
     model: str = DEFAULT_MODEL
     """Full model whose replies become the data: a zoo name, a local HF folder or a hub id."""
-    dtype: Dtype = "float32"
-    """Weights dtype."""
+    dtype: Dtype | None = None
+    """Weights dtype (default: bfloat16 on a GPU, float32 on a CPU)."""
+    device: str = "auto"
+    """Where the torch engine runs the model: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
+    compile: bool | None = None
+    """Torch engine: decode with a compiled step (--compile), eagerly (--no-compile), or let the run decide by device and workload (it says what it chose)."""
     trust_remote_code: bool = False
     """Allow custom model code from the model folder (off unless you trust it)."""
     engine: DistillEngine = "auto"
@@ -72,6 +79,8 @@ class DistillConfig:
         check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
         if self.response_field and not self.prompt_field:
             raise OverfillError("--response-field needs --prompt-field (the field the prompt is in), e.g. --prompt-field question")
+        self.device = str(resolve_device(self.device))
+        self.dtype = self.dtype or default_dtype(torch.device(self.device))
         check_dtype(self.dtype)
         if self.engine not in typing.get_args(DistillEngine):
             raise OverfillError(f"unknown engine '{self.engine}': pick one of {', '.join(typing.get_args(DistillEngine))}")
@@ -94,10 +103,10 @@ class DistillConfig:
     def generation(self) -> GenerationConfig:
         """Our loop's settings: the full model alone, greedy or sampled."""
         return GenerationConfig(mode="full", max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+                                top_p=self.top_p, top_k=self.top_k, seed=self.seed, compile=self.compile)
 
     def source(self) -> ModelSource:
-        return ModelSource(model=self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        return ModelSource(model=self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code, device=self.device)
 
     def resolved_engine(self) -> str:
         """torch or vllm: what `auto` means on this machine."""

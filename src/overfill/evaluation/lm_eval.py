@@ -21,7 +21,8 @@ points (`--include_path` adds tasks, not models). Importing this module register
 (all arguments are lm-eval's own), or from Python: `import overfill.evaluation.lm_eval` and then
 `lm_eval.simple_evaluate(model="overfill", model_args=...)`. model_args: path (checkpoint) or
 model + decoder (a pruned folder) or model alone (mode=full), mode, batch_size, max_length,
-max_gen_toks, dtype. Runs on CPU (the only device the generation loop supports).
+max_gen_toks, dtype, device (auto, cpu, cuda, cuda:N, mps; lm-eval's --device is passed here too),
+compile (true/false; default: decided by device and workload, and logged).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise OverfillError("the lm-eval adapter needs lm-evaluation-harness: pip install 'overfill[eval]' (lm-eval==0.4.13)") from None
 
+import torch
+
+from overfill.decode_step import decide_compile
 from overfill.evaluation.scoring import generate_ids_batched, score_examples
 from overfill.generation import cut_at_stop
 from overfill.modeling import ModelSource, check_mode
@@ -48,18 +52,20 @@ MODEL_NAME = "overfill"
 class OverFillLM(TemplateLM):
     def __init__(self, path: str | None = None, mode: str = "overfill", model: str | None = None, decoder: str | None = None,
                  batch_size: int | str | None = 8, max_length: int | None = None, max_gen_toks: int = 256,
-                 dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None, **_ignored):
+                 dtype: str | None = None, trust_remote_code: bool = False, device: str | None = None,
+                 compile: bool | str | None = None, **_ignored):
         super().__init__()
         check_mode(mode, "model_args mode")
         if not (path or model):
             raise OverfillError("model_args need path=<OverFill checkpoint>, or model=<full model> with decoder=<pruned folder>")
         if not (path or decoder) and mode != "full":
             raise OverfillError(f"mode {mode} needs a decoder: pass path=<checkpoint> or decoder=<pruned folder>")
-        if device and not str(device).startswith("cpu"):
-            log.warning("overfill's lm-eval adapter runs on CPU; ignoring device=%s", device)
         self.mode = mode
         self.source = path or (f"{model}+{decoder}" if decoder else model)
-        self.model = ModelSource(path, model, decoder, dtype, bool(trust_remote_code)).load(full_alone=True)
+        source = ModelSource(path, model, decoder, dtype, _flag(trust_remote_code), device=device or "auto")
+        self._device = torch.device(source.device)
+        self.compile = None if compile is None else _flag(compile)
+        self.model = source.load(full_alone=True)
         self.tokenizer = self.model.tokenizer
         # lm-eval passes "auto" / "auto:N" from its CLI; there is no memory probing on CPU.
         self.batch_size = int(batch_size) if batch_size is not None and not str(batch_size).startswith("auto") else 8
@@ -150,15 +156,23 @@ class OverFillLM(TemplateLM):
             key = (stop, max_new, temperature)
             groups.setdefault(key, []).append(index)
         outputs = [""] * len(requests)
+        planned = sum(max_new * len(indices) for (_, max_new, _), indices in groups.items())
+        compile, why = decide_compile(self.compile, self._device, planned)
+        log.info("overfill: %s", why)
         for (stop, max_new, temperature), indices in groups.items():
             room = max(self.max_length - max_new, 1)
             contexts = [self.tok_encode(requests[i].args[0])[-room:] for i in indices]
             replies = generate_ids_batched(self.model, self.mode, contexts, max_new_tokens=max_new,
-                                           batch_size=self.batch_size, stop=stop, temperature=temperature)
+                                           batch_size=self.batch_size, stop=stop, temperature=temperature, compile=compile)
             for i, ids in zip(indices, replies):
                 outputs[i], _ = cut_at_stop(self.tok_decode([t for t in ids if t != self.eot_token_id]), stop)
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
+
+
+def _flag(value) -> bool:
+    """A model_args switch: lm-eval hands them over as text ('true', 'False', '1') or as bools."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def register() -> None:

@@ -29,8 +29,12 @@ import json
 import time
 from dataclasses import asdict
 
+import torch
+from rich.markup import escape
+
 from overfill.atomic import atomic_write_text, check_writable
 from overfill.data.examples import check_examples_fit
+from overfill.decode_step import decide_compile
 from overfill.evaluation.agreement import DEFAULT_TIE, first_divergence, greedy_agreement, reference_examples, score_agreement
 from overfill.evaluation.answers import answer_accuracy, extract_answer, reference_answer
 from overfill.evaluation.config import EvalConfig, ModelEntry
@@ -59,6 +63,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     out = check_writable(config.out, "--out")
     engine_version = _engine_version(config) if config.generate else None
     entries = config.model_entries()
+    compile = None
     groups: dict[ModelSource, list[ModelEntry]] = {}
     for entry in entries:
         groups.setdefault(config.source_of(entry), []).append(entry)
@@ -115,9 +120,15 @@ def evaluate(config: EvalConfig, console=None) -> dict:
             gc.collect()
             continue
 
+        if config.engine == "torch" and compile is None:  # decided once, for every entry's replies
+            generating = sum(e.mode != "full" for e in entries) + len({config.source_of(e) for e in entries})
+            compile, why = decide_compile(config.compile, torch.device(config.device),
+                                          generating * len(contexts) * config.max_new_tokens)
+            say(f"[dim]{escape(why)}[/]")
+
         def greedy(mode: str, name: str, model=model, source=source, refresh_every: int = 0) -> Replies:
             return greedy_replies(config, mode, contexts, eos, model=model, source=source, what=f"{name} ({mode} of {what})",
-                                  refresh_every=refresh_every)
+                                  refresh_every=refresh_every, compile=compile)
 
         if fingerprint not in reference_replies:
             say(f"greedy replies of the full model (the agreement reference) on {config.engine}")
@@ -202,14 +213,14 @@ def refresh_summary(entries: list[ModelEntry], models: dict[str, dict]) -> list[
 
 
 def greedy_replies(config: EvalConfig, mode: str, contexts: list[list[int]], eos: set[int], *, model, source: ModelSource,
-                   what: str = "", refresh_every: int = 0) -> Replies:
+                   what: str = "", refresh_every: int = 0, compile: bool | None = None) -> Replies:
     """Greedy replies to `contexts` in `mode` from the configured engine: our loop on the loaded `model`
     (torch), or vLLM on `source`'s folder in a process of its own (vllm)."""
     if config.engine == "vllm":
         return vllm_replies(source, mode, contexts, max_new_tokens=config.max_new_tokens, stop_ids=eos, what=what)
     t0 = time.perf_counter()
     replies = generate_ids_batched(model, mode, contexts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                   refresh_every=refresh_every)
+                                   refresh_every=refresh_every, compile=compile)
     return replies, {"generate": round(time.perf_counter() - t0, 2)}
 
 

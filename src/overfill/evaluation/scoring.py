@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from overfill.data import collate
-from overfill.generation import GenerationConfig, eos_ids_of, generate_ids, stop_checker
+from overfill.devices import model_device
+from overfill.generation import Endings, GenerationConfig, decode_batch
 from overfill.modeling import handoff
-from overfill.tensors import left_pad, pad_id_of
+from overfill.tensors import pad_id_of
 
 
 @dataclass
@@ -41,11 +42,15 @@ def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: to
     schedule: each token by the model that would pick it in generation.
     """
     every = refresh_every if mode == "overfill" else 0
-    stages = handoff(*model.stages(mode), context_ids, context_mask, target_ids, target_mask, every)
+    prefill_model, decode_model = model.stages(mode)
+    device = model_device(prefill_model)
+    context_ids, context_mask, target_ids, target_mask = (t.to(device) for t in (context_ids, context_mask, target_ids,
+                                                                                   target_mask))
+    stages = handoff(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask, every)
     step_logits = [stages.first[:, None], stages.rest]  # [B, 1, V] predicts y1, [B, N-1, V] y2..yN
-    logprobs = torch.zeros(target_ids.shape, dtype=torch.float32)
-    hits = torch.zeros(target_ids.shape, dtype=torch.bool)
-    margins = torch.zeros(target_ids.shape, dtype=torch.float32)
+    logprobs = torch.zeros(target_ids.shape, dtype=torch.float32, device=device)
+    hits = torch.zeros(target_ids.shape, dtype=torch.bool, device=device)
+    margins = torch.zeros(target_ids.shape, dtype=torch.float32, device=device)
     for row in range(target_ids.shape[0]):  # one row at a time keeps float32 copies of [N, V] small
         logits = torch.cat([part[row].float() for part in step_logits], dim=0)  # [N, V]
         row_logprobs = logits.log_softmax(-1)  # [N, V]
@@ -53,7 +58,7 @@ def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: to
         hits[row] = logits.argmax(-1) == target_ids[row]
         margins[row] = row_logprobs.max(-1).values - logprobs[row]
     real = target_mask.bool()
-    return logprobs.masked_fill(~real, 0.0), hits & real, margins.masked_fill(~real, 0.0)
+    return (logprobs.masked_fill(~real, 0.0).cpu(), (hits & real).cpu(), margins.masked_fill(~real, 0.0).cpu())
 
 
 def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: int | None = None,
@@ -81,27 +86,19 @@ def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: i
 
 def generate_ids_batched(model, mode: str, contexts: list[list[int]], *, max_new_tokens: int, batch_size: int = 8,
                          stop: tuple[str, ...] = (), temperature: float = 0.0, seed: int | None = None,
-                         refresh_every: int = 0) -> list[list[int]]:
+                         refresh_every: int = 0, compile: bool | None = None) -> list[list[int]]:
     """Reply token ids (end-of-turn token included when produced) for pre-tokenised contexts, in input order.
 
-    Same loop as `generation.generate`, but from token ids, so the context is exactly the one
-    scored under teacher forcing (or the one lm-eval built).
+    The loop of `generation.generate` (`decode_batch`), from token ids, so the context is exactly the
+    one scored under teacher forcing (or the one lm-eval built); longest contexts first, so a batch pads little.
     """
-    tokenizer = model.tokenizer
-    pad_id = pad_id_of(tokenizer)
-    eos = eos_ids_of(tokenizer, model.full, model.decoder)
     config = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,
-                              refresh_every=refresh_every)
-    is_stopped = stop_checker(tokenizer, config.stop)
+                              refresh_every=refresh_every, compile=compile)
+    endings = Endings.of(model, config.stop)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     replies: list[list[int]] = [[] for _ in contexts]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        ids, mask = left_pad([contexts[i] for i in rows], pad_id)
-        done = [False] * len(rows)
-        for step in generate_ids(model, ids, mask, config, eos_ids=eos, pad_id=pad_id, is_stopped=is_stopped):
-            for k, i in enumerate(rows):
-                if not done[k]:
-                    replies[i].append(int(step.tokens[k]))
-                    done[k] = bool(step.finished[k])
+        for i, reply in zip(rows, decode_batch(model, [contexts[i] for i in rows], config, endings)):
+            replies[i] = reply.token_ids
     return replies

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import typing
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from overfill.data import DataConfig
+from overfill.devices import resolve_device
 from overfill.errors import OverfillError
 from overfill.modeling import Mode, check_mode
 from overfill.zoo import DEFAULT_MODEL
@@ -66,9 +68,15 @@ class TrainConfig(DataConfig):
     """Temperature T of both distributions in the KD term, which is scaled by T^2 so its gradients keep their size across T (Hinton et al.)."""
     kd_weight: float = 0.5
     """--loss ce+kd: loss = (1 - w) * CE + w * KD with this w in [0, 1] (--loss kd is w = 1)."""
+    device: str = "auto"
+    """auto (Accelerate's placement: each process's CUDA device when there is one, else the CPU; the rule of every other command), cpu, cuda, cuda:N (one process) or mps."""
 
     def __post_init__(self):
         super().__post_init__()
+        resolved = resolve_device(self.device)  # a missing GPU is one error line, before any model loads
+        if resolved.type == "cuda" and resolved.index and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise OverfillError(f"--device {self.device} picks one GPU, and this run has several processes: each takes "
+                                "its own (LOCAL_RANK); pass --device auto, or choose GPUs with CUDA_VISIBLE_DEVICES")
         check_mode(self.mode)
         if self.refresh_every < 0 or (self.refresh_every and self.mode != "overfill"):
             raise OverfillError(f"--refresh-every trains OverFill's decoder on the prefill-refresh schedule: it needs "

@@ -108,7 +108,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     from transformers import get_cosine_schedule_with_warmup
 
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(config.device)
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     out = Path(config.out)
     resume_from = prepare_out(config)
@@ -265,16 +265,25 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     )
 
 
-def make_accelerator():
-    """Accelerate's default, except that a multi-process launch on a machine without CUDA runs on CPU.
+def make_accelerator(device: str = "auto"):
+    """Accelerate's placement, which is --device auto's rule: CUDA when available (each process its own GPU), else CPU.
 
-    Accelerate only picks its gloo (MULTI_CPU) backend when told to use the CPU, but the launchers
-    that start several local processes (`accelerate launch --multi_gpu`, `torchrun`) do not say so.
+    --device cpu keeps every process on the CPU, and so does a multi-process launch on a machine
+    without CUDA: Accelerate only picks its gloo (MULTI_CPU) backend when told to use the CPU, but the
+    launchers that start several local processes (`accelerate launch --multi_gpu`, `torchrun`) do
+    not say so. --device cuda:N makes GPU N the current one for a single process.
     """
     from accelerate import Accelerator
 
+    from overfill.devices import resolve_device
+
+    resolved = resolve_device(device)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
-    return Accelerator(cpu=True) if launched and not torch.cuda.is_available() else Accelerator()
+    if resolved.type == "cpu":
+        return Accelerator(cpu=True)
+    if resolved.type == "cuda" and resolved.index is not None and not launched:
+        torch.cuda.set_device(resolved)
+    return Accelerator()
 
 
 def _parts(accelerator, sums: dict[str, torch.Tensor], loss_tokens: float) -> dict[str, float]:

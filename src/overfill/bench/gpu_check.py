@@ -1,0 +1,493 @@
+"""`python -m overfill.bench.gpu_check`: the PyTorch engine checked on a GPU, and the paper's Figures 3-5 at the paper's scale.
+
+One prepared run, nothing downloaded (every model is built from a config with random weights):
+
+(a) correctness, tiny models of each architecture (Llama, Qwen2, Qwen3, Mistral) in float32: greedy
+    tokens on the device equal the CPU's, eager and compiled, for every mode, prefill refresh, a
+    left-padded batch and several candidates from one prefill; then one training step on the device;
+(b) speed at the paper's scale: a Llama-3.2-3B-shaped full model and its 0.45 decoder (synthetic.py;
+    a decode step's time depends on shapes and bytes, not on weight values) in bfloat16 on the
+    compiled engine: Fig. 3 (new tokens), Fig. 4 (prompt length, prefill/decode split) and Fig. 5
+    (batch 1..32) for full / pruned / overfill, the eager engine beside it at batch 1, and each
+    model's decode step against the HBM roofline (its weight bytes over the measured copy bandwidth).
+
+It stays inside `--budget` seconds: the sweeps run longest last and stop at a point that would not
+fit; it writes gpu_check.json after every section (a run cut short keeps what it measured), the
+figures as soon as there are some, and gpu_check.log; a sub-check that fails is recorded in the
+JSON with its error and the run goes on. `sanity` lists the checks the run made of its own
+figures. The small preset (`--preset small`, what `auto` picks without a GPU) runs the same code on
+small shapes in about a minute on a CPU: the test suite runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from overfill.atomic import atomic_write_text
+from overfill.devices import clock, resolve_device
+from overfill.errors import OverfillError
+
+PROMPTS = ["hi", "What is the capital of France?", "Tell me a story about a dragon and a knight.", "2+2="]
+MODES = ("overfill", "full", "pruned")
+
+PRESETS = {
+    # Sized for one H200 and a few minutes: two compiled graphs per model (batch 1, and any batch above 1 with
+    # symbolic sizes), every other shape one CUDA graph capture.
+    "paper": dict(scale=None, dtype="bfloat16", prompt_len=256, new_tokens=512, new_tokens_sweep=(32, 64, 128, 256, 512),
+                  prompt_len_sweep=(128, 256, 512, 1024, 2048), batch_sweep=(1, 2, 4, 8, 16, 32), sweep_new_tokens=64,
+                  repeats=3, sweep_repeats=2, eager_tokens=64, tiny_tokens=16),
+    # The same code on shapes a CPU runs in about a minute: a check of the wiring, not a figure.
+    "small": dict(scale=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=24, vocab_size=512, bos_token_id=1, eos_token_id=2),
+                  dtype="float32", prompt_len=24, new_tokens=8, new_tokens_sweep=(4, 8), prompt_len_sweep=(24, 40),
+                  batch_sweep=(1, 2), sweep_new_tokens=4, repeats=1, sweep_repeats=1, eager_tokens=4, tiny_tokens=6),
+}
+
+
+@dataclass
+class GpuCheckConfig:
+    out: str = "runs/gpu-check"
+    """Folder for gpu_check.json, gpu_check.log and the figures (new_tokens.png, prompt_len.png, batch.png, breakdown.png)."""
+    preset: str = "auto"
+    """paper (the paper's shapes, bfloat16), small (small shapes, float32: a wiring check) or auto (paper on a GPU, small elsewhere)."""
+    device: str = "auto"
+    """Where to run: auto (CUDA when available, else CPU), cuda, cuda:N, cpu or mps."""
+    budget: float = 330.0
+    """Seconds the whole check may take; what would not fit is skipped and recorded as skipped."""
+    kinds: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
+    """Architectures of the tiny-model checks."""
+
+    def __post_init__(self):
+        self.device = str(resolve_device(self.device))
+        if self.preset == "auto":
+            self.preset = "paper" if torch.device(self.device).type == "cuda" else "small"
+        if self.preset not in PRESETS:
+            raise OverfillError(f"--preset got '{self.preset}': pick paper, small or auto")
+        if self.budget <= 0:
+            raise OverfillError(f"--budget is seconds for the whole check, got {self.budget}")
+
+
+class Check:
+    """The run's record: every section's result or error, written out after each section, and its log."""
+
+    def __init__(self, config: GpuCheckConfig):
+        self.config, self.started = config, time.perf_counter()
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = (self.out / "gpu_check.log").open("w", encoding="utf-8")
+        self.result: dict = {"config": asdict(config), "preset": dict(PRESETS[config.preset]), "sections": {}, "sanity": [],
+                             "skipped": {}}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def time_left(self) -> float:
+        return self.config.budget - self.elapsed()
+
+    def say(self, text: str) -> None:
+        line = f"[{self.elapsed():5.0f} s] {text}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+    def section(self, name: str, run, *, needs: float = 0.0):
+        """Run one section: its result under sections[name], or its error; skipped when under `needs` seconds are left."""
+        if self.time_left() < needs:
+            self.result["skipped"][name] = f"{self.time_left():.0f} s left, it needs about {needs:.0f}"
+            self.say(f"{name}: skipped ({self.result['skipped'][name]})")
+            return None
+        started = time.perf_counter()
+        self.say(f"{name} ...")
+        try:
+            value = run()
+            self.result["sections"][name] = value
+            self.say(f"{name}: done in {time.perf_counter() - started:.0f} s")
+            return value
+        except Exception as error:  # noqa: BLE001 - one failed sub-check must not end the run
+            self.result["sections"][name] = {"error": f"{type(error).__name__}: {error}",
+                                             "traceback": traceback.format_exc()[-3000:]}
+            self.say(f"{name}: FAILED: {type(error).__name__}: {str(error)[:300]}")
+            return None
+        finally:
+            self.save()
+
+    def sane(self, name: str, ok: bool, detail: str, judged: bool = True) -> None:
+        """Record a check of the run's own figures; one not `judged` (timings of the small preset's
+        microsecond steps) is reported but does not fail the run."""
+        self.result["sanity"].append({"check": name, "ok": bool(ok), "detail": detail, "judged": judged})
+        self.say(f"sanity {('ok  ' if ok else 'FAIL') if judged else 'info'} {name}: {detail}")
+
+    def save(self) -> None:
+        self.result["seconds"] = round(self.elapsed(), 1)
+        atomic_write_text(self.out / "gpu_check.json", json.dumps(self.result, indent=1, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- (a) correctness on tiny models
+
+
+def copy_bandwidth(device: torch.device, megabytes: int) -> float:
+    """Device memory bandwidth in GB/s, read + write, of copying a buffer larger than any cache (best of 5)."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = math.inf
+    for _ in range(5):
+        started = clock(device)
+        target.copy_(source)
+        best = min(best, clock(device) - started)
+    return 2 * source.numel() / best / 1e9
+
+
+def environment(device: torch.device, megabytes: int) -> dict:
+    import transformers
+
+    from overfill.bench.run import environment as bench_environment
+
+    env = bench_environment(default_dtype_name(device), device)
+    env["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+                      "capability": f"{props.major}.{props.minor}"}
+    env["copy_bandwidth_gb_s"] = round(copy_bandwidth(device, megabytes), 1)
+    return env
+
+
+def default_dtype_name(device: torch.device) -> str:
+    from overfill.devices import default_dtype
+
+    return default_dtype(device)
+
+
+def tokens(model, prompts, **settings) -> list[list[int]]:
+    from overfill.generation import GenerationConfig, generate
+
+    return [r.token_ids for r in generate(model, prompts, GenerationConfig(**settings))]
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How far two sets of greedy replies agree: equal or not, the share of equal tokens, the first difference."""
+    total = max(1, sum(max(len(x), len(y)) for x, y in zip(a, b)))
+    same = sum(sum(p == q for p, q in zip(x, y)) for x, y in zip(a, b))
+    first = next(((row, next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))))
+                  for row, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return {"equal": a == b, "token_share": round(same / total, 4), "first_difference": first}
+
+
+def tiny_checks(kind: str, device: torch.device, new_tokens: int) -> dict:
+    """One architecture: the CPU's eager greedy tokens, then the device's, eager and compiled, compared."""
+    from overfill.bench.synthetic import byte_tokenizer, tiny_model
+    from overfill.modeling import OverFillModel
+    from overfill.prune import PruneConfig, prune_model
+
+    tok = byte_tokenizer()
+    full = tiny_model(kind)
+    decoder = prune_model(full, tok, PruneConfig(ratio=0.5, calib_samples=8, calib_len=64), progress=False).model
+    cpu_model = OverFillModel(full, decoder, tok)
+    there = OverFillModel(copy.deepcopy(full), copy.deepcopy(decoder), tok).to(device)
+    cases = {f"{mode}, padded batch": dict(prompts=PROMPTS, mode=mode) for mode in MODES}
+    cases["overfill, refresh every 4"] = dict(prompts=PROMPTS, mode="overfill", refresh_every=4)
+    cases["overfill, 3 candidates"] = dict(prompts=PROMPTS[:2], mode="overfill", num_return_sequences=3)
+    result = {}
+    for name, case in cases.items():
+        prompts = case.pop("prompts")
+        reference = tokens(cpu_model, prompts, max_new_tokens=new_tokens, compile=False, **case)
+        result[name] = {engine: agreement(tokens(there, prompts, max_new_tokens=new_tokens, compile=engine == "compiled",
+                                                 **case), reference)
+                        for engine in ("eager", "compiled")}
+    return result
+
+
+def training_step(device: torch.device) -> dict:
+    """One optimizer step of `overfill train --mode overfill` on a tiny pair, placed by --device (Accelerate's rule)."""
+    from overfill.bench.synthetic import byte_tokenizer, tiny_model
+    from overfill.prune import PruneConfig, prune_model, save_pruned
+    from overfill.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory(prefix="overfill-gpu-check-") as folder:
+        root = Path(folder)
+        tok, full = byte_tokenizer(), tiny_model("llama")
+        full.save_pretrained(root / "full")
+        tok.save_pretrained(root / "full")
+        save_pruned(prune_model(full, tok, PruneConfig(ratio=0.5, calib_samples=8, calib_len=64), progress=False), tok,
+                    root / "decoder")
+        rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w[::-1]}]}
+                for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")]
+        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        result = train(TrainConfig(mode="overfill", model=str(root / "full"), decoder=str(root / "decoder"),
+                                   data=str(root / "data.jsonl"), out=str(root / "run"), val_size=2, batch_size=4,
+                                   max_steps=1, eval_every=0, progress=False, device=str(device)))
+        where = {p.device.type for p in result.model.decoder.parameters()}
+        return {"losses": result.losses, "val_loss": result.val_loss, "decoder_on": sorted(where),
+                "ok": bool(result.losses) and all(math.isfinite(v) for v in result.losses) and where == {device.type}}
+
+
+# ---------------------------------------------------------------- (b) the paper's figures at its scale
+
+
+def paper_model(preset: dict, device: torch.device):
+    from overfill.bench.synthetic import byte_tokenizer, paper_pair
+    from overfill.modeling import OverFillModel
+    from overfill.zoo import check_dtype
+
+    full, decoder = paper_pair(check_dtype(preset["dtype"]), device, scale=preset["scale"])
+    # Byte tokens are valid ids of any vocabulary: the bench's prompts (chat text of exact lengths) serve as they are.
+    return OverFillModel(full, decoder, byte_tokenizer())
+
+
+def bench_config(config: GpuCheckConfig, preset: dict, out: Path):
+    from overfill.bench.config import BenchConfig
+
+    keep = ("prompt_len", "new_tokens", "new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "sweep_new_tokens", "repeats",
+            "sweep_repeats")
+    return BenchConfig(out=str(out), device=config.device, dtype=preset["dtype"], batch_size=1, warmup=1, overhead_steps=0,
+                       references=False, decode_steps=("compiled",), **{k: preset[k] for k in keep})
+
+
+def weight_bytes(module) -> int:
+    from overfill.precision import weight_bytes as count
+
+    return count(module)
+
+
+def roofline(model, key: dict, bandwidth_gb_s: float, capacity: int) -> dict:
+    """Each compiled row's decode ms/token at batch 1 against its floor: the decode model's weight bytes (and the KV
+    cache the step reads: the whole static cache) over the copy bandwidth."""
+    from overfill.arch import head_dim_of, kv_heads_of
+
+    config = model.full.config
+    kv_bytes = (2 * config.num_hidden_layers * kv_heads_of(config) * head_dim_of(config) * capacity
+                * model.full.get_input_embeddings().weight.element_size())
+    out = {"bandwidth_gb_s": bandwidth_gb_s, "kv_cache_bytes_read_per_step": kv_bytes, "capacity": capacity, "rows": {}}
+    for row, decode_model in (("full:compiled", model.full), ("overfill:compiled", model.decoder),
+                              ("pruned:compiled", model.decoder)):
+        if row not in key["rows"]:
+            continue
+        weights = weight_bytes(decode_model)
+        floor_ms = 1e3 * weights / (bandwidth_gb_s * 1e9)
+        measured = key["rows"][row]["decode_ms_per_token"]["median"]
+        out["rows"][row] = {"weight_bytes": weights, "roofline_ms": round(floor_ms, 3),
+                            "roofline_with_kv_ms": round(1e3 * (weights + kv_bytes) / (bandwidth_gb_s * 1e9), 3),
+                            "measured_ms": round(measured, 3), "of_roofline": round(floor_ms / measured, 3)}
+    return out
+
+
+def paper_figures(check: Check, config: GpuCheckConfig, preset: dict) -> None:
+    """The paper-scale sections, each recorded as it finishes; figures redrawn after each."""
+    from rich.console import Console
+
+    from overfill.bench.plots import write_plots
+    from overfill.bench.prompts import PromptSource
+    from overfill.bench.report import print_bench
+    from overfill.bench.run import (
+        bench_rows,
+        compile_report,
+        describe,
+        measure_key_point,
+        measure_point,
+        measure_sweep,
+        new_tokens_sweep,
+        summarize,
+    )
+    from overfill.bench.timing import compiled_row
+    from overfill.tensors import pad_id_of
+
+    device = torch.device(config.device)
+    figures = {"key_point": None, "sweeps": {}}
+    state: dict = {}
+
+    def build():
+        state["model"] = model = paper_model(preset, device)
+        state["bench"] = bench = bench_config(config, preset, check.out)
+        state["prompts"] = PromptSource.from_tokenizer(model.tokenizer)
+        state["pad"] = pad_id_of(model.tokenizer)
+        state["rows"], state["variants"], state["skipped"] = bench_rows(model, bench)
+        return {"models": describe(model), "weight_bytes": {"full": weight_bytes(model.full),
+                                                            "decoder": weight_bytes(model.decoder)},
+                "dtype": preset["dtype"]}
+
+    def publish():
+        """bench.json's layout, so the bench's own figures and tables serve: the figures now, the tables at the end."""
+        figures["compile_seconds"] = compile_report(state["model"])
+        check.result["figures"] = {k: v for k, v in figures.items() if v}
+        if figures["key_point"] is not None:
+            try:
+                check.result["files"] = write_plots(figures, check.out)
+            except Exception as error:  # noqa: BLE001 - a figure that fails to draw leaves the numbers
+                check.result["plot_error"] = f"{type(error).__name__}: {error}"
+
+    def key_point():
+        bench, model = state["bench"], state["model"]
+        with torch.inference_mode():
+            key, runs = measure_key_point(model, bench, state["prompts"], state["pad"], state["rows"], state["variants"],
+                                          state["skipped"], lambda _: None)
+        figures["key_point"] = key
+        figures["sweeps"]["new_tokens"] = new_tokens_sweep(bench, runs, state["rows"])
+        publish()
+        return {row: {"decode_ms_per_token": s["decode_ms_per_token"]["median"], "prefill_ms": 1e3 * s["prefill_s"]["median"]}
+                for row, s in key["rows"].items()} | {"ratios": {r["name"]: round(r["median"], 3) for r in key["ratios"]}}
+
+    def sweep(name: str):
+        def run():
+            with torch.inference_mode():
+                figures["sweeps"][name] = measure_sweep(state["model"], state["bench"], name, state["prompts"], state["pad"],
+                                                        state["rows"], state["variants"], lambda _: None,
+                                                        time_left=lambda: check.time_left() - 20)
+            publish()
+            points = figures["sweeps"][name]
+            return {"values": points["values"], "cut_short": points.get("cut_short"),
+                    "decode_ms_per_token": {row: [round(p["decode_ms_per_token"]["median"], 3) for p in ps]
+                                            for row, ps in points["rows"].items()}}
+        return run
+
+    def eager_beside():
+        """The eager engine beside the compiled one at batch 1 (shorter runs: an eager GPU step waits on launches)."""
+        bench, model = state["bench"], state["model"]
+        rows = ("full", "overfill", compiled_row("full"), compiled_row("overfill"))
+        ids, mask = state["prompts"].batch(bench.prompt_len, 1)
+        n = preset["eager_tokens"]
+        with torch.inference_mode():
+            runs = measure_point(model, rows, ids, mask, dict.fromkeys(rows, n), state["pad"], 2, 1, None)
+        rows_out = {row: summarize([r.split() for r in runs[row]], 1) for row in rows}
+        figures["eager_beside_compiled"] = {"new_tokens": n, "rows": rows_out}
+        return {row: round(s["decode_ms_per_token"]["median"], 3) for row, s in rows_out.items()}
+
+    if check.section("paper: models", build, needs=30) is None:
+        return
+    check.say(f"paper-scale pair: {check.result['sections']['paper: models']['models']}")
+    check.section("paper: key point and Fig. 3 (new tokens)", key_point, needs=60)
+    if figures["key_point"] is not None:
+        check.section("paper: Fig. 5 (batch)", sweep("batch"), needs=40)
+        check.section("paper: Fig. 4 (prompt length)", sweep("prompt_len"), needs=30)
+        check.section("paper: eager beside compiled", eager_beside, needs=30)
+        bandwidth = check.result["sections"].get("environment", {}).get("copy_bandwidth_gb_s")
+        if bandwidth:
+            check.result["roofline"] = roofline(state["model"], figures["key_point"], bandwidth, _capacity(state["bench"]))
+        publish()
+        paper_sanity(check, figures, state["model"])
+        try:
+            console = Console(record=True, width=150)
+            print_bench(console, {**figures, "config": asdict(state["bench"]), "files": check.result.get("files", []),
+                                  "environment": check.result["sections"].get("environment") or {}, "seconds": check.elapsed()},
+                        check.out)
+            check.log.write(console.export_text())
+        except Exception as error:  # noqa: BLE001 - the tables are a convenience; the JSON has the numbers
+            check.say(f"tables not printed: {type(error).__name__}: {error}")
+    del state["model"]
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _capacity(bench) -> int:
+    """The key point's static cache: its prompt (exactly prompt_len tokens) and its longest reply."""
+    from overfill.kv_cache import capacity_for
+
+    return capacity_for(bench.prompt_len + bench.key_run_tokens)
+
+
+def paper_sanity(check: Check, figures: dict, model) -> None:
+    """What the paper-scale figures must show if the timing is sound (judged at the paper's scale only)."""
+    judged = check.config.preset == "paper"
+
+    def sane(name: str, ok: bool, detail: str) -> None:
+        check.sane(name, ok, detail, judged)
+
+    rows = figures["key_point"]["rows"]
+    ms = {row: s["decode_ms_per_token"]["median"] for row, s in rows.items()}
+    if {"overfill:compiled", "full:compiled"} <= set(ms):
+        ratio = ms["full:compiled"] / ms["overfill:compiled"]
+        sane("OverFill decodes faster than the full model (compiled, batch 1)", ratio > 1,
+                   f"full / overfill decode ms/token = {ratio:.2f} (weight bytes ratio "
+                   f"{weight_bytes(model.full) / weight_bytes(model.decoder):.2f})")
+        prefill = {row: rows[row]["prefill_s"]["median"] for row in ("overfill:compiled", "full:compiled")}
+        same = abs(prefill["overfill:compiled"] / prefill["full:compiled"] - 1)
+        sane("OverFill's prefill is the full model's", same < 0.25,
+                   f"overfill / full prefill = {prefill['overfill:compiled'] / prefill['full:compiled']:.2f}")
+    for row, r in check.result.get("roofline", {}).get("rows", {}).items():
+        sane(f"{row} decode no faster than its weights can be read", r["of_roofline"] <= 1.05,
+                   f"{r['measured_ms']:.3f} ms/token measured, roofline {r['roofline_ms']:.3f} ms ({r['of_roofline']:.0%})")
+    prompt = figures["sweeps"].get("prompt_len")
+    if prompt and len(prompt["values"]) > 1 and "full:compiled" in prompt["rows"]:
+        prefill = [p["prefill_s"]["median"] for p in prompt["rows"]["full:compiled"]]
+        sane("prefill grows with the prompt (Fig. 4)", prefill[-1] > prefill[0],
+                   f"{1e3 * prefill[0]:.1f} ms at {prompt['values'][0]} tokens, {1e3 * prefill[-1]:.1f} ms at {prompt['values'][-1]}")
+    batch = figures["sweeps"].get("batch")
+    if batch and len(batch["values"]) > 1 and "overfill:compiled" in batch["rows"]:
+        throughput = [p["tokens_per_s"]["median"] for p in batch["rows"]["overfill:compiled"]]
+        sane("throughput grows with the batch (Fig. 5)", throughput[-1] > throughput[0],
+                   f"{throughput[0]:.0f} tok/s at batch {batch['values'][0]}, {throughput[-1]:.0f} at {batch['values'][-1]}")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_check(config: GpuCheckConfig) -> dict:
+    preset = PRESETS[config.preset]
+    device = torch.device(config.device)
+    check = Check(config)
+    check.say(f"overfill GPU check: preset {config.preset} on {device}, budget {config.budget:.0f} s, out {check.out}")
+    env = check.section("environment", lambda: environment(device, 1024 if device.type == "cuda" else 128))
+    if env:
+        check.say(f"torch {env['torch']}, transformers {env['transformers']}, {env.get('gpu') or env['device']}, "
+                  f"copy bandwidth {env['copy_bandwidth_gb_s']} GB/s")
+    # Correctness gets at most a third of the budget; the paper-scale figures need the rest.
+    correctness_until = config.budget / 3
+    tiny = check.result["sections"].setdefault("tiny models", {})
+    for kind in config.kinds:
+        if kind != config.kinds[0] and check.elapsed() > correctness_until:
+            check.result["skipped"][f"tiny {kind}"] = "the correctness share of the budget is spent"
+            check.say(f"tiny {kind}: skipped (the correctness share of the budget is spent)")
+            continue
+        value = check.section(f"tiny {kind}", lambda kind=kind: tiny_checks(kind, device, preset["tiny_tokens"]))
+        if value is not None:
+            tiny[kind] = check.result["sections"].pop(f"tiny {kind}")
+            bad = [f"{case} ({engine})" for case, engines in value.items() for engine, a in engines.items() if not a["equal"]]
+            check.sane(f"tiny {kind}: {device} tokens equal the CPU's", not bad, "all cases" if not bad else ", ".join(bad))
+    training = check.section("training step", lambda: training_step(device), needs=20)
+    if training is not None:
+        check.sane("one training step on the device", training["ok"], f"loss {training['losses']}, decoder on {training['decoder_on']}")
+    paper_figures(check, config, preset)
+    failed = [name for name, value in check.result["sections"].items() if isinstance(value, dict) and "error" in value]
+    insane = [s["check"] for s in check.result["sanity"] if s["judged"] and not s["ok"]]
+    check.result["ok"] = not failed and not insane
+    check.save()
+    check.say(f"done in {check.elapsed():.0f} s: {'all checks passed' if check.result['ok'] else 'FAILED: ' + ', '.join(failed + insane)}; "
+              f"{check.out / 'gpu_check.json'}")
+    check.log.close()
+    return check.result
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from overfill.cli.configs import field_docs
+
+    docs = field_docs(GpuCheckConfig)
+    parser = argparse.ArgumentParser(prog="python -m overfill.bench.gpu_check", description=__doc__.split("\n\n")[0])
+    defaults = GpuCheckConfig.__dataclass_fields__
+    for name in ("out", "preset", "device", "budget"):
+        parser.add_argument(f"--{name}", default=defaults[name].default, type=type(defaults[name].default), help=docs[name])
+    parser.add_argument("--kinds", default=",".join(defaults["kinds"].default), help=docs["kinds"])
+    args = parser.parse_args(argv)
+    try:
+        config = GpuCheckConfig(out=args.out, preset=args.preset, device=args.device, budget=args.budget,
+                                kinds=tuple(k for k in args.kinds.split(",") if k))
+    except OverfillError as error:
+        raise SystemExit(f"error: {error}") from None
+    result = run_check(config)
+    raise SystemExit(0 if result["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The decode model's one-token step as one compiled function over a preallocated KV cache (after gpt-fast).
+
+Decoding is memory-bound: a step reads every weight of the decode model once, so its floor is the
+weight bytes over the memory bandwidth. Run op by op (eager PyTorch), a small model never reaches
+it: each of its ~20 operators per layer costs a fixed few microseconds on a CPU and a kernel launch
+on a GPU, the same for the full model and for the pruned decoder, so the decoder's narrower
+matrices save less than their bytes. This module removes that fixed cost, which is what lets the
+OverFill decoder's speed follow its weight bytes (paper §2: the decoder sets the decode cost):
+
+- `StepWeights`: the decode model's weights laid out for one-token steps, built once from the HF
+  model: q/k/v fused into one matrix, gate/up into another, every layer's matrices stacked; on a
+  CPU stored [in, out] (a row vector times a matrix read row by row ran ~1.6x faster than HF's
+  [out, in] layout here, at the decoder's 315-wide shapes too), on a GPU in HF's layout (cuBLAS
+  reads either). Its `forward` is the whole step: embedding, every layer (RMSNorm, fused q/k/v,
+  rotary, the new column written into the cache, attention over the cache, o-projection, RMSNorm,
+  fused gate/up, SiLU, down), final norm, LM head.
+- the cache is `kv_cache.StaticCache`: one buffer of a fixed capacity that the step reads whole,
+  with a boolean mask of the columns in use, so the step's shapes and addresses never change while
+  a reply grows (what CUDA graphs need) and prompts of any length share a compiled step.
+- `CompiledStep`: `torch.compile` of that forward: CUDA graphs on a GPU (`mode="reduce-overhead"`),
+  inductor's C++ kernels on a CPU. Compiled once per decode model and shape (rows x capacity; rows
+  and capacity turn symbolic after their second value), reused by every later call.
+
+The prefill (the full model, compute-bound) stays the model's own forward, writing into the same
+StaticCache; so do refresh and chat, which the cache serves as any DynamicCache. Llama, Qwen2 (q/k/v
+biases), Qwen3 (per-head q/k norms) and Mistral share this step; a sliding window shorter than the
+cache, or an unsupported layout, decodes eagerly instead (`unsupported` says why).
+Shapes: B rows, C cache capacity, L layers, H query heads, KV key/value heads, G = H / KV, D head_dim.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from overfill import arch
+from overfill.kv_cache import StaticCache
+
+# ---------------------------------------------------------------- the weights, laid out for one token
+
+
+def _parameter_key(model: nn.Module) -> tuple:
+    """Changes when any weight is replaced or modified in place (training, `.to()`, convert): then rebuild."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+
+class Projection(nn.Module):
+    """One kind of linear layer in every decoder layer (e.g. the fused q/k/v projection).
+
+    Plain float layers are concatenated along their outputs and stacked over layers: weight
+    [L, in, out] (`transposed`, CPU) or [L, out, in], bias [L, out] or none. Any other linear (int8,
+    precision.Int8Linear) is kept as its modules, called one by one.
+    """
+
+    def __init__(self, parts: list[list[nn.Module]], transposed: bool):
+        super().__init__()
+        self.transposed = transposed
+        dense = all(type(m) is nn.Linear and not hasattr(m.weight, "qdata") for layer in parts for m in layer)
+        self.dense = dense and len({m.weight.dtype for layer in parts for m in layer}) == 1
+        if self.dense:
+            with torch.no_grad():
+                weight = torch.stack([torch.cat([m.weight for m in layer]) for layer in parts])  # [L, out, in]
+                self.weight = _frozen(weight.transpose(1, 2).contiguous() if transposed else weight)
+                biased = [m.bias is not None for layer in parts for m in layer]
+                if any(biased):
+                    bias = [torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layer])
+                            for layer in parts]
+                    self.bias = _frozen(torch.stack(bias))  # [L, out]
+                else:
+                    self.bias = None
+        else:
+            self.layers = nn.ModuleList(nn.ModuleList(layer) for layer in parts)
+            for module in self.layers.modules():
+                if hasattr(module, "prepare"):  # precision.Int8Linear: its kernel settings, before tracing
+                    module.prepare()
+
+    def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in] -> [B, out] through layer i's projection(s)."""
+        if not self.dense:
+            return torch.cat([m(x) for m in self.layers[i]], dim=-1)
+        weight = self.weight[i]
+        if self.transposed:
+            y = x @ weight if self.bias is None else torch.addmm(self.bias[i], x, weight)
+        else:
+            y = F.linear(x, weight, None if self.bias is None else self.bias[i])
+        return y
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    # A parameter, not a buffer: torch.compile keeps parameter shapes static (a buffer's may turn symbolic
+    # once a second model's step compiles), and CUDA graphs read parameters in place.
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm (Llama, Qwen2/3, Mistral): normalised in float32, scaled in the input's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as HF applies it: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class StepWeights(nn.Module):
+    """A decode model's weights in one-token-step layout; `forward` is the step (see the module docstring).
+
+    Holds its own copies of the fused (and, on a CPU, transposed) matrices, about the model's
+    weight bytes again; embedding, norms and rotary tables are the model's own.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        super().__init__()
+        config = model.config
+        body = model.model
+        layers = body.layers
+        self.transposed = device.type == "cpu"
+        self.heads, self.kv_heads = config.num_attention_heads, arch.kv_heads_of(config)
+        self.head_dim = arch.head_dim_of(config)
+        self.scaling = float(getattr(layers[0].self_attn, "scaling", self.head_dim**-0.5))
+        self.eps = float(layers[0].input_layernorm.variance_epsilon)
+        self.embed = body.embed_tokens
+        self.rotary = body.rotary_emb
+        self.act = layers[0].mlp.act_fn
+        attention = [layer.self_attn for layer in layers]
+        mlp = [layer.mlp for layer in layers]
+        self.qkv = Projection([[a.q_proj, a.k_proj, a.v_proj] for a in attention], self.transposed)
+        self.o = Projection([[a.o_proj] for a in attention], self.transposed)
+        self.gate_up = Projection([[m.gate_proj, m.up_proj] for m in mlp], self.transposed)
+        self.down = Projection([[m.down_proj] for m in mlp], self.transposed)
+        with torch.no_grad():
+            self.norms = _frozen(torch.stack([torch.stack([layer.input_layernorm.weight, layer.post_attention_layernorm.weight])
+                                              for layer in layers]))  # [L, 2, hidden]
+            qk_norm = getattr(attention[0], "q_norm", None)  # Qwen3: RMSNorm over each head's head_dim
+            self.qk_eps = float(qk_norm.variance_epsilon) if qk_norm is not None else None
+            if qk_norm is not None:
+                self.qk_norms = _frozen(torch.stack([torch.stack([a.q_norm.weight, a.k_norm.weight]) for a in attention]))  # [L, 2, D]
+            self.final_norm = body.norm
+            self.head = Projection([[model.lm_head]], self.transposed)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor, mask: torch.Tensor,
+                cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor]) -> torch.Tensor:
+        """One token per row -> next-token logits [B, V] in float32, the new keys/values written into the cache.
+
+        tokens, positions [B]; column [1]: the cache column every row's new entry goes to (moved on by
+        one here); mask [B, C] bool: the columns each row attends to, the new one included;
+        cache_keys/values: L tensors [B, KV, C, D] in the cache's dtype (the full model's, which may differ from ours).
+        """
+        rows, heads, kv_heads, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        x = self.embed(tokens)  # [B, hidden]
+        cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, 1, 1, D]: over kv heads, then query groups
+        attend = mask[:, None, None, :]  # [B, 1, 1, C]
+        for i, (keys, values) in enumerate(zip(cache_keys, cache_values)):
+            h = rms_norm(x, self.norms[i, 0], self.eps)
+            q, k, v = self.qkv(i, h).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            q = q.view(rows, kv_heads, heads // kv_heads, dim)  # [B, KV, G, D]: query head j reads kv head j // G
+            k, v = k.view(rows, kv_heads, 1, dim), v.view(rows, kv_heads, 1, dim)
+            if self.qk_eps is not None:
+                q, k = rms_norm(q, self.qk_norms[i, 0], self.qk_eps), rms_norm(k, self.qk_norms[i, 1], self.qk_eps)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            keys.index_copy_(2, column, k.to(keys.dtype))
+            values.index_copy_(2, column, v.to(values.dtype))
+            scores = (q @ keys.transpose(-1, -2).to(q.dtype)) * self.scaling  # [B, KV, G, C]
+            scores = scores.masked_fill(~attend, float("-inf"))
+            weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # HF's eager attention: softmax in float32
+            out = (weights @ values.to(q.dtype)).reshape(rows, heads * dim)  # [B, H * D]
+            x = x + self.o(i, out)
+            h = rms_norm(x, self.norms[i, 1], self.eps)
+            gate, up = self.gate_up(i, h).chunk(2, dim=-1)
+            x = x + self.down(i, self.act(gate) * up)
+        column.add_(1)
+        return self.head(0, self.final_norm(x)).float()
+
+
+def unsupported(model: nn.Module, capacity: int) -> str | None:
+    """Why `StepWeights` cannot run this model's steps (None: it can)."""
+    config = model.config
+    try:
+        arch.arch_of(config)
+    except Exception as error:  # noqa: BLE001 - the reason is the message
+        return str(error)
+    window = arch.sliding_window_of(config)
+    if window is not None and window < capacity:
+        return f"a sliding window of {window} tokens is shorter than the {capacity}-token cache"
+    body = getattr(model, "model", None)
+    if body is None or not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "its layout is not Llama's (model.embed_tokens, layers, norm, rotary_emb)"
+    if "dynamic" in str(getattr(body.rotary_emb, "rope_type", "")):
+        return "dynamic rotary scaling changes with the sequence length"
+    return None
+
+
+# ---------------------------------------------------------------- compiled, with its caches
+
+
+# What torch.compile lowers the step with. Tests of the loop around the step swap in "aot_eager" (the same
+# captured graph, run by PyTorch's own kernels: seconds instead of a C++ build per shape).
+BACKEND = "inductor"
+
+
+def compile_options(device: torch.device) -> dict:
+    """torch.compile's settings per device: CUDA graphs on a GPU (a step is one graph launch), inductor's C++
+    kernels on a CPU; the whole step one graph (`fullgraph`), so nothing falls back to Python midway.
+
+    On a GPU rows and cache capacity are symbolic from the first compile (batch 1 apart, which torch
+    always specialises): a sweep of shapes then costs one CUDA graph capture per shape, not a compile.
+    On a CPU they turn symbolic at their second value (the first shape keeps kernels fixed to it).
+    """
+    cuda = device.type == "cuda"
+    mode = "reduce-overhead" if cuda and BACKEND == "inductor" else None
+    return {"backend": BACKEND, "mode": mode, "fullgraph": True, "dynamic": True if cuda else None}
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    # Every (rows, capacity) shape and every model is one entry of the same code object: 8 (the default) is too few.
+    import torch._dynamo.config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dynamo, name, limit) < limit:
+            setattr(dynamo, name, limit)
+
+
+class CompiledStep:
+    """One decode model's compiled step on one device: its StepWeights, the compiled forward, what compiling took.
+
+    `__call__(tokens, positions, cache, attention_mask)` decodes one token per row on a StaticCache
+    and moves the cache on by one column; `compile_seconds` holds the first call's time of every
+    new shape (rows, capacity): what compiling (or capturing a CUDA graph) cost.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model_ref = weakref.ref(model)
+        self.device = device
+        self.weights: StepWeights | None = None
+        self.key: tuple | None = None
+        self.seen: set[tuple] = set()
+        self.compile_seconds: dict[str, float] = {}
+        _raise_recompile_limit()
+
+    def _current(self) -> StepWeights:
+        model = self.model_ref()
+        key = _parameter_key(model)
+        if self.weights is None or key != self.key:
+            self.weights = StepWeights(model, self.device).eval()
+            self.key = key
+            self.compiled = torch.compile(self.weights, **compile_options(self.device))
+        return self.weights
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+        """tokens, positions [B]; attention_mask [B, T] covers the cache plus this token -> logits [B, V] float32."""
+        self._current()
+        length = cache.get_seq_length()
+        if cache.column_at != length:
+            cache.column.fill_(length)
+        mask = cache.mask_from(attention_mask)
+        shape = (tokens.shape[0], cache.capacity)
+        started = time.perf_counter() if shape not in self.seen else None
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+        logits = self.compiled(tokens, positions, cache.column, mask, cache.key_buffers, cache.value_buffers)
+        cache.advance(1)
+        cache.column_at = length + 1
+        if started is not None:
+            self.seen.add(shape)
+            logits = logits.clone() if self.device.type == "cuda" else logits
+            self.compile_seconds[f"{shape[0]}x{shape[1]}"] = round(time.perf_counter() - started, 2)
+        return logits
+
+
+_STEPS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: nn.Module, device: torch.device) -> CompiledStep:
+    """The decode model's CompiledStep on `device`, made once and kept as long as the model."""
+    per_device = _STEPS.setdefault(model, {})
+    if device not in per_device:
+        per_device[device] = CompiledStep(model, device)
+    return per_device[device]
+
+
+def compile_seconds(model: nn.Module) -> dict[str, float]:
+    """What compiling the model's step took so far, per device and shape ('cpu 1x384': seconds)."""
+    return {f"{device} {shape}": s for device, step in _STEPS.get(model, {}).items()
+            for shape, s in step.compile_seconds.items()}
+
+
+# ---------------------------------------------------------------- when compiling pays
+
+# Measured on this project's 2-core CPU (AMD EPYC, fp32, SmolLM2-135M + its 0.45 decoder, batch 1):
+# compiling both models' steps took 30-60 s (less once inductor's on-disk cache holds the kernels) and
+# saved 8.6 ms per OverFill decode step (23.2 -> 14.6 ms) and 11.7 ms per full-model step: it pays
+# back after a few thousand decoded tokens. On a GPU eager decoding is bound by kernel launches, so a
+# compiled step (one CUDA graph) pays back within a reply or two of a long run.
+CPU_PAYS_AFTER_TOKENS = 4096
+
+
+def decide_compile(asked: bool | None, device: torch.device, decode_tokens: int | None = None) -> tuple[bool, str]:
+    """Whether a command compiles its decode step, and the line that says why.
+
+    `asked` is --compile / --no-compile (None: decide here); `decode_tokens` bounds the tokens the
+    command will decode (rows x new tokens), None when unknown (chat).
+    """
+    if asked is not None:
+        return asked, f"decode step: {'compiled' if asked else 'eager'} (--{'' if asked else 'no-'}compile)"
+    if device.type == "cuda":
+        return True, ("decode step: compiled, CUDA graphs (auto on a GPU: an eager step waits on one kernel launch "
+                      "per operator; --no-compile to decode eagerly)")
+    if device.type != "cpu":
+        return False, f"decode step: eager (auto on {device.type}; --compile to try torch.compile there)"
+    if decode_tokens is not None and decode_tokens >= CPU_PAYS_AFTER_TOKENS:
+        return True, (f"decode step: compiled (auto on a CPU: up to {decode_tokens:,} tokens to decode; compiling "
+                      f"takes about a minute and pays back after ~{CPU_PAYS_AFTER_TOKENS:,}; --no-compile to decode eagerly)")
+    bound = "" if decode_tokens is None else f", this run decodes at most {decode_tokens:,}"
+    return False, (f"decode step: eager (auto on a CPU: compiling takes about a minute and pays back after "
+                   f"~{CPU_PAYS_AFTER_TOKENS:,} decoded tokens{bound}; --compile to compile anyway)")

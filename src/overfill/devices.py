@@ -1,0 +1,100 @@
+"""Where models and tensors live: the one `--device` rule every command follows.
+
+`auto` is CUDA when this machine has it, else the CPU (what Accelerate picks for training, so
+training and every other command agree). `cuda`, `cuda:N`, `mps` and `cpu` are taken as given, and
+refused at once, in one line, where this machine or this torch build lacks them. Each device has
+its default weights dtype: bfloat16 on a GPU (tensor cores, half the bytes a decode step reads),
+float32 on a CPU (most CPUs have no fast bfloat16 matrix product; precision.py says which do).
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+
+import torch
+
+from overfill.errors import OverfillError
+
+DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: str | torch.device | None = "auto", flag: str = "--device") -> torch.device:
+    """`name` as a torch.device this machine has, or an OverfillError naming what is missing."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match:
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+            raise OverfillError(f"{flag} {name}: this machine has no CUDA device (torch {torch.__version__}, {build}): "
+                                "pass --device cpu, or --device auto to use a GPU only where there is one")
+        index = int(match.group(1) or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise OverfillError(f"{flag} {name}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                                f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''}): pick one of those")
+        return torch.device("cuda", index)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise OverfillError(f"{flag} mps: this machine has no Apple GPU (MPS): pass --device cpu or auto")
+        return torch.device("mps")
+    raise OverfillError(f"{flag} got '{name}': pick {DEVICE_HELP}")
+
+
+def default_dtype(device: torch.device) -> str:
+    """The weights dtype a device gets unless one is asked for: bfloat16 on a GPU, float32 on a CPU."""
+    return "float32" if device.type == "cpu" else "bfloat16"
+
+
+def model_device(module: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (its first parameter's device; CPU for a model without any)."""
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read afterwards includes it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done: the time stamp a latency measurement needs."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+def describe(device: torch.device) -> str:
+    """'cuda:0 (NVIDIA H200)', 'cpu (AMD EPYC, 2 threads)': what a report says the run used."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({cpu_info()['name']}, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def cpu_info() -> dict:
+    """The processor and the instruction sets that decide fp32/bf16 speed here (Linux /proc/cpuinfo)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"name": name, "instruction_sets": [f for f in wanted if f in flags]}

@@ -1,0 +1,194 @@
+"""The compiled decode step (decode_step.py) on its static KV cache: token for token what the eager loop makes.
+
+Most tests here check the loop around the step (padding, sampling, stop strings, streaming,
+candidates, refresh, chat) with the step's graph captured by torch.compile and run by PyTorch's
+own kernels (`captured`: seconds, no C++ build per shape); `test_inductor_step_equals_eager` and
+the slow tests compile it with inductor, as every command does.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from overfill import decode_step
+from overfill.chat import ChatSession
+from overfill.decode_step import compile_seconds, decide_compile
+from overfill.errors import OverfillWarning
+from overfill.generation import GenerationConfig, encode_prompt, generate, stream
+from overfill.kv_cache import CAPACITY_STEP, StaticCache, capacity_for
+from overfill.modeling import MODES, OverFillModel, prefill
+from overfill.tensors import left_pad
+from test_generation import PROMPTS, pruned_model
+from tiny import KINDS, tiny_model, tiny_tokenizer
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    monkeypatch.setattr(decode_step, "BACKEND", "aot_eager")
+
+
+def replies(model, prompts, **settings):
+    return [r.token_ids for r in generate(model, prompts, GenerationConfig(**settings))]
+
+
+def same_both_ways(model, prompts=PROMPTS, **settings):
+    """Eager and compiled replies, asserted equal token for token (and non-trivial)."""
+    eager = replies(model, prompts, compile=False, **settings)
+    compiled = replies(model, prompts, compile=True, **settings)
+    assert compiled == eager
+    assert sum(map(len, eager)) > 2 * len(eager)
+    return compiled
+
+
+# ---------------------------------------------------------------- parity with the eager loop
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_step_equals_eager(device):
+    """The real thing (inductor, CUDA graphs on a GPU): a left-padded batch, every mode, then other prompts
+    of other lengths reuse the compiled step."""
+    model = pruned_model("llama").to(device)
+    for mode in MODES:
+        same_both_ways(model, mode=mode, max_new_tokens=16)
+    compiled = {**compile_seconds(model.full), **compile_seconds(model.decoder)}
+    assert [key.split()[-1] for key in compiled] == ["4x128"]  # one batch shape, one cache capacity
+    shorter = [p[: len(p) // 2 + 1] for p in PROMPTS]  # other lengths, same batch and cache capacity
+    same_both_ways(model, shorter, max_new_tokens=16)
+    assert {**compile_seconds(model.full), **compile_seconds(model.decoder)} == compiled  # nothing compiled again
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_captured_step_equals_eager_for_every_architecture(kind, captured):
+    """Llama, Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral: the step's own arithmetic, every mode."""
+    model = pruned_model(kind)
+    for mode in MODES:
+        same_both_ways(model, mode=mode, max_new_tokens=12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ("qwen2", "qwen3", "mistral"))
+def test_inductor_step_equals_eager_for_the_other_architectures(kind):
+    """Compiled with inductor (a C++ build per model: slow on two cores)."""
+    same_both_ways(pruned_model(kind), mode="overfill", max_new_tokens=16)
+
+
+# ---------------------------------------------------------------- every feature of the loop
+
+
+def test_padded_batch_equals_each_row_alone(captured):
+    model = pruned_model("llama")
+    batch = same_both_ways(model, max_new_tokens=12)
+    for prompt, ids in zip(PROMPTS, batch):
+        assert replies(model, prompt, compile=True, max_new_tokens=12) == [ids]
+
+
+def test_seeded_sampling_matches_eager(captured):
+    model = pruned_model("llama")
+    sampled = same_both_ways(model, temperature=1.0, top_k=20, seed=3, max_new_tokens=12)
+    assert sampled != replies(model, PROMPTS, compile=True, max_new_tokens=12)  # sampled, not greedy
+
+
+def test_candidates_share_one_prefill(captured):
+    model = pruned_model("llama")
+    greedy = same_both_ways(model, PROMPTS[:2], num_return_sequences=3, max_new_tokens=10)
+    single = replies(model, PROMPTS[:2], max_new_tokens=10)
+    assert greedy == [single[0]] * 3 + [single[1]] * 3
+    sampled = same_both_ways(model, PROMPTS[1], num_return_sequences=4, temperature=1.0, seed=2, max_new_tokens=10)
+    assert len({tuple(ids) for ids in sampled}) == 4
+
+
+def test_stop_strings_and_streaming(captured):
+    model = pruned_model("qwen2", letters=True)
+    free = generate(model, PROMPTS[1], GenerationConfig(max_new_tokens=40))[0].text
+    stop = free[8:12]
+    config = GenerationConfig(max_new_tokens=40, stop=(stop,), compile=True)
+    reply = generate(model, PROMPTS[1], config)[0]
+    assert reply.text == free[: free.index(stop)] and reply.finish_reason == "stop"
+    assert "".join(stream(model, PROMPTS[1], config)) == reply.text
+
+
+def test_prefill_refresh(captured):
+    model = pruned_model("llama")
+    same_both_ways(model, mode="overfill", refresh_every=4, max_new_tokens=14)
+
+
+def test_chat_turns(captured):
+    model = pruned_model("llama")
+
+    def chat(compile):
+        session = ChatSession(model, GenerationConfig(max_new_tokens=8, compile=compile))
+        return [session.say(text) for text in ("hello", "and again", "once more")], session
+
+    (eager, _), (compiled, session) = chat(False), chat(True)
+    assert compiled == eager
+    assert session.cache.get_seq_length() == len(session.cached_ids)  # the kept cache: the context's KV alone
+
+
+def test_int8_and_bfloat16_decoders(captured):
+    """Decoders in another dtype than the full model's cache: int8 layers are called as they are, bfloat16 reads
+    the float32 cache cast."""
+    from overfill.precision import set_decoder_dtype
+
+    for dtype in ("int8", "bfloat16"):
+        model = pruned_model("llama")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OverfillWarning)
+            set_decoder_dtype(model.decoder, dtype)
+        eager = replies(model, PROMPTS, compile=False, max_new_tokens=10)
+        compiled = replies(model, PROMPTS, compile=True, max_new_tokens=10)
+        agree = sum(a == b for e, c in zip(eager, compiled) for a, b in zip(e, c)) / sum(map(len, eager))
+        assert agree > (0.99 if dtype == "int8" else 0.8), dtype  # bfloat16 rounds its own way
+
+
+def test_a_model_the_step_cannot_run_decodes_eagerly():
+    full = tiny_model("mistral", sliding_window=8)  # a window shorter than the cache
+    model = OverFillModel(full, copy.deepcopy(full), tiny_tokenizer())
+    with pytest.warns(OverfillWarning, match="decoding eagerly.*sliding window"):
+        compiled = replies(model, PROMPTS, compile=True, max_new_tokens=10)
+    assert compiled == replies(model, PROMPTS, compile=False, max_new_tokens=10)
+
+
+# ---------------------------------------------------------------- the static cache
+
+
+def test_static_cache_serves_the_eager_forward_like_a_dynamic_cache():
+    model = tiny_model("qwen3")
+    tok = tiny_tokenizer()
+    ids, mask = left_pad([encode_prompt(tok, p) for p in PROMPTS], 0)
+    with torch.inference_mode():
+        logits, reference = prefill(model, ids, mask, DynamicCache())
+        static = StaticCache.for_model(model, ids.shape[0], ids.shape[1] + 5)
+        static_logits, _ = prefill(model, ids, mask, static)
+    torch.testing.assert_close(static_logits, logits, rtol=1e-5, atol=1e-5)
+    assert static.capacity == capacity_for(ids.shape[1] + 5) and static.capacity % CAPACITY_STEP == 0
+    assert static.get_seq_length() == reference.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(static.layers[1].keys, reference.layers[1].keys)
+    static.crop(-3)
+    assert static.get_seq_length() == ids.shape[1] - 3
+
+
+def test_static_buffers_are_reused_once_a_cache_is_dropped():
+    model = tiny_model("llama")
+    cache = StaticCache.for_model(model, 2, 40)
+    first = cache.key_buffers[0].data_ptr()
+    assert StaticCache.for_model(model, 2, 40).key_buffers[0].data_ptr() != first  # still in use: another buffer
+    del cache
+    assert StaticCache.for_model(model, 2, 40).key_buffers[0].data_ptr() == first  # same shape again: the same buffer
+
+
+# ---------------------------------------------------------------- when to compile
+
+
+def test_the_compile_decision_says_why():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decide_compile(True, cpu, 10)[0] and not decide_compile(False, cuda, 10**6)[0]
+    on, why = decide_compile(None, cpu, 100)
+    assert not on and "eager" in why and "at most 100" in why and "--compile" in why
+    on, why = decide_compile(None, cpu, 10**6)
+    assert on and "compiled" in why and "1,000,000" in why
+    assert decide_compile(None, cuda, 1)[0]
