@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig, TokenChooser, generate_ids
 from overfill.modeling import OverFillModel
 from overfill.speculative import Speculation, accept_greedy, accept_sampled, speculative_ids
@@ -147,3 +148,37 @@ def test_sampled_replies_follow_the_full_models_distribution():
     # total variation distance; with 4,000 samples over 36 cells its sampling noise is ~0.04
     assert 0.5 * (spec - exact).abs().sum() < 0.06
     assert 0.5 * (plain - exact).abs().sum() < 0.06
+
+
+# ---------------------------------------------------------------- through generate, chat and the CLI
+
+
+def test_generate_and_chat_in_speculative_mode_give_the_full_models_replies():
+    from overfill.chat import ChatSession
+    from overfill.generation import generate
+
+    model = pair("qwen2")
+    prompts_ = ["hi", "Tell me a story about a dragon."]
+    full = generate(model, prompts_, GenerationConfig(mode="full", max_new_tokens=16))
+    spec = generate(model, prompts_, GenerationConfig(mode="speculative", max_new_tokens=16, draft_tokens=3))
+    assert [r.token_ids for r in spec] == [r.token_ids for r in full] and spec[0].mode == "speculative"
+    counters = spec[0].extra["speculation"]
+    assert counters["rounds"] > 0 and 0 <= counters["acceptance_rate"] <= 1 and counters["tokens_per_full_pass"] >= 1
+    assert spec[0].as_dict()["speculation"] == counters
+    # chat: two turns, the earlier turn's full-model KV kept between them, as in full mode
+    chats = {mode: ChatSession(model, GenerationConfig(mode=mode, max_new_tokens=10)) for mode in ("full", "speculative")}
+    for turn in ("hello", "and then?"):
+        assert chats["speculative"].say(turn) == chats["full"].say(turn)
+    with pytest.raises(OverfillError, match="--drafter overfill in chat"):
+        ChatSession(model, GenerationConfig(mode="speculative", drafter="pruned"))
+
+
+def test_speculative_settings_are_checked():
+    for kwargs, says in ((dict(draft_tokens=0), "--draft-tokens must be at least 1"),
+                         (dict(drafter="other"), "--drafter got 'other'"),
+                         (dict(refresh_every=4), "pick one"),
+                         (dict(compile=True), "drop --compile")):
+        with pytest.raises(OverfillError, match=says):
+            GenerationConfig(mode="speculative", **kwargs)
+    with pytest.raises(OverfillError, match="speculative"):  # the error lists it among the modes
+        GenerationConfig(mode="lossless")

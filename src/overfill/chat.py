@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, fit_prompt, generate_ids, stream_steps
 from overfill.kv_cache import GrowingCache, crop_to
 from overfill.tensors import pad_id_of
@@ -28,11 +29,18 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+def check_chat_config(config: GenerationConfig) -> None:
+    if config.mode == "speculative" and config.drafter == "pruned":
+        raise OverfillError("chat keeps the full model's cache between turns and the pruned drafter would need one of "
+                            "its own: use --drafter overfill in chat (it drafts on the full model's cache)")
+
+
 class ChatSession:
     def __init__(self, model, config: GenerationConfig | None = None, system: str | None = None):
         self.model = model
         self.config = replace(config or GenerationConfig(), num_return_sequences=1)  # one reply per turn
         self.system = system
+        check_chat_config(self.config)
         self.reset()
 
     def reset(self) -> None:
@@ -45,6 +53,7 @@ class ChatSession:
         # Another mode may prefill with another model: its cache is not ours to reuse.
         self.config = replace(self.config, mode=mode)
         self.cache, self.cached_ids = None, []
+        check_chat_config(self.config)
 
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to a new user turn; the reply joins the history when the stream ends.

@@ -11,27 +11,35 @@ Shapes: B rows (prompts x candidates), T cached tokens, V vocabulary.
 from __future__ import annotations
 
 import time
+import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Final, Iterator, Literal
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import DynamicCache
 
 from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.kv_cache import GrowingCache, StaticCache
-from overfill.modeling import Mode, check_mode, decode, prefill
+from overfill.modeling import MODES, Mode, decode, prefill
 from overfill.refresh import refresh
+from overfill.sampling import Step, TokenChooser
+from overfill.speculative import Drafter, Speculation, speculative_ids
 from overfill.tensors import left_pad, pad_id_of
 
 # ---------------------------------------------------------------- choosing tokens
 
 
+GenerationMode = Literal[Mode, "speculative"]
+GENERATION_MODES: Final[tuple[str, ...]] = (*MODES, "speculative")
+DRAFTERS: Final[tuple[str, ...]] = typing.get_args(Drafter)
+
+
 @dataclass
 class GenerationConfig:
-    mode: Mode = "overfill"
-    """overfill (the full model prefills, the decoder decodes), full (the full model alone) or pruned (the decoder alone)."""
+    mode: GenerationMode = "overfill"
+    """overfill (the full model prefills, the decoder decodes), full (the full model alone), pruned (the decoder alone), or speculative (the decoder drafts, the full model verifies: the full model's own reply)."""
     max_new_tokens: int = 256
     """Upper bound on reply tokens (the first, full-model token included)."""
     temperature: float = 0.0
@@ -52,13 +60,23 @@ class GenerationConfig:
     """Prefill refresh (overfill mode): every K reply tokens the full model re-reads them, replacing the decoder's KV for them and picking the next token (0 = off)."""
     draft_tokens: int = 4
     """Speculative mode: tokens the decoder drafts per pass of the full model."""
-    drafter: str = "overfill"
-    """Speculative mode: the decoder drafts on the full model's cache (overfill) or on a cache of its own (pruned)."""
+    drafter: Drafter = "overfill"
+    """Speculative mode: the decoder drafts on the full model's cache (overfill) or on a cache of its own, from its own prefill (pruned)."""
     compile: bool | None = None
     """Decode with a compiled step on a static KV cache (CUDA graphs on a GPU, inductor on a CPU): --compile, --no-compile, or neither to let the command decide by device and workload (it says what it chose)."""
 
     def __post_init__(self):
-        check_mode(self.mode)
+        if self.mode not in GENERATION_MODES:
+            raise OverfillError(f"--mode got unknown mode '{self.mode}': pick one of {', '.join(GENERATION_MODES)}")
+        if self.draft_tokens < 1:
+            raise OverfillError(f"--draft-tokens must be at least 1, got {self.draft_tokens}")
+        if self.drafter not in DRAFTERS:
+            raise OverfillError(f"--drafter got '{self.drafter}': pick {' or '.join(DRAFTERS)}")
+        if self.mode == "speculative" and self.refresh_every:
+            raise OverfillError("--refresh-every and speculative mode both hand tokens to the full model: pick one")
+        if self.mode == "speculative" and self.compile:
+            raise OverfillError("--compile compiles the one-token decode step; speculative mode verifies blocks of "
+                                "drafts and runs eagerly: drop --compile")
         if self.max_new_tokens < 1:
             raise OverfillError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -79,63 +97,7 @@ class GenerationConfig:
         return self.temperature == 0
 
 
-class TokenChooser:
-    """Greedy argmax, or transformers' own warpers + a seeded multinomial draw.
-
-    With `row_seeds` (one per row), each row draws from a generator of its own, so a row's tokens
-    depend on its seed and its own logits only, not on the rows that share its batch.
-    """
-
-    def __init__(self, config: GenerationConfig, row_seeds: list[int] | None = None):
-        self.config = config
-        self.row_generators = None if row_seeds is None else [torch.Generator().manual_seed(s) for s in row_seeds]
-        self.warpers = LogitsProcessorList()
-        if not config.greedy:
-            self.warpers.append(TemperatureLogitsWarper(config.temperature))
-            if config.top_k:
-                self.warpers.append(TopKLogitsWarper(config.top_k))
-            if config.top_p < 1:
-                self.warpers.append(TopPLogitsWarper(config.top_p))
-        # A private generator: seeding never touches (or, unseeded, reseeds) torch's global RNG.
-        self.generator = torch.Generator()
-        if config.seed is not None:
-            self.generator.manual_seed(config.seed)
-        else:
-            self.generator.seed()
-
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> tokens [B]."""
-        if self.config.greedy:
-            return logits.argmax(-1)
-        return self.draw(self.probs(logits, history))
-
-    def probs(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """The distribution sampling draws from: logits [B, V] through the warpers -> probabilities [B, V]."""
-        return self.warpers(history, logits).softmax(-1)
-
-    def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token per row from probs [B, V], on the CPU generators, so a seed gives the same reply on any device."""
-        cpu = probs.float().cpu()
-        if self.row_generators is not None:
-            picks = [torch.multinomial(row, 1, generator=g) for row, g in zip(cpu, self.row_generators, strict=True)]
-            return torch.cat(picks).to(probs.device)
-        return torch.multinomial(cpu, 1, generator=self.generator).squeeze(-1).to(probs.device)
-
-    def uniform(self, shape: tuple[int, int]) -> torch.Tensor:
-        """U(0, 1) numbers [B, k] from the same generators (a row's from its own, with row seeds)."""
-        if self.row_generators is not None:
-            return torch.stack([torch.rand(shape[1], generator=g) for g in self.row_generators])
-        return torch.rand(shape, generator=self.generator)
-
-
 # ---------------------------------------------------------------- the loop
-
-
-@dataclass
-class Step:
-    tokens: torch.Tensor  # [B] token chosen at this step (pad for finished rows)
-    finished: torch.Tensor  # [B] bool, row done after this step
-    seconds: float  # wall time of this step (prefill + first token for step 0), the device's work included
 
 
 def step_function(decode_model, device: torch.device, compile: bool | None, capacity: int):
@@ -159,7 +121,7 @@ def step_function(decode_model, device: torch.device, compile: bool | None, capa
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
                  *, eos_ids: set[int], pad_id: int, is_stopped=None,
                  cache: DynamicCache | None = None, past_lengths: torch.Tensor | None = None,
-                 chooser: TokenChooser | None = None) -> Iterator[Step]:
+                 chooser: TokenChooser | None = None, speculation: Speculation | None = None) -> Iterator[Step]:
     """Yield one Step per generated token. Rows are prompts repeated num_return_sequences times.
 
     Runs where the models are: ids and masks move to the prefill model's device. `cache`/`past_lengths`
@@ -168,7 +130,16 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     `chooser` replaces the one `config` makes (e.g. a TokenChooser seeded row by row).
     With `config.refresh_every` K (overfill mode), step K, 2K, ... is a `refresh` instead of a decoder step.
     With `config.compile` the decoder's steps run compiled on a StaticCache (decode_step.py).
+    Speculative mode is speculative.speculative_ids (the decoder drafts, the full model verifies), which
+    counts what it drafted and kept in `speculation`.
     """
+    if config.mode == "speculative":
+        device = model_device(model.full)
+        yield from speculative_ids(model, input_ids.to(device), attention_mask.to(device), config, eos_ids=eos_ids,
+                                   pad_id=pad_id, is_stopped=is_stopped, chooser=chooser, cache=cache,
+                                   past_lengths=None if past_lengths is None else past_lengths.to(device),
+                                   stats=speculation)
+        return
     prefill_model, decode_model = model.stages(config.mode)
     device = model_device(prefill_model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -280,15 +251,17 @@ class Endings:
 
 
 def decode_batch(model, contexts: list[list[int]], config: GenerationConfig, endings: Endings, *,
-                 chooser: TokenChooser | None = None, rows: Rows | None = None) -> list[RowReply]:
+                 chooser: TokenChooser | None = None, rows: Rows | None = None,
+                 speculation: Speculation | None = None) -> list[RowReply]:
     """Replies to a batch of token-id contexts (left-padded here), one RowReply per context x candidate.
 
-    `rows` collects the steps (pass one to keep what was made when the loop is interrupted).
+    `rows` collects the steps (pass one to keep what was made when the loop is interrupted);
+    `speculation` counts what speculative mode drafted and kept.
     """
     ids, mask = left_pad(contexts, endings.pad_id)
     rows = rows if rows is not None else Rows(len(contexts) * config.num_return_sequences, set(endings.eos_ids))
     for step in generate_ids(model, ids, mask, config, eos_ids=set(endings.eos_ids), pad_id=endings.pad_id,
-                             is_stopped=endings.is_stopped, chooser=chooser):
+                             is_stopped=endings.is_stopped, chooser=chooser, speculation=speculation):
         rows.add(step)
     return rows.replies()
 
@@ -319,7 +292,7 @@ class Reply:
             "mode": self.mode, "text": self.text, "new_tokens": self.new_tokens, "finish_reason": self.finish_reason,
             "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
-            "prompt_index": self.prompt_index, "sequence_index": self.sequence_index,
+            "prompt_index": self.prompt_index, "sequence_index": self.sequence_index, **self.extra,
         }
 
 
@@ -424,17 +397,20 @@ def generate(model, prompts, config: GenerationConfig | None = None) -> list[Rep
     contexts = [fit_prompt(encode_prompt(tokenizer, p), model, config, what(i)) for i, p in enumerate(prompts)]
     endings = Endings.of(model, config.stop)
     rows = Rows(len(contexts) * config.num_return_sequences, set(endings.eos_ids))
+    speculation = Speculation() if config.mode == "speculative" else None
     try:
-        decode_batch(model, contexts, config, endings, rows=rows)
+        decode_batch(model, contexts, config, endings, rows=rows, speculation=speculation)
     except KeyboardInterrupt:
-        raise GenerationInterrupted(_replies(rows, rows.replies("interrupted"), tokenizer, config, endings)
+        raise GenerationInterrupted(_replies(rows, rows.replies("interrupted"), tokenizer, config, endings, speculation)
                                     if rows.seconds else []) from None
-    return _replies(rows, rows.replies(), tokenizer, config, endings)
+    return _replies(rows, rows.replies(), tokenizer, config, endings, speculation)
 
 
-def _replies(rows: Rows, made: list[RowReply], tokenizer, config: GenerationConfig, endings: Endings) -> list[Reply]:
+def _replies(rows: Rows, made: list[RowReply], tokenizer, config: GenerationConfig, endings: Endings,
+             speculation: Speculation | None = None) -> list[Reply]:
     """Text replies with their timing: prefill (+ first token) is the first step; a row's decode time is its
-    share of the steps (the batch runs until its slowest row)."""
+    share of the steps (the batch runs until its slowest row). Speculative mode adds the batch's
+    drafting counters to every reply's `extra`."""
     replies = []
     for row, r in enumerate(made):
         text = tokenizer.decode([t for t in r.token_ids if t not in endings.eos_ids], skip_special_tokens=True)
@@ -444,7 +420,8 @@ def _replies(rows: Rows, made: list[RowReply], tokenizer, config: GenerationConf
                              finish_reason=r.finish_reason, prefill_s=rows.seconds[0],
                              decode_s=sum(rows.seconds[1 : r.steps]),
                              prompt_index=row // config.num_return_sequences,
-                             sequence_index=row % config.num_return_sequences))
+                             sequence_index=row % config.num_return_sequences,
+                             extra={"speculation": speculation.as_dict()} if speculation else {}))
     return replies
 
 

@@ -27,10 +27,16 @@ drafts, V vocabulary.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from transformers import DynamicCache
+
+from overfill.kv_cache import GrowingCache
+from overfill.modeling import decode, prefill
+from overfill.sampling import Step, TokenChooser
 
 Drafter = Literal["overfill", "pruned"]
 
@@ -117,24 +123,23 @@ def _verdict(drafts: torch.Tensor, kept_each: torch.Tensor, choice: torch.Tensor
 
 @torch.inference_mode()
 def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, *, eos_ids: set[int],
-                    pad_id: int, is_stopped=None, chooser=None, stats: Speculation | None = None):
-    """Yield one generation.Step per reply token, as `generation.generate_ids` does, the full model's reply.
+                    pad_id: int, is_stopped=None, chooser: TokenChooser | None = None,
+                    cache: DynamicCache | None = None, past_lengths: torch.Tensor | None = None,
+                    stats: Speculation | None = None):
+    """Yield one sampling.Step per reply token, as `generation.generate_ids` does: the full model's reply.
 
     `config.draft_tokens` k and `config.drafter` pick the round's shape and the drafter's cache;
-    `stats` (a Speculation) collects what was drafted and kept.
+    `cache`/`past_lengths` continue a conversation (full-model KV of the earlier turns; the overfill
+    drafter only, which reads that cache); `stats` (a Speculation) collects what was drafted and kept.
     """
-    import time
-
-    from overfill.generation import Step, TokenChooser
-    from overfill.kv_cache import GrowingCache
-    from overfill.modeling import decode, prefill
-
     full, decoder = model.full, model.decoder
     chooser = TokenChooser(config) if chooser is None else chooser
     stats = Speculation() if stats is None else stats
     k_max, own = config.draft_tokens, config.drafter == "pruned"
+    if own and cache is not None:
+        raise ValueError("the pruned drafter keeps a cache of its own: it cannot continue another model's cache")
     started = time.perf_counter()
-    logits, cache = prefill(full, input_ids, attention_mask, GrowingCache())
+    logits, cache = prefill(full, input_ids, attention_mask, GrowingCache() if cache is None else cache, past_lengths)
     own_cache = prefill(decoder, input_ids, attention_mask, GrowingCache())[1] if own else None
     if config.num_return_sequences > 1:  # several candidates share one prefill (each model's)
         for c in (cache, own_cache):

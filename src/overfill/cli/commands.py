@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
-from overfill.generation import GenerationConfig
-from overfill.modeling import MODES, ModelSource
+from overfill.generation import GENERATION_MODES, GenerationConfig
+from overfill.modeling import ModelSource
 
 err = Console(stderr=True)
 out = Console()
@@ -224,9 +224,12 @@ def print_replies(command: GenerateCommand, replies) -> None:
         if len(replies) > 1:
             out.rule(f"prompt {reply.prompt_index} / sequence {reply.sequence_index}")
         out.print(reply.text, highlight=False, markup=False, soft_wrap=True)
+        spec = reply.extra.get("speculation")
+        drafting = (f", {spec['acceptance_rate']:.0%} of drafts kept, {spec['tokens_per_full_pass']:.2f} tokens per "
+                    "full-model pass" if spec and spec["acceptance_rate"] is not None else "")
         err.print(
             f"[dim]{reply.mode}: {reply.new_tokens} tokens, prefill {reply.prefill_s:.2f} s, "
-            f"decode {reply.decode_s:.2f} s ({reply.decode_tokens_per_s:.1f} tok/s), {reply.finish_reason}[/]"
+            f"decode {reply.decode_s:.2f} s ({reply.decode_tokens_per_s:.1f} tok/s), {reply.finish_reason}{drafting}[/]"
         )
 
 
@@ -236,7 +239,12 @@ def decided(config: GenerationConfig, source: ModelSource, decode_tokens: int | 
 
     from overfill.decode_step import decide_compile
 
-    compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
+    if config.mode == "speculative":  # no one-token step to compile: the full model verifies blocks of drafts
+        where = "the full model's" if config.drafter == "overfill" else "its own"
+        compile, why = False, (f"decode: speculative, eager (the decoder drafts {config.draft_tokens} tokens on {where} "
+                               "cache, the full model verifies them in one pass)")
+    else:
+        compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
     if say:
         err.print(f"[dim]{escape(why)}[/]", highlight=False, soft_wrap=True)
     return dataclasses.replace(config, compile=compile)
@@ -253,7 +261,7 @@ def run_chat(command: ChatCommand) -> None:
     config = decided(config, command, None, say=interactive or bool(config.compile))
     session = ChatSession(model, config, system=command.system)
     if interactive:  # a person needs the commands; a script's stderr stays for errors
-        err.print(f"[dim]mode {config.mode}. Commands: /reset, /mode {'|'.join(MODES)}, /exit[/]")
+        err.print(f"[dim]mode {config.mode}. Commands: /reset, /mode {'|'.join(GENERATION_MODES)}, /exit[/]")
     while True:
         try:
             text = input("you> ").strip()
@@ -269,13 +277,17 @@ def run_chat(command: ChatCommand) -> None:
             continue
         if text.startswith("/mode"):
             wanted = text.split(maxsplit=1)[1].strip() if " " in text else ""
-            if wanted not in MODES:
-                err.print(f"[red]usage: /mode {'|'.join(MODES)}[/]")
+            if wanted not in GENERATION_MODES:
+                err.print(f"[red]usage: /mode {'|'.join(GENERATION_MODES)}[/]")
                 continue
             if wanted != "full" and session.model.decoder is session.model.full:
                 err.print("[red]this chat has no decoder: start it with a checkpoint, or --model with --decoder[/]")
                 continue
-            session.set_mode(wanted)
+            try:
+                session.set_mode(wanted)
+            except OverfillError as error:
+                err.print(f"[red]{escape(str(error))}[/]")
+                continue
             err.print(f"[dim]mode {wanted}[/]")
             continue
         try:

@@ -1,0 +1,72 @@
+"""Choosing tokens and reporting them: what every decoding loop shares (generation.py, speculative.py).
+
+`TokenChooser` turns logits into tokens (greedy, or transformers' own warpers and a seeded draw);
+`Step` is what a loop yields for each reply token of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+if TYPE_CHECKING:
+    from overfill.generation import GenerationConfig
+
+
+class TokenChooser:
+    """Greedy argmax, or transformers' own warpers + a seeded multinomial draw.
+
+    With `row_seeds` (one per row), each row draws from a generator of its own, so a row's tokens
+    depend on its seed and its own logits only, not on the rows that share its batch.
+    """
+
+    def __init__(self, config: GenerationConfig, row_seeds: list[int] | None = None):
+        self.config = config
+        self.row_generators = None if row_seeds is None else [torch.Generator().manual_seed(s) for s in row_seeds]
+        self.warpers = LogitsProcessorList()
+        if not config.greedy:
+            self.warpers.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_k:
+                self.warpers.append(TopKLogitsWarper(config.top_k))
+            if config.top_p < 1:
+                self.warpers.append(TopPLogitsWarper(config.top_p))
+        # A private generator: seeding never touches (or, unseeded, reseeds) torch's global RNG.
+        self.generator = torch.Generator()
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> tokens [B]."""
+        if self.config.greedy:
+            return logits.argmax(-1)
+        return self.draw(self.probs(logits, history))
+
+    def probs(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """The distribution sampling draws from: logits [B, V] through the warpers -> probabilities [B, V]."""
+        return self.warpers(history, logits).softmax(-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row from probs [B, V], on the CPU generators, so a seed gives the same reply on any device."""
+        cpu = probs.float().cpu()
+        if self.row_generators is not None:
+            picks = [torch.multinomial(row, 1, generator=g) for row, g in zip(cpu, self.row_generators, strict=True)]
+            return torch.cat(picks).to(probs.device)
+        return torch.multinomial(cpu, 1, generator=self.generator).squeeze(-1).to(probs.device)
+
+    def uniform(self, shape: tuple[int, int]) -> torch.Tensor:
+        """U(0, 1) numbers [B, k] from the same generators (a row's from its own, with row seeds)."""
+        if self.row_generators is not None:
+            return torch.stack([torch.rand(shape[1], generator=g) for g in self.row_generators])
+        return torch.rand(shape, generator=self.generator)
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # [B] token chosen at this step (pad for finished rows)
+    finished: torch.Tensor  # [B] bool, row done after this step
+    seconds: float  # wall time of this step (prefill + first token for step 0), the device's work included
