@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from overfill.kv_cache import GrowingCache
+from overfill.kv_cache import GrowingCache, crop_to
 from overfill.modeling import decode, prefill
 from overfill.sampling import Step, TokenChooser
 
@@ -193,7 +193,7 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     draft_probs.append(q)
                     drafts.append(chooser.draw(q))
             if not own:
-                cache.crop(cached)  # the decoder's KV for t0, d1..d(k-1) goes: the full model's replaces it
+                crop_to(cache, cached)  # the decoder's KV for t0, d1..d(k-1) goes: the full model's replaces it
         drafted = torch.stack(drafts, dim=1) if drafts else generated.new_empty(rows, 0)  # [B, k]
         # verify: the full model over [t0, d1..dk] in one pass on its own KV
         block = torch.cat([generated[:, -1:], drafted], dim=1)  # [B, k + 1]
@@ -210,10 +210,10 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             verdict = accept_sampled(drafted, torch.stack(draft_probs, dim=1) if k else target_probs[:, :0],
                                      target_probs, active, chooser.uniform, chooser.draw)
         n = verdict.n
-        cache.crop(cached + n + 1)  # t0 and the n kept drafts, as the full model computed them
+        crop_to(cache, cached + n + 1)  # t0 and the n kept drafts, as the full model computed them
         if own and k:
             own_length = min(cached + n + 1, cached + k)  # the drafter read t0, d1..d(k-1): keep what was kept
-            own_cache.crop(own_length)
+            crop_to(own_cache, own_length)
         stats.rounds += 1
         stats.drafted += k * int(active.sum())
         stats.accepted += int(verdict.kept[active].sum())
