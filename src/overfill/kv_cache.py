@@ -286,7 +286,7 @@ class _BufferPool:
             column = torch.zeros(1, dtype=torch.long, device=device)
             if device.type == "cuda":  # CUDA graphs read these where they are, not from copies
                 for tensor in (*keys, *values, mask, column):
-                    torch._dynamo.mark_static_address(tensor)
+                    torch._dynamo.mark_static_address(tensor, guard=False)  # a new buffer re-records, never recompiles
             buffers = (keys, values, mask, column)
         weakref.finalize(owner, self._give_back, key, buffers)
         return buffers
