@@ -99,3 +99,14 @@ def test_decoder_equal_to_full_reproduces_full_generation(smollm_folder):
         expected = until_eos(hf[row, enc["input_ids"].shape[1]:].tolist(), eos)
         assert reply.token_ids == expected, f"row {row}"
     assert all(len(r.token_ids) > 1 for r in ours)  # the decoder wrote tokens, not only the prefill
+
+
+def test_compiled_greedy_equals_eager_on_the_bundled_model(pruned_smollm):
+    """Float32, a left-padded batch, OverFill mode (the decoder's step; one model compiled keeps the suite short):
+    the compiled step gives the eager loop's tokens."""
+    model = OverFillModel.from_pair("smollm2-135m-instruct", str(pruned_smollm))
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a KV cache is.",
+               "List three prime numbers."]
+    eager = [r.token_ids for r in generate(model, prompts, GenerationConfig(max_new_tokens=48, compile=False))]
+    compiled = [r.token_ids for r in generate(model, prompts, GenerationConfig(max_new_tokens=48, compile=True))]
+    assert compiled == eager

@@ -245,20 +245,20 @@ class CompiledStep:
         self.compile_seconds: dict[str, float] = {}
         _raise_recompile_limit()
 
-    def _current(self) -> StepWeights:
+    def refresh(self) -> "CompiledStep":
+        """Rebuild the step's weights if the model's changed since (training, `.to()`): once per generation, not per step."""
         model = self.model_ref()
         key = _parameter_key(model)
         if self.weights is None or key != self.key:
             self.weights = StepWeights(model, self.device).eval()
             self.key = key
             self.compiled = torch.compile(self.weights, **compile_options(self.device))
-        return self.weights
+        return self
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache,
                  attention_mask: torch.Tensor) -> torch.Tensor:
         """tokens, positions [B]; attention_mask [B, T] covers the cache plus this token -> logits [B, V] float32."""
-        self._current()
         length = cache.get_seq_length()
         if cache.column_at != length:
             cache.column.fill_(length)
@@ -268,11 +268,12 @@ class CompiledStep:
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         logits = self.compiled(tokens, positions, cache.column, mask, cache.key_buffers, cache.value_buffers)
+        if self.device.type == "cuda":
+            logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         cache.advance(1)
         cache.column_at = length + 1
         if started is not None:
             self.seen.add(shape)
-            logits = logits.clone() if self.device.type == "cuda" else logits
             self.compile_seconds[f"{shape[0]}x{shape[1]}"] = round(time.perf_counter() - started, 2)
         return logits
 
@@ -281,11 +282,12 @@ _STEPS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 
 
 def compiled_step(model: nn.Module, device: torch.device) -> CompiledStep:
-    """The decode model's CompiledStep on `device`, made once and kept as long as the model."""
+    """The decode model's CompiledStep on `device`, made once and kept as long as the model (its weights
+    rebuilt when the model's have changed)."""
     per_device = _STEPS.setdefault(model, {})
     if device not in per_device:
         per_device[device] = CompiledStep(model, device)
-    return per_device[device]
+    return per_device[device].refresh()
 
 
 def compile_seconds(model: nn.Module) -> dict[str, float]:

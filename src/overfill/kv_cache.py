@@ -107,35 +107,67 @@ class GrowingCache(DynamicCache):
 
 
 class StaticLayer(DtypeKeepingLayer):
-    """A layer whose keys/values are views of two preallocated buffers of its cache.
+    """A layer whose keys/values are the filled part of two preallocated buffers of its cache.
 
     To the model's eager forward (prefill, refresh) it looks exactly like a DynamicLayer: `keys` is
-    the filled part [B, kv_heads, T, head_dim], `update` appends in place, `crop` shortens the view.
-    The compiled decode step (decode_step.py) writes the whole buffer's next column itself and then
-    moves the view on (`StaticCache.advance`).
+    the filled part [B, kv_heads, T, head_dim], `update` appends in place, `crop` shortens it. The
+    compiled decode step (decode_step.py) writes the buffers' next column itself and moves `length`
+    on (`StaticCache.advance`): an integer per layer, so a step builds no views.
     """
 
     def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor):
-        super().__init__()
         self.key_buffer, self.value_buffer = key_buffer, value_buffer  # [B, kv_heads, capacity, head_dim]
+        self.filled = [0, 0]  # columns of keys, of values: apart, since crop shortens one and then reads the other
+        super().__init__()
         self.dtype, self.device = key_buffer.dtype, key_buffer.device
-        self.keys, self.values = key_buffer[..., :0, :], value_buffer[..., :0, :]
         self.is_initialized = True
 
+    @property
+    def length(self) -> int:
+        return self.filled[0]
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.filled = [value, value]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.key_buffer[..., : self.filled[0], :]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._assign(0, self.key_buffer, value)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.value_buffer[..., : self.filled[1], :]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._assign(1, self.value_buffer, value)
+
+    def _assign(self, which: int, buffer: torch.Tensor, value: torch.Tensor | None) -> None:
+        # DynamicLayer's crop assigns a prefix of the buffer (its length is all that changes); anything
+        # else assigned is copied in.
+        if value is None:
+            return
+        if value.data_ptr() != buffer.data_ptr() or value.stride() != buffer.stride():
+            buffer[..., : value.shape[-2], :].copy_(value)
+        self.filled[which] = value.shape[-2]
+
     def get_seq_length(self) -> int:
-        return self.keys.shape[-2]
+        return self.filled[0]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if key_states.dtype != self.dtype:  # a decoder in another dtype (see DtypeKeepingLayer)
             keys, values = self.update(key_states.to(self.dtype), value_states.to(self.dtype))
             return keys.to(key_states.dtype), values.to(value_states.dtype)
-        length, new = self.keys.shape[-2], key_states.shape[-2]
+        length, new = self.length, key_states.shape[-2]
         if length + new > self.key_buffer.shape[-2]:
             raise RuntimeError(f"internal: a static KV cache of {self.key_buffer.shape[-2]} tokens was asked to hold {length + new}")
         self.key_buffer[..., length : length + new, :] = key_states
         self.value_buffer[..., length : length + new, :] = value_states
-        self.keys = self.key_buffer[..., : length + new, :]
-        self.values = self.value_buffer[..., : length + new, :]
+        self.length = length + new
         return self.keys, self.values
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -194,8 +226,7 @@ class StaticCache(DynamicCache):
     def advance(self, tokens: int = 1) -> None:
         """The compiled step wrote `tokens` more columns into every layer's buffer: show them to the eager forward."""
         for layer in self.layers:
-            length = layer.keys.shape[-2] + tokens
-            layer.keys, layer.values = layer.key_buffer[..., :length, :], layer.value_buffer[..., :length, :]
+            layer.length += tokens
 
     def mask_from(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """`mask` [B, capacity] holding `attention_mask` [B, T] (cache + new token), False beyond: updated in place,
@@ -220,6 +251,7 @@ class StaticCache(DynamicCache):
         self.layers = [StaticLayer(k, v) for k, v in zip(self.key_buffers, self.value_buffers)]
         for source, layer in zip(old, self.layers):
             layer.update(source.keys.repeat_interleave(repeats, dim=0), source.values.repeat_interleave(repeats, dim=0))
+        del old
         self.mask_width, self.column_at = 0, -1
 
 
@@ -254,7 +286,7 @@ class _BufferPool:
             column = torch.zeros(1, dtype=torch.long, device=device)
             if device.type == "cuda":  # CUDA graphs read these where they are, not from copies
                 for tensor in (*keys, *values, mask, column):
-                    torch._dynamo.mark_static_address(tensor)
+                    torch._dynamo.mark_static_address(tensor, guard=False)  # a new buffer re-records, never recompiles
             buffers = (keys, values, mask, column)
         weakref.finalize(owner, self._give_back, key, buffers)
         return buffers
