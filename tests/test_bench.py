@@ -92,6 +92,44 @@ def test_bench_times_compiled_rows_beside_the_eager_ones(pair, tmp_path):
     assert "compiled step, first call of each shape" in (tmp_path / "console.txt").read_text()
 
 
+def test_bench_times_speculative_rows_with_either_drafter(pair, tmp_path):
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=9, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
+                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, modes="overfill,full",
+                         decode_steps="eager", speculative_tokens="4,2", drafters="overfill,pruned")
+    run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
+    key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
+    spec_rows = {"speculative2", "speculative4", "speculative2/pruned", "speculative4/pruned"}
+    assert set(key["rows"]) == {"overfill", "full"} | spec_rows
+    for row in spec_rows:
+        counters, k = key["rows"][row]["speculation"], int(row.removeprefix("speculative").split("/")[0])
+        assert counters["runs"] == 2 and 0 <= counters["accepted"] <= counters["drafted"]
+        # each pass of the full model yields its own token plus the drafts it kept: 1..k+1 tokens
+        assert 1 <= counters["tokens_per_full_pass"] <= k + 1
+    names = {r["name"] for r in key["ratios"]}
+    assert "speculative4/pruned decode tok/s / full" in names
+    assert "draft tokens accepted" in (tmp_path / "console.txt").read_text()
+
+
+def test_speculative_rows_verify_once_per_round(pair):
+    """A speculative row runs the full model once for the prompt and once per round of drafts."""
+    import torch
+
+    from overfill.bench.timing import row_generation, time_loop
+
+    config = row_generation("speculative3/pruned")
+    assert (config.mode, config.draft_tokens, config.drafter) == ("speculative", 3, "pruned")
+    calls = []
+    handle = pair.full.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        ids, mask = PromptSource.from_tokenizer(pair.tokenizer).batch(20, 1)
+        with torch.inference_mode():
+            run = time_loop(pair, "speculative3", ids, mask, 10, 0)
+    finally:
+        handle.remove()
+    assert len(run.times) == 10 and len(calls) == 1 + run.speculation["rounds"]
+    assert run.speculation["rounds"] >= 3  # 9 tokens after the first, at most 4 per round
+
+
 def test_refresh_rows_run_the_refresh_schedule(pair, monkeypatch):
     """A refresh row calls the full model once per block after the prompt; plain OverFill only for the prompt."""
     import torch
@@ -126,6 +164,8 @@ def test_prompts_have_the_exact_length(pair):
     (dict(refresh_every="8", engine="vllm"), "--refresh-every"),
     (dict(refresh_every="-8"), "--refresh-every"),
     (dict(decoder_dtypes="int4"), "--decoder-dtypes"),
+    (dict(speculative_tokens="2", drafters="small"), "--drafters"),
+    (dict(speculative_tokens="0,2"), "--speculative-tokens"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(OverfillError, match=message):

@@ -204,6 +204,26 @@ def test_evaluate_with_a_refresh_sweep(tiny_checkpoint, tmp_path):
     assert set(json.loads((tmp_path / "out" / "per_position.json").read_text())) == set(m)
 
 
+def test_evaluate_speculative_entries(tiny_checkpoint, tmp_path):
+    root, data = tiny_checkpoint
+    config = EvalConfig(data=str(data), entries=("full", "overfill"), checkpoint=str(root / "ckpt"), draft_tokens="2,3",
+                        drafters="overfill,pruned", prompt_field="question", response_field="answer",
+                        out=str(tmp_path / "out"), max_new_tokens=8, batch_size=2)
+    m = evaluate(config)["models"]
+    spec = ["overfill+spec2", "overfill+spec2/pruned", "overfill+spec3", "overfill+spec3/pruned"]
+    assert list(m) == ["full", "overfill", *spec]
+    for name in spec:
+        # Lossless: the full model's own greedy replies, and its own scores under teacher forcing.
+        assert m[name]["agreement"]["exact_match"] == 1.0 and m[name]["agreement"]["top1"] == pytest.approx(1.0)
+        assert m[name]["nll"] == pytest.approx(m["full"]["nll"], abs=1e-6)
+        counters = m[name]["speculation"]
+        assert 0 <= counters["accepted"] <= counters["drafted"] and counters["rounds"] > 0
+        assert 1 <= counters["tokens_per_full_pass"] <= m[name]["draft_tokens"] + 1
+    assert m["overfill+spec3/pruned"]["drafter"] == "pruned" and "speculation" not in m["overfill"]
+    # The tiny decoder disagrees with the full model somewhere, so this is not the full model renamed.
+    assert m["overfill"]["agreement"]["exact_match"] < 1.0
+
+
 def test_eval_config_errors_are_one_line(tiny_checkpoint):
     _, data = tiny_checkpoint
     cases = [
@@ -217,6 +237,10 @@ def test_eval_config_errors_are_one_line(tiny_checkpoint):
         dict(data=str(data), checkpoint="x", refresh_every=(0,)),
         dict(data=str(data), checkpoint="x", entries=("full",), refresh_every=(8,)),
         dict(data=str(data), checkpoint="x", engine="vllm", refresh_every=(8,)),
+        dict(data=str(data), checkpoint="x", draft_tokens="0"),
+        dict(data=str(data), checkpoint="x", draft_tokens="2", drafters="big"),
+        dict(data=str(data), checkpoint="x", entries=("full",), draft_tokens=(2,)),
+        dict(data=str(data), checkpoint="x", engine="vllm", draft_tokens=(2,)),
     ]
     for kwargs in cases:
         with pytest.raises(OverfillError) as err:

@@ -65,6 +65,16 @@ class Speculation:
                 "acceptance_rate": self.acceptance_rate, "tokens_per_full_pass": self.tokens_per_pass}
 
 
+def total(counters: list[dict]) -> dict:
+    """Speculation.as_dict() counters of several replies or batches, summed: the acceptance rate and tokens per
+    full-model pass of them all."""
+    rounds, drafted, accepted = (sum(c[k] for c in counters) for k in ("rounds", "drafted", "accepted"))
+    emitted = sum(c["tokens_per_full_pass"] * c["rounds"] for c in counters if c["rounds"])
+    return {"runs": len(counters), "rounds": rounds, "drafted": drafted, "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "tokens_per_full_pass": emitted / rounds if rounds else None}
+
+
 @dataclass
 class Verdict:
     kept: torch.Tensor  # [B] drafts each row's own test kept (0..k)

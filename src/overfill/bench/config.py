@@ -7,6 +7,7 @@ import typing
 from dataclasses import dataclass
 
 from overfill.errors import OverfillError
+from overfill.generation import DRAFTERS
 from overfill.modeling import MODES, ModelSource, check_mode
 from overfill.precision import check_decoder_dtype
 from overfill.vllm.runtime import Engine
@@ -78,7 +79,9 @@ class BenchConfig(ModelSource):
     eager_rows: bool = True
     """With --engine vllm: also time every mode at the key points with vLLM's --enforce-eager (extra rows, labelled 'vllm eager'); the main rows are vLLM's defaults."""
     speculative_tokens: tuple[int, ...] = ()
-    """With --engine vllm: also time vLLM's own draft-model speculative decoding at the key points, the pruned decoder drafting for the plain full model, with each of these numbers of draft tokens (e.g. 2,4), beside the full model alone."""
+    """Also time speculative decoding (the decoder drafts, the full model verifies: the full model's own reply) at the key point with each of these numbers of draft tokens (e.g. 2,4,8): rows speculativeK in our loop; with --engine vllm, vLLM's own draft-model method, the pruned decoder drafting for the plain full model."""
+    drafters: tuple[str, ...] = ("overfill",)
+    """Torch engine, with --speculative-tokens: the drafters to time, overfill (drafts on the full model's cache) and/or pruned (drafts on a cache of its own; rows speculativeK/pruned)."""
     torch_rows: bool = True
     """With --engine vllm: also time our own PyTorch loop at the key points, on the same prompts."""
     load_test: bool = False
@@ -128,8 +131,9 @@ class BenchConfig(ModelSource):
             self._check_vllm()
         elif self.load_test:
             raise OverfillError("--load-test runs vLLM's server: add --engine vllm")
-        elif self.speculative_tokens:
-            raise OverfillError("--speculative-tokens times vLLM's own speculative decoding: add --engine vllm")
+        self.drafters = _names(self.drafters)
+        if not self.drafters or any(d not in DRAFTERS for d in self.drafters):
+            raise OverfillError(f"--drafters got '{','.join(self.drafters)}': pick from {', '.join(DRAFTERS)}")
 
     def _check_vllm(self) -> None:
         # vLLM times whole requests: decode per token is (T_N - T_1) / (N - 1), so N >= 2.

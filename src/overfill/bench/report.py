@@ -27,6 +27,11 @@ def print_bench(console, result: dict, out: Path) -> None:
                       _range(s["decode_ms_per_token"], ".1f"), _range(s["decode_tokens_per_s"], ".1f"),
                       _range(s["e2e_s"], ".2f"), f"{s['new_tokens_per_step']['median']:.2f}")
     console.print(table)
+    for row, s in key["rows"].items():
+        spec = s.get("speculation")
+        if spec and spec["acceptance_rate"] is not None:
+            console.print(f"{row} (over its {spec['runs']} timed runs): {spec['acceptance_rate']:.1%} of {spec['drafted']} "
+                          f"draft tokens accepted, {spec['tokens_per_full_pass']:.2f} tokens per pass of the full model")
 
     table = Table(title="ratios measured in this run (paired per repeat: median \\[min-max])", header_style="bold")
     for column in ("ratio", "value"):

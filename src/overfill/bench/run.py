@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from overfill import speculative
 from overfill.atomic import atomic_write_text, check_writable
 from overfill.bench.config import BenchConfig
 from overfill.bench.plots import write_plots
@@ -56,6 +57,7 @@ from overfill.bench.timing import (
     measure_point,
     paired_ratio,
     refresh_row,
+    speculative_row,
     spread,
 )
 from overfill.decode_step import compile_seconds
@@ -133,6 +135,9 @@ def key_ratios(rows: dict) -> list[dict]:
             variants.append((f"{row} decode ms/token / overfill{suffix}", row, f"overfill{suffix}", "decode_ms_per_token"))
         if "@" in row:
             variants.append((f"{row} decode tok/s / full{suffix}", row, f"full{suffix}", "decode_tokens_per_s"))
+        if row.startswith("speculative"):  # lossless: what matters is its speed against the full model's, eager and compiled
+            variants += [(f"{row} decode tok/s / {full}", row, full, "decode_tokens_per_s")
+                         for full in ("full", compiled_row("full"))]
     for name, a, b, metric in (*RATIOS, *on_compiled, *gains, *variants):
         if a in rows and b in rows:
             ratio = paired_ratio(rows[a], rows[b], metric)
@@ -258,6 +263,8 @@ def bench_rows(model, config: BenchConfig) -> tuple[tuple[str, ...], dict, dict]
     rows = rows + tuple(variants)
     rows = (rows if "eager" in config.decode_steps else ()) + (
         tuple(map(compiled_row, rows)) if "compiled" in config.decode_steps else ())
+    # Speculative rows verify blocks of drafts and run eagerly, whichever decode steps the others use.
+    rows = rows + tuple(speculative_row(k, drafter) for k in config.speculative_tokens for drafter in config.drafters)
     skipped = {}
     if config.references:
         rows = rows + ("hf_generate",)
@@ -278,6 +285,9 @@ def measure_key_point(model, config: BenchConfig, prompts: PromptSource, pad_id:
     runs = measure_point(model, rows, ids, mask, lengths, pad_id, config.repeats, config.warmup,
                          lambda t: report(f"key point, {t}"), models=variants)
     key_rows = {row: summarize([r.split(config.new_tokens) for r in runs[row]], batch) for row in rows}
+    for row in rows:
+        if runs[row][0].speculation is not None:  # counters over the whole timed runs (key_run_tokens long)
+            key_rows[row]["speculation"] = speculative.total([r.speculation for r in runs[row]])
     key = {"prompt_len": config.prompt_len, "batch": batch, "new_tokens": config.new_tokens,
            "rows": key_rows, "ratios": key_ratios(key_rows), "skipped": skipped}
     return key, runs

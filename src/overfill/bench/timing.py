@@ -21,6 +21,7 @@ from overfill.devices import model_device, synchronize
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig, eos_ids_of, generate_ids
 from overfill.modeling import prefill
+from overfill.speculative import Speculation
 
 REFERENCES = ("hf_generate", "hf_assisted")
 COMPILED = ":compiled"  # the suffix of a row decoded by the compiled step
@@ -32,6 +33,7 @@ class Run:
 
     times: list[float]  # cumulative seconds at each emission; times[0] = prefill + first token
     counts: list[int]  # new tokens per row in each emission (1, except for assisted generation)
+    speculation: dict | None = None  # speculative rows: what was drafted and kept (speculative.Speculation)
 
     def split(self, tokens: int | None = None) -> dict:
         """Prefill / decode seconds of the first `tokens` new tokens (all of them by default)."""
@@ -61,6 +63,12 @@ def dtype_row(dtype: str) -> str:
     return f"overfill@{dtype}"
 
 
+def speculative_row(draft_tokens: int, drafter: str = "overfill") -> str:
+    """The bench row of speculative decoding with `draft_tokens` drafts per full-model pass; the OverFill drafter
+    reads the full model's cache, the pruned one (row suffix /pruned) a cache of its own."""
+    return f"speculative{draft_tokens}" + ("" if drafter == "overfill" else f"/{drafter}")
+
+
 def compiled_row(row: str) -> str:
     """The bench row of `row` decoded by the compiled step."""
     return f"{row}{COMPILED}"
@@ -68,7 +76,12 @@ def compiled_row(row: str) -> str:
 
 def row_generation(row: str) -> GenerationConfig:
     """A loop row's generation settings: a mode, overfill+refreshK, or overfill@DTYPE (the decoder's dtype
-    is the row's model, see measure_point), each eager or with the :compiled suffix."""
+    is the row's model, see measure_point), each eager or with the :compiled suffix; or speculativeK[/pruned]
+    (eager: the compiled step decodes one token at a time, verification reads blocks)."""
+    if row.startswith("speculative"):
+        draft_tokens, _, drafter = row.removeprefix("speculative").partition("/")
+        return GenerationConfig(mode="speculative", draft_tokens=int(draft_tokens), drafter=drafter or "overfill",
+                                compile=False)
     compiled = row.endswith(COMPILED)
     mode, _, every = row.removesuffix(COMPILED).split("@")[0].partition("+refresh")
     return GenerationConfig(mode=mode, refresh_every=int(every or 0), compile=compiled)
@@ -79,13 +92,14 @@ def time_loop(model, row: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens
     """One run of the generation loop; EOS is disabled so it always makes `new_tokens` tokens (or stops
     after `steps`, with the shapes of a `new_tokens` run: a warm-up)."""
     config = replace(row_generation(row), max_new_tokens=new_tokens)
+    speculation = Speculation() if config.mode == "speculative" else None
     times, total = [], 0.0
-    for step in generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id):
+    for step in generate_ids(model, ids, mask, config, eos_ids=set(), pad_id=pad_id, speculation=speculation):
         total += step.seconds
         times.append(total)
         if steps is not None and len(times) >= steps:
             break
-    return Run(times, [1] * len(times))
+    return Run(times, [1] * len(times), speculation.as_dict() if speculation else None)
 
 
 class _Clock:

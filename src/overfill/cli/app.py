@@ -22,6 +22,7 @@ from overfill.cli.commands import (
     run_demo,
     run_distill,
     run_eval,
+    run_frontier,
     run_generate,
     run_prune,
     run_serve,
@@ -43,6 +44,7 @@ def _register_commands() -> None:
     from overfill.demo import DemoConfig
     from overfill.distill import DistillConfig
     from overfill.evaluation import EvalConfig
+    from overfill.frontier import FrontierConfig
     from overfill.prune import PruneConfig
     from overfill.train import TrainConfig
     from overfill.vllm.serve import ServeConfig
@@ -57,6 +59,8 @@ def _register_commands() -> None:
                        help="The full model's own replies to a file of prompts, as a chat JSONL for `overfill train` (resumable).")
     add_config_command(app, "eval", EvalConfig, run_eval,
                        help="Held-out reply NLL (token 1 apart), per-position accuracy, agreement with the full model, answers.")
+    add_config_command(app, "frontier", FrontierConfig, run_frontier, skip=("engine", "generate"),
+                       help="Every configuration (full, pruned, OverFill, refresh, speculative, decoder dtypes): decode ms/token against quality, table + PNG.")
     add_config_command(app, "generate", GenerateCommand, run_generate, arguments=("checkpoint",),
                        aliases={"prompt": "-p", "num_return_sequences": "-n"},
                        help="Answer prompts with an OverFill model (or the full / pruned model alone).")

@@ -129,6 +129,12 @@ def run_bench(config) -> None:
     bench(config, out)
 
 
+def run_frontier(config) -> None:
+    from overfill.frontier import run_frontier as frontier
+
+    frontier(config, out)
+
+
 def run_serve(config) -> None:
     from overfill.vllm.serve import serve
 

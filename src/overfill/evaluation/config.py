@@ -12,7 +12,9 @@ from typing import Literal
 
 from overfill.data import Example, LoadedData, RecordFields, truncate
 from overfill.errors import OverfillError
+from overfill.generation import DRAFTERS
 from overfill.modeling import MODES, ModelSource
+from overfill.precision import check_decoder_dtype
 from overfill.vllm.runtime import Engine
 
 AnswerKind = Literal["auto", "gsm8k", "none"]
@@ -24,6 +26,19 @@ class ModelEntry:
     mode: str  # overfill | full | pruned
     checkpoint: str | None  # OverFill checkpoint folder; None = the config's shared source
     refresh_every: int = 0  # prefill refresh every K reply tokens (overfill mode; 0 = off)
+    draft_tokens: int = 0  # speculative decoding with this checkpoint's decoder drafting K tokens per full pass (0 = off)
+    drafter: str = "overfill"  # speculative: the decoder drafts on the full model's cache (overfill) or its own (pruned)
+    decoder_dtype: str | None = None  # the decoder's dtype for this entry (None: the config's --decoder-dtype)
+
+    @property
+    def generation_mode(self) -> str:
+        """The loop's mode for this entry's replies: speculative entries are overfill entries that draft."""
+        return "speculative" if self.draft_tokens else self.mode
+
+    @property
+    def scoring_mode(self) -> str:
+        """The mode its teacher-forced scores come from: speculative decoding's replies are the full model's own."""
+        return "full" if self.draft_tokens else self.mode
 
 
 def parse_entry(spec: str) -> ModelEntry:
@@ -68,6 +83,12 @@ class EvalConfig(ModelSource, RecordFields):
     """Final-answer accuracy: gsm8k ('#### number' in references), none, or auto (gsm8k when every reference has '####')."""
     refresh_every: tuple[int, ...] = ()
     """Also evaluate every overfill entry with prefill refresh every K reply tokens (repeat or comma-separate for a sweep, e.g. 8,16,32): one more entry per K, named NAME+refreshK. Our own engine only."""
+    draft_tokens: tuple[int, ...] = ()
+    """Also evaluate every overfill entry's decoder as the drafter of speculative decoding with K draft tokens per pass of the full model (e.g. 2,4,8): one more entry per K, named NAME+specK (NAME+specK/pruned for the pruned drafter), with its acceptance rate. Our own engine only."""
+    drafters: tuple[str, ...] = ("overfill",)
+    """With --draft-tokens: overfill (the decoder drafts on the full model's cache) and/or pruned (on a cache of its own, as a standalone draft model does)."""
+    decoder_dtypes: tuple[str, ...] = ()
+    """Also evaluate every overfill entry with its decoder in each of these dtypes (float32, bfloat16, int8): one more entry per dtype, named NAME@DTYPE."""
 
     def __post_init__(self):
         if self.prompts_alone:
@@ -84,14 +105,25 @@ class EvalConfig(ModelSource, RecordFields):
         self.entries = tuple(s.strip() for spec in specs for s in spec.split(",") if s.strip())  # 'full,overfill' works too
         if not self.entries:
             raise OverfillError("no models to evaluate: pass at least one entry, e.g. overfill, full, pruned")
-        values = [self.refresh_every] if isinstance(self.refresh_every, (int, str)) else list(self.refresh_every)
-        try:
-            self.refresh_every = tuple(dict.fromkeys(int(k) for v in values for k in str(v).split(",") if k.strip()))
-        except ValueError:
-            raise OverfillError(f"--refresh-every takes token counts, e.g. 8,16,32; got {','.join(map(str, values))}") from None
-        if any(k < 1 for k in self.refresh_every):
-            raise OverfillError(f"--refresh-every takes token counts of at least 1, got {min(self.refresh_every)}")
+        self.refresh_every = _counts(self.refresh_every, "--refresh-every")
+        self.draft_tokens = _counts(self.draft_tokens, "--draft-tokens")
+        drafters = [self.drafters] if isinstance(self.drafters, str) else list(self.drafters)
+        self.drafters = tuple(dict.fromkeys(d.strip() for v in drafters for d in str(v).split(",") if d.strip()))
+        if not self.drafters or any(d not in DRAFTERS for d in self.drafters):
+            raise OverfillError(f"--drafters got '{','.join(self.drafters)}': pick from {', '.join(DRAFTERS)}")
+        if self.draft_tokens and self.generate and self.engine != "torch":
+            raise OverfillError("speculative entries (--draft-tokens) run on our own engine only: pass --engine torch")
+        dtypes = [self.decoder_dtypes] if isinstance(self.decoder_dtypes, str) else list(self.decoder_dtypes)
+        self.decoder_dtypes = tuple(dict.fromkeys(d.strip() for v in dtypes for d in str(v).split(",") if d.strip()))
+        for dtype in self.decoder_dtypes:
+            check_decoder_dtype(dtype, "--decoder-dtypes")
         parsed = self.model_entries()
+        if self.decoder_dtypes and not any(e.mode == "overfill" for e in parsed):
+            raise OverfillError("--decoder-dtypes varies overfill entries' decoders, and there is none: add one "
+                                "(e.g. --entries overfill)")
+        if self.draft_tokens and not any(e.mode == "overfill" for e in parsed):
+            raise OverfillError("--draft-tokens drafts with overfill entries' decoders, and there is none: add one "
+                                "(e.g. --entries overfill)")
         if self.refresh_every and not any(e.mode == "overfill" for e in parsed):
             raise OverfillError("--refresh-every applies to overfill entries, and there is none: add one (e.g. --entries overfill)")
         if self.refresh_every and self.generate and self.engine != "torch":
@@ -153,18 +185,35 @@ class EvalConfig(ModelSource, RecordFields):
                           truncated_contexts=sum(len(e.context_ids) < len(p.context_ids) for e, p in zip(examples, prompts.prompts)))
 
     def model_entries(self) -> list[ModelEntry]:
-        """The entries as given, each overfill entry followed by its refresh variants (--refresh-every)."""
+        """The entries as given, each overfill entry followed by its refresh variants (--refresh-every) and its
+        speculative ones (--draft-tokens x --drafters) and its decoder dtypes (--decoder-dtypes)."""
         out = []
         for entry in map(parse_entry, self.entries):
             out.append(entry)
             if entry.mode == "overfill":
                 out += [replace(entry, name=f"{entry.name}+refresh{k}", refresh_every=k) for k in self.refresh_every]
+                out += [replace(entry, name=f"{entry.name}+spec{k}" + ("" if d == "overfill" else f"/{d}"), draft_tokens=k,
+                                drafter=d) for k in self.draft_tokens for d in self.drafters]
+                out += [replace(entry, name=f"{entry.name}@{dtype}", decoder_dtype=dtype) for dtype in self.decoder_dtypes]
         return out
 
     def source_of(self, entry: ModelEntry) -> ModelSource:
         """Where an entry's model comes from: its own checkpoint, or the shared source."""
+        decoder_dtype = entry.decoder_dtype or self.decoder_dtype
         if entry.checkpoint:
             return ModelSource(checkpoint=entry.checkpoint, model=self.model, dtype=self.dtype,
-                               trust_remote_code=self.trust_remote_code, decoder_dtype=self.decoder_dtype, device=self.device)
-        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code, self.decoder_dtype,
+                               trust_remote_code=self.trust_remote_code, decoder_dtype=decoder_dtype, device=self.device)
+        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code, decoder_dtype,
                            self.device)
+
+
+def _counts(value, flag: str) -> tuple[int, ...]:
+    """'8,16' or [8, 16] or ['8,16'] -> (8, 16): token counts of at least 1, in the order given, once each."""
+    values = [value] if isinstance(value, (int, str)) else list(value or ())
+    try:
+        counts = tuple(dict.fromkeys(int(k) for v in values for k in str(v).split(",") if k.strip()))
+    except ValueError:
+        raise OverfillError(f"{flag} takes token counts, e.g. 8,16,32; got {','.join(map(str, values))}") from None
+    if any(k < 1 for k in counts):
+        raise OverfillError(f"{flag} takes token counts of at least 1, got {min(counts)}")
+    return counts

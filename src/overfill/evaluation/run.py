@@ -45,6 +45,7 @@ from overfill.evaluation.scoring import generate_ids_batched, score_examples
 from overfill.evaluation.vllm_replies import vllm_replies
 from overfill.generation import context_limit, eos_ids_of
 from overfill.modeling import ModelSource
+from overfill.speculative import Speculation
 
 Replies = tuple[list[list[int]], dict]  # reply token ids per example (stop token included), seconds by phase
 
@@ -101,11 +102,14 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         eos = eos_ids_of(tokenizer, model.full, model.decoder)  # what ends a reply, in both engines
 
         for entry in group:
-            models[entry.name] = {"mode": entry.mode, "source": what, "seconds": {},
-                                  **({"refresh_every": entry.refresh_every} if entry.refresh_every else {})}
+            models[entry.name] = {"mode": entry.generation_mode, "source": what, "seconds": {},
+                                  **({"refresh_every": entry.refresh_every} if entry.refresh_every else {}),
+                                  **({"draft_tokens": entry.draft_tokens, "drafter": entry.drafter}
+                                     if entry.draft_tokens else {}),
+                                  **({"decoder_dtype": entry.decoder_dtype} if entry.decoder_dtype else {})}
             if config.nll:
                 t0 = time.perf_counter()
-                scores = score_examples(model, entry.mode, examples, batch_size=config.batch_size,
+                scores = score_examples(model, entry.scoring_mode, examples, batch_size=config.batch_size,
                                         refresh_every=entry.refresh_every)
                 models[entry.name].update(nll_summary(scores))
                 models[entry.name]["seconds"]["teacher_forced"] = round(time.perf_counter() - t0, 2)
@@ -126,9 +130,9 @@ def evaluate(config: EvalConfig, console=None) -> dict:
                                           generating * len(contexts) * config.max_new_tokens)
             say(f"[dim]{escape(why)}[/]")
 
-        def greedy(mode: str, name: str, model=model, source=source, refresh_every: int = 0) -> Replies:
+        def greedy(mode: str, name: str, model=model, source=source, entry: ModelEntry | None = None) -> Replies:
             return greedy_replies(config, mode, contexts, eos, model=model, source=source, what=f"{name} ({mode} of {what})",
-                                  refresh_every=refresh_every, compile=compile)
+                                  entry=entry, compile=compile)
 
         if fingerprint not in reference_replies:
             say(f"greedy replies of the full model (the agreement reference) on {config.engine}")
@@ -137,8 +141,10 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         reference = reference_replies[fingerprint][0]
         for entry in group:
             replies, seconds = (reference_replies[fingerprint] if entry.mode == "full"
-                                else greedy(entry.mode, entry.name, refresh_every=entry.refresh_every))
+                                else greedy(entry.generation_mode, entry.name, entry=entry))
             result = models[entry.name]
+            if "speculation" in seconds:  # the drafting counters travel with the timings
+                result["speculation"] = seconds.pop("speculation")
             result["seconds"].update(seconds)
             result.update(engine=config.engine, engine_version=engine_version, agreement=greedy_agreement(replies, reference))
             reply_texts = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in replies]
@@ -150,8 +156,10 @@ def evaluate(config: EvalConfig, console=None) -> dict:
                 reply_rows.append({"model": entry.name, "engine": config.engine, "index": i, "reply": text,
                                    "answer": extract_answer(text), "reference_answer": references[i], "token_ids": ids,
                                    "first_divergence": first_divergence(ids, reference[i])})
+            accepted = result.get("speculation", {}).get("acceptance_rate")
             say(f"  {entry.name}: greedy replies on {config.engine} in {sum(seconds.values()):.0f} s, "
-                f"token agreement with the full model (tokens 2..N) {result['agreement']['token_match']:.0%}")
+                f"token agreement with the full model (tokens 2..N) {result['agreement']['token_match']:.0%}"
+                + (f", {accepted:.0%} of drafts accepted" if accepted is not None else ""))
         if config.agreement:
             if model is None:  # vLLM had the machine: our weights come back for teacher forcing
                 model = source.load(full_alone=True)
@@ -160,7 +168,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
             for entry in group:
                 t0 = time.perf_counter()
                 summary, agreement_positions[entry.name] = score_agreement(
-                    model, entry.mode, on_reference, tie=tie, batch_size=config.batch_size, refresh_every=entry.refresh_every)
+                    model, entry.scoring_mode, on_reference, tie=tie, batch_size=config.batch_size, refresh_every=entry.refresh_every)
                 models[entry.name]["agreement"].update(summary)
                 models[entry.name]["seconds"]["agreement"] = round(time.perf_counter() - t0, 2)
                 say(f"  {entry.name}: teacher-forced on the full model's replies, top-1 agreement (tokens 2..N) "
@@ -213,15 +221,21 @@ def refresh_summary(entries: list[ModelEntry], models: dict[str, dict]) -> list[
 
 
 def greedy_replies(config: EvalConfig, mode: str, contexts: list[list[int]], eos: set[int], *, model, source: ModelSource,
-                   what: str = "", refresh_every: int = 0, compile: bool | None = None) -> Replies:
+                   what: str = "", entry: ModelEntry | None = None, compile: bool | None = None) -> Replies:
     """Greedy replies to `contexts` in `mode` from the configured engine: our loop on the loaded `model`
-    (torch), or vLLM on `source`'s folder in a process of its own (vllm)."""
+    (torch), or vLLM on `source`'s folder in a process of its own (vllm). `entry` adds its refresh or
+    speculative settings; a speculative entry's counters come back as seconds["speculation"]."""
     if config.engine == "vllm":
         return vllm_replies(source, mode, contexts, max_new_tokens=config.max_new_tokens, stop_ids=eos, what=what)
     t0 = time.perf_counter()
+    speculation = Speculation() if mode == "speculative" else None
     replies = generate_ids_batched(model, mode, contexts, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                   refresh_every=refresh_every, compile=compile)
-    return replies, {"generate": round(time.perf_counter() - t0, 2)}
+                                   refresh_every=entry.refresh_every if entry else 0,
+                                   draft_tokens=entry.draft_tokens if entry and entry.draft_tokens else 4,
+                                   drafter=entry.drafter if entry else "overfill", speculation=speculation,
+                                   compile=False if speculation else compile)
+    seconds = {"generate": round(time.perf_counter() - t0, 2)}
+    return replies, {**seconds, "speculation": speculation.as_dict()} if speculation else seconds
 
 
 def _engine_version(config: EvalConfig) -> str:

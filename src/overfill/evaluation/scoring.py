@@ -86,19 +86,21 @@ def score_examples(model, mode: str, examples, *, batch_size: int = 8, pad_id: i
 
 def generate_ids_batched(model, mode: str, contexts: list[list[int]], *, max_new_tokens: int, batch_size: int = 8,
                          stop: tuple[str, ...] = (), temperature: float = 0.0, seed: int | None = None,
-                         refresh_every: int = 0, compile: bool | None = None) -> list[list[int]]:
+                         refresh_every: int = 0, draft_tokens: int = 4, drafter: str = "overfill",
+                         speculation=None, compile: bool | None = None) -> list[list[int]]:
     """Reply token ids (end-of-turn token included when produced) for pre-tokenised contexts, in input order.
 
     The loop of `generation.generate` (`decode_batch`), from token ids, so the context is exactly the
     one scored under teacher forcing (or the one lm-eval built); longest contexts first, so a batch pads little.
+    Speculative mode drafts `draft_tokens` with `drafter` and counts into `speculation` (a Speculation).
     """
     config = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=stop,
-                              refresh_every=refresh_every, compile=compile)
+                              refresh_every=refresh_every, draft_tokens=draft_tokens, drafter=drafter, compile=compile)
     endings = Endings.of(model, config.stop)
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     replies: list[list[int]] = [[] for _ in contexts]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        for i, reply in zip(rows, decode_batch(model, [contexts[i] for i in rows], config, endings)):
+        for i, reply in zip(rows, decode_batch(model, [contexts[i] for i in rows], config, endings, speculation=speculation)):
             replies[i] = reply.token_ids
     return replies

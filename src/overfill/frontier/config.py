@@ -1,0 +1,48 @@
+"""`overfill frontier`'s settings: `overfill eval`'s entries and measures (what each configuration's replies are
+worth), with the frontier's defaults (every dial: refresh, speculative drafting with either drafter, decoder
+dtypes), plus how its decode cost is timed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from overfill.errors import OverfillError
+from overfill.evaluation.config import EvalConfig
+
+
+@dataclass
+class FrontierConfig(EvalConfig):
+    entries: tuple[str, ...] = ("full", "pruned", "overfill")
+    """Configurations to place (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT] as in `overfill eval`: give the pruned baseline its own checkpoint (e.g. pruned=pruned:runs/gsm8k/pruned, trained with --mode pruned); every overfill entry adds its refresh, speculative and dtype variants."""
+    out: str = "runs/frontier"
+    """Output folder: frontier.json, frontier.png, timing.json, and the quality run's files in quality/."""
+    limit: int | None = 64
+    """Held-out examples whose replies measure quality (the first N usable ones)."""
+    max_new_tokens: int = 128
+    """Reply length limit, for quality and timing alike."""
+    refresh_every: tuple[int, ...] = (8, 32)
+    """Prefill refresh every K tokens: one configuration per K (NAME+refreshK)."""
+    draft_tokens: tuple[int, ...] = (2, 4)
+    """Speculative decoding with K draft tokens per pass of the full model: one configuration per K and drafter (NAME+specK)."""
+    drafters: tuple[str, ...] = ("overfill", "pruned")
+    """Drafters of the speculative configurations: overfill (on the full model's cache) and/or pruned (a cache of its own)."""
+    decoder_dtypes: tuple[str, ...] = ("bfloat16", "int8")
+    """The decoder in each of these dtypes: one configuration per dtype (NAME@DTYPE)."""
+    timing_prompts: int = 4
+    """Held-out prompts whose replies are timed, batch 1, each configuration in turn (the first N of the quality set)."""
+    repeats: int = 2
+    """Timed rounds over the timing prompts; the configurations run in rotating order within each round."""
+    warmup: int = 1
+    """Untimed rounds first (compiles a compiled step's shapes before the clock runs)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.engine != "torch":
+            raise OverfillError("overfill frontier times and scores every configuration on our own engine: drop --engine")
+        if not self.generate:
+            raise OverfillError("overfill frontier places configurations by their replies: drop --no-generate")
+        for name in ("timing_prompts", "repeats"):
+            if getattr(self, name) < 1:
+                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise OverfillError(f"--warmup must be 0 or more, got {self.warmup}")

@@ -1,0 +1,176 @@
+"""`overfill frontier`: the quality-latency frontier of every configuration a user can pick (paper §6.1's
+Pareto view, Figure 6's axes), for one checkpoint and one file of prompts.
+
+A configuration is an `overfill eval` entry: full, the pruned baseline (given its own checkpoint),
+OverFill, OverFill with prefill refresh every K tokens, speculative decoding with the decoder
+drafting K tokens (on the full model's cache, or on its own), and OverFill with its decoder in
+another dtype. Each gets
+
+- its quality, from one `overfill eval` run (quality/): agreement with the full model's own greedy
+  replies (teacher-forced top-1 over tokens 2..N, tokens before the first divergence) and, where
+  the file has reference replies, their NLL and final-answer accuracy;
+- its decode cost (timing.py): ms per decoded token of its own replies to the first prompts, batch
+  1, every configuration interleaved in one run, on the decode step the run decides (compiled or
+  eager, printed); speculative configurations verify blocks of drafts and decode eagerly.
+
+Both halves are saved as they finish and reused by a rerun with the same settings (resumable).
+Writes frontier.json and frontier.png; prints the table and the configurations on the frontier.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from overfill.atomic import atomic_write_text, check_writable
+from overfill.bench.run import environment
+from overfill.bench.timing import paired_ratio
+from overfill.decode_step import compile_seconds, decide_compile
+from overfill.evaluation import EvalConfig, evaluate
+from overfill.evaluation.config import ModelEntry
+from overfill.frontier.config import FrontierConfig
+from overfill.frontier.plots import plot_frontier
+from overfill.frontier.report import print_frontier
+from overfill.frontier.timing import time_entries
+from overfill.modeling import OverFillModel
+
+EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig) if f.name != "out")
+TIMING_FIELDS = ("timing_prompts", "repeats", "warmup")
+
+
+def run_frontier(config: FrontierConfig, console) -> dict:
+    started = time.perf_counter()
+    out = check_writable(config.out, "--out")
+    entries = config.model_entries()
+    quality = measure_quality(config, console, out / "quality")
+    timing = measure_timing(config, entries, console, out)
+    points = frontier_points(entries, quality, timing)
+    result = {"config": asdict(config), "environment": timing["environment"], "data": quality["data"],
+              "decode_step": timing["decode_step"], "points": points, "frontier": pareto(points),
+              "seconds": round(time.perf_counter() - started, 1)}
+    result["files"] = ["frontier.json", plot_frontier(result, out / "frontier.png").name, "timing.json", "quality/"]
+    atomic_write_text(out / "frontier.json", json.dumps(result, indent=1) + "\n")
+    print_frontier(console, result, out)
+    return result
+
+
+def _settings(config: FrontierConfig, names) -> dict:
+    """The settings a saved half was made with, as JSON reads them back (tuples become lists)."""
+    return json.loads(json.dumps({name: getattr(config, name) for name in names}))
+
+
+def measure_quality(config: FrontierConfig, console, folder: Path) -> dict:
+    """`overfill eval` over every configuration, into `folder`; a finished run with the same settings is reused."""
+    saved = folder / "results.json"
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        if {k: previous["config"].get(k) for k in EVAL_FIELDS} == _settings(config, EVAL_FIELDS):
+            console.print(f"quality: reusing {saved} (same settings)")
+            return previous
+    console.print(f"[bold]quality[/]: {len(config.model_entries())} configurations, `overfill eval` into {folder}")
+    return evaluate(EvalConfig(**{name: getattr(config, name) for name in EVAL_FIELDS}, out=str(folder)), console)
+
+
+def measure_timing(config: FrontierConfig, entries: list[ModelEntry], console, out: Path) -> dict:
+    """Every configuration's decode ms/token on the first --timing-prompts prompts, interleaved; saved to
+    timing.json, which a rerun with the same settings reuses."""
+    saved, settings = out / "timing.json", _settings(config, EVAL_FIELDS + TIMING_FIELDS)
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        if previous.get("settings") == settings:
+            console.print(f"timing: reusing {saved} (same settings)")
+            return previous
+    models = load_models(config, entries, console)
+    any_model = next(iter(models.values()))
+    contexts = [e.context_ids for e in config.held_out(any_model.tokenizer).examples[: config.timing_prompts]]
+    device = any_model.full.device
+    runs = len(entries) * len(contexts) * (config.repeats + config.warmup)
+    compile, why = decide_compile(config.compile, device, runs * config.max_new_tokens)
+    console.print(f"[bold]timing[/]: {len(entries)} configurations x {len(contexts)} prompts x {config.repeats} rounds, "
+                  f"batch 1, up to {config.max_new_tokens} new tokens; [dim]{escape(why)}[/]")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with torch.inference_mode(), Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("warming up", total=len(entries) * len(contexts) * config.repeats)
+        rows = time_entries(models, entries, contexts, max_new_tokens=config.max_new_tokens, compile=compile,
+                            repeats=config.repeats, warmup=config.warmup,
+                            advance=lambda text: progress.update(task, advance=1, description=f"timing {text}"))
+    timing = {"settings": settings, "environment": environment(config.dtype, device),
+              "decode_step": {"compile": compile, "why": why},
+              "compile_seconds": {name: compile_seconds(m.decoder) for name, m in models.items() if compile_seconds(m.decoder)},
+              "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "timing.json", json.dumps(timing, indent=1) + "\n")
+    return timing
+
+
+def load_models(config: FrontierConfig, entries: list[ModelEntry], console) -> dict[str, OverFillModel]:
+    """Entry name -> its model: each source loaded once, and one copy of a full model that several share."""
+    by_source: dict = {}
+    fulls: dict[str, torch.nn.Module] = {}
+    for entry in entries:
+        source = config.source_of(entry)
+        if source in by_source:
+            continue
+        console.print(f"loading [bold]{escape(source.describe())}[/]"
+                      + (f" (decoder in {source.decoder_dtype})" if source.decoder_dtype else ""))
+        model = source.load(full_alone=True)
+        full = fulls.setdefault(model.full_fingerprint, model.full)
+        if full is not model.full:  # the same weights: keep one copy in memory
+            model = OverFillModel(full, model.decoder, model.tokenizer, full_source=model.full_source)
+        model.full.eval()
+        model.decoder.eval()
+        by_source[source] = model
+    return {entry.name: by_source[config.source_of(entry)] for entry in entries}
+
+
+def kind_of(entry: ModelEntry) -> str:
+    """What dial a configuration turns, for the figure's colours and the table."""
+    if entry.draft_tokens:
+        return "speculative"
+    if entry.refresh_every:
+        return "refresh"
+    if entry.decoder_dtype:
+        return "dtype"
+    return entry.mode
+
+
+def frontier_points(entries: list[ModelEntry], quality: dict, timing: dict) -> list[dict]:
+    """One point per configuration: its decode cost (and paired ratios to the full and pruned rows) and quality."""
+    rows = timing["rows"]
+    full = next((e.name for e in entries if e.mode == "full" and e.name in rows), None)
+    pruned = next((e.name for e in entries if e.mode == "pruned" and e.name in rows), None)
+    points = []
+    for entry in entries:
+        row, m = rows[entry.name], quality["models"][entry.name]
+        agreement = m.get("agreement", {})
+        spec = row.get("speculation") or m.get("speculation")
+        point = {"name": entry.name, "kind": kind_of(entry), "mode": entry.generation_mode,
+                 "decode_step": row["decode_step"], "decode_ms_per_token": row["decode_ms_per_token"]["median"],
+                 "decode_ms_spread": row["decode_ms_per_token"],
+                 "top1": agreement.get("top1"), "first_divergence_mean": agreement.get("first_divergence_mean"),
+                 "token_match": agreement.get("token_match"), "exact_match": agreement.get("exact_match"),
+                 "nll": m.get("nll"), "accuracy": (m.get("answers") or {}).get("accuracy"),
+                 "acceptance_rate": spec.get("acceptance_rate") if spec else None,
+                 "tokens_per_full_pass": spec.get("tokens_per_full_pass") if spec else None}
+        for name, other in (("vs_full", full), ("vs_pruned", pruned)):
+            ratio = paired_ratio(row, rows[other], "decode_ms_per_token") if other else None
+            point[f"decode_ms_{name}"] = ratio["median"] if ratio else None
+        points.append(point)
+    return points
+
+
+def pareto(points: list[dict], quality: str = "top1") -> list[str]:
+    """Names of the configurations no other beats on both axes (cheaper and at least as good), cheapest first."""
+    ranked = sorted((p for p in points if p[quality] is not None), key=lambda p: (p["decode_ms_per_token"], -p[quality]))
+    front, best = [], -float("inf")
+    for p in ranked:
+        if p[quality] > best:
+            front.append(p["name"])
+            best = p[quality]
+    return front

@@ -1,0 +1,92 @@
+"""Each configuration's decode cost on real prompts: its own replies (EOS on), batch 1, the configurations
+interleaved in rotating order within each round so that machine drift hits them alike.
+
+Unlike `overfill bench` (synthetic prompts, EOS off, fixed lengths), the replies here are the ones
+whose quality the frontier reports, so speculative decoding drafts on real text and a refresh row
+refreshes where real replies reach. Decode ms/token is a round's decode seconds over its decode
+tokens (every token after the first), summed over the timing prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from overfill import speculative
+from overfill.bench.timing import spread
+from overfill.evaluation.config import ModelEntry
+from overfill.generation import Endings, GenerationConfig, generate_ids
+from overfill.speculative import Speculation
+from overfill.tensors import left_pad
+
+
+@dataclass
+class Reply:
+    """One timed reply: prefill + first token, then the decode steps."""
+
+    prefill_s: float
+    decode_s: float
+    decode_tokens: int
+    speculation: dict | None = None
+
+
+def entry_generation(entry: ModelEntry, max_new_tokens: int, compile: bool) -> GenerationConfig:
+    """An entry's greedy generation settings; speculative entries verify blocks of drafts and run eagerly."""
+    speculative = entry.generation_mode == "speculative"
+    return GenerationConfig(mode=entry.generation_mode, max_new_tokens=max_new_tokens, refresh_every=entry.refresh_every,
+                            draft_tokens=entry.draft_tokens or 4, drafter=entry.drafter,
+                            compile=False if speculative else compile)
+
+
+def time_reply(model, config: GenerationConfig, context: list[int], endings: Endings, steps: int | None = None) -> Reply:
+    """One greedy reply to one prompt, timed step by step (`steps` stops early: a warm-up)."""
+    ids, mask = left_pad([context], endings.pad_id)
+    speculation = Speculation() if config.mode == "speculative" else None
+    seconds = []
+    for step in generate_ids(model, ids, mask, config, eos_ids=set(endings.eos_ids), pad_id=endings.pad_id,
+                             speculation=speculation):
+        seconds.append(step.seconds)
+        if steps is not None and len(seconds) >= steps:
+            break
+    return Reply(seconds[0], sum(seconds[1:]), len(seconds) - 1, speculation.as_dict() if speculation else None)
+
+
+def _rotated(items: list, k: int) -> list:
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def time_entries(models: dict[str, object], entries: list[ModelEntry], contexts: list[list[int]], *, max_new_tokens: int,
+                 compile: bool, repeats: int, warmup: int, advance=None) -> dict[str, dict]:
+    """Per entry name: decode ms/token per round (a spread over rounds, and the samples), prefill ms per prompt,
+    decode tokens, and, for speculative entries, the drafting counters over every timed reply.
+
+    `models[name]` is the entry's OverFillModel; `advance(text)` is called once per timed reply (a progress bar).
+    """
+    generation = {e.name: entry_generation(e, max_new_tokens, compile) for e in entries}
+    endings = {e.name: Endings.of(models[e.name]) for e in entries}
+    for _ in range(warmup):  # a few steps per prompt: every shape a compiled step meets is compiled here
+        for e in entries:
+            for context in contexts:
+                time_reply(models[e.name], generation[e.name], context, endings[e.name], steps=8)
+    rounds = {e.name: [] for e in entries}
+    for repeat in range(repeats):
+        for e in _rotated(list(entries), repeat):
+            replies = []
+            for context in contexts:
+                replies.append(time_reply(models[e.name], generation[e.name], context, endings[e.name]))
+                if advance:
+                    advance(f"{e.name}, round {repeat + 1}/{repeats}")
+            rounds[e.name].append(replies)
+    return {name: summarize(runs, generation[name]) for name, runs in rounds.items()}
+
+
+def summarize(rounds: list[list[Reply]], config: GenerationConfig) -> dict:
+    ms = [1e3 * sum(r.decode_s for r in replies) / max(sum(r.decode_tokens for r in replies), 1) for replies in rounds]
+    prefill = [1e3 * r.prefill_s for replies in rounds for r in replies]
+    result = {"decode_ms_per_token": spread(ms), "samples": {"decode_ms_per_token": ms}, "prefill_ms": spread(prefill),
+              "decode_tokens": sum(r.decode_tokens for r in rounds[0]),
+              "decode_step": "eager" if not config.compile else "compiled"}
+    counters = [r.speculation for replies in rounds for r in replies if r.speculation]
+    if counters:
+        result["speculation"] = speculative.total(counters)
+    return result
