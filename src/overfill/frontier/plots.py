@@ -8,7 +8,7 @@ from pathlib import Path
 from overfill.plotting import pyplot
 
 KIND_COLORS = {"full": "tab:blue", "pruned": "tab:orange", "overfill": "tab:green", "refresh": "yellowgreen",
-               "speculative": "tab:purple", "dtype": "teal"}
+               "speculative": "tab:purple", "dtype": "teal", "vllm": "tab:cyan", "vllm speculative": "tab:pink"}
 
 
 def _panels(points: list[dict]) -> list[tuple[str, str, bool]]:

@@ -51,10 +51,13 @@ def run_frontier(config: FrontierConfig, console) -> dict:
     quality = measure_quality(config, console, out / "quality")
     timing = measure_timing(config, entries, console, out)
     points = frontier_points(entries, quality, timing)
+    if config.vllm:
+        points += vllm_frontier_points(measure_vllm(config, entries, quality, console, out), points)
     result = {"config": asdict(config), "environment": timing["environment"], "data": quality["data"],
               "decode_step": timing["decode_step"], "points": points, "frontier": pareto(points),
               "seconds": round(time.perf_counter() - started, 1)}
-    result["files"] = ["frontier.json", plot_frontier(result, out / "frontier.png").name, "timing.json", "quality/"]
+    result["files"] = ["frontier.json", plot_frontier(result, out / "frontier.png").name, "timing.json",
+                       *(["vllm.json"] if config.vllm else []), "quality/"]
     atomic_write_text(out / "frontier.json", json.dumps(result, indent=1) + "\n")
     print_frontier(console, result, out)
     return result
@@ -107,6 +110,63 @@ def measure_timing(config: FrontierConfig, entries: list[ModelEntry], console, o
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "timing.json", json.dumps(timing, indent=1) + "\n")
     return timing
+
+
+def measure_vllm(config: FrontierConfig, entries: list[ModelEntry], quality: dict, console, out: Path) -> dict:
+    """vllm_rows.vllm_points on the quality prompts, against the full model's replies in our loop; saved to
+    vllm.json, which a rerun with the same settings reuses."""
+    from transformers import AutoTokenizer
+
+    from overfill.evaluation.answers import answer_accuracy
+    from overfill.frontier.vllm_rows import vllm_points
+    from overfill.vllm.export import engine_model
+
+    saved, settings = out / "vllm.json", _settings(config, EVAL_FIELDS + TIMING_FIELDS)
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        if previous.get("settings") == settings:
+            console.print(f"vLLM: reusing {saved} (same settings)")
+            return previous
+    full = next(e for e in entries if e.mode == "full")
+    folder = engine_model(config.source_of(full), "full").path
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    contexts = [e.context_ids for e in config.held_out(tokenizer).examples]
+    replies = [json.loads(line) for line in (out / "quality" / "replies.jsonl").read_text().splitlines()]
+    by_index = {r["index"]: r for r in replies if r["model"] == full.name}
+    reference = [by_index[i]["token_ids"] for i in range(len(contexts))]
+    stop_ids = set(quality["models"][full.name]["stop_ids"])  # what ended the replies in our loop
+    console.print(f"[bold]vLLM[/]: the same {len(contexts)} prompts, one engine at a time, at vLLM's defaults")
+    rows = vllm_points(config, entries, contexts, reference, stop_ids, console)
+    answers = [by_index[i]["reference_answer"] for i in range(len(contexts))]
+    for row in rows.values():
+        made = row.pop("replies")
+        texts = [tokenizer.decode([t for t in r if t not in stop_ids], skip_special_tokens=True) for r in made]
+        if any(a is not None for a in answers):
+            row["answers"] = answer_accuracy(texts, [tokenizer.decode(r[:1], skip_special_tokens=True) for r in made], answers)
+    result = {"settings": settings, "rows": rows}
+    atomic_write_text(saved, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def vllm_frontier_points(vllm: dict, points: list[dict]) -> list[dict]:
+    """The vLLM rows as frontier points: decode cost against vLLM's own full model, greedy agreement from their
+    own replies, teacher-forced quality from the same weights in our loop."""
+    ours = {p["name"]: p for p in points}
+    full_ms = next((r["decode_ms_per_token"]["median"] for n, r in vllm["rows"].items() if n == "vllm full"), None)
+    out = []
+    for name, row in vllm["rows"].items():
+        like, spec = ours[row["like"]], row.get("speculation") or {}
+        ms = row["decode_ms_per_token"]["median"]
+        out.append({"name": name, "kind": row["kind"], "mode": "vllm", "decode_step": row["decode_step"],
+                    "decode_ms_per_token": ms, "decode_ms_spread": row["decode_ms_per_token"],
+                    "top1": like["top1"], "nll": like["nll"],
+                    "first_divergence_mean": row["agreement"]["first_divergence_mean"],
+                    "token_match": row["agreement"]["token_match"], "exact_match": row["agreement"]["exact_match"],
+                    "accuracy": (row.get("answers") or {}).get("accuracy"),
+                    "acceptance_rate": spec.get("acceptance_rate"), "tokens_per_full_pass": spec.get("tokens_per_full_pass"),
+                    "decode_ms_vs_full": ms / full_ms if full_ms else None, "decode_ms_vs_pruned": None,
+                    "engine_start_s": row["engine_start_s"]})
+    return out
 
 
 def load_models(config: FrontierConfig, entries: list[ModelEntry], console) -> dict[str, OverFillModel]:
