@@ -124,16 +124,19 @@ def test_demo_end_to_end_on_a_tiny_model_and_its_rerun(tmp_path):
     assert data["ended"] == len(ended) > 2 and data["cut"] == len(cut) > 2
     assert all(len(e.target_ids) <= 10 for e in ended) and all(len(e.target_ids) == 10 for e in cut)
 
-    # Agreement: the eval's own figures, the full model agreeing with its own greedy replies.
-    results = json.loads((out / "eval" / "results.json").read_text())
+    # Agreement: the frontier's eval figures, the full model agreeing with its own greedy replies.
+    results = json.loads((out / "frontier" / "quality" / "results.json").read_text())
     assert results["data"]["examples"] == 4
-    for name in ("full", "overfill", "pruned", "untrained"):
+    for name in ("full", "overfill", "pruned", "overfill+refresh8", "overfill+spec3"):
         assert summary["agreement"][name]["top1"] == results["models"][name]["agreement"]["top1"]
-    assert summary["agreement"]["full"]["top1"] == 1.0
-    assert (out / "eval" / "agreement_per_position.png").is_file() and (out / "validation_loss.png").is_file()
+    assert summary["agreement"]["full"]["top1"] == 1.0 and summary["agreement"]["overfill+spec3"]["exact_match"] == 1.0
+    assert (out / "frontier" / "quality" / "agreement_per_position.png").is_file() and (out / "validation_loss.png").is_file()
+    assert (out / "frontier" / "frontier.png").is_file()
+    assert {p["name"] for p in summary["frontier"]["points"]} == set(summary["agreement"])
 
     report = (out / "report.md").read_text()
-    assert report.index("## Agreement with the full model") < report.index("## Chat") < report.index("## Training")
+    assert (report.index("## Agreement with the full model") < report.index("## The dial") < report.index("## Chat")
+            < report.index("## Training"))
     overfill = summary["agreement"]["overfill"]
     assert f"| OverFill | overfill | {overfill['top1']:.1%} | {overfill['nll']:.3f} |" in report
     assert f"**{summary['verdict']}**" in report
@@ -143,9 +146,10 @@ def test_demo_end_to_end_on_a_tiny_model_and_its_rerun(tmp_path):
     heldout_texts = {p.text for p in demo_prompts(0)[1]}
     for turn in summary["chat"]:
         assert turn["prompt"] in heldout_texts and turn["prompt"] in report
-        assert list(turn["replies"]) == ["full", "overfill", "pruned"]
+        assert list(turn["replies"]) == ["full", "speculative", "refresh", "overfill", "pruned"]
         for mode, reply in turn["replies"].items():
             assert 1 <= reply["new_tokens"] <= 10 and reply["prefill_s"] > 0
+        assert turn["replies"]["speculative"]["text"] == turn["replies"]["full"]["text"]  # lossless
     first = summary["chat"][0]["replies"]
     assert f"> {first['overfill']['text'].strip().splitlines()[0]}" in report
     assert "tokens in" in report and "tok/s decoding" in report

@@ -13,8 +13,10 @@ from rich.table import Table
 
 from overfill.atomic import atomic_write_text
 
-LABELS = {"full": "full model", "overfill": "OverFill", "pruned": "pruned baseline", "untrained": "untrained decoder"}
-CHAT_MODES = ("full", "overfill", "pruned")  # the chat comparison's order, and the columns a newcomer compares
+LABELS = {"full": "full model", "overfill": "OverFill", "pruned": "pruned baseline", "untrained": "untrained decoder",
+          "refresh": "OverFill, refresh every 8", "speculative": "speculative (decoder drafts 3, full model verifies)"}
+# The chat comparison's order: the dial from the full model's replies to the pruned model's cost.
+CHAT_MODES = ("full", "speculative", "refresh", "overfill", "pruned")
 
 
 def gap_closed(full: float, pruned: float, overfill: float) -> float:
@@ -88,6 +90,21 @@ def chat_markdown(chat: list[dict]) -> list[str]:
     return lines
 
 
+def frontier_markdown(frontier: dict) -> list[str]:
+    points = sorted(frontier["points"], key=lambda p: p["decode_ms_per_token"])
+    front = set(frontier["frontier"])
+    step = "compiled" if frontier["decode_step"]["compile"] else "eager"
+    return [f"Decode ms per token of each configuration's own replies (batch 1, {step} decode step; speculative "
+            "decoding verifies blocks and runs eagerly), measured side by side; agreement as above. "
+            "Bold: on the frontier (nothing is both cheaper and closer to the full model).", "",
+            "| configuration | decode ms/token | x the full model's | top-1 agreement (2..N) | greedy: tokens before the "
+            "first divergence | drafts accepted |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *[f"| {'**' + p['name'] + '**' if p['name'] in front else p['name']} | {p['decode_ms_per_token']:.1f} | "
+              f"{_num(p['decode_ms_vs_full'], 2)} | {_pct(p['top1'])} | {_num(p['first_divergence_mean'], 1)} | "
+              f"{_pct(p['acceptance_rate'])} |" for p in points]]
+
+
 # ---------------------------------------------------------------- report.md
 
 
@@ -111,10 +128,15 @@ def write_report(out: Path, summary: dict) -> Path:
         "on it token by token, so one early difference does not spoil the rest. Token 1 is left out: in OverFill it "
         "is the full model's by construction. The greedy columns compare each model's own greedy reply with the "
         "full model's.", "",
-        "![agreement by reply position](eval/agreement_per_position.png)", "",
-        "## Chat: held-out prompts, three ways", "",
+        "![agreement by reply position](frontier/quality/agreement_per_position.png)", "",
+        "## The dial: every configuration's quality against its decode cost", "",
+        *frontier_markdown(summary["frontier"]), "",
+        "![the frontier](frontier/frontier.png)", "",
+        "## Chat: held-out prompts, five ways", "",
         "Greedy replies; OverFill = the full model reads the prompt and picks token 1, the decoder writes the rest; "
-        "pruned baseline = the same size of decoder alone.", "",
+        "with refresh, the full model re-reads the reply every 8 tokens and picks the next one; speculative = the "
+        "decoder drafts 3 tokens, the full model checks them in one pass and keeps what it would have written itself "
+        "(the full model's reply exactly); pruned baseline = the same size of decoder alone.", "",
         *chat_markdown(summary["chat"]),
         "## Training", "",
         "| decoder | steps x batch | validation NLL, first -> last | seconds | seconds per step |",

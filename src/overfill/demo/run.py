@@ -6,9 +6,11 @@
    distillation), cached in the out folder so a rerun reuses them;
 4. train the OverFill decoder (on the frozen full model's cache) and the pruned baseline (the same
    decoder standalone) on those replies, with the same steps, schedule and --loss;
-5. evaluate on held-out prompts: each model's teacher-forced top-1 agreement with the full model's
-   own greedy replies and the NLL of them, by reply position too (evaluation/agreement.py);
-6. answer a few held-out prompts with full / OverFill / pruned, timed, and write report.md + PNGs.
+5. the frontier on held-out prompts (`overfill frontier`): each configuration's teacher-forced top-1
+   agreement with the full model's own greedy replies and the NLL of them (by reply position too),
+   against its decode ms/token: full, pruned, OverFill, OverFill with prefill refresh, speculative
+   decoding (the decoder drafts, the full model verifies: its exact replies);
+6. answer a few held-out prompts with each of them, timed, and write report.md + PNGs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from overfill.demo.report import CHAT_MODES, gap_closed, print_chat, print_summa
 from overfill.zoo import resolve_model
 
 VAL_SIZE = 16  # held-back training replies for the validation curve (a quarter of them at most)
+REFRESH_EVERY = 8  # the demo's refresh row: the full model re-reads every 8 reply tokens
+DRAFT_TOKENS = 3  # the demo's speculative row: 3 drafts per pass of the full model
+TIMING_PROMPTS = 4  # held-out prompts whose replies time each configuration on the frontier
 
 
 def _pruned(config: DemoConfig, console) -> Path:
@@ -118,27 +123,39 @@ def _plot_losses(runs: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     return path
 
 
-def chat(checkpoints: dict[str, Path], prompts: list[str], max_new_tokens: int, device: str = "cpu") -> list[dict]:
-    """Each prompt answered greedily in each mode, one at a time (batch 1), so each reply's timing is its own.
+def chat_settings(max_new_tokens: int) -> dict:
+    """The chat comparison's rows: the dial from the pruned model's cost to the full model's exact replies."""
+    from overfill.generation import GenerationConfig
 
-    Each mode runs on the model trained for it: pruned = the standalone baseline's decoder.
+    return {"full": GenerationConfig(mode="full", max_new_tokens=max_new_tokens),
+            "overfill": GenerationConfig(mode="overfill", max_new_tokens=max_new_tokens),
+            "refresh": GenerationConfig(mode="overfill", refresh_every=REFRESH_EVERY, max_new_tokens=max_new_tokens),
+            "speculative": GenerationConfig(mode="speculative", draft_tokens=DRAFT_TOKENS, max_new_tokens=max_new_tokens),
+            "pruned": GenerationConfig(mode="pruned", max_new_tokens=max_new_tokens)}
+
+
+def chat(checkpoints: dict[str, Path], prompts: list[str], max_new_tokens: int, device: str = "cpu") -> list[dict]:
+    """Each prompt answered greedily by each row of `chat_settings`, one at a time (batch 1), so each reply's timing
+    is its own. Each row runs on the model trained for it: pruned = the standalone baseline's decoder.
     """
-    from overfill.generation import GenerationConfig, generate
+    from dataclasses import replace as with_
+
+    from overfill.generation import generate
     from overfill.modeling import ModelSource
 
+    settings = chat_settings(max_new_tokens)
     models = {path: ModelSource(checkpoint=str(path), device=device).load() for path in set(checkpoints.values())}
-    for mode in CHAT_MODES:  # a first call pays one-off costs (allocations, kernel choice) that no reply should carry
-        generate(models[checkpoints[mode]], prompts[0], GenerationConfig(mode=mode, max_new_tokens=2))
+    for row in CHAT_MODES:  # a first call pays one-off costs (allocations, kernel choice) that no reply should carry
+        generate(models[checkpoints[row]], prompts[0], with_(settings[row], max_new_tokens=2))
     return [{"prompt": prompt,
-             "replies": {mode: generate(models[checkpoints[mode]], prompt, GenerationConfig(mode=mode, max_new_tokens=max_new_tokens))[0].as_dict()
-                         for mode in CHAT_MODES}}
+             "replies": {row: generate(models[checkpoints[row]], prompt, settings[row])[0].as_dict() for row in CHAT_MODES}}
             for prompt in prompts]
 
 
 def run_demo(config: DemoConfig, console) -> dict:
     from transformers import AutoTokenizer
 
-    from overfill.evaluation import EvalConfig, evaluate
+    from overfill.frontier import FrontierConfig, run_frontier
 
     started = time.perf_counter()
     phases: dict[str, float] = {}
@@ -176,23 +193,28 @@ def run_demo(config: DemoConfig, console) -> dict:
         what = "OverFill decoder (reads the frozen full model's cache)" if mode == "overfill" else "pruned baseline (the same decoder standalone)"
         with phase(f"train {mode}", f"{index}/6 train the {what}: {config.steps} steps x {config.batch_size}, --loss {config.loss}"):
             runs[mode] = _train(config, mode, pruned_folder, train_path, val_size)
-    with phase("evaluate", f"6/6 agreement with the full model on {config.heldout} held-out prompts"):
-        results = evaluate(EvalConfig(
-            data=str(heldout_path), out=str(out / "eval"), nll=False, max_new_tokens=config.max_new_tokens, batch_size=8,
+    with phase("frontier", f"6/6 the frontier: agreement with the full model on {config.heldout} held-out prompts, "
+                           "against decode cost"):
+        frontier = run_frontier(FrontierConfig(
+            data=str(heldout_path), out=str(out / "frontier"), nll=False, max_new_tokens=config.max_new_tokens, batch_size=8,
             entries=(f"full=full:{runs['overfill'].checkpoint}", f"pruned=pruned:{runs['pruned'].checkpoint}",
-                     f"overfill=overfill:{runs['overfill'].checkpoint}", "untrained=overfill"),
-            model=config.model, decoder=str(pruned_folder), device=config.device,
-        ), console=console)
+                     f"overfill=overfill:{runs['overfill'].checkpoint}"),
+            refresh_every=(REFRESH_EVERY,), draft_tokens=(DRAFT_TOKENS,), drafters=("overfill",), decoder_dtypes=(),
+            timing_prompts=min(TIMING_PROMPTS, config.heldout), repeats=1, model=config.model, device=config.device,
+        ), console)
+    results = json.loads((out / "frontier" / "quality" / "results.json").read_text())
     agreement = {name: {"mode": m["mode"], "mean_reply_tokens": m["mean_reply_tokens"], **m["agreement"]}
                  for name, m in results["models"].items()}
     share = gap_closed(agreement["full"]["nll"], agreement["pruned"]["nll"], agreement["overfill"]["nll"])
     loss_png = _plot_losses({f"{m} ({'trained on full cache' if m == 'overfill' else 'standalone'})": r.val_losses
                              for m, r in runs.items()}, out / "validation_loss.png")
 
-    with phase("chat", "chat: held-out prompts answered by the full model, OverFill and the pruned baseline"):
+    with phase("chat", "chat: held-out prompts answered by the full model, OverFill (plain, with refresh, speculative) "
+                       "and the pruned baseline"):
         questions = [p.text for p in chat_prompts(heldout_prompts)] + ([config.prompt] if config.prompt else [])
-        turns = chat({"full": runs["overfill"].checkpoint, "overfill": runs["overfill"].checkpoint,
-                      "pruned": runs["pruned"].checkpoint}, questions, config.max_new_tokens, config.device)
+        ours = runs["overfill"].checkpoint
+        turns = chat({"full": ours, "overfill": ours, "refresh": ours, "speculative": ours, "pruned": runs["pruned"].checkpoint},
+                     questions, config.max_new_tokens, config.device)
         print_chat(console, turns)
 
     summary = {
@@ -205,6 +227,7 @@ def run_demo(config: DemoConfig, console) -> dict:
                       "val_first": r.val_losses[0][1] if r.val_losses else None} for m, r in runs.items()},
         "agreement": agreement, "gap_closed": None if math.isnan(share) else share,
         "verdict": verdict(agreement, share, config.heldout), "chat": turns, "phases": phases,
+        "frontier": {"points": frontier["points"], "frontier": frontier["frontier"], "decode_step": frontier["decode_step"]},
         "seconds": round(time.perf_counter() - started, 1), "validation_png": loss_png.name,
     }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1) + "\n")

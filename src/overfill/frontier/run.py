@@ -64,8 +64,17 @@ def run_frontier(config: FrontierConfig, console) -> dict:
 
 
 def _settings(config: FrontierConfig, names) -> dict:
-    """The settings a saved half was made with, as JSON reads them back (tuples become lists)."""
-    return json.loads(json.dumps({name: getattr(config, name) for name in names}))
+    """The settings a saved half was made with, as JSON reads them back (tuples become lists), and the state of
+    the folders its models came from (a checkpoint trained again under the same name is measured again)."""
+    folders = {f for e in config.model_entries() for f in (config.source_of(e).checkpoint, config.source_of(e).decoder) if f}
+    return json.loads(json.dumps({**{name: getattr(config, name) for name in names},
+                                  "folders": {f: _stamp(Path(f)) for f in sorted(folders)}}))
+
+
+def _stamp(folder: Path) -> list:
+    """(name, size, modification time) of every file under `folder`: what changes when it is written again."""
+    return sorted([str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
+                  for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
 def measure_quality(config: FrontierConfig, console, folder: Path) -> dict:
@@ -73,11 +82,14 @@ def measure_quality(config: FrontierConfig, console, folder: Path) -> dict:
     saved = folder / "results.json"
     if saved.exists():
         previous = json.loads(saved.read_text())
-        if {k: previous["config"].get(k) for k in EVAL_FIELDS} == _settings(config, EVAL_FIELDS):
+        if previous.get("frontier_settings") == _settings(config, EVAL_FIELDS):
             console.print(f"quality: reusing {saved} (same settings)")
             return previous
     console.print(f"[bold]quality[/]: {len(config.model_entries())} configurations, `overfill eval` into {folder}")
-    return evaluate(EvalConfig(**{name: getattr(config, name) for name in EVAL_FIELDS}, out=str(folder)), console)
+    results = evaluate(EvalConfig(**{name: getattr(config, name) for name in EVAL_FIELDS}, out=str(folder)), console)
+    results["frontier_settings"] = _settings(config, EVAL_FIELDS)  # what a rerun compares with its own
+    atomic_write_text(saved, json.dumps(results, indent=1) + "\n")
+    return results
 
 
 def measure_timing(config: FrontierConfig, entries: list[ModelEntry], console, out: Path) -> dict:
