@@ -47,6 +47,33 @@ def run(model, contexts, config, *, speculative: bool = False, **kw) -> list[lis
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("drafter", ["overfill", "pruned"])
+def test_compiled_drafts_give_the_full_models_reply(kind, drafter, monkeypatch):
+    """--compile: the decoder drafts with its compiled one-token step on static caches that the full model's
+    eager verification appends to and that each round crops; the reply is still the full model's."""
+    from overfill import decode_step
+
+    monkeypatch.setattr(decode_step, "BACKEND", "aot_eager")  # the captured graph on PyTorch's kernels: no C++ build
+    model, contexts = pair(kind), prompts(3)
+    want = run(model, contexts, GenerationConfig(mode="full", max_new_tokens=20), eos=set())
+    for k in (2, 4):
+        counted = {}
+        for compile in (False, True):
+            config = GenerationConfig(mode="speculative", max_new_tokens=20, draft_tokens=k, drafter=drafter, compile=compile)
+            counted[compile] = Speculation()
+            assert run(model, contexts, config, speculative=True, eos=set(), stats=counted[compile]) == want
+        assert counted[True].per_round == counted[False].per_round  # the same drafts, kept as often
+    assert decode_step.compile_seconds(model.decoder), "the drafts did not come from the compiled step"
+    # A decoder that is the full model drafts the full model's tokens: every draft is kept.
+    same = OverFillModel(model.full, copy.deepcopy(model.full), model.tokenizer)
+    stats = Speculation()
+    config = GenerationConfig(mode="speculative", max_new_tokens=20, draft_tokens=3, drafter=drafter, compile=True)
+    assert run(same, contexts, config, speculative=True, eos=set(), stats=stats) == want
+    assert stats.acceptance_rate == 1.0
+
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("drafter", ["overfill", "pruned"])
 def test_greedy_speculation_gives_the_full_models_reply(kind, drafter):
     model, contexts = pair(kind), prompts(3)  # a left-padded batch of different lengths
     want = run(model, contexts, GenerationConfig(mode="full", max_new_tokens=20), eos=set())
@@ -176,8 +203,7 @@ def test_generate_and_chat_in_speculative_mode_give_the_full_models_replies():
 def test_speculative_settings_are_checked():
     for kwargs, says in ((dict(draft_tokens=0), "--draft-tokens must be at least 1"),
                          (dict(drafter="other"), "--drafter got 'other'"),
-                         (dict(refresh_every=4), "pick one"),
-                         (dict(compile=True), "drop --compile")):
+                         (dict(refresh_every=4), "pick one")):
         with pytest.raises(OverfillError, match=says):
             GenerationConfig(mode="speculative", **kwargs)
     with pytest.raises(OverfillError, match="speculative"):  # the error lists it among the modes

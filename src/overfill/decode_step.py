@@ -31,6 +31,7 @@ Shapes: B rows, C cache capacity, L layers, H query heads, KV key/value heads, G
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from overfill import arch
+from overfill.errors import OverfillWarning
 from overfill.kv_cache import StaticCache
 
 # ---------------------------------------------------------------- the weights, laid out for one token
@@ -325,3 +327,18 @@ def decide_compile(asked: bool | None, device: torch.device, decode_tokens: int 
     bound = "" if decode_tokens is None else f", this run decodes at most {decode_tokens:,}"
     return False, (f"decode step: eager (auto on a CPU: compiling takes about a minute and pays back after "
                    f"~{CPU_PAYS_AFTER_TOKENS:,} decoded tokens{bound}; --compile to compile anyway)")
+
+
+def step_function(decode_model, device: torch.device, compile: bool | None, capacity: int):
+    """The decode step a loop runs: a CompiledStep when compiling (None: on a GPU), else None
+    (the model's own forward, op by op). A model the compiled step cannot run decodes eagerly, with a warning
+    when compiling was asked for."""
+    if not (compile if compile is not None else device.type == "cuda"):
+        return None
+    reason = unsupported(decode_model, capacity)
+    if reason is not None:
+        if compile:
+            warnings.warn(f"decoding eagerly: the compiled step cannot run this model ({reason})", OverfillWarning,
+                          stacklevel=4)
+        return None
+    return compiled_step(decode_model, device)

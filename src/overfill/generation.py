@@ -19,6 +19,7 @@ from typing import Final, Iterator, Literal
 import torch
 from transformers import DynamicCache
 
+from overfill.decode_step import step_function
 from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.kv_cache import GrowingCache, StaticCache
@@ -63,7 +64,7 @@ class GenerationConfig:
     drafter: Drafter = "overfill"
     """Speculative mode: the decoder drafts on the full model's cache (overfill) or on a cache of its own, from its own prefill (pruned)."""
     compile: bool | None = None
-    """Decode with a compiled step on a static KV cache (CUDA graphs on a GPU, inductor on a CPU): --compile, --no-compile, or neither to let the command decide by device and workload (it says what it chose)."""
+    """Decode with a compiled step on a static KV cache (CUDA graphs on a GPU, inductor on a CPU; speculative mode: the drafts): --compile, --no-compile, or neither to let the command decide by device and workload (it says what it chose)."""
 
     def __post_init__(self):
         if self.mode not in GENERATION_MODES:
@@ -74,9 +75,6 @@ class GenerationConfig:
             raise OverfillError(f"--drafter got '{self.drafter}': pick {' or '.join(DRAFTERS)}")
         if self.mode == "speculative" and self.refresh_every:
             raise OverfillError("--refresh-every and speculative mode both hand tokens to the full model: pick one")
-        if self.mode == "speculative" and self.compile:
-            raise OverfillError("--compile compiles the one-token decode step; speculative mode verifies blocks of "
-                                "drafts and runs eagerly: drop --compile")
         if self.max_new_tokens < 1:
             raise OverfillError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -98,23 +96,6 @@ class GenerationConfig:
 
 
 # ---------------------------------------------------------------- the loop
-
-
-def step_function(decode_model, device: torch.device, compile: bool | None, capacity: int):
-    """The decode step generate_ids runs: `decode_step.CompiledStep` when compiling (None: on a GPU), else None
-    (the model's own forward, op by op). A model the compiled step cannot run decodes eagerly, with a warning
-    when compiling was asked for."""
-    if not (compile if compile is not None else device.type == "cuda"):
-        return None
-    from overfill.decode_step import compiled_step, unsupported
-
-    reason = unsupported(decode_model, capacity)
-    if reason is not None:
-        if compile:
-            warnings.warn(f"decoding eagerly: the compiled step cannot run this model ({reason})", OverfillWarning,
-                          stacklevel=3)
-        return None
-    return compiled_step(decode_model, device)
 
 
 @torch.inference_mode()

@@ -34,7 +34,8 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from overfill.kv_cache import GrowingCache, crop_to
+from overfill.decode_step import step_function
+from overfill.kv_cache import GrowingCache, StaticCache, crop_to
 from overfill.modeling import decode, prefill
 from overfill.sampling import Step, TokenChooser
 
@@ -148,9 +149,20 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     k_max, own = config.draft_tokens, config.drafter == "pruned"
     if own and cache is not None:
         raise ValueError("the pruned drafter keeps a cache of its own: it cannot continue another model's cache")
+    # With --compile the drafts come from the decoder's compiled one-token step, on static caches: the full
+    # model's verification pass (a block of tokens) stays eager and appends to the same buffers.
+    columns = attention_mask.shape[1] + config.max_new_tokens + k_max  # drafts may run k past the last reply token
+    step = step_function(decoder, input_ids.device, config.compile, columns)
+    rows = input_ids.shape[0]
+
+    def empty(owner):
+        return StaticCache.for_model(owner, rows, columns) if step else GrowingCache()
+
     started = time.perf_counter()
-    logits, cache = prefill(full, input_ids, attention_mask, GrowingCache() if cache is None else cache, past_lengths)
-    own_cache = prefill(decoder, input_ids, attention_mask, GrowingCache())[1] if own else None
+    logits, cache = prefill(full, input_ids, attention_mask, empty(full) if cache is None else cache, past_lengths)
+    if step and not isinstance(cache, StaticCache):  # a caller's cache keeps the context; the reply goes on here
+        cache = StaticCache.copy_of(cache, columns)
+    own_cache = prefill(decoder, input_ids, attention_mask, empty(decoder))[1] if own else None
     if config.num_return_sequences > 1:  # several candidates share one prefill (each model's)
         for c in (cache, own_cache):
             if c is not None:
@@ -185,16 +197,20 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         # draft d1..dk: from t0, on the full model's cache (overfill) or on the drafter's own (pruned)
         drafts, draft_probs = [], []
         if k:
-            if own:
-                feed = generated[:, own_length - prompt_columns:]  # [B, m] accepted tokens the drafter has not read
-                step_logits = decode(decoder, feed, mask, own_cache, start=lengths - feed.shape[1])[:, -1].float()
+            drafting_cache = own_cache if own else cache
+            feed = generated[:, own_length - prompt_columns:] if own else generated[:, -1:]  # [B, m] tokens it has not read
+            if step is not None and feed.shape[1] == 1:
+                step_logits = step(feed[:, 0], lengths - 1, drafting_cache, mask)
             else:
-                step_logits = decode(decoder, generated[:, -1:], mask, cache, start=lengths - 1)[:, -1].float()
+                step_logits = decode(decoder, feed, mask, drafting_cache, start=lengths - feed.shape[1])[:, -1].float()
             for i in range(k):
                 if i:
                     feed_mask = torch.cat([mask, mask.new_ones(rows, i)], dim=1)
-                    step_logits = decode(decoder, drafts[-1][:, None], feed_mask, own_cache if own else cache,
-                                         start=lengths - 1 + i)[:, -1].float()
+                    if step is not None:
+                        step_logits = step(drafts[-1], lengths - 1 + i, drafting_cache, feed_mask)
+                    else:
+                        step_logits = decode(decoder, drafts[-1][:, None], feed_mask, drafting_cache,
+                                             start=lengths - 1 + i)[:, -1].float()
                 history = torch.cat([generated, *[d[:, None] for d in drafts]], dim=1)
                 if config.greedy:
                     drafts.append(step_logits.argmax(-1))

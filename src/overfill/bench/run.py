@@ -137,7 +137,7 @@ def key_ratios(rows: dict) -> list[dict]:
             variants.append((f"{row} decode tok/s / full{suffix}", row, f"full{suffix}", "decode_tokens_per_s"))
         if row.startswith("speculative"):  # lossless: what matters is its speed against the full model's, eager and compiled
             variants += [(f"{row} decode tok/s / {full}", row, full, "decode_tokens_per_s")
-                         for full in ("full", compiled_row("full"))]
+                         for full in dict.fromkeys((f"full{suffix}", "full", compiled_row("full")))]
     for name, a, b, metric in (*RATIOS, *on_compiled, *gains, *variants):
         if a in rows and b in rows:
             ratio = paired_ratio(rows[a], rows[b], metric)
@@ -261,10 +261,9 @@ def bench_rows(model, config: BenchConfig) -> tuple[tuple[str, ...], dict, dict]
         rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
     variants = decoder_variants(model, config.decoder_dtypes)
     rows = rows + tuple(variants)
+    rows = rows + tuple(speculative_row(k, drafter) for k in config.speculative_tokens for drafter in config.drafters)
     rows = (rows if "eager" in config.decode_steps else ()) + (
         tuple(map(compiled_row, rows)) if "compiled" in config.decode_steps else ())
-    # Speculative rows verify blocks of drafts and run eagerly, whichever decode steps the others use.
-    rows = rows + tuple(speculative_row(k, drafter) for k in config.speculative_tokens for drafter in config.drafters)
     skipped = {}
     if config.references:
         rows = rows + ("hf_generate",)

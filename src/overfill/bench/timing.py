@@ -77,12 +77,12 @@ def compiled_row(row: str) -> str:
 def row_generation(row: str) -> GenerationConfig:
     """A loop row's generation settings: a mode, overfill+refreshK, or overfill@DTYPE (the decoder's dtype
     is the row's model, see measure_point), each eager or with the :compiled suffix; or speculativeK[/pruned]
-    (eager: the compiled step decodes one token at a time, verification reads blocks)."""
-    if row.startswith("speculative"):
-        draft_tokens, _, drafter = row.removeprefix("speculative").partition("/")
-        return GenerationConfig(mode="speculative", draft_tokens=int(draft_tokens), drafter=drafter or "overfill",
-                                compile=False)
+    (compiled: the drafts come from the compiled step, the full model verifies eagerly)."""
     compiled = row.endswith(COMPILED)
+    if row.startswith("speculative"):
+        draft_tokens, _, drafter = row.removeprefix("speculative").removesuffix(COMPILED).partition("/")
+        return GenerationConfig(mode="speculative", draft_tokens=int(draft_tokens), drafter=drafter or "overfill",
+                                compile=compiled)
     mode, _, every = row.removesuffix(COMPILED).split("@")[0].partition("+refresh")
     return GenerationConfig(mode=mode, refresh_every=int(every or 0), compile=compiled)
 

@@ -245,12 +245,11 @@ def decided(config: GenerationConfig, source: ModelSource, decode_tokens: int | 
 
     from overfill.decode_step import decide_compile
 
-    if config.mode == "speculative":  # no one-token step to compile: the full model verifies blocks of drafts
+    compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
+    if config.mode == "speculative":  # the compiled step is the drafter's; the full model verifies blocks eagerly
         where = "the full model's" if config.drafter == "overfill" else "its own"
-        compile, why = False, (f"decode: speculative, eager (the decoder drafts {config.draft_tokens} tokens on {where} "
-                               "cache, the full model verifies them in one pass)")
-    else:
-        compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
+        why = (f"speculative: the decoder drafts {config.draft_tokens} tokens on {where} cache, the full model verifies "
+               f"them in one eager pass; drafting {why.removeprefix('decode step: ')}")
     if say:
         err.print(f"[dim]{escape(why)}[/]", highlight=False, soft_wrap=True)
     return dataclasses.replace(config, compile=compile)

@@ -94,8 +94,8 @@ def frontier_markdown(frontier: dict) -> list[str]:
     points = sorted(frontier["points"], key=lambda p: p["decode_ms_per_token"])
     front = set(frontier["frontier"])
     step = "compiled" if frontier["decode_step"]["compile"] else "eager"
-    return [f"Decode ms per token of each configuration's own replies (batch 1, {step} decode step; speculative "
-            "decoding verifies blocks and runs eagerly), measured side by side; agreement as above. "
+    return [f"Decode ms per token of each configuration's own replies (batch 1, {step} decode step; in speculative "
+            "decoding the full model verifies each block of drafts eagerly), measured side by side; agreement as above. "
             "Bold: on the frontier (nothing is both cheaper and closer to the full model).", "",
             "| configuration | decode ms/token | x the full model's | top-1 agreement (2..N) | greedy: tokens before the "
             "first divergence | drafts accepted |",

@@ -11,7 +11,8 @@ another dtype. Each gets
   the file has reference replies, their NLL and final-answer accuracy;
 - its decode cost (timing.py): ms per decoded token of its own replies to the first prompts, batch
   1, every configuration interleaved in one run, on the decode step the run decides (compiled or
-  eager, printed); speculative configurations verify blocks of drafts and decode eagerly.
+  eager, printed); speculative configurations draft on that step, and the full model verifies each block
+  of drafts eagerly.
 
 Both halves are saved as they finish and reused by a rerun with the same settings (resumable).
 Writes frontier.json and frontier.png; prints the table and the configurations on the frontier.

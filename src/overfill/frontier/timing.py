@@ -30,11 +30,9 @@ class Reply:
 
 
 def entry_generation(entry: ModelEntry, max_new_tokens: int, compile: bool) -> GenerationConfig:
-    """An entry's greedy generation settings; speculative entries verify blocks of drafts and run eagerly."""
-    speculative = entry.generation_mode == "speculative"
+    """An entry's greedy generation settings (speculative entries compile their drafts; verification is eager)."""
     return GenerationConfig(mode=entry.generation_mode, max_new_tokens=max_new_tokens, refresh_every=entry.refresh_every,
-                            draft_tokens=entry.draft_tokens or 4, drafter=entry.drafter,
-                            compile=False if speculative else compile)
+                            draft_tokens=entry.draft_tokens or 4, drafter=entry.drafter, compile=compile)
 
 
 def time_reply(model, config: GenerationConfig, context: list[int], endings: Endings, steps: int | None = None) -> Reply:
