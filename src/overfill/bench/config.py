@@ -3,14 +3,13 @@ and their presets (one pair per engine)."""
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 
+from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS
 from overfill.modeling import MODES, ModelSource, check_mode
 from overfill.precision import check_decoder_dtype
-from overfill.vllm.runtime import Engine
 
 PRESETS = {
     # The key point (batch 1, 128-token chat prompt, 256 new tokens) plus the paper's three sweeps.
@@ -95,8 +94,7 @@ class BenchConfig(ModelSource):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.engine not in typing.get_args(Engine):
-            raise OverfillError(f"--engine got '{self.engine}': pick torch or vllm")
+        check_engine(self.engine)
         vllm = self.engine == "vllm"
         preset = PRESETS[{"torch": ("default", "quick"), "vllm": ("vllm", "vllm-quick")}[self.engine][self.quick]]
         for name, value in preset.items():

@@ -151,7 +151,7 @@ def copy_bandwidth(device: torch.device, megabytes: int) -> float:
 def environment(device: torch.device, megabytes: int) -> dict:
     import transformers
 
-    from overfill.bench.run import environment as bench_environment
+    from overfill.bench.results import environment as bench_environment
 
     env = bench_environment(default_dtype_name(device), device)
     env["transformers"] = transformers.__version__
@@ -289,17 +289,9 @@ def paper_figures(check: Check, config: GpuCheckConfig, preset: dict) -> None:
     from overfill.bench.plots import write_plots
     from overfill.bench.prompts import PromptSource
     from overfill.bench.report import print_bench
-    from overfill.bench.run import (
-        bench_rows,
-        compile_report,
-        describe,
-        measure_key_point,
-        measure_point,
-        measure_sweep,
-        new_tokens_sweep,
-        summarize,
-    )
-    from overfill.bench.timing import compiled_row
+    from overfill.bench.results import describe, summarize
+    from overfill.bench.run import bench_rows, compile_report, measure_key_point, measure_sweep, new_tokens_sweep
+    from overfill.bench.timing import compiled_row, measure_point
     from overfill.tensors import pad_id_of
 
     device = torch.device(config.device)

@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import os
-import platform
 import re
 import time
 from dataclasses import asdict
@@ -43,11 +40,12 @@ from pathlib import Path
 import torch
 
 from overfill import speculative
-from overfill.atomic import atomic_write_text, check_writable
+from overfill.atomic import check_writable
 from overfill.bench.config import BenchConfig
 from overfill.bench.plots import write_plots
 from overfill.bench.prompts import PromptSource
 from overfill.bench.report import print_bench
+from overfill.bench.results import describe, environment, publish, summarize
 from overfill.bench.timing import (
     COMPILED,
     REFERENCES,
@@ -58,33 +56,12 @@ from overfill.bench.timing import (
     paired_ratio,
     refresh_row,
     speculative_row,
-    spread,
 )
 from overfill.decode_step import compile_seconds
-from overfill.devices import cpu_info, model_device
-from overfill.devices import describe as describe_device
+from overfill.devices import model_device
 from overfill.errors import OverfillError
 from overfill.modeling import MODES
 from overfill.tensors import pad_id_of
-
-# ---------------------------------------------------------------- statistics
-
-
-def summarize(splits: list[dict], batch: int) -> dict:
-    """Per-repeat splits -> spreads of latency and throughput, plus the raw samples."""
-    samples = {
-        "prefill_s": [s["prefill_s"] for s in splits],
-        "decode_s": [s["decode_s"] for s in splits],
-        "e2e_s": [s["e2e_s"] for s in splits],
-        # Throughputs count every row: batch x tokens per second.
-        "decode_tokens_per_s": [batch * s["decode_tokens"] / s["decode_s"] if s["decode_s"] > 0 else 0.0 for s in splits],
-        "tokens_per_s": [batch * s["new_tokens"] / s["e2e_s"] for s in splits],
-        "decode_ms_per_token": [1e3 * s["decode_s"] / max(s["decode_tokens"], 1) for s in splits],
-        "new_tokens_per_step": [s["new_tokens"] / s["steps"] for s in splits],
-    }
-    return {"new_tokens": splits[0]["new_tokens"], "batch": batch,
-            **{name: spread(values) for name, values in samples.items()}, "samples": samples}
-
 
 # The paper's two claims first (OverFill decodes faster than the full model, and costs about
 # what the pruned model costs end to end), then the ratios that explain them: (name, a, b, metric).
@@ -149,26 +126,6 @@ def key_ratios(rows: dict) -> list[dict]:
 # ---------------------------------------------------------------- the measurements
 
 
-def environment(dtype: str = "float32", device: torch.device | None = None) -> dict:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu": cpu_info(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "dtype": dtype,
-            "device": describe_device(device or torch.device("cpu")),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def describe(model) -> dict:
-    def one(m):
-        c = m.config
-        return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-                "layers": c.num_hidden_layers, "parameters": sum(p.numel() for p in m.parameters())}
-
-    return {"full": {"source": getattr(model, "full_source", None), **one(model.full)}, "decoder": one(model.decoder)}
-
-
 def run_bench(config: BenchConfig, console, model=None) -> dict:
     """Time the modes and reference rows, write bench.json and plots to config.out, print the tables.
 
@@ -215,15 +172,6 @@ def _run_bench(config: BenchConfig, console, model) -> dict:
         gc.unfreeze()
     result["seconds"] = time.perf_counter() - started
     return publish(result, out, console, write_plots, print_bench)
-
-
-def publish(result: dict, out: Path, console, plot, report) -> dict:
-    """Either engine's last step: the PNG plots, bench.json (naming them) and the terminal report."""
-    result["files"] = plot(result, out)
-    atomic_write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
-    result["files"] = ["bench.json", *result["files"]]
-    report(console, result, out)
-    return result
 
 
 def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id: int, result: dict, started: float) -> None:

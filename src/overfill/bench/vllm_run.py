@@ -262,7 +262,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     rows = {prompt_key(p["prompt_len"], p["batch"]): prompts.batch(p["prompt_len"], p["batch"])[0].tolist() for p in points}
     out.mkdir(parents=True, exist_ok=True)
 
-    from overfill.bench.run import environment
+    from overfill.bench.results import environment
 
     env = environment(config.dtype)
     env["vllm"] = version
@@ -306,7 +306,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
     from overfill.bench.plots import write_vllm_plots
     from overfill.bench.report import print_vllm_bench
-    from overfill.bench.run import publish
+    from overfill.bench.results import publish
 
     return publish(result, out, console, write_vllm_plots, print_vllm_bench)
 
@@ -340,7 +340,7 @@ def _time_torch(config: BenchConfig, console, prompt_rows: dict[str, list[list[i
     """Our loop at each key batch (the torch bench's measure_point) on vLLM's prompt ids: rows per batch and mode."""
     import torch
 
-    from overfill.bench.run import describe, summarize
+    from overfill.bench.results import describe, summarize
     from overfill.bench.timing import measure_point
     from overfill.tensors import pad_id_of
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from overfill.devices import resolve_device
-from overfill.distill.config import DistillEngine
+from overfill.engines import EngineOrAuto
 from overfill.errors import OverfillError
 from overfill.train.config import LOSSES, Loss
 from overfill.zoo import DEFAULT_MODEL
@@ -53,7 +53,7 @@ class DemoConfig:
     """Peak learning rate (cosine schedule, 5% warmup)."""
     loss: Loss = "ce"
     """What both decoders optimise, as `overfill train --loss`: ce (the full model's reply tokens), kd (its next-token distributions) or ce+kd (both, half each). ce by default: kd was a little better per step in the README's loss trials but cost 2.3x the time per step, so ce wins at the same time."""
-    engine: DistillEngine = "auto"
+    engine: EngineOrAuto = "auto"
     """What generates the full model's training replies, as `overfill distill --engine`: auto (vLLM when it is installed, else torch), torch (our own loop) or vllm; greedy replies are the same tokens on both."""
     heldout: int | None = None
     """Held-out prompts to evaluate, on topics no training prompt mentions (preset: 32; quick 12)."""

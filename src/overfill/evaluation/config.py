@@ -11,11 +11,11 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from overfill.data import Example, LoadedData, RecordFields, truncate
+from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS
 from overfill.modeling import MODES, ModelSource
 from overfill.precision import check_decoder_dtype
-from overfill.vllm.runtime import Engine
 
 AnswerKind = Literal["auto", "gsm8k", "none"]
 
@@ -140,8 +140,7 @@ class EvalConfig(ModelSource, RecordFields):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.engine not in typing.get_args(Engine):
-            raise OverfillError(f"unknown engine '{self.engine}': pick one of {', '.join(typing.get_args(Engine))}")
+        check_engine(self.engine)
         if self.engine != "torch" and not self.generate:
             raise OverfillError(f"--engine {self.engine} only generates replies, and --no-generate turns them off: drop one of the two")
         if not self.nll and not self.generate:

