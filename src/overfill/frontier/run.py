@@ -72,6 +72,17 @@ def _settings(config: FrontierConfig, names) -> dict:
                                   "folders": {f: _stamp(Path(f)) for f in sorted(folders)}}))
 
 
+def _saved(path: Path, key: str, settings: dict, console) -> dict | None:
+    """A half saved by an earlier run with these very settings (under `key`), or None: measure it again."""
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    if previous.get(key) != settings:
+        return None
+    console.print(f"reusing {path} (same settings, same checkpoints)")
+    return previous
+
+
 def _stamp(folder: Path) -> list:
     """(name, size, modification time) of every file under `folder`: what changes when it is written again."""
     return sorted([str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
@@ -81,11 +92,8 @@ def _stamp(folder: Path) -> list:
 def measure_quality(config: FrontierConfig, console, folder: Path) -> dict:
     """`overfill eval` over every configuration, into `folder`; a finished run with the same settings is reused."""
     saved = folder / "results.json"
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if previous.get("frontier_settings") == _settings(config, EVAL_FIELDS):
-            console.print(f"quality: reusing {saved} (same settings)")
-            return previous
+    if (previous := _saved(saved, "frontier_settings", _settings(config, EVAL_FIELDS), console)) is not None:
+        return previous
     console.print(f"[bold]quality[/]: {len(config.model_entries())} configurations, `overfill eval` into {folder}")
     results = evaluate(EvalConfig(**{name: getattr(config, name) for name in EVAL_FIELDS}, out=str(folder)), console)
     results["frontier_settings"] = _settings(config, EVAL_FIELDS)  # what a rerun compares with its own
@@ -97,11 +105,8 @@ def measure_timing(config: FrontierConfig, entries: list[ModelEntry], console, o
     """Every configuration's decode ms/token on the first --timing-prompts prompts, interleaved; saved to
     timing.json, which a rerun with the same settings reuses."""
     saved, settings = out / "timing.json", _settings(config, EVAL_FIELDS + TIMING_FIELDS)
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if previous.get("settings") == settings:
-            console.print(f"timing: reusing {saved} (same settings)")
-            return previous
+    if (previous := _saved(saved, "settings", settings, console)) is not None:
+        return previous
     models = load_models(config, entries, console)
     any_model = next(iter(models.values()))
     contexts = [e.context_ids for e in config.held_out(any_model.tokenizer).examples[: config.timing_prompts]]
@@ -135,11 +140,8 @@ def measure_vllm(config: FrontierConfig, entries: list[ModelEntry], quality: dic
     from overfill.vllm.export import engine_model
 
     saved, settings = out / "vllm.json", _settings(config, EVAL_FIELDS + TIMING_FIELDS)
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if previous.get("settings") == settings:
-            console.print(f"vLLM: reusing {saved} (same settings)")
-            return previous
+    if (previous := _saved(saved, "settings", settings, console)) is not None:
+        return previous
     full = next(e for e in entries if e.mode == "full")
     folder = engine_model(config.source_of(full), "full").path
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
