@@ -22,7 +22,7 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Callable, Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -100,40 +100,47 @@ class HandoffLogits:
     first: torch.Tensor  # [B, V] the prefill model's prediction of y1
     rest: torch.Tensor  # [B, N-1, V] the predictions of y2..yN
     by_prefill: torch.Tensor | None = None  # [N-1] bool: which of `rest` the prefill model made (refresh); None = none
-    teacher: torch.Tensor | None = None  # [B, N-1, V] the prefill model's own predictions of y2..yN (handoff(teacher=True))
+    teacher: torch.Tensor | None = None  # [B, N-1, V] the prefill model's own predictions of y2..yN (handoff_with_teacher)
+
+
+# (prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask) -> HandoffLogits: `handoff`,
+# `handoff_with_teacher`, or the refresh schedule (refresh.refreshed_handoff); callers pick one.
+Handoff = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], HandoffLogits]
 
 
 def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor, context_mask: torch.Tensor,
-            target_ids: torch.Tensor, target_mask: torch.Tensor, refresh_every: int = 0,
-            teacher: bool = False) -> HandoffLogits:
+            target_ids: torch.Tensor, target_mask: torch.Tensor) -> HandoffLogits:
     """Figure 1 under teacher forcing: prefill the context, then decode the whole reply on that cache at once.
 
     The prefill stage never trains (in overfill mode it is the frozen full model), so it runs
-    without gradients; the decode stage keeps them when the caller is training. With
-    `refresh_every` K, the prefill-refresh schedule instead (refresh.py). With `teacher`, the
-    prefill model reads context + reply in one pass (distillation's teacher, train/distill_loss.py)
-    and the decoder reads that pass's KV cropped to the context: one prefill, not two.
+    without gradients; the decode stage keeps them when the caller is training.
     """
-    inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
-    if refresh_every and inputs.shape[1] >= refresh_every:
-        from overfill.refresh import refreshed_handoff
+    with torch.no_grad():
+        first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
+    return HandoffLogits(first, decode_reply(decode_model, first, cache, context_mask, target_ids, target_mask))
 
-        return refreshed_handoff(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask,
-                                 refresh_every, teacher=teacher)
-    predicted = None
-    if teacher:
-        logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
-                                           target_ids.shape[1])  # [B, N, V]
-        crop_to(cache, context_ids.shape[1])  # cache of x
-        first, predicted = logits[:, 0].float(), logits[:, 1:]
-    else:
-        with torch.no_grad():
-            first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
-    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
+
+def handoff_with_teacher(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor,
+                         context_mask: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> HandoffLogits:
+    """`handoff` whose prefill model reads context + reply in one pass, so its own predictions of y2..yN come back
+    too (distillation's teacher, train/distill_loss.py); the decoder reads that pass's KV cropped to the context:
+    one prefill, not two."""
+    logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
+                                       target_ids.shape[1])  # [B, N, V]
+    crop_to(cache, context_ids.shape[1])  # cache of x
+    first = logits[:, 0].float()
+    return HandoffLogits(first, decode_reply(decode_model, first, cache, context_mask, target_ids, target_mask),
+                         teacher=logits[:, 1:])
+
+
+def decode_reply(decode_model: nn.Module, first: torch.Tensor, cache: DynamicCache, context_mask: torch.Tensor,
+                 target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """The decode stage under teacher forcing: y1..y_{N-1} on the context's `cache` -> predictions of y2..yN [B, N-1, V]."""
+    inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
     if inputs.shape[1] == 0:
-        return HandoffLogits(first, first.new_zeros(first.shape[0], 0, first.shape[-1]), teacher=predicted)
-    rest = decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
-    return HandoffLogits(first, rest, teacher=predicted)
+        return first.new_zeros(first.shape[0], 0, first.shape[-1])
+    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
+    return decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
 
 
 # ---------------------------------------------------------------- the model
@@ -156,7 +163,7 @@ class OverFillOutput:
     logits: torch.Tensor  # [B, N-1, V] decoder predictions of y2..yN
     tokens: int  # number of target tokens in the loss
     labels: torch.Tensor | None = None  # [B, N-1] y2..yN, IGNORE where a token is not in the loss
-    teacher: torch.Tensor | None = None  # [B, N-1, V] the full model's predictions of y2..yN (forward(teacher=True))
+    teacher: torch.Tensor | None = None  # [B, N-1, V] the full model's predictions of y2..yN (via a teacher handoff)
 
 
 def check_same_tokenizer(full_tokenizer, decoder_tokenizer) -> None:
@@ -205,14 +212,17 @@ class OverFillModel(nn.Module):
                 "pruned": (self.decoder, self.decoder)}[check_mode(mode)]
 
     def forward(self, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
-                target_mask: torch.Tensor, refresh_every: int = 0, teacher: bool = False) -> OverFillOutput:
+                target_mask: torch.Tensor, via: Handoff = handoff) -> OverFillOutput:
         """Teacher-forced decoder loss on top of the frozen full model's context cache (paper §3.2).
 
         context_ids/mask [B, Tc] left-padded; target_ids/mask [B, N] right-padded (reply + end of
-        turn). y1 is the full model's job, so the loss covers the decoder's predictions of y2..yN;
-        with `refresh_every` K the decoder reads full-model KV for the blocks before its own, and
-        the tokens the full model picks after each block are left out too. With `teacher` the full
-        model's prefill runs over context + reply and its predictions come back for distillation.
+        turn). y1 is the full model's job, so the loss covers the decoder's predictions of y2..yN.
+        `via` is the teacher-forced handoff the caller picks: `handoff` (Figure 1),
+        `handoff_with_teacher` (the full model's predictions come back for distillation), or the
+        refresh schedule (refresh.refreshed_handoff: the decoder reads full-model KV for the blocks
+        before its own, and the tokens the full model picks after each block leave the loss too).
+        It is an argument, not a choice made here, so that the training wrapper (DDP) still runs
+        the whole loss inside this forward.
         """
         if target_ids.shape[1] < 2:
             raise OverfillError("targets need at least 2 tokens: the decoder's loss covers target tokens 2..N")
@@ -221,8 +231,7 @@ class OverFillModel(nn.Module):
             # without the full model's context (DESIGN §4).
             raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
                                 "disable it on the decoder (modeling.disable_activation_checkpointing(decoder))")
-        stages = handoff(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask, refresh_every,
-                         teacher=teacher)
+        stages = via(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask)
         logits = stages.rest
         labels = target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)  # [B, N-1]
         if stages.by_prefill is not None:

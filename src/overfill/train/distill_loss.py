@@ -14,7 +14,7 @@ every T.
 
 The teacher is the frozen full model, run once per batch over context + reply without gradients
 (modeling.prefill_with_reply). In overfill mode that one pass is also the prefill: the decoder
-reads its KV cropped to the context (modeling.handoff(teacher=True)), so distilling costs the
+reads its KV cropped to the context (modeling.handoff_with_teacher), so distilling costs the
 reply part of the full model's pass, not a second prefill. With --refresh-every K the schedule's
 own full pass over context + reply is the teacher (refresh.refreshed_handoff), and the tokens the
 full model picks after each block stay out of KD as they stay out of CE. In pruned mode the
@@ -30,6 +30,7 @@ from torch import nn
 
 from overfill.data import Batch
 from overfill.modeling import prefill_with_reply
+from overfill.refresh import teacher_forcing
 from overfill.tensors import IGNORE
 from overfill.train.config import TrainConfig
 from overfill.train.loss import batch_loss, first_scored, standalone_logits
@@ -55,7 +56,7 @@ def training_loss(config: TrainConfig, module: nn.Module, batch: Batch,
         return loss, tokens, {}
     if config.mode == "overfill":
         out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask,
-                     refresh_every=config.refresh_every, teacher=True)
+                     via=teacher_forcing(config.refresh_every, teacher=True))
         student, teacher, labels = out.logits, out.teacher, out.labels  # [B, N-1, V], [B, N-1, V], [B, N-1]
         ce = out.loss
     else:

@@ -27,6 +27,7 @@ from torch import nn
 
 from overfill.data import Batch, Example, collate
 from overfill.errors import OverfillError
+from overfill.refresh import refresh_schedule, teacher_forcing
 from overfill.tensors import IGNORE, positions_from_mask
 from overfill.train.trainee import Trainee
 
@@ -45,8 +46,6 @@ def scored_tokens(batch: Batch, first: int, refresh_every: int = 0) -> int:
     """How many reply tokens the loss scores in `batch`: tokens first+1..N, less the full model's refresh picks."""
     scored = batch.target_mask[:, first:].bool()  # [B, N-first]
     if refresh_every:
-        from overfill.refresh import refresh_schedule
-
         scored = scored & ~refresh_schedule(scored.shape[1], refresh_every).to(scored.device)
     return int(scored.sum())
 
@@ -84,7 +83,8 @@ def batch_loss(mode: str, module: nn.Module, batch: Batch, *, training: bool = T
                refresh_every: int = 0) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy, scored tokens) for the module a mode trains; see the module docstring for which tokens."""
     if mode == "overfill":
-        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask, refresh_every=refresh_every)
+        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask,
+                     via=teacher_forcing(refresh_every))
         return out.loss, out.tokens
     return standalone_loss(module, batch, first_scored(mode, training=training))
 
