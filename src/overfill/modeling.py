@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Final, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -34,7 +33,7 @@ from overfill.atomic import atomic_folder, read_json_object
 from overfill.devices import default_dtype, resolve_device
 from overfill.errors import OverfillError
 from overfill.kv_cache import KVCache, crop_to
-from overfill.tensors import IGNORE, positions_from_mask
+from overfill.tensors import IGNORE, context_and_reply, label_cross_entropy, positions_from_mask, reply_labels
 from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype, fingerprint, load_model, resolve_model
 
 Mode = Literal["overfill", "full", "pruned"]
@@ -74,8 +73,7 @@ def prefill_with_reply(model: nn.Module, context_ids: torch.Tensor, context_mask
     (column Tc - 1 predicts y1: contexts are left-padded). Attention is causal, so the KV of the first
     Tc columns is what `prefill` of the context alone gives; positions follow the mask.
     """
-    inputs = torch.cat([context_ids, target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
-    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)
+    inputs, mask = context_and_reply(context_ids, context_mask, target_ids, target_mask)  # [B, Tc + N - 1]
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions_from_mask(mask), past_key_values=KVCache(),
                 use_cache=True, logits_to_keep=logits_to_keep)
     return out.logits, out.past_key_values
@@ -117,7 +115,7 @@ def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torc
     """
     with torch.no_grad():
         first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
-    return HandoffLogits(first, decode_reply(decode_model, first, cache, context_mask, target_ids, target_mask))
+    return HandoffLogits(first, decode_reply(decode_model, first, cache, context_ids, context_mask, target_ids, target_mask))
 
 
 def handoff_with_teacher(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor,
@@ -129,17 +127,17 @@ def handoff_with_teacher(prefill_model: nn.Module, decode_model: nn.Module, cont
                                        target_ids.shape[1])  # [B, N, V]
     crop_to(cache, context_ids.shape[1])  # cache of x
     first = logits[:, 0].float()
-    return HandoffLogits(first, decode_reply(decode_model, first, cache, context_mask, target_ids, target_mask),
+    return HandoffLogits(first, decode_reply(decode_model, first, cache, context_ids, context_mask, target_ids, target_mask),
                          teacher=logits[:, 1:])
 
 
-def decode_reply(decode_model: nn.Module, first: torch.Tensor, cache: DynamicCache, context_mask: torch.Tensor,
-                 target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+def decode_reply(decode_model: nn.Module, first: torch.Tensor, cache: DynamicCache, context_ids: torch.Tensor,
+                 context_mask: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """The decode stage under teacher forcing: y1..y_{N-1} on the context's `cache` -> predictions of y2..yN [B, N-1, V]."""
     inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
     if inputs.shape[1] == 0:
         return first.new_zeros(first.shape[0], 0, first.shape[-1])
-    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
+    _, mask = context_and_reply(context_ids, context_mask, target_ids, target_mask)  # [B, Tc + N - 1]
     return decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
 
 
@@ -232,13 +230,11 @@ class OverFillModel(nn.Module):
             raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
                                 "disable it on the decoder (modeling.disable_activation_checkpointing(decoder))")
         stages = via(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask)
-        logits = stages.rest
-        labels = target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)  # [B, N-1]
+        labels = reply_labels(target_ids, target_mask)  # [B, N-1]
         if stages.by_prefill is not None:
             labels = labels.masked_fill(stages.by_prefill[None, :], IGNORE)  # the full model's picks, not the decoder's
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        return OverFillOutput(loss=loss, logits=logits, tokens=int((labels != IGNORE).sum()), labels=labels,
-                              teacher=stages.teacher)
+        loss, tokens = label_cross_entropy(stages.rest, labels)
+        return OverFillOutput(loss=loss, logits=stages.rest, tokens=tokens, labels=labels, teacher=stages.teacher)
 
     # ------------------------------------------------------------ identity
 

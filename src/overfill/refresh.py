@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from overfill.kv_cache import crop_to
 from overfill.modeling import Handoff, HandoffLogits, handoff, handoff_with_teacher, prefill, prefill_with_reply
+from overfill.tensors import context_and_reply
 
 
 def refresh(full_model, block: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache, block_start: int,
@@ -71,7 +72,7 @@ def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context
         return plain(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask)
     inputs, input_mask = target_ids[:, :-1], target_mask[:, :-1]
     by_prefill = refresh_schedule(m, every).to(context_ids.device)
-    mask = torch.cat([context_mask, input_mask], dim=1)  # [B, Tc + N - 1]
+    _, mask = context_and_reply(context_ids, context_mask, target_ids, target_mask)  # [B, Tc + N - 1]
     keep = torch.cat([torch.tensor([tc - 1], device=mask.device), tc + by_prefill.nonzero().flatten()])
     logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
                                        m + 1 if teacher else keep)
