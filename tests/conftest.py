@@ -10,8 +10,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tiny models gain nothing from intra-op threads, and competing threads make them many times slower.
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
