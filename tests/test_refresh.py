@@ -49,7 +49,7 @@ def test_keep_everything_decoder_with_refresh_is_the_full_model(every):
     full = tiny_model("llama")
     model = OverFillModel(full, copy.deepcopy(full), tiny_tokenizer())
     expected = run(model, GenerationConfig(mode="full", max_new_tokens=14))
-    assert torch.allclose(run(model, GenerationConfig(max_new_tokens=14, refresh_every=every)).float(), expected.float())
+    assert torch.equal(run(model, GenerationConfig(max_new_tokens=14, refresh_every=every)), expected)
 
 
 def test_refreshed_positions_hold_the_full_models_own_kv():
@@ -153,9 +153,14 @@ def test_refresh_with_candidates_stops_and_bad_values():
     eos_at = run(model, GenerationConfig(max_new_tokens=10, refresh_every=3))
     ids, mask = left_pad(PROMPTS, PAD)
     stop = int(eos_at[0, 4])  # a token row 0 makes right after a refresh: rows end there, the loop goes on
+    assert stop not in eos_at[1].tolist()  # row 1 never makes it: it must run to the budget
     steps = list(generate_ids(model, ids, mask, GenerationConfig(max_new_tokens=10, refresh_every=3), eos_ids={stop, EOS},
                               pad_id=PAD))
-    assert bool(steps[4].finished[0])
+    assert stop not in eos_at[0, :4].tolist() and not bool(steps[3].finished[0]) and bool(steps[4].finished[0])
+    assert len(steps) == 10 and not bool(steps[-1].finished[1])  # the loop goes on for row 1, through refreshes
+    after = torch.stack([s.tokens for s in steps[5:]], dim=1)  # [B, 5]
+    assert (after[0] == PAD).all()  # row 0 ended: padding from then on
+    assert torch.equal(after[1], eos_at[1, 5:])  # row 1 as without the stop token
     with pytest.raises(OverfillError, match="refresh-every"):
         GenerationConfig(refresh_every=-1)
 
