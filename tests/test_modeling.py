@@ -92,7 +92,7 @@ def test_loss_equals_hand_computed_reference(kind):
 def test_gradient_checkpointing_on_the_decoder_is_refused():
     model = pruned_pair().train()
     enable = getattr(model.decoder, "activation_checkpointing_enable", None) or model.decoder.gradient_checkpointing_enable
-    enable()  # would silently drop the context cache (DESIGN §4)
+    enable()  # would silently drop the context cache (docs/design.md, "Traps in transformers 5.x")
     with pytest.raises(OverfillError, match="gradient checkpointing"):
         loss_of(model, batch_of(model.tokenizer))
 

@@ -12,7 +12,7 @@ A mode only chooses the pair (`OverFillModel.stages`):
     full:     prefill = full model,        decode = full model       (the quality ceiling)
     pruned:   prefill = decoder,           decode = decoder          (the paper's baseline)
 
-Checkpoint folder (DESIGN §2): overfill.json + decoder/ (a normal HF model folder).
+Checkpoint folder (docs/design.md, "Checkpoint format"): overfill.json + decoder/ (a normal HF model folder).
 Shapes: B rows, Tc context columns (left-padded), N reply tokens (right-padded), V vocabulary.
 """
 
@@ -226,7 +226,7 @@ class OverFillModel(nn.Module):
             raise OverfillError("targets need at least 2 tokens: the decoder's loss covers target tokens 2..N")
         if self.decoder.training and activation_checkpointing(self.decoder):
             # transformers' checkpointed layers silently drop past_key_values: the decoder would train
-            # without the full model's context (DESIGN §4).
+            # without the full model's context (docs/design.md, "Traps in transformers 5.x").
             raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
                                 "disable it on the decoder (modeling.disable_activation_checkpointing(decoder))")
         stages = via(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask)

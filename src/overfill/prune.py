@@ -1,4 +1,4 @@
-"""Minitron-style static width pruning that keeps KV caches compatible (DESIGN §1 "Pruning").
+"""Minitron-style static width pruning that keeps KV caches compatible (docs/design.md, "Pruning").
 
 1. Run the full model over calibration chats; hooks record, in every layer, the outputs of both
    RMSNorms ([B, T, D]) and the input of the MLP down projection ([B, T, I]).
@@ -227,7 +227,7 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def slice_state_dict(state: dict[str, torch.Tensor], hidden_idx: torch.Tensor, mlp_idx: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply DESIGN §1 step 6 to every weight; anything not on a pruned axis is copied unchanged."""
+    """Apply docs/design.md, "Pruning", step 5 to every weight; anything not on a pruned axis is copied unchanged."""
     out = {}
     for key, tensor in state.items():
         match = _LAYER_KEY.match(key)

@@ -4,7 +4,7 @@ inputs, labels and cross-entropy (written once for the OverFill loss, the standa
 Contexts are left-padded everywhere in overfill (so every row's last column is its last real
 token, where the first reply token is predicted) and replies right-padded. Positions always
 follow the attention mask, never the column: a padded row sees exactly the positions it would
-see alone (DESIGN §2 "Batching rules").
+see alone (docs/design.md, "Batching rules").
 """
 
 from __future__ import annotations

