@@ -22,7 +22,8 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def smollm_folder():
     """The bundled SmolLM2 materialised once (in OVERFILL_HOME, default ~/.cache/overfill)."""
-    from overfill.zoo import DEFAULT_MODEL, resolve_model
+    from overfill.loading import resolve_model
+    from overfill.zoo import DEFAULT_MODEL
 
     return resolve_model(DEFAULT_MODEL, quiet=True)
 

@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from overfill import OverfillError
 from overfill.data import collate, split_messages
+from overfill.fingerprint import fingerprint
 from overfill.generation import GenerationConfig, generate
 from overfill.modeling import MODES, OverFillModel
 from overfill.prune import PruneConfig, prune_model
-from overfill.zoo import fingerprint
 from tiny import KINDS, save_tiny, tiny_model, tiny_tokenizer
 
 CHATS = [

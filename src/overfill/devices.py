@@ -12,12 +12,22 @@ from __future__ import annotations
 import platform
 import re
 import time
+from typing import Literal
 
 import torch
 
 from overfill.errors import OverfillError
 
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps"
+
+Dtype = Literal["float32", "bfloat16", "float16"]  # --dtype: the weights of both models
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise OverfillError(f"unknown dtype '{name}': pick one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def resolve_device(name: str | torch.device | None = "auto", flag: str = "--device") -> torch.device:

@@ -30,11 +30,13 @@ from transformers import DynamicCache
 
 from overfill import arch
 from overfill.atomic import atomic_folder, read_json_object
-from overfill.devices import default_dtype, resolve_device
+from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
 from overfill.errors import OverfillError
+from overfill.fingerprint import fingerprint
 from overfill.kv_cache import KVCache, crop_to
+from overfill.loading import load_model, resolve_model
 from overfill.tensors import IGNORE, context_and_reply, label_cross_entropy, positions_from_mask, reply_labels
-from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype, fingerprint, load_model, resolve_model
+from overfill.zoo import DEFAULT_MODEL
 
 Mode = Literal["overfill", "full", "pruned"]
 MODES: Final[tuple[str, ...]] = typing.get_args(Mode)

@@ -28,8 +28,10 @@ from overfill.data.calibration import bundled_calibration_records, calibration_i
 from overfill.data.records import read_records
 from overfill.devices import model_device, resolve_device
 from overfill.errors import OverfillError
+from overfill.fingerprint import fingerprint
+from overfill.loading import load_config, load_model, resolve_model
 from overfill.tensors import left_pad, pad_id_of, positions_from_mask
-from overfill.zoo import DEFAULT_MODEL, fingerprint, load_config, load_model, resolve_model
+from overfill.zoo import DEFAULT_MODEL
 
 BUNDLED_CALIBRATION = "bundled"
 

@@ -25,7 +25,7 @@ from overfill.atomic import atomic_write_text, check_writable
 from overfill.demo.config import DemoConfig
 from overfill.demo.prompts import chat_prompts, demo_prompts, write_prompts
 from overfill.demo.report import CHAT_MODES, gap_closed, print_chat, print_summary, verdict, write_report
-from overfill.zoo import resolve_model
+from overfill.loading import resolve_model
 
 VAL_SIZE = 16  # held-back training replies for the validation curve (a quarter of them at most)
 

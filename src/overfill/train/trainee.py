@@ -26,8 +26,8 @@ class Trainee:
 
 
 def load_trainee(config: TrainConfig) -> Trainee:
+    from overfill.loading import load_model
     from overfill.modeling import OverFillModel, activation_checkpointing, disable_activation_checkpointing
-    from overfill.zoo import load_model
 
     if config.mode == "full":
         full, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, quiet=True)
