@@ -31,8 +31,8 @@ VAL_SIZE = 16  # held-back training replies for the validation curve (a quarter 
 
 
 def _pruned(config: DemoConfig, console) -> Path:
-    from overfill.cli.report import print_prune_summary
     from overfill.prune import PruneConfig, prune
+    from overfill.prune_report import print_prune_summary
 
     folder = Path(config.out) / f"pruned-{config.ratio:g}"
     record_path = folder / "pruning.json"
