@@ -1,4 +1,4 @@
-"""One decoding loop for every mode (DESIGN §2 "Modes"; paper §3, Figure 1).
+"""One decoding loop for every mode (docs/design.md, "Modes"; paper §3, Figure 1).
 
 The handoff is one line in `generate_ids`: the *prefill model* reads the prompt and picks the
 first token (`modeling.prefill`), the *decode model* produces every later token while reading

@@ -1,4 +1,4 @@
-"""Minitron-style static width pruning that keeps KV caches compatible (DESIGN §1 "Pruning").
+"""Minitron-style static width pruning that keeps KV caches compatible (docs/design.md, "Pruning").
 
 1. Run the full model over calibration chats; hooks record, in every layer, the outputs of both
    RMSNorms ([B, T, D]) and the input of the MLP down projection ([B, T, I]).
@@ -28,8 +28,10 @@ from overfill.data.calibration import bundled_calibration_records, calibration_i
 from overfill.data.records import read_records
 from overfill.devices import model_device, resolve_device
 from overfill.errors import OverfillError
+from overfill.fingerprint import fingerprint
+from overfill.loading import load_config, load_model, resolve_model
 from overfill.tensors import left_pad, pad_id_of, positions_from_mask
-from overfill.zoo import DEFAULT_MODEL, fingerprint, load_config, load_model, resolve_model
+from overfill.zoo import DEFAULT_MODEL
 
 BUNDLED_CALIBRATION = "bundled"
 
@@ -227,7 +229,7 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def slice_state_dict(state: dict[str, torch.Tensor], hidden_idx: torch.Tensor, mlp_idx: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply DESIGN §1 step 6 to every weight; anything not on a pruned axis is copied unchanged."""
+    """Apply docs/design.md, "Pruning", step 5 to every weight; anything not on a pruned axis is copied unchanged."""
     out = {}
     for key, tensor in state.items():
         match = _LAYER_KEY.match(key)

@@ -93,8 +93,8 @@ class ConvertCommand(ModelSource):
 
 
 def run_prune(config) -> None:
-    from overfill.cli.report import print_prune_summary
     from overfill.prune import prune
+    from overfill.prune_report import print_prune_summary
 
     result = prune(config)
     print_prune_summary(out, result.record, result.out)

@@ -1,10 +1,10 @@
-"""Chat records from files turned into (context, target) training pairs (DESIGN §1).
+"""Chat records from files turned into (context, target) training pairs (docs/design.md, "The method").
 
 Records are read and their shapes (chat messages, ShareGPT, Alpaca, prompt/response fields)
 brought to a chat by records.py; plain {"text": ...} records serve calibration only (there is no
 reply to split off, calibration.py).
 
-The split (paper §3.2, with the handoff fixed as DESIGN §1 says): the context is exactly what
+The split (paper §3.2, with the handoff fixed as docs/design.md, "The method", says): the context is exactly what
 `apply_chat_template(turns before the final reply, add_generation_prompt=True)` renders, the
 target is the reply's tokens up to and including the end-of-turn token, at training and at
 inference alike. `load_examples` does it for a whole file and says which records it skipped and

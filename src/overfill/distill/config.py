@@ -12,12 +12,12 @@ import torch
 from overfill.atomic import check_writable
 from overfill.data.examples import check_data_path
 from overfill.data.records import check_text_file
-from overfill.devices import default_dtype, resolve_device
+from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
 from overfill.engines import EngineOrAuto, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig
 from overfill.modeling import ModelSource
-from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype
+from overfill.zoo import DEFAULT_MODEL
 
 BATCH_SIZE = {"torch": 8, "vllm": 256}  # our loop pads a batch to its longest reply; vLLM schedules its own
 

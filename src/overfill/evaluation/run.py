@@ -1,4 +1,4 @@
-"""`overfill eval`: held-out evaluation of OverFill models against the full model (DESIGN §1 "Measuring it honestly").
+"""`overfill eval`: held-out evaluation of OverFill models against the full model (docs/design.md, "Measuring it honestly").
 
 For each named entry (a checkpoint evaluated in a mode: overfill / full / pruned) on a held-out file:
 
