@@ -7,6 +7,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from overfill import cli
+from overfill.errors import OverfillError
 from tiny import save_tiny, tiny_tokenizer, write_jsonl
 
 
@@ -112,6 +113,28 @@ def test_number_lists_take_commas_or_repeated_flags(monkeypatch, capsys, tiny_fo
     code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", str(tiny_folder), "--decoder", str(tiny_folder),
                            "--refresh-every", "8,x")
     assert_one_line_error(code, err, "--refresh-every")
+
+
+def test_the_cli_splits_name_lists_but_never_free_text(monkeypatch, capsys, tiny_folder, tmp_path):
+    """Comma splitting is the CLI's: `--modes a,b` is two modes, while a prompt or a stop string keeps its commas."""
+    import overfill.bench
+    import overfill.cli.commands
+
+    seen = []
+    monkeypatch.setattr(overfill.bench, "run_bench", lambda config, console: seen.append(config))
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", str(tiny_folder), "--decoder", str(tiny_folder),
+                           "--modes", "overfill,full", "--modes", "pruned", "--out", str(tmp_path / "b"))
+    assert code in (0, None), err
+    assert seen[0].modes == ("overfill", "full", "pruned")
+
+    def caught(command):  # the command as the CLI built it; stop before any model loads
+        seen.append(command)
+        raise OverfillError("stop here")
+
+    monkeypatch.setattr(overfill.cli.commands.GenerateCommand, "__post_init__", caught)
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(tiny_folder), "-p", "a, b", "--stop", "x,y")
+    assert_one_line_error(code, err, "stop here")
+    assert seen[-1].prompt == ("a, b",) and seen[-1].stop == ("x,y",)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")

@@ -2,7 +2,9 @@
 
 One typed config per stage (prune, train, eval, bench, demo, generate, chat) drives both the
 Python API and the CLI, so the two cannot drift apart (after litgpt). A `Literal` field becomes a
-choice that `--help` lists and typer checks.
+choice that `--help` lists and typer checks. A tuple field becomes a repeatable flag; parsing its
+text is this module's job, not the config's: numbers are converted here, and "8,16,32" is split
+here for numbers and for name lists marked `config.comma_list` (never for prompts or stop strings).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any, Callable
 
 import typer
 from rich.markup import escape
+
+from overfill.config import COMMA_LIST, flag
+from overfill.errors import OverfillError
 
 
 class Interrupted(Exception):
@@ -48,20 +53,52 @@ def _cli_type(annotation):
         inner = [a for a in args if a is not type(None)][0]
         return typing.Optional[_cli_type(inner)]
     if origin in (tuple, list):
-        # Numbers are taken as text, so that "8,16,32" works as well as repeating the flag: the
-        # config's __post_init__ splits and checks them (one error line for a bad one).
+        # Numbers are taken as text, so that "8,16,32" works as well as repeating the flag: `_listed`
+        # splits and converts them before the config sees them (one error line for a bad one).
         return list[str] if args[0] in (int, float) else list[args[0]]
     return annotation
 
 
+def _item_type(annotation):
+    """The item type of a tuple field (through Optional), or None for a field that is not a tuple."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _item_type(inner[0]) if len(inner) == 1 else None
+    return args[0] if origin in (tuple, list) and args else None
+
+
+def _listed(values: list[str], item_type, split: bool, name: str) -> tuple:
+    """A repeated flag's values as the config's tuple: 'a,b' split where the field allows it, numbers converted."""
+    if split:
+        values = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if item_type not in (int, float):
+        return tuple(values)
+    try:
+        return tuple(item_type(value) for value in values)
+    except ValueError:
+        kind = "whole numbers" if item_type is int else "numbers"
+        raise OverfillError(f"{flag(name)} takes {kind}, e.g. 8,16,32; got {','.join(values)}") from None
+
+
 def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[Any], None], *, help: str,
                        skip: tuple[str, ...] = (), arguments: tuple[str, ...] = (),
-                       aliases: dict[str, str] | None = None, passthrough: str | None = None) -> None:
+                       aliases: dict[str, str] | None = None, passthrough: str | None = None,
+                       renamed: dict[str, str] | None = None) -> None:
     """Register `name` running `run(config_cls(**flags))`; `arguments` are positional, `aliases` short flags,
-    and the `passthrough` field collects whatever follows `--`, for another program (vLLM's server)."""
+    the `passthrough` field collects whatever follows `--`, for another program (vLLM's server), and
+    `renamed` maps a field's former name to it: the old flag still works, hidden from --help."""
     hints = typing.get_type_hints(config_cls)
     docs = field_docs(config_cls)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    lists = {n: (_item_type(hints[n]), n in fields and (_item_type(hints[n]) in (int, float)
+                                                        or bool(fields[n].metadata.get(COMMA_LIST))))
+             for n in fields if _item_type(hints[n]) is not None and n != passthrough}
     parameters = []
+    for old, new in (renamed or {}).items():
+        annotation = _cli_type(hints[new])
+        parameters.append(inspect.Parameter(f"renamed__{old}", inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=typer.Option(None, flag(old), hidden=True)))
     for f in dataclasses.fields(config_cls):
         if f.name in skip or f.name == passthrough or not f.init:
             continue
@@ -94,9 +131,15 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
                     if kwargs.get(argument) == tail[0]:
                         kwargs[argument] = None
             kwargs[passthrough] = tail
-        for key, value in list(kwargs.items()):
-            if isinstance(value, list):
-                kwargs[key] = tuple(value)
+        for old, new in (renamed or {}).items():
+            value = kwargs.pop(f"renamed__{old}")
+            if value is not None:
+                if kwargs[new] != fields[new].default:
+                    raise OverfillError(f"{flag(old)} is the old name of {flag(new)}: pass one of the two")
+                kwargs[new] = value
+        for key, (item_type, split) in lists.items():
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = _listed(kwargs[key], item_type, split, key)
         try:
             run(config_cls(**kwargs))
         except KeyboardInterrupt as interrupt:
