@@ -137,7 +137,7 @@ def test_train_validation_split_is_seeded_and_disjoint(tmp_path):
     val_path = write_jsonl(tmp_path / "v.jsonl", [{"question": "vq", "answer": "va"}] * 3)
     d = load_data(DataConfig(data=str(path), val_data=str(val_path), val_size=2), TOK)
     assert len(d.train) == 20 and len(d.val) == 2
-    assert len(load_data(DataConfig(data=str(path), val_size=0, max_examples=7), TOK).train) == 7
+    assert len(load_data(DataConfig(data=str(path), val_size=0, limit=7), TOK).train) == 7
     with pytest.raises(OverfillError, match="cannot be held out"):
         split_train_val(a.train, 15, 0)
     with pytest.raises(OverfillError, match="go together"):

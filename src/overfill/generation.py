@@ -49,8 +49,8 @@ class GenerationConfig:
     """Sample from the k most likely tokens (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1 = off)."""
-    seed: int | None = None
-    """Seed for sampling (reproducible replies)."""
+    seed: int = 0
+    """Sampling seed, 0 by default as in every command: the same seed, prompt and settings give the same reply."""
     num_return_sequences: int = 1
     """Candidates per prompt; the prompt is prefilled once and its cache repeated."""
     stop: tuple[str, ...] = ()

@@ -373,7 +373,7 @@ class ModelSource:
     checkpoint: str | None = None
     """OverFill checkpoint folder (from `overfill train`); or use --model with --decoder."""
     model: str | None = None
-    """Full model (zoo name, folder or hub id; default smollm2-135m-instruct); with a checkpoint, it replaces the one the checkpoint records."""
+    """Full model (zoo name, folder or hub id); default: the one a checkpoint records, else smollm2-135m-instruct (unset rather than that name, so that a checkpoint's own is kept unless you replace it)."""
     decoder: str | None = None
     """Pruned decoder folder (from `overfill prune`, or a checkpoint's decoder/), paired with --model."""
     dtype: Dtype | None = None

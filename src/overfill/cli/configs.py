@@ -20,7 +20,8 @@ from typing import Any, Callable
 import typer
 from rich.markup import escape
 
-from overfill.config import COMMA_LIST, flag
+from overfill.config import COMMA_LIST
+from overfill.config import flag as flag_of
 from overfill.errors import OverfillError
 
 
@@ -78,7 +79,7 @@ def _listed(values: list[str], item_type, split: bool, name: str) -> tuple:
         return tuple(item_type(value) for value in values)
     except ValueError:
         kind = "whole numbers" if item_type is int else "numbers"
-        raise OverfillError(f"{flag(name)} takes {kind}, e.g. 8,16,32; got {','.join(values)}") from None
+        raise OverfillError(f"{flag_of(name)} takes {kind}, e.g. 8,16,32; got {','.join(values)}") from None
 
 
 def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[Any], None], *, help: str,
@@ -98,7 +99,7 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
     for old, new in (renamed or {}).items():
         annotation = _cli_type(hints[new])
         parameters.append(inspect.Parameter(f"renamed__{old}", inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                            default=typer.Option(None, flag(old), hidden=True)))
+                                            default=typer.Option(None, flag_of(old), hidden=True)))
     for f in dataclasses.fields(config_cls):
         if f.name in skip or f.name == passthrough or not f.init:
             continue
@@ -135,7 +136,7 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
             value = kwargs.pop(f"renamed__{old}")
             if value is not None:
                 if kwargs[new] != fields[new].default:
-                    raise OverfillError(f"{flag(old)} is the old name of {flag(new)}: pass one of the two")
+                    raise OverfillError(f"{flag_of(old)} is the old name of {flag_of(new)}: pass one of the two")
                 kwargs[new] = value
         for key, (item_type, split) in lists.items():
             if isinstance(kwargs.get(key), list):

@@ -306,8 +306,8 @@ class DataConfig(RecordFields):
     """Separate validation file; without it, --val-size examples of --data are held out (chosen by --seed)."""
     val_size: int = 100
     """Validation examples (held out of --data, or the first ones of --val-data); 0 = no validation."""
-    max_examples: int | None = None
-    """Read only the first N usable examples of --data, validation hold-out included (quick runs)."""
+    limit: int | None = None
+    """Read only the first N usable examples of --data, validation hold-out included (quick runs); the name every command uses for it (formerly --max-examples)."""
     seed: int = 0
     """Seed for the validation hold-out (and, in training, for data order and initialisation)."""
 
@@ -319,8 +319,8 @@ class DataConfig(RecordFields):
             check_text_file(self.val_data)
         if self.val_size < 0:
             raise OverfillError(f"--val-size must be 0 or more, got {self.val_size}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise OverfillError(f"--max-examples must be at least 1, got {self.max_examples}")
+        if self.limit is not None and self.limit < 1:
+            raise OverfillError(f"--limit must be at least 1, got {self.limit}")
 
 
 @dataclass
@@ -346,7 +346,7 @@ def split_train_val(examples: list[Example], val_size: int, seed: int) -> tuple[
 
 def load_data(config: DataConfig, tokenizer) -> DataSplits:
     """Training and validation examples as `config` says (separate file, or a seeded hold-out)."""
-    train = config.read(tokenizer, limit=config.max_examples)
+    train = config.read(tokenizer, limit=config.limit)
     if config.val_data:
         val = config.read(tokenizer, path=config.val_data, limit=config.val_size) if config.val_size else None
         return DataSplits(train.examples, val.examples if val else [], [train] + ([val] if val else []))
