@@ -1,6 +1,7 @@
 """Bad input reaches the user as one `error:` line and exit code 2, never a traceback."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -145,3 +146,43 @@ def test_a_gpu_on_a_machine_without_one_is_one_line(monkeypatch, capsys, tmp_pat
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, *command, "--device", "cuda")
     assert_one_line_error(code, err, "--device cuda: this machine has no CUDA device")
+
+
+def test_train_takes_limit_and_its_old_name_hidden(monkeypatch, capsys, tmp_path):
+    """--limit is the one name of "the first N usable examples"; --max-examples still works, off --help."""
+    from overfill.train import TrainConfig
+
+    seen = []
+
+    def caught(config):
+        seen.append(config)
+        raise OverfillError("stop here")
+
+    monkeypatch.setattr(TrainConfig, "__post_init__", caught)
+    for name in ("--limit", "--max-examples"):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--data", "x.jsonl", "--decoder", "d", name, "7")
+        assert_one_line_error(code, err, "stop here")
+    assert [c.limit for c in seen] == [7, 7]
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", "x.jsonl", "--limit", "3", "--max-examples", "7")
+    assert_one_line_error(code, err, "--max-examples is the old name of --limit")
+    monkeypatch.setattr(sys, "argv", ["overfill", "train", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert not re.search(r"│ +--max-examples +<", capsys.readouterr().out)  # not listed as a flag (its help may name it)
+
+
+def test_a_command_built_from_groups_runs_each_groups_checks(monkeypatch):
+    """generate mixes ModelSource and GenerationConfig: both groups' checks run, through super(), none by hand."""
+    from overfill.cli.commands import GenerateCommand
+
+    with pytest.raises(OverfillError, match="float8"):
+        GenerateCommand(dtype="float8")
+    with pytest.raises(OverfillError, match="top_p"):
+        GenerateCommand(top_p=0.0)
+    calls = []
+    for group in GenerateCommand.__mro__[1:]:
+        if "__post_init__" in vars(group):
+            original = vars(group)["__post_init__"]
+            monkeypatch.setattr(group, "__post_init__", lambda self, o=original, g=group: (calls.append(g.__name__), o(self)))
+    GenerateCommand(prompt=("hi",))
+    assert sorted(calls) == sorted(["GenerationConfig", "ModelSource", "Settings"])

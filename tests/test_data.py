@@ -188,3 +188,13 @@ def test_a_json_array_that_is_not_utf8_is_one_error(tmp_path):
     path.write_bytes(b'[{"question": "q", "answer": "\xff"}]')
     with pytest.raises(OverfillError, match=r"is not UTF-8 text \(byte 0xff on line 1\)"):
         load_examples(path, TOK, prompt_field="question", response_field="answer")
+
+
+def test_files_are_checked_by_check_files_not_when_a_config_is_built(tmp_path):
+    """A config names files that may not exist yet; the stage's first step, check_files(), refuses them."""
+    config = DataConfig(data=str(tmp_path / "later.jsonl"), val_data=str(tmp_path / "val.jsonl"))
+    with pytest.raises(OverfillError, match="--data .* does not exist"):
+        config.check_files()
+    write_jsonl(tmp_path / "later.jsonl", [{"prompt": "a", "response": "b"}])
+    with pytest.raises(OverfillError, match="--val-data .* does not exist"):
+        config.check_files()

@@ -244,7 +244,7 @@ def test_eval_config_errors_are_one_line(tiny_checkpoint):
     ]
     for kwargs in cases:
         with pytest.raises(OverfillError) as err:
-            EvalConfig(**kwargs)
+            EvalConfig(**kwargs).check_files()
         assert "\n" not in str(err.value)
     entry = parse_entry("base=pruned:runs/a")
     assert (entry.name, entry.mode, entry.checkpoint) == ("base", "pruned", "runs/a")

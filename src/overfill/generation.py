@@ -19,6 +19,7 @@ from typing import Final, Iterator, Literal
 import torch
 from transformers import DynamicCache
 
+from overfill.config import Settings
 from overfill.decode_step import step_function
 from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
@@ -38,7 +39,7 @@ DRAFTERS: Final[tuple[str, ...]] = typing.get_args(Drafter)
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(Settings):
     mode: GenerationMode = "overfill"
     """overfill (the full model prefills, the decoder decodes), full (the full model alone), pruned (the decoder alone), or speculative (the decoder drafts, the full model verifies: the full model's own reply)."""
     max_new_tokens: int = 256
@@ -67,6 +68,7 @@ class GenerationConfig:
     """Decode with a compiled step on a static KV cache (CUDA graphs on a GPU, inductor on a CPU; speculative mode: the drafts): --compile, --no-compile, or neither to let the command decide by device and workload (it says what it chose)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in GENERATION_MODES:
             raise OverfillError(f"--mode got unknown mode '{self.mode}': pick one of {', '.join(GENERATION_MODES)}")
         if self.draft_tokens < 1:

@@ -30,6 +30,7 @@ from transformers import DynamicCache
 
 from overfill import arch
 from overfill.atomic import atomic_folder, read_json_object
+from overfill.config import Settings
 from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
 from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
@@ -367,7 +368,7 @@ def read_checkpoint_meta(folder: Path) -> dict:
 
 
 @dataclass(unsafe_hash=True)  # hashable: eval groups entries that share one source
-class ModelSource:
+class ModelSource(Settings):
     """Where a command's OverFill model comes from, and where it runs (generate, chat, eval, bench)."""
 
     checkpoint: str | None = None
@@ -386,6 +387,7 @@ class ModelSource:
     """Where both models run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
 
     def __post_init__(self):
+        super().__post_init__()
         # The device is checked here, before any model loads: a missing GPU is one error line, at once.
         self.device = str(resolve_device(self.device))
         self.dtype = self.dtype or default_dtype(torch.device(self.device))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from overfill import arch
 from overfill.atomic import atomic_folder, check_writable
+from overfill.config import Settings
 from overfill.data.calibration import bundled_calibration_records, calibration_ids
 from overfill.data.records import read_records
 from overfill.devices import model_device, resolve_device
@@ -37,7 +38,7 @@ BUNDLED_CALIBRATION = "bundled"
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(Settings):
     model: str = DEFAULT_MODEL
     """Full model to prune: a zoo name, a local HF folder or a hub id."""
     out: str = "runs/pruned"
@@ -72,6 +73,7 @@ class PruneConfig:
     """Where the calibration batches run (in float32): auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
 
     def __post_init__(self):
+        super().__post_init__()
         self.device = str(resolve_device(self.device))
         for name in ("ratio", "hidden_ratio", "mlp_ratio"):
             value = getattr(self, name)

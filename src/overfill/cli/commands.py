@@ -28,11 +28,8 @@ out = Console()
 
 @dataclass
 class GenerationCommand(GenerationConfig, ModelSource):
-    """What generate and chat share: where the model comes from, and how replies are generated."""
-
-    def __post_init__(self):
-        ModelSource.__post_init__(self)
-        GenerationConfig.__post_init__(self)
+    """What generate and chat share: where the model comes from, and how replies are generated (each group's
+    checks run through the cooperative `__post_init__` chain, overfill/config.py)."""
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)})

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from overfill.config import Settings
 from overfill.data.records import all_utf8, check_text_file, read_records, record_to_messages
 from overfill.errors import OverfillError
 from overfill.tensors import left_pad, right_pad
@@ -265,8 +266,11 @@ def check_data_path(path: str, flag: str) -> None:
 
 
 @dataclass
-class RecordFields:
+class RecordFields(Settings):
     """Which file to read and how its records become (context, reply) pairs: what training and evaluation share."""
+
+    # Whether a prompt field may come without a response field (evaluation's agreement measures need no replies).
+    prompts_alone_allowed: ClassVar[bool] = False
 
     data: str = ""
     """A JSONL/JSON file of chat messages, ShareGPT, Alpaca, or prompt/response records."""
@@ -280,16 +284,21 @@ class RecordFields:
     """Keep at most this many reply tokens (the start of the reply is kept)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.data:
             raise OverfillError("no data file given: pass --data FILE.jsonl")
-        check_data_path(self.data, "--data")
-        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
-        if bool(self.prompt_field) != bool(self.response_field):
+        alone = bool(self.prompt_field) and not self.response_field and not self.prompts_alone_allowed
+        if alone or (self.response_field and not self.prompt_field):
             raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
         if self.max_context is not None and self.max_context < 1:
             raise OverfillError(f"--max-context must be at least 1, got {self.max_context}")
         if self.max_target is not None and self.max_target < 2:
             raise OverfillError(f"--max-target must be at least 2 (the decoder learns reply tokens 2..N), got {self.max_target}")
+
+    def check_files(self) -> None:
+        super().check_files()
+        check_data_path(self.data, "--data")
+        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
 
     def read(self, tokenizer, *, path: str | None = None, limit: int | None = None) -> LoadedData:
         """The (context, reply) pairs of `path` (default: --data), read with these fields and limits."""
@@ -313,14 +322,16 @@ class DataConfig(RecordFields):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.val_data:
-            check_data_path(self.val_data, "--val-data")
-        if self.val_data:
-            check_text_file(self.val_data)
         if self.val_size < 0:
             raise OverfillError(f"--val-size must be 0 or more, got {self.val_size}")
         if self.limit is not None and self.limit < 1:
             raise OverfillError(f"--limit must be at least 1, got {self.limit}")
+
+    def check_files(self) -> None:
+        super().check_files()
+        if self.val_data:
+            check_data_path(self.val_data, "--val-data")
+            check_text_file(self.val_data)
 
 
 @dataclass

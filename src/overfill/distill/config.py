@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from overfill.atomic import check_writable
+from overfill.config import Settings, at_least
 from overfill.data.examples import check_data_path
 from overfill.data.records import check_text_file
 from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
@@ -23,7 +24,7 @@ BATCH_SIZE = {"torch": 8, "vllm": 256}  # our loop pads a batch to its longest r
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Settings):
     """Where the prompts and the model come from, how the replies are generated, and where they go.
 
     What holds: a greedy reply is the token sequence `generation.generate` gives for the same
@@ -71,10 +72,9 @@ class DistillConfig:
     """Show the data summary and a progress bar on stderr."""
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.data:
             raise OverfillError("no prompt file given: pass --data FILE.jsonl")
-        check_data_path(self.data, "--data")
-        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
         if self.response_field and not self.prompt_field:
             raise OverfillError("--response-field needs --prompt-field (the field the prompt is in), e.g. --prompt-field question")
         self.device = str(resolve_device(self.device))
@@ -82,10 +82,12 @@ class DistillConfig:
         check_dtype(self.dtype)
         check_engine(self.engine, EngineOrAuto)
         self.generation()  # the sampling settings, checked as `overfill generate` checks them
-        for name in ("batch_size", "limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        at_least(self, 1, "batch_size", "limit")
+
+    def check_files(self) -> None:
+        super().check_files()
+        check_data_path(self.data, "--data")
+        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
         out = Path(self.out).expanduser()
         if out.is_dir() or self.out.endswith(os.sep):
             raise OverfillError(f"--out {self.out} is a folder: pass a file name, e.g. {out / 'distill.jsonl'}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 from overfill.config import as_tuple, comma_list, whole_numbers
 from overfill.data import Example, LoadedData, RecordFields, truncate
@@ -58,6 +58,8 @@ def parse_entry(spec: str) -> ModelEntry:
 
 @dataclass
 class EvalConfig(ModelSource, RecordFields):
+    prompts_alone_allowed: ClassVar[bool] = True  # with --no-nll: the agreement measures need no reference replies
+
     entries: tuple[str, ...] = comma_list(("full", "pruned", "overfill"))
     """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used."""
     out: str = "runs/eval"
@@ -92,16 +94,10 @@ class EvalConfig(ModelSource, RecordFields):
     """Also evaluate every overfill entry with its decoder in each of these dtypes (float32, bfloat16, int8): one more entry per dtype, named NAME@DTYPE."""
 
     def __post_init__(self):
-        if self.prompts_alone:
-            if self.nll:
-                raise OverfillError("--prompt-field without --response-field reads prompts alone, and the reference NLL needs "
-                                    "replies: pass --response-field, or --no-nll to measure agreement with the full model alone")
-            # RecordFields refuses a prompt field alone (training needs replies): its other checks, on the pair's stand-in.
-            RecordFields(data=self.data, prompt_field=self.prompt_field, response_field=self.prompt_field,
-                         max_context=self.max_context, max_target=self.max_target)
-        else:
-            RecordFields.__post_init__(self)
-        ModelSource.__post_init__(self)
+        if self.prompts_alone and self.nll:
+            raise OverfillError("--prompt-field without --response-field reads prompts alone, and the reference NLL needs "
+                                "replies: pass --response-field, or --no-nll to measure agreement with the full model alone")
+        super().__post_init__()  # ModelSource's checks, then RecordFields'
         self.entries = tuple(spec.strip() for spec in as_tuple(self.entries) if spec.strip())
         if not self.entries:
             raise OverfillError("no models to evaluate: pass at least one entry, e.g. overfill, full, pruned")

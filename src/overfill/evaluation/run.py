@@ -60,6 +60,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     """
     started = time.perf_counter()
     say = console.print if console is not None else (lambda *a, **k: None)
+    config.check_files()  # the held-out file, before any model loads
     # Checked now, created only when there are results: a run that fails leaves no empty folder behind.
     out = check_writable(config.out, "--out")
     engine_version = _engine_version(config) if config.generate else None

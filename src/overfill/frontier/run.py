@@ -47,6 +47,7 @@ TIMING_FIELDS = ("timing_prompts", "repeats", "warmup")
 
 def run_frontier(config: FrontierConfig, console) -> dict:
     started = time.perf_counter()
+    config.check_files()  # the held-out file, before any model loads
     out = check_writable(config.out, "--out")
     entries = config.model_entries()
     quality = measure_quality(config, console, out / "quality")

@@ -118,7 +118,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-
+    config.check_files()  # a missing or binary data file: one error line, before any process group or model
     accelerator = make_accelerator(config.device)
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     out = Path(config.out)
