@@ -172,7 +172,7 @@ def test_train_takes_limit_and_its_old_name_hidden(monkeypatch, capsys, tmp_path
 
 
 def test_a_command_built_from_groups_runs_each_groups_checks(monkeypatch):
-    """generate mixes ModelSource and GenerationConfig: both groups' checks run, through super(), none by hand."""
+    """generate mixes ModelSource and GenerationConfig (itself Sampling plus more): every group' checks run, through super(), none by hand."""
     from overfill.cli.commands import GenerateCommand
 
     with pytest.raises(OverfillError, match="float8"):
@@ -185,4 +185,4 @@ def test_a_command_built_from_groups_runs_each_groups_checks(monkeypatch):
             original = vars(group)["__post_init__"]
             monkeypatch.setattr(group, "__post_init__", lambda self, o=original, g=group: (calls.append(g.__name__), o(self)))
     GenerateCommand(prompt=("hi",))
-    assert sorted(calls) == sorted(["GenerationConfig", "ModelSource", "Settings"])
+    assert sorted(calls) == sorted(["GenerationConfig", "Sampling", "ModelSource", "Settings"])  # each once

@@ -15,7 +15,7 @@ calls first, before any model loads (see docs/design.md, "Configs").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from overfill.errors import OverfillError
 
@@ -38,6 +38,12 @@ class Settings:
 
     def check_files(self) -> None:
         """Inputs that must exist and outputs that must be writable, checked before long work (one error line)."""
+
+    def view(self, group: type, **overrides):
+        """This config's settings as `group` (a group it mixes in, or one whose fields it shares by name), for the
+        library functions that take the group: e.g. a command's GenerationConfig, or the ModelSource it loads."""
+        names = {f.name for f in fields(group) if f.init} & {f.name for f in fields(self)}
+        return group(**{**{name: getattr(self, name) for name in names}, **overrides})
 
 
 def flag(name: str) -> str:

@@ -39,11 +39,9 @@ DRAFTERS: Final[tuple[str, ...]] = typing.get_args(Drafter)
 
 
 @dataclass
-class GenerationConfig(Settings):
-    mode: GenerationMode = "overfill"
-    """overfill (the full model prefills, the decoder decodes), full (the full model alone), pruned (the decoder alone), or speculative (the decoder drafts, the full model verifies: the full model's own reply)."""
-    max_new_tokens: int = 256
-    """Upper bound on reply tokens (the first, full-model token included)."""
+class Sampling(Settings):
+    """How each token is chosen: what generate, chat and distill share."""
+
     temperature: float = 0.0
     """0 = greedy; > 0 samples."""
     top_k: int = 0
@@ -52,6 +50,23 @@ class GenerationConfig(Settings):
     """Nucleus sampling mass (1 = off)."""
     seed: int = 0
     """Sampling seed, 0 by default as in every command: the same seed, prompt and settings give the same reply."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationConfig(Sampling):
+    mode: GenerationMode = "overfill"
+    """overfill (the full model prefills, the decoder decodes), full (the full model alone), pruned (the decoder alone), or speculative (the decoder drafts, the full model verifies: the full model's own reply)."""
+    max_new_tokens: int = 256
+    """Upper bound on reply tokens (the first, full-model token included)."""
     num_return_sequences: int = 1
     """Candidates per prompt; the prompt is prefilled once and its cache repeated."""
     stop: tuple[str, ...] = ()
@@ -79,8 +94,6 @@ class GenerationConfig(Settings):
             raise OverfillError("--refresh-every and speculative mode both hand tokens to the full model: pick one")
         if self.max_new_tokens < 1:
             raise OverfillError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         if self.num_return_sequences < 1:
             raise OverfillError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
         if self.refresh_every < 0:
@@ -91,10 +104,6 @@ class GenerationConfig(Settings):
             raise OverfillError("an empty stop string would end every reply at once: drop it")
         for stop in self.stop:
             check_utf8(stop, f"stop string {stop!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 # ---------------------------------------------------------------- the loop

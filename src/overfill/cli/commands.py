@@ -32,7 +32,7 @@ class GenerationCommand(GenerationConfig, ModelSource):
     checks run through the cooperative `__post_init__` chain, overfill/config.py)."""
 
     def generation(self) -> GenerationConfig:
-        return GenerationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)})
+        return self.view(GenerationConfig)
 
 
 @dataclass

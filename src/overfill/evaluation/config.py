@@ -194,8 +194,6 @@ class EvalConfig(ModelSource, RecordFields):
         """Where an entry's model comes from: its own checkpoint, or the shared source."""
         decoder_dtype = entry.decoder_dtype or self.decoder_dtype
         if entry.checkpoint:
-            return ModelSource(checkpoint=entry.checkpoint, model=self.model, dtype=self.dtype,
-                               trust_remote_code=self.trust_remote_code, decoder_dtype=decoder_dtype, device=self.device)
-        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code, decoder_dtype,
-                           self.device)
+            return self.view(ModelSource, checkpoint=entry.checkpoint, decoder=None, decoder_dtype=decoder_dtype)
+        return self.view(ModelSource, decoder_dtype=decoder_dtype)
 
