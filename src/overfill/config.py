@@ -75,4 +75,5 @@ def at_least(config, minimum: int, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
         if value is not None and value < minimum:
-            raise OverfillError(f"{flag(name)} must be at least {minimum}, got {value}")
+            bound = "0 or more" if minimum == 0 else f"at least {minimum}"
+            raise OverfillError(f"{flag(name)} must be {bound}, got {value}")

@@ -19,7 +19,7 @@ from typing import Final, Iterator, Literal
 import torch
 from transformers import DynamicCache
 
-from overfill.config import Settings
+from overfill.config import Settings, as_tuple, at_least
 from overfill.decode_step import step_function
 from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
@@ -86,20 +86,14 @@ class GenerationConfig(Sampling):
         super().__post_init__()
         if self.mode not in GENERATION_MODES:
             raise OverfillError(f"--mode got unknown mode '{self.mode}': pick one of {', '.join(GENERATION_MODES)}")
-        if self.draft_tokens < 1:
-            raise OverfillError(f"--draft-tokens must be at least 1, got {self.draft_tokens}")
+        at_least(self, 1, "draft_tokens", "max_new_tokens", "num_return_sequences")
         if self.drafter not in DRAFTERS:
             raise OverfillError(f"--drafter got '{self.drafter}': pick {' or '.join(DRAFTERS)}")
         if self.mode == "speculative" and self.refresh_every:
             raise OverfillError("--refresh-every and speculative mode both hand tokens to the full model: pick one")
-        if self.max_new_tokens < 1:
-            raise OverfillError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.num_return_sequences < 1:
-            raise OverfillError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
         if self.refresh_every < 0:
             raise OverfillError(f"--refresh-every must be 0 (off) or a number of tokens, got {self.refresh_every}")
-        # One string is one stop string, not a tuple of its characters.
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        self.stop = as_tuple(self.stop)  # one string is one stop string, not a tuple of its characters
         if any(not s for s in self.stop):
             raise OverfillError("an empty stop string would end every reply at once: drop it")
         for stop in self.stop:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from overfill import arch
 from overfill.atomic import atomic_folder, check_writable
-from overfill.config import Settings
+from overfill.config import Settings, at_least
 from overfill.data.calibration import bundled_calibration_records, calibration_ids
 from overfill.data.records import read_records
 from overfill.devices import model_device, resolve_device
@@ -83,9 +83,7 @@ class PruneConfig(Settings):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OverfillError(f"--{name.replace('_', '-')} must be a positive width, got {value}")
-        for name in ("multiple_of", "calib_samples", "calib_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "multiple_of", "calib_samples", "calib_len", "batch_size")
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from overfill.config import as_tuple, comma_list, flag, whole_numbers
+from overfill.config import as_tuple, at_least, comma_list, flag, whole_numbers
 from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS
@@ -120,12 +120,8 @@ class BenchConfig(ModelSource):
         if self.refresh_every and (vllm or "overfill" not in self.modes):
             raise OverfillError("--refresh-every times OverFill with prefill refresh on our own engine: use --engine torch "
                                 "with overfill among --modes")
-        for name in ("prompt_len", "new_tokens", "batch_size", "sweep_new_tokens", "repeats", "sweep_repeats"):
-            if int(getattr(self, name)) < 1:
-                raise OverfillError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "overhead_steps", "threads"):
-            if int(getattr(self, name)) < 0:
-                raise OverfillError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
+        at_least(self, 1, "prompt_len", "new_tokens", "batch_size", "sweep_new_tokens", "repeats", "sweep_repeats")
+        at_least(self, 0, "warmup", "overhead_steps", "threads")
         if vllm:
             self._check_vllm()
         elif self.load_test:
@@ -150,9 +146,7 @@ class BenchConfig(ModelSource):
             raise OverfillError(f"--load-modes got nothing: pick from {', '.join(MODES)}")
         for mode in self.load_modes:
             check_mode(mode, "--load-modes")
-        for name in ("load_clients", "load_seconds"):
-            if int(getattr(self, name)) < 1:
-                raise OverfillError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "load_clients", "load_seconds")
 
     @property
     def key_run_tokens(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from overfill.config import Settings
+from overfill.config import Settings, at_least
 from overfill.devices import resolve_device
 from overfill.engines import EngineOrAuto
 from overfill.errors import OverfillError
@@ -78,9 +78,7 @@ class DemoConfig(Settings):
         for name, value in zip(("prompts", "max_new_tokens", "steps", "heldout"), preset):
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        for name in ("prompts", "steps", "heldout", "batch_size"):
-            if getattr(self, name) < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "prompts", "steps", "heldout", "batch_size")
         if self.max_new_tokens < 2:
             raise OverfillError(f"--max-new-tokens must be at least 2 (the decoder writes reply tokens 2..N), got {self.max_new_tokens}")
         if not self.lr > 0:

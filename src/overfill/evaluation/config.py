@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
-from overfill.config import as_tuple, comma_list, whole_numbers
+from overfill.config import as_tuple, at_least, comma_list, whole_numbers
 from overfill.data import Example, LoadedData, RecordFields, truncate
 from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
@@ -130,10 +130,7 @@ class EvalConfig(ModelSource, RecordFields):
         for e in parsed:
             if e.checkpoint is None and self.checkpoint is None and self.decoder is None and e.mode != "full":
                 raise OverfillError(f"model entry '{e.name}' (mode {e.mode}) needs a decoder: add :CHECKPOINT, or pass --checkpoint or --decoder")
-        for name in ("limit", "batch_size", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        at_least(self, 1, "limit", "batch_size", "max_new_tokens")
         check_engine(self.engine)
         if self.engine != "torch" and not self.generate:
             raise OverfillError(f"--engine {self.engine} only generates replies, and --no-generate turns them off: drop one of the two")

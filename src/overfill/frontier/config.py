@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from overfill.config import comma_list
+from overfill.config import at_least, comma_list
 from overfill.errors import OverfillError
 from overfill.evaluation.config import EvalConfig
 
@@ -44,11 +44,8 @@ class FrontierConfig(EvalConfig):
             raise OverfillError("overfill frontier times and scores every configuration on our own engine: drop --engine")
         if not self.generate:
             raise OverfillError("overfill frontier places configurations by their replies: drop --no-generate")
-        for name in ("timing_prompts", "repeats"):
-            if getattr(self, name) < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise OverfillError(f"--warmup must be 0 or more, got {self.warmup}")
+        at_least(self, 1, "timing_prompts", "repeats")
+        at_least(self, 0, "warmup")
         if self.vllm:
             modes = {e.mode for e in self.model_entries()}
             if not {"full", "pruned"} <= modes:
