@@ -92,9 +92,9 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
     hints = typing.get_type_hints(config_cls)
     docs = field_docs(config_cls)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    lists = {n: (_item_type(hints[n]), n in fields and (_item_type(hints[n]) in (int, float)
-                                                        or bool(fields[n].metadata.get(COMMA_LIST))))
-             for n in fields if _item_type(hints[n]) is not None and n != passthrough}
+    # tuple fields -> (item type, whether "a,b" is split): numbers always, names where the field says so
+    lists = {n: (item, item in (int, float) or bool(f.metadata.get(COMMA_LIST)))
+             for n, f in fields.items() if (item := _item_type(hints[n])) is not None and n != passthrough}
     parameters = []
     for old, new in (renamed or {}).items():
         annotation = _cli_type(hints[new])

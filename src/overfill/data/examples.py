@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from overfill.config import Settings
+from overfill.config import Settings, at_least
 from overfill.data.records import all_utf8, check_text_file, read_records, record_to_messages
 from overfill.errors import OverfillError
 from overfill.tensors import left_pad, right_pad
@@ -290,8 +290,7 @@ class RecordFields(Settings):
         alone = bool(self.prompt_field) and not self.response_field and not self.prompts_alone_allowed
         if alone or (self.response_field and not self.prompt_field):
             raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
-        if self.max_context is not None and self.max_context < 1:
-            raise OverfillError(f"--max-context must be at least 1, got {self.max_context}")
+        at_least(self, 1, "max_context")
         if self.max_target is not None and self.max_target < 2:
             raise OverfillError(f"--max-target must be at least 2 (the decoder learns reply tokens 2..N), got {self.max_target}")
 
@@ -322,10 +321,8 @@ class DataConfig(RecordFields):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.val_size < 0:
-            raise OverfillError(f"--val-size must be 0 or more, got {self.val_size}")
-        if self.limit is not None and self.limit < 1:
-            raise OverfillError(f"--limit must be at least 1, got {self.limit}")
+        at_least(self, 0, "val_size")
+        at_least(self, 1, "limit")
 
     def check_files(self) -> None:
         super().check_files()
