@@ -16,6 +16,7 @@ calls first, before any model loads (see docs/design.md, "Configs").
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from overfill.errors import OverfillError
 
@@ -32,6 +33,9 @@ def comma_list(default: tuple[str, ...]):
 @dataclass
 class Settings:
     """The root of every config: ends the cooperative `__post_init__` chain and the `check_files` chain."""
+
+    # A shared group names the --help panel its flags are listed under; a command's own flags stay in "Options".
+    panel: ClassVar[str | None] = None
 
     def __post_init__(self):
         pass

@@ -14,7 +14,7 @@ import time
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Final, Iterator, Literal
+from typing import ClassVar, Final, Iterator, Literal
 
 import torch
 from transformers import DynamicCache
@@ -42,6 +42,8 @@ DRAFTERS: Final[tuple[str, ...]] = typing.get_args(Drafter)
 class Sampling(Settings):
     """How each token is chosen: what generate, chat and distill share."""
 
+    panel: ClassVar[str] = "Sampling"
+
     temperature: float = 0.0
     """0 = greedy; > 0 samples."""
     top_k: int = 0
@@ -63,6 +65,8 @@ class Sampling(Settings):
 
 @dataclass
 class GenerationConfig(Sampling):
+    panel: ClassVar[str] = "Generation"
+
     mode: GenerationMode = "overfill"
     """overfill (the full model prefills, the decoder decodes), full (the full model alone), pruned (the decoder alone), or speculative (the decoder drafts, the full model verifies: the full model's own reply)."""
     max_new_tokens: int = 256

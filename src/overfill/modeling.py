@@ -22,7 +22,7 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Final, Literal
+from typing import Callable, ClassVar, Final, Literal
 
 import torch
 from torch import nn
@@ -370,6 +370,8 @@ def read_checkpoint_meta(folder: Path) -> dict:
 @dataclass(unsafe_hash=True)  # hashable: eval groups entries that share one source
 class ModelSource(Settings):
     """Where a command's OverFill model comes from, and where it runs (generate, chat, eval, bench)."""
+
+    panel: ClassVar[str] = "Model"
 
     checkpoint: str | None = None
     """OverFill checkpoint folder (from `overfill train`); or use --model with --decoder."""

@@ -60,6 +60,15 @@ def _cli_type(annotation):
     return annotation
 
 
+def _panel(config_cls, name: str) -> str | None:
+    """The --help panel of a field: that of the shared group that introduced it (config.Settings.panel), so a
+    command's own flags come first and each group's follow together, whatever the order of inheritance."""
+    for klass in reversed(config_cls.__mro__):
+        if name in vars(klass).get("__annotations__", {}):
+            return vars(klass).get("panel")
+    return None
+
+
 def _item_type(annotation):
     """The item type of a tuple field (through Optional), or None for a field that is not a tuple."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -115,7 +124,7 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
             option = typer.Argument(default, help=escape(docs.get(f.name, "")), show_default=False)
         else:
             names = [flag, *([aliases[f.name]] if aliases and f.name in aliases else [])]
-            option = typer.Option(default, *names, help=escape(docs.get(f.name, "")))
+            option = typer.Option(default, *names, help=escape(docs.get(f.name, "")), rich_help_panel=_panel(config_cls, f.name))
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
 
     def command(ctx: typer.Context, **kwargs):
