@@ -75,8 +75,7 @@ class DistillConfig(Sampling):
         self.dtype = self.dtype or default_dtype(torch.device(self.device))
         check_dtype(self.dtype)
         check_engine(self.engine, EngineOrAuto)
-        at_least(self, 1, "max_new_tokens")
-        at_least(self, 1, "batch_size", "limit")
+        at_least(self, 1, "max_new_tokens", "batch_size", "limit")
 
     def check_files(self) -> None:
         super().check_files()

@@ -193,4 +193,3 @@ class EvalConfig(ModelSource, RecordFields):
         if entry.checkpoint:
             return self.view(ModelSource, checkpoint=entry.checkpoint, decoder=None, decoder_dtype=decoder_dtype)
         return self.view(ModelSource, decoder_dtype=decoder_dtype)
-
