@@ -10,8 +10,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tiny models gain nothing from intra-op threads, and competing threads make them many times slower.
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
@@ -21,10 +19,18 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_decoder_speed_measurement(monkeypatch):
+    """Converting a decoder on a CPU times this machine once (precision.decoder_speedup): tests make no timing and
+    write nothing to the user's cache; test_precision checks that path with injected timings."""
+    monkeypatch.setattr("overfill.precision.measured_advice", lambda dtype: None)
+
+
 @pytest.fixture(scope="session")
 def smollm_folder():
     """The bundled SmolLM2 materialised once (in OVERFILL_HOME, default ~/.cache/overfill)."""
-    from overfill.zoo import DEFAULT_MODEL, resolve_model
+    from overfill.loading import resolve_model
+    from overfill.zoo import DEFAULT_MODEL
 
     return resolve_model(DEFAULT_MODEL, quiet=True)
 

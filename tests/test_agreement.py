@@ -100,7 +100,7 @@ def run_eval(root, data, out, **kwargs):
 def evaluated(checkpoints, tmp_path_factory):
     root, data = checkpoints
     out = tmp_path_factory.mktemp("agreement-out")
-    config, results = run_eval(root, data, out, refresh_every="1,500")
+    config, results = run_eval(root, data, out, refresh_every=(1, 500))
     rows = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
     replies = {name: [r["token_ids"] for r in rows if r["model"] == name] for name in results["models"]}
     return config, results, out, replies, rows

@@ -16,7 +16,7 @@ import time
 import huggingface_hub.constants
 import pytest
 
-from overfill import zoo
+from overfill import hub
 from overfill.atomic import FILE_MODE, FOLDER_MODE, atomic_folder, check_writable
 from overfill.data import load_examples
 from overfill.errors import OverfillError
@@ -202,9 +202,9 @@ def test_unknown_model_fails_fast(monkeypatch, capsys, files, tmp_path, hub_onli
 
 
 def test_hub_id_with_the_hub_unreachable_is_refused_within_seconds(monkeypatch, capsys, hub_online_by_settings):
-    zoo.hub_reachable.cache_clear()  # a real connection attempt, not an answer cached by an earlier test
+    hub.hub_reachable.cache_clear()  # a real connection attempt, not an answer cached by an earlier test
     _, err = refused(monkeypatch, capsys, "'nosuch/model' is neither a zoo name", "generate", "--model", "nosuch/model",
-                     "--decoder", "x", "-p", "hi", seconds=zoo.HUB_TIMEOUT_S + 3)
+                     "--decoder", "x", "-p", "hi", seconds=hub.HUB_TIMEOUT_S + 3)
     assert "smollm2-135m-instruct" in err and "Name or service" not in err  # no retry warnings from the hub client
 
 

@@ -21,8 +21,8 @@ def pair():
 
 
 def test_bench_writes_json_and_plots(pair, tmp_path):
-    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep="3,6", prompt_len_sweep=(20, 30),
-                         batch_sweep="1,2", sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4, threads=1,
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=(3, 6), prompt_len_sweep=(20, 30),
+                         batch_sweep=(1, 2), sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4, threads=1,
                          decode_steps="eager")
     result = run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
 
@@ -47,7 +47,7 @@ def test_bench_writes_json_and_plots(pair, tmp_path):
 
 def test_bench_times_refresh_rows_beside_the_modes(pair, tmp_path):
     config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=9, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
-                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, refresh_every="4,2",
+                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, refresh_every=(4, 2),
                          decode_steps="eager")
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
     key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
@@ -59,9 +59,9 @@ def test_bench_times_refresh_rows_beside_the_modes(pair, tmp_path):
 def test_bench_times_decoder_dtypes_beside_the_modes(pair, tmp_path):
     from overfill.precision import decoder_dtype
 
-    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep="1,2",
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=(1, 2),
                          sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=0, overhead_steps=0, threads=1,
-                         references=False, decoder_dtypes="float32,bfloat16,int8", modes="overfill,full", decode_steps="eager")
+                         references=False, decoder_dtypes=("float32", "bfloat16", "int8"), modes=("overfill", "full"), decode_steps="eager")
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
     result = json.loads((tmp_path / "bench.json").read_text())
     key = result["key_point"]
@@ -78,7 +78,7 @@ def test_bench_times_decoder_dtypes_beside_the_modes(pair, tmp_path):
 def test_bench_times_compiled_rows_beside_the_eager_ones(pair, tmp_path):
     # Batch 4: the shapes tests/test_decode_step.py compiles too, so one compiled step serves both.
     config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, batch_size=4, new_tokens_sweep=0, prompt_len_sweep=0,
-                         batch_sweep=0, repeats=2, warmup=1, overhead_steps=0, threads=1, references=False, modes="overfill,full")
+                         batch_sweep=0, repeats=2, warmup=1, overhead_steps=0, threads=1, references=False, modes=("overfill", "full"))
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
     result = json.loads((tmp_path / "bench.json").read_text())
     key = result["key_point"]
@@ -94,8 +94,8 @@ def test_bench_times_compiled_rows_beside_the_eager_ones(pair, tmp_path):
 
 def test_bench_times_speculative_rows_with_either_drafter(pair, tmp_path):
     config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=9, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
-                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, modes="overfill,full",
-                         decode_steps="eager", speculative_tokens="4,2", drafters="overfill,pruned")
+                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, modes=("overfill", "full"),
+                         decode_steps="eager", speculative_tokens=(4, 2), drafters=("overfill", "pruned"))
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
     key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
     spec_rows = {"speculative2", "speculative4", "speculative2/pruned", "speculative4/pruned"}
@@ -157,15 +157,15 @@ def test_prompts_have_the_exact_length(pair):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(modes="overfill,fast"), "--modes"),
-    (dict(batch_sweep="1,two"), "--batch-sweep"),
+    (dict(modes=("overfill", "fast")), "--modes"),
+    (dict(batch_sweep=(1, "two")), "--batch-sweep"),
     (dict(repeats=0), "--repeats"),
-    (dict(refresh_every="8", modes="full,pruned"), "--refresh-every"),
-    (dict(refresh_every="8", engine="vllm"), "--refresh-every"),
-    (dict(refresh_every="-8"), "--refresh-every"),
+    (dict(refresh_every=8, modes=("full", "pruned")), "--refresh-every"),
+    (dict(refresh_every=8, engine="vllm"), "--refresh-every"),
+    (dict(refresh_every=-8), "--refresh-every"),
     (dict(decoder_dtypes="int4"), "--decoder-dtypes"),
-    (dict(speculative_tokens="2", drafters="small"), "--drafters"),
-    (dict(speculative_tokens="0,2"), "--speculative-tokens"),
+    (dict(speculative_tokens=2, drafters="small"), "--drafters"),
+    (dict(speculative_tokens=(0, 2)), "--speculative-tokens"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(OverfillError, match=message):
@@ -173,6 +173,6 @@ def test_bad_config_is_refused(kwargs, message):
 
 
 def test_sweeps_parse_and_skip():
-    config = BenchConfig(quick=True, batch_sweep=0, prompt_len_sweep="256,64", modes=["overfill,full"])
+    config = BenchConfig(quick=True, batch_sweep=0, prompt_len_sweep=(256, 64), modes=["overfill", "full"])
     assert config.batch_sweep == () and config.prompt_len_sweep == (64, 256) and config.modes == ("overfill", "full")
     assert config.new_tokens_sweep == (16, 32, 64) and config.key_run_tokens == 64  # the rest comes from the preset

@@ -31,7 +31,7 @@ def test_vllm_presets_and_defaults():
     config = BenchConfig(engine="vllm")
     assert config.key_batches == (1, 8) and config.batch_sweep == (1, 2, 4, 8, 16, 32)
     assert config.new_tokens == 256 and config.prompt_len == 128 and config.load_clients == 32 and config.load_seconds == 60
-    quick = BenchConfig(engine="vllm", quick=True, key_batches="8,1", load_modes="overfill")
+    quick = BenchConfig(engine="vllm", quick=True, key_batches=(8, 1), load_modes="overfill")
     assert quick.key_batches == (1, 8) and quick.load_modes == ("overfill",) and quick.new_tokens < config.new_tokens
 
 
@@ -40,10 +40,10 @@ def test_vllm_presets_and_defaults():
     (dict(load_test=True), "--engine vllm"),
     (dict(engine="vllm", new_tokens=1), "--new-tokens"),
     (dict(engine="vllm", sweep_new_tokens=1), "--sweep-new-tokens"),
-    (dict(engine="vllm", new_tokens_sweep="1,32"), "--new-tokens-sweep"),
+    (dict(engine="vllm", new_tokens_sweep=(1, 32)), "--new-tokens-sweep"),
     (dict(engine="vllm", key_batches=0), "--key-batches"),
-    (dict(engine="vllm", key_batches="1,x"), "--key-batches"),
-    (dict(engine="vllm", load_test=True, load_modes="overfill,fast"), "--load-modes"),
+    (dict(engine="vllm", key_batches=(1, "x")), "--key-batches"),
+    (dict(engine="vllm", load_test=True, load_modes=("overfill", "fast")), "--load-modes"),
     (dict(engine="vllm", load_clients=0), "--load-clients"),
     (dict(engine="vllm", load_seconds=0), "--load-seconds"),
 ])
@@ -188,7 +188,7 @@ def test_speculative_lanes_draft_with_the_pruned_decoder_for_the_full_model(tmp_
     from overfill.bench.vllm_run import extra_lanes
     from overfill.bench.vllm_timing import speculation_between
 
-    config = small(speculative_tokens="4,2", eager_rows=False)
+    config = small(speculative_tokens=(4, 2), eager_rows=False)
     assert config.speculative_tokens == (2, 4)
     engines = {m: SimpleNamespace(path=tmp_path / m) for m in ("full", "pruned", "overfill")}
     lanes = extra_lanes(config, engines)["vllm speculative"]
@@ -343,7 +343,7 @@ def test_tiny_vllm_bench_end_to_end(tmp_path, monkeypatch, vllm_wiring):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     source = save_pair(tmp_path, **VLLM_SHAPE)
-    config = BenchConfig(engine="vllm", model=source.model, decoder=source.decoder, out=str(tmp_path / "bench"), modes="overfill,full",
+    config = BenchConfig(engine="vllm", model=source.model, decoder=source.decoder, out=str(tmp_path / "bench"), modes=("overfill", "full"),
                          prompt_len=40, new_tokens=6, key_batches=(1, 2), new_tokens_sweep=(3, 6), prompt_len_sweep=(32,),
                          batch_sweep=(2,), sweep_new_tokens=4, repeats=1, sweep_repeats=1, warmup=1, threads=1,
                          eager_rows=False)  # the eager rows' engines are the same workers with one flag more

@@ -1,12 +1,14 @@
 """Bad input reaches the user as one `error:` line and exit code 2, never a traceback."""
 
 import json
+import re
 import sys
 
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from overfill import cli
+from overfill.errors import OverfillError
 from tiny import save_tiny, tiny_tokenizer, write_jsonl
 
 
@@ -114,6 +116,28 @@ def test_number_lists_take_commas_or_repeated_flags(monkeypatch, capsys, tiny_fo
     assert_one_line_error(code, err, "--refresh-every")
 
 
+def test_the_cli_splits_name_lists_but_never_free_text(monkeypatch, capsys, tiny_folder, tmp_path):
+    """Comma splitting is the CLI's: `--modes a,b` is two modes, while a prompt or a stop string keeps its commas."""
+    import overfill.bench
+    import overfill.cli.commands
+
+    seen = []
+    monkeypatch.setattr(overfill.bench, "run_bench", lambda config, console: seen.append(config))
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", str(tiny_folder), "--decoder", str(tiny_folder),
+                           "--modes", "overfill,full", "--modes", "pruned", "--out", str(tmp_path / "b"))
+    assert code in (0, None), err
+    assert seen[0].modes == ("overfill", "full", "pruned")
+
+    def caught(command):  # the command as the CLI built it; stop before any model loads
+        seen.append(command)
+        raise OverfillError("stop here")
+
+    monkeypatch.setattr(overfill.cli.commands.GenerateCommand, "__post_init__", caught)
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "--model", str(tiny_folder), "-p", "a, b", "--stop", "x,y")
+    assert_one_line_error(code, err, "stop here")
+    assert seen[-1].prompt == ("a, b",) and seen[-1].stop == ("x,y",)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["eval", "--data", "x.jsonl"], ["prune"], ["bench"],
                                      ["train", "--data", "x.jsonl", "--decoder", "d"], ["demo"], ["distill", "--data", "x.jsonl"]])
@@ -122,3 +146,43 @@ def test_a_gpu_on_a_machine_without_one_is_one_line(monkeypatch, capsys, tmp_pat
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(monkeypatch, capsys, *command, "--device", "cuda")
     assert_one_line_error(code, err, "--device cuda: this machine has no CUDA device")
+
+
+def test_train_takes_limit_and_its_old_name_hidden(monkeypatch, capsys, tmp_path):
+    """--limit is the one name of "the first N usable examples"; --max-examples still works, off --help."""
+    from overfill.train import TrainConfig
+
+    seen = []
+
+    def caught(config):
+        seen.append(config)
+        raise OverfillError("stop here")
+
+    monkeypatch.setattr(TrainConfig, "__post_init__", caught)
+    for name in ("--limit", "--max-examples"):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--data", "x.jsonl", "--decoder", "d", name, "7")
+        assert_one_line_error(code, err, "stop here")
+    assert [c.limit for c in seen] == [7, 7]
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", "x.jsonl", "--limit", "3", "--max-examples", "7")
+    assert_one_line_error(code, err, "--max-examples is the old name of --limit")
+    monkeypatch.setattr(sys, "argv", ["overfill", "train", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert not re.search(r"│ +--max-examples +<", capsys.readouterr().out)  # not listed as a flag (its help may name it)
+
+
+def test_a_command_built_from_groups_runs_each_groups_checks(monkeypatch):
+    """generate mixes ModelSource and GenerationConfig (itself Sampling plus more): every group' checks run, through super(), none by hand."""
+    from overfill.cli.commands import GenerateCommand
+
+    with pytest.raises(OverfillError, match="float8"):
+        GenerateCommand(dtype="float8")
+    with pytest.raises(OverfillError, match="top_p"):
+        GenerateCommand(top_p=0.0)
+    calls = []
+    for group in GenerateCommand.__mro__[1:]:
+        if "__post_init__" in vars(group):
+            original = vars(group)["__post_init__"]
+            monkeypatch.setattr(group, "__post_init__", lambda self, o=original, g=group: (calls.append(g.__name__), o(self)))
+    GenerateCommand(prompt=("hi",))
+    assert sorted(calls) == sorted(["GenerationConfig", "Sampling", "ModelSource", "Settings"])  # each once

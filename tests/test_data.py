@@ -137,7 +137,7 @@ def test_train_validation_split_is_seeded_and_disjoint(tmp_path):
     val_path = write_jsonl(tmp_path / "v.jsonl", [{"question": "vq", "answer": "va"}] * 3)
     d = load_data(DataConfig(data=str(path), val_data=str(val_path), val_size=2), TOK)
     assert len(d.train) == 20 and len(d.val) == 2
-    assert len(load_data(DataConfig(data=str(path), val_size=0, max_examples=7), TOK).train) == 7
+    assert len(load_data(DataConfig(data=str(path), val_size=0, limit=7), TOK).train) == 7
     with pytest.raises(OverfillError, match="cannot be held out"):
         split_train_val(a.train, 15, 0)
     with pytest.raises(OverfillError, match="go together"):
@@ -188,3 +188,13 @@ def test_a_json_array_that_is_not_utf8_is_one_error(tmp_path):
     path.write_bytes(b'[{"question": "q", "answer": "\xff"}]')
     with pytest.raises(OverfillError, match=r"is not UTF-8 text \(byte 0xff on line 1\)"):
         load_examples(path, TOK, prompt_field="question", response_field="answer")
+
+
+def test_files_are_checked_by_check_files_not_when_a_config_is_built(tmp_path):
+    """A config names files that may not exist yet; the stage's first step, check_files(), refuses them."""
+    config = DataConfig(data=str(tmp_path / "later.jsonl"), val_data=str(tmp_path / "val.jsonl"))
+    with pytest.raises(OverfillError, match="--data .* does not exist"):
+        config.check_files()
+    write_jsonl(tmp_path / "later.jsonl", [{"prompt": "a", "response": "b"}])
+    with pytest.raises(OverfillError, match="--val-data .* does not exist"):
+        config.check_files()

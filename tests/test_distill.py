@@ -235,13 +235,14 @@ def test_a_prompt_field_alone_reads_prompts_without_replies(setup, tmp_path):
 
 
 def test_bad_settings_are_one_line(setup, tmp_path):
+    """Values are refused when the config is built; files by its check_files(), which distill() calls first."""
     cases = {"does not exist": dict(data=str(tmp_path / "missing.jsonl")), "temperature >= 0": dict(temperature=-1.0),
              "--batch-size must be at least 1": dict(batch_size=0), "unknown engine": dict(engine="onnx"),
              "--response-field needs --prompt-field": dict(response_field="answer"),
              "is the --data file itself": dict(out=setup["data"]), "is a folder": dict(out=str(tmp_path))}
     for fragment, kwargs in cases.items():
         with pytest.raises(OverfillError) as err:
-            config(setup, kwargs.pop("out", tmp_path / "o.jsonl"), **kwargs)
+            config(setup, kwargs.pop("out", tmp_path / "o.jsonl"), **kwargs).check_files()
         assert fragment in str(err.value) and "\n" not in str(err.value)
 
 

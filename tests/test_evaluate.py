@@ -165,7 +165,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_evaluate_writes_results_and_plot(tiny_checkpoint, tmp_path):
     root, data = tiny_checkpoint
-    config = EvalConfig(data=str(data), entries=("full,pruned", "ours=overfill"), checkpoint=str(root / "ckpt"),
+    config = EvalConfig(data=str(data), entries=("full", "pruned", "ours=overfill"), checkpoint=str(root / "ckpt"),
                         prompt_field="question", response_field="answer", out=str(tmp_path / "out"), max_new_tokens=6)
     results = evaluate(config)
     assert results["data"]["examples"] == 3 and sum(map(len, results["data"]["skipped"].values())) == 1 and results["data"]["answer"] == "gsm8k"
@@ -187,7 +187,7 @@ def test_evaluate_writes_results_and_plot(tiny_checkpoint, tmp_path):
 
 def test_evaluate_with_a_refresh_sweep(tiny_checkpoint, tmp_path):
     root, data = tiny_checkpoint
-    config = EvalConfig(data=str(data), entries=("full", "overfill"), checkpoint=str(root / "ckpt"), refresh_every="1,2,500",
+    config = EvalConfig(data=str(data), entries=("full", "overfill"), checkpoint=str(root / "ckpt"), refresh_every=(1, 2, 500),
                         prompt_field="question", response_field="answer", out=str(tmp_path / "out"), max_new_tokens=6)
     results = evaluate(config)
     m = results["models"]
@@ -206,8 +206,8 @@ def test_evaluate_with_a_refresh_sweep(tiny_checkpoint, tmp_path):
 
 def test_evaluate_speculative_entries(tiny_checkpoint, tmp_path):
     root, data = tiny_checkpoint
-    config = EvalConfig(data=str(data), entries=("full", "overfill"), checkpoint=str(root / "ckpt"), draft_tokens="2,3",
-                        drafters="overfill,pruned", prompt_field="question", response_field="answer",
+    config = EvalConfig(data=str(data), entries=("full", "overfill"), checkpoint=str(root / "ckpt"), draft_tokens=(2, 3),
+                        drafters=("overfill", "pruned"), prompt_field="question", response_field="answer",
                         out=str(tmp_path / "out"), max_new_tokens=8, batch_size=2)
     m = evaluate(config)["models"]
     spec = ["overfill+spec2", "overfill+spec2/pruned", "overfill+spec3", "overfill+spec3/pruned"]
@@ -233,18 +233,18 @@ def test_eval_config_errors_are_one_line(tiny_checkpoint):
         dict(data=str(data), entries=("pruned",), model="smollm2-135m-instruct"),
         dict(data=str(data), checkpoint="x", prompt_field="question"),
         dict(data=str(data), checkpoint="x", batch_size=0),
-        dict(data=str(data), checkpoint="x", refresh_every="8,x"),
+        dict(data=str(data), checkpoint="x", refresh_every=(8, "x")),
         dict(data=str(data), checkpoint="x", refresh_every=(0,)),
         dict(data=str(data), checkpoint="x", entries=("full",), refresh_every=(8,)),
         dict(data=str(data), checkpoint="x", engine="vllm", refresh_every=(8,)),
-        dict(data=str(data), checkpoint="x", draft_tokens="0"),
-        dict(data=str(data), checkpoint="x", draft_tokens="2", drafters="big"),
+        dict(data=str(data), checkpoint="x", draft_tokens=0),
+        dict(data=str(data), checkpoint="x", draft_tokens=2, drafters="big"),
         dict(data=str(data), checkpoint="x", entries=("full",), draft_tokens=(2,)),
         dict(data=str(data), checkpoint="x", engine="vllm", draft_tokens=(2,)),
     ]
     for kwargs in cases:
         with pytest.raises(OverfillError) as err:
-            EvalConfig(**kwargs)
+            EvalConfig(**kwargs).check_files()
         assert "\n" not in str(err.value)
     entry = parse_entry("base=pruned:runs/a")
     assert (entry.name, entry.mode, entry.checkpoint) == ("base", "pruned", "runs/a")

@@ -91,7 +91,7 @@ def test_pareto_keeps_what_nothing_beats():
 
 
 @pytest.mark.parametrize("overrides", [dict(engine="vllm"), dict(generate=False), dict(timing_prompts=0), dict(repeats=0),
-                                       dict(warmup=-1), dict(draft_tokens="2", drafters="big")])
+                                       dict(warmup=-1), dict(draft_tokens=2, drafters="big")])
 def test_bad_frontier_settings_are_one_line(checkpoints, tmp_path, overrides):
     root, data = checkpoints
     with pytest.raises(OverfillError) as err:

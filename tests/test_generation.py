@@ -250,8 +250,27 @@ def test_stream_with_stop_string_joins_to_the_generated_text():
         assert all(stop not in "".join(pieces[: i + 1]) for i in range(len(pieces)))
 
 
-def test_reply_reports_timings():
+def test_reply_reports_timings(monkeypatch):
+    """prefill_s is the prefill model's pass (with token 1), decode_s the decode model's steps: on an injected
+    clock that each model's forward moves on by its own amount, so the attribution is exact."""
+    from types import SimpleNamespace
+
+    from overfill import generation as generation_module
+
     model = pruned_model("llama")
+    now = [0.0]
+    monkeypatch.setattr(generation_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def costs(seconds):
+        def hook(*_):
+            now[0] += seconds
+        return hook
+
+    model.full.register_forward_hook(costs(1.0))
+    model.decoder.register_forward_hook(costs(0.25))
     reply = generate(model, PROMPTS[1], GenerationConfig(max_new_tokens=8))[0]
-    assert reply.new_tokens == 8 and reply.prefill_s > 0 and reply.decode_s > 0 and reply.decode_tokens_per_s > 0
-    assert set(reply.as_dict()) >= {"mode", "text", "new_tokens", "prefill_s", "decode_s", "decode_tokens_per_s"}
+    assert reply.new_tokens == 8
+    # one prefill by the full model; tokens 2..8 are 7 decoder steps
+    assert (reply.prefill_s, reply.decode_s, reply.decode_tokens_per_s) == (1.0, 7 * 0.25, 4.0)
+    assert {k: reply.as_dict()[k] for k in ("new_tokens", "prefill_s", "decode_s", "decode_tokens_per_s")} == {
+        "new_tokens": 8, "prefill_s": 1.0, "decode_s": 1.75, "decode_tokens_per_s": 4.0}

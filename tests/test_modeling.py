@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from overfill import OverfillError
 from overfill.data import collate, split_messages
+from overfill.fingerprint import fingerprint
 from overfill.generation import GenerationConfig, generate
 from overfill.modeling import MODES, OverFillModel
 from overfill.prune import PruneConfig, prune_model
-from overfill.zoo import fingerprint
 from tiny import KINDS, save_tiny, tiny_model, tiny_tokenizer
 
 CHATS = [
@@ -92,7 +92,7 @@ def test_loss_equals_hand_computed_reference(kind):
 def test_gradient_checkpointing_on_the_decoder_is_refused():
     model = pruned_pair().train()
     enable = getattr(model.decoder, "activation_checkpointing_enable", None) or model.decoder.gradient_checkpointing_enable
-    enable()  # would silently drop the context cache (DESIGN §4)
+    enable()  # would silently drop the context cache (docs/design.md, "Traps in transformers 5.x")
     with pytest.raises(OverfillError, match="gradient checkpointing"):
         loss_of(model, batch_of(model.tokenizer))
 
@@ -143,6 +143,14 @@ def replies(model):
             for mode in MODES}
 
 
+def assert_same_tensors(got, want) -> None:
+    """Every tensor of `want` and no other, equal, under the same names (a missing or extra one fails)."""
+    got, want = got.state_dict(), want.state_dict()
+    assert list(got) == list(want)
+    for (name, a), b in zip(got.items(), want.values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_save_load_gives_identical_outputs(tmp_path):
     full_folder = tmp_path / "full"
     full, tok = save_tiny(full_folder, "qwen2")
@@ -158,8 +166,7 @@ def test_save_load_gives_identical_outputs(tmp_path):
     recorded = OverFillModel.from_pretrained(tmp_path / "ckpt")  # the full model from overfill.json
     for loaded in (given, recorded):
         assert replies(loaded) == expected
-        for a, b in zip(loaded.decoder.state_dict().values(), model.decoder.state_dict().values()):
-            assert torch.equal(a, b)
+        assert_same_tensors(loaded.decoder, model.decoder)
     assert recorded.full_source == str(full_folder)
     # saving over an existing checkpoint replaces it
     given.save_pretrained(tmp_path / "ckpt")
@@ -176,8 +183,7 @@ def test_wrong_full_model_is_refused_by_fingerprint(tmp_path):
     # the original full model (an equal copy) is accepted, and the saved decoder comes back with it
     loaded = OverFillModel.from_pretrained(tmp_path / "ckpt", tiny_model("llama", seed=0))
     assert loaded.full_fingerprint == model.full_fingerprint != fingerprint(other)
-    for (name, a), b in zip(loaded.decoder.state_dict().items(), model.decoder.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_tensors(loaded.decoder, model.decoder)
 
 
 def test_checkpoint_without_recorded_full_model_asks_for_one(tmp_path):

@@ -2,14 +2,17 @@
 it survives save/load."""
 
 import copy
+import json
+import warnings
 
 import pytest
 import torch
 
-from overfill import OverfillError
+from overfill import OverfillError, precision
+from overfill.errors import OverfillWarning
 from overfill.generation import GenerationConfig, generate_ids
 from overfill.modeling import ModelSource, OverFillModel, handoff
-from overfill.precision import decoder_dtype, set_decoder_dtype, weight_bytes
+from overfill.precision import decoder_dtype, measured_advice, set_decoder_dtype, weight_bytes
 from overfill.tensors import left_pad
 from test_generation import PAD, pruned_model
 from tiny import save_tiny
@@ -166,3 +169,86 @@ def test_int8_on_torchaos_kernels_saves_the_same_values(tmp_path):
     for (name, a), b in zip(fused_int8.state_dict().items(), loaded.decoder.state_dict().values()):
         assert torch.equal(a, b), name
     assert (greedy(loaded) == tokens).float().mean() > 0.9  # other kernels, other rounding
+
+
+# ---------------------------------------------------------------- is a low-precision decoder faster here?
+# The logic on injected timings: these tests make no claim about this machine's speed.
+
+
+class Measurements:
+    """An injected measurement: the speed-up it reports per dtype, and which dtypes it was asked for."""
+
+    def __init__(self, **speedups):
+        self.speedups, self.asked = speedups, []
+
+    def __call__(self, dtype):
+        self.asked.append(dtype)
+        return self.speedups[dtype]
+
+
+def test_decoder_speed_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
+    measure = Measurements(bfloat16=0.7, int8=1.8)
+    assert precision.decoder_speedup("bfloat16", measure) == 0.7
+    assert precision.decoder_speedup("bfloat16", measure) == 0.7  # from the cache
+    assert precision.decoder_speedup("int8", measure) == 1.8
+    assert precision.decoder_speedup("float32", measure) == 1.0  # nothing to measure
+    assert measure.asked == ["bfloat16", "int8"]
+    cached = json.loads((tmp_path / precision.SPEED_CACHE).read_text())
+    assert {key: entry["speedup"] for key, entry in cached.items()} == {
+        precision.speed_key("bfloat16"): 0.7, precision.speed_key("int8"): 1.8}
+    assert torch.__version__ in precision.speed_key("int8") and "int8" in precision.speed_key("int8")
+    # another torch (or CPU) is another machine as far as kernels go: measured again
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert precision.decoder_speedup("bfloat16", Measurements(bfloat16=1.3)) == 1.3
+    assert len(json.loads((tmp_path / precision.SPEED_CACHE).read_text())) == 3
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 1}'])
+def test_an_unreadable_speed_cache_is_measured_again(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
+    (tmp_path / precision.SPEED_CACHE).write_text(content)
+    measure = Measurements(int8=0.9)
+    assert precision.decoder_speedup("int8", measure) == 0.9 and measure.asked == ["int8"]
+
+
+def test_an_unwritable_speed_cache_still_gives_the_measurement(tmp_path, monkeypatch):
+    (tmp_path / "home").write_text("a file where the home folder should be")
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
+    assert precision.decoder_speedup("int8", Measurements(int8=0.9)) == 0.9
+
+
+def test_a_decoder_no_faster_than_float32_is_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
+    assert precision.speed_advice("int8", 1.8) is None and precision.speed_advice("float32", 0.5) is None
+    slow = precision.speed_advice("int8", 1.02)
+    assert "1.02x" in slow and "no faster" in slow and "--decoder-dtype float32" in slow and "\n" not in slow
+    # converting a decoder on a CPU asks the measured speed, and says so in one warning
+    monkeypatch.setattr(precision, "measured_advice", measured_advice)
+    monkeypatch.setattr(precision, "measure_speedup", Measurements(bfloat16=0.65))
+    model = pruned_model("llama")
+    with pytest.warns(OverfillWarning) as caught:
+        set_decoder_dtype(model.decoder, "bfloat16")
+    assert [str(w.message) for w in caught] == [precision.speed_advice("bfloat16", 0.65)]
+    # ... and is silent where it is faster (the batch-1 heuristics aside)
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    (tmp_path / precision.SPEED_CACHE).unlink()
+    monkeypatch.setattr(precision, "measure_speedup", Measurements(bfloat16=2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OverfillWarning)
+        set_decoder_dtype(pruned_model("llama").decoder, "bfloat16")
+
+
+def test_the_bench_line_names_each_dtypes_speedup(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
+    line = precision.speedup_summary(("float32", "bfloat16", "int8"), Measurements(bfloat16=0.7, int8=1.8))
+    assert line.endswith("bfloat16 0.70x, int8 1.80x") and "\n" not in line
+
+
+def test_the_measurement_runs_each_dtype_beside_float32():
+    """Its shape only (a tiny width, a short budget): a positive, finite ratio for each dtype."""
+    for dtype in ("bfloat16", "int8"):
+        speedup = precision.measure_speedup(dtype, seconds=0.01, width=64)
+        assert 0 < speedup < float("inf")
+    with pytest.raises(ValueError):
+        precision.measure_speedup("float32")

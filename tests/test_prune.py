@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from overfill import OverfillError
+from overfill.fingerprint import fingerprint
 from overfill.prune import PruneConfig, collect_scores, prune_model, save_pruned, target_widths
 from overfill.tensors import left_pad, positions_from_mask
-from overfill.zoo import fingerprint
 from tiny import KINDS, tiny_model, tiny_tokenizer, write_jsonl
 
 SEQS = [[5, 9, 33, 70, 12, 8, 101], [44, 3, 17], [200, 201, 9, 9, 14, 60], [7, 7]]

@@ -1,6 +1,6 @@
 """Prefill refresh on tiny random models: every K reply tokens the full model re-reads them.
 
-Generation (`generation.refresh` step by step) and teacher forcing (`modeling.refreshed_handoff`,
+Generation (`generation.refresh` step by step) and teacher forcing (`refresh.refreshed_handoff`,
 the whole reply at once) must be the same schedule; the refreshed cache must be the full model's
 own KV; a keep-everything decoder must stay the full model whatever K.
 """
@@ -15,7 +15,7 @@ from overfill import generation as generation_module
 from overfill.generation import GenerationConfig, generate_ids
 from overfill.kv_cache import GrowingCache
 from overfill.modeling import OverFillModel, handoff, prefill
-from overfill.refresh import refresh_schedule
+from overfill.refresh import refresh_schedule, refreshed_handoff, teacher_forcing
 from overfill.tensors import left_pad
 from test_generation import EOS, PAD, pruned_model
 from tiny import KINDS, tiny_model, tiny_tokenizer
@@ -49,7 +49,7 @@ def test_keep_everything_decoder_with_refresh_is_the_full_model(every):
     full = tiny_model("llama")
     model = OverFillModel(full, copy.deepcopy(full), tiny_tokenizer())
     expected = run(model, GenerationConfig(mode="full", max_new_tokens=14))
-    assert torch.allclose(run(model, GenerationConfig(max_new_tokens=14, refresh_every=every)).float(), expected.float())
+    assert torch.equal(run(model, GenerationConfig(max_new_tokens=14, refresh_every=every)), expected)
 
 
 def test_refreshed_positions_hold_the_full_models_own_kv():
@@ -99,7 +99,7 @@ def test_teacher_forced_refresh_equals_generation_under_teacher_forcing(kind, ev
 
     ids, mask = left_pad(PROMPTS, PAD)
     with torch.no_grad():
-        stages = handoff(model.full, model.decoder, ids, mask, targets, torch.ones_like(targets), refresh_every=every)
+        stages = refreshed_handoff(model.full, model.decoder, ids, mask, targets, torch.ones_like(targets), every)
     logits = torch.cat([stages.first[:, None], stages.rest.float()], dim=1).log_softmax(-1)
     at_once = logits.gather(-1, targets[..., None]).squeeze(-1)
     assert torch.allclose(at_once, stepwise, atol=1e-4), (at_once - stepwise).abs().max()
@@ -117,9 +117,9 @@ def test_teacher_forced_refresh_handles_padded_replies():
     targets = torch.tensor([[5, 8, 13, 21, 34, 2, 0, 0], [4, 6, 8, 10, 12, 14, 16, 2]])
     target_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])
     with torch.no_grad():
-        both = handoff(model.full, model.decoder, ids, mask, targets, target_mask, refresh_every=3)
-        alone = handoff(model.full, model.decoder, ids[:1, -5:], mask[:1, -5:], targets[:1, :6], target_mask[:1, :6],
-                        refresh_every=3)
+        both = refreshed_handoff(model.full, model.decoder, ids, mask, targets, target_mask, 3)
+        alone = refreshed_handoff(model.full, model.decoder, ids[:1, -5:], mask[:1, -5:], targets[:1, :6],
+                                  target_mask[:1, :6], 3)
     assert torch.allclose(both.rest[0, :5], alone.rest[0], atol=1e-4)
 
 
@@ -129,7 +129,7 @@ def test_training_loss_with_refresh_leaves_out_the_full_models_picks():
     targets = torch.randint(3, 60, (2, 10))
     target_mask = torch.ones_like(targets)
     target_mask[0, 7:] = 0  # row 0: y1..y7, so its y9 pick is padding anyway
-    out = model(ids, mask, targets, target_mask, refresh_every=4)
+    out = model(ids, mask, targets, target_mask, via=teacher_forcing(4))
     assert out.tokens == (6 - 1) + (9 - 2)  # y2..y7 less y5; y2..y10 less y5 and y9
     # The training loop weights each micro-batch's loss by the same count (its gradient scale).
     from overfill.data import Batch
@@ -153,8 +153,38 @@ def test_refresh_with_candidates_stops_and_bad_values():
     eos_at = run(model, GenerationConfig(max_new_tokens=10, refresh_every=3))
     ids, mask = left_pad(PROMPTS, PAD)
     stop = int(eos_at[0, 4])  # a token row 0 makes right after a refresh: rows end there, the loop goes on
+    assert stop not in eos_at[1].tolist()  # row 1 never makes it: it must run to the budget
     steps = list(generate_ids(model, ids, mask, GenerationConfig(max_new_tokens=10, refresh_every=3), eos_ids={stop, EOS},
                               pad_id=PAD))
-    assert bool(steps[4].finished[0])
+    assert stop not in eos_at[0, :4].tolist() and not bool(steps[3].finished[0]) and bool(steps[4].finished[0])
+    assert len(steps) == 10 and not bool(steps[-1].finished[1])  # the loop goes on for row 1, through refreshes
+    after = torch.stack([s.tokens for s in steps[5:]], dim=1)  # [B, 5]
+    assert (after[0] == PAD).all()  # row 0 ended: padding from then on
+    assert torch.equal(after[1], eos_at[1, 5:])  # row 1 as without the stop token
     with pytest.raises(OverfillError, match="refresh-every"):
         GenerationConfig(refresh_every=-1)
+
+
+def test_a_reply_shorter_than_a_block_runs_the_plain_handoff():
+    model = pruned_model("llama")
+    ids, mask = left_pad(PROMPTS, PAD)
+    targets = torch.randint(3, 60, (2, 4))  # 3 reply inputs, fewer than K = 5: no refresh happens
+    with torch.no_grad():
+        short = refreshed_handoff(model.full, model.decoder, ids, mask, targets, torch.ones_like(targets), 5)
+        plain = handoff(model.full, model.decoder, ids, mask, targets, torch.ones_like(targets))
+    assert short.by_prefill is None and torch.equal(short.rest, plain.rest)
+    assert teacher_forcing(0) is handoff
+
+
+def test_the_stages_do_not_import_refresh():
+    """Figure 1 is prefill then decode: modeling needs nothing from the refresh schedule built on it (no import
+    circle, lazy imports inside functions included)."""
+    import ast
+    from pathlib import Path
+
+    import overfill.modeling
+
+    tree = ast.parse(Path(overfill.modeling.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "overfill.refresh" not in imported

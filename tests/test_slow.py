@@ -80,7 +80,7 @@ def test_smollm_full_pruned_and_overfill_reply(pruned_smollm):
 
 
 def test_decoder_equal_to_full_reproduces_full_generation(smollm_folder):
-    from overfill.zoo import load_model
+    from overfill.loading import load_model
 
     full, tok = load_model(smollm_folder)
     twin, _ = load_model(smollm_folder)

@@ -20,7 +20,7 @@ from overfill.modeling import OverFillModel, decode, prefill
 from overfill.prune import PruneConfig, prune_model
 from overfill.refresh import refresh_schedule
 from overfill.train import train
-from overfill.train.distill_loss import training_loss
+from overfill.train.loop import micro_batch_loss
 from overfill.train.loss import batch_loss
 from test_train import Interrupt, config
 from tiny import tiny_model, tiny_tokenizer
@@ -44,11 +44,11 @@ def batch_of(setup, n: int = 4):
 
 
 def loss_of(setup, pair: OverFillModel, batch, **kw):
-    """training_loss as the loop calls it: through OverFillModel (overfill), or the decoder with the full model as teacher."""
+    """micro_batch_loss as the loop calls it: through OverFillModel (overfill), or the decoder with the full model as teacher."""
     cfg = config(setup, "unused", **kw)
     if cfg.mode == "overfill":
-        return training_loss(cfg, pair, batch)
-    return training_loss(cfg, pair.decoder, batch, pair.full)
+        return micro_batch_loss(cfg, pair, batch)
+    return micro_batch_loss(cfg, pair.decoder, batch, pair.full)
 
 
 def predictions(model, batch) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Where each weight lives, per supported architecture, and the cache-compatibility check (DESIGN §1).
+"""Where each weight lives, per supported architecture, and the cache-compatibility check (docs/design.md, "The method").
 
 OverFill's decoder reads the full model's KV cache directly, so the two must agree on everything
 that shapes, positions or windows a cache entry: layer count, KV heads, head_dim, the rotary

@@ -47,7 +47,6 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = None
         self.cached_ids: list[int] = []  # tokens whose prefill-model KV is in self.cache
-        self.prefilled_tokens = 0  # tokens the prefill model encoded in this session (for tests and stats)
 
     def set_mode(self, mode: str) -> None:
         # Another mode may prefill with another model: its cache is not ours to reuse.
@@ -76,7 +75,6 @@ class ChatSession:
             self.cache = GrowingCache()  # generate_ids fills and extends this object in place
         new_ids = torch.tensor([ids[keep:]])
         mask = torch.ones(1, len(ids), dtype=torch.long)
-        self.prefilled_tokens += len(ids) - keep
         eos = eos_ids_of(tokenizer, self.model.full, self.model.decoder)
         steps = generate_ids(self.model, new_ids, mask, self.config, eos_ids=eos, pad_id=pad_id_of(tokenizer),
                              cache=self.cache, past_lengths=torch.tensor([keep]))

@@ -12,12 +12,22 @@ from __future__ import annotations
 import platform
 import re
 import time
+from typing import Literal
 
 import torch
 
 from overfill.errors import OverfillError
 
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps"
+
+Dtype = Literal["float32", "bfloat16", "float16"]  # --dtype: the weights of both models
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise OverfillError(f"unknown dtype '{name}': pick one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def resolve_device(name: str | torch.device | None = "auto", flag: str = "--device") -> torch.device:
@@ -87,13 +97,14 @@ def cpu_info() -> dict:
     """The processor and the instruction sets that decide fp32/bf16 speed here (Linux /proc/cpuinfo)."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

@@ -1,4 +1,4 @@
-"""One decoding loop for every mode (DESIGN §2 "Modes"; paper §3, Figure 1).
+"""One decoding loop for every mode (docs/design.md, "Modes"; paper §3, Figure 1).
 
 The handoff is one line in `generate_ids`: the *prefill model* reads the prompt and picks the
 first token (`modeling.prefill`), the *decode model* produces every later token while reading
@@ -14,11 +14,12 @@ import time
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Final, Iterator, Literal
+from typing import ClassVar, Final, Iterator, Literal
 
 import torch
 from transformers import DynamicCache
 
+from overfill.config import Settings, as_tuple, at_least
 from overfill.decode_step import step_function
 from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
@@ -38,19 +39,38 @@ DRAFTERS: Final[tuple[str, ...]] = typing.get_args(Drafter)
 
 
 @dataclass
-class GenerationConfig:
-    mode: GenerationMode = "overfill"
-    """overfill (the full model prefills, the decoder decodes), full (the full model alone), pruned (the decoder alone), or speculative (the decoder drafts, the full model verifies: the full model's own reply)."""
-    max_new_tokens: int = 256
-    """Upper bound on reply tokens (the first, full-model token included)."""
+class Sampling(Settings):
+    """How each token is chosen: what generate, chat and distill share."""
+
+    panel: ClassVar[str] = "Sampling"
+
     temperature: float = 0.0
     """0 = greedy; > 0 samples."""
     top_k: int = 0
     """Sample from the k most likely tokens (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1 = off)."""
-    seed: int | None = None
-    """Seed for sampling (reproducible replies)."""
+    seed: int = 0
+    """Sampling seed, 0 by default as in every command: the same seed, prompt and settings give the same reply."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationConfig(Sampling):
+    panel: ClassVar[str] = "Generation"
+
+    mode: GenerationMode = "overfill"
+    """overfill (the full model prefills, the decoder decodes), full (the full model alone), pruned (the decoder alone), or speculative (the decoder drafts, the full model verifies: the full model's own reply)."""
+    max_new_tokens: int = 256
+    """Upper bound on reply tokens (the first, full-model token included)."""
     num_return_sequences: int = 1
     """Candidates per prompt; the prompt is prefilled once and its cache repeated."""
     stop: tuple[str, ...] = ()
@@ -67,32 +87,21 @@ class GenerationConfig:
     """Decode with a compiled step on a static KV cache (CUDA graphs on a GPU, inductor on a CPU; speculative mode: the drafts): --compile, --no-compile, or neither to let the command decide by device and workload (it says what it chose)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode not in GENERATION_MODES:
             raise OverfillError(f"--mode got unknown mode '{self.mode}': pick one of {', '.join(GENERATION_MODES)}")
-        if self.draft_tokens < 1:
-            raise OverfillError(f"--draft-tokens must be at least 1, got {self.draft_tokens}")
+        at_least(self, 1, "draft_tokens", "max_new_tokens", "num_return_sequences")
         if self.drafter not in DRAFTERS:
             raise OverfillError(f"--drafter got '{self.drafter}': pick {' or '.join(DRAFTERS)}")
         if self.mode == "speculative" and self.refresh_every:
             raise OverfillError("--refresh-every and speculative mode both hand tokens to the full model: pick one")
-        if self.max_new_tokens < 1:
-            raise OverfillError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        if self.num_return_sequences < 1:
-            raise OverfillError(f"num_return_sequences must be at least 1, got {self.num_return_sequences}")
         if self.refresh_every < 0:
             raise OverfillError(f"--refresh-every must be 0 (off) or a number of tokens, got {self.refresh_every}")
-        # One string is one stop string, not a tuple of its characters.
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        self.stop = as_tuple(self.stop)  # one string is one stop string, not a tuple of its characters
         if any(not s for s in self.stop):
             raise OverfillError("an empty stop string would end every reply at once: drop it")
         for stop in self.stop:
             check_utf8(stop, f"stop string {stop!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 # ---------------------------------------------------------------- the loop

@@ -12,7 +12,7 @@ A mode only chooses the pair (`OverFillModel.stages`):
     full:     prefill = full model,        decode = full model       (the quality ceiling)
     pruned:   prefill = decoder,           decode = decoder          (the paper's baseline)
 
-Checkpoint folder (DESIGN §2): overfill.json + decoder/ (a normal HF model folder).
+Checkpoint folder (docs/design.md, "Checkpoint format"): overfill.json + decoder/ (a normal HF model folder).
 Shapes: B rows, Tc context columns (left-padded), N reply tokens (right-padded), V vocabulary.
 """
 
@@ -22,20 +22,22 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Callable, ClassVar, Final, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
 from overfill import arch
 from overfill.atomic import atomic_folder, read_json_object
-from overfill.devices import default_dtype, resolve_device
+from overfill.config import Settings
+from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
 from overfill.errors import OverfillError
+from overfill.fingerprint import fingerprint
 from overfill.kv_cache import KVCache, crop_to
-from overfill.tensors import IGNORE, positions_from_mask
-from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype, fingerprint, load_model, resolve_model
+from overfill.loading import load_model, resolve_model
+from overfill.tensors import IGNORE, context_and_reply, label_cross_entropy, positions_from_mask, reply_labels
+from overfill.zoo import DEFAULT_MODEL
 
 Mode = Literal["overfill", "full", "pruned"]
 MODES: Final[tuple[str, ...]] = typing.get_args(Mode)
@@ -74,8 +76,7 @@ def prefill_with_reply(model: nn.Module, context_ids: torch.Tensor, context_mask
     (column Tc - 1 predicts y1: contexts are left-padded). Attention is causal, so the KV of the first
     Tc columns is what `prefill` of the context alone gives; positions follow the mask.
     """
-    inputs = torch.cat([context_ids, target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
-    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)
+    inputs, mask = context_and_reply(context_ids, context_mask, target_ids, target_mask)  # [B, Tc + N - 1]
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions_from_mask(mask), past_key_values=KVCache(),
                 use_cache=True, logits_to_keep=logits_to_keep)
     return out.logits, out.past_key_values
@@ -100,40 +101,47 @@ class HandoffLogits:
     first: torch.Tensor  # [B, V] the prefill model's prediction of y1
     rest: torch.Tensor  # [B, N-1, V] the predictions of y2..yN
     by_prefill: torch.Tensor | None = None  # [N-1] bool: which of `rest` the prefill model made (refresh); None = none
-    teacher: torch.Tensor | None = None  # [B, N-1, V] the prefill model's own predictions of y2..yN (handoff(teacher=True))
+    teacher: torch.Tensor | None = None  # [B, N-1, V] the prefill model's own predictions of y2..yN (handoff_with_teacher)
+
+
+# (prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask) -> HandoffLogits: `handoff`,
+# `handoff_with_teacher`, or the refresh schedule (refresh.refreshed_handoff); callers pick one.
+Handoff = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], HandoffLogits]
 
 
 def handoff(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor, context_mask: torch.Tensor,
-            target_ids: torch.Tensor, target_mask: torch.Tensor, refresh_every: int = 0,
-            teacher: bool = False) -> HandoffLogits:
+            target_ids: torch.Tensor, target_mask: torch.Tensor) -> HandoffLogits:
     """Figure 1 under teacher forcing: prefill the context, then decode the whole reply on that cache at once.
 
     The prefill stage never trains (in overfill mode it is the frozen full model), so it runs
-    without gradients; the decode stage keeps them when the caller is training. With
-    `refresh_every` K, the prefill-refresh schedule instead (refresh.py). With `teacher`, the
-    prefill model reads context + reply in one pass (distillation's teacher, train/distill_loss.py)
-    and the decoder reads that pass's KV cropped to the context: one prefill, not two.
+    without gradients; the decode stage keeps them when the caller is training.
     """
-    inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
-    if refresh_every and inputs.shape[1] >= refresh_every:
-        from overfill.refresh import refreshed_handoff
+    with torch.no_grad():
+        first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
+    return HandoffLogits(first, decode_reply(decode_model, first, cache, context_ids, context_mask, target_ids, target_mask))
 
-        return refreshed_handoff(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask,
-                                 refresh_every, teacher=teacher)
-    predicted = None
-    if teacher:
-        logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
-                                           target_ids.shape[1])  # [B, N, V]
-        crop_to(cache, context_ids.shape[1])  # cache of x
-        first, predicted = logits[:, 0].float(), logits[:, 1:]
-    else:
-        with torch.no_grad():
-            first, cache = prefill(prefill_model, context_ids, context_mask)  # cache of x
-    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)  # [B, Tc + N - 1]
+
+def handoff_with_teacher(prefill_model: nn.Module, decode_model: nn.Module, context_ids: torch.Tensor,
+                         context_mask: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> HandoffLogits:
+    """`handoff` whose prefill model reads context + reply in one pass, so its own predictions of y2..yN come back
+    too (distillation's teacher, train/distill_loss.py); the decoder reads that pass's KV cropped to the context:
+    one prefill, not two."""
+    logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
+                                       target_ids.shape[1])  # [B, N, V]
+    crop_to(cache, context_ids.shape[1])  # cache of x
+    first = logits[:, 0].float()
+    return HandoffLogits(first, decode_reply(decode_model, first, cache, context_ids, context_mask, target_ids, target_mask),
+                         teacher=logits[:, 1:])
+
+
+def decode_reply(decode_model: nn.Module, first: torch.Tensor, cache: DynamicCache, context_ids: torch.Tensor,
+                 context_mask: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """The decode stage under teacher forcing: y1..y_{N-1} on the context's `cache` -> predictions of y2..yN [B, N-1, V]."""
+    inputs = target_ids[:, :-1]  # y1..y_{N-1} predict y2..yN
     if inputs.shape[1] == 0:
-        return HandoffLogits(first, first.new_zeros(first.shape[0], 0, first.shape[-1]), teacher=predicted)
-    rest = decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
-    return HandoffLogits(first, rest, teacher=predicted)
+        return first.new_zeros(first.shape[0], 0, first.shape[-1])
+    _, mask = context_and_reply(context_ids, context_mask, target_ids, target_mask)  # [B, Tc + N - 1]
+    return decode(decode_model, inputs, mask, cache, start=context_mask.sum(-1))
 
 
 # ---------------------------------------------------------------- the model
@@ -156,7 +164,7 @@ class OverFillOutput:
     logits: torch.Tensor  # [B, N-1, V] decoder predictions of y2..yN
     tokens: int  # number of target tokens in the loss
     labels: torch.Tensor | None = None  # [B, N-1] y2..yN, IGNORE where a token is not in the loss
-    teacher: torch.Tensor | None = None  # [B, N-1, V] the full model's predictions of y2..yN (forward(teacher=True))
+    teacher: torch.Tensor | None = None  # [B, N-1, V] the full model's predictions of y2..yN (via a teacher handoff)
 
 
 def check_same_tokenizer(full_tokenizer, decoder_tokenizer) -> None:
@@ -205,31 +213,31 @@ class OverFillModel(nn.Module):
                 "pruned": (self.decoder, self.decoder)}[check_mode(mode)]
 
     def forward(self, context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
-                target_mask: torch.Tensor, refresh_every: int = 0, teacher: bool = False) -> OverFillOutput:
+                target_mask: torch.Tensor, via: Handoff = handoff) -> OverFillOutput:
         """Teacher-forced decoder loss on top of the frozen full model's context cache (paper §3.2).
 
         context_ids/mask [B, Tc] left-padded; target_ids/mask [B, N] right-padded (reply + end of
-        turn). y1 is the full model's job, so the loss covers the decoder's predictions of y2..yN;
-        with `refresh_every` K the decoder reads full-model KV for the blocks before its own, and
-        the tokens the full model picks after each block are left out too. With `teacher` the full
-        model's prefill runs over context + reply and its predictions come back for distillation.
+        turn). y1 is the full model's job, so the loss covers the decoder's predictions of y2..yN.
+        `via` is the teacher-forced handoff the caller picks: `handoff` (Figure 1),
+        `handoff_with_teacher` (the full model's predictions come back for distillation), or the
+        refresh schedule (refresh.refreshed_handoff: the decoder reads full-model KV for the blocks
+        before its own, and the tokens the full model picks after each block leave the loss too).
+        It is an argument, not a choice made here, so that the training wrapper (DDP) still runs
+        the whole loss inside this forward.
         """
         if target_ids.shape[1] < 2:
             raise OverfillError("targets need at least 2 tokens: the decoder's loss covers target tokens 2..N")
         if self.decoder.training and activation_checkpointing(self.decoder):
             # transformers' checkpointed layers silently drop past_key_values: the decoder would train
-            # without the full model's context (DESIGN §4).
+            # without the full model's context (docs/design.md, "Traps in transformers 5.x").
             raise OverfillError("gradient checkpointing drops the full model's cache from the decoder's layers: "
                                 "disable it on the decoder (modeling.disable_activation_checkpointing(decoder))")
-        stages = handoff(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask, refresh_every,
-                         teacher=teacher)
-        logits = stages.rest
-        labels = target_ids[:, 1:].masked_fill(target_mask[:, 1:] == 0, IGNORE)  # [B, N-1]
+        stages = via(self.full, self.decoder, context_ids, context_mask, target_ids, target_mask)
+        labels = reply_labels(target_ids, target_mask)  # [B, N-1]
         if stages.by_prefill is not None:
             labels = labels.masked_fill(stages.by_prefill[None, :], IGNORE)  # the full model's picks, not the decoder's
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        return OverFillOutput(loss=loss, logits=logits, tokens=int((labels != IGNORE).sum()), labels=labels,
-                              teacher=stages.teacher)
+        loss, tokens = label_cross_entropy(stages.rest, labels)
+        return OverFillOutput(loss=loss, logits=stages.rest, tokens=tokens, labels=labels, teacher=stages.teacher)
 
     # ------------------------------------------------------------ identity
 
@@ -360,13 +368,15 @@ def read_checkpoint_meta(folder: Path) -> dict:
 
 
 @dataclass(unsafe_hash=True)  # hashable: eval groups entries that share one source
-class ModelSource:
+class ModelSource(Settings):
     """Where a command's OverFill model comes from, and where it runs (generate, chat, eval, bench)."""
+
+    panel: ClassVar[str] = "Model"
 
     checkpoint: str | None = None
     """OverFill checkpoint folder (from `overfill train`); or use --model with --decoder."""
     model: str | None = None
-    """Full model (zoo name, folder or hub id; default smollm2-135m-instruct); with a checkpoint, it replaces the one the checkpoint records."""
+    """Full model (zoo name, folder or hub id); default: the one a checkpoint records, else smollm2-135m-instruct (unset rather than that name, so that a checkpoint's own is kept unless you replace it)."""
     decoder: str | None = None
     """Pruned decoder folder (from `overfill prune`, or a checkpoint's decoder/), paired with --model."""
     dtype: Dtype | None = None
@@ -379,6 +389,7 @@ class ModelSource:
     """Where both models run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
 
     def __post_init__(self):
+        super().__post_init__()
         # The device is checked here, before any model loads: a missing GPU is one error line, at once.
         self.device = str(resolve_device(self.device))
         self.dtype = self.dtype or default_dtype(torch.device(self.device))

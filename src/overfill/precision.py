@@ -18,14 +18,20 @@ bfloat16). Only the decoder changes:
 
 Whether bfloat16 pays depends on the CPU: with AVX512-BF16 or AMX it is native; without (AMD Zen3,
 AVX2 only) matrix-matrix products were measured ~400x slower than float32, while matrix-vector
-products at batch 1 can still gain from the halved bytes. `dtype_advice` says so before a run;
-`overfill bench --decoder-dtypes` measures it on the machine at hand.
+products at batch 1 can still gain from the halved bytes. And instruction sets do not settle it:
+on a Xeon with AVX512-BF16 but no AMX, an int8 decoder ran at 0.97-1.07x the float32 decoder's
+speed and a bfloat16 one at 0.6-0.77x, while on an AMD EPYC the int8 one ran at 1.8x. So the speed
+is measured, once per machine (`decoder_speedup`: a batch-1 decode-shaped step in each dtype beside
+float32, a few seconds, cached in `$OVERFILL_HOME`), and converting a decoder on a CPU warns in one
+line where its dtype is no faster than float32 there. `overfill bench --decoder-dtypes` measures
+the real decoder.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import time
 import typing
 import warnings
@@ -35,7 +41,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from overfill.atomic import atomic_write_text
+from overfill.devices import cpu_info
 from overfill.errors import OverfillError, OverfillWarning
+from overfill.home import overfill_home
 
 DecoderDtype = Literal["float32", "bfloat16", "int8"]
 DECODER_DTYPES: tuple[str, ...] = typing.get_args(DecoderDtype)
@@ -87,14 +96,14 @@ def set_decoder_dtype(decoder: nn.Module, dtype: str, batch: int = 1, kernels: s
     """Convert `decoder` in place to `dtype` (from float32 weights, on its device) and return it; warns where it may be
     slower here. int8 `kernels` default to the device's (`int8_kernels`)."""
     check_decoder_dtype(dtype)
+    device = next(decoder.parameters()).device
     if dtype == "bfloat16":
-        _advise(dtype, batch)
+        _advise(dtype, batch, device)
         decoder.to(torch.bfloat16)
     elif dtype == "int8" and decoder_dtype(decoder) != "int8":
-        _advise(dtype, batch)
+        _advise(dtype, batch, device)
         quantization = _torchao()
         quantization.quantize_(decoder, quantization.Int8WeightOnlyConfig())
-        device = next(decoder.parameters()).device
         if (kernels or int8_kernels(device)) == "pytorch":
             for parent in list(decoder.modules()):
                 for name, child in parent.named_children():
@@ -103,10 +112,108 @@ def set_decoder_dtype(decoder: nn.Module, dtype: str, batch: int = 1, kernels: s
     return decoder
 
 
-def _advise(dtype: str, batch: int) -> None:
-    advice = dtype_advice(dtype, batch)
+def _advise(dtype: str, batch: int, device: torch.device) -> None:
+    advice = (measured_advice(dtype) if device.type == "cpu" else None) or dtype_advice(dtype, batch)
     if advice:
         warnings.warn(advice, OverfillWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------- is it faster here? measured once per machine
+
+# Below this speed-up over float32 a lower-precision decoder counts as no faster: run-to-run noise on
+# a shared machine is of this order, and a gain within it does not pay for the lost precision.
+FASTER = 1.1
+SPEED_CACHE = "decoder_speed.json"  # in $OVERFILL_HOME
+
+
+def speed_key(dtype: str) -> str:
+    """What a measured speed-up holds for: this CPU model, this torch (its kernels), the dtype."""
+    return f"{cpu_info()['name']} | torch {torch.__version__} | {dtype}"
+
+
+def measure_speedup(dtype: str, seconds: float = 2.0, width: int = 1024) -> float:
+    """float32 time over `dtype` time of a decode-shaped step at batch 1 on this CPU.
+
+    The step is an MLP block's two products, [width -> 4 width -> width] (32 MB of float32 weights at
+    1024: more than the caches hold, as a decoder's weights are, so the bytes read count), on the
+    layers the real decoder gets (bfloat16 weights, or `Int8Linear`). The two alternate round by
+    round, so a busy machine slows both alike; best round of each, for about `seconds`.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(4 * width, width, generator=generator) / width ** 0.5,
+               torch.randn(width, 4 * width, generator=generator) / (4 * width) ** 0.5]
+    x = torch.randn(1, width, generator=generator)
+    if dtype == "bfloat16":
+        low, x_low = [w.to(torch.bfloat16) for w in weights], x.to(torch.bfloat16)
+        low_step = lambda: nn.functional.linear(nn.functional.linear(x_low, low[0]), low[1])  # noqa: E731
+    elif dtype == "int8":
+        layers = []
+        for w in weights:
+            scale = w.abs().amax(1) / 127
+            layers.append(Int8Linear(torch.round(w / scale[:, None]).to(torch.int8), scale))
+        low_step = lambda: layers[1](layers[0](x))  # noqa: E731
+    else:
+        raise ValueError(f"no lower precision to measure: {dtype}")
+    steps = {"float32": lambda: nn.functional.linear(nn.functional.linear(x, weights[0]), weights[1]), dtype: low_step}
+    best = dict.fromkeys(steps, float("inf"))
+    with torch.inference_mode():
+        for step in steps.values():
+            step()  # first calls pick kernels and allocate
+        deadline, rounds = time.perf_counter() + seconds, 0
+        while rounds < 3 or (time.perf_counter() < deadline and rounds < 1000):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                for _ in range(4):
+                    step()
+                best[name] = min(best[name], time.perf_counter() - start)
+            rounds += 1
+    return best["float32"] / best[dtype]
+
+
+def decoder_speedup(dtype: str, measure=None) -> float:
+    """How many times faster than float32 a `dtype` decoder steps on this CPU (1.0 for float32 itself).
+
+    Measured by `measure(dtype)` (default `measure_speedup`) the first time on a machine (per CPU model, torch version and dtype:
+    `speed_key`) and read from $OVERFILL_HOME/decoder_speed.json after that. A cache that cannot be
+    read is measured again; one that cannot be written only costs the next run the measurement.
+    """
+    if dtype == "float32":
+        return 1.0
+    path, key = overfill_home() / SPEED_CACHE, speed_key(dtype)
+    try:
+        known = json.loads(path.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("speedup"), (int, float)):
+        return float(entry["speedup"])
+    speedup = float((measure or measure_speedup)(dtype))
+    known[key] = {"speedup": round(speedup, 3), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass
+    return speedup
+
+
+def speed_advice(dtype: str, speedup: float) -> str | None:
+    """The one warning line for a `dtype` decoder that measured `speedup` times float32 here, or None when it is faster."""
+    if dtype == "float32" or speedup >= FASTER:
+        return None
+    return (f"the {dtype} decoder measured {speedup:.2f}x the float32 decoder's speed on this CPU ({cpu_info()['name']}, "
+            f"torch {torch.__version__}): no faster here, at lower precision; --decoder-dtype float32 decodes as fast")
+
+
+def measured_advice(dtype: str) -> str | None:
+    """`speed_advice` from this machine's measured speed-up (measured now if it never was)."""
+    return None if dtype == "float32" else speed_advice(dtype, decoder_speedup(dtype))
+
+
+def speedup_summary(dtypes: tuple[str, ...] = ("bfloat16", "int8"), measure=None) -> str:
+    """One line a benchmark can print: each dtype's measured decode speed-up over float32 on this CPU."""
+    parts = [f"{d} {decoder_speedup(d, measure):.2f}x" for d in dtypes if d != "float32"]
+    return f"decoder step vs float32 on this CPU (batch 1, measured once per machine): {', '.join(parts)}"
 
 
 # ---------------------------------------------------------------- int8 weights, PyTorch's fused kernel

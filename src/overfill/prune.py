@@ -1,4 +1,4 @@
-"""Minitron-style static width pruning that keeps KV caches compatible (DESIGN §1 "Pruning").
+"""Minitron-style static width pruning that keeps KV caches compatible (docs/design.md, "Pruning").
 
 1. Run the full model over calibration chats; hooks record, in every layer, the outputs of both
    RMSNorms ([B, T, D]) and the input of the MLP down projection ([B, T, I]).
@@ -24,18 +24,21 @@ from tqdm.auto import tqdm
 
 from overfill import arch
 from overfill.atomic import atomic_folder, check_writable
+from overfill.config import Settings, at_least
 from overfill.data.calibration import bundled_calibration_records, calibration_ids
 from overfill.data.records import read_records
 from overfill.devices import model_device, resolve_device
 from overfill.errors import OverfillError
+from overfill.fingerprint import fingerprint
+from overfill.loading import load_config, load_model, resolve_model
 from overfill.tensors import left_pad, pad_id_of, positions_from_mask
-from overfill.zoo import DEFAULT_MODEL, fingerprint, load_config, load_model, resolve_model
+from overfill.zoo import DEFAULT_MODEL
 
 BUNDLED_CALIBRATION = "bundled"
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(Settings):
     model: str = DEFAULT_MODEL
     """Full model to prune: a zoo name, a local HF folder or a hub id."""
     out: str = "runs/pruned"
@@ -70,6 +73,7 @@ class PruneConfig:
     """Where the calibration batches run (in float32): auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
 
     def __post_init__(self):
+        super().__post_init__()
         self.device = str(resolve_device(self.device))
         for name in ("ratio", "hidden_ratio", "mlp_ratio"):
             value = getattr(self, name)
@@ -79,9 +83,7 @@ class PruneConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise OverfillError(f"--{name.replace('_', '-')} must be a positive width, got {value}")
-        for name in ("multiple_of", "calib_samples", "calib_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "multiple_of", "calib_samples", "calib_len", "batch_size")
 
 
 @dataclass
@@ -227,7 +229,7 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def slice_state_dict(state: dict[str, torch.Tensor], hidden_idx: torch.Tensor, mlp_idx: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Apply DESIGN §1 step 6 to every weight; anything not on a pruned axis is copied unchanged."""
+    """Apply docs/design.md, "Pruning", step 5 to every weight; anything not on a pruned axis is copied unchanged."""
     out = {}
     for key, tensor in state.items():
         match = _LAYER_KEY.match(key)

@@ -7,17 +7,21 @@ first); its KV replaces the decoder's for the block, so the decoder goes on read
 for everything before its current block, and its last logits pick the next token, as after the
 prompt. `refresh` is that step in generation (generation.generate_ids calls it at steps K, 2K, ...);
 `refreshed_handoff` is the same schedule under teacher forcing, the whole reply in one pass, for
-scoring and for training the decoder on it (`--refresh-every`).
+scoring and for training the decoder on it (`--refresh-every`); `teacher_forcing` picks it, or the
+plain handoff, for a given K.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
 from overfill.kv_cache import crop_to
-from overfill.modeling import HandoffLogits, prefill, prefill_with_reply
+from overfill.modeling import Handoff, HandoffLogits, handoff, handoff_with_teacher, prefill, prefill_with_reply
+from overfill.tensors import context_and_reply
 
 
 def refresh(full_model, block: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache, block_start: int,
@@ -57,12 +61,18 @@ def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context
     KV, appended after the full model's:
 
         keys   = [context (Tc) | reply, full model's KV (N-1) | reply, decoder's KV (N-1)]
+
+    A reply shorter than one block is never refreshed: it runs the plain handoff (with the teacher's
+    predictions when `teacher`).
     """
     batch, tc = context_ids.shape
     m = target_ids.shape[1] - 1
+    if m < every:
+        plain = handoff_with_teacher if teacher else handoff
+        return plain(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask)
     inputs, input_mask = target_ids[:, :-1], target_mask[:, :-1]
     by_prefill = refresh_schedule(m, every).to(context_ids.device)
-    mask = torch.cat([context_mask, input_mask], dim=1)  # [B, Tc + N - 1]
+    _, mask = context_and_reply(context_ids, context_mask, target_ids, target_mask)  # [B, Tc + N - 1]
     keep = torch.cat([torch.tensor([tc - 1], device=mask.device), tc + by_prefill.nonzero().flatten()])
     logits, cache = prefill_with_reply(prefill_model, context_ids, context_mask, target_ids, target_mask,
                                        m + 1 if teacher else keep)
@@ -82,3 +92,11 @@ def refreshed_handoff(prefill_model: nn.Module, decode_model: nn.Module, context
                        past_key_values=cache, use_cache=True)
     rest = out.logits.index_copy(1, by_prefill.nonzero().flatten(), picked.to(out.logits.dtype))
     return HandoffLogits(first.float(), rest, by_prefill, teacher=predicted)
+
+
+def teacher_forcing(every: int = 0, teacher: bool = False) -> Handoff:
+    """The teacher-forced handoff for refresh interval `every` (0: none): what scoring and training run.
+    With `teacher`, the prefill model's own predictions of y2..yN come back too (distillation)."""
+    if every:
+        return partial(refreshed_handoff, every=every, teacher=teacher)
+    return handoff_with_teacher if teacher else handoff

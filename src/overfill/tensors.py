@@ -1,14 +1,16 @@
-"""Tensor helpers every stage shares: padding, mask-derived positions, the pad id, the ignored label.
+"""Tensor helpers every stage shares: padding, mask-derived positions, the pad id, and teacher forcing's
+inputs, labels and cross-entropy (written once for the OverFill loss, the standalone baselines and distillation).
 
 Contexts are left-padded everywhere in overfill (so every row's last column is its last real
 token, where the first reply token is predicted) and replies right-padded. Positions always
 follow the attention mask, never the column: a padded row sees exactly the positions it would
-see alone (DESIGN §2 "Batching rules").
+see alone (docs/design.md, "Batching rules").
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE = -100  # label of a position that is not scored (cross_entropy's ignore_index)
 
@@ -58,3 +60,25 @@ def positions_from_mask(mask: torch.Tensor, new_tokens: int | None = None,
     if past_lengths is not None:
         positions = positions + past_lengths[:, None]
     return positions.clamp(min=0)
+
+
+def context_and_reply(context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
+                      target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher forcing's input columns: the left-padded context, then reply tokens y1..y_{N-1} (each predicts
+    the next; yN predicts nothing) -> ids and mask [B, Tc + N - 1]."""
+    ids = torch.cat([context_ids, target_ids[:, :-1]], dim=1)
+    mask = torch.cat([context_mask, target_mask[:, :-1]], dim=1)
+    return ids, mask
+
+
+def reply_labels(target_ids: torch.Tensor, target_mask: torch.Tensor, first: int = 1) -> torch.Tensor:
+    """Labels of reply tokens first+1..N, [B, N-first]; padding -> IGNORE. first=1 leaves y1 out (the full
+    model's pick in OverFill mode), first=0 keeps it (a model that prefills for itself)."""
+    return target_ids[:, first:].masked_fill(target_mask[:, first:] == 0, IGNORE)
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of logits [B, M, V] against labels [B, M] over the labels that are not IGNORE, in
+    float32 whatever the logits' dtype; and how many that is (the loop weights micro-batches by it)."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return loss, int((labels != IGNORE).sum())

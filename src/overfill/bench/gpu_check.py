@@ -237,8 +237,8 @@ def training_step(device: torch.device) -> dict:
 
 def paper_model(preset: dict, device: torch.device):
     from overfill.bench.synthetic import byte_tokenizer, paper_pair
+    from overfill.devices import check_dtype
     from overfill.modeling import OverFillModel
-    from overfill.zoo import check_dtype
 
     full, decoder = paper_pair(check_dtype(preset["dtype"]), device, scale=preset["scale"])
     # Byte tokens are valid ids of any vocabulary: the bench's prompts (chat text of exact lengths) serve as they are.

@@ -1,14 +1,14 @@
 """`overfill bench`: prefill and decode latency of each mode, split as in the paper's Figures 3-5.
 
 Every mode runs through the one generation loop (`generation.generate_ids`), so the three rows
-differ only in which model prefills and which decodes (DESIGN §2 "Modes"):
+differ only in which model prefills and which decodes (docs/design.md, "Modes"):
 
     overfill  full prefill + first token, decoder decodes   (paper §3)
     full      the full model does everything                (the latency to beat)
     pruned    the decoder does everything                   (the paper's baseline)
 
 Reference rows run Hugging Face `generate` the same way: the full model alone, and assisted
-generation with the decoder as the assistant (it keeps its own cache; DESIGN §4).
+generation with the decoder as the assistant (it keeps its own cache; docs/design.md, "Traps in transformers 5.x").
 
 What is measured (all fp32, `torch.inference_mode`, greedy, EOS disabled so every run has the
 asked length; modes interleaved in rotating order within each repeat so that machine drift hits

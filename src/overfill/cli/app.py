@@ -53,7 +53,7 @@ def _register_commands() -> None:
                        help="The recipe at laptop scale: the full model's own replies, OverFill and the pruned baseline trained on them, agreement, chat.")
     add_config_command(app, "prune", PruneConfig, run_prune,
                        help="Width-prune a model into a KV-compatible decoder (Minitron-style activation scores).")
-    add_config_command(app, "train", TrainConfig, run_train,
+    add_config_command(app, "train", TrainConfig, run_train, renamed={"max_examples": "limit"},
                        help="Train the OverFill decoder on the frozen full model's cache, or a baseline (--mode pruned|full).")
     add_config_command(app, "distill", DistillConfig, run_distill,
                        help="The full model's own replies to a file of prompts, as a chat JSONL for `overfill train` (resumable).")

@@ -28,14 +28,11 @@ out = Console()
 
 @dataclass
 class GenerationCommand(GenerationConfig, ModelSource):
-    """What generate and chat share: where the model comes from, and how replies are generated."""
-
-    def __post_init__(self):
-        ModelSource.__post_init__(self)
-        GenerationConfig.__post_init__(self)
+    """What generate and chat share: where the model comes from, and how replies are generated (each group's
+    checks run through the cooperative `__post_init__` chain, overfill/config.py)."""
 
     def generation(self) -> GenerationConfig:
-        return GenerationConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)})
+        return self.view(GenerationConfig)
 
 
 @dataclass
@@ -93,8 +90,8 @@ class ConvertCommand(ModelSource):
 
 
 def run_prune(config) -> None:
-    from overfill.cli.report import print_prune_summary
     from overfill.prune import prune
+    from overfill.prune_report import print_prune_summary
 
     result = prune(config)
     print_prune_summary(out, result.record, result.out)

@@ -1,4 +1,4 @@
-"""Calibration text for pruning (DESIGN §1 "Pruning", step 1): the bundled chats, or records of a file as token ids.
+"""Calibration text for pruning (docs/design.md, "Pruning", step 1): the bundled chats, or records of a file as token ids.
 
 Calibration reads whole chats, context and reply alike, since the decoder will compute both:
 activations of the reply matter as much as those of the prompt. Plain {"text": ...} records

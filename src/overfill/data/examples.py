@@ -1,10 +1,10 @@
-"""Chat records from files turned into (context, target) training pairs (DESIGN §1).
+"""Chat records from files turned into (context, target) training pairs (docs/design.md, "The method").
 
 Records are read and their shapes (chat messages, ShareGPT, Alpaca, prompt/response fields)
 brought to a chat by records.py; plain {"text": ...} records serve calibration only (there is no
 reply to split off, calibration.py).
 
-The split (paper §3.2, with the handoff fixed as DESIGN §1 says): the context is exactly what
+The split (paper §3.2, with the handoff fixed as docs/design.md, "The method", says): the context is exactly what
 `apply_chat_template(turns before the final reply, add_generation_prompt=True)` renders, the
 target is the reply's tokens up to and including the end-of-turn token, at training and at
 inference alike. `load_examples` does it for a whole file and says which records it skipped and
@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from overfill.config import Settings, at_least
 from overfill.data.records import all_utf8, check_text_file, read_records, record_to_messages
 from overfill.errors import OverfillError
 from overfill.tensors import left_pad, right_pad
@@ -265,8 +266,13 @@ def check_data_path(path: str, flag: str) -> None:
 
 
 @dataclass
-class RecordFields:
+class RecordFields(Settings):
     """Which file to read and how its records become (context, reply) pairs: what training and evaluation share."""
+
+    panel: ClassVar[str] = "Data"
+
+    # Whether a prompt field may come without a response field (evaluation's agreement measures need no replies).
+    prompts_alone_allowed: ClassVar[bool] = False
 
     data: str = ""
     """A JSONL/JSON file of chat messages, ShareGPT, Alpaca, or prompt/response records."""
@@ -280,16 +286,20 @@ class RecordFields:
     """Keep at most this many reply tokens (the start of the reply is kept)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.data:
             raise OverfillError("no data file given: pass --data FILE.jsonl")
-        check_data_path(self.data, "--data")
-        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
-        if bool(self.prompt_field) != bool(self.response_field):
+        alone = bool(self.prompt_field) and not self.response_field and not self.prompts_alone_allowed
+        if alone or (self.response_field and not self.prompt_field):
             raise OverfillError("--prompt-field and --response-field go together: pass both (e.g. question and answer) or neither")
-        if self.max_context is not None and self.max_context < 1:
-            raise OverfillError(f"--max-context must be at least 1, got {self.max_context}")
+        at_least(self, 1, "max_context")
         if self.max_target is not None and self.max_target < 2:
             raise OverfillError(f"--max-target must be at least 2 (the decoder learns reply tokens 2..N), got {self.max_target}")
+
+    def check_files(self) -> None:
+        super().check_files()
+        check_data_path(self.data, "--data")
+        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
 
     def read(self, tokenizer, *, path: str | None = None, limit: int | None = None) -> LoadedData:
         """The (context, reply) pairs of `path` (default: --data), read with these fields and limits."""
@@ -302,25 +312,27 @@ class RecordFields:
 class DataConfig(RecordFields):
     """Training data: RecordFields plus the validation split."""
 
+    panel: ClassVar[str] = "Data"
+
     val_data: str | None = None
     """Separate validation file; without it, --val-size examples of --data are held out (chosen by --seed)."""
     val_size: int = 100
     """Validation examples (held out of --data, or the first ones of --val-data); 0 = no validation."""
-    max_examples: int | None = None
-    """Read only the first N usable examples of --data, validation hold-out included (quick runs)."""
+    limit: int | None = None
+    """Read only the first N usable examples of --data, validation hold-out included (quick runs); the name every command uses for it (formerly --max-examples)."""
     seed: int = 0
     """Seed for the validation hold-out (and, in training, for data order and initialisation)."""
 
     def __post_init__(self):
         super().__post_init__()
+        at_least(self, 0, "val_size")
+        at_least(self, 1, "limit")
+
+    def check_files(self) -> None:
+        super().check_files()
         if self.val_data:
             check_data_path(self.val_data, "--val-data")
-        if self.val_data:
             check_text_file(self.val_data)
-        if self.val_size < 0:
-            raise OverfillError(f"--val-size must be 0 or more, got {self.val_size}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise OverfillError(f"--max-examples must be at least 1, got {self.max_examples}")
 
 
 @dataclass
@@ -346,7 +358,7 @@ def split_train_val(examples: list[Example], val_size: int, seed: int) -> tuple[
 
 def load_data(config: DataConfig, tokenizer) -> DataSplits:
     """Training and validation examples as `config` says (separate file, or a seeded hold-out)."""
-    train = config.read(tokenizer, limit=config.max_examples)
+    train = config.read(tokenizer, limit=config.limit)
     if config.val_data:
         val = config.read(tokenizer, path=config.val_data, limit=config.val_size) if config.val_size else None
         return DataSplits(train.examples, val.examples if val else [], [train] + ([val] if val else []))

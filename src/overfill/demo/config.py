@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from overfill.config import Settings, at_least
 from overfill.devices import resolve_device
 from overfill.engines import EngineOrAuto
 from overfill.errors import OverfillError
@@ -15,7 +16,7 @@ PRESETS = {"default": (320, 96, 80, 32), "quick": (32, 40, 8, 12)}
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Settings):
     """The general-purpose recipe at demo scale: distil the full model's own replies, train both decoders on them,
     measure agreement with the full model on held-out prompts, and chat with all three.
 
@@ -67,6 +68,7 @@ class DemoConfig:
     def __post_init__(self):
         from overfill.demo.prompts import demo_prompts
 
+        super().__post_init__()
         self.device = str(resolve_device(self.device))
         if not 0 <= self.ratio < 1:
             raise OverfillError(f"--ratio must be in [0, 1), got {self.ratio}")
@@ -76,9 +78,7 @@ class DemoConfig:
         for name, value in zip(("prompts", "max_new_tokens", "steps", "heldout"), preset):
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        for name in ("prompts", "steps", "heldout", "batch_size"):
-            if getattr(self, name) < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "prompts", "steps", "heldout", "batch_size")
         if self.max_new_tokens < 2:
             raise OverfillError(f"--max-new-tokens must be at least 2 (the decoder writes reply tokens 2..N), got {self.max_new_tokens}")
         if not self.lr > 0:

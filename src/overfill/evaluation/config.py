@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
+from overfill.config import as_tuple, at_least, comma_list, whole_numbers
 from overfill.data import Example, LoadedData, RecordFields, truncate
 from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
@@ -57,7 +58,9 @@ def parse_entry(spec: str) -> ModelEntry:
 
 @dataclass
 class EvalConfig(ModelSource, RecordFields):
-    entries: tuple[str, ...] = ("full", "pruned", "overfill")
+    prompts_alone_allowed: ClassVar[bool] = True  # with --no-nll: the agreement measures need no reference replies
+
+    entries: tuple[str, ...] = comma_list(("full", "pruned", "overfill"))
     """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used."""
     out: str = "runs/eval"
     """Output folder: results.json, per_position.json + per_position.png (NLL), agreement_per_position.json + .png (agreement), replies.jsonl (replies)."""
@@ -85,36 +88,27 @@ class EvalConfig(ModelSource, RecordFields):
     """Also evaluate every overfill entry with prefill refresh every K reply tokens (repeat or comma-separate for a sweep, e.g. 8,16,32): one more entry per K, named NAME+refreshK. Our own engine only."""
     draft_tokens: tuple[int, ...] = ()
     """Also evaluate every overfill entry's decoder as the drafter of speculative decoding with K draft tokens per pass of the full model (e.g. 2,4,8): one more entry per K, named NAME+specK (NAME+specK/pruned for the pruned drafter), with its acceptance rate. Our own engine only."""
-    drafters: tuple[str, ...] = ("overfill",)
+    drafters: tuple[str, ...] = comma_list(("overfill",))
     """With --draft-tokens: overfill (the decoder drafts on the full model's cache) and/or pruned (on a cache of its own, as a standalone draft model does)."""
-    decoder_dtypes: tuple[str, ...] = ()
+    decoder_dtypes: tuple[str, ...] = comma_list(())
     """Also evaluate every overfill entry with its decoder in each of these dtypes (float32, bfloat16, int8): one more entry per dtype, named NAME@DTYPE."""
 
     def __post_init__(self):
-        if self.prompts_alone:
-            if self.nll:
-                raise OverfillError("--prompt-field without --response-field reads prompts alone, and the reference NLL needs "
-                                    "replies: pass --response-field, or --no-nll to measure agreement with the full model alone")
-            # RecordFields refuses a prompt field alone (training needs replies): its other checks, on the pair's stand-in.
-            RecordFields(data=self.data, prompt_field=self.prompt_field, response_field=self.prompt_field,
-                         max_context=self.max_context, max_target=self.max_target)
-        else:
-            RecordFields.__post_init__(self)
-        ModelSource.__post_init__(self)
-        specs = [self.entries] if isinstance(self.entries, str) else list(self.entries)
-        self.entries = tuple(s.strip() for spec in specs for s in spec.split(",") if s.strip())  # 'full,overfill' works too
+        if self.prompts_alone and self.nll:
+            raise OverfillError("--prompt-field without --response-field reads prompts alone, and the reference NLL needs "
+                                "replies: pass --response-field, or --no-nll to measure agreement with the full model alone")
+        super().__post_init__()  # ModelSource's checks, then RecordFields'
+        self.entries = tuple(spec.strip() for spec in as_tuple(self.entries) if spec.strip())
         if not self.entries:
             raise OverfillError("no models to evaluate: pass at least one entry, e.g. overfill, full, pruned")
-        self.refresh_every = _counts(self.refresh_every, "--refresh-every")
-        self.draft_tokens = _counts(self.draft_tokens, "--draft-tokens")
-        drafters = [self.drafters] if isinstance(self.drafters, str) else list(self.drafters)
-        self.drafters = tuple(dict.fromkeys(d.strip() for v in drafters for d in str(v).split(",") if d.strip()))
+        self.refresh_every = whole_numbers(self.refresh_every, "refresh_every")
+        self.draft_tokens = whole_numbers(self.draft_tokens, "draft_tokens")
+        self.drafters = tuple(dict.fromkeys(as_tuple(self.drafters)))
         if not self.drafters or any(d not in DRAFTERS for d in self.drafters):
             raise OverfillError(f"--drafters got '{','.join(self.drafters)}': pick from {', '.join(DRAFTERS)}")
         if self.draft_tokens and self.generate and self.engine != "torch":
             raise OverfillError("speculative entries (--draft-tokens) run on our own engine only: pass --engine torch")
-        dtypes = [self.decoder_dtypes] if isinstance(self.decoder_dtypes, str) else list(self.decoder_dtypes)
-        self.decoder_dtypes = tuple(dict.fromkeys(d.strip() for v in dtypes for d in str(v).split(",") if d.strip()))
+        self.decoder_dtypes = tuple(dict.fromkeys(as_tuple(self.decoder_dtypes)))
         for dtype in self.decoder_dtypes:
             check_decoder_dtype(dtype, "--decoder-dtypes")
         parsed = self.model_entries()
@@ -136,10 +130,7 @@ class EvalConfig(ModelSource, RecordFields):
         for e in parsed:
             if e.checkpoint is None and self.checkpoint is None and self.decoder is None and e.mode != "full":
                 raise OverfillError(f"model entry '{e.name}' (mode {e.mode}) needs a decoder: add :CHECKPOINT, or pass --checkpoint or --decoder")
-        for name in ("limit", "batch_size", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        at_least(self, 1, "limit", "batch_size", "max_new_tokens")
         check_engine(self.engine)
         if self.engine != "torch" and not self.generate:
             raise OverfillError(f"--engine {self.engine} only generates replies, and --no-generate turns them off: drop one of the two")
@@ -200,19 +191,5 @@ class EvalConfig(ModelSource, RecordFields):
         """Where an entry's model comes from: its own checkpoint, or the shared source."""
         decoder_dtype = entry.decoder_dtype or self.decoder_dtype
         if entry.checkpoint:
-            return ModelSource(checkpoint=entry.checkpoint, model=self.model, dtype=self.dtype,
-                               trust_remote_code=self.trust_remote_code, decoder_dtype=decoder_dtype, device=self.device)
-        return ModelSource(self.checkpoint, self.model, self.decoder, self.dtype, self.trust_remote_code, decoder_dtype,
-                           self.device)
-
-
-def _counts(value, flag: str) -> tuple[int, ...]:
-    """'8,16' or [8, 16] or ['8,16'] -> (8, 16): token counts of at least 1, in the order given, once each."""
-    values = [value] if isinstance(value, (int, str)) else list(value or ())
-    try:
-        counts = tuple(dict.fromkeys(int(k) for v in values for k in str(v).split(",") if k.strip()))
-    except ValueError:
-        raise OverfillError(f"{flag} takes token counts, e.g. 8,16,32; got {','.join(map(str, values))}") from None
-    if any(k < 1 for k in counts):
-        raise OverfillError(f"{flag} takes token counts of at least 1, got {min(counts)}")
-    return counts
+            return self.view(ModelSource, checkpoint=entry.checkpoint, decoder=None, decoder_dtype=decoder_dtype)
+        return self.view(ModelSource, decoder_dtype=decoder_dtype)

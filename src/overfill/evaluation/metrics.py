@@ -1,4 +1,4 @@
-"""The numbers `overfill eval` reports from teacher-forced token scores (DESIGN §1 "Measuring it honestly");
+"""The numbers `overfill eval` reports from teacher-forced token scores (docs/design.md, "Measuring it honestly");
 agreement.py turns them, and greedy replies, into agreement with the full model.
 
 Token 1 is always reported apart: in OverFill it comes from the full model's prefill logits,

@@ -1,4 +1,4 @@
-"""`overfill eval`: held-out evaluation of OverFill models against the full model (DESIGN §1 "Measuring it honestly").
+"""`overfill eval`: held-out evaluation of OverFill models against the full model (docs/design.md, "Measuring it honestly").
 
 For each named entry (a checkpoint evaluated in a mode: overfill / full / pruned) on a held-out file:
 
@@ -60,6 +60,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
     """
     started = time.perf_counter()
     say = console.print if console is not None else (lambda *a, **k: None)
+    config.check_files()  # the held-out file, before any model loads
     # Checked now, created only when there are results: a run that fails leaves no empty folder behind.
     out = check_writable(config.out, "--out")
     engine_version = _engine_version(config) if config.generate else None

@@ -15,7 +15,7 @@ import torch
 from overfill.data import collate
 from overfill.devices import model_device
 from overfill.generation import Endings, GenerationConfig, decode_batch
-from overfill.modeling import handoff
+from overfill.refresh import teacher_forcing
 from overfill.tensors import pad_id_of
 
 
@@ -46,7 +46,7 @@ def reply_logprobs(model, mode: str, context_ids: torch.Tensor, context_mask: to
     device = model_device(prefill_model)
     context_ids, context_mask, target_ids, target_mask = (t.to(device) for t in (context_ids, context_mask, target_ids,
                                                                                    target_mask))
-    stages = handoff(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask, every)
+    stages = teacher_forcing(every)(prefill_model, decode_model, context_ids, context_mask, target_ids, target_mask)
     step_logits = [stages.first[:, None], stages.rest]  # [B, 1, V] predicts y1, [B, N-1, V] y2..yN
     logprobs = torch.zeros(target_ids.shape, dtype=torch.float32, device=device)
     hits = torch.zeros(target_ids.shape, dtype=torch.bool, device=device)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from overfill.config import at_least, comma_list
 from overfill.errors import OverfillError
 from overfill.evaluation.config import EvalConfig
 
 
 @dataclass
 class FrontierConfig(EvalConfig):
-    entries: tuple[str, ...] = ("full", "pruned", "overfill")
+    entries: tuple[str, ...] = comma_list(("full", "pruned", "overfill"))
     """Configurations to place (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT] as in `overfill eval`: give the pruned baseline its own checkpoint (e.g. pruned=pruned:runs/gsm8k/pruned, trained with --mode pruned); every overfill entry adds its refresh, speculative and dtype variants."""
     out: str = "runs/frontier"
     """Output folder: frontier.json, frontier.png, timing.json, and the quality run's files in quality/."""
@@ -24,9 +25,9 @@ class FrontierConfig(EvalConfig):
     """Prefill refresh every K tokens: one configuration per K (NAME+refreshK)."""
     draft_tokens: tuple[int, ...] = (2, 4)
     """Speculative decoding with K draft tokens per pass of the full model: one configuration per K and drafter (NAME+specK)."""
-    drafters: tuple[str, ...] = ("overfill", "pruned")
+    drafters: tuple[str, ...] = comma_list(("overfill", "pruned"))
     """Drafters of the speculative configurations: overfill (on the full model's cache) and/or pruned (a cache of its own)."""
-    decoder_dtypes: tuple[str, ...] = ("bfloat16", "int8")
+    decoder_dtypes: tuple[str, ...] = comma_list(("bfloat16", "int8"))
     """The decoder in each of these dtypes: one configuration per dtype (NAME@DTYPE)."""
     timing_prompts: int = 4
     """Held-out prompts whose replies are timed, batch 1, each configuration in turn (the first N of the quality set)."""
@@ -43,11 +44,8 @@ class FrontierConfig(EvalConfig):
             raise OverfillError("overfill frontier times and scores every configuration on our own engine: drop --engine")
         if not self.generate:
             raise OverfillError("overfill frontier places configurations by their replies: drop --no-generate")
-        for name in ("timing_prompts", "repeats"):
-            if getattr(self, name) < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise OverfillError(f"--warmup must be 0 or more, got {self.warmup}")
+        at_least(self, 1, "timing_prompts", "repeats")
+        at_least(self, 0, "warmup")
         if self.vllm:
             modes = {e.mode for e in self.model_entries()}
             if not {"full", "pruned"} <= modes:

@@ -47,6 +47,7 @@ TIMING_FIELDS = ("timing_prompts", "repeats", "warmup")
 
 def run_frontier(config: FrontierConfig, console) -> dict:
     started = time.perf_counter()
+    config.check_files()  # the held-out file, before any model loads
     out = check_writable(config.out, "--out")
     entries = config.model_entries()
     quality = measure_quality(config, console, out / "quality")
@@ -95,7 +96,7 @@ def measure_quality(config: FrontierConfig, console, folder: Path) -> dict:
     if (previous := _saved(saved, "frontier_settings", _settings(config, EVAL_FIELDS), console)) is not None:
         return previous
     console.print(f"[bold]quality[/]: {len(config.model_entries())} configurations, `overfill eval` into {folder}")
-    results = evaluate(EvalConfig(**{name: getattr(config, name) for name in EVAL_FIELDS}, out=str(folder)), console)
+    results = evaluate(config.view(EvalConfig, out=str(folder)), console)
     results["frontier_settings"] = _settings(config, EVAL_FIELDS)  # what a rerun compares with its own
     atomic_write_text(saved, json.dumps(results, indent=1) + "\n")
     return results

@@ -31,11 +31,13 @@ TRAINER_FILE = "trainer.json"
 # Config fields that decide the training trajectory; a resumed run must agree on all of them.
 TRAJECTORY_FIELDS = (
     "mode", "model", "decoder", "data", "val_data", "val_size", "prompt_field", "response_field", "max_context",
-    "max_target", "max_examples", "seed", "lr", "weight_decay", "warmup_ratio", "warmup_steps", "batch_size",
+    "max_target", "limit", "seed", "lr", "weight_decay", "warmup_ratio", "warmup_steps", "batch_size",
     "grad_accum", "max_grad_norm", "epochs", "max_steps", "refresh_every", "loss", "kd_temperature", "kd_weight",
 )
 # Fields newer than some checkpoints: their value when a checkpoint has none (older runs trained on plain CE).
 ADDED_LATER = {"refresh_every": 0, "loss": "ce", "kd_temperature": 1.0, "kd_weight": 0.5}
+# Fields renamed since some checkpoints were written: new name -> the name such a checkpoint records.
+RENAMED = {"limit": "max_examples"}
 
 
 # ---------------------------------------------------------------- model folders
@@ -238,7 +240,7 @@ def prepare_out(config: TrainConfig) -> Path | None:
 def check_same_run(meta: dict, config: TrainConfig, world: int, digest: str, folder: Path) -> None:
     saved = meta.get("config", {})
     for name in TRAJECTORY_FIELDS:
-        value = saved.get(name, ADDED_LATER.get(name))
+        value = saved.get(name, saved.get(RENAMED.get(name), ADDED_LATER.get(name)))
         if value != getattr(config, name):
             raise OverfillError(f"cannot resume from {folder}: it was trained with --{name.replace('_', '-')} "
                                 f"{value!r}, this run has {getattr(config, name)!r}; pass the same settings")

@@ -8,6 +8,7 @@ import typing
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from overfill.config import at_least
 from overfill.data import DataConfig
 from overfill.devices import resolve_device
 from overfill.errors import OverfillError
@@ -100,14 +101,7 @@ class TrainConfig(DataConfig):
             raise OverfillError("--weight-decay and --max-grad-norm must be 0 or more")
         if not 0 <= self.warmup_ratio < 1:
             raise OverfillError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise OverfillError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise OverfillError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise OverfillError(f"--max-steps must be at least 1, got {self.max_steps}")
+        at_least(self, 1, "batch_size", "grad_accum", "keep_checkpoints", "max_steps")
+        at_least(self, 0, "warmup_steps", "eval_every", "checkpoint_every")
         if self.max_steps is None and not self.epochs > 0:
             raise OverfillError(f"--epochs must be positive, got {self.epochs}")

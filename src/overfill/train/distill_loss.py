@@ -14,7 +14,7 @@ every T.
 
 The teacher is the frozen full model, run once per batch over context + reply without gradients
 (modeling.prefill_with_reply). In overfill mode that one pass is also the prefill: the decoder
-reads its KV cropped to the context (modeling.handoff(teacher=True)), so distilling costs the
+reads its KV cropped to the context (modeling.handoff_with_teacher), so distilling costs the
 reply part of the full model's pass, not a second prefill. With --refresh-every K the schedule's
 own full pass over context + reply is the teacher (refresh.refreshed_handoff), and the tokens the
 full model picks after each block stay out of KD as they stay out of CE. In pruned mode the
@@ -30,9 +30,10 @@ from torch import nn
 
 from overfill.data import Batch
 from overfill.modeling import prefill_with_reply
-from overfill.tensors import IGNORE
+from overfill.refresh import teacher_forcing
+from overfill.tensors import IGNORE, label_cross_entropy
 from overfill.train.config import TrainConfig
-from overfill.train.loss import batch_loss, first_scored, standalone_logits
+from overfill.train.loss import first_scored, standalone_logits
 
 
 def kd_per_token(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -42,20 +43,19 @@ def kd_per_token(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return temperature ** 2 * F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
 
 
-def training_loss(config: TrainConfig, module: nn.Module, batch: Batch,
-                  full: nn.Module | None = None) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-    """(loss to optimise, tokens it covers, its parts {"ce", "kd"} when distilling, else {}) of one micro-batch.
+def distillation_loss(config: TrainConfig, module: nn.Module, batch: Batch,
+                      full: nn.Module | None = None) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """(loss to optimise, tokens it covers, its parts {"ce", "kd"}) of one micro-batch under --loss kd or ce+kd.
 
     `module` is what the mode trains through (OverFillModel in overfill mode, the decoder in
     pruned mode); `full` is the frozen full model, the teacher of pruned mode (in overfill mode
-    it is inside `module`). --loss ce is `batch_loss` itself, unchanged.
+    it is inside `module`). --loss ce never comes here: it is loss.batch_loss alone.
     """
-    if config.loss == "ce":
-        loss, tokens = batch_loss(config.mode, module, batch, refresh_every=config.refresh_every)
-        return loss, tokens, {}
+    if config.loss not in ("kd", "ce+kd"):
+        raise ValueError(f"distillation_loss is for --loss kd and ce+kd, not {config.loss}")
     if config.mode == "overfill":
         out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask,
-                     refresh_every=config.refresh_every, teacher=True)
+                     via=teacher_forcing(config.refresh_every, teacher=True))
         student, teacher, labels = out.logits, out.teacher, out.labels  # [B, N-1, V], [B, N-1, V], [B, N-1]
         ce = out.loss
     else:
@@ -63,8 +63,7 @@ def training_loss(config: TrainConfig, module: nn.Module, batch: Batch,
             raise ValueError(f"--mode {config.mode} distils from the full model: pass it as `full`")
         student, labels = standalone_logits(module, batch, first_scored(config.mode, training=True))  # [B, N, V], [B, N]
         # --loss kd optimises KD alone: its CE is only logged, so it needs no graph
-        ce_logits = student if config.loss == "ce+kd" else student.detach()
-        ce = F.cross_entropy(ce_logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        ce, _ = label_cross_entropy(student if config.loss == "ce+kd" else student.detach(), labels)
         teacher, _ = prefill_with_reply(full, batch.context_ids, batch.context_mask, batch.target_ids,
                                         batch.target_mask, labels.shape[1])  # [B, N, V]
     scored = labels != IGNORE  # exactly the tokens CE scores

@@ -1,4 +1,4 @@
-"""Training the OverFill decoder and the paper's two baselines (paper §3.2 and §4.1; DESIGN §1 "Training").
+"""Training the OverFill decoder and the paper's two baselines (paper §3.2 and §4.1; docs/design.md, "The method").
 
 Three modes share one loop, one data order, one schedule and one loss definition, so their
 numbers compare like with like:
@@ -23,7 +23,7 @@ refused (checkpoint.py). The loss itself is in loss.py.
 
 Gradient checkpointing is deliberately not offered: in transformers 5.x it drops
 `past_key_values` in decoder layers, so the decoder would silently train without the full
-model's context (DESIGN §4).
+model's context (docs/design.md, "Traps in transformers 5.x").
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from overfill.atomic import atomic_write_text
-from overfill.data import collate, load_data
+from overfill.data import Batch, collate, load_data
 from overfill.data.examples import check_examples_fit
 from overfill.generation import context_limit
 from overfill.tensors import pad_id_of
@@ -57,8 +57,8 @@ from overfill.train.checkpoint import (
     save_checkpoint,
 )
 from overfill.train.config import TrainConfig
-from overfill.train.distill_loss import training_loss
-from overfill.train.loss import first_scored, scored_tokens, validation_loss
+from overfill.train.distill_loss import distillation_loss
+from overfill.train.loss import batch_loss, first_scored, scored_tokens, validation_loss
 from overfill.train.plots import plot_losses
 from overfill.train.sampler import StepSampler, data_digest, total_steps
 from overfill.train.trainee import load_trainee, make_optimizer
@@ -101,13 +101,24 @@ def read_metrics(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- the loop
 
 
+def micro_batch_loss(config: TrainConfig, module: nn.Module, batch: Batch,
+                     full: nn.Module | None = None) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    """(loss to optimise, tokens it covers, its logged parts) of one micro-batch under --loss: plain
+    cross-entropy (loss.batch_loss, no parts) or distillation (distill_loss.distillation_loss, parts ce and kd).
+    `full` is pruned mode's teacher (distill_loss.py)."""
+    if config.loss == "ce":
+        loss, tokens = batch_loss(config.mode, module, batch, refresh_every=config.refresh_every)
+        return loss, tokens, {}
+    return distillation_loss(config, module, batch, full)
+
+
 def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train as `config` says; the main process writes the run folder. `on_step(record)` sees every step's metrics."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-
+    config.check_files()  # a missing or binary data file: one error line, before any process group or model
     accelerator = make_accelerator(config.device)
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     out = Path(config.out)
@@ -204,7 +215,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
             for m, batch in enumerate(batches):
                 sync = contextlib.nullcontext() if m == len(batches) - 1 else accelerator.no_sync(module)
                 with sync:
-                    loss, tokens, parts = training_loss(config, module, batch, teacher)
+                    loss, tokens, parts = micro_batch_loss(config, module, batch, teacher)
                     # DDP averages gradients over processes; this scaling makes the step's gradient
                     # the token-weighted mean over every micro-batch of every process.
                     accelerator.backward(loss * (tokens * world / max(loss_tokens, 1)))

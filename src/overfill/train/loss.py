@@ -16,18 +16,19 @@ schedule (refresh.refreshed_handoff): it reads the full model's KV for the block
 and the tokens the full model picks after each block leave the loss.
 
 `--loss kd|ce+kd` trains on the same tokens against the full model's distributions instead of, or
-as well as, the labels (distill_loss.py); validation stays this cross-entropy whatever the loss.
+as well as, the labels (distill_loss.py; loop.micro_batch_loss picks one by --loss); validation stays
+this cross-entropy whatever the loss.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from overfill.data import Batch, Example, collate
 from overfill.errors import OverfillError
-from overfill.tensors import IGNORE, positions_from_mask
+from overfill.refresh import refresh_schedule, teacher_forcing
+from overfill.tensors import context_and_reply, label_cross_entropy, positions_from_mask, reply_labels
 from overfill.train.trainee import Trainee
 
 
@@ -36,17 +37,10 @@ def first_scored(mode: str, *, training: bool) -> int:
     return 0 if training and mode != "overfill" else 1
 
 
-def target_labels(batch: Batch, first: int = 1) -> torch.Tensor:
-    """Labels for reply tokens first+1..N, [B, N-first]; padding -> IGNORE."""
-    return batch.target_ids[:, first:].masked_fill(batch.target_mask[:, first:] == 0, IGNORE)
-
-
 def scored_tokens(batch: Batch, first: int, refresh_every: int = 0) -> int:
     """How many reply tokens the loss scores in `batch`: tokens first+1..N, less the full model's refresh picks."""
     scored = batch.target_mask[:, first:].bool()  # [B, N-first]
     if refresh_every:
-        from overfill.refresh import refresh_schedule
-
         scored = scored & ~refresh_schedule(scored.shape[1], refresh_every).to(scored.device)
     return int(scored.sum())
 
@@ -58,10 +52,10 @@ def standalone_logits(model: nn.Module, batch: Batch, first: int = 1) -> tuple[t
     The prediction of token 1 (first=0) comes from the last context column, which is the last real
     context token of every row because contexts are left-padded.
     """
-    inputs = torch.cat([batch.context_ids, batch.target_ids[:, :-1]], dim=1)  # [B, Tc + N - 1]
-    mask = torch.cat([batch.context_mask, batch.target_mask[:, :-1]], dim=1)
+    inputs, mask = context_and_reply(batch.context_ids, batch.context_mask, batch.target_ids,
+                                     batch.target_mask)  # [B, Tc + N - 1]
     positions = positions_from_mask(mask)  # [B, Tc + N - 1]
-    labels = target_labels(batch, first)  # [B, N-first]
+    labels = reply_labels(batch.target_ids, batch.target_mask, first)  # [B, N-first]
     if labels.shape[1] < 1:  # logits_to_keep=0 would mean "all positions"
         raise OverfillError("targets need at least 2 tokens: the loss covers reply tokens 2..N")
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=False,
@@ -75,16 +69,15 @@ def standalone_loss(model: nn.Module, batch: Batch, first: int = 1) -> tuple[tor
     With first=1 this equals OverFillModel.forward's loss when the decoder *is* the full model:
     same positions (each row continues from its own context length), same predictions, same tokens.
     """
-    logits, labels = standalone_logits(model, batch, first)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-    return loss, int((labels != IGNORE).sum())
+    return label_cross_entropy(*standalone_logits(model, batch, first))
 
 
 def batch_loss(mode: str, module: nn.Module, batch: Batch, *, training: bool = True,
                refresh_every: int = 0) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy, scored tokens) for the module a mode trains; see the module docstring for which tokens."""
     if mode == "overfill":
-        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask, refresh_every=refresh_every)
+        out = module(batch.context_ids, batch.context_mask, batch.target_ids, batch.target_mask,
+                     via=teacher_forcing(refresh_every))
         return out.loss, out.tokens
     return standalone_loss(module, batch, first_scored(mode, training=training))
 

@@ -26,8 +26,8 @@ class Trainee:
 
 
 def load_trainee(config: TrainConfig) -> Trainee:
+    from overfill.loading import load_model
     from overfill.modeling import OverFillModel, activation_checkpointing, disable_activation_checkpointing
-    from overfill.zoo import load_model
 
     if config.mode == "full":
         full, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, quiet=True)
@@ -42,7 +42,8 @@ def load_trainee(config: TrainConfig) -> Trainee:
         module = pair if config.mode == "overfill" else pair.decoder
         trainee = Trainee(config.mode, module, pair.decoder, pair.tokenizer, pair)
     if activation_checkpointing(trainee.trained):
-        disable_activation_checkpointing(trainee.trained)  # DESIGN §4: it would drop the full model's cache
+        # it would drop the full model's cache (docs/design.md, "Traps in transformers 5.x")
+        disable_activation_checkpointing(trainee.trained)
     return trainee
 
 

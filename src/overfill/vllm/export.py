@@ -35,9 +35,12 @@ from safetensors.torch import save_file
 
 from overfill.atomic import atomic_folder, check_writable
 from overfill.errors import OverfillError
+from overfill.fingerprint import fingerprint
+from overfill.home import overfill_home
+from overfill.loading import resolve_model
 from overfill.modeling import Mode, ModelSource, check_mode, read_checkpoint_meta
 from overfill.vllm import ARCH
-from overfill.zoo import DEFAULT_MODEL, fingerprint, overfill_home, resolve_model
+from overfill.zoo import DEFAULT_MODEL
 
 FORMAT = 1
 DONE = "config.json"  # written last: a folder that has it is complete

@@ -1,4 +1,4 @@
-"""Terminal summary (a rich table) of `overfill prune`, which the prune and demo commands print."""
+"""Terminal summary (a rich table) of a pruning record (`prune.py`), which the prune and demo commands print."""
 
 from __future__ import annotations
 
