@@ -192,6 +192,14 @@ def test_generate_and_chat_in_speculative_mode_give_the_full_models_replies():
     counters = spec[0].extra["speculation"]
     assert counters["rounds"] > 0 and 0 <= counters["acceptance_rate"] <= 1 and counters["tokens_per_full_pass"] >= 1
     assert spec[0].as_dict()["speculation"] == counters
+    # streaming: the pieces join to the same text, cut at a stop string as generate cuts it
+    from overfill.generation import stream
+
+    stop = spec[1].text[3:5] or None
+    streamed = "".join(stream(model, prompts_[1], GenerationConfig(mode="speculative", max_new_tokens=16, draft_tokens=3,
+                                                                  stop=(stop,) if stop else ())))
+    assert streamed == generate(model, prompts_[1], GenerationConfig(mode="full", max_new_tokens=16,
+                                                                    stop=(stop,) if stop else ()))[0].text
     # chat: two turns, the earlier turn's full-model KV kept between them, as in full mode
     chats = {mode: ChatSession(model, GenerationConfig(mode=mode, max_new_tokens=10)) for mode in ("full", "speculative")}
     for turn in ("hello", "and then?"):
