@@ -19,14 +19,14 @@ from typing import ClassVar, Final, Iterator, Literal
 import torch
 from transformers import DynamicCache
 
-from overfill.config import Settings, as_tuple, at_least
+from overfill.config import as_tuple, at_least
 from overfill.decode_step import step_function
 from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.kv_cache import GrowingCache, StaticCache
 from overfill.modeling import MODES, Mode, decode, prefill
 from overfill.refresh import refresh
-from overfill.sampling import Step, TokenChooser
+from overfill.sampling import Sampling, Step, TokenChooser
 from overfill.speculative import Drafter, Speculation, speculative_ids
 from overfill.tensors import left_pad, pad_id_of
 
@@ -36,31 +36,6 @@ from overfill.tensors import left_pad, pad_id_of
 GenerationMode = Literal[Mode, "speculative"]
 GENERATION_MODES: Final[tuple[str, ...]] = (*MODES, "speculative")
 DRAFTERS: Final[tuple[str, ...]] = typing.get_args(Drafter)
-
-
-@dataclass
-class Sampling(Settings):
-    """How each token is chosen: what generate, chat and distill share."""
-
-    panel: ClassVar[str] = "Sampling"
-
-    temperature: float = 0.0
-    """0 = greedy; > 0 samples."""
-    top_k: int = 0
-    """Sample from the k most likely tokens (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1 = off)."""
-    seed: int = 0
-    """Sampling seed, 0 by default as in every command: the same seed, prompt and settings give the same reply."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclass

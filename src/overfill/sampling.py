@@ -1,19 +1,45 @@
 """Choosing tokens and reporting them: what every decoding loop shares (generation.py, speculative.py).
 
-`TokenChooser` turns logits into tokens (greedy, or transformers' own warpers and a seeded draw);
-`Step` is what a loop yields for each reply token of a batch.
+`Sampling` is the settings of the choice (generate, chat and distill share them); `TokenChooser` turns
+logits into tokens (greedy, or transformers' own warpers and a seeded draw); `Step` is what a loop
+yields for each reply token of a batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-if TYPE_CHECKING:
-    from overfill.generation import GenerationConfig
+from overfill.config import Settings
+from overfill.errors import OverfillError
+
+
+@dataclass
+class Sampling(Settings):
+    """How each token is chosen: what generate, chat and distill share."""
+
+    panel: ClassVar[str] = "Sampling"
+
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
+    seed: int = 0
+    """Sampling seed, 0 by default as in every command: the same seed, prompt and settings give the same reply."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 class TokenChooser:
@@ -23,7 +49,7 @@ class TokenChooser:
     depend on its seed and its own logits only, not on the rows that share its batch.
     """
 
-    def __init__(self, config: GenerationConfig, row_seeds: list[int] | None = None):
+    def __init__(self, config: Sampling, row_seeds: list[int] | None = None):
         self.config = config
         self.row_generators = None if row_seeds is None else [torch.Generator().manual_seed(s) for s in row_seeds]
         self.warpers = LogitsProcessorList()

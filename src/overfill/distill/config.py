@@ -16,8 +16,9 @@ from overfill.data.records import check_text_file
 from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
 from overfill.engines import EngineOrAuto, check_engine
 from overfill.errors import OverfillError
-from overfill.generation import GenerationConfig, Sampling
+from overfill.generation import GenerationConfig
 from overfill.modeling import ModelSource
+from overfill.sampling import Sampling
 from overfill.zoo import DEFAULT_MODEL
 
 BATCH_SIZE = {"torch": 8, "vllm": 256}  # our loop pads a batch to its longest reply; vLLM schedules its own
