@@ -194,6 +194,28 @@ def read_skipping(path, loaded_class):
     return source, loaded, skip
 
 
+def usable_messages(source, loaded, skip, prompt_field: str | None, response_field: str | None, *,
+                    limit: int | None, used, last_used):
+    """(record number, chat messages) of each record with a known shape and UTF-8 text, the others skipped.
+
+    Stops once `used()` results reach `limit`, forgetting the skips past `last_used()` (the number of
+    the last record used): a quick run on a big file reports the records it looked at, not the rest.
+    """
+    for number, record in zip(source.numbers, source.records):
+        if limit is not None and used() >= limit:
+            cutoff = last_used()
+            loaded.skipped = {r: kept for r, ns in loaded.skipped.items() if (kept := [n for n in ns if n < cutoff])}
+            loaded.records = used() + loaded.skipped_count
+            return
+        messages = record_to_messages(record, prompt_field, response_field)
+        if messages is None:
+            skip("unrecognised shape", number)
+        elif not all_utf8(m["content"] for m in messages):  # e.g. a JSON "\ud800" escape: no tokenizer takes it
+            skip("not UTF-8", number)
+        else:
+            yield number, messages
+
+
 def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = None, response_field: str | None = None,
                   max_context: int | None = None, max_target: int | None = None, limit: int | None = None) -> LoadedData:
     """Read a JSONL/JSON file of chat records and split each into (context ids, target ids).
@@ -211,20 +233,8 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
                             "use a chat (instruct) model")
     source, loaded, skip = read_skipping(path, LoadedData)
     last_used = 0
-    for number, record in zip(source.numbers, source.records):
-        if limit is not None and len(loaded.examples) >= limit:
-            # Stopped early: forget what lies beyond the last record used.
-            loaded.skipped = {r: [n for n in ns if n < last_used] for r, ns in loaded.skipped.items()}
-            loaded.skipped = {r: ns for r, ns in loaded.skipped.items() if ns}
-            loaded.records = len(loaded.examples) + loaded.skipped_count
-            break
-        messages = record_to_messages(record, prompt_field, response_field)
-        if messages is None:
-            skip("unrecognised shape", number)
-            continue
-        if not all_utf8(m["content"] for m in messages):  # e.g. a JSON "\ud800" escape: no tokenizer takes it
-            skip("not UTF-8", number)
-            continue
+    for number, messages in usable_messages(source, loaded, skip, prompt_field, response_field, limit=limit,
+                                            used=lambda: len(loaded.examples), last_used=lambda: last_used):
         messages, reason = _final_reply(messages)
         if reason:
             skip(reason, number)

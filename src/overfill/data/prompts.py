@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from overfill.data.examples import ChatTemplateError, LoadedData, chat_ids, read_skipping
-from overfill.data.records import all_utf8, record_to_messages
+from overfill.data.examples import ChatTemplateError, LoadedData, chat_ids, read_skipping, usable_messages
 from overfill.errors import OverfillError
 
 
@@ -63,20 +62,8 @@ def load_prompts(path: str | Path, tokenizer, *, prompt_field: str | None = None
         raise OverfillError("the tokenizer has no chat template, so prompts cannot be rendered as training renders them: "
                             "use a chat (instruct) model")
     source, loaded, skip = read_skipping(path, LoadedPrompts)
-    for number, record in zip(source.numbers, source.records):
-        if limit is not None and len(loaded.prompts) >= limit:
-            # Stopped early: forget what lies beyond the last prompt used.
-            last_used = loaded.prompts[-1].number
-            loaded.skipped = {r: kept for r, ns in loaded.skipped.items() if (kept := [n for n in ns if n < last_used])}
-            loaded.records = len(loaded.prompts) + loaded.skipped_count
-            break
-        messages = record_to_messages(record, prompt_field, response_field)
-        if messages is None:
-            skip("unrecognised shape", number)
-            continue
-        if not all_utf8(m["content"] for m in messages):
-            skip("not UTF-8", number)
-            continue
+    for number, messages in usable_messages(source, loaded, skip, prompt_field, response_field, limit=limit,
+                                            used=lambda: len(loaded.prompts), last_used=lambda: loaded.prompts[-1].number):
         turns, reason = prompt_turns(messages)
         if reason:
             skip(reason, number)
