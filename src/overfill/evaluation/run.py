@@ -102,6 +102,7 @@ def evaluate(config: EvalConfig, console=None) -> dict:
         fingerprint = model.full_fingerprint
         eos = eos_ids_of(tokenizer, model.full, model.decoder)  # what ends a reply, in both engines
 
+        scored: dict[tuple, object] = {}  # (what, scoring mode, refresh) -> scores, within this group's model
         for entry in group:
             models[entry.name] = {"mode": entry.generation_mode, "source": what, "seconds": {}, "stop_ids": sorted(eos),
                                   **({"refresh_every": entry.refresh_every} if entry.refresh_every else {}),
@@ -110,8 +111,12 @@ def evaluate(config: EvalConfig, console=None) -> dict:
                                   **({"decoder_dtype": entry.decoder_dtype} if entry.decoder_dtype else {})}
             if config.nll:
                 t0 = time.perf_counter()
-                scores = score_examples(model, entry.scoring_mode, examples, batch_size=config.batch_size,
-                                        refresh_every=entry.refresh_every)
+                # speculative entries score as the full model does (their replies are its own): scored once per group
+                key = ("reference", entry.scoring_mode, entry.refresh_every)
+                if key not in scored:
+                    scored[key] = score_examples(model, entry.scoring_mode, examples, batch_size=config.batch_size,
+                                                 refresh_every=entry.refresh_every)
+                scores = scored[key]
                 models[entry.name].update(nll_summary(scores))
                 models[entry.name]["seconds"]["teacher_forced"] = round(time.perf_counter() - t0, 2)
                 positions[entry.name] = per_position(scores)
@@ -168,8 +173,11 @@ def evaluate(config: EvalConfig, console=None) -> dict:
             tie = config.agreement_tie if config.agreement_tie is not None else DEFAULT_TIE[config.dtype]
             for entry in group:
                 t0 = time.perf_counter()
-                summary, agreement_positions[entry.name] = score_agreement(
-                    model, entry.scoring_mode, on_reference, tie=tie, batch_size=config.batch_size, refresh_every=entry.refresh_every)
+                key = ("agreement", entry.scoring_mode, entry.refresh_every)
+                if key not in scored:
+                    scored[key] = score_agreement(model, entry.scoring_mode, on_reference, tie=tie,
+                                                  batch_size=config.batch_size, refresh_every=entry.refresh_every)
+                summary, agreement_positions[entry.name] = scored[key]
                 models[entry.name]["agreement"].update(summary)
                 models[entry.name]["seconds"]["agreement"] = round(time.perf_counter() - t0, 2)
                 say(f"  {entry.name}: teacher-forced on the full model's replies, top-1 agreement (tokens 2..N) "
