@@ -95,8 +95,13 @@ def measure_quality(config: FrontierConfig, console, folder: Path) -> dict:
     saved = folder / "results.json"
     if (previous := _saved(saved, "frontier_settings", _settings(config, EVAL_FIELDS), console)) is not None:
         return previous
-    console.print(f"[bold]quality[/]: {len(config.model_entries())} configurations, `overfill eval` into {folder}")
-    results = evaluate(config.view(EvalConfig, out=str(folder)), console)
+    # Greedy speculative replies are the full model's own, token for token (tested), so the quality run does not
+    # generate them again: batched, a speculative batch keeps only the drafts every row agrees on, which would cost
+    # minutes and say nothing new. Their acceptance comes from the timed replies (batch 1, real prompts).
+    quality_config = config.view(EvalConfig, out=str(folder), draft_tokens=())
+    console.print(f"[bold]quality[/]: {len(quality_config.model_entries())} configurations (speculative ones are the full "
+                  f"model's replies), `overfill eval` into {folder}")
+    results = evaluate(quality_config, console)
     results["frontier_settings"] = _settings(config, EVAL_FIELDS)  # what a rerun compares with its own
     atomic_write_text(saved, json.dumps(results, indent=1) + "\n")
     return results
@@ -221,9 +226,12 @@ def frontier_points(entries: list[ModelEntry], quality: dict, timing: dict) -> l
     rows = timing["rows"]
     full = next((e.name for e in entries if e.mode == "full" and e.name in rows), None)
     pruned = next((e.name for e in entries if e.mode == "pruned" and e.name in rows), None)
+    models = quality["models"]
+    full_quality = next((models[e.name] for e in entries if e.mode == "full" and e.name in models), {})
     points = []
     for entry in entries:
-        row, m = rows[entry.name], quality["models"][entry.name]
+        # a speculative configuration's replies are the full model's: its quality is the full model's
+        row, m = rows[entry.name], models.get(entry.name) or (full_quality if entry.draft_tokens else {})
         agreement = m.get("agreement", {})
         spec = row.get("speculation") or m.get("speculation")
         point = {"name": entry.name, "kind": kind_of(entry), "mode": entry.generation_mode,
