@@ -222,12 +222,19 @@ def load_checkpoint(folder: Path, meta: dict, trainee: Trainee, optimizer, sched
 # ---------------------------------------------------------------- resuming
 
 
-def prepare_out(config: TrainConfig) -> Path | None:
-    """Check the run folder (before any model loads); returns the checkpoint to resume from, if any."""
-    out = check_writable(config.out, "--out")
+def prepare_out(config: TrainConfig, *, main: bool = True) -> Path | None:
+    """Check the run folder (before any model loads); returns the checkpoint to resume from, if any.
+
+    Only the main process checks it: the check writes a probe into the folder, and two processes probing
+    one folder at once (data-parallel ranks) would remove each other's probe, or find it there. The others
+    only need to know what to resume from.
+    """
+    out = check_writable(config.out, "--out") if main else Path(config.out)
     if config.resume:
         folder = latest_checkpoint(out) if config.resume == "latest" else Path(config.resume)
         return folder
+    if not main:
+        return None
     if out.exists() and any(out.iterdir()):
         if not config.force:
             raise OverfillError(f"--out {out} already holds files: pass --resume latest to continue that run, "

@@ -122,7 +122,7 @@ def train(config: TrainConfig, *, on_step: Callable[[dict], None] | None = None)
     accelerator = make_accelerator(config.device)
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     out = Path(config.out)
-    resume_from = prepare_out(config)
+    resume_from = prepare_out(config, main=main)
     resume_meta = read_checkpoint(resume_from) if resume_from else None  # refuse a damaged one before loading models
 
     def say(text: str) -> None:
