@@ -15,8 +15,9 @@ from typing import Iterator
 import torch
 
 from overfill.errors import OverfillError
-from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, fit_prompt, generate_ids, stream_steps
+from overfill.generation import GenerationConfig, encode_prompt, eos_ids_of, fit_prompt, generate_ids
 from overfill.kv_cache import GrowingCache, crop_to
+from overfill.stops import stream_steps
 from overfill.tensors import pad_id_of
 
 

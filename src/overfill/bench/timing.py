@@ -168,7 +168,8 @@ def paired_ratio(a: dict, b: dict, metric: str) -> dict | None:
 # ---------------------------------------------------------------- several rows, several repeats
 
 
-def _rotated(rows: tuple[str, ...], repeat: int) -> tuple[str, ...]:
+def rotated(rows, repeat: int):
+    """`rows` started at position `repeat` (mod its length): each repeat runs them in another order."""
     k = repeat % len(rows)
     return rows[k:] + rows[:k]
 
@@ -187,7 +188,7 @@ def measure_point(model, rows: tuple[str, ...], ids, mask, new_tokens: dict[str,
             time_row(model_of[row], row, ids, mask, new_tokens[row], pad_id, steps=16)
     runs = {row: [] for row in rows}
     for repeat in range(repeats):
-        for row in _rotated(rows, repeat):
+        for row in rotated(rows, repeat):
             if report:
                 report(f"{row} {repeat + 1}/{repeats}")
             runs[row].append(time_row(model_of[row], row, ids, mask, new_tokens[row], pad_id))

@@ -42,8 +42,8 @@ import torch
 
 from overfill.decode_step import decide_compile
 from overfill.evaluation.scoring import generate_ids_batched, score_examples
-from overfill.generation import cut_at_stop
 from overfill.modeling import ModelSource, check_mode
+from overfill.stops import cut_at_stop
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "overfill"

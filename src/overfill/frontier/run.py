@@ -129,7 +129,7 @@ def measure_timing(config: FrontierConfig, entries: list[ModelEntry], console, o
                             advance=lambda text: progress.update(task, advance=1, description=f"timing {text}"))
     timing = {"settings": settings, "environment": environment(config.dtype, device),
               "decode_step": {"compile": compile, "why": why},
-              "compile_seconds": {name: compile_seconds(m.decoder) for name, m in models.items() if compile_seconds(m.decoder)},
+              "compile_seconds": {name: seconds for name, m in models.items() if (seconds := compile_seconds(m.decoder))},
               "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "timing.json", json.dumps(timing, indent=1) + "\n")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from overfill import speculative
-from overfill.bench.timing import spread
+from overfill.bench.timing import rotated, spread
 from overfill.evaluation.config import ModelEntry
 from overfill.generation import Endings, GenerationConfig, generate_ids
 from overfill.speculative import Speculation
@@ -48,11 +48,6 @@ def time_reply(model, config: GenerationConfig, context: list[int], endings: End
     return Reply(seconds[0], sum(seconds[1:]), len(seconds) - 1, speculation.as_dict() if speculation else None)
 
 
-def _rotated(items: list, k: int) -> list:
-    k %= len(items)
-    return items[k:] + items[:k]
-
-
 def time_entries(models: dict[str, object], entries: list[ModelEntry], contexts: list[list[int]], *, max_new_tokens: int,
                  compile: bool, repeats: int, warmup: int, advance=None) -> dict[str, dict]:
     """Per entry name: decode ms/token per round (a spread over rounds, and the samples), prefill ms per prompt,
@@ -68,7 +63,7 @@ def time_entries(models: dict[str, object], entries: list[ModelEntry], contexts:
                 time_reply(models[e.name], generation[e.name], context, endings[e.name], steps=8)
     rounds = {e.name: [] for e in entries}
     for repeat in range(repeats):
-        for e in _rotated(list(entries), repeat):
+        for e in rotated(list(entries), repeat):
             replies = []
             for context in contexts:
                 replies.append(time_reply(models[e.name], generation[e.name], context, endings[e.name]))
