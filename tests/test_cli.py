@@ -185,4 +185,4 @@ def test_a_command_built_from_groups_runs_each_groups_checks(monkeypatch):
             original = vars(group)["__post_init__"]
             monkeypatch.setattr(group, "__post_init__", lambda self, o=original, g=group: (calls.append(g.__name__), o(self)))
     GenerateCommand(prompt=("hi",))
-    assert sorted(calls) == sorted(["GenerationConfig", "Sampling", "ModelSource", "Settings"])  # each once
+    assert sorted(calls) == sorted(["GenerationConfig", "Sampling", "ModelSource", "FullModelSource", "Settings"])  # each once

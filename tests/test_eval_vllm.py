@@ -15,7 +15,7 @@ from overfill.evaluation import run as eval_run
 from overfill.evaluation.scoring import generate_ids_batched
 from overfill.evaluation.vllm_replies import engine_request, vllm_replies
 from overfill.generation import eos_ids_of
-from overfill.modeling import ModelSource
+from overfill.model_source import ModelSource
 from overfill.prune import PruneConfig, prune_model, save_pruned
 from tiny import tiny_model, tiny_tokenizer, write_jsonl
 

@@ -11,7 +11,8 @@ import torch
 from overfill import OverfillError, precision
 from overfill.errors import OverfillWarning
 from overfill.generation import GenerationConfig, generate_ids
-from overfill.modeling import ModelSource, OverFillModel, handoff
+from overfill.model_source import ModelSource
+from overfill.modeling import OverFillModel, handoff
 from overfill.precision import decoder_dtype, measured_advice, set_decoder_dtype, weight_bytes
 from overfill.tensors import left_pad
 from test_generation import PAD, pruned_model

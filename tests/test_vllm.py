@@ -34,7 +34,8 @@ from safetensors import safe_open
 
 from overfill import OverfillError
 from overfill.generation import GenerationConfig, generate_ids
-from overfill.modeling import ModelSource, decode, prefill
+from overfill.model_source import ModelSource
+from overfill.modeling import decode, prefill
 from overfill.prune import PruneConfig, prune_model, save_pruned
 from tiny import VOCAB, tiny_model, tiny_tokenizer
 
@@ -625,7 +626,7 @@ def test_preempted_requests_recompute_to_the_same_tokens(engines, reference):
 TENSOR_PARALLEL_SCRIPT = """
 import json, sys
 from vllm import SamplingParams
-from overfill.modeling import ModelSource
+from overfill.model_source import ModelSource
 from overfill.vllm.export import engine_model
 from overfill.vllm.runtime import offline_engine
 

@@ -1,6 +1,6 @@
 """How every command's settings are composed: small shared groups, mixed into one flat dataclass per command.
 
-A group (`modeling.ModelSource`, `generation.Sampling` and `GenerationConfig`, `data.RecordFields` and
+A group (`model_source.ModelSource`, `generation.Sampling` and `GenerationConfig`, `data.RecordFields` and
 `DataConfig`) is a dataclass of a few fields that several commands share; a command's config inherits
 the groups it needs and adds its own fields. Each class's `__post_init__` checks its own fields and
 calls `super().__post_init__()`, so a config that mixes in several groups runs every group's checks

@@ -22,7 +22,7 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Final, Literal
+from typing import Callable, Final, Literal
 
 import torch
 from torch import nn
@@ -30,14 +30,11 @@ from transformers import DynamicCache
 
 from overfill import arch
 from overfill.atomic import atomic_folder, read_json_object
-from overfill.config import Settings
-from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
 from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
 from overfill.kv_cache import KVCache, crop_to
 from overfill.loading import load_model, resolve_model
 from overfill.tensors import IGNORE, context_and_reply, label_cross_entropy, positions_from_mask, reply_labels
-from overfill.zoo import DEFAULT_MODEL
 
 Mode = Literal["overfill", "full", "pruned"]
 MODES: Final[tuple[str, ...]] = typing.get_args(Mode)
@@ -365,56 +362,3 @@ def read_checkpoint_meta(folder: Path) -> dict:
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise OverfillError(f"{meta_path} has format {meta.get('format')}, this overfill reads format {CHECKPOINT_FORMAT}: upgrade overfill")
     return meta
-
-
-@dataclass(unsafe_hash=True)  # hashable: eval groups entries that share one source
-class ModelSource(Settings):
-    """Where a command's OverFill model comes from, and where it runs (generate, chat, eval, bench)."""
-
-    panel: ClassVar[str] = "Model"
-
-    checkpoint: str | None = None
-    """OverFill checkpoint folder (from `overfill train`); or use --model with --decoder."""
-    model: str | None = None
-    """Full model (zoo name, folder or hub id); default: the one a checkpoint records, else smollm2-135m-instruct (unset rather than that name, so that a checkpoint's own is kept unless you replace it)."""
-    decoder: str | None = None
-    """Pruned decoder folder (from `overfill prune`, or a checkpoint's decoder/), paired with --model."""
-    dtype: Dtype | None = None
-    """Weights dtype of both models; the KV cache keeps the full model's (default: bfloat16 on a GPU, float32 on a CPU)."""
-    trust_remote_code: bool = False
-    """Allow custom model code from the model folder (off unless you trust it)."""
-    decoder_dtype: str | None = None
-    """The decoder alone in float32, bfloat16 or int8 (int8 weights on PyTorch's fused int8 kernel on a CPU, torchao's on a GPU), behind a full model and KV cache left in --dtype; default: a checkpoint's recorded one, else --dtype."""
-    device: str = "auto"
-    """Where both models run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        # The device is checked here, before any model loads: a missing GPU is one error line, at once.
-        self.device = str(resolve_device(self.device))
-        self.dtype = self.dtype or default_dtype(torch.device(self.device))
-        check_dtype(self.dtype)
-        if self.decoder_dtype is not None:
-            from overfill.precision import check_decoder_dtype
-
-            check_decoder_dtype(self.decoder_dtype)
-
-    def describe(self) -> str:
-        return self.checkpoint or f"{self.model or DEFAULT_MODEL}" + (f" + {self.decoder}" if self.decoder else "")
-
-    def load(self, *, full_alone: bool = False) -> OverFillModel:
-        """The checkpoint, or --model + --decoder, on --device. With `full_alone`, --model without a decoder
-        stands in for both halves (only mode full may then run)."""
-        dtype, trust, device = check_dtype(self.dtype), self.trust_remote_code, torch.device(self.device)
-        if self.checkpoint:
-            return OverFillModel.from_pretrained(self.checkpoint, self.model, dtype=dtype, trust_remote_code=trust,
-                                                 decoder_dtype=self.decoder_dtype, device=device)
-        model = self.model or DEFAULT_MODEL
-        if self.decoder:
-            return OverFillModel.from_pair(model, self.decoder, dtype=dtype, trust_remote_code=trust,
-                                           decoder_dtype=self.decoder_dtype, device=device)
-        if not full_alone:
-            raise OverfillError("no decoder given: pass an OverFill checkpoint folder, or --decoder (a folder from "
-                                f"`overfill prune`) with --model (default {DEFAULT_MODEL})")
-        full, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust, quiet=True)
-        return OverFillModel(full.to(device), full, tokenizer, full_source=model)

@@ -9,7 +9,8 @@ from overfill.config import as_tuple, at_least, comma_list, flag, whole_numbers
 from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS
-from overfill.modeling import MODES, ModelSource, check_mode
+from overfill.model_source import ModelSource
+from overfill.modeling import MODES, check_mode
 from overfill.precision import check_decoder_dtype
 
 PRESETS = {

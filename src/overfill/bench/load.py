@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from overfill.errors import OverfillError
-from overfill.modeling import ModelSource
+from overfill.model_source import ModelSource
 from overfill.processes import failure, say, start, stop, wait
 from overfill.vllm.runtime import child_env
 

@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.generation import GENERATION_MODES, GenerationConfig
-from overfill.modeling import ModelSource
+from overfill.model_source import ModelSource
 
 err = Console(stderr=True)
 out = Console()

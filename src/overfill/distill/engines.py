@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from overfill.generation import Endings, GenerationConfig, TokenChooser, decode_batch
-from overfill.modeling import ModelSource
+from overfill.model_source import ModelSource
 
 VLLM_MAX_TEMPERATURE = 2.0  # vLLM refuses a higher one
 

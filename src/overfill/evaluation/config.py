@@ -1,5 +1,5 @@
 """`overfill eval`'s settings: the held-out file (data.RecordFields), the shared model source
-(modeling.ModelSource), the entries to compare (each a mode and optionally its own checkpoint),
+(model_source.ModelSource), the entries to compare (each a mode and optionally its own checkpoint),
 what to measure (teacher-forced NLL on reference replies, greedy replies, agreement with the full
 model's own replies) and the engine that generates the replies."""
 
@@ -15,7 +15,8 @@ from overfill.data import Example, LoadedData, RecordFields, truncate
 from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS
-from overfill.modeling import MODES, ModelSource
+from overfill.model_source import ModelSource
+from overfill.modeling import MODES
 from overfill.precision import check_decoder_dtype
 
 AnswerKind = Literal["auto", "gsm8k", "none"]

@@ -42,7 +42,8 @@ import torch
 
 from overfill.decode_step import decide_compile
 from overfill.evaluation.scoring import generate_ids_batched, score_examples
-from overfill.modeling import ModelSource, check_mode
+from overfill.model_source import ModelSource
+from overfill.modeling import check_mode
 from overfill.stops import cut_at_stop
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from overfill.evaluation.report import print_eval_table
 from overfill.evaluation.scoring import generate_ids_batched, score_examples
 from overfill.evaluation.vllm_replies import vllm_replies
 from overfill.generation import context_limit, eos_ids_of
-from overfill.modeling import ModelSource
+from overfill.model_source import ModelSource
 from overfill.speculative import Speculation
 
 Replies = tuple[list[list[int]], dict]  # reply token ids per example (stop token included), seconds by phase

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from overfill.modeling import ModelSource
+from overfill.model_source import ModelSource
 
 
 def engine_request(source: ModelSource, mode: str, contexts: list[list[int]], *, max_new_tokens: int,

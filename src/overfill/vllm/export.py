@@ -38,7 +38,8 @@ from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
 from overfill.home import overfill_home
 from overfill.loading import resolve_model
-from overfill.modeling import Mode, ModelSource, check_mode, read_checkpoint_meta
+from overfill.model_source import ModelSource
+from overfill.modeling import Mode, check_mode, read_checkpoint_meta
 from overfill.vllm import ARCH
 from overfill.zoo import DEFAULT_MODEL
 

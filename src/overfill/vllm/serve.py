@@ -16,7 +16,8 @@ import warnings
 from dataclasses import dataclass
 
 from overfill.errors import OverfillError, OverfillWarning
-from overfill.modeling import Mode, ModelSource, check_mode
+from overfill.model_source import ModelSource
+from overfill.modeling import Mode, check_mode
 
 
 @dataclass
