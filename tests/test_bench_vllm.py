@@ -199,7 +199,7 @@ def test_speculative_lanes_draft_with_the_pruned_decoder_for_the_full_model(tmp_
     # counters over the timed runs only: 40 passes of 4 drafts, 100 accepted
     counters = speculation_between({"drafts": 10, "draft_tokens": 40, "accepted_tokens": 30},
                                    {"drafts": 50, "draft_tokens": 200, "accepted_tokens": 130})
-    assert counters["acceptance_rate"] == pytest.approx(100 / 160) and counters["tokens_per_target_pass"] == pytest.approx(3.5)
+    assert counters["acceptance_rate"] == pytest.approx(100 / 160) and counters["tokens_per_full_pass"] == pytest.approx(3.5)
     assert speculation_between(None, None) is None
     base = fake_seconds(config, modes=("full",))["full"]
     timed = {"full": base, "draft k=2": {k: [t * 0.8 for t in v] for k, v in base.items()},

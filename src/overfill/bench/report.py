@@ -116,7 +116,7 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
             if spec and spec.get("acceptance_rate") is not None:
                 console.print(f"vLLM speculative, {mode} (over all its timed runs): {spec['acceptance_rate']:.1%} of "
                               f"{spec['draft_tokens']:.0f} draft tokens accepted, "
-                              f"{spec['tokens_per_target_pass']:.2f} tokens per pass of the full model")
+                              f"{spec['tokens_per_full_pass']:.2f} tokens per pass of the full model")
 
     keys = result["key_points"]
     table = Table(title="ratios measured in this run: paired (median over rounds; vLLM modes interleaved), "

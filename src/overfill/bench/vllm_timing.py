@@ -91,15 +91,21 @@ def time_lanes(config: BenchConfig, lanes: dict[str, tuple], points: list[dict],
     return seconds, details
 
 
+def speculation_rates(counters: dict) -> dict:
+    """vLLM's speculative-decoding counters (drafts, draft_tokens, accepted_tokens) with what they mean: the
+    acceptance rate, and the tokens each pass of the full model (the target) keeps, under the names our loop
+    reports them by (speculative.Speculation.as_dict)."""
+    drafts, drafted, accepted = (counters[k] for k in ("drafts", "draft_tokens", "accepted_tokens"))
+    return {**counters, "acceptance_rate": accepted / drafted if drafted else None,
+            # each verification pass of the target keeps the accepted drafts plus one token of its own
+            "tokens_per_full_pass": 1 + accepted / drafts if drafts else None}
+
+
 def speculation_between(start: dict | None, end: dict | None) -> dict | None:
-    """vLLM's speculative-decoding counters over the timed runs: acceptance rate, tokens per target pass."""
+    """The counters' rates over the timed runs alone (the warm-up's drafts left out)."""
     if not start or not end:
         return None
-    drafts, drafted, accepted = (end[k] - start[k] for k in ("drafts", "draft_tokens", "accepted_tokens"))
-    return {"drafts": drafts, "draft_tokens": drafted, "accepted_tokens": accepted,
-            "acceptance_rate": accepted / drafted if drafted else None,
-            # each verification pass of the target keeps the accepted drafts plus one token of its own
-            "tokens_per_target_pass": 1 + accepted / drafts if drafts else None}
+    return speculation_rates({k: end[k] - start[k] for k in ("drafts", "draft_tokens", "accepted_tokens")})
 
 
 WARMUP_TOKENS = 2

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from overfill.bench.timing import spread
+from overfill.bench.vllm_timing import speculation_rates
 from overfill.evaluation.agreement import greedy_agreement
 from overfill.evaluation.config import ModelEntry
 
@@ -89,10 +90,7 @@ def vllm_points(config, entries: list[ModelEntry], contexts: list[list[int]], re
         row.update(agreement=greedy_agreement(replies, reference), engine_start_s=round(start_s, 1), like=lane["like"],
                    kind=lane["kind"], vllm=version, replies=replies)
         if counters:
-            drafted, accepted = counters["draft_tokens"], counters["accepted_tokens"]
-            row["speculation"] = {**counters, "acceptance_rate": accepted / drafted if drafted else None,
-                                  "tokens_per_full_pass": (accepted + counters["drafts"]) / counters["drafts"]
-                                  if counters["drafts"] else None}
+            row["speculation"] = speculation_rates(counters)
         console.print(f"{lane['name']}: {row['decode_ms_per_token']['median']:.1f} ms/token, token agreement with the "
                       f"full model {row['agreement']['token_match']:.0%} (engine start {start_s:.0f} s)")
         rows[lane["name"]] = row
