@@ -255,6 +255,25 @@ def test_eval_config_errors_are_one_line(tiny_checkpoint):
     assert (entry.name, entry.mode, entry.checkpoint) == ("overfill", "overfill", "runs/lr=2e-4")
 
 
+def test_an_entry_may_carry_its_own_dials():
+    """An entry named like a variant is that variant; the global flags then vary only the entries without dials."""
+    entry = parse_entry("fast=overfill@int8+spec2/pruned:runs/a")
+    assert (entry.name, entry.mode, entry.checkpoint, entry.decoder_dtype, entry.draft_tokens, entry.drafter,
+            entry.refresh_every) == ("fast", "overfill", "runs/a", "int8", 2, "pruned", 0)
+    entry = parse_entry("overfill+refresh16:runs/r")  # no name: the configuration's own text
+    assert (entry.name, entry.refresh_every, entry.draft_tokens, entry.decoder_dtype) == ("overfill+refresh16", 16, 0, None)
+    config = EvalConfig(data="x.jsonl", checkpoint="c", entries=("full", "overfill", "overfill@int8+spec4", "r=overfill+refresh8"),
+                        refresh_every=(32,), draft_tokens=(2,), drafters=("overfill",), decoder_dtypes=("bfloat16",))
+    names = [e.name for e in config.model_entries()]
+    assert names == ["full", "overfill", "overfill+refresh32", "overfill+spec2", "overfill@bfloat16", "overfill@int8+spec4", "r"]
+    for bad in ("pruned@int8", "overfill@int4", "overfill+spec2/big", "overfill+spec0", "overfill+refreshX", "overfill+spec2+refresh8", "overfill+refresh8+spec2"):
+        with pytest.raises(OverfillError) as err:
+            parse_entry(bad)
+        assert "\n" not in str(err.value) and "entry" in str(err.value)
+    with pytest.raises(OverfillError, match="--engine torch"):
+        EvalConfig(data="x.jsonl", checkpoint="c", entries=("overfill+spec2",), engine="vllm", nll=False)
+
+
 # ---------------------------------------------------------------- lm-eval adapter
 
 

@@ -38,12 +38,15 @@ def config_for(root, data, out, **overrides) -> FrontierConfig:
 def test_frontier_places_every_configuration(checkpoints, tmp_path):
     root, data = checkpoints
     console = Console(file=open(tmp_path / "console.txt", "w"), width=220)
-    result = run_frontier(config_for(root, data, tmp_path / "out"), console)
+    # an entry with dials of its own (a bfloat16 decoder drafting) is placed as it is, and not varied again
+    entries = ("full", f"pruned=pruned:{root / 'pruned'}", "overfill", "overfill@bfloat16+spec2")
+    result = run_frontier(config_for(root, data, tmp_path / "out", entries=entries), console)
     points = {p["name"]: p for p in result["points"]}
     assert list(points) == ["full", "pruned", "overfill", "overfill+refresh2", "overfill+spec2", "overfill+spec2/pruned",
-                            "overfill@bfloat16"]
+                            "overfill@bfloat16", "overfill@bfloat16+spec2"]
     assert points["pruned"]["kind"] == "pruned" and points["overfill+spec2/pruned"]["kind"] == "speculative"
-    for name in ("full", "overfill+spec2", "overfill+spec2/pruned"):  # the full model's own replies, exactly
+    assert points["overfill@bfloat16+spec2"]["kind"] == "speculative"
+    for name in ("full", "overfill+spec2", "overfill+spec2/pruned", "overfill@bfloat16+spec2"):  # the full model's own replies
         assert points[name]["exact_match"] == 1.0 and points[name]["top1"] == pytest.approx(1.0)
     assert points["overfill"]["exact_match"] < 1.0  # another decoder: not the full model renamed
     for name in ("overfill+spec2", "overfill+spec2/pruned"):

@@ -112,16 +112,18 @@ def test_compiled_greedy_equals_eager_on_the_bundled_model(pruned_smollm):
     assert compiled == eager
 
 
-def speculative_equals_full(decoder_folder, prompts: int, new_tokens: int, drafters: tuple[str, ...]):
+def speculative_equals_full(decoder_folder, prompts: int, new_tokens: int, drafters: tuple[str, ...],
+                            compile: tuple[bool, ...] = (False,)):
     from overfill.demo.prompts import demo_prompts
 
     model = OverFillModel.from_pair("smollm2-135m-instruct", str(decoder_folder))
     texts = [p.text for p in demo_prompts(0)[1][:prompts]]  # held-out chat prompts, one left-padded batch
     full = generate(model, texts, GenerationConfig(mode="full", max_new_tokens=new_tokens))
     for drafter in drafters:
-        spec = generate(model, texts, GenerationConfig(mode="speculative", max_new_tokens=new_tokens, draft_tokens=3,
-                                                       drafter=drafter))
-        assert [r.token_ids for r in spec] == [r.token_ids for r in full]
+        for compiled in compile:
+            spec = generate(model, texts, GenerationConfig(mode="speculative", max_new_tokens=new_tokens, draft_tokens=3,
+                                                           drafter=drafter, compile=compiled))
+            assert [r.token_ids for r in spec] == [r.token_ids for r in full], f"{drafter}, compile={compiled}"
         assert spec[0].extra["speculation"]["rounds"] > 0
 
 
@@ -133,5 +135,6 @@ def test_speculative_gives_the_bundled_models_reply(pruned_smollm):
 
 @pytest.mark.heavy
 def test_speculative_gives_the_bundled_models_long_replies(pruned_smollm):
-    """8 prompts x 200 tokens, both drafters (a few minutes on 2 cores: make test-heavy)."""
-    speculative_equals_full(pruned_smollm, prompts=8, new_tokens=200, drafters=("overfill", "pruned"))
+    """8 prompts x 200 tokens, both drafters, eager and compiled by inductor (drafts and verification; several
+    minutes on 2 cores: make test-heavy)."""
+    speculative_equals_full(pruned_smollm, prompts=8, new_tokens=200, drafters=("overfill", "pruned"), compile=(False, True))

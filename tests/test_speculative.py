@@ -48,8 +48,9 @@ def run(model, contexts, config, *, speculative: bool = False, **kw) -> list[lis
 # every family with the OverFill drafter; the pruned drafter's own cache once (the step is the same code)
 @pytest.mark.parametrize("kind, drafter", [(kind, "overfill") for kind in KINDS] + [("llama", "pruned")])
 def test_compiled_drafts_give_the_full_models_reply(kind, drafter, monkeypatch):
-    """--compile: the decoder drafts with its compiled one-token step on static caches that the full model's
-    eager verification appends to and that each round crops; the reply is still the full model's."""
+    """--compile: the decoder drafts with its compiled one-token step on static caches, the full model verifies
+    each block with its own compiled step over k + 1 tokens, each round crops the caches; the reply is still the
+    full model's."""
     from overfill import decode_step
 
     monkeypatch.setattr(decode_step, "BACKEND", "aot_eager")  # the captured graph on PyTorch's kernels: no C++ build
@@ -63,6 +64,8 @@ def test_compiled_drafts_give_the_full_models_reply(kind, drafter, monkeypatch):
             assert run(model, contexts, config, speculative=True, eos=set(), stats=counted[compile]) == want
         assert counted[True].per_round == counted[False].per_round  # the same drafts, kept as often
     assert decode_step.compile_seconds(model.decoder), "the drafts did not come from the compiled step"
+    blocks = {key.split()[-1] for key in decode_step.compile_seconds(model.full)}
+    assert {"3x2x128", "3x3x128", "3x5x128"} <= blocks, f"the verification did not run compiled: {blocks}"
     # A decoder that is the full model drafts the full model's tokens: every draft is kept.
     same = OverFillModel(model.full, copy.deepcopy(model.full), model.tokenizer)
     stats = Speculation()

@@ -19,7 +19,10 @@ OverFill decoder's speed follow its weight bytes (paper §2: the decoder sets th
   a reply grows (what CUDA graphs need) and prompts of any length share a compiled step.
 - `CompiledStep`: `torch.compile` of that forward: CUDA graphs on a GPU (`mode="reduce-overhead"`),
   inductor's C++ kernels on a CPU. Compiled once per decode model and shape (rows x capacity; rows
-  and capacity turn symbolic after their second value), reused by every later call.
+  and capacity turn symbolic after their second value), reused by every later call. The same forward
+  reads several tokens per row in one pass (`CompiledStep.block`, causal within the block): speculative
+  decoding's verification, where the full model reads the last token and k drafts at about the price
+  of one step, as a memory-bound step reads the weights once however many tokens it carries.
 
 The prefill (the full model, compute-bound) stays the model's own forward, writing into the same
 StaticCache; so do refresh and chat, which the cache serves as any DynamicCache. Llama, Qwen2 (q/k/v
@@ -112,7 +115,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class StepWeights(nn.Module):
-    """A decode model's weights in one-token-step layout; `forward` is the step (see the module docstring).
+    """A decode model's weights in step layout; `forward` is the step over Q tokens per row (see the module docstring).
 
     Holds its own copies of the fused (and, on a CPU, transposed) matrices, about the model's
     weight bytes again; embedding, norms and rotary tables are the model's own.
@@ -149,37 +152,42 @@ class StepWeights(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor, mask: torch.Tensor,
                 cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor]) -> torch.Tensor:
-        """One token per row -> next-token logits [B, V] in float32, the new keys/values written into the cache.
+        """Q tokens per row -> each one's next-token logits [B, Q, V] in float32, their keys/values written into the cache.
 
-        tokens, positions [B]; column [1]: the cache column every row's new entry goes to (moved on by
-        one here); mask [B, C] bool: the columns each row attends to, the new one included;
-        cache_keys/values: L tensors [B, KV, C, D] in the cache's dtype (the full model's, which may differ from ours).
+        Q is 1 for a decode step, and k + 1 for speculative decoding's verification pass (the last token and k
+        drafts read in one pass). tokens, positions [B, Q]; column [1]: the cache column the row's first new
+        entry goes to (moved on by Q here); mask [B, Q, C] bool: the columns each new token attends to (itself
+        and the earlier ones included); cache_keys/values: L tensors [B, KV, C, D] in the cache's dtype (the
+        full model's, which may differ from ours).
         """
-        rows, heads, kv_heads, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
-        x = self.embed(tokens)  # [B, hidden]
-        cos, sin = self.rotary(x, positions[:, None])  # [B, 1, D]
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, 1, 1, D]: over kv heads, then query groups
-        attend = mask[:, None, None, :]  # [B, 1, 1, C]
+        (rows, width), heads, kv_heads, dim = tokens.shape, self.heads, self.kv_heads, self.head_dim
+        x = self.embed(tokens)  # [B, Q, hidden]
+        cos, sin = self.rotary(x, positions)  # [B, Q, D]
+        q_cos, q_sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, Q, D]: over kv heads and query groups
+        k_cos, k_sin = cos[:, None], sin[:, None]  # [B, 1, Q, D]: over kv heads
+        attend = mask[:, None, None]  # [B, 1, 1, Q, C]
+        columns = column + torch.arange(width, device=column.device)  # [Q]
         for i, (keys, values) in enumerate(zip(cache_keys, cache_values)):
-            h = rms_norm(x, self.norms[i, 0], self.eps)
+            h = rms_norm(x, self.norms[i, 0], self.eps).view(rows * width, -1)
             q, k, v = self.qkv(i, h).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-            q = q.view(rows, kv_heads, heads // kv_heads, dim)  # [B, KV, G, D]: query head j reads kv head j // G
-            k, v = k.view(rows, kv_heads, 1, dim), v.view(rows, kv_heads, 1, dim)
+            # query head j reads kv head j // G
+            q = q.view(rows, width, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)  # [B, KV, G, Q, D]
+            k, v = (t.view(rows, width, kv_heads, dim).transpose(1, 2) for t in (k, v))  # [B, KV, Q, D]
             if self.qk_eps is not None:
                 q, k = rms_norm(q, self.qk_norms[i, 0], self.qk_eps), rms_norm(k, self.qk_norms[i, 1], self.qk_eps)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            keys.index_copy_(2, column, k.to(keys.dtype))
-            values.index_copy_(2, column, v.to(values.dtype))
-            scores = (q @ keys.transpose(-1, -2).to(q.dtype)) * self.scaling  # [B, KV, G, C]
+            q, k = rotate(q, q_cos, q_sin), rotate(k, k_cos, k_sin)
+            keys.index_copy_(2, columns, k.to(keys.dtype))
+            values.index_copy_(2, columns, v.to(values.dtype))
+            scores = (q @ keys[:, :, None].transpose(-1, -2).to(q.dtype)) * self.scaling  # [B, KV, G, Q, C]
             scores = scores.masked_fill(~attend, float("-inf"))
             weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # HF's eager attention: softmax in float32
-            out = (weights @ values.to(q.dtype)).reshape(rows, heads * dim)  # [B, H * D]
-            x = x + self.o(i, out)
-            h = rms_norm(x, self.norms[i, 1], self.eps)
+            out = (weights @ values[:, :, None].to(q.dtype)).permute(0, 3, 1, 2, 4).reshape(rows * width, heads * dim)
+            x = x + self.o(i, out).view(rows, width, -1)
+            h = rms_norm(x, self.norms[i, 1], self.eps).view(rows * width, -1)
             gate, up = self.gate_up(i, h).chunk(2, dim=-1)
-            x = x + self.down(i, self.act(gate) * up)
-        column.add_(1)
-        return self.head(0, self.final_norm(x)).float()
+            x = x + self.down(i, self.act(gate) * up).view(rows, width, -1)
+        column.add_(width)
+        return self.head(0, self.final_norm(x).view(rows * width, -1)).view(rows, width, -1).float()
 
 
 def unsupported(model: nn.Module, capacity: int) -> str | None:
@@ -257,26 +265,36 @@ class CompiledStep:
             self.compiled = torch.compile(self.weights, **compile_options(self.device))
         return self
 
-    @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache,
                  attention_mask: torch.Tensor) -> torch.Tensor:
         """tokens, positions [B]; attention_mask [B, T] covers the cache plus this token -> logits [B, V] float32."""
-        length = cache.get_seq_length()
+        return self.block(tokens[:, None], positions[:, None], cache, attention_mask)[:, 0]
+
+    @torch.inference_mode()
+    def block(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache,
+              attention_mask: torch.Tensor) -> torch.Tensor:
+        """Q tokens per row in one pass: tokens, positions [B, Q]; attention_mask [B, T] covers the cache plus the Q
+        tokens -> logits [B, Q, V] float32, each token seeing the cache and the block's tokens up to itself."""
+        length, width = cache.get_seq_length(), tokens.shape[1]
         if cache.column_at != length:
             cache.column.fill_(length)
-        mask = cache.mask_from(attention_mask)
-        shape = (tokens.shape[0], cache.capacity)
+        mask = cache.mask_from(attention_mask)[:, None, :]  # [B, 1, C]
+        if width > 1:  # causal within the block: token i sees the columns up to its own, length + i
+            reach = length + torch.arange(width, device=mask.device)[:, None]  # [Q, 1]
+            mask = mask & (torch.arange(mask.shape[-1], device=mask.device) <= reach)  # [B, Q, C]
+        shape = (tokens.shape[0], width, cache.capacity)
         started = time.perf_counter() if shape not in self.seen else None
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         logits = self.compiled(tokens, positions, cache.column, mask, cache.key_buffers, cache.value_buffers)
         if self.device.type == "cuda":
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
-        cache.advance(1)
-        cache.column_at = length + 1
+        cache.advance(width)
+        cache.column_at = length + width
         if started is not None:
             self.seen.add(shape)
-            self.compile_seconds[f"{shape[0]}x{shape[1]}"] = round(time.perf_counter() - started, 2)
+            name = f"{shape[0]}x{shape[2]}" if width == 1 else f"{shape[0]}x{width}x{shape[2]}"
+            self.compile_seconds[name] = round(time.perf_counter() - started, 2)
         return logits
 
 

@@ -243,10 +243,10 @@ def decided(config: GenerationConfig, source: ModelSource, decode_tokens: int | 
     from overfill.decode_step import decide_compile
 
     compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
-    if config.mode == "speculative":  # the compiled step is the drafter's; the full model verifies blocks eagerly
+    if config.mode == "speculative":  # both stages step compiled or both eagerly: the drafts, and the verifying pass
         where = "the full model's" if config.drafter == "overfill" else "its own"
         why = (f"speculative: the decoder drafts {config.draft_tokens} tokens on {where} cache, the full model verifies "
-               f"them in one eager pass; drafting {why.removeprefix('decode step: ')}")
+               f"them in one pass; drafts and verification {why.removeprefix('decode step: ')}")
     if say:
         err.print(f"[dim]{escape(why)}[/]", highlight=False, soft_wrap=True)
     return dataclasses.replace(config, compile=compile)

@@ -6,6 +6,7 @@ model's own replies) and the engine that generates the replies."""
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
@@ -43,18 +44,43 @@ class ModelEntry:
         return "full" if self.draft_tokens else self.mode
 
 
+# A configuration's own dials, written as the names the global flags give their variants: MODE[@DTYPE][+refreshK]
+# [+specK[/DRAFTER]], e.g. overfill@int8+spec2 (speculative, drafting with the int8 decoder).
+_MODIFIERS = re.compile(r"(?P<mode>[a-z]+)(?:@(?P<dtype>[a-z0-9]+))?(?:\+refresh(?P<refresh>\d+))?"
+                        r"(?:\+spec(?P<spec>\d+)(?:/(?P<drafter>[a-z]+))?)?")
+
+
 def parse_entry(spec: str) -> ModelEntry:
-    """'[NAME=]MODE[:CHECKPOINT]', e.g. 'overfill', 'base=pruned:runs/pruned-ft', 'full:runs/ckpt'."""
+    """'[NAME=]MODE[@DTYPE][+refreshK][+specK[/DRAFTER]][:CHECKPOINT]', e.g. 'overfill', 'base=pruned:runs/pruned-ft',
+    'full:runs/ckpt', 'overfill@int8+spec2' (the name, when none is given, is the text before the checkpoint)."""
     text = spec.strip()
     eq, colon = text.find("="), text.find(":")
     name = ""
     if eq != -1 and (colon == -1 or eq < colon):
         name, text = text[:eq].strip(), text[eq + 1 :]
-    mode, _, checkpoint = text.partition(":")
-    mode = mode.strip()
-    if mode not in MODES:
-        raise OverfillError(f"model entry '{spec}' has unknown mode '{mode}': write [NAME=]MODE[:CHECKPOINT] with MODE one of {', '.join(MODES)}")
-    return ModelEntry(name or mode, mode, checkpoint.strip() or None)
+    configuration, _, checkpoint = text.partition(":")
+    configuration = configuration.strip()
+    match = _MODIFIERS.fullmatch(configuration)
+    mode = match["mode"] if match else configuration
+    form = "write [NAME=]MODE[@DTYPE][+refreshK][+specK[/DRAFTER]][:CHECKPOINT]"
+    if mode not in MODES or not match:
+        raise OverfillError(f"model entry '{spec}' has unknown mode '{configuration}': {form} with MODE one of {', '.join(MODES)}")
+    if mode != "overfill" and (match["dtype"] or match["refresh"] or match["spec"]):
+        raise OverfillError(f"model entry '{spec}': @DTYPE, +refreshK and +specK vary an overfill entry's decoder; "
+                            f"{mode} takes none")
+    if match["dtype"]:
+        check_decoder_dtype(match["dtype"], f"model entry '{spec}'")
+    drafter = match["drafter"] or "overfill"
+    if drafter not in DRAFTERS:
+        raise OverfillError(f"model entry '{spec}' has unknown drafter '{drafter}': pick from {', '.join(DRAFTERS)}")
+    numbers = {key: int(match[key]) for key in ("refresh", "spec") if match[key]}
+    if len(numbers) == 2:
+        raise OverfillError(f"model entry '{spec}': a speculative entry's replies are the full model's own, which "
+                            "refresh would not change: drop +refreshK or +specK")
+    if any(n < 1 for n in numbers.values()):
+        raise OverfillError(f"model entry '{spec}': +refreshK and +specK take K of at least 1")
+    return ModelEntry(name or configuration, mode, checkpoint.strip() or None, refresh_every=numbers.get("refresh", 0),
+                      draft_tokens=numbers.get("spec", 0), drafter=drafter, decoder_dtype=match["dtype"])
 
 
 @dataclass
@@ -62,7 +88,7 @@ class EvalConfig(ModelSource, RecordFields):
     prompts_alone_allowed: ClassVar[bool] = True  # with --no-nll: the agreement measures need no reference replies
 
     entries: tuple[str, ...] = comma_list(("full", "pruned", "overfill"))
-    """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used."""
+    """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used. An overfill entry may carry its own dials, named as the variants the flags below add: overfill@int8, overfill+refresh16, overfill+spec2/pruned, overfill@int8+spec4; the flags vary only entries without them."""
     out: str = "runs/eval"
     """Output folder: results.json, per_position.json + per_position.png (NLL), agreement_per_position.json + .png (agreement), replies.jsonl (replies)."""
     limit: int | None = None
@@ -107,8 +133,6 @@ class EvalConfig(ModelSource, RecordFields):
         self.drafters = tuple(dict.fromkeys(as_tuple(self.drafters)))
         if not self.drafters or any(d not in DRAFTERS for d in self.drafters):
             raise OverfillError(f"--drafters got '{','.join(self.drafters)}': pick from {', '.join(DRAFTERS)}")
-        if self.draft_tokens and self.generate and self.engine != "torch":
-            raise OverfillError("speculative entries (--draft-tokens) run on our own engine only: pass --engine torch")
         self.decoder_dtypes = tuple(dict.fromkeys(as_tuple(self.decoder_dtypes)))
         for dtype in self.decoder_dtypes:
             check_decoder_dtype(dtype, "--decoder-dtypes")
@@ -121,7 +145,9 @@ class EvalConfig(ModelSource, RecordFields):
                                 "(e.g. --entries overfill)")
         if self.refresh_every and not any(e.mode == "overfill" for e in parsed):
             raise OverfillError("--refresh-every applies to overfill entries, and there is none: add one (e.g. --entries overfill)")
-        if self.refresh_every and self.generate and self.engine != "torch":
+        if any(e.draft_tokens for e in parsed) and self.generate and self.engine != "torch":
+            raise OverfillError("speculative entries (--draft-tokens) run on our own engine only: pass --engine torch")
+        if any(e.refresh_every for e in parsed) and self.generate and self.engine != "torch":
             raise OverfillError("prefill refresh runs on our own engine only: pass --engine torch, or --no-generate "
                                 "for its teacher-forced NLL alone")
         names = [e.name for e in parsed]
@@ -176,12 +202,13 @@ class EvalConfig(ModelSource, RecordFields):
                           truncated_contexts=sum(len(e.context_ids) < len(p.context_ids) for e, p in zip(examples, prompts.prompts)))
 
     def model_entries(self) -> list[ModelEntry]:
-        """The entries as given, each overfill entry followed by its refresh variants (--refresh-every) and its
-        speculative ones (--draft-tokens x --drafters) and its decoder dtypes (--decoder-dtypes)."""
+        """The entries as given, each plain overfill entry (one without dials of its own) followed by its refresh
+        variants (--refresh-every), its speculative ones (--draft-tokens x --drafters) and its decoder dtypes
+        (--decoder-dtypes)."""
         out = []
         for entry in map(parse_entry, self.entries):
             out.append(entry)
-            if entry.mode == "overfill":
+            if entry.mode == "overfill" and entry == ModelEntry(entry.name, entry.mode, entry.checkpoint):  # no dials of its own
                 out += [replace(entry, name=f"{entry.name}+refresh{k}", refresh_every=k) for k in self.refresh_every]
                 out += [replace(entry, name=f"{entry.name}+spec{k}" + ("" if d == "overfill" else f"/{d}"), draft_tokens=k,
                                 drafter=d) for k in self.draft_tokens for d in self.drafters]

@@ -30,7 +30,7 @@ class Reply:
 
 
 def entry_generation(entry: ModelEntry, max_new_tokens: int, compile: bool) -> GenerationConfig:
-    """An entry's greedy generation settings (speculative entries compile their drafts; verification is eager)."""
+    """An entry's greedy generation settings (compiled: a speculative entry's drafts and its verification pass alike)."""
     return GenerationConfig(mode=entry.generation_mode, max_new_tokens=max_new_tokens, refresh_every=entry.refresh_every,
                             draft_tokens=entry.draft_tokens or 4, drafter=entry.drafter, compile=compile)
 
