@@ -52,6 +52,8 @@ def test_frontier_places_every_configuration(checkpoints, tmp_path):
     for name in ("overfill+spec2", "overfill+spec2/pruned"):
         assert 0 <= points[name]["acceptance_rate"] <= 1 and 1 <= points[name]["tokens_per_full_pass"] <= 3
         assert points[name]["decode_step"] == "eager"
+    for name, point in points.items():  # the timed replies themselves checked: lossless where speculative
+        assert point["replies_equal_full"] == (1.0 if point["kind"] == "speculative" else None), name
     assert points["full"]["decode_ms_vs_full"] == pytest.approx(1.0)
     assert all(p["decode_ms_per_token"] > 0 and p["accuracy"] is not None for p in points.values())
     # The frontier is what nothing beats on both axes.

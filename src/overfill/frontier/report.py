@@ -32,6 +32,12 @@ def print_frontier(console, result: dict, out: Path) -> None:
     by_name = {p["name"]: p for p in points}
     steps = [f"{name} ({by_name[name]['decode_ms_per_token']:.1f} ms, {by_name[name]['top1']:.1%})" for name in result["frontier"]]
     console.print("the frontier, cheapest first (each buys agreement with the full model at a price): " + " -> ".join(steps))
+    checked = {p["name"]: p["replies_equal_full"] for p in points if p.get("replies_equal_full") is not None}
+    if checked:
+        differ = [f"{name} ({share:.0%} equal)" for name, share in checked.items() if share < 1]
+        console.print("speculative rows' timed replies against the full row's: " +
+                      ("every one identical, token for token" if not differ else
+                       "[red]some differ[/]: " + ", ".join(differ) + " (float rounding can flip a near tie)"))
     env = result["environment"]
     console.print(f"{env['device']}, {env['dtype']}; "
                   f"{result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")

@@ -241,7 +241,8 @@ def frontier_points(entries: list[ModelEntry], quality: dict, timing: dict) -> l
                  "token_match": agreement.get("token_match"), "exact_match": agreement.get("exact_match"),
                  "nll": m.get("nll"), "accuracy": (m.get("answers") or {}).get("accuracy"),
                  "acceptance_rate": spec.get("acceptance_rate") if spec else None,
-                 "tokens_per_full_pass": spec.get("tokens_per_full_pass") if spec else None}
+                 "tokens_per_full_pass": spec.get("tokens_per_full_pass") if spec else None,
+                 "replies_equal_full": row.get("replies_equal_full")}
         for name, other in (("vs_full", full), ("vs_pruned", pruned)):
             ratio = paired_ratio(row, rows[other], "decode_ms_per_token") if other else None
             point[f"decode_ms_{name}"] = ratio["median"] if ratio else None

@@ -27,6 +27,7 @@ class Reply:
     decode_s: float
     decode_tokens: int
     speculation: dict | None = None
+    tokens: tuple[int, ...] = ()
 
 
 def entry_generation(entry: ModelEntry, max_new_tokens: int, compile: bool) -> GenerationConfig:
@@ -39,13 +40,15 @@ def time_reply(model, config: GenerationConfig, context: list[int], endings: End
     """One greedy reply to one prompt, timed step by step (`steps` stops early: a warm-up)."""
     ids, mask = left_pad([context], endings.pad_id)
     speculation = Speculation() if config.mode == "speculative" else None
-    seconds = []
+    seconds, tokens = [], []
     for step in generate_ids(model, ids, mask, config, eos_ids=set(endings.eos_ids), pad_id=endings.pad_id,
                              speculation=speculation):
         seconds.append(step.seconds)
+        tokens.append(int(step.tokens[0]))
         if steps is not None and len(seconds) >= steps:
             break
-    return Reply(seconds[0], sum(seconds[1:]), len(seconds) - 1, speculation.as_dict() if speculation else None)
+    return Reply(seconds[0], sum(seconds[1:]), len(seconds) - 1, speculation.as_dict() if speculation else None,
+                 tuple(tokens))
 
 
 def time_entries(models: dict[str, object], entries: list[ModelEntry], contexts: list[list[int]], *, max_new_tokens: int,
@@ -70,7 +73,15 @@ def time_entries(models: dict[str, object], entries: list[ModelEntry], contexts:
                 if advance:
                     advance(f"{e.name}, round {repeat + 1}/{repeats}")
             rounds[e.name].append(replies)
-    return {name: summarize(runs, generation[name]) for name, runs in rounds.items()}
+    rows = {name: summarize(runs, generation[name]) for name, runs in rounds.items()}
+    # Greedy speculative decoding is lossless: its timed replies must be the full row's, token for token.
+    full = next((e.name for e in entries if e.generation_mode == "full"), None)
+    for e in entries:
+        if e.draft_tokens and full is not None:
+            pairs = [(a.tokens, b.tokens) for ours, theirs in zip(rounds[e.name], rounds[full], strict=True)
+                     for a, b in zip(ours, theirs, strict=True)]
+            rows[e.name]["replies_equal_full"] = sum(a == b for a, b in pairs) / len(pairs)
+    return rows
 
 
 def summarize(rounds: list[list[Reply]], config: GenerationConfig) -> dict:
