@@ -46,6 +46,8 @@ def test_frontier_places_every_configuration(checkpoints, tmp_path):
                             "overfill@bfloat16", "overfill@bfloat16+spec2"]
     assert points["pruned"]["kind"] == "pruned" and points["overfill+spec2/pruned"]["kind"] == "speculative"
     assert points["overfill@bfloat16+spec2"]["kind"] == "speculative"
+    quality = json.loads((tmp_path / "out" / "quality" / "results.json").read_text())
+    assert not any("spec" in name for name in quality["models"])  # their replies are the full model's: not generated again
     for name in ("full", "overfill+spec2", "overfill+spec2/pruned", "overfill@bfloat16+spec2"):  # the full model's own replies
         assert points[name]["exact_match"] == 1.0 and points[name]["top1"] == pytest.approx(1.0)
     assert points["overfill"]["exact_match"] < 1.0  # another decoder: not the full model renamed

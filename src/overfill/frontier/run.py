@@ -34,7 +34,7 @@ from overfill.bench.results import environment
 from overfill.bench.timing import paired_ratio
 from overfill.decode_step import compile_seconds, decide_compile
 from overfill.evaluation import EvalConfig, evaluate
-from overfill.evaluation.config import ModelEntry
+from overfill.evaluation.config import ModelEntry, parse_entry
 from overfill.frontier.config import FrontierConfig
 from overfill.frontier.plots import plot_frontier
 from overfill.frontier.report import print_frontier
@@ -98,7 +98,8 @@ def measure_quality(config: FrontierConfig, console, folder: Path) -> dict:
     # Greedy speculative replies are the full model's own, token for token (tested), so the quality run does not
     # generate them again: batched, a speculative batch keeps only the drafts every row agrees on, which would cost
     # minutes and say nothing new. Their acceptance comes from the timed replies (batch 1, real prompts).
-    quality_config = config.view(EvalConfig, out=str(folder), draft_tokens=())
+    quality_config = config.view(EvalConfig, out=str(folder), draft_tokens=(),
+                                 entries=tuple(e for e in config.entries if not parse_entry(e).draft_tokens))
     console.print(f"[bold]quality[/]: {len(quality_config.model_entries())} configurations (speculative ones are the full "
                   f"model's replies), `overfill eval` into {folder}")
     results = evaluate(quality_config, console)
