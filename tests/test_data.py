@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -198,3 +199,30 @@ def test_files_are_checked_by_check_files_not_when_a_config_is_built(tmp_path):
     write_jsonl(tmp_path / "later.jsonl", [{"prompt": "a", "response": "b"}])
     with pytest.raises(OverfillError, match="--val-data .* does not exist"):
         config.check_files()
+
+
+UNREADABLE_DATA = {
+    # name: (how to make it under tmp_path, what the one error line says)
+    "a truncated JSON array": (lambda p: p.write_text('[{"prompt": "a", "response": "b"}, {"prompt": "c", "resp'),
+                               "is not valid JSON"),
+    "text that is not JSON": (lambda p: p.write_text("prompt,response\na,b\nc,d\n"), "holds no JSON records"),
+    "JSON lines that hold no object": (lambda p: p.write_text('1\n"text"\nnull\n'), "holds no JSON records"),
+    "a folder": (lambda p: p.mkdir(), "is a folder"),
+    "a file on the way": (lambda p: None, "cannot be read (Not a directory)"),
+    "a pipe, readable only once": (lambda p: os.mkfifo(p), "is not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE_DATA))
+def test_check_files_reads_and_parses_the_data(tmp_path, case):
+    """The data file is read and parsed by check_files, before any model loads: not only its first bytes sniffed."""
+    make, says = UNREADABLE_DATA[case]
+    (tmp_path / "afile").write_text("keep")
+    data = tmp_path / ("afile/data.jsonl" if case == "a file on the way" else "data.jsonl")
+    make(data)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "a", "response": "b"}])
+    for config in (DataConfig(data=str(data)), DataConfig(data=str(val), val_data=str(data))):
+        flag = "--val-data" if config.val_data else "--data"
+        with pytest.raises(OverfillError) as err:
+            config.check_files()
+        assert str(err.value).startswith(f"{flag} {data} ") and says in str(err.value) and "\n" not in str(err.value)

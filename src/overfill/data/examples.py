@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from overfill.config import Settings, at_least
-from overfill.data.records import all_utf8, check_text_file, read_records, record_to_messages
+from overfill.data.records import all_utf8, check_records, read_records, record_to_messages
 from overfill.errors import OverfillError
 from overfill.tensors import left_pad, right_pad
 
@@ -269,10 +269,8 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
 
 
 def check_data_path(path: str, flag: str) -> None:
-    if Path(path).is_dir():
-        raise OverfillError(f"{flag} {path} is a folder: pass a JSONL or JSON file")
-    if not Path(path).is_file():
-        raise OverfillError(f"{flag} {path} does not exist: pass a JSONL or JSON file")
+    """Refuse a data file that cannot be read and parsed into records (records.check_records), naming `flag`."""
+    check_records(path, flag)
 
 
 @dataclass
@@ -308,8 +306,7 @@ class RecordFields(Settings):
 
     def check_files(self) -> None:
         super().check_files()
-        check_data_path(self.data, "--data")
-        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
+        check_data_path(self.data, "--data")  # read and parsed here, before any model loads
 
     def read(self, tokenizer, *, path: str | None = None, limit: int | None = None) -> LoadedData:
         """The (context, reply) pairs of `path` (default: --data), read with these fields and limits."""
@@ -342,7 +339,6 @@ class DataConfig(RecordFields):
         super().check_files()
         if self.val_data:
             check_data_path(self.val_data, "--val-data")
-            check_text_file(self.val_data)
 
 
 @dataclass

@@ -12,6 +12,8 @@ Broken lines and records of no known shape are counted, not fatal, so callers ca
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,30 +51,56 @@ class RecordFile:
 SNIFF_BYTES = 8192
 
 
-def _read(path: Path, size: int = -1) -> bytes:
-    if not path.is_file():
-        raise OverfillError(f"data file {path} does not exist: pass a JSONL or JSON file")
+def _read(path: Path, size: int = -1, what: str = "data file") -> bytes:
+    # The check is the read itself: whatever stops it (no such file, a folder, a file on the way, permissions, a
+    # place like /proc that refuses reads) is named from the error the read raised.
     try:
-        with open(path, "rb") as handle:
+        # Non-blocking: opening a pipe to read would otherwise wait for a writer that may never come.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise OverfillError(f"{what} {path} is not a regular file (a pipe or device can be read only once, and "
+                                    "the data is read more than once): save it to a file and pass that")
             data = handle.read(size)
     except OSError as err:
-        raise OverfillError(f"data file {path} cannot be read ({err.strerror}): check its permissions") from None
+        raise OverfillError(f"{what} {path} {_unreadable(err)}: pass a JSONL or JSON file you can read") from None
     # A NUL byte never occurs in JSON text (it must be escaped); it does in weights, archives and UTF-16.
     if b"\0" in data[:SNIFF_BYTES]:
-        raise OverfillError(f"data file {path} is not a text file (it holds binary data, e.g. model weights or UTF-16 "
+        raise OverfillError(f"{what} {path} is not a text file (it holds binary data, e.g. model weights or UTF-16 "
                             "text): pass a JSONL or JSON file saved as UTF-8")
     return data
 
 
-def check_text_file(path: str | Path) -> Path:
+def _unreadable(err: OSError) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "does not exist"
+    if isinstance(err, IsADirectoryError):
+        return "is a folder"
+    return f"cannot be read ({err.strerror or type(err).__name__})"
+
+
+def check_text_file(path: str | Path, what: str = "data file") -> Path:
     """Refuse a missing, unreadable or binary data file from its first bytes: cheap enough for a config check."""
-    _read(Path(path), SNIFF_BYTES)
+    _read(Path(path), SNIFF_BYTES, what)
     return Path(path)
 
 
-def read_bytes(path: Path) -> bytes:
+def check_records(path: str | Path, what: str = "data file") -> RecordFile:
+    """The file's records, or one error line when it cannot be read or parsed into any JSON record.
+
+    What a config's check_files() calls: a file of text that is not JSON (a CSV, a truncated JSON
+    array) is refused here, before any model loads, instead of after. Reading it again later is
+    cheap next to loading a model.
+    """
+    found = read_records(path, what)
+    if not found.records:
+        raise OverfillError(f"{what} {path} holds no JSON records ({found.looked_at} {found.unit}s read, none a JSON "
+                            "object): pass a JSONL file with one JSON object per line, or a JSON array of objects")
+    return found
+
+
+def read_bytes(path: Path, what: str = "data file") -> bytes:
     """The file's bytes without a UTF-8 byte order mark; an OverfillError for a binary or unreadable file."""
-    return _read(path).removeprefix(b"\xef\xbb\xbf")
+    return _read(path, what=what).removeprefix(b"\xef\xbb\xbf")
 
 
 def _decode_whole(path: Path, data: bytes) -> str:
@@ -84,22 +112,22 @@ def _decode_whole(path: Path, data: bytes) -> str:
                             "save it as UTF-8, or as JSONL so that only the broken lines are skipped") from None
 
 
-def read_records(path: str | Path) -> RecordFile:
+def read_records(path: str | Path, what: str = "data file") -> RecordFile:
     """Read a JSONL file (or one JSON array / object). Broken lines are counted, not fatal; an empty file is.
 
     JSONL is decoded line by line, so a line that is not UTF-8 is skipped and counted like a line
     that is not JSON; a JSON array or object is one text and must be UTF-8 throughout.
     """
     path = Path(path)
-    data = read_bytes(path)
+    data = read_bytes(path, what)
     if not data.strip():
-        raise OverfillError(f"data file {path} is empty: pass a JSONL file with one record per line")
+        raise OverfillError(f"{what} {path} is empty: pass a JSONL file with one record per line")
     stripped = data.lstrip()
     if stripped.startswith(b"["):
         try:
             rows = json.loads(_decode_whole(path, stripped))
         except json.JSONDecodeError as err:
-            raise OverfillError(f"data file {path} is not valid JSON ({err.msg} at line {err.lineno}): fix it or use JSONL") from None
+            raise OverfillError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno}): fix it or use JSONL") from None
         numbered = list(enumerate(rows, start=1))
         return RecordFile(str(path), [r for _, r in numbered if isinstance(r, dict)],
                           numbers=[n for n, r in numbered if isinstance(r, dict)],
