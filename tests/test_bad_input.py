@@ -167,6 +167,34 @@ def test_checkpoint_without_its_decoder_folder(monkeypatch, capsys, files, tmp_p
     refused(monkeypatch, capsys, "has no decoder/ folder", "generate", str(tmp_path / "ckpt"), "-p", "hi", seconds=5)
 
 
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+BROKEN_FOLDERS = {
+    # name: (how the copy of a good model folder is broken, what the one error line says)
+    "a config field of the wrong type": (lambda f: _edit_config(f, hidden_size="big"), "expected int, got str"),
+    "a config that is a JSON list": (lambda f: (f / "config.json").write_text("[1, 2]"), "could not load model folder"),
+    "weights of another shape than the config": (lambda f: _edit_config(f, intermediate_size=7), "could not load model folder"),
+    "a garbled tokenizer": (lambda f: (f / "tokenizer.json").write_text('{"model": {"type": "Nope"}}'),
+                            "could not load model folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FOLDERS))
+def test_a_model_folder_that_does_not_load_is_one_line(files, tmp_path, case):
+    """Whatever loading a broken folder raises (the libraries' errors are open-ended) is one error line naming it."""
+    from overfill.loading import load_model
+
+    shutil.copytree(files / "full", tmp_path / "full")
+    breaks, says = BROKEN_FOLDERS[case]
+    breaks(tmp_path / "full")
+    with pytest.raises(OverfillError) as error:
+        load_model(str(tmp_path / "full"), quiet=True)
+    assert says in str(error.value) and str(tmp_path / "full") in str(error.value) and "\n" not in str(error.value)
+
+
 # ---------------------------------------------------------------- 3. names that are no model here
 
 

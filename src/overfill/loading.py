@@ -85,21 +85,21 @@ def check_weights(folder: str | Path) -> None:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0].strip() if text else ""
+    # Some errors put their reason on a second line ('Validation error for field x:' / 'TypeError: ...').
+    if line.endswith(":") and len(text.splitlines()) > 1:
+        line = f"{line} {text.splitlines()[1].strip()}"
+    return line or type(err).__name__
 
 
 def _load_failed(name_or_path: str, location: str, err: BaseException) -> OverfillError:
+    """Any failure to load a folder is this one line. What loading a broken folder raises is open-ended (OSError,
+    SafetensorError, ValueError, KeyError, TypeError for a config.json of the wrong shape, huggingface_hub's field
+    validation errors, RuntimeError for weights of another shape than config.json says, ...), so no list of them
+    is kept: each means the folder cannot be loaded."""
     where = f"model folder {location}" if Path(location).exists() else f"model '{name_or_path}'"
     return OverfillError(f"could not load {where} ({_first_line(err)}): pass a zoo name ({', '.join(ZOO)}), "
                          "an intact local model folder, or a hub id reachable from this machine")
-
-
-# What loading a broken folder raises: OSError (missing or unreadable files), SafetensorError (bad
-# weights), ValueError (a garbled config.json or tokenizer file), KeyError (a config without model_type).
-def _load_errors() -> tuple[type[BaseException], ...]:
-    from safetensors import SafetensorError
-
-    return (OSError, SafetensorError, ValueError, KeyError)
 
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False, quiet: bool = False):
@@ -110,7 +110,9 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, quiet: bo
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code,
                                           local_files_only=_cache_only(location))
-    except _load_errors() as err:
+    except OverfillError:
+        raise
+    except Exception as err:  # whatever it is, the folder cannot be loaded: see _load_failed
         raise _load_failed(name_or_path, location, err) from None
 
 
@@ -137,7 +139,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, local_files_only=cache_only)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      local_files_only=cache_only)
-    except _load_errors() as err:
+    except OverfillError:
+        raise
+    except Exception as err:  # whatever it is, the folder cannot be loaded: see _load_failed
         raise _load_failed(name_or_path, location, err) from None
     model.eval()
     return model, tokenizer
