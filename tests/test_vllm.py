@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -728,6 +729,34 @@ def test_export_refuses_a_decoder_pruned_from_another_model(pair, tmp_path, monk
     message = str(error.value)
     assert "pruned from another model" in message and "\n" not in message
     assert not (tmp_path / "vllm").exists() or list((tmp_path / "vllm").iterdir()) == []
+
+
+ENGINE_FOLDERS = {
+    # name: (how a copy of the full model's folder is changed, the fragment of the one error line; None: it loads)
+    "a garbled tokenizer.json": (lambda f: (f / "tokenizer.json").write_text('{"model": {"type": "Nope"}}'),
+                                 "could not load model folder"),
+    "a config field of the wrong type": (lambda f: (f / "config.json").write_text(
+        json.dumps({**json.loads((f / "config.json").read_text()), "num_attention_heads": "four"})), "expected int, got str"),
+    "tokenizer.json without tokenizer_config.json": (lambda f: (f / "tokenizer_config.json").unlink(), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENGINE_FOLDERS))
+def test_the_folder_vllm_loads_is_checked_by_loading_it(pair, tmp_path, case):
+    """What vLLM would fail on minutes into its start is found by loading the config and tokenizer, not by file names."""
+    from overfill.vllm.export import engine_model
+
+    folder = tmp_path / "full"
+    shutil.copytree(pair.full, folder)
+    change, says = ENGINE_FOLDERS[case]
+    change(folder)
+    source = ModelSource(model=str(folder))
+    if says is None:
+        assert engine_model(source, "full").path == folder
+        return
+    with pytest.raises(OverfillError) as error:
+        engine_model(source, "full")
+    assert says in str(error.value) and str(folder) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_export_index_covers_every_tensor(pair, tmp_path, monkeypatch):

@@ -116,6 +116,20 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, quiet: bo
         raise _load_failed(name_or_path, location, err) from None
 
 
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, quiet: bool = False):
+    """The model's tokenizer alone (cheap: no weights), through the same checks as `load_model`."""
+    from transformers import AutoTokenizer
+
+    location = resolve_model(name_or_path, quiet=quiet)
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                             local_files_only=_cache_only(location))
+    except OverfillError:
+        raise
+    except Exception as err:  # whatever it is, the folder cannot be loaded: see _load_failed
+        raise _load_failed(name_or_path, location, err) from None
+
+
 def _cache_only(location: str) -> bool:
     # resolve_model let a hub id through while the hub is away only because it is cached: read the cache, do not retry.
     return not Path(location).exists() and (hub_offline() or not hub_reachable())

@@ -37,7 +37,7 @@ from overfill.atomic import atomic_folder, check_writable
 from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
 from overfill.home import overfill_home
-from overfill.loading import resolve_model
+from overfill.loading import load_config, load_tokenizer, resolve_model
 from overfill.model_source import ModelSource
 from overfill.modeling import Mode, check_mode, read_checkpoint_meta
 from overfill.vllm import ARCH
@@ -80,12 +80,19 @@ def engine_model(source: ModelSource, mode: str = "overfill", *, name: str | Non
         path = Path(resolve_model(_decoder_folder(source), quiet=True))
     else:
         path = export(source)
-    for required in ("config.json", "tokenizer_config.json"):
-        if not (path / required).is_file():
-            raise OverfillError(f"{path} has no {required}: vLLM needs a model folder with its tokenizer; "
-                                "re-create it with overfill prune / overfill train")
+    check_engine_folder(path, source.trust_remote_code)
     return EngineModel(path=path, name=name or _default_name(source, mode), mode=mode, dtype=source.dtype,
                        trust_remote_code=source.trust_remote_code)
+
+
+def check_engine_folder(path: Path, trust_remote_code: bool = False) -> None:
+    """Refuse a folder whose config or tokenizer does not load, as vLLM would only minutes into its start.
+
+    Loading them is the check (a second, no weights), not a list of file names: a tokenizer may be
+    tokenizer.json alone, or a sentencepiece model, and a file may be there and garbled.
+    """
+    load_config(str(path), trust_remote_code=trust_remote_code, quiet=True)
+    load_tokenizer(str(path), trust_remote_code=trust_remote_code, quiet=True)
 
 
 def _full_source(source: ModelSource) -> str:
