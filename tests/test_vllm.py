@@ -759,6 +759,25 @@ def test_the_folder_vllm_loads_is_checked_by_loading_it(pair, tmp_path, case):
     assert says in str(error.value) and str(folder) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_export_carries_the_full_models_tokenizer_whole(pair, tmp_path, monkeypatch):
+    """The exported tokenizer is the full model's, whatever files it is made of (here a named chat template, which
+    lives in additional_chat_templates/): the tokenizer saves itself rather than a list of file names being copied."""
+    from overfill.loading import load_tokenizer
+    from overfill.vllm.export import engine_model
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
+    full = tmp_path / "full"
+    shutil.copytree(pair.full, full)
+    tokenizer = load_tokenizer(str(full))
+    tokenizer.chat_template = {"default": tokenizer.chat_template, "tool_use": "{% for m in messages %}T {{ m['content'] }}{% endfor %}"}
+    tokenizer.save_pretrained(full)
+    folder = engine_model(ModelSource(model=str(full), decoder=str(pair.pruned))).path
+    exported, original = load_tokenizer(str(folder)), load_tokenizer(str(full))
+    assert exported.chat_template == original.chat_template and set(original.chat_template) == {"default", "tool_use"}
+    assert exported.get_vocab() == original.get_vocab()
+    assert (folder / "generation_config.json").read_bytes() == (full / "generation_config.json").read_bytes()
+
+
 def test_export_index_covers_every_tensor(pair, tmp_path, monkeypatch):
     from overfill.vllm.export import ARCH, engine_model
 

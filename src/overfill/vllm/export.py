@@ -15,7 +15,7 @@ Exported layout (names relative to the folder):
                                  symlinked to the full model's folder
     decoder.safetensors          the decoder's tensors, every name prefixed with "decoder."
     model.safetensors.index.json weight_map over both (vLLM skips .safetensors files an index omits)
-    tokenizer files, chat template, generation_config.json     from the full model
+    tokenizer files (as the full model's tokenizer saves them), generation_config.json (copied)
 
 The pair is loaded and checked first (same layers, KV heads, head_dim and tokenizer; the decoder's
 recorded full-model fingerprint), exactly as `overfill generate` would.
@@ -45,8 +45,7 @@ from overfill.zoo import DEFAULT_MODEL
 
 FORMAT = 1
 DONE = "config.json"  # written last: a folder that has it is complete
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 @dataclass(frozen=True)
@@ -129,10 +128,11 @@ def export(source: ModelSource) -> Path:
         return target  # these very files were checked when it was written
     check_writable(target, "OVERFILL_HOME", staged_beside=True)  # before loading the pair
     pair = source.load()  # checks compatibility, tokenizer and the recorded fingerprint; float32 weights
-    full_print, decoder_print = pair.full_fingerprint, fingerprint(pair.decoder)
+    full_print, decoder_print, tokenizer = pair.full_fingerprint, fingerprint(pair.decoder), pair.tokenizer
     del pair
     with atomic_folder(target, done_marker=DONE) as tmp:
-        write_folder(full_dir, decoder_dir, tmp, full_fingerprint=full_print, decoder_fingerprint=decoder_print)
+        write_folder(full_dir, decoder_dir, tmp, tokenizer=tokenizer, full_fingerprint=full_print,
+                     decoder_fingerprint=decoder_print)
     return target
 
 
@@ -158,8 +158,9 @@ def _shards(folder: Path) -> list[Path]:
     return shards
 
 
-def write_folder(full: Path, decoder: Path, out: Path, *, full_fingerprint: str, decoder_fingerprint: str) -> None:
-    """Write the exported layout (module docstring) for a checked pair into the empty folder `out`."""
+def write_folder(full: Path, decoder: Path, out: Path, *, tokenizer, full_fingerprint: str, decoder_fingerprint: str) -> None:
+    """Write the exported layout (module docstring) for a checked pair into the empty folder `out`; `tokenizer` is the
+    full model's, as our own engine loaded it."""
     full_config = json.loads((full / "config.json").read_text())
     decoder_config = json.loads((decoder / "config.json").read_text())
     weight_map: dict[str, str] = {}
@@ -178,9 +179,11 @@ def write_folder(full: Path, decoder: Path, out: Path, *, full_fingerprint: str,
     save_file(tensors, str(out / "decoder.safetensors"), metadata={"format": "pt"})
     weight_map.update({name: "decoder.safetensors" for name in tensors})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    for name in TOKENIZER_FILES:
-        if (full / name).is_file():
-            shutil.copy2(full / name, out / name)
+    # The tokenizer writes the files it is loaded from (tokenizer.json, a sentencepiece model, named chat templates in
+    # additional_chat_templates/, custom code, ...): no list of file names to fall behind the tokenizers there are.
+    tokenizer.save_pretrained(out)
+    if (full / GENERATION_CONFIG_NAME).is_file():  # vLLM's default sampling settings
+        shutil.copy2(full / GENERATION_CONFIG_NAME, out / GENERATION_CONFIG_NAME)
     config = dict(full_config, architectures=[ARCH])
     config["overfill"] = {
         "format": FORMAT,
