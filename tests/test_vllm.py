@@ -759,6 +759,21 @@ def test_the_folder_vllm_loads_is_checked_by_loading_it(pair, tmp_path, case):
     assert says in str(error.value) and str(folder) in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("index, says", [('{"weight_map": {"lm_head.weight": "model.saf', "is corrupt"),
+                                          ('{"weight_map": ["model.safetensors"]}', "is corrupt (no weight_map of file names)"),
+                                          ('{"weight_map": {"lm_head.weight": "model-2.safetensors"}}', "names model-2.safetensors")])
+def test_export_refuses_a_weight_index_it_cannot_follow(pair, tmp_path, monkeypatch, index, says):
+    from overfill.vllm.export import engine_model
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
+    full = tmp_path / "full"
+    shutil.copytree(pair.full, full)
+    (full / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(OverfillError) as error:
+        engine_model(ModelSource(model=str(full), decoder=str(pair.pruned)))
+    assert says in str(error.value) and "model.safetensors.index.json" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_export_carries_the_full_models_tokenizer_whole(pair, tmp_path, monkeypatch):
     """The exported tokenizer is the full model's, whatever files it is made of (here a named chat template, which
     lives in additional_chat_templates/): the tokenizer saves itself rather than a list of file names being copied."""

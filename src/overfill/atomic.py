@@ -149,7 +149,9 @@ def read_json_object(path: Path, fix: str) -> dict:
     """A JSON object from one of the record files we write (overfill.json, pruning.json), or one error line with `fix`."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise OverfillError(f"{path} cannot be read ({err.strerror or type(err).__name__}): {fix}") from None
+    except ValueError as err:  # what json.loads raises for any text that is not JSON, UnicodeDecodeError included
         raise OverfillError(f"{path} is corrupt ({getattr(err, 'msg', err)}): {fix}") from None
     if not isinstance(value, dict):
         raise OverfillError(f"{path} is corrupt (not a JSON object): {fix}")

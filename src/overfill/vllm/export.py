@@ -33,7 +33,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from overfill.atomic import atomic_folder, check_writable
+from overfill.atomic import atomic_folder, check_writable, read_json_object
 from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
 from overfill.home import overfill_home
@@ -149,8 +149,16 @@ def _folder_key(full: Path, decoder: Path) -> str:
 
 def _shards(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if index.is_file():  # vLLM reads the shards it names, and only those
+        fix = "re-save the model with save_pretrained, or remove the index if the folder has one model.safetensors"
+        weight_map = read_json_object(index, fix).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise OverfillError(f"{index} is corrupt (no weight_map of file names): {fix}")
+        shards = sorted({folder / name for name in weight_map.values()})
+        for shard in shards:
+            if not shard.is_file():
+                raise OverfillError(f"{index} names {shard.name}, which is not in {folder}: {fix}")
+        return shards
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise OverfillError(f"{folder} has no .safetensors weights: vLLM loads safetensors only; "
