@@ -359,3 +359,24 @@ def test_tiny_vllm_bench_end_to_end(tmp_path, monkeypatch, vllm_wiring):
     assert set(saved["key_points"][0]["rows"]) == {"vllm", "torch"}
     assert set(saved["sweeps"]) == {"new_tokens", "prompt_len", "batch"}
     assert {"breakdown.png", "new_tokens.png", "bench.json"} <= set(result["files"])
+
+
+def test_health_wait_takes_any_failure_to_answer_as_not_yet(monkeypatch, tmp_path):
+    """A server still starting may refuse, reset, time out or send half a reply: each means "ask again", not a crash."""
+    import contextlib
+    import http.client
+    from types import SimpleNamespace
+
+    answers = iter([ConnectionRefusedError(111, "Connection refused"), http.client.BadStatusLine("\x00"),
+                    http.client.IncompleteRead(b""), TimeoutError(), SimpleNamespace(status=200)])
+
+    def urlopen(url, timeout):
+        answer = next(answers)
+        if isinstance(answer, BaseException):
+            raise answer
+        return contextlib.nullcontext(answer)
+
+    monkeypatch.setattr(bench_load.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(bench_load.time, "sleep", lambda seconds: None)
+    bench_load._wait_healthy(SimpleNamespace(poll=lambda: None), 8000, tmp_path / "serve.log", lambda text: None)
+    assert next(answers, None) is None  # asked until it answered

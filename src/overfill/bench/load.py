@@ -17,12 +17,12 @@ OverFill / full and OverFill / pruned ratios. All traffic goes to 127.0.0.1; req
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import socket
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -180,7 +180,7 @@ def _wait_healthy(server, port: int, log: Path, report) -> None:
             with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5) as answer:
                 if answer.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        except (OSError, http.client.HTTPException):  # no answer yet, however it fails (refused, reset, timed out, a garbled reply)
             pass
         report("waiting for /health")
         time.sleep(2.0)
