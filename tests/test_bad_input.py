@@ -195,6 +195,22 @@ def test_a_model_folder_that_does_not_load_is_one_line(files, tmp_path, case):
     assert says in str(error.value) and str(tmp_path / "full") in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("content", [b"GGUF" + b"\3\0\0\0" + b"\0" * 16, b"not a GGUF file at all\n"])
+def test_a_damaged_bundled_gguf_is_one_line(monkeypatch, tmp_path, content):
+    """The bundled model is dequantised by loading its GGUF: any failure of that load is one line, and nothing is left."""
+    from overfill import zoo
+
+    gguf = tmp_path / "wheel" / zoo.ZOO[zoo.DEFAULT_MODEL].gguf_name
+    gguf.parent.mkdir()
+    gguf.write_bytes(content)
+    monkeypatch.setattr(zoo, "gguf_path", lambda entry: gguf)
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
+    with pytest.raises(OverfillError) as error:
+        zoo.materialise(zoo.ZOO[zoo.DEFAULT_MODEL], quiet=True)
+    assert f"could not read {gguf}" in str(error.value) and "--force-reinstall" in str(error.value)
+    assert "\n" not in str(error.value) and not (tmp_path / "home").exists()
+
+
 # ---------------------------------------------------------------- 3. names that are no model here
 
 

