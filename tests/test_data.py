@@ -226,3 +226,18 @@ def test_check_files_reads_and_parses_the_data(tmp_path, case):
         with pytest.raises(OverfillError) as err:
             config.check_files()
         assert str(err.value).startswith(f"{flag} {data} ") and says in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("template", ["{{ messages[0]['content'] - 1 }}", "{{ (messages | length) // 0 }}",
+                                      "{{ raise_exception('roles must alternate') }}"])
+def test_a_chat_template_that_fails_skips_the_record_with_a_reason(tmp_path, template):
+    """A template raises whatever Python raises inside it, not only jinja2's errors: each refuses the record, by name."""
+    from overfill.data.examples import ChatTemplateError, chat_ids
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = template
+    with pytest.raises(ChatTemplateError, match="chat template refuses this conversation"):
+        chat_ids(tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "bb"}])
+    with pytest.raises(OverfillError, match="no usable records.*rejected by the chat template"):
+        load_examples(path, tokenizer)

@@ -36,8 +36,16 @@ def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) ->
 
     try:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    except TemplateError as err:  # e.g. a template that refuses system turns or non-alternating roles
-        raise ChatTemplateError(f"the model's chat template refuses this conversation ({err}): change the roles or order of the turns") from None
+    except Exception as err:
+        # A template is a program of the model's: besides jinja2's own errors (a refused system turn, roles that do not
+        # alternate) it raises whatever Python raises inside it (TypeError, ZeroDivisionError, ...); any of them means
+        # this conversation cannot be rendered.
+        if isinstance(err, TemplateError):
+            reason, fix = str(err), "change the roles or order of the turns"
+        else:
+            reason, fix = f"{type(err).__name__}: {err}", "the template fails on it: fix the model's chat_template"
+        raise ChatTemplateError(f"the model's chat template refuses this conversation ({' '.join(reason.split())}): "
+                                f"{fix}") from None
     if hasattr(encoded, "keys") and "input_ids" in encoded:
         encoded = encoded["input_ids"]
     return list(encoded)
