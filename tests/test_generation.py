@@ -3,6 +3,7 @@ stop rules, sampling, streaming. Token ids are compared, not only text."""
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -274,3 +275,9 @@ def test_reply_reports_timings(monkeypatch):
     assert (reply.prefill_s, reply.decode_s, reply.decode_tokens_per_s) == (1.0, 7 * 0.25, 4.0)
     assert {k: reply.as_dict()[k] for k in ("new_tokens", "prefill_s", "decode_s", "decode_tokens_per_s")} == {
         "new_tokens": 8, "prefill_s": 1.0, "decode_s": 1.75, "decode_tokens_per_s": 4.0}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=math.nan), dict(temperature=math.inf), dict(top_k=math.nan)])
+def test_sampling_numbers_are_checked_for_their_range_not_for_being_negative(bad):
+    with pytest.raises(OverfillError, match="sampling needs temperature >= 0"):
+        GenerationConfig(**bad)

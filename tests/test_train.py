@@ -1,5 +1,6 @@
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -257,3 +258,13 @@ def test_standalone_baselines_also_learn_the_first_reply_token(setup):
     torch.testing.assert_close(whole * n_whole, rest * n_rest + first, rtol=1e-5, atol=1e-5)
     assert (first_scored("overfill", training=True), first_scored("pruned", training=True),
             first_scored("full", training=False)) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("bad, flag", [(dict(lr=math.inf), "--lr"), (dict(lr=math.nan), "--lr"),
+                                       (dict(weight_decay=math.nan), "--weight-decay"), (dict(weight_decay=math.inf), "--weight-decay"),
+                                       (dict(max_grad_norm=math.nan), "--max-grad-norm"), (dict(epochs=math.inf), "--epochs"),
+                                       (dict(epochs=math.nan), "--epochs")])
+def test_training_numbers_are_checked_for_their_range_not_for_being_negative(bad, flag):
+    """NaN and infinity compare False with everything: a check that looks for negative values lets them through."""
+    with pytest.raises(OverfillError, match=flag):
+        TrainConfig(decoder="dec", data="data.jsonl", out="out", **bad)

@@ -7,6 +7,7 @@ yields for each reply token of a batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,8 +35,10 @@ class Sampling(Settings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise OverfillError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        # In-range tests, so that NaN and infinity (which compare False) are refused too.
+        if not 0 <= self.temperature < math.inf or not 0 < self.top_p <= 1 or not self.top_k >= 0:
+            raise OverfillError(f"sampling needs temperature >= 0 (finite), 0 < top_p <= 1 and top_k >= 0, got "
+                                f"{self.temperature}, {self.top_p} and {self.top_k}")
 
     @property
     def greedy(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from overfill.config import Settings, at_least
@@ -81,8 +82,8 @@ class DemoConfig(Settings):
         at_least(self, 1, "prompts", "steps", "heldout", "batch_size")
         if self.max_new_tokens < 2:
             raise OverfillError(f"--max-new-tokens must be at least 2 (the decoder writes reply tokens 2..N), got {self.max_new_tokens}")
-        if not self.lr > 0:
-            raise OverfillError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # NaN and infinity compare False
+            raise OverfillError(f"--lr must be a positive number, got {self.lr}")
         if self.prompt is not None and not self.prompt.strip():
             raise OverfillError("--prompt is empty: pass a question for the chat comparison, or leave it out")
         train, heldout = demo_prompts(self.seed)

@@ -95,13 +95,14 @@ class TrainConfig(DataConfig):
             raise OverfillError(f"--mode {self.mode} trains a decoder: pass --decoder (a folder from `overfill prune`)")
         if self.mode == "full" and self.decoder:
             raise OverfillError("--mode full fine-tunes the full model and uses no --decoder: drop --decoder")
-        if not self.lr > 0:
-            raise OverfillError(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise OverfillError("--weight-decay and --max-grad-norm must be 0 or more")
+        # Each number is checked for being in its range, so NaN and infinity (which compare False) are out too.
+        if not 0 < self.lr < math.inf:
+            raise OverfillError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf or not 0 <= self.max_grad_norm:  # max_grad_norm inf: no clipping
+            raise OverfillError(f"--weight-decay and --max-grad-norm must be 0 or more, got {self.weight_decay} and {self.max_grad_norm}")
         if not 0 <= self.warmup_ratio < 1:
             raise OverfillError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         at_least(self, 1, "batch_size", "grad_accum", "keep_checkpoints", "max_steps")
         at_least(self, 0, "warmup_steps", "eval_every", "checkpoint_every")
-        if self.max_steps is None and not self.epochs > 0:
-            raise OverfillError(f"--epochs must be positive, got {self.epochs}")
+        if self.max_steps is None and not 0 < self.epochs < math.inf:
+            raise OverfillError(f"--epochs must be a positive number, got {self.epochs}")
