@@ -390,6 +390,20 @@ def test_a_checkpoint_that_fails_its_checksums_is_still_corrupt(tmp_path):
         read_checkpoint(tmp_path / "step-0000001")
 
 
+@pytest.mark.parametrize("unreadable", ["trainer.json", "rng.safetensors"])
+def test_a_checkpoint_file_that_cannot_be_read_is_corrupt(tmp_path, unreadable):
+    """A read that fails (here a link to /proc/self/mem, whose first bytes cannot be read, standing in for a damaged
+    disk) is the checkpoint's corruption in one line, whichever file it is, not a traceback."""
+    folder = tmp_path / "step-0000001"
+    folder.mkdir()
+    (folder / "rng.safetensors").write_bytes(b"rng")
+    (folder / "trainer.json").write_text(json.dumps({"format": 1, "files": {"rng.safetensors": "0" * 64}}))
+    (folder / unreadable).unlink()
+    os.symlink("/proc/self/mem", folder / unreadable)
+    with pytest.raises(OverfillError, match=f"checkpoint .* is corrupt \\({unreadable} cannot be read: Input/output error\\)"):
+        read_checkpoint(folder)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_interrupted_generate_prints_what_it_has(monkeypatch, capsys, files, stream):
     import overfill.generation

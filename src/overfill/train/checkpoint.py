@@ -163,7 +163,9 @@ def read_checkpoint(folder: Path) -> dict:
                             "folder of a run, or 'latest'")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except OSError as err:  # e.g. an I/O error on a damaged disk
+        raise _corrupt(folder, f"{TRAINER_FILE} cannot be read: {err.strerror or type(err).__name__}") from None
+    except ValueError as err:  # any text json.loads refuses, bytes that are not UTF-8 included
         raise _corrupt(folder, f"{TRAINER_FILE} is not valid JSON: {getattr(err, 'msg', err)}") from None
     if not isinstance(meta, dict) or meta.get("format") != TRAINER_STATE_FORMAT or not isinstance(meta.get("files"), dict):
         raise _corrupt(folder, f"{TRAINER_FILE} is not a format-{TRAINER_STATE_FORMAT} trainer state")
@@ -171,7 +173,11 @@ def read_checkpoint(folder: Path) -> dict:
         path = folder / name
         if not path.is_file():
             raise _corrupt(folder, f"{name} is missing")
-        if _sha256(path) != expected:
+        try:
+            matches = _sha256(path) == expected
+        except OSError as err:
+            raise _corrupt(folder, f"{name} cannot be read: {err.strerror or type(err).__name__}") from None
+        if not matches:
             raise _corrupt(folder, f"{name} does not match its recorded sha256")
     return meta
 
