@@ -1,6 +1,7 @@
 """`overfill frontier` on tiny random models: every configuration placed, the frontier's definition, resuming."""
 
 import importlib.util
+import io
 import json
 
 import pytest
@@ -133,3 +134,18 @@ def test_frontier_places_vllm_rows_beside_ours(tmp_path, monkeypatch, vllm_wirin
     assert 0 <= spec["acceptance_rate"] <= 1 and 1 <= spec["tokens_per_full_pass"] <= 3
     assert spec["decode_ms_per_token"] > 0 and points["vllm full"]["decode_ms_vs_full"] == pytest.approx(1.0)
     assert json.loads((tmp_path / "out" / "vllm.json").read_text())["rows"]["vllm spec2"]["kind"] == "vllm speculative"
+
+
+@pytest.mark.parametrize("content", [None, "", '{"settings": {"a": 1}, "rows": [', "[1, 2]", b"\xff\xfe"])
+def test_a_saved_half_that_cannot_be_read_is_measured_again(tmp_path, content):
+    """Reusing a saved half asks whether it reads as one made with these settings; anything else is measured again."""
+    from overfill.frontier.run import _saved
+
+    path = tmp_path / "results.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    assert _saved(path, "settings", {"a": 1}, Console(file=io.StringIO())) is None
+    path.write_text(json.dumps({"settings": {"a": 1}, "rows": []}))
+    assert _saved(path, "settings", {"a": 1}, Console(file=io.StringIO())) == {"settings": {"a": 1}, "rows": []}

@@ -75,10 +75,11 @@ def _settings(config: FrontierConfig, names) -> dict:
 
 def _saved(path: Path, key: str, settings: dict, console) -> dict | None:
     """A half saved by an earlier run with these very settings (under `key`), or None: measure it again."""
-    if not path.exists():
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):  # none, or one that cannot be read or parsed: measured again, as if there were none
         return None
-    previous = json.loads(path.read_text())
-    if previous.get(key) != settings:
+    if not isinstance(previous, dict) or previous.get(key) != settings:
         return None
     console.print(f"reusing {path} (same settings, same checkpoints)")
     return previous
