@@ -167,3 +167,23 @@ def test_demo_end_to_end_on_a_tiny_model_and_its_rerun(tmp_path):
     assert "reusing the pruned decoder" in text.getvalue()
     assert again["agreement"]["overfill"]["top1"] == overfill["top1"]  # same data, same seed: the same decoder
     assert [t["prompt"] for t in again["chat"]][-1] == "Say hello." and len(again["chat"]) == len(CHAT_FAMILIES) + 1
+
+
+@pytest.mark.parametrize("content", ['{"source_model": "m", "config": {"ra', "[]", '{"config": 0.25}', b"\xff"])
+def test_a_pruning_record_that_cannot_be_read_is_pruned_again(monkeypatch, tmp_path, content):
+    """The demo reuses a pruned decoder whose pruning.json reads as one of these settings; anything else is pruned again."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from overfill.demo import run as demo_run
+
+    config = DemoConfig(model="m", out=str(tmp_path), quick=True, device="cpu")
+    folder = tmp_path / f"pruned-{config.ratio:g}"
+    folder.mkdir()
+    (folder / "pruning.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    pruned = []
+    monkeypatch.setattr("overfill.prune.prune", lambda prune_config: pruned.append(prune_config) or SimpleNamespace(record={}))
+    monkeypatch.setattr("overfill.prune_report.print_prune_summary", lambda *args: None)
+    assert demo_run._pruned(config, Console(file=io.StringIO())) == folder
+    assert len(pruned) == 1 and pruned[0].force

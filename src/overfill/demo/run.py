@@ -41,9 +41,12 @@ def _pruned(config: DemoConfig, console) -> Path:
 
     folder = Path(config.out) / f"pruned-{config.ratio:g}"
     record_path = folder / "pruning.json"
-    if record_path.is_file():
+    try:
         record = json.loads(record_path.read_text())
-        if record.get("source_model") == config.model and record.get("config", {}).get("ratio") == config.ratio:
+    except (OSError, ValueError):  # none yet, or one that cannot be read or parsed: pruned (again) below
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        if record.get("source_model") == config.model and record["config"].get("ratio") == config.ratio:
             console.print(f"reusing the pruned decoder in [bold]{folder}[/] (delete it to prune again)")
             print_prune_summary(console, record)
             return folder
