@@ -55,8 +55,8 @@ def _read(path: Path, size: int = -1, what: str = "data file") -> bytes:
     # The check is the read itself: whatever stops it (no such file, a folder, a file on the way, permissions, a
     # place like /proc that refuses reads) is named from the error the read raised.
     try:
-        # Non-blocking: opening a pipe to read would otherwise wait for a writer that may never come.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        # Non-blocking: opening a pipe to read would otherwise wait for a writer that may never come (POSIX only).
+        with open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0))) as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise OverfillError(f"{what} {path} is not a regular file (a pipe or device can be read only once, and "
                                     "the data is read more than once): save it to a file and pass that")
