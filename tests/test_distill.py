@@ -4,6 +4,7 @@ gives, other settings are refused, sampling is reproducible across batch sizes, 
 
 import importlib.util
 import json
+import os
 import shutil
 
 import pytest
@@ -240,6 +241,10 @@ def test_bad_settings_are_one_line(setup, tmp_path):
              "--batch-size must be at least 1": dict(batch_size=0), "unknown engine": dict(engine="onnx"),
              "--response-field needs --prompt-field": dict(response_field="answer"),
              "is the --data file itself": dict(out=setup["data"]), "is a folder": dict(out=str(tmp_path))}
+    # an --out that exists in a writable folder but cannot be appended to: a pipe nothing reads
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    cases["cannot be appended to"] = dict(out=str(pipe))
     for fragment, kwargs in cases.items():
         with pytest.raises(OverfillError) as err:
             config(setup, kwargs.pop("out", tmp_path / "o.jsonl"), **kwargs).check_files()

@@ -6,6 +6,7 @@ else but run by PyTorch's own kernels here (no C++ build per shape: the suite st
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,8 +48,15 @@ def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
     assert result["sections"]["tiny models"]["mistral"]  # the sections before and after it ran
 
 
-def test_bad_arguments_are_one_line(capsys):
+def test_bad_arguments_are_one_line(capsys, tmp_path):
     with pytest.raises(OverfillError, match="--preset"):
         GpuCheckConfig(preset="huge")
+    for budget in (0.0, float("nan"), float("inf")):
+        with pytest.raises(OverfillError, match="--budget"):
+            GpuCheckConfig(budget=budget, out=str(tmp_path / "run"))
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file" / "run", Path("/proc/overfill-run")):  # under a file; a place that refuses folders
+        with pytest.raises(OverfillError, match="--out .* cannot be written"):
+            GpuCheckConfig(out=str(out))
     with pytest.raises(SystemExit, match="error: --preset"):
         main(["--preset", "huge"])

@@ -78,6 +78,25 @@ def test_a_low_precision_decoder_round_trips_through_save_and_load(dtype, tmp_pa
     assert decoder_dtype(as_float.decoder) == "float32"  # the flag overrides the recorded dtype
 
 
+def test_a_float16_pair_is_named_float16_and_saved_without_a_decoder_dtype(tmp_path):
+    """A decoder in a dtype both models share is not reported as float32 (which would skip a float32 bench row),
+    nor recorded as the decoder's own; a checkpoint recording a dtype this overfill does not know is one line."""
+    import json
+
+    full, tok = save_tiny(tmp_path / "full")
+    model = OverFillModel(full, pruned_model("llama").decoder, tok, full_source=str(tmp_path / "full"))
+    model.decoder.half()
+    assert decoder_dtype(model.decoder) == "float16"
+    model.save_pretrained(tmp_path / "ckpt")
+    meta_path = tmp_path / "ckpt" / "overfill.json"
+    meta = json.loads(meta_path.read_text())
+    assert "decoder_dtype" not in meta
+    meta_path.write_text(json.dumps({**meta, "decoder_dtype": "int4"}))
+    with pytest.raises(OverfillError, match="records decoder_dtype 'int4'") as err:
+        OverFillModel.from_pretrained(tmp_path / "ckpt")
+    assert "\n" not in str(err.value)
+
+
 def test_bad_decoder_dtype_is_one_line():
     with pytest.raises(OverfillError, match="--decoder-dtype"):
         ModelSource(decoder="d", decoder_dtype="int4")

@@ -253,7 +253,7 @@ class OverFillModel(nn.Module):
         "decoder_dtype" and comes back so on loading; an int8 one is saved as the float32 weights
         its int8 values stand for (a plain model folder) plus the int8 values themselves.
         """
-        from overfill.precision import decoder_dtype, float_copy, save_int8
+        from overfill.precision import DECODER_DTYPES, decoder_dtype, float_copy, save_int8
 
         folder = Path(folder)
         dtype = decoder_dtype(self.decoder)
@@ -269,7 +269,8 @@ class OverFillModel(nn.Module):
                 "full_fingerprint": self.full_fingerprint,
                 "decoder": "decoder",
                 "pruning": {k: v for k, v in self.pruning.items() if k != "kept"},
-                **({"decoder_dtype": dtype} if dtype != "float32" else {}),
+                # a dtype of the decoder alone; one both models share (e.g. float16) is the loader's --dtype
+                **({"decoder_dtype": dtype} if dtype in DECODER_DTYPES and dtype != "float32" else {}),
                 **(extra or {}),
             }
             (tmp / "overfill.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -283,6 +284,13 @@ class OverFillModel(nn.Module):
         the decoder's dtype (precision.py) to the recorded one, else `dtype`."""
         folder = Path(folder)
         meta = read_checkpoint_meta(folder)
+        if meta.get("decoder_dtype") is not None:
+            from overfill.precision import DECODER_DTYPES
+
+            if meta["decoder_dtype"] not in DECODER_DTYPES:
+                raise OverfillError(f"{folder / 'overfill.json'} records decoder_dtype {meta['decoder_dtype']!r}, which this "
+                                    f"overfill does not know ({', '.join(DECODER_DTYPES)}): upgrade overfill, or re-save "
+                                    "the checkpoint")
         tokenizer = None
         if full_model is None or isinstance(full_model, str):
             source = full_model or meta.get("full_model")

@@ -316,12 +316,13 @@ def int8_kernel_input() -> torch.dtype | None:
 
 
 def decoder_dtype(decoder: nn.Module) -> str:
-    """What `set_decoder_dtype` made of a decoder: int8 when its linear layers hold int8 weights (either kernels')."""
+    """What a decoder's linear layers hold: int8 weights (either kernels', `set_decoder_dtype`), else their float
+    dtype's name (float32, bfloat16, or another such as float16 when both models were loaded in it)."""
     for module in decoder.modules():
         if isinstance(module, Int8Linear) or (isinstance(module, nn.Linear) and hasattr(module.weight, "qdata")):
             return "int8"
         if isinstance(module, nn.Linear):
-            return {torch.bfloat16: "bfloat16"}.get(module.weight.dtype, "float32")
+            return str(module.weight.dtype).removeprefix("torch.")
     return "float32"
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from overfill.atomic import atomic_write_text
+from overfill.atomic import atomic_write_text, check_writable
 from overfill.bench.gpu_paper_scale import paper_figures
 from overfill.devices import clock, resolve_device
 from overfill.errors import OverfillError
@@ -73,8 +73,9 @@ class GpuCheckConfig:
             self.preset = "paper" if torch.device(self.device).type == "cuda" else "small"
         if self.preset not in PRESETS:
             raise OverfillError(f"--preset got '{self.preset}': pick paper, small or auto")
-        if self.budget <= 0:
-            raise OverfillError(f"--budget is seconds for the whole check, got {self.budget}")
+        if not 0 < self.budget < math.inf:  # a range, so NaN is refused too
+            raise OverfillError(f"--budget is seconds for the whole check, more than 0, got {self.budget}")
+        check_writable(self.out, "--out")  # the run writes there after every section: probe it before the first
 
 
 class Check:

@@ -10,7 +10,6 @@ from pathlib import Path
 from overfill.atomic import check_writable
 from overfill.config import at_least
 from overfill.data.examples import check_data_path
-from overfill.data.records import check_text_file
 from overfill.engines import EngineOrAuto, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig
@@ -68,14 +67,19 @@ class DistillConfig(Sampling, FullModelSource):
 
     def check_files(self) -> None:
         super().check_files()
-        check_data_path(self.data, "--data")
-        check_text_file(self.data)  # a binary file (e.g. weights passed by mistake) fails before any model loads
+        check_data_path(self.data, "--data")  # read and parsed: a binary or broken file fails before any model loads
         out = Path(self.out).expanduser()
         if out.is_dir() or self.out.endswith(os.sep):
             raise OverfillError(f"--out {self.out} is a folder: pass a file name, e.g. {out / 'distill.jsonl'}")
         if out.exists() and out.resolve() == Path(self.data).resolve():
             raise OverfillError(f"--out {self.out} is the --data file itself: write the replies to another file")
         check_writable(out.parent, "--out")
+        if out.exists():  # replies are appended to it: the check is opening it so, which writes nothing
+            try:  # non-blocking: a pipe with no reader must fail here, not wait
+                os.close(os.open(out, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NONBLOCK", 0)))
+            except OSError as error:
+                raise OverfillError(f"--out {self.out} cannot be appended to ({error.strerror or type(error).__name__}): "
+                                    "pick another --out") from None
 
     def generation(self) -> GenerationConfig:
         """Our loop's settings: the full model alone, greedy or sampled."""
