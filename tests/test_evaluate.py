@@ -358,3 +358,18 @@ def test_lm_eval_adapter_runs_local_tasks_end_to_end(tiny_checkpoint, monkeypatc
         text = tok.decode(reply, skip_special_tokens=True)
         text = text[: min([text.index(s) for s in stops if s in text] + [len(text)])]
         assert sample["resps"][0][0] == text
+
+
+def test_refresh_gap_is_measured_against_the_same_checkpoints_plain_entry():
+    """The plain entry is found by what it is (checkpoint, dtype, no dials), not by name: an entry with its own
+    refresh dial and no plain sibling is left out rather than failing the whole run at its end."""
+    from overfill.evaluation.run import refresh_summary
+
+    entries = [parse_entry(s) for s in ("full", "overfill", "overfill+refresh4", "r=overfill+refresh8:runs/r",
+                                        "base=overfill:runs/b", "b8=overfill+refresh8:runs/b")]
+    models = {"full": {"nll": 1.0}, "overfill": {"nll": 2.0}, "overfill+refresh4": {"nll": 1.5}, "r": {"nll": 1.2},
+              "base": {"nll": 3.0}, "b8": {"nll": 2.0}}
+    summary = {row["name"]: row for row in refresh_summary(entries, models)}
+    assert set(summary) == {"overfill+refresh4", "b8"}
+    assert summary["overfill+refresh4"]["gap_closed"] == pytest.approx(0.5)
+    assert summary["b8"]["plain_nll"] == 3.0 and summary["b8"]["gap_closed"] == pytest.approx(0.5)

@@ -40,11 +40,13 @@ def test_frontier_places_every_configuration(checkpoints, tmp_path):
     root, data = checkpoints
     console = Console(file=open(tmp_path / "console.txt", "w"), width=220)
     # an entry with dials of its own (a bfloat16 decoder drafting) is placed as it is, and not varied again
-    entries = ("full", f"pruned=pruned:{root / 'pruned'}", "overfill", "overfill@bfloat16+spec2")
+    entries = ("full", f"pruned=pruned:{root / 'pruned'}", "overfill", "overfill@bfloat16+spec2",
+               f"r+refresh3=overfill+refresh3:{root / 'ckpt'}")  # named as a variant of an entry that is not there
     result = run_frontier(config_for(root, data, tmp_path / "out", entries=entries), console)
     points = {p["name"]: p for p in result["points"]}
     assert list(points) == ["full", "pruned", "overfill", "overfill+refresh2", "overfill+spec2", "overfill+spec2/pruned",
-                            "overfill@bfloat16", "overfill@bfloat16+spec2"]
+                            "overfill@bfloat16", "overfill@bfloat16+spec2", "r+refresh3"]
+    assert points["r+refresh3"]["kind"] == "refresh" and points["r+refresh3"]["top1"] is not None
     assert points["pruned"]["kind"] == "pruned" and points["overfill+spec2/pruned"]["kind"] == "speculative"
     assert points["overfill@bfloat16+spec2"]["kind"] == "speculative"
     quality = json.loads((tmp_path / "out" / "quality" / "results.json").read_text())

@@ -213,13 +213,19 @@ def evaluate(config: EvalConfig, console=None) -> dict:
 
 
 def refresh_summary(entries: list[ModelEntry], models: dict[str, dict]) -> list[dict]:
-    """Per refresh entry: how much of its plain OverFill entry's NLL gap to the full model it closes."""
+    """Per refresh entry: how much of its plain OverFill entry's NLL gap to the full model it closes. Its plain entry is
+    the one of the same checkpoint and decoder dtype without refresh, found by what it is, not by its name (an entry
+    with its own dials has none when no such entry was asked for)."""
     full = next((models[e.name].get("nll") for e in entries if e.mode == "full"), None)
     out = []
     for entry in entries:
         if not entry.refresh_every:
             continue
-        plain = models[entry.name.rsplit("+refresh", 1)[0]].get("nll")
+        plain_entry = next((e for e in entries if e.mode == entry.mode and e.checkpoint == entry.checkpoint
+                            and e.decoder_dtype == entry.decoder_dtype and not e.refresh_every and not e.draft_tokens), None)
+        if plain_entry is None:
+            continue
+        plain = models[plain_entry.name].get("nll")
         nll = models[entry.name].get("nll")
         if plain is None or nll is None:
             continue
