@@ -161,27 +161,31 @@ class StepWeights(nn.Module):
         full model's, which may differ from ours).
         """
         (rows, width), heads, kv_heads, dim = tokens.shape, self.heads, self.kv_heads, self.head_dim
+        groups = heads // kv_heads  # query head j reads kv head j // G
         x = self.embed(tokens)  # [B, Q, hidden]
         cos, sin = self.rotary(x, positions)  # [B, Q, D]
-        q_cos, q_sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, Q, D]: over kv heads and query groups
+        q_cos, q_sin = cos[:, None, :, None], sin[:, None, :, None]  # [B, 1, Q, 1, D]: over kv heads and query groups
         k_cos, k_sin = cos[:, None], sin[:, None]  # [B, 1, Q, D]: over kv heads
-        attend = mask[:, None, None]  # [B, 1, 1, Q, C]
+        attend = mask[:, None, :, None]  # [B, 1, Q, 1, C]
         columns = column + torch.arange(width, device=column.device)  # [Q]
         for i, (keys, values) in enumerate(zip(cache_keys, cache_values)):
             h = rms_norm(x, self.norms[i, 0], self.eps).view(rows * width, -1)
             q, k, v = self.qkv(i, h).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-            # query head j reads kv head j // G
-            q = q.view(rows, width, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)  # [B, KV, G, Q, D]
+            q = q.view(rows, width, kv_heads, groups, dim).transpose(1, 2)  # [B, KV, Q, G, D]
             k, v = (t.view(rows, width, kv_heads, dim).transpose(1, 2) for t in (k, v))  # [B, KV, Q, D]
             if self.qk_eps is not None:
                 q, k = rms_norm(q, self.qk_norms[i, 0], self.qk_eps), rms_norm(k, self.qk_norms[i, 1], self.qk_eps)
             q, k = rotate(q, q_cos, q_sin), rotate(k, k_cos, k_sin)
             keys.index_copy_(2, columns, k.to(keys.dtype))
             values.index_copy_(2, columns, v.to(values.dtype))
-            scores = (q @ keys[:, :, None].transpose(-1, -2).to(q.dtype)) * self.scaling  # [B, KV, G, Q, C]
-            scores = scores.masked_fill(~attend, float("-inf"))
-            weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # HF's eager attention: softmax in float32
-            out = (weights @ values[:, :, None].to(q.dtype)).permute(0, 3, 1, 2, 4).reshape(rows * width, heads * dim)
+            # The block's tokens and query groups share one matrix product per kv head, the cache read once as it
+            # is: a separate batch dimension for them would broadcast (copy) the cache once per group.
+            q = q.reshape(rows, kv_heads, width * groups, dim)  # [B, KV, Q * G, D]
+            scores = (q @ keys.transpose(-1, -2).to(q.dtype)) * self.scaling  # [B, KV, Q * G, C]
+            scores = scores.view(rows, kv_heads, width, groups, -1).masked_fill(~attend, float("-inf"))
+            weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype).view(rows, kv_heads, width * groups, -1)
+            out = (weights @ values.to(q.dtype)).view(rows, kv_heads, width, groups, dim)  # HF's softmax: in float32
+            out = out.transpose(1, 2).reshape(rows * width, heads * dim)
             x = x + self.o(i, out).view(rows, width, -1)
             h = rms_norm(x, self.norms[i, 1], self.eps).view(rows * width, -1)
             gate, up = self.gate_up(i, h).chunk(2, dim=-1)
