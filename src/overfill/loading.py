@@ -106,24 +106,21 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False, quiet: bo
     """The model's config alone (cheap: no weights), through the same checks as `load_model`."""
     from transformers import AutoConfig
 
-    location = resolve_model(name_or_path, quiet=quiet)
-    try:
-        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code,
-                                          local_files_only=_cache_only(location))
-    except OverfillError:
-        raise
-    except Exception as err:  # whatever it is, the folder cannot be loaded: see _load_failed
-        raise _load_failed(name_or_path, location, err) from None
+    return _load_part(AutoConfig, name_or_path, trust_remote_code, quiet)
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, quiet: bool = False):
     """The model's tokenizer alone (cheap: no weights), through the same checks as `load_model`."""
     from transformers import AutoTokenizer
 
+    return _load_part(AutoTokenizer, name_or_path, trust_remote_code, quiet)
+
+
+def _load_part(auto_class, name_or_path: str, trust_remote_code: bool, quiet: bool):
     location = resolve_model(name_or_path, quiet=quiet)
     try:
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
-                                             local_files_only=_cache_only(location))
+        return auto_class.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                          local_files_only=_cache_only(location))
     except OverfillError:
         raise
     except Exception as err:  # whatever it is, the folder cannot be loaded: see _load_failed
