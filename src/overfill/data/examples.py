@@ -276,11 +276,6 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
 # ---------------------------------------------------------------- train / validation split
 
 
-def check_data_path(path: str, flag: str) -> None:
-    """Refuse a data file that cannot be read and parsed into records (records.check_records), naming `flag`."""
-    check_records(path, flag)
-
-
 @dataclass
 class RecordFields(Settings):
     """Which file to read and how its records become (context, reply) pairs: what training and evaluation share."""
@@ -314,7 +309,7 @@ class RecordFields(Settings):
 
     def check_files(self) -> None:
         super().check_files()
-        check_data_path(self.data, "--data")  # read and parsed here, before any model loads
+        check_records(self.data, "--data")  # read and parsed here, before any model loads
 
     def read(self, tokenizer, *, path: str | None = None, limit: int | None = None) -> LoadedData:
         """The (context, reply) pairs of `path` (default: --data), read with these fields and limits."""
@@ -346,7 +341,7 @@ class DataConfig(RecordFields):
     def check_files(self) -> None:
         super().check_files()
         if self.val_data:
-            check_data_path(self.val_data, "--val-data")
+            check_records(self.val_data, "--val-data")
 
 
 @dataclass

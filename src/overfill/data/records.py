@@ -78,12 +78,6 @@ def _unreadable(err: OSError) -> str:
     return f"cannot be read ({err.strerror or type(err).__name__})"
 
 
-def check_text_file(path: str | Path, what: str = "data file") -> Path:
-    """Refuse a missing, unreadable or binary data file from its first bytes: cheap enough for a config check."""
-    _read(Path(path), SNIFF_BYTES, what)
-    return Path(path)
-
-
 def check_records(path: str | Path, what: str = "data file") -> RecordFile:
     """The file's records, or one error line when it cannot be read or parsed into any JSON record.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from overfill.atomic import check_writable
 from overfill.config import at_least
-from overfill.data.examples import check_data_path
+from overfill.data.records import check_records
 from overfill.engines import EngineOrAuto, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig
@@ -67,7 +67,7 @@ class DistillConfig(Sampling, FullModelSource):
 
     def check_files(self) -> None:
         super().check_files()
-        check_data_path(self.data, "--data")  # read and parsed: a binary or broken file fails before any model loads
+        check_records(self.data, "--data")  # read and parsed: a binary or broken file fails before any model loads
         out = Path(self.out).expanduser()
         if out.is_dir() or self.out.endswith(os.sep):
             raise OverfillError(f"--out {self.out} is a folder: pass a file name, e.g. {out / 'distill.jsonl'}")
