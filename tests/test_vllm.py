@@ -235,7 +235,7 @@ def engines(pair, arch_pairs, home, request):
         request.getfixturevalue("server_boot")  # the server's minute-long start overlaps the offline tests
     saved_env, threads, set_num_threads = dict(os.environ), torch.get_num_threads(), torch.set_num_threads
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
-                      OVERFILL_HOME=str(home))
+                      OVERFILL_HOME=str(home), OVERFILL_VLLM_COUNT_TOKENS="1")
     box = Engines(pair, arch_pairs)
     try:
         yield box
@@ -285,7 +285,7 @@ def stats(llm) -> dict:
 
 @pytest.fixture
 def mirror(monkeypatch):
-    """The tracker's mirror, restored afterwards, and a fake forward context whose query_start_loc the test sets."""
+    """The tracker's mirror, restored afterwards, and a fake forward context whose metadata the test sets."""
     _needs_vllm()
     import vllm.forward_context as forward_context
 
@@ -296,53 +296,78 @@ def mirror(monkeypatch):
     monkeypatch.setattr(forward_context, "get_forward_context", lambda: context)
     monkeypatch.setattr(forward_context, "is_forward_context_available", lambda: True)
 
-    def step(prompt_lens: list[int], chunks: list[list[int]], padding: int = 0) -> list[bool]:
-        """One step: request r has prompt_lens[r] and computes the tokens at positions chunks[r]."""
+    def step(prompt_lens: list[int], chunks: list[list[int]]):
+        """One step's route: request r has prompt_lens[r] and computes the tokens at positions chunks[r]."""
         tracker.MIRROR.reset(8)
         tracker.MIRROR.prompt_lens[: len(prompt_lens)] = prompt_lens
         tracker.MIRROR.num_reqs = len(prompt_lens)
         starts = [0]
         for chunk in chunks:
             starts.append(starts[-1] + len(chunk))
-        context.attn_metadata = {"model.layers.0.self_attn.attn": SimpleNamespace(query_start_loc=torch.tensor(starts))}
-        positions = torch.tensor([p for chunk in chunks for p in chunk] + [0] * padding)
-        return tracker.prompt_mask_from_context(positions).tolist()
+        metadata = SimpleNamespace(query_start_loc=torch.tensor(starts, dtype=torch.int32),
+                                   seq_lens=torch.tensor([chunk[-1] + 1 for chunk in chunks], dtype=torch.int32))
+        context.attn_metadata = {"model.layers.0.self_attn.attn": metadata}
+        return tracker.step_route()
 
-    yield SimpleNamespace(step=step, tracker=tracker, context=context)
+    def mask(prompt_lens: list[int], chunks: list[list[int]], padding: int = 0) -> list[bool]:
+        route = step(prompt_lens, chunks)
+        return route.prompt_mask(sum(map(len, chunks)) + padding, "cpu").tolist()
+
+    yield SimpleNamespace(step=step, mask=mask, tracker=tracker, context=context)
     vars(tracker.MIRROR).update(saved)
 
 
 @vllm_test
 def test_position_rule_picks_the_full_model_for_prompt_positions_only(mirror):
     # the last prompt token alone (a 1-token final chunk) is the full model's, y1 after it the decoder's
-    assert mirror.step([10, 5], [[9], [5]]) == [True, False]
+    assert mirror.mask([10, 5], [[9], [5]]) == [True, False]
     # a long chunk ending exactly at the prompt's end, beside a request decoding far into its reply
-    assert mirror.step([4, 3], [[0, 1, 2, 3], [40]]) == [True] * 4 + [False]
+    assert mirror.mask([4, 3], [[0, 1, 2, 3], [40]]) == [True] * 4 + [False]
     # a preempted request recomputes prompt + generated tokens in one prefill-shaped chunk: split at P
-    assert mirror.step([3, 6], [[0, 1, 2, 3, 4, 5], [2, 3]]) == [True, True, True, False, False, False, True, True]
+    assert mirror.mask([3, 6], [[0, 1, 2, 3, 4, 5], [2, 3]]) == [True, True, True, False, False, False, True, True]
     # a chunk that starts in the prompt and crosses into the reply (recompute under a step budget)
-    assert mirror.step([5], [[3, 4, 5, 6]]) == [True, True, False, False]
+    assert mirror.mask([5], [[3, 4, 5, 6]]) == [True, True, False, False]
     # padding rows past the last request's tokens run through the full model (nothing reads them)
-    assert mirror.step([2, 2], [[2], [3]], padding=3) == [False, False, True, True, True]
+    assert mirror.mask([2, 2], [[2], [3]], padding=3) == [False, False, True, True, True]
+
+
+@vllm_test
+def test_a_steps_route_follows_its_requests_kinds(mirror):
+    t = mirror.tracker
+    prefill = mirror.step([10, 4], [list(range(8)), [0, 1, 2, 3]])
+    assert prefill.kinds.tolist() == [t.PROMPT, t.PROMPT] and prefill.name == "full"
+    assert prefill.token_counts() == (12, 0) and prefill.sampled_from_decoder().tolist() == [False, False]
+    decode = mirror.step([10, 4], [[12], [4]])  # y1 of the second request is fed back: a reply token
+    assert decode.name == "decoder" and decode.token_counts() == (0, 2)
+    # a prompt chunk between two decoding requests: split, and the requests of each kind in step order
+    mixed = mirror.step([3, 20, 5], [[7], list(range(8, 16)), [5]])
+    assert mixed.name == "split" and mixed.requests(t.REPLY).tolist() == [0, 2] and mixed.requests(t.PROMPT).tolist() == [1]
+    assert mixed.token_counts() == (8, 2) and mixed.sampled_from_decoder().tolist() == [True, False, True]
+    # the last prompt token's row is sampled by the full model's head, even in a 1-token chunk
+    assert mirror.step([3, 6], [[7], [5]]).sampled_from_decoder().tolist() == [True, False]
+    # one request recomputing prompt and reply in one chunk makes the whole step eager
+    straddle = mirror.step([3, 6], [[7], [4, 5, 6, 7]])
+    assert straddle.kinds.tolist() == [t.REPLY, t.BOTH] and straddle.name == "eager"
+    assert straddle.token_counts() == (2, 3)
 
 
 @vllm_test
 def test_position_rule_refuses_a_batch_it_cannot_account_for(mirror):
     tracker = mirror.tracker
     mirror.step([4], [[0]])
-    mirror.context.attn_metadata = None  # a profile run: no metadata, anything goes
-    assert tracker.prompt_mask_from_context(torch.tensor([7, 8])).tolist() == [True, True]
+    mirror.context.attn_metadata = None  # a profile run: no metadata, no route (anything goes)
+    assert tracker.step_route() is None
     mirror.step([4], [[0]])
     tracker.MIRROR.num_reqs = 2  # the mirror and the step disagree on the batch
     with pytest.raises(RuntimeError, match="step has 1 requests, the tracker 2"):
-        tracker.prompt_mask_from_context(torch.tensor([0]))
+        tracker.step_route()
     mirror.step([4], [[0]])
     tracker.MIRROR.prompt_lens[0] = -1
     with pytest.raises(RuntimeError, match="no recorded prompt length"):
-        tracker.prompt_mask_from_context(torch.tensor([0]))
+        tracker.step_route()
     tracker.MIRROR.installed = False
     with pytest.raises(RuntimeError, match="needs its batch tracker"):
-        tracker.prompt_mask_from_context(torch.tensor([0]))
+        tracker.step_route()
 
 
 @vllm_test
@@ -407,12 +432,9 @@ def test_first_token_is_the_full_models_and_the_decoder_makes_the_rest(engines, 
     assert counts["decoder_tokens"] == len(PROMPTS) * (16 - 1)
 
 
-@vllm_test
-def test_mixed_steps_equal_requests_decoded_alone(engines, reference):
-    """Requests join while another decodes: their prompt tokens and its decode token share steps."""
-    llm = engines.get("pruned")
-    alone = [token_lists(run(llm, [p], greedy(20)))[0] for p in PROMPTS[:3]]
-    reset_stats(llm)
+def staggered(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Each request added two steps after the one before it: its prompt shares a step with the others' decode
+    tokens (a mixed step), as on a busy server. Greedy, n tokens each."""
     engine, finished = llm.llm_engine, {}
 
     def step():
@@ -420,19 +442,60 @@ def test_mixed_steps_equal_requests_decoded_alone(engines, reference):
             if out.finished:
                 finished[out.request_id] = list(out.outputs[0].token_ids)
 
-    engine.add_request("a", {"prompt_token_ids": PROMPTS[0]}, greedy(20))
-    for _ in range(3):
-        step()  # a: prefilled, decoding
-    engine.add_request("b", {"prompt_token_ids": PROMPTS[1]}, greedy(20))
-    step()
-    engine.add_request("c", {"prompt_token_ids": PROMPTS[2]}, greedy(20))
-    for _ in range(200):
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": p}, greedy(n))
+        for _ in range(2):
+            step()
+    for _ in range(20 * n):
         if not engine.has_unfinished_requests():
             break
         step()
     assert not engine.has_unfinished_requests()
-    assert [finished[name] for name in "abc"] == alone == [reference.tokens(p, 20) for p in PROMPTS[:3]]
-    assert stats(llm)["mixed_steps"] >= 2
+    return [finished[str(i)] for i in range(len(prompts))]
+
+
+def check_split_against_eager(model) -> None:
+    """From now on every split step also runs the eager route on the same rows, after it, and records the largest
+    difference of their hidden rows. The split route runs first: a K/V it wrote to a wrong slot would leave its
+    own attention reading stale cache, so its rows would differ from those of the eager route (which then
+    writes every slot right)."""
+    split, model.split_vs_eager = model._split, []
+
+    def both(input_ids, positions, route):
+        got = split(input_ids, positions, route)
+        want = model._mixed(input_ids, positions, route.prompt_mask(input_ids.shape[0], input_ids.device))
+        model.split_vs_eager.append(float((got - want).abs().max()))
+        return got
+
+    model._split = both
+
+
+def stop_checking_split(model) -> list[float]:
+    del model._split  # the class's own again
+    return model.split_vs_eager
+
+
+def split_steps_equal_our_loop(llm, want) -> None:
+    """Staggered requests (prompt chunks beside decodes) give our loop's tokens, through compiled split steps whose
+    hidden rows are the eager route's."""
+    reset_stats(llm)
+    llm.apply_model(check_split_against_eager)
+    try:
+        got = staggered(llm, PROMPTS, 20)
+    finally:
+        differences = llm.apply_model(stop_checking_split)[0]
+    assert got == [want.tokens(p, 20) for p in PROMPTS]
+    counts = stats(llm)
+    assert counts["split"] >= len(PROMPTS) - 1 and counts["eager"] == 0
+    assert counts["full_tokens"] == sum(map(len, PROMPTS)) and counts["decoder_tokens"] == len(PROMPTS) * 19
+    assert len(differences) == counts["split"] and max(differences) < 1e-4
+
+
+@vllm_test
+def test_mixed_steps_run_compiled_split_and_equal_our_own_loop(engines, reference):
+    """Requests join while others decode: their prompt tokens and the others' decode tokens share steps, which run
+    as two compiled sub-batches (decoder, then full model)."""
+    split_steps_equal_our_loop(engines.get("pruned"), reference)
 
 
 @vllm_test
@@ -588,7 +651,8 @@ def test_reply_blocks_hash_apart_from_prompt_blocks():
 # Qwen3 in make test (biases aside, it has every trait: per-head q/k norms); Qwen2 and Mistral in make test-heavy
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=[] if k == "qwen3" else pytest.mark.heavy) for k in sorted(OTHER_ARCHS)])
 def test_every_family_equals_our_own_loop(engines, arch_pairs, kind):
-    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window 64 under a 131-token prompt), compiled."""
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window 64 under a 131-token prompt), compiled:
+    in steps of one stage, and in mixed steps split in two."""
     full, decoder = arch_pairs(kind)
     want = Reference(ModelSource(model=str(full), decoder=str(decoder)))
     llm = engines.get(kind)
@@ -596,6 +660,7 @@ def test_every_family_equals_our_own_loop(engines, arch_pairs, kind):
     got = token_lists(run(llm, PROMPTS, greedy(24)))
     assert got == [want.tokens(p, 24) for p in PROMPTS]
     assert stats(llm)["decoder_tokens"] == len(PROMPTS) * 23
+    split_steps_equal_our_loop(llm, want)
 
 
 @vllm_test
@@ -605,7 +670,7 @@ def test_chunked_prefill_with_a_one_token_final_chunk(engines, reference):
     reset_stats(llm)
     got = token_lists(run(llm, [p], greedy(12)))[0]
     assert got == reference.tokens(p, 12)
-    assert stats(llm) == {"full_tokens": 33, "decoder_tokens": 11, "steps": 3 + 11, "mixed_steps": 0}
+    assert stats(llm) == {"full_tokens": 33, "decoder_tokens": 11, "full": 3, "decoder": 11, "split": 0, "eager": 0}
 
 
 @vllm_test
@@ -619,6 +684,7 @@ def test_preempted_requests_recompute_to_the_same_tokens(engines, reference):
     # its prompt through the full model again, its own reply tokens through the decoder
     assert counts["full_tokens"] > sum(map(len, prompts))
     assert counts["decoder_tokens"] > len(prompts) * 59
+    assert counts["eager"] >= 1  # a chunk holding prompt and reply tokens: the eager route
     assert got == [reference.tokens(p, 60) for p in prompts]
 
 

@@ -48,7 +48,8 @@ def time_lanes(config: BenchConfig, lanes: dict[str, tuple], points: list[dict],
     before every run, so each run reads its whole prompt.
     Returns seconds[lane][(prompt_len, batch, max_tokens)] (in round order) and each worker's details.
     """
-    from overfill.vllm.worker import EngineWorker
+    from overfill.vllm import COUNT_TOKENS_ENV
+    from overfill.vllm.worker import EngineWorker, worker_env
 
     names = tuple(lanes)
     slug = label.lower().replace(" ", "_")
@@ -58,8 +59,10 @@ def time_lanes(config: BenchConfig, lanes: dict[str, tuple], points: list[dict],
         workers, before = {}, {}
         for name in names:
             model, overrides = lanes[name]
+            # the OverFill model counts each stage's tokens, for check_worker (a few host additions a step)
             worker = EngineWorker(model, out / "logs" / f"{slug}_{name.replace(' ', '_').replace('=', '')}.log",
-                                  engine={"max_model_len": max_model_len, **overrides}, what=f"{label} ({name})")
+                                  engine={"max_model_len": max_model_len, **overrides}, what=f"{label} ({name})",
+                                  env={**worker_env(), COUNT_TOKENS_ENV: "1"})
             stack.callback(worker.close)
             with console.status(f"{label} {name}: starting") as status:
                 worker.start(lambda text, n=name: status.update(f"{label} {n}: {text}"))

@@ -16,6 +16,9 @@ CUDA graphs are piecewise (config_hook.py): no machine here can run either.
 """
 
 ARCH = "OverFillForCausalLM"
+# Set to 1 in an engine's environment to have the model count the tokens each stage runs (tests, the bench's
+# routing check); off by default, so that a serving step only counts its route.
+COUNT_TOKENS_ENV = "OVERFILL_VLLM_COUNT_TOKENS"
 
 
 def register() -> None:

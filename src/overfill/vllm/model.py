@@ -33,6 +33,7 @@ Weights: full model's names as in its HF checkpoint ("model.layers.0.self_attn.q
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -41,7 +42,8 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.forward_context import get_forward_context, is_forward_context_available, set_forward_context
+from vllm.forward_context import get_forward_context, is_forward_context_available, override_forward_context, set_forward_context
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -53,7 +55,10 @@ from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from overfill.vllm import tracker
+from overfill.vllm import COUNT_TOKENS_ENV, tracker
+from overfill.vllm.sub_batch import SubBatch, SubBatchContexts
+
+logger = init_logger(__name__)
 
 # checkpoint sub-name -> (parameter sub-name, shard id) for vLLM's fused projections
 STACKED = (
@@ -265,8 +270,12 @@ class OverFillForCausalLM(nn.Module):
                                     shared=self.shared, out_width=self.out_width)
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
         self.compiled_both = False  # both stages traced on a batch of more than one token (see _compile_both)
-        # Counters for tests: tokens run through each stage so far (this process).
-        self.stats = {"full_tokens": 0, "decoder_tokens": 0, "steps": 0, "mixed_steps": 0}
+        self.sub_batches = SubBatchContexts(vllm_config, self.shared.attn)
+        self.route: tracker.StepRoute | None = None  # the last step's, for compute_logits
+        # Steps by route (this process): what the bench reports, eager ones above all. The tokens each stage
+        # ran are counted only when asked for (tests, the bench's routing check), off the serving path.
+        self.stats = dict.fromkeys(("full", "decoder", "split", "eager", "full_tokens", "decoder_tokens"), 0)
+        self.count_tokens = os.environ.get(COUNT_TOKENS_ENV) == "1"
 
     # ------------------------------------------------------------------ vLLM model interface
 
@@ -287,19 +296,51 @@ class OverFillForCausalLM(nn.Module):
             # both stages now, at engine start, rather than the decoder on the first request.
             self.decoder(input_ids, positions)
             self.compiled_both = input_ids.shape[0] > 1
+            self.route = None
             return self.full(input_ids, positions)
         if not self.compiled_both:
             self._compile_both(input_ids, positions)
-        is_prompt = overfill_is_prompt if overfill_is_prompt is not None else tracker.prompt_mask_from_context(positions)
-        n, n_full = input_ids.shape[0], int(is_prompt.sum())  # one host sync: the route is a host decision
-        self.stats["steps"] += 1
-        self.stats["full_tokens"] += n_full
-        self.stats["decoder_tokens"] += n - n_full
+        if overfill_is_prompt is not None:  # Model Runner V2 (GPU): the mask comes from its ModelState
+            return self._forward_by_mask(input_ids, positions, overfill_is_prompt)
+        route = self.route = tracker.step_route()
+        name = "full" if route is None else route.name
+        self.stats[name] += 1
+        if self.count_tokens and route is not None:
+            prompt_tokens, reply_tokens = route.token_counts()
+            self.stats["full_tokens"] += prompt_tokens
+            self.stats["decoder_tokens"] += reply_tokens
+        if name == "full":
+            return self.full(input_ids, positions)
+        if name == "decoder":
+            return self.decoder(input_ids, positions)
+        if name == "split":
+            return self._split(input_ids, positions, route)
+        logger.warning("OverFill: a step ran both stages eagerly (a request recomputes prompt and reply tokens in "
+                       "one chunk, after preemption); eager steps so far: %d", self.stats["eager"])
+        return self._mixed(input_ids, positions, route.prompt_mask(input_ids.shape[0], input_ids.device))
+
+    def _split(self, input_ids: torch.Tensor, positions: torch.Tensor, route: tracker.StepRoute) -> torch.Tensor:
+        """A mixed step as two compiled calls: the decoding requests through the decoder stage, then the
+        prompt requests through the full stage, each under a forward context that describes its rows only.
+        Decoder first: a prompt request can only share a cache block with a reply of the same split (the
+        same request recomputing), and then it must read the reply's KV as written."""
+        step = get_forward_context()
+        hidden = input_ids.new_zeros(input_ids.shape[0], self.out_width, dtype=self.full.norm.weight.dtype)
+        for stage, kind in ((self.decoder, tracker.REPLY), (self.full, tracker.PROMPT)):
+            sub = SubBatch.of(route.requests(kind), route.query_start, route.seq_lens)
+            rows = sub.token_index
+            with override_forward_context(self.sub_batches.context(step, sub)):
+                hidden[rows] = stage(input_ids[rows], positions[rows])
+        return hidden
+
+    def _forward_by_mask(self, input_ids, positions, is_prompt) -> torch.Tensor:
+        """Model Runner V2 (GPU only, not run here): route by a per-token device mask (one host sync)."""
+        n, n_full = input_ids.shape[0], int(is_prompt.sum())
+        self.route = None
         if n_full == n:
             return self.full(input_ids, positions)
         if n_full == 0:
             return self.decoder(input_ids, positions)
-        self.stats["mixed_steps"] += 1
         return self._mixed(input_ids, positions, is_prompt)
 
     def _compile_both(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
@@ -335,12 +376,23 @@ class OverFillForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        is_dec = hidden_states[:, -1] > 0.5
-        n_dec = int(is_dec.sum())
-        if n_dec == 0:
-            return self.logits_processor(self.full.lm_head, hidden_states[:, : self.full.hidden])
-        if n_dec == hidden_states.shape[0]:
-            return self.logits_processor(self.decoder.lm_head, hidden_states[:, : self.decoder.hidden])
+        """Each row through the LM head of the stage that computed it, as the step's route says on the host:
+        a step of one stage has only that stage's rows; in a mixed step the first call after the forward is
+        the sampler's, one row per request (its last token). Any other call of a mixed step (prompt
+        logprobs), and a step routed on the device (Model Runner V2), read the rows' marker column."""
+        route, self.route = self.route, None
+        if route is not None and route.name in ("full", "decoder"):
+            self.route = route  # and so for every later call of this step
+            stage = self.full if route.name == "full" else self.decoder
+            return self.logits_processor(stage.lm_head, hidden_states[:, : stage.hidden])
+        if route is not None and hidden_states.shape[0] == route.num_reqs:
+            is_dec = torch.from_numpy(route.sampled_from_decoder()).to(hidden_states.device)
+        else:
+            is_dec = hidden_states[:, -1] > 0.5
+            n_dec = int(is_dec.sum())
+            if n_dec in (0, hidden_states.shape[0]):
+                stage = self.decoder if n_dec else self.full
+                return self.logits_processor(stage.lm_head, hidden_states[:, : stage.hidden])
         rows_d = is_dec.nonzero().squeeze(1)
         rows_f = (~is_dec).nonzero().squeeze(1)
         lf = self.logits_processor(self.full.lm_head, hidden_states[rows_f, : self.full.hidden])

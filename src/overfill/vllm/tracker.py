@@ -27,6 +27,9 @@ req_states.prompt_len and input_batch.idx_mapping directly: see model_state.py.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
@@ -82,34 +85,92 @@ class PromptLengthTracker(LogitsProcessor):
         MIRROR.num_reqs = batch_update.batch_size
 
 
-def prompt_mask_from_context(positions: torch.Tensor) -> torch.Tensor:
-    """[N] bool, True where the token is a prompt token (MRV1: mirror + forward context)."""
+PROMPT, REPLY, BOTH = 0, 1, 2  # what a request's tokens in one step are: all prompt, all reply, or both
+
+
+@dataclass(frozen=True)
+class StepRoute:
+    """Which stage each request of a step needs, decided on the host from data the runner already has.
+
+    A request's tokens this step sit at positions [seq_len - query_len, seq_len): all prompt tokens
+    when seq_len <= P, all reply tokens when seq_len - query_len >= P, both otherwise (only a request
+    recomputing prompt and reply after preemption). The step's route follows:
+      full     every request PROMPT                 (a prefill step)
+      decoder  every request REPLY                  (a decode step)
+      split    PROMPT and REPLY requests            (a prompt chunk beside running decodes)
+      eager    some request BOTH                    (both stages, row by row)
+    """
+
+    query_start: np.ndarray  # [R + 1] query_start_loc
+    seq_lens: np.ndarray  # [R]
+    prompt_lens: np.ndarray  # [R]
+    kinds: np.ndarray  # [R] PROMPT / REPLY / BOTH
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.kinds)
+
+    @functools.cached_property
+    def name(self) -> str:
+        if (self.kinds == PROMPT).all():
+            return "full"
+        if (self.kinds == REPLY).all():
+            return "decoder"
+        return "eager" if (self.kinds == BOTH).any() else "split"
+
+    def requests(self, kind: int) -> np.ndarray:
+        return np.flatnonzero(self.kinds == kind)
+
+    def token_counts(self) -> tuple[int, int]:
+        """(prompt tokens, reply tokens) this step."""
+        starts = self.seq_lens - (self.query_start[1:] - self.query_start[:-1])
+        prompt = np.clip(np.minimum(self.seq_lens, self.prompt_lens) - starts, 0, None).sum()
+        return int(prompt), int(self.query_start[-1] - prompt)
+
+    def prompt_mask(self, num_tokens: int, device) -> torch.Tensor:
+        """[num_tokens] bool, True where the token is a prompt token (padding rows past the last request: True)."""
+        lengths = self.query_start[1:] - self.query_start[:-1]
+        positions = np.repeat(self.seq_lens - lengths - self.query_start[:-1], lengths) + np.arange(self.query_start[-1])
+        mask = np.ones(num_tokens, dtype=bool)
+        mask[: self.query_start[-1]] = positions < np.repeat(self.prompt_lens, lengths)
+        return torch.from_numpy(mask).to(device)
+
+    def sampled_from_decoder(self) -> np.ndarray:
+        """[R] bool: whether each request's last token this step (the row vLLM samples from) is the decoder's."""
+        return self.seq_lens > self.prompt_lens
+
+
+def host(tensor: torch.Tensor) -> np.ndarray:
+    """A step tensor as a numpy array. The CPU runner keeps these on the host, so this copies nothing and
+    waits for nothing; a CUDA runner on Model Runner V1 would pay a device sync here (its V2 route,
+    model_state.py, decides on the device instead)."""
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
+
+
+def step_route() -> StepRoute | None:
+    """The route of the step in the current forward context (MRV1: mirror + attention metadata); None for a
+    profile or dummy run, which has no requests (nothing is cached or sampled: any stage will do)."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
-    n = positions.shape[0]
-    device = positions.device
     metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
     if not metadata:
-        # Profile / dummy runs carry no attention metadata: nothing is cached, any stage will do.
-        return torch.ones(n, dtype=torch.bool, device=device)
+        return None
     if isinstance(metadata, list):
         raise NotImplementedError("OverFill: micro-batching (DBO) is not supported")
     if not MIRROR.installed:
         raise RuntimeError(f"OverFill needs its batch tracker: pass logits_processors=['{TRACKER_FQCN}'] "
                            f"(CLI: --logits-processors {TRACKER_FQCN})")
-    layer_meta = next(iter(metadata.values()))
-    qsl = layer_meta.query_start_loc
-    num_reqs = qsl.shape[0] - 1
     if MIRROR.num_reqs == 0:
-        return torch.ones(n, dtype=torch.bool, device=device)  # a dummy batch with metadata (graph capture)
+        return None  # a dummy batch with metadata (graph capture)
+    layer_meta = next(iter(metadata.values()))
+    query_start = host(layer_meta.query_start_loc).astype(np.int64)
+    num_reqs = len(query_start) - 1
     if num_reqs != MIRROR.num_reqs:
         raise RuntimeError(f"OverFill: step has {num_reqs} requests, the tracker {MIRROR.num_reqs}")
-    lens = torch.from_numpy(MIRROR.prompt_lens[:num_reqs]).to(device)
-    if bool((lens < 0).any()):
+    prompt_lens = MIRROR.prompt_lens[:num_reqs].copy()
+    if (prompt_lens < 0).any():
         raise RuntimeError("OverFill: a scheduled request has no recorded prompt length")
-    counts = (qsl[1:] - qsl[:-1]).to(device)
-    total = int(qsl[-1])
-    req_of_token = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts, output_size=total)
-    mask = torch.ones(n, dtype=torch.bool, device=device)  # padding rows (n > total) stay "full"
-    mask[:total] = positions[:total] < lens[req_of_token]
-    return mask
+    seq_lens = host(layer_meta.seq_lens)[:num_reqs].astype(np.int64)
+    starts = seq_lens - (query_start[1:] - query_start[:-1])
+    kinds = np.where(seq_lens <= prompt_lens, PROMPT, np.where(starts >= prompt_lens, REPLY, BOTH))
+    return StepRoute(query_start, seq_lens, prompt_lens, kinds)
