@@ -25,11 +25,11 @@ PRESETS = {
     # vLLM: the key point at batch 1 and 8; every point is timed as its own runs (see bench/vllm_run.py).
     "vllm": dict(prompt_len=128, new_tokens=256, batch_size=1, key_batches=(1, 8), new_tokens_sweep=(32, 64, 128, 256, 512),
                  prompt_len_sweep=(64, 128, 256, 512, 1024), batch_sweep=(1, 2, 4, 8, 16, 32), sweep_new_tokens=64,
-                 repeats=3, sweep_repeats=3, warmup=1, overhead_steps=0, load_clients=32, load_seconds=60),
+                 repeats=3, sweep_repeats=3, warmup=1, overhead_steps=0, load_clients=(8, 32), load_seconds=60),
     # A few minutes, most of it starting engines: checks the wiring.
     "vllm-quick": dict(prompt_len=128, new_tokens=32, batch_size=1, key_batches=(1, 8), new_tokens_sweep=(16, 32),
                        prompt_len_sweep=(64, 256), batch_sweep=(1, 4), sweep_new_tokens=16,
-                       repeats=2, sweep_repeats=1, warmup=1, overhead_steps=0, load_clients=8, load_seconds=10),
+                       repeats=2, sweep_repeats=1, warmup=1, overhead_steps=0, load_clients=(8,), load_seconds=10),
 }
 
 
@@ -89,10 +89,18 @@ class BenchConfig(ModelSource):
     """With --engine vllm: also load-test `overfill serve` (--load-modes), concurrent streaming clients for a fixed time."""
     load_modes: tuple[str, ...] = comma_list(("overfill", "full", "pruned"))
     """Modes served in the load run, one server at a time."""
-    load_clients: int | None = None
-    """Concurrent streaming clients in the load run (preset: 32; quick 8)."""
+    load_clients: tuple[int, ...] | None = None
+    """Concurrent streaming clients in the load run: one run per number, against the same servers (preset: 8,32; quick 8)."""
     load_seconds: int | None = None
-    """How long the load run keeps the clients busy, per mode (preset: 60; quick 10)."""
+    """How long the load run keeps the clients busy, per mode and number of clients (preset: 60; quick 10)."""
+    mixed_step: bool = False
+    """With --engine vllm: also time OverFill's mixed steps (decodes beside a prompt chunk, a busy server's usual step) through the split route and the eager one."""
+    mixed_decoding: int = 31
+    """Requests decoding in each timed mixed step."""
+    mixed_chunk: int = 256
+    """Prompt tokens in each timed mixed step (a chunk of a longer prompt)."""
+    offline_runs: bool = True
+    """With --engine vllm: time the offline engines (key points, sweeps); --no-offline-runs with --load-test or --mixed-step times only those."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,8 +133,8 @@ class BenchConfig(ModelSource):
         at_least(self, 0, "warmup", "overhead_steps", "threads")
         if vllm:
             self._check_vllm()
-        elif self.load_test:
-            raise OverfillError("--load-test runs vLLM's server: add --engine vllm")
+        elif self.load_test or self.mixed_step:
+            raise OverfillError(f"{'--load-test' if self.load_test else '--mixed-step'} runs vLLM: add --engine vllm")
         self.drafters = as_tuple(self.drafters)
         if not self.drafters or any(d not in DRAFTERS for d in self.drafters):
             raise OverfillError(f"--drafters got '{','.join(self.drafters)}': pick from {', '.join(DRAFTERS)}")
@@ -147,7 +155,12 @@ class BenchConfig(ModelSource):
             raise OverfillError(f"--load-modes got nothing: pick from {', '.join(MODES)}")
         for mode in self.load_modes:
             check_mode(mode, "--load-modes")
-        at_least(self, 1, "load_clients", "load_seconds")
+        self.load_clients = _sweep(self.load_clients, "load_clients")
+        if not self.load_clients:
+            raise OverfillError("--load-clients got nothing: give at least one number of clients, e.g. 8,32")
+        at_least(self, 1, "load_seconds", "mixed_decoding", "mixed_chunk")
+        if not self.offline_runs and not (self.load_test or self.mixed_step):
+            raise OverfillError("--no-offline-runs leaves nothing to time: add --load-test and/or --mixed-step")
 
     @property
     def key_run_tokens(self) -> int:

@@ -12,7 +12,9 @@ requests takes, and the measured run sends enough waves to last --load-seconds; 
 duration is reported. (guidellm 0.8.1 can stop after a time, but installing it would downgrade
 click and multidict, aiohttp's, and add 19 packages: not adopted.) Reported per mode: output tokens/s, TTFT and ITL (inter-token
 latency) median and p99, TPOT, requests completed and failed with their errors; then the
-OverFill / full and OverFill / pruned ratios. All traffic goes to 127.0.0.1; request count and time are bounded.
+OverFill / full and OverFill / pruned ratios, and how many of OverFill's steps fell back to the eager route
+(read from the server's log). Each server serves every --load-clients number in turn (probe, then the
+measured run). All traffic goes to 127.0.0.1; request count and time are bounded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import re
 import socket
 import sys
 import time
@@ -121,54 +124,73 @@ def load_ratios(rows: dict[str, dict]) -> list[dict]:
     return found
 
 
-def run_load(config, console, out: Path) -> dict:
-    """Load-test `overfill serve` for each of config.load_modes; per-mode results, their ratios, the logs."""
+def run_load(config, console, out: Path) -> list[dict]:
+    """Load-test `overfill serve` for each of config.load_modes, one server per mode serving each number of
+    config.load_clients in turn: per number of clients, the per-mode results and their ratios."""
     from overfill.vllm.export import engine_model
 
-    rows = {}
+    by_mode = {}
     for mode in config.load_modes:
         engine = engine_model(config, mode)
         with console.status(f"load run, {mode}: starting overfill serve") as status:
-            rows[mode] = _load_one(config, mode, engine, out, lambda text, m=mode: status.update(f"load run, {m}: {text}"))
-        r = rows[mode]
-        console.print(f"load run {mode}: {r['completed']}/{r['requests']} requests in {r['duration_s']:.0f} s, "
-                      f"{r['output_tokens_per_s']:.1f} output tok/s")
-    return {"client": "vllm bench serve (vllm.benchmarks.serve), random dataset, streaming /v1/completions",
-            "clients": config.load_clients, "seconds": config.load_seconds, "prompt_len": config.prompt_len,
-            "new_tokens": config.new_tokens, "rows": rows, "ratios": load_ratios(rows)}
+            by_mode[mode] = _load_one(config, mode, engine, out, lambda text, m=mode: status.update(f"load run, {m}: {text}"))
+        for clients, r in zip(config.load_clients, by_mode[mode]):
+            console.print(f"load run {mode}, {clients} clients: {r['completed']}/{r['requests']} requests in "
+                          f"{r['duration_s']:.0f} s, {r['output_tokens_per_s']:.1f} output tok/s")
+    runs = []
+    for i, clients in enumerate(config.load_clients):
+        rows = {mode: found[i] for mode, found in by_mode.items()}
+        runs.append({"client": "vllm bench serve (vllm.benchmarks.serve), random dataset, streaming /v1/completions",
+                     "clients": clients, "seconds": config.load_seconds, "prompt_len": config.prompt_len,
+                     "new_tokens": config.new_tokens, "rows": rows, "ratios": load_ratios(rows)})
+    return runs
 
 
-def _load_one(config, mode: str, engine, out: Path, report) -> dict:
+EAGER_STEPS = re.compile(r"eager steps so far: (\d+)")
+
+
+def eager_steps(log: Path) -> int:
+    """How many steps an OverFill server has run on the eager route so far (the model logs each one)."""
+    found = EAGER_STEPS.findall(log.read_text(errors="replace")) if log.is_file() else []
+    return int(found[-1]) if found else 0
+
+
+def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
     port = free_port()
     logs = out / "logs"
     server_log = logs / f"serve_{mode}.log"
     max_model_len = load_context(config)
     server = start(serve_argv(config, mode, port, max_model_len), server_log, child_env())
+    results = []
     try:
         started = time.perf_counter()
         _wait_healthy(server, port, server_log, report)
         ready_s = time.perf_counter() - started
 
-        def client(requests: int, name: str) -> dict:
-            result = logs / f"load_{mode}_{name}.json"
-            log = logs / f"load_{mode}_{name}.log"
+        def client(clients: int, requests: int, name: str) -> dict:
+            result = logs / f"load_{mode}_{clients}_{name}.json"
+            log = logs / f"load_{mode}_{clients}_{name}.log"
             argv = client_argv(port=port, model_name=engine.name, tokenizer=str(engine.path), prompt_len=config.prompt_len,
-                               new_tokens=config.new_tokens, clients=config.load_clients, requests=requests, result=result)
-            report(f"{name}: {requests} requests, {config.load_clients} at a time")
+                               new_tokens=config.new_tokens, clients=clients, requests=requests, result=result)
+            report(f"{clients} clients, {name}: {requests} requests, {clients} at a time")
             # Bounded: a run that takes far longer than planned is stopped (the server is stopped below either way).
             code = wait(start(argv, log, child_env()), log, timeout_s=max(600.0, 10.0 * config.load_seconds),
-                        what=f"the load client ({mode}, {name})")
+                        what=f"the load client ({mode}, {clients} clients, {name})")
             if code != 0 or not result.is_file():
-                raise failure(f"the load client ({mode}, {name})", code, log)
+                raise failure(f"the load client ({mode}, {clients} clients, {name})", code, log)
             return json.loads(result.read_text())
 
-        probe = summarize_load(client(config.load_clients, "probe"))
-        waves = waves_for(config.load_seconds, probe["duration_s"])
-        measured = summarize_load(client(config.load_clients * waves, "run"))
+        for clients in config.load_clients:
+            probe = summarize_load(client(clients, clients, "probe"))
+            waves = waves_for(config.load_seconds, probe["duration_s"])
+            eager_before = eager_steps(server_log)
+            measured = summarize_load(client(clients, clients * waves, "run"))
+            results.append({**measured, "waves": waves, "probe": probe, "server_ready_s": ready_s, "port": port,
+                            "max_model_len": max_model_len,
+                            "eager_steps": eager_steps(server_log) - eager_before if mode == "overfill" else None})
     finally:
         stop(server)
-    return {**measured, "waves": waves, "probe": probe, "server_ready_s": ready_s, "port": port,
-            "max_model_len": max_model_len}
+    return results
 
 
 def _wait_healthy(server, port: int, log: Path, report) -> None:

@@ -90,23 +90,24 @@ def write_vllm_plots(result: dict, out: Path) -> list[str]:
     save = _saver(plt, out, files)
 
     keys = result["key_points"]
-    bars = [[(f"{engine}\n{mode}", mode, row) for engine, rows in key["rows"].items() for mode, row in rows.items()]
-            for key in keys]
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(1.3 * len(bars[0]) + 2, 5) * len(keys), 4), squeeze=False)
-    for ax, key, key_bars in zip(axes[0], keys, bars):
-        names = [b[0] for b in key_bars]
-        prefill = [b[2]["prefill_s"]["best"] for b in key_bars]
-        decode = [b[2]["decode_s"]["best"] for b in key_bars]
-        ax.bar(names, prefill, color="tab:red", label="prefill + first token")
-        ax.bar(names, decode, bottom=prefill, color=[COLORS.get(b[1], "tab:gray") for b in key_bars], label="decode")
-        for i, b in enumerate(key_bars):
-            e2e = b[2]["e2e_s"]
-            ax.annotate(f"{e2e['best']:.2f}s", (i, e2e["best"]), ha="center", va="bottom", fontsize=8)
-        ax.set_ylabel("seconds (best repeat)")
-        ax.set_title(f"batch {key['batch']}, prompt {key['prompt_len']}, {key['new_tokens']} new tokens", fontsize=10)
-        ax.tick_params(axis="x", labelsize=8)
-        ax.legend(fontsize=8)
-    save(fig, "breakdown.png")
+    if keys:  # none with --no-offline-runs
+        bars = [[(f"{engine}\n{mode}", mode, row) for engine, rows in key["rows"].items() for mode, row in rows.items()]
+                for key in keys]
+        fig, axes = plt.subplots(1, len(keys), figsize=(max(1.3 * len(bars[0]) + 2, 5) * len(keys), 4), squeeze=False)
+        for ax, key, key_bars in zip(axes[0], keys, bars):
+            names = [b[0] for b in key_bars]
+            prefill = [b[2]["prefill_s"]["best"] for b in key_bars]
+            decode = [b[2]["decode_s"]["best"] for b in key_bars]
+            ax.bar(names, prefill, color="tab:red", label="prefill + first token")
+            ax.bar(names, decode, bottom=prefill, color=[COLORS.get(b[1], "tab:gray") for b in key_bars], label="decode")
+            for i, b in enumerate(key_bars):
+                e2e = b[2]["e2e_s"]
+                ax.annotate(f"{e2e['best']:.2f}s", (i, e2e["best"]), ha="center", va="bottom", fontsize=8)
+            ax.set_ylabel("seconds (best repeat)")
+            ax.set_title(f"batch {key['batch']}, prompt {key['prompt_len']}, {key['new_tokens']} new tokens", fontsize=10)
+            ax.tick_params(axis="x", labelsize=8)
+            ax.legend(fontsize=8)
+        save(fig, "breakdown.png")
 
     panels = {
         "new_tokens": (("e2e_s", "end-to-end latency (s)"), ("decode_tokens_per_s", "decode tokens/s")),
@@ -121,22 +122,25 @@ def write_vllm_plots(result: dict, out: Path) -> list[str]:
     return files
 
 
-def _load_figure(plt, load: dict):
-    rows = load["rows"]
-    names = list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
-    for ax, (title, keys) in zip(axes, (("output tokens/s", ("output_tokens_per_s",)),
-                                        ("TTFT (ms)", ("ttft_p50_ms", "ttft_p99_ms")),
-                                        ("ITL (ms)", ("itl_p50_ms", "itl_p99_ms")))):
-        width = 0.8 / len(keys)
-        for j, key in enumerate(keys):
-            xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
-            ax.bar(xs, [rows[n][key] or 0 for n in names], width=width, color=[COLORS.get(n, "tab:gray") for n in names],
-                   alpha=1.0 if j == 0 else 0.5, label=key.split("_")[1] if len(keys) > 1 else None)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_title(title, fontsize=10)
-        if len(keys) > 1:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"overfill serve under load: {load['clients']} streaming clients, {load['seconds']} s, "
-                 f"prompt {load['prompt_len']}, {load['new_tokens']} new tokens")
+def _load_figure(plt, runs: list[dict]):
+    """One row of panels per number of clients."""
+    fig, grid = plt.subplots(len(runs), 3, figsize=(11, 3.6 * len(runs)), squeeze=False)
+    for axes, load in zip(grid, runs):
+        rows = load["rows"]
+        names = list(rows)
+        for ax, (title, keys) in zip(axes, (("output tokens/s", ("output_tokens_per_s",)),
+                                            ("TTFT (ms)", ("ttft_p50_ms", "ttft_p99_ms")),
+                                            ("ITL (ms)", ("itl_p50_ms", "itl_p99_ms")))):
+            width = 0.8 / len(keys)
+            for j, key in enumerate(keys):
+                xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
+                ax.bar(xs, [rows[n][key] or 0 for n in names], width=width, color=[COLORS.get(n, "tab:gray") for n in names],
+                       alpha=1.0 if j == 0 else 0.5, label=key.split("_")[1] if len(keys) > 1 else None)
+            ax.set_xticks(range(len(names)), names)
+            ax.set_title(f"{load['clients']} clients: {title}", fontsize=10)
+            if len(keys) > 1:
+                ax.legend(fontsize=8)
+    first = runs[0]
+    fig.suptitle(f"overfill serve under load: streaming clients for ~{first['seconds']} s each, "
+                 f"prompt {first['prompt_len']}, {first['new_tokens']} new tokens")
     return fig

@@ -118,21 +118,8 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
                               f"{spec['draft_tokens']:.0f} draft tokens accepted, "
                               f"{spec['tokens_per_full_pass']:.2f} tokens per pass of the full model")
 
-    keys = result["key_points"]
-    table = Table(title="ratios measured in this run: paired (median over rounds; vLLM modes interleaved), "
-                        "then best \\[median]", header_style="bold")
-    table.add_column("engine")
-    table.add_column("ratio")
-    for key in keys:
-        table.add_column(f"batch {key['batch']}", justify="right")
-    names = list(dict.fromkeys((r["engine"], r["name"]) for key in keys for r in key["ratios"]))
-    for engine, name in names:
-        cells = []
-        for key in keys:
-            found = [r for r in key["ratios"] if (r["engine"], r["name"]) == (engine, name)]
-            cells.append(_paired(found[0]) if found else "")
-        table.add_row(engine, name, *cells)
-    console.print(table)
+    if result["key_points"]:
+        _print_key_ratios(console, result["key_points"])
 
     for name, sweep in result["sweeps"].items():
         fixed = ", ".join(f"{k.replace('_', ' ')} {sweep[k]}" for k in ("prompt_len", "batch", "new_tokens") if k in sweep)
@@ -151,8 +138,10 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
                               end_section=mode == list(sweep["rows"])[-1])
         console.print(table)
 
-    if result.get("load"):
-        print_load(console, result["load"])
+    for load in result.get("load") or []:
+        print_load(console, load)
+    if result.get("mixed_step"):
+        print_mixed_step(console, result["mixed_step"])
 
     env = result["environment"]
     starts = ", ".join(f"{m} {w['engine_start_s']:.0f} s" for m, w in result["workers"].items())
@@ -180,8 +169,41 @@ def print_load(console, load: dict) -> None:
                       f"{row['output_tokens_per_s']:.1f}", pair(row, "ttft"), pair(row, "itl"),
                       "?" if tpot is None else f"{tpot:.1f}")
     console.print(table)
+    eager = load["rows"].get("overfill", {}).get("eager_steps")
+    if eager is not None:
+        console.print(f"OverFill's steps on the eager route in the measured run: {eager} (a request recomputing prompt "
+                      "and reply after preemption; every other mixed step runs compiled, split by stage)")
     if load["ratios"]:
         console.print("load ratios: " + "; ".join(f"{r['name']} {r['value']:.3f}" for r in load["ratios"]))
     for mode, row in load["rows"].items():
         for error in row["errors"]:
             console.print(f"[yellow]load run {mode} error:[/] {escape(error)}", highlight=False)
+
+
+def _print_key_ratios(console, keys: list[dict]) -> None:
+    table = Table(title="ratios measured in this run: paired (median over rounds; vLLM modes interleaved), "
+                        "then best \\[median]", header_style="bold")
+    table.add_column("engine")
+    table.add_column("ratio")
+    for key in keys:
+        table.add_column(f"batch {key['batch']}", justify="right")
+    names = list(dict.fromkeys((r["engine"], r["name"]) for key in keys for r in key["ratios"]))
+    for engine, name in names:
+        cells = []
+        for key in keys:
+            found = [r for r in key["ratios"] if (r["engine"], r["name"]) == (engine, name)]
+            cells.append(_paired(found[0]) if found else "")
+        table.add_row(engine, name, *cells)
+    console.print(table)
+
+
+def print_mixed_step(console, mixed: dict) -> None:
+    table = Table(title=f"OverFill's mixed steps on vLLM: {mixed['decoding']} requests decoding beside a {mixed['chunk']}-token "
+                        f"prompt chunk; median of {mixed['routes']['split']['steps']} steps per route", header_style="bold")
+    for column in ("route", "engine step (ms)", "model forward (ms)"):
+        table.add_column(column, justify="left" if column == "route" else "right")
+    for route, row in mixed["routes"].items():
+        table.add_row(route, f"{row['step_ms']:.1f}", f"{row['forward_ms']:.1f}")
+    console.print(table)
+    console.print(f"eager / split: {mixed['eager_over_split_step']:.2f}x per engine step, "
+                  f"{mixed['eager_over_split_forward']:.2f}x per forward")

@@ -250,7 +250,8 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
         max_model_len = max(max_model_len, load_context(config))  # checked now, not after the offline runs
     started = time.perf_counter()
-    served = dict.fromkeys((*config.modes, *(config.load_modes if config.load_test else ()),
+    served = dict.fromkeys((*(config.modes if config.offline_runs else ()), *(config.load_modes if config.load_test else ()),
+                            *(("overfill",) if config.mixed_step else ()),
                             *(("full", "pruned") if config.speculative_tokens else ())))
     with console.status("building the folders vLLM loads"):
         engines = {mode: engine_model(config, mode) for mode in served}
@@ -258,7 +259,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     from transformers import AutoTokenizer
 
     # Every mode and both engines get these very ids (the pair shares one tokenizer: checked at export).
-    prompts = PromptSource.from_tokenizer(AutoTokenizer.from_pretrained(str(engines[config.modes[0]].path)))
+    prompts = PromptSource.from_tokenizer(AutoTokenizer.from_pretrained(str(next(iter(engines.values())).path)))
     rows = {prompt_key(p["prompt_len"], p["batch"]): prompts.batch(p["prompt_len"], p["batch"])[0].tolist() for p in points}
     out.mkdir(parents=True, exist_ok=True)
 
@@ -268,13 +269,37 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     env["vllm"] = version
     env["vllm_env"] = {k: v for k, v in worker_env().items() if k.startswith("VLLM_")}
     load = f"{env['load_average'][0]:.2f}" if env["load_average"] else "?"
+    plan = (f"; per mode {len(points)} distinct runs, {sum(p['repeats'] for p in points)} timed, "
+            f"{planned_tokens(points)} new tokens per row" if config.offline_runs else "")
     console.print(f"CPU: {env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), "
-                  f"{env['cpu_count']} cores, load average {load}; {version}; per mode {len(points)} distinct runs, "
-                  f"{sum(p['repeats'] for p in points)} timed, {planned_tokens(points)} new tokens per row")
+                  f"{env['cpu_count']} cores, load average {load}; {version}{plan}")
     result = {"config": asdict(config), "environment": env, "engine": "vllm",
               "engines": {m: {"path": str(e.path), "name": e.name} for m, e in engines.items()},
               "plan": points, "max_model_len": max_model_len}
 
+    result.update(key_points=[], sweeps={}, workers={})
+    if config.offline_runs:
+        _time_offline(config, console, engines, points, rows, max_model_len, out, started, result, model)
+    if config.load_test:
+        from overfill.bench.load import run_load
+
+        result["load"] = run_load(config, console, out)
+    if config.mixed_step:
+        from overfill.bench.mixed_step import run_mixed_step
+
+        result["mixed_step"] = run_mixed_step(config, console, out)
+    result["seconds"] = time.perf_counter() - started
+
+    from overfill.bench.plots import write_vllm_plots
+    from overfill.bench.report import print_vllm_bench
+    from overfill.bench.results import publish
+
+    return publish(result, out, console, write_vllm_plots, print_vllm_bench)
+
+
+def _time_offline(config: BenchConfig, console, engines: dict, points: list[dict], rows: dict, max_model_len: int,
+                  out, started: float, result: dict, model) -> None:
+    """The offline engines' runs (and our loop's at the key points): key points, sweeps, extra lanes, into `result`."""
     torch_rows = None
     if config.torch_rows:
         torch_rows, result["models"] = _time_torch(config, console, rows, model)
@@ -297,18 +322,6 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     result["samples"] = {m: [{"prompt_len": k[0], "batch": k[1], "max_tokens": k[2], "seconds": v} for k, v in s.items()]
                          for m, s in samples.items()}
     result.update(assemble(config, seconds, torch_rows, extra, speculation))
-
-    if config.load_test:
-        from overfill.bench.load import run_load
-
-        result["load"] = run_load(config, console, out)
-    result["seconds"] = time.perf_counter() - started
-
-    from overfill.bench.plots import write_vllm_plots
-    from overfill.bench.report import print_vllm_bench
-    from overfill.bench.results import publish
-
-    return publish(result, out, console, write_vllm_plots, print_vllm_bench)
 
 
 def extra_lanes(config: BenchConfig, engines: dict) -> dict[str, dict[str, tuple]]:

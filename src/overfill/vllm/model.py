@@ -271,6 +271,7 @@ class OverFillForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
         self.compiled_both = False  # both stages traced on a batch of more than one token (see _compile_both)
         self.sub_batches = SubBatchContexts(vllm_config, self.shared.attn)
+        self.split_mixed_steps = True  # False: mixed steps take the eager route (the bench times both)
         self.route: tracker.StepRoute | None = None  # the last step's, for compute_logits
         # Steps by route (this process): what the bench reports, eager ones above all. The tokens each stage
         # ran are counted only when asked for (tests, the bench's routing check), off the serving path.
@@ -313,10 +314,11 @@ class OverFillForCausalLM(nn.Module):
             return self.full(input_ids, positions)
         if name == "decoder":
             return self.decoder(input_ids, positions)
-        if name == "split":
+        if name == "split" and self.split_mixed_steps:
             return self._split(input_ids, positions, route)
-        logger.warning("OverFill: a step ran both stages eagerly (a request recomputes prompt and reply tokens in "
-                       "one chunk, after preemption); eager steps so far: %d", self.stats["eager"])
+        if name == "eager":
+            logger.warning("OverFill: a step ran both stages eagerly (a request recomputes prompt and reply tokens in "
+                           "one chunk, after preemption); eager steps so far: %d", self.stats["eager"])
         return self._mixed(input_ids, positions, route.prompt_mask(input_ids.shape[0], input_ids.device))
 
     def _split(self, input_ids: torch.Tensor, positions: torch.Tensor, route: tracker.StepRoute) -> torch.Tensor:

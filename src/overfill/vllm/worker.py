@@ -11,6 +11,7 @@ interpreter exits), so `bench --engine vllm` and `eval --engine vllm` run each e
     parent -> child   {"op": "stats", "reset": bool}   -> {"stats": OverFill's counters, or null}
     parent -> child   {"op": "speculation"}            -> {"speculation": vLLM's speculative-decoding
                                                            counters so far, or null without speculation}
+    parent -> child   {"op": "mixed_step", "settings": {...}} -> {"mixed_step": mixed_step.time_mixed_steps(...)}
     parent -> child   end of input                     -> the child exits
 
 JSON only: nothing is pickled either way. The engine runs inside the child
@@ -97,6 +98,11 @@ class EngineWorker:
         self._send({"op": "speculation"})
         return self._receive()["speculation"]
 
+    def mixed_step(self, **settings) -> dict:
+        """An OverFill engine's mixed steps timed by route (overfill.vllm.mixed_step.time_mixed_steps)."""
+        self._send({"op": "mixed_step", "settings": settings})
+        return self._receive()["mixed_step"]
+
     def close(self) -> None:
         if self.proc is None:
             return
@@ -176,6 +182,10 @@ def _serve(llm, model: EngineModel, receive, send) -> None:
             send({"stats": counters(message.get("reset", False)) if counters else None})
         elif op == "speculation":
             send({"speculation": speculation_counters(llm)})
+        elif op == "mixed_step":
+            from overfill.vllm.mixed_step import time_mixed_steps
+
+            send({"mixed_step": time_mixed_steps(llm, **message["settings"])})
         else:
             send({"error": f"unknown request {op!r}"})
 

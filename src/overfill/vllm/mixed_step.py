@@ -1,0 +1,100 @@
+"""Timing mixed steps inside an OverFill engine: decoding requests beside one prompt chunk, eager route against split.
+
+A busy server's typical step: `decoding` requests each decode one token while a new prompt is read in
+chunks of `chunk` tokens (the engine's step budget is exactly decoding + chunk, so every timed step
+holds both). The same steps are timed with the model's split route (each stage compiled on its own
+requests) and with the eager route it replaces (both stages' layers row by row), alternating, in the
+engine process itself. Reported per route: the whole engine step (scheduling, model, sampling: what
+a request waits for) and the model's forward alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+ROUTES = ("eager", "split")
+
+
+def _use_route(route: str):
+    def set_route(model) -> None:
+        model.split_mixed_steps = route == "split"
+
+    return set_route
+
+
+def _install_timer(model) -> None:
+    forward = type(model).forward.__get__(model)
+    model.forward_seconds = []
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = forward(*args, **kwargs)
+        model.forward_seconds.append(time.perf_counter() - t0)
+        return out
+
+    model.forward = timed
+
+
+def _take_forward_seconds(model) -> list[float]:
+    seconds, model.forward_seconds = model.forward_seconds, []
+    return seconds
+
+
+def _remove_timer(model) -> None:
+    del model.forward
+    model.split_mixed_steps = True
+
+
+def _split_steps(model) -> int:
+    return model.stats["split"]
+
+
+def time_mixed_steps(llm, *, decoding: int, chunk: int, prompt_len: int, steps: int, rounds: int, seed: int = 0) -> dict:
+    """Median ms per mixed step and per forward, for each route (see the module's docstring)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    budget = engine.vllm_config.scheduler_config.max_num_batched_tokens
+    if budget != decoding + chunk:
+        raise ValueError(f"the engine's step budget is {budget} tokens, not decoding + chunk = {decoding + chunk}")
+    rng = np.random.default_rng(seed)
+    vocab = engine.vllm_config.model_config.hf_config.vocab_size
+
+    def ids(n: int) -> list[int]:
+        return rng.integers(100, vocab, n).tolist()
+
+    lasting = SamplingParams(temperature=0.0, max_tokens=rounds * len(ROUTES) * (steps + 2) + 64, ignore_eos=True)
+    for i in range(decoding):
+        engine.add_request(f"decode-{i}", {"prompt_token_ids": ids(prompt_len)}, lasting)
+    for _ in range(decoding * prompt_len // budget + 4):  # their prompts, then each one's first token
+        engine.step()
+    llm.apply_model(_install_timer)
+    timings = {route: {"step_s": [], "forward_s": []} for route in ROUTES}
+    try:
+        for r in range(rounds):
+            for route in ROUTES[r % 2:] + ROUTES[:r % 2]:
+                llm.apply_model(_use_route(route))
+                llm.apply_model(_take_forward_seconds)
+                before = llm.apply_model(_split_steps)[0]
+                engine.add_request(f"chunked-{r}-{route}", {"prompt_token_ids": ids(chunk * steps)},
+                                   SamplingParams(temperature=0.0, max_tokens=1))
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    engine.step()
+                    timings[route]["step_s"].append(time.perf_counter() - t0)
+                timings[route]["forward_s"] += llm.apply_model(_take_forward_seconds)[0]
+                mixed = llm.apply_model(_split_steps)[0] - before
+                if mixed != steps:
+                    raise RuntimeError(f"{mixed} of {steps} timed steps mixed a prompt chunk with decodes")
+    finally:
+        llm.apply_model(_remove_timer)
+        for i in range(decoding):
+            engine.abort_request([f"decode-{i}"])
+    summary = {route: {"step_ms": 1000 * statistics.median(t["step_s"]), "forward_ms": 1000 * statistics.median(t["forward_s"]),
+                       "steps": len(t["step_s"])} for route, t in timings.items()}
+    return {"decoding": decoding, "chunk": chunk, "prompt_len": prompt_len, "rounds": rounds, "routes": summary,
+            "eager_over_split_step": summary["eager"]["step_ms"] / summary["split"]["step_ms"],
+            "eager_over_split_forward": summary["eager"]["forward_ms"] / summary["split"]["forward_ms"]}
