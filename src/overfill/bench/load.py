@@ -32,6 +32,7 @@ from pathlib import Path
 from overfill.errors import OverfillError
 from overfill.model_source import ModelSource
 from overfill.processes import failure, say, start, stop, wait
+from overfill.vllm import EAGER_STEP_LOG
 from overfill.vllm.runtime import child_env
 
 HOST = "127.0.0.1"
@@ -146,7 +147,7 @@ def run_load(config, console, out: Path) -> list[dict]:
     return runs
 
 
-EAGER_STEPS = re.compile(r"eager steps so far: (\d+)")
+EAGER_STEPS = re.compile(re.escape(EAGER_STEP_LOG).replace("%d", r"(\d+)"))
 
 
 def eager_steps(log: Path) -> int:

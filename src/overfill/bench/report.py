@@ -207,3 +207,9 @@ def print_mixed_step(console, mixed: dict) -> None:
     console.print(table)
     console.print(f"eager / split: {mixed['eager_over_split_step']:.2f}x per engine step, "
                   f"{mixed['eager_over_split_forward']:.2f}x per forward")
+    split = mixed["routes"]["split"]
+    if "full_part_ms" in split:
+        console.print(f"split forward, median parts: decoder stage on the {mixed['decoding']} decoding requests "
+                      f"{split['decoder_part_ms']:.1f} ms, full stage on the {mixed['chunk']}-token chunk "
+                      f"{split['full_part_ms']:.1f} ms; the decodes alone (before the chunk arrives) "
+                      f"{mixed['decodes_alone_forward_ms']:.1f} ms a forward")

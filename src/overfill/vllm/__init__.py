@@ -19,6 +19,9 @@ ARCH = "OverFillForCausalLM"
 # Set to 1 in an engine's environment to have the model count the tokens each stage runs (tests, the bench's
 # routing check); off by default, so that a serving step only counts its route.
 COUNT_TOKENS_ENV = "OVERFILL_VLLM_COUNT_TOKENS"
+# How the model logs a step that falls back to the eager route (the bench's load run counts them in the server's log).
+EAGER_STEP_LOG = ("OverFill: a step ran both stages eagerly (a request recomputes prompt and reply tokens in one chunk, "
+                  "after preemption); eager steps so far: %d")
 
 
 def register() -> None:

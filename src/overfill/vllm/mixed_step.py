@@ -5,7 +5,9 @@ chunks of `chunk` tokens (the engine's step budget is exactly decoding + chunk, 
 holds both). The same steps are timed with the model's split route (each stage compiled on its own
 requests) and with the eager route it replaces (both stages' layers row by row), alternating, in the
 engine process itself. Reported per route: the whole engine step (scheduling, model, sampling: what
-a request waits for) and the model's forward alone.
+a request waits for) and the model's forward alone; for the split route also its two parts (each
+sub-batch's context and compiled stage), and a step of the decodes alone, before the chunk arrives:
+where a mixed step's time goes.
 """
 
 from __future__ import annotations
@@ -26,16 +28,24 @@ def _use_route(route: str):
 
 
 def _install_timer(model) -> None:
-    forward = type(model).forward.__get__(model)
-    model.forward_seconds = []
+    """Time every forward, and in a split step the moment each sub-batch's context is built (its stage runs next)."""
+    forward, context = type(model).forward.__get__(model), model.sub_batches.context
+    model.forward_seconds, model.split_parts = [], []
 
     def timed(*args, **kwargs):
-        t0 = time.perf_counter()
+        model.marks = [time.perf_counter()]
         out = forward(*args, **kwargs)
-        model.forward_seconds.append(time.perf_counter() - t0)
+        end = time.perf_counter()
+        model.forward_seconds.append(end - model.marks[0])
+        if len(model.marks) == 3:  # forward start, decoder sub-batch, full sub-batch
+            model.split_parts.append((model.marks[2] - model.marks[1], end - model.marks[2]))
         return out
 
-    model.forward = timed
+    def marked(*args, **kwargs):
+        model.marks.append(time.perf_counter())
+        return context(*args, **kwargs)
+
+    model.forward, model.sub_batches.context = timed, marked
 
 
 def _take_forward_seconds(model) -> list[float]:
@@ -43,8 +53,14 @@ def _take_forward_seconds(model) -> list[float]:
     return seconds
 
 
+def _take_split_parts(model) -> list[tuple[float, float]]:
+    parts, model.split_parts = model.split_parts, []
+    return parts
+
+
 def _remove_timer(model) -> None:
     del model.forward
+    del model.sub_batches.context
     model.split_mixed_steps = True
 
 
@@ -73,7 +89,13 @@ def time_mixed_steps(llm, *, decoding: int, chunk: int, prompt_len: int, steps: 
         engine.step()
     llm.apply_model(_install_timer)
     timings = {route: {"step_s": [], "forward_s": []} for route in ROUTES}
+    decodes_alone = []
     try:
+        llm.apply_model(_take_forward_seconds)
+        for _ in range(steps):
+            engine.step()
+        decodes_alone = llm.apply_model(_take_forward_seconds)[0]
+        llm.apply_model(_take_split_parts)
         for r in range(rounds):
             for route in ROUTES[r % 2:] + ROUTES[:r % 2]:
                 llm.apply_model(_use_route(route))
@@ -89,12 +111,17 @@ def time_mixed_steps(llm, *, decoding: int, chunk: int, prompt_len: int, steps: 
                 mixed = llm.apply_model(_split_steps)[0] - before
                 if mixed != steps:
                     raise RuntimeError(f"{mixed} of {steps} timed steps mixed a prompt chunk with decodes")
+        parts = llm.apply_model(_take_split_parts)[0]
     finally:
         llm.apply_model(_remove_timer)
         for i in range(decoding):
             engine.abort_request([f"decode-{i}"])
-    summary = {route: {"step_ms": 1000 * statistics.median(t["step_s"]), "forward_ms": 1000 * statistics.median(t["forward_s"]),
-                       "steps": len(t["step_s"])} for route, t in timings.items()}
+    ms = lambda seconds: 1000 * statistics.median(seconds)  # noqa: E731
+    summary = {route: {"step_ms": ms(t["step_s"]), "forward_ms": ms(t["forward_s"]), "steps": len(t["step_s"])}
+               for route, t in timings.items()}
+    summary["split"]["decoder_part_ms"] = ms([p[0] for p in parts])
+    summary["split"]["full_part_ms"] = ms([p[1] for p in parts])
     return {"decoding": decoding, "chunk": chunk, "prompt_len": prompt_len, "rounds": rounds, "routes": summary,
+            "decodes_alone_forward_ms": ms(decodes_alone),
             "eager_over_split_step": summary["eager"]["step_ms"] / summary["split"]["step_ms"],
             "eager_over_split_forward": summary["eager"]["forward_ms"] / summary["split"]["forward_ms"]}
