@@ -145,10 +145,10 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
 
     env = result["environment"]
     starts = ", ".join(f"{m} {w['engine_start_s']:.0f} s" for m, w in result["workers"].items())
+    starts = f" (engine start: {starts})" if starts else ""
     load = f"{env['load_average'][0]:.2f}" if env["load_average"] else "?"
     console.print(f"{env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), {env['cpu_count']} cores, "
-                  f"load average {load} at start; {env['vllm']} "
-                  f"(engine start: {starts}); {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")
+                  f"load average {load} at start; {env['vllm']}{starts}; {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")
 
 
 def print_load(console, load: dict) -> None:
