@@ -45,8 +45,11 @@ def run(model, contexts, config, *, speculative: bool = False, **kw) -> list[lis
 # ---------------------------------------------------------------- greedy: the full model's reply
 
 
-# every family with the OverFill drafter; the pruned drafter's own cache once (the step is the same code)
-@pytest.mark.parametrize("kind, drafter", [(kind, "overfill") for kind in KINDS] + [("llama", "pruned")])
+# every family with the OverFill drafter; the pruned drafter's own cache once (the step is the same code). Qwen2 in
+# make test-heavy: its one trait, q/k/v biases, is in the compiled one-token step's tests (test_decode_step.py),
+# and the block step is the same code with Q tokens
+@pytest.mark.parametrize("kind, drafter", [pytest.param(kind, "overfill", marks=[pytest.mark.heavy] if kind == "qwen2" else [])
+                                           for kind in KINDS] + [("llama", "pruned")])
 def test_compiled_drafts_give_the_full_models_reply(kind, drafter, monkeypatch):
     """--compile: the decoder drafts with its compiled one-token step on static caches, the full model verifies
     each block with its own compiled step over k + 1 tokens, each round crops the caches; the reply is still the
