@@ -173,7 +173,9 @@ ENGINES = {
     # vLLM's own Llama on the full model's folder, eager (it only has to give the reference tokens: a compile
     # of vLLM's own model tests nothing of ours, and would cost ~20 s)
     "plain": ("keep", "full", dict(enforce_eager=True)),
-    "keep": ("keep", "overfill", {}),
+    # eager, as "plain" is: the parity of the plugin's model code with vLLM's own Llama (the compiled stages are the
+    # "pruned" engine's and the families' tests)
+    "keep": ("keep", "overfill", dict(enforce_eager=True)),
     "pruned": ("pruned", "overfill", {}),
     # 16-token step budget (chunked prefill) and 5 usable cache blocks of 32 tokens (vLLM keeps one of
     # the 6 as its null block): long prompts arrive in chunks, and three 80-token requests cannot all

@@ -16,9 +16,11 @@ and `InputBatch.refresh_metadata` hands the BatchUpdate (removed, added, moved) 
 processor at the end of `GPUModelRunner._update_states`, i.e. before `_prepare_inputs` and the
 forward pass of the same step. `PromptLengthTracker` is an argmax-invariant, no-op logits
 processor that mirrors index -> prompt length; the model reads the mirror in the same process.
-The per-token request index comes from `query_start_loc` in the forward context's attention
-metadata (present in every backend's metadata; CPU: CPUAttentionMetadata.query_start_loc),
-whose request order is the persistent batch's (the same indices the BatchUpdate uses).
+Each request's tokens this step and where they sit come from `query_start_loc` and `seq_lens` in
+the forward context's attention metadata (every backend has both; on CPU they are host tensors),
+whose request order is the persistent batch's (the same indices the BatchUpdate uses). From these
+and the mirror, `step_route` decides the step's route on the host (`StepRoute`), without reading
+any device value: model.py runs the step by it.
 
 Model Runner V2 (vllm/v1/worker/gpu/model_runner.py, GPU default when Triton is present) lets
 the model supply its own ModelState (`get_model_state_cls`), whose `prepare_inputs` sees
