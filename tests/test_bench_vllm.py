@@ -373,6 +373,9 @@ def test_serve_and_client_command_lines(tmp_path):
                                     requests=96, result=tmp_path / "r.json")
     assert client[3] == "client" and client[client.index("--max-concurrency") + 1] == "32"
     assert "--ignore-eos" in client and client[client.index("--host") + 1] == "127.0.0.1"
+    again = bench_load.client_argv(port=8123, model_name="x", tokenizer="t", prompt_len=128, new_tokens=64, clients=32,
+                                   requests=96, result=tmp_path / "r.json", seed=3)
+    assert client[client.index("--seed") + 1] == "0" and again[again.index("--seed") + 1] == "3"  # other prompts
 
 
 # ---------------------------------------------------------------- vLLM itself

@@ -155,7 +155,7 @@ class BenchConfig(ModelSource):
             raise OverfillError(f"--load-modes got nothing: pick from {', '.join(MODES)}")
         for mode in self.load_modes:
             check_mode(mode, "--load-modes")
-        self.load_clients = _sweep(self.load_clients, "load_clients")
+        self.load_clients = tuple(sorted(set(_sweep(self.load_clients, "load_clients"))))
         if not self.load_clients:
             raise OverfillError("--load-clients got nothing: give at least one number of clients, e.g. 8,32")
         at_least(self, 1, "load_seconds", "mixed_decoding", "mixed_chunk")

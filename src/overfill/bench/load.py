@@ -66,13 +66,15 @@ def serve_argv(source: ModelSource, mode: str, port: int, max_model_len: int) ->
 
 
 def client_argv(*, port: int, model_name: str, tokenizer: str, prompt_len: int, new_tokens: int, clients: int,
-                requests: int, result: Path) -> list[str]:
-    """vLLM's load client (this module's `client` entry, which runs vllm.benchmarks.serve) for one run."""
+                requests: int, result: Path, seed: int = 0) -> list[str]:
+    """vLLM's load client (this module's `client` entry, which runs vllm.benchmarks.serve) for one run. The seed picks
+    the random prompts: each run of one server gets its own, so that no prompt is served from the prefix cache of an
+    earlier run (every mode gets the same seeds, so the same prompts)."""
     return [sys.executable, "-m", "overfill.bench.load", "client",
             "--backend", "vllm", "--host", HOST, "--port", str(port), "--endpoint", "/v1/completions",
             "--model", model_name, "--tokenizer", tokenizer,
             "--dataset-name", "random", "--random-input-len", str(prompt_len), "--random-output-len", str(new_tokens),
-            "--random-range-ratio", "0", "--seed", "0", "--ignore-eos", "--temperature", "0",
+            "--random-range-ratio", "0", "--seed", str(seed), "--ignore-eos", "--temperature", "0",
             "--num-prompts", str(requests), "--max-concurrency", str(clients), "--request-rate", "inf",
             "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", PERCENTILES,
             "--disable-tqdm", "--save-result", "--save-detailed",
@@ -168,11 +170,11 @@ def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
         _wait_healthy(server, port, server_log, report)
         ready_s = time.perf_counter() - started
 
-        def client(clients: int, requests: int, name: str) -> dict:
+        def client(clients: int, requests: int, name: str, seed: int) -> dict:
             result = logs / f"load_{mode}_{clients}_{name}.json"
             log = logs / f"load_{mode}_{clients}_{name}.log"
             argv = client_argv(port=port, model_name=engine.name, tokenizer=str(engine.path), prompt_len=config.prompt_len,
-                               new_tokens=config.new_tokens, clients=clients, requests=requests, result=result)
+                               new_tokens=config.new_tokens, clients=clients, requests=requests, result=result, seed=seed)
             report(f"{clients} clients, {name}: {requests} requests, {clients} at a time")
             # Bounded: a run that takes far longer than planned is stopped (the server is stopped below either way).
             code = wait(start(argv, log, child_env()), log, timeout_s=max(600.0, 10.0 * config.load_seconds),
@@ -181,11 +183,11 @@ def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
                 raise failure(f"the load client ({mode}, {clients} clients, {name})", code, log)
             return json.loads(result.read_text())
 
-        for clients in config.load_clients:
-            probe = summarize_load(client(clients, clients, "probe"))
+        for i, clients in enumerate(config.load_clients):
+            probe = summarize_load(client(clients, clients, "probe", seed=2 * i))
             waves = waves_for(config.load_seconds, probe["duration_s"])
             eager_before = eager_steps(server_log)
-            measured = summarize_load(client(clients, clients * waves, "run"))
+            measured = summarize_load(client(clients, clients * waves, "run", seed=2 * i + 1))
             results.append({**measured, "waves": waves, "probe": probe, "server_ready_s": ready_s, "port": port,
                             "max_model_len": max_model_len,
                             "eager_steps": eager_steps(server_log) - eager_before if mode == "overfill" else None})
