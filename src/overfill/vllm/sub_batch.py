@@ -86,21 +86,21 @@ class SubBatchContexts:
         for name, metadata in step.attn_metadata.items():
             groups.setdefault(id(metadata), []).append(name)
         requests, tokens = as_index(sub.requests), sub.token_index
+        # the same for every group: the sub-batch's own query starts (the kernel's dtype, int32) and longest query
+        first = next(iter(step.attn_metadata.values()))
+        query_start_cpu = torch.from_numpy(sub.query_start).to(first.query_start_loc.dtype)
+        query_start = query_start_cpu.to(first.query_start_loc.device, non_blocking=True)
+        max_query_len = int((sub.query_start[1:] - sub.query_start[:-1]).max())
         attn_metadata, slot_mapping = {}, {}
         for names in groups.values():
             whole = step.attn_metadata[names[0]]
-            device = whole.seq_lens.device
-            query_start_cpu = torch.from_numpy(sub.query_start).to(whole.query_start_loc.dtype)  # the kernel's int32
-            query_start = query_start_cpu.to(device, non_blocking=True)
-            seq_lens = whole.seq_lens[requests]
-            lengths = sub.query_start[1:] - sub.query_start[:-1]
             common = CommonAttentionMetadata(
                 query_start_loc=query_start, query_start_loc_cpu=query_start_cpu,
-                seq_lens=seq_lens, num_reqs=len(sub.requests), num_actual_tokens=int(sub.query_start[-1]),
-                max_query_len=int(lengths.max()), max_seq_len=sub.max_seq_len,
+                seq_lens=whole.seq_lens[requests], num_reqs=len(sub.requests), num_actual_tokens=int(sub.query_start[-1]),
+                max_query_len=max_query_len, max_seq_len=sub.max_seq_len,
                 block_table_tensor=whole.block_table[requests], slot_mapping=whole.slot_mapping[tokens],
                 causal=whole.causal)
-            built = self._builder(tuple(names), device).build(0, common)
+            built = self._builder(tuple(names), whole.seq_lens.device).build(0, common)
             for name in names:
                 attn_metadata[name] = built
                 slot_mapping[name] = step.slot_mapping[name][tokens]

@@ -112,6 +112,16 @@ class StepRoute:
     def num_reqs(self) -> int:
         return len(self.kinds)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """[R] tokens each request computes this step."""
+        return self.query_start[1:] - self.query_start[:-1]
+
+    @property
+    def starts(self) -> np.ndarray:
+        """[R] position of each request's first token this step."""
+        return self.seq_lens - self.lengths
+
     @functools.cached_property
     def name(self) -> str:
         if (self.kinds == PROMPT).all():
@@ -125,14 +135,13 @@ class StepRoute:
 
     def token_counts(self) -> tuple[int, int]:
         """(prompt tokens, reply tokens) this step."""
-        starts = self.seq_lens - (self.query_start[1:] - self.query_start[:-1])
-        prompt = np.clip(np.minimum(self.seq_lens, self.prompt_lens) - starts, 0, None).sum()
+        prompt = np.clip(np.minimum(self.seq_lens, self.prompt_lens) - self.starts, 0, None).sum()
         return int(prompt), int(self.query_start[-1] - prompt)
 
     def prompt_mask(self, num_tokens: int, device) -> torch.Tensor:
         """[num_tokens] bool, True where the token is a prompt token (padding rows past the last request: True)."""
-        lengths = self.query_start[1:] - self.query_start[:-1]
-        positions = np.repeat(self.seq_lens - lengths - self.query_start[:-1], lengths) + np.arange(self.query_start[-1])
+        lengths = self.lengths
+        positions = np.repeat(self.starts - self.query_start[:-1], lengths) + np.arange(self.query_start[-1])
         mask = np.ones(num_tokens, dtype=bool)
         mask[: self.query_start[-1]] = positions < np.repeat(self.prompt_lens, lengths)
         return torch.from_numpy(mask).to(device)
