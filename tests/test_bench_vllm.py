@@ -290,6 +290,15 @@ def test_eager_steps_are_read_from_the_servers_log(tmp_path):
     assert bench_load.eager_steps(log) == 12
 
 
+def test_the_served_dtype_is_read_from_the_servers_log(tmp_path):
+    log = tmp_path / "serve.log"
+    assert bench_load.served_dtype(log) is None
+    # vLLM's engine line, as 0.32 logs it: the asked-for "dtype=auto" elsewhere on it is not the answer
+    log.write_text("INFO args: Namespace(dtype='auto')\n(EngineCore pid=7) INFO [core.py:99] Initializing a V1 LLM engine "
+                   "with config: model='/m', speculative_config=None, tokenizer='/m', dtype=torch.bfloat16, max_seq_len=2064\n")
+    assert bench_load.served_dtype(log) == "bfloat16"
+
+
 def test_worker_results_are_checked_against_the_plan():
     points = [{"prompt_len": 10, "batch": 2, "max_tokens": 1, "repeats": 1}, {"prompt_len": 10, "batch": 2, "max_tokens": 5, "repeats": 2}]
     timed = [{**{k: p[k] for k in ("prompt_len", "batch", "max_tokens")}, "seconds": [0.1] * p["repeats"]} for p in points]
@@ -369,6 +378,9 @@ def test_serve_and_client_command_lines(tmp_path):
     assert argv[1:4] == ["-m", "overfill", "serve"] and argv[argv.index("--mode") + 1] == "full"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert "--" not in argv and "--enforce-eager" not in argv  # served at vLLM's defaults, as users serve it
+    assert "--dtype" not in argv  # vLLM picks the dtype, as for any model users serve with it
+    asked = bench_load.serve_argv(BenchConfig(engine="vllm", model="m", decoder="d", dtype="float32"), "full", 8123, 400)
+    assert asked[asked.index("--dtype") + 1] == "float32"
     client = bench_load.client_argv(port=8123, model_name="x", tokenizer="t", prompt_len=128, new_tokens=64, clients=32,
                                     requests=96, result=tmp_path / "r.json")
     assert client[3] == "client" and client[client.index("--max-concurrency") + 1] == "32"

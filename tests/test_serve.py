@@ -62,9 +62,13 @@ def test_overfill_folder_loopback_and_passthrough(monkeypatch, capsys, recorded,
     # the same pair again: the exported folder is reused, not rewritten
     argv2, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"))
     assert flag(argv2, "--model") == folder
+    assert flag(argv, "--dtype") == "auto"  # without --dtype, vLLM's own choice, as for any model it serves
+    asked, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
+                          "--dtype", "float32")
+    assert flag(asked, "--dtype") == "float32" and flag(asked, "--model") == folder  # one folder, whatever the dtype
     code, out, _ = run_cli(monkeypatch, capsys, "serve", "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
                            "--export-only")
-    assert code == 0 and out.strip() == folder and len(recorded) == 2
+    assert code == 0 and out.strip() == folder and len(recorded) == 3
 
 
 def test_full_and_pruned_serve_the_models_own_folders(monkeypatch, capsys, recorded, pair):

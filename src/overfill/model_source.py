@@ -29,7 +29,7 @@ class FullModelSource(Settings):
     model: str | None = None
     """Full model (zoo name, folder or hub id); default: the one a checkpoint records, else smollm2-135m-instruct (unset rather than that name, so that a checkpoint's own is kept unless you replace it)."""
     dtype: Dtype | None = None
-    """Weights dtype (default: bfloat16 on a GPU, float32 on a CPU); with a decoder, both models', and the KV cache keeps the full model's."""
+    """Weights dtype (default: bfloat16 on a GPU, float32 on a CPU; where vLLM runs the model, `serve` and `bench --engine vllm`, vLLM's own choice); with a decoder, both models', and the KV cache keeps the full model's."""
     trust_remote_code: bool = False
     """Allow custom model code from the model folder (off unless you trust it)."""
     device: str = "auto"

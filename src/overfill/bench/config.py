@@ -103,6 +103,9 @@ class BenchConfig(ModelSource):
     """With --engine vllm: time the offline engines (key points, sweeps); --no-offline-runs with --load-test or --mixed-step times only those."""
 
     def __post_init__(self):
+        # vLLM runs every model in the dtype it would pick for users (`overfill serve` does the same) unless --dtype
+        # is given; taken before the source fills in our own engine's default.
+        self.engine_dtype = self.dtype or "auto"
         super().__post_init__()
         check_engine(self.engine)
         vllm = self.engine == "vllm"

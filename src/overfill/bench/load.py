@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from overfill.errors import OverfillError
-from overfill.model_source import ModelSource
+from overfill.bench.config import BenchConfig
 from overfill.processes import failure, say, start, stop, wait
 from overfill.vllm import EAGER_STEP_LOG
 from overfill.vllm.runtime import child_env
@@ -50,17 +50,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_argv(source: ModelSource, mode: str, port: int, max_model_len: int) -> list[str]:
-    """`overfill serve` for `source` in `mode` on 127.0.0.1:port, served as the offline bench serves it."""
+def serve_argv(config: BenchConfig, mode: str, port: int, max_model_len: int) -> list[str]:
+    """`overfill serve` for `config`'s models in `mode` on 127.0.0.1:port, served as the offline bench serves it
+    (in vLLM's own dtype unless the bench was given --dtype)."""
     argv = [sys.executable, "-m", "overfill", "serve"]
-    if source.checkpoint:
-        argv.append(source.checkpoint)
-    for flag, value in (("--model", source.model), ("--decoder", source.decoder)):
+    if config.checkpoint:
+        argv.append(config.checkpoint)
+    for flag, value in (("--model", config.model), ("--decoder", config.decoder)):
         if value:
             argv += [flag, value]
-    argv += ["--dtype", source.dtype, "--mode", mode, "--host", HOST, "--port", str(port),
+    if config.engine_dtype != "auto":
+        argv += ["--dtype", config.engine_dtype]
+    argv += ["--mode", mode, "--host", HOST, "--port", str(port),
              "--max-model-len", str(max_model_len)]
-    if source.trust_remote_code:
+    if config.trust_remote_code:
         argv.append("--trust-remote-code")
     return argv
 
@@ -134,7 +137,7 @@ def run_load(config, console, out: Path) -> list[dict]:
 
     by_mode = {}
     for mode in config.load_modes:
-        engine = engine_model(config, mode)
+        engine = engine_model(config, mode, dtype=config.engine_dtype)
         with console.status(f"load run, {mode}: starting overfill serve") as status:
             by_mode[mode] = _load_one(config, mode, engine, out, lambda text, m=mode: status.update(f"load run, {m}: {text}"))
         for clients, r in zip(config.load_clients, by_mode[mode]):
@@ -150,12 +153,19 @@ def run_load(config, console, out: Path) -> list[dict]:
 
 
 EAGER_STEPS = re.compile(re.escape(EAGER_STEP_LOG).replace("%d", r"(\d+)"))
+SERVED_DTYPE = re.compile(r"\bdtype=torch\.(\w+)")  # vLLM's engine config line, logged at start
 
 
 def eager_steps(log: Path) -> int:
     """How many steps an OverFill server has run on the eager route so far (the model logs each one)."""
     found = EAGER_STEPS.findall(log.read_text(errors="replace")) if log.is_file() else []
     return int(found[-1]) if found else 0
+
+
+def served_dtype(log: Path) -> str | None:
+    """The dtype a server runs its model in, as vLLM logged it (the one asked for, or its own choice)."""
+    found = SERVED_DTYPE.search(log.read_text(errors="replace")) if log.is_file() else None
+    return found.group(1) if found else None
 
 
 def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
@@ -189,6 +199,7 @@ def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
             eager_before = eager_steps(server_log)
             measured = summarize_load(client(clients, clients * waves, "run", seed=2 * i + 1))
             results.append({**measured, "waves": waves, "probe": probe, "server_ready_s": ready_s, "port": port,
+                            "dtype": served_dtype(server_log),
                             "max_model_len": max_model_len,
                             "eager_steps": eager_steps(server_log) - eager_before if mode == "overfill" else None})
     finally:

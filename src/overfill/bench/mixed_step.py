@@ -30,7 +30,7 @@ def run_mixed_step(config, console, out: Path) -> dict:
     decoders_last = settings["prompt_len"] + settings["rounds"] * 2 * (MIXED_STEPS + 2) + 64
     engine = {"max_model_len": max(settings["chunk"] * MIXED_STEPS, decoders_last) + CONTEXT_MARGIN,
               "max_num_batched_tokens": settings["decoding"] + settings["chunk"], "max_num_seqs": settings["decoding"] + 1}
-    worker = EngineWorker(engine_model(config, "overfill"), out / "logs" / "mixed_step.log", engine=engine,
+    worker = EngineWorker(engine_model(config, "overfill", dtype=config.engine_dtype), out / "logs" / "mixed_step.log", engine=engine,
                           what="vLLM (OverFill, mixed steps)")
     with console.status("mixed steps: starting the OverFill engine") as status:
         try:
@@ -40,4 +40,4 @@ def run_mixed_step(config, console, out: Path) -> dict:
             result = worker.mixed_step(**settings)
         finally:
             worker.close()
-    return {**result, "engine": engine}
+    return {**result, "engine": engine, "dtype": worker.info.get("dtype")}

@@ -254,7 +254,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
                             *(("overfill",) if config.mixed_step else ()),
                             *(("full", "pruned") if config.speculative_tokens else ())))
     with console.status("building the folders vLLM loads"):
-        engines = {mode: engine_model(config, mode) for mode in served}
+        engines = {mode: engine_model(config, mode, dtype=config.engine_dtype) for mode in served}
     _check_context(engines, max_model_len)
     from transformers import AutoTokenizer
 
@@ -265,7 +265,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
     from overfill.bench.results import environment
 
-    env = environment(config.dtype)
+    env = environment(config.engine_dtype)  # "auto" until an engine says what vLLM chose
     env["vllm"] = version
     env["vllm_env"] = {k: v for k, v in worker_env().items() if k.startswith("VLLM_")}
     load = f"{env['load_average'][0]:.2f}" if env["load_average"] else "?"
@@ -289,12 +289,21 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
         result["mixed_step"] = run_mixed_step(config, console, out)
     result["seconds"] = time.perf_counter() - started
+    env["dtype"] = served_dtype(result) or env["dtype"]
 
     from overfill.bench.plots import write_vllm_plots
     from overfill.bench.report import print_vllm_bench
     from overfill.bench.results import publish
 
     return publish(result, out, console, write_vllm_plots, print_vllm_bench)
+
+
+def served_dtype(result: dict) -> str | None:
+    """The dtype vLLM ran the models in, as its engines reported it (every engine of a run resolves it alike)."""
+    found = [w.get("dtype") for w in result.get("workers", {}).values()]
+    found += [row.get("dtype") for run in result.get("load", []) for row in run["rows"].values()]
+    found += [result.get("mixed_step", {}).get("dtype")]
+    return next((dtype for dtype in found if dtype), None)
 
 
 def _time_offline(config: BenchConfig, console, engines: dict, points: list[dict], rows: dict, max_model_len: int,

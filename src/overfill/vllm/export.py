@@ -67,8 +67,11 @@ class EngineModel:
         return cls(**{**fields, "path": Path(fields["path"])})
 
 
-def engine_model(source: ModelSource, mode: str = "overfill", *, name: str | None = None) -> EngineModel:
-    """The folder vLLM loads for `mode` of `source` (exporting the OverFill pair on first use)."""
+def engine_model(source: ModelSource, mode: str = "overfill", *, name: str | None = None,
+                 dtype: str | None = None) -> EngineModel:
+    """The folder vLLM loads for `mode` of `source` (exporting the OverFill pair on first use), served in `dtype`
+    (default: the source's; "auto" leaves the choice to vLLM, as `overfill serve` and the vLLM bench do unless
+    --dtype is given)."""
     mode = check_mode(mode)
     if getattr(source, "decoder_dtype", None) not in (None, "float32", source.dtype):
         raise OverfillError(f"--decoder-dtype {source.decoder_dtype} runs on our own engine; vLLM serves both models in "
@@ -80,7 +83,7 @@ def engine_model(source: ModelSource, mode: str = "overfill", *, name: str | Non
     else:
         path = export(source)
     check_engine_folder(path, source.trust_remote_code)
-    return EngineModel(path=path, name=name or _default_name(source, mode), mode=mode, dtype=source.dtype,
+    return EngineModel(path=path, name=name or _default_name(source, mode), mode=mode, dtype=dtype or source.dtype,
                        trust_remote_code=source.trust_remote_code)
 
 

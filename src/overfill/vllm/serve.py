@@ -40,6 +40,9 @@ class ServeConfig(ModelSource):
     """Further vLLM server flags, after `--` (e.g. -- --max-num-seqs 64)."""
 
     def __post_init__(self):
+        # Without --dtype, vLLM picks the dtype as it does for any model it serves (on a CPU with bfloat16 that
+        # is bfloat16, for a float32 checkpoint too); taken before the source fills in our own engine's default.
+        self.engine_dtype = self.dtype or "auto"
         super().__post_init__()
         check_mode(self.mode)
         if not 0 < self.port < 65536:
@@ -84,7 +87,7 @@ def serve(config: ServeConfig, say=print) -> None:
     from overfill.vllm.runtime import engine_env, server_argv, vllm_version
 
     if config.export_only:
-        print(engine_model(config, config.mode, name=config.name).path)
+        print(engine_model(config, config.mode, name=config.name, dtype=config.engine_dtype).path)
         return
     version = vllm_version()
     check_address(config.host, config.port)
@@ -92,12 +95,13 @@ def serve(config: ServeConfig, say=print) -> None:
     if _exposed(config.host) and not api_key:
         warnings.warn(f"listening on {config.host} without --api-key: anyone who can reach this machine can use the model",
                       OverfillWarning, stacklevel=2)
-    model = engine_model(config, config.mode, name=config.name)
+    model = engine_model(config, config.mode, name=config.name, dtype=config.engine_dtype)
     env = engine_env()
     if api_key:
         env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` would show it
     argv = server_argv(model, host=config.host, port=config.port, max_model_len=config.max_model_len,
                        extra=tuple(config.vllm_args))
-    say(f"serving {model.name} ({model.mode}, {model.dtype}) from {model.path} with {version}")
+    dtype = "vLLM's default dtype" if model.dtype == "auto" else model.dtype
+    say(f"serving {model.name} ({model.mode}, {dtype}) from {model.path} with {version}")
     say(f"  http://{config.host}:{config.port}/v1  (model name '{model.name}'; /health answers when it is ready)")
     os.execve(argv[0], argv, env)

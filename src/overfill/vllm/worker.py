@@ -5,7 +5,7 @@ interpreter exits), so `bench --engine vllm` and `eval --engine vllm` run each e
 `python -m overfill.vllm.worker IN_FD OUT_FD` and talk to it:
 
     parent -> child   {"model": EngineModel.as_json(), "engine": {LLM keyword arguments}}   (once)
-    child -> parent   {"ready": {"vllm", "engine_start_s", "scheduler": {...}}}
+    child -> parent   {"ready": {"vllm", "dtype", "engine_start_s", "scheduler": {...}}}
     parent -> child   {"op": "generate", "prompts": [[ids]], "params": {SamplingParams fields}, "seeds": [int] (optional)}
     child -> parent   {"replies": [[ids]], "seconds": wall time of the generate call}
     parent -> child   {"op": "stats", "reset": bool}   -> {"stats": OverFill's counters, or null}
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         llm = offline_engine(model, **setup["engine"])
         config = llm.llm_engine.vllm_config
         send({"ready": {"vllm": vllm_version(), "mode": model.mode, "path": str(model.path),
+                        "dtype": str(config.model_config.dtype).removeprefix("torch."),
                         "engine_start_s": time.perf_counter() - started,
                         "scheduler": {"max_num_seqs": config.scheduler_config.max_num_seqs,
                                       "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
