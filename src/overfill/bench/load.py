@@ -29,8 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from overfill.errors import OverfillError
 from overfill.bench.config import BenchConfig
+from overfill.errors import OverfillError
 from overfill.processes import failure, say, start, stop, wait
 from overfill.vllm import EAGER_STEP_LOG
 from overfill.vllm.runtime import child_env

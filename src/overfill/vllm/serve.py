@@ -15,9 +15,11 @@ import socket
 import warnings
 from dataclasses import dataclass
 
+from overfill.atomic import check_writable
 from overfill.errors import OverfillError, OverfillWarning
 from overfill.model_source import ModelSource
 from overfill.modeling import Mode, check_mode
+from overfill.vllm.disaggregated import ROLE_MODE, ROLES, default_kv_path, role_args, serve_disaggregated
 
 
 @dataclass
@@ -38,6 +40,16 @@ class ServeConfig(ModelSource):
     """Write (or find) the folder vLLM loads, print its path and exit: for `vllm serve FOLDER` or `LLM(FOLDER)`."""
     vllm_args: tuple[str, ...] = ()
     """Further vLLM server flags, after `--` (e.g. -- --max-num-seqs 64)."""
+    role: str | None = None
+    """One instance of a disaggregated deployment: prefill (the full model, storing each prompt's KV) or decode (the decoder alone, loading it); join them with `overfill router`."""
+    disaggregated: bool = False
+    """On this machine: a prefill instance, a decode instance (cores split between them) and the router in front, on --host/--port."""
+    kv_path: str | None = None
+    """Folder the prompt's KV passes through between the two instances (default: /dev/shm/overfill-kv, shared memory)."""
+    prefill_cores: int | None = None
+    """With --disaggregated: how many of this machine's cores the prefill instance binds (default: half)."""
+    logs: str | None = None
+    """With --disaggregated: folder for the two instances' logs (default: a new temporary folder)."""
 
     def __post_init__(self):
         # Without --dtype, vLLM picks the dtype as it does for any model it serves (on a CPU with bfloat16 that
@@ -53,6 +65,15 @@ class ServeConfig(ModelSource):
             raise OverfillError("--host is empty: pass an address to listen on, e.g. 127.0.0.1")
         if self.name is not None and not self.name.strip():
             raise OverfillError("--name is empty: pass the model name clients will ask for, or leave it out")
+        if self.role is not None and self.role not in ROLES:
+            raise OverfillError(f"--role {self.role}: pick {' or '.join(ROLES)}")
+        if self.role and self.disaggregated:
+            raise OverfillError("--role starts one instance, --disaggregated both and the router: pick one")
+        if (self.role or self.disaggregated) and self.mode != "overfill":
+            raise OverfillError("--role and --disaggregated pick each instance's model themselves: drop --mode")
+        if self.role or self.disaggregated:
+            self.kv_path = self.kv_path or default_kv_path()
+            check_writable(self.kv_path, "--kv-path")
 
 
 def check_address(host: str, port: int) -> None:
@@ -86,8 +107,11 @@ def serve(config: ServeConfig, say=print) -> None:
     from overfill.vllm.export import engine_model
     from overfill.vllm.runtime import engine_env, server_argv, vllm_version
 
+    if config.disaggregated:
+        return serve_disaggregated(config, say)
+    mode = ROLE_MODE[config.role] if config.role else config.mode
     if config.export_only:
-        print(engine_model(config, config.mode, name=config.name, dtype=config.engine_dtype).path)
+        print(engine_model(config, mode, name=config.name, dtype=config.engine_dtype).path)
         return
     version = vllm_version()
     check_address(config.host, config.port)
@@ -95,12 +119,13 @@ def serve(config: ServeConfig, say=print) -> None:
     if _exposed(config.host) and not api_key:
         warnings.warn(f"listening on {config.host} without --api-key: anyone who can reach this machine can use the model",
                       OverfillWarning, stacklevel=2)
-    model = engine_model(config, config.mode, name=config.name, dtype=config.engine_dtype)
+    model = engine_model(config, mode, name=config.name, dtype=config.engine_dtype)
     env = engine_env()
     if api_key:
         env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` would show it
+    roles = role_args(config.role, config.kv_path) if config.role else []
     argv = server_argv(model, host=config.host, port=config.port, max_model_len=config.max_model_len,
-                       extra=tuple(config.vllm_args))
+                       extra=(*roles, *config.vllm_args))
     dtype = "vLLM's default dtype" if model.dtype == "auto" else model.dtype
     say(f"serving {model.name} ({model.mode}, {dtype}) from {model.path} with {version}")
     say(f"  http://{config.host}:{config.port}/v1  (model name '{model.name}'; /health answers when it is ready)")

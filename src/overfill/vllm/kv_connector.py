@@ -1,0 +1,238 @@
+"""OverFill across two vLLM instances: the prompt's KV moves from the full model's instance to the decoder's.
+
+Figure 1 of the paper, split where serving systems already split a request:
+  * the prefill instance serves the plain full model (`kv_role: kv_producer`); it reads the prompt of
+    L tokens, samples token 1 from the full model's head, and stores the KV of exactly those L
+    positions, every layer, once the prompt is complete (whatever chunks it took, whatever came
+    from its prefix cache);
+  * the decode instance serves the plain pruned decoder (`kv_role: kv_consumer`); it is given
+    prompt + token 1, loads exactly the L stored positions into its own paged cache, computes token
+    1's KV with the decoder and decodes on. Neither instance needs our model plugin, and the decode
+    instance holds no full-model weight.
+
+The router (router.py) carries the store's key from one to the other in vLLM's `kv_transfer_params`:
+the router asks the prefill instance to store ({"overfill_store": true}), which returns {"overfill_kv":
+key, "tokens": L} with its one token, and the decode request passes it back. A request that does not
+ask stores nothing, so the prefill instance serves plain clients as well. The transport is a folder of safetensors files, one per request, written
+atomically and removed once loaded: on one machine put it in shared memory (/dev/shm). A layer is
+stored as vLLM's per-layer cache view gives its slots ([L, heads, content]); both instances must
+share the KV layout (layers, KV heads, head_dim, dtype, block size), which `layout` reports and
+the router checks before serving.
+
+Loaded by vLLM from `--kv-transfer-config '{"kv_connector": "OverFillConnector", "kv_connector_module_path":
+"overfill.vllm.kv_connector", "kv_role": ..., "kv_connector_extra_config": {"path": FOLDER}}'`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+STORE = "overfill_store"  # kv_transfer_params: asks the prefill instance to store this prompt's KV
+KEY = "overfill_kv"  # kv_transfer_params: the stored prompt's key (prefill -> router -> decode)
+LAYOUT = "overfill_layout"  # kv_transfer_params: ask for (and receive) the instance's KV layout
+
+
+def prompt_digest(token_ids) -> str:
+    """Names the exact prompt a store holds, so that a decode request can only load its own prompt's KV."""
+    return hashlib.sha256(torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()).hexdigest()
+
+
+def slots(block_ids: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
+    """The paged-cache slots of positions start..end-1 of a request holding `block_ids`."""
+    positions = torch.arange(start, end)
+    return torch.tensor(block_ids, dtype=torch.int64)[positions // block_size] * block_size + positions % block_size
+
+
+@dataclass
+class Transfer:
+    """One request's move this step: store (prefill instance) or load (decode instance) positions start..end-1."""
+
+    req_id: str
+    key: str
+    slots: torch.Tensor
+    store: bool
+    digest: str = ""
+
+
+@dataclass
+class OverFillConnectorMetadata(KVConnectorMetadata):
+    transfers: list[Transfer] = field(default_factory=list)
+
+
+class OverFillConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        self.producer = transfer.kv_role == "kv_producer"
+        if transfer.kv_role not in ("kv_producer", "kv_consumer"):
+            raise ValueError(f"OverFillConnector moves KV one way: kv_role kv_producer (prefill instance) or "
+                             f"kv_consumer (decode instance), not {transfer.kv_role}")
+        self.folder = Path(transfer.get_from_extra_config("path", os.path.join(tempfile.gettempdir(), "overfill-kv")))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # A store nobody loaded (its client went away between the two instances) is removed after this long.
+        self.keep_s = float(transfer.get_from_extra_config("keep_s", 600))
+        self._swept = 0.0
+        self.block_size = vllm_config.cache_config.block_size
+        self.layout = kv_layout(vllm_config)
+        # Scheduler side: the requests seen, those stored, those to load when their blocks are scheduled.
+        self._requests: dict[str, Request] = {}
+        self._stored: dict[str, tuple[str, int]] = {}
+        self._to_load: dict[str, tuple[str, int, int]] = {}
+        # Worker side: this step's stores, gathered layer by layer and written once the step is done.
+        self._gathered: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ---- scheduler side ----
+
+    def on_new_request(self, request: Request) -> None:
+        self._requests[request.request_id] = request
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        """Decode instance: the stored prompt positions this request loads (prompt + token 1 in, L positions loaded)."""
+        params = request.kv_transfer_params or {}
+        if self.producer or KEY not in params:
+            return 0, False
+        prompt = list(request.prompt_token_ids or [])[:-1]  # the last prompt token is token 1: the decoder computes its KV
+        path = self._path(params[KEY])
+        try:
+            with safe_open(path, "pt") as stored:
+                digest = (stored.metadata() or {}).get("prompt")
+        except (OSError, ValueError):  # not there (or half a file from elsewhere): the prompt is recomputed
+            logger.warning("OverFill: no stored KV for key %s; the decoder recomputes the prompt", params[KEY])
+            return 0, False
+        if digest != prompt_digest(prompt):
+            logger.warning("OverFill: the KV stored under %s is another prompt's; the decoder recomputes the prompt", params[KEY])
+            return 0, False
+        count = len(prompt) - num_computed_tokens
+        if count <= 0:
+            return 0, False
+        self._to_load[request.request_id] = (params[KEY], num_computed_tokens, len(prompt))
+        return count, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if num_external_tokens == 0:
+            self._to_load.pop(request.request_id, None)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = OverFillConnectorMetadata()
+        manager = self._kv_cache_manager
+        if self.producer:
+            for req_id, count in scheduler_output.num_scheduled_tokens.items():
+                request = self._requests.get(req_id)
+                length = request.num_prompt_tokens if request else 0
+                # Stored in the step that completes the prompt: every earlier position is in the cache by then.
+                if (request is None or STORE not in (request.kv_transfer_params or {}) or req_id in self._stored
+                        or request.num_computed_tokens + count < length):
+                    continue
+                key = f"{prompt_digest(request.prompt_token_ids)[:16]}-{hashlib.sha256(req_id.encode()).hexdigest()[:16]}"
+                meta.transfers.append(Transfer(req_id, key, slots(manager.get_block_ids(req_id)[0], self.block_size, 0, length),
+                                               store=True, digest=prompt_digest(request.prompt_token_ids)))
+                self._stored[req_id] = (key, length)
+        for req_id, (key, start, end) in list(self._to_load.items()):
+            if req_id in scheduler_output.num_scheduled_tokens:
+                meta.transfers.append(Transfer(req_id, key, slots(manager.get_block_ids(req_id)[0], self.block_size, start, end),
+                                               store=False))
+                del self._to_load[req_id]
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._requests.pop(request.request_id, None)
+        self._to_load.pop(request.request_id, None)
+        stored = self._stored.pop(request.request_id, None)
+        if stored:
+            self._sweep()
+        params = {}
+        if stored:
+            params.update({KEY: stored[0], "tokens": stored[1]})
+        if LAYOUT in (request.kv_transfer_params or {}):
+            params[LAYOUT] = self.layout
+        return False, params or None
+
+    def _sweep(self) -> None:
+        now = time.time()
+        if now - self._swept < 60:
+            return
+        self._swept = now
+        for path in self.folder.glob("*.safetensors*"):
+            try:
+                if now - path.stat().st_mtime > self.keep_s:
+                    path.unlink()
+            except FileNotFoundError:  # loaded (and removed) meanwhile
+                pass
+
+    # ---- worker side ----
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        for transfer in (t for t in meta.transfers if not t.store):
+            path = self._path(transfer.key)
+            stored = load_file(path)
+            for name, layer in forward_context.no_compile_layers.items():
+                cache = getattr(layer, "kv_cache", None)
+                if cache is None:
+                    continue
+                if name not in stored:
+                    raise RuntimeError(f"OverFill: the stored KV {path} has no layer {name}: the prefill and decode "
+                                       "instances serve models with different layers")
+                values = stored[name][-len(transfer.slots):]  # positions start..end-1 of the stored 0..end-1
+                cache[transfer.slots // self.block_size, :, transfer.slots % self.block_size] = values.to(cache.dtype)
+            path.unlink(missing_ok=True)  # loaded once: the store is the request's own
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous: done in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        for transfer in (t for t in meta.transfers if t.store):
+            taken = kv_layer[transfer.slots // self.block_size, :, transfer.slots % self.block_size]
+            self._gathered.setdefault(transfer.req_id, {})[layer_name] = taken.detach().to("cpu", copy=True)
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        for transfer in (t for t in meta.transfers if t.store):
+            layers = self._gathered.pop(transfer.req_id, {})
+            if not layers:
+                continue
+            path = self._path(transfer.key)
+            partial = path.with_name(path.name + ".partial")
+            save_file(layers, str(partial), metadata={"prompt": transfer.digest, "tokens": str(len(transfer.slots))})
+            os.replace(partial, path)  # whole or absent: a decode instance never reads half a store
+
+    def _path(self, key: str) -> Path:
+        if not key or any(c not in "0123456789abcdef-" for c in key):
+            raise ValueError(f"OverFill: not a store key: {key!r}")
+        return self.folder / f"{key}.safetensors"
+
+
+def kv_layout(vllm_config: VllmConfig) -> dict:
+    """What must match for one instance's stored KV to be another's: layers, KV heads, head_dim, dtype, block size."""
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
+    return {"layers": model.get_num_layers(vllm_config.parallel_config),
+            "kv_heads": model.get_num_kv_heads(vllm_config.parallel_config), "head_dim": model.get_head_size(),
+            "dtype": str(dtype).removeprefix("torch."), "block_size": cache.block_size}
