@@ -28,8 +28,8 @@ from overfill.model_source import ModelSource
 from overfill.prune import PruneConfig, prune_model, save_pruned
 from tiny import VOCAB, tiny_model, tiny_tokenizer
 
-BLOCK = 16  # the instances' cache block size: prompts of 16 and 48 tokens fill whole blocks
-LENGTHS = (5, 16, 48, 75)  # under a block, one block, three blocks, several and a part
+BLOCK = 32  # the instances' cache block size (vLLM on a CPU: a multiple of 32): prompts of 32 and 96 tokens fill whole blocks
+LENGTHS = (5, 32, 96, 75)  # under a block, one block, three blocks, two and a part
 ARCHS = {
     "llama": dict(hidden_size=128, intermediate_size=256, head_dim=32),
     "qwen2": dict(hidden_size=128, intermediate_size=256),
@@ -155,7 +155,7 @@ def test_greedy_replies_equal_our_own_loop(served):
 
 @pytest.mark.vllm
 def test_streaming_seeds_and_stops_through_the_router(served):
-    ids = prompt(16, 16)
+    ids = prompt(32, 32)
     body = {"prompt": ids, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
     status, whole = post(served.base, "/v1/completions", body)
     _, streamed = post(served.base, "/v1/completions", {**body, "stream": True})
@@ -165,4 +165,4 @@ def test_streaming_seeds_and_stops_through_the_router(served):
     once, again = post(served.base, "/v1/completions", seeded)[1], post(served.base, "/v1/completions", seeded)[1]
     assert [c["text"] for c in once["choices"]] == [c["text"] for c in again["choices"]]
     one = post(served.base, "/v1/completions", {**body, "max_tokens": 1, "return_token_ids": True})[1]
-    assert one["choices"][0]["token_ids"] == served.want[16][:1]
+    assert one["choices"][0]["token_ids"] == served.want[32][:1]

@@ -15,9 +15,9 @@ the router asks the prefill instance to store ({"overfill_store": true}), which 
 key, "tokens": L} with its one token, and the decode request passes it back. A request that does not
 ask stores nothing, so the prefill instance serves plain clients as well. The transport is a folder of safetensors files, one per request, written
 atomically and removed once loaded: on one machine put it in shared memory (/dev/shm). A layer is
-stored as vLLM's per-layer cache view gives its slots ([L, heads, content]); both instances must
-share the KV layout (layers, KV heads, head_dim, dtype, block size), which `layout` reports and
-the router checks before serving.
+stored as the whole cache blocks that hold the prompt (`blocks`), so both instances must share the
+KV layout (layers, KV heads, head_dim, dtype, block size; and the attention backend, which a
+machine's kind and that dtype decide), which `kv_layout` reports and the router checks before serving.
 
 Loaded by vLLM from `--kv-transfer-config '{"kv_connector": "OverFillConnector", "kv_connector_module_path":
 "overfill.vllm.kv_connector", "kv_role": ..., "kv_connector_extra_config": {"path": FOLDER}}'`.
@@ -63,20 +63,26 @@ def prompt_digest(token_ids) -> str:
     return hashlib.sha256(torch.tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()).hexdigest()
 
 
-def slots(block_ids: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
-    """The paged-cache slots of positions start..end-1 of a request holding `block_ids`."""
-    positions = torch.arange(start, end)
-    return torch.tensor(block_ids, dtype=torch.int64)[positions // block_size] * block_size + positions % block_size
+def blocks(block_ids: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
+    """The cache blocks that hold positions start..end-1 of a request holding `block_ids` (start: a block boundary).
+
+    Whole blocks move, not token slots: a block's bytes are laid out as the attention backend packs
+    them (on a CPU, each head's keys then values, in an ISA-specific order), so only a whole block
+    means the same thing in both instances. A last block's slots past the prompt hold nothing the
+    decode instance reads: it writes token 1's KV into its slot L, and attention reads no further.
+    """
+    return torch.tensor(block_ids[start // block_size:-(-end // block_size)], dtype=torch.int64)
 
 
 @dataclass
 class Transfer:
-    """One request's move this step: store (prefill instance) or load (decode instance) positions start..end-1."""
+    """One request's move this step: store (prefill instance) or load (decode instance) the blocks of its prompt."""
 
     req_id: str
     key: str
-    slots: torch.Tensor
+    blocks: torch.Tensor
     store: bool
+    tokens: int = 0
     digest: str = ""
 
 
@@ -150,13 +156,13 @@ class OverFillConnector(KVConnectorBase_V1):
                         or request.num_computed_tokens + count < length):
                     continue
                 key = f"{prompt_digest(request.prompt_token_ids)[:16]}-{hashlib.sha256(req_id.encode()).hexdigest()[:16]}"
-                meta.transfers.append(Transfer(req_id, key, slots(manager.get_block_ids(req_id)[0], self.block_size, 0, length),
-                                               store=True, digest=prompt_digest(request.prompt_token_ids)))
+                meta.transfers.append(Transfer(req_id, key, blocks(manager.get_block_ids(req_id)[0], self.block_size, 0, length),
+                                               store=True, tokens=length, digest=prompt_digest(request.prompt_token_ids)))
                 self._stored[req_id] = (key, length)
         for req_id, (key, start, end) in list(self._to_load.items()):
             if req_id in scheduler_output.num_scheduled_tokens:
-                meta.transfers.append(Transfer(req_id, key, slots(manager.get_block_ids(req_id)[0], self.block_size, start, end),
-                                               store=False))
+                meta.transfers.append(Transfer(req_id, key, blocks(manager.get_block_ids(req_id)[0], self.block_size, start, end),
+                                               store=False, tokens=end - start))
                 del self._to_load[req_id]
         return meta
 
@@ -199,8 +205,7 @@ class OverFillConnector(KVConnectorBase_V1):
                 if name not in stored:
                     raise RuntimeError(f"OverFill: the stored KV {path} has no layer {name}: the prefill and decode "
                                        "instances serve models with different layers")
-                values = stored[name][-len(transfer.slots):]  # positions start..end-1 of the stored 0..end-1
-                cache[transfer.slots // self.block_size, :, transfer.slots % self.block_size] = values.to(cache.dtype)
+                cache[transfer.blocks] = stored[name][-len(transfer.blocks):].to(cache.dtype)  # from block start // size
             path.unlink(missing_ok=True)  # loaded once: the store is the request's own
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -209,7 +214,7 @@ class OverFillConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         for transfer in (t for t in meta.transfers if t.store):
-            taken = kv_layer[transfer.slots // self.block_size, :, transfer.slots % self.block_size]
+            taken = kv_layer[transfer.blocks]  # [blocks, heads, block_size, content]: vLLM's per-layer view
             self._gathered.setdefault(transfer.req_id, {})[layer_name] = taken.detach().to("cpu", copy=True)
 
     def wait_for_save(self) -> None:
@@ -220,7 +225,7 @@ class OverFillConnector(KVConnectorBase_V1):
                 continue
             path = self._path(transfer.key)
             partial = path.with_name(path.name + ".partial")
-            save_file(layers, str(partial), metadata={"prompt": transfer.digest, "tokens": str(len(transfer.slots))})
+            save_file(layers, str(partial), metadata={"prompt": transfer.digest, "tokens": str(transfer.tokens)})
             os.replace(partial, path)  # whole or absent: a decode instance never reads half a store
 
     def _path(self, key: str) -> Path:
