@@ -25,11 +25,35 @@ def say(text: str) -> None:
     print(f"{PROGRESS}{text}", file=sys.stderr, flush=True)
 
 
-def start(argv: list[str], log: Path, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+def start(argv: list[str], log: Path, env: dict[str, str], pass_fds: tuple[int, ...] = (), *,
+          die_with_parent: bool = False) -> subprocess.Popen:
+    """`argv` in a process group of its own, its output in `log`. `die_with_parent`: the child is sent SIGTERM if
+    this process dies without stopping it (killed, say), so that no server outlives the command that started it
+    (Linux; elsewhere the parent's own `stop` is all there is)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, pass_fds=pass_fds)
+                                start_new_session=True, pass_fds=pass_fds,
+                                preexec_fn=_term_with_parent if die_with_parent else None)
+
+
+def _term_with_parent() -> None:
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """`stop` for several children at once: all are asked to stop first, so their grace periods overlap."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        stop(proc, grace_s)
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from overfill.config import Settings, as_tuple
 from overfill.errors import OverfillError
-from overfill.processes import start, stop
+from overfill.processes import start, stop_all
 
 ROLES = ("prefill", "decode")
 ROLE_MODE = {"prefill": "full", "decode": "pruned"}  # which model each instance serves
@@ -104,15 +104,14 @@ def serve_disaggregated(config, say) -> None:
                                extra=(*role_args(role, config.kv_path), *config.vllm_args))
             log = logs / f"{role}.log"
             say(f"starting the {role} instance ({model.mode} model, cores {','.join(map(str, bound))}) on port {port}; log {log}")
-            procs.append((start(argv, log, env), log))
+            procs.append((start(argv, log, env, die_with_parent=True), log))
             urls[role] = f"http://127.0.0.1:{port}"
         for (proc, log), role in zip(procs, ROLES):
             wait_healthy(urls[role], proc, log, say)
         run_router(RouterConfig(prefill=(urls["prefill"],), decode=(urls["decode"],), host=config.host, port=config.port,
                                 name=config.name or f"{_base_name(config)}-overfill"), say)
     finally:
-        for proc, _ in procs:
-            stop(proc)
+        stop_all([proc for proc, _ in procs])
 
 
 def _base_name(config) -> str:

@@ -79,7 +79,7 @@ def engine_model(source: ModelSource, mode: str = "overfill", *, name: str | Non
     if mode == "full":
         path = Path(resolve_model(_full_source(source), quiet=True))
     elif mode == "pruned":
-        path = Path(resolve_model(_decoder_folder(source), quiet=True))
+        path = plain_decoder(Path(resolve_model(_decoder_folder(source), quiet=True)))
     else:
         path = export(source)
     check_engine_folder(path, source.trust_remote_code)
@@ -136,6 +136,36 @@ def export(source: ModelSource) -> Path:
     with atomic_folder(target, done_marker=DONE) as tmp:
         write_folder(full_dir, decoder_dir, tmp, tokenizer=tokenizer, full_fingerprint=full_print,
                      decoder_fingerprint=decoder_print)
+    return target
+
+
+def plain_decoder(decoder: Path) -> Path:
+    """The decoder folder as vLLM's own model classes serve it alone (`--mode pruned`, a decode instance).
+
+    Width pruning keeps head_dim and shrinks hidden_size, so head_dim is no longer hidden_size / heads.
+    vLLM 0.32's Llama, Mistral and Qwen3 read head_dim from the config; its Qwen2 derives it, and
+    would build attention of the wrong width. Its Llama with `qkv_bias` is Qwen2's layer exactly (q/k/v
+    biases, none on o_proj, the same weight names), so a pruned Qwen2 decoder is served as that Llama:
+    a folder of its config, rewritten, and its files linked, under $OVERFILL_HOME/vllm/.
+    """
+    config = read_json_object(decoder / "config.json", "re-save the decoder with `overfill prune` or save_pretrained")
+    derived = config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
+    if config.get("model_type") != "qwen2" or config.get("head_dim") in (None, derived):
+        return decoder
+    if config.get("use_sliding_window"):
+        raise OverfillError(f"{decoder}: vLLM serves a pruned Qwen2 decoder as a Llama, which has no Qwen2 sliding window; "
+                            "serve it with the full model (--mode overfill)")
+    target = overfill_home() / "vllm" / f"plain-{_folder_key(decoder, decoder)}"
+    if (target / DONE).is_file():
+        return target
+    check_writable(target, "OVERFILL_HOME", staged_beside=True)
+    with atomic_folder(target, done_marker=DONE) as tmp:
+        for item in decoder.iterdir():
+            if item.name != DONE:
+                os.symlink(item.resolve(), tmp / item.name)
+        view = dict(config, model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False, qkv_bias=True,
+                    mlp_bias=False)
+        (tmp / DONE).write_text(json.dumps(view, indent=1) + "\n")
     return target
 
 
