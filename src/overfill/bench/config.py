@@ -11,6 +11,8 @@ from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS
 from overfill.model_source import ModelSource
 from overfill.modeling import MODES, check_mode
+
+DISAGGREGATED = "disaggregated"  # a load mode: `overfill serve --disaggregated`
 from overfill.precision import check_decoder_dtype
 
 PRESETS = {
@@ -88,7 +90,7 @@ class BenchConfig(ModelSource):
     load_test: bool = False
     """With --engine vllm: also load-test `overfill serve` (--load-modes), concurrent streaming clients for a fixed time."""
     load_modes: tuple[str, ...] = comma_list(("overfill", "full", "pruned"))
-    """Modes served in the load run, one server at a time."""
+    """Modes served in the load run, one server at a time; `disaggregated` adds `overfill serve --disaggregated` (a prefill and a decode instance, cores split, behind the router)."""
     load_clients: tuple[int, ...] | None = None
     """Concurrent streaming clients in the load run: one run per number, against the same servers (preset: 8,32; quick 8)."""
     load_seconds: int | None = None
@@ -155,9 +157,10 @@ class BenchConfig(ModelSource):
             raise OverfillError("--key-batches got nothing: give at least one batch size, e.g. 1,8")
         self.load_modes = as_tuple(self.load_modes)
         if self.load_test and not self.load_modes:
-            raise OverfillError(f"--load-modes got nothing: pick from {', '.join(MODES)}")
+            raise OverfillError(f"--load-modes got nothing: pick from {', '.join((*MODES, DISAGGREGATED))}")
         for mode in self.load_modes:
-            check_mode(mode, "--load-modes")
+            if mode != DISAGGREGATED:
+                check_mode(mode, "--load-modes")
         self.load_clients = tuple(sorted(set(_sweep(self.load_clients, "load_clients"))))
         if not self.load_clients:
             raise OverfillError("--load-clients got nothing: give at least one number of clients, e.g. 8,32")

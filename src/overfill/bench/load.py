@@ -28,11 +28,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
-from overfill.bench.config import BenchConfig
+from overfill.bench.config import DISAGGREGATED, BenchConfig
 from overfill.errors import OverfillError
 from overfill.processes import failure, say, start, stop, wait
-from overfill.vllm import EAGER_STEP_LOG
+from overfill.vllm import EAGER_STEP_LOG, MOVED_LOG
 from overfill.vllm.runtime import child_env
 
 HOST = "127.0.0.1"
@@ -50,7 +51,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_argv(config: BenchConfig, mode: str, port: int, max_model_len: int) -> list[str]:
+def serve_argv(config: BenchConfig, mode: str, port: int, max_model_len: int, logs: Path | None = None) -> list[str]:
     """`overfill serve` for `config`'s models in `mode` on 127.0.0.1:port, served as the offline bench serves it
     (in vLLM's own dtype unless the bench was given --dtype)."""
     argv = [sys.executable, "-m", "overfill", "serve"]
@@ -61,8 +62,11 @@ def serve_argv(config: BenchConfig, mode: str, port: int, max_model_len: int) ->
             argv += [flag, value]
     if config.engine_dtype != "auto":
         argv += ["--dtype", config.engine_dtype]
-    argv += ["--mode", mode, "--host", HOST, "--port", str(port),
-             "--max-model-len", str(max_model_len)]
+    if mode == DISAGGREGATED:
+        argv += ["--disaggregated", "--name", f"overfill-{DISAGGREGATED}", "--logs", str(logs or ".")]
+    else:
+        argv += ["--mode", mode]
+    argv += ["--host", HOST, "--port", str(port), "--max-model-len", str(max_model_len)]
     if config.trust_remote_code:
         argv.append("--trust-remote-code")
     return argv
@@ -121,12 +125,13 @@ def load_ratios(rows: dict[str, dict]) -> list[dict]:
     """OverFill's figures over each plain model's served the same way."""
     found = []
     for other in ("full", "pruned"):
-        if "overfill" not in rows or other not in rows:
-            continue
-        for label, key in LOAD_RATIOS:
-            a, b = rows["overfill"].get(key), rows[other].get(key)
-            if a is not None and b:
-                found.append({"name": f"overfill / {other} {label}", "metric": key, "value": a / b})
+        for mine in ("overfill", DISAGGREGATED):
+            if mine not in rows or other not in rows:
+                continue
+            for label, key in LOAD_RATIOS:
+                a, b = rows[mine].get(key), rows[other].get(key)
+                if a is not None and b:
+                    found.append({"name": f"{mine} / {other} {label}", "metric": key, "value": a / b})
     return found
 
 
@@ -137,7 +142,11 @@ def run_load(config, console, out: Path) -> list[dict]:
 
     by_mode = {}
     for mode in config.load_modes:
-        engine = engine_model(config, mode, dtype=config.engine_dtype)
+        if mode == DISAGGREGATED:  # the router serves the full model's tokenizer under its own name
+            engine = SimpleNamespace(path=engine_model(config, "full", dtype=config.engine_dtype).path,
+                                     name=f"overfill-{DISAGGREGATED}")
+        else:
+            engine = engine_model(config, mode, dtype=config.engine_dtype)
         with console.status(f"load run, {mode}: starting overfill serve") as status:
             by_mode[mode] = _load_one(config, mode, engine, out, lambda text, m=mode: status.update(f"load run, {m}: {text}"))
         for clients, r in zip(config.load_clients, by_mode[mode]):
@@ -168,12 +177,57 @@ def served_dtype(log: Path) -> str | None:
     return found.group(1) if found else None
 
 
+MOVED = re.compile(re.escape(MOVED_LOG).replace("%s", r"(\w+)").replace("%d", r"(\d+)").replace("%\.3f", r"([\d.]+)"))
+
+
+def kv_moved(logs: Path) -> dict | None:
+    """Per prompt moved between the instances: bytes, and milliseconds to store (prefill) and to load (decode), from
+    the connector's running totals in the two instances' logs (logged every few prompts)."""
+    found = {}
+    for role in ("prefill", "decode"):
+        log = logs / f"{role}.log"
+        lines = MOVED.findall(log.read_text(errors="replace")) if log.is_file() else []
+        if lines:
+            _, prompts, size, seconds = lines[-1]
+            found[role] = {"prompts": int(prompts), "bytes_per_prompt": int(size) / int(prompts),
+                           "ms_per_prompt": 1e3 * float(seconds) / int(prompts)}
+    return found or None
+
+
+def resident_mb(pid: int) -> dict:
+    """Resident memory (MB) of a server's process tree, and of each instance under `overfill serve --disaggregated`
+    (RSS summed over processes: pages they share count once per process)."""
+    import psutil
+
+    def tree(process) -> float:
+        total = 0
+        for p in (process, *process.children(recursive=True)):
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total / 2**20
+
+    try:
+        root = psutil.Process(pid)
+        found = {"total": tree(root)}
+        for child in root.children():
+            command = " ".join(child.cmdline())
+            for role in ("prefill", "decode"):
+                if "api_server" in command and f"-{role}" in command:
+                    found[role] = tree(child)
+        return found
+    except psutil.NoSuchProcess:
+        return {}
+
+
 def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
     port = free_port()
     logs = out / "logs"
     server_log = logs / f"serve_{mode}.log"
     max_model_len = load_context(config)
-    server = start(serve_argv(config, mode, port, max_model_len), server_log, child_env())
+    instance_logs = logs / mode  # --disaggregated: its two instances' logs
+    server = start(serve_argv(config, mode, port, max_model_len, instance_logs), server_log, child_env())
     results = []
     try:
         started = time.perf_counter()
@@ -198,9 +252,11 @@ def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
             waves = waves_for(config.load_seconds, probe["duration_s"])
             eager_before = eager_steps(server_log)
             measured = summarize_load(client(clients, clients * waves, "run", seed=2 * i + 1))
+            disaggregated = mode == DISAGGREGATED
             results.append({**measured, "waves": waves, "probe": probe, "server_ready_s": ready_s, "port": port,
-                            "dtype": served_dtype(server_log),
-                            "max_model_len": max_model_len,
+                            "dtype": served_dtype(instance_logs / "prefill.log" if disaggregated else server_log),
+                            "max_model_len": max_model_len, "resident_mb": resident_mb(server.pid),
+                            "kv_moved": kv_moved(instance_logs) if disaggregated else None,
                             "eager_steps": eager_steps(server_log) - eager_before if mode == "overfill" else None})
     finally:
         stop(server)

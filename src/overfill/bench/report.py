@@ -169,6 +169,15 @@ def print_load(console, load: dict) -> None:
                       f"{row['output_tokens_per_s']:.1f}", pair(row, "ttft"), pair(row, "itl"),
                       "?" if tpot is None else f"{tpot:.1f}")
     console.print(table)
+    for mode, row in load["rows"].items():
+        memory = row.get("resident_mb") or {}
+        if memory:
+            parts = "".join(f", {role} instance {memory[role]:.0f}" for role in ("prefill", "decode") if role in memory)
+            console.print(f"resident memory after the run, {mode}: {memory['total']:.0f} MB{parts} (RSS summed over processes)")
+        for role, moved in (row.get("kv_moved") or {}).items():
+            console.print(f"KV moved, {role} instance: {moved['bytes_per_prompt'] / 2**20:.2f} MB and "
+                          f"{moved['ms_per_prompt']:.1f} ms per prompt ({'stored' if role == 'prefill' else 'loaded'}; "
+                          f"{moved['prompts']} prompts so far)")
     eager = load["rows"].get("overfill", {}).get("eager_steps")
     if eager is not None:
         console.print(f"OverFill's steps on the eager route in the measured run: {eager} (a request recomputing prompt "

@@ -22,6 +22,8 @@ COUNT_TOKENS_ENV = "OVERFILL_VLLM_COUNT_TOKENS"
 # How the model logs a step that falls back to the eager route (the bench's load run counts them in the server's log).
 EAGER_STEP_LOG = ("OverFill: a step ran both stages eagerly (a request recomputes prompt and reply tokens in one chunk, "
                   "after preemption); eager steps so far: %d")
+# How the KV connector logs its running totals (the bench's load run reads the last line of each instance's log).
+MOVED_LOG = "OverFill KV %s: %d prompts, %d bytes, %.3f s in all"
 
 
 def register() -> None:

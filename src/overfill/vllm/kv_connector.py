@@ -43,6 +43,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from overfill.vllm import MOVED_LOG
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
@@ -56,6 +58,7 @@ logger = init_logger(__name__)
 STORE = "overfill_store"  # kv_transfer_params: asks the prefill instance to store this prompt's KV
 KEY = "overfill_kv"  # kv_transfer_params: the stored prompt's key (prefill -> router -> decode)
 LAYOUT = "overfill_layout"  # kv_transfer_params: ask for (and receive) the instance's KV layout
+MOVED_EVERY = 16
 
 
 def prompt_digest(token_ids) -> str:
@@ -110,8 +113,9 @@ class OverFillConnector(KVConnectorBase_V1):
         self._requests: dict[str, Request] = {}
         self._stored: dict[str, tuple[str, int]] = {}
         self._to_load: dict[str, tuple[str, int, int]] = {}
-        # Worker side: this step's stores, gathered layer by layer and written once the step is done.
+        # Worker side: this step's stores, gathered layer by layer and written once the step is done; what has moved.
         self._gathered: dict[str, dict[str, torch.Tensor]] = {}
+        self.moved = {"requests": 0, "bytes": 0, "seconds": 0.0}
 
     # ---- scheduler side ----
 
@@ -196,8 +200,10 @@ class OverFillConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         for transfer in (t for t in meta.transfers if not t.store):
+            started = time.perf_counter()
             path = self._path(transfer.key)
             stored = load_file(path)
+            self._count(sum(t.numel() * t.element_size() for t in stored.values()), started)
             for name, layer in forward_context.no_compile_layers.items():
                 cache = getattr(layer, "kv_cache", None)
                 if cache is None:
@@ -207,6 +213,7 @@ class OverFillConnector(KVConnectorBase_V1):
                                        "instances serve models with different layers")
                 cache[transfer.blocks] = stored[name][-len(transfer.blocks):].to(cache.dtype)  # from block start // size
             path.unlink(missing_ok=True)  # loaded once: the store is the request's own
+            self.moved["seconds"] += time.perf_counter() - started
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous: done in start_load_kv
@@ -220,13 +227,25 @@ class OverFillConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         for transfer in (t for t in meta.transfers if t.store):
+            started = time.perf_counter()
             layers = self._gathered.pop(transfer.req_id, {})
             if not layers:
                 continue
+            self._count(sum(t.numel() * t.element_size() for t in layers.values()), started)
             path = self._path(transfer.key)
             partial = path.with_name(path.name + ".partial")
             save_file(layers, str(partial), metadata={"prompt": transfer.digest, "tokens": str(transfer.tokens)})
             os.replace(partial, path)  # whole or absent: a decode instance never reads half a store
+            self.moved["seconds"] += time.perf_counter() - started
+
+    def _count(self, size: int, started: float) -> None:
+        """Counts a request's move; every 16th is logged with the running totals (the bench reads the last line)."""
+        moved = self.moved
+        moved["requests"] += 1
+        moved["bytes"] += size
+        if moved["requests"] % MOVED_EVERY == 0:
+            logger.info(MOVED_LOG, "stored" if self.producer else "loaded", moved["requests"], moved["bytes"],
+                        moved["seconds"] + time.perf_counter() - started)
 
     def _path(self, key: str) -> Path:
         if not key or any(c not in "0123456789abcdef-" for c in key):
