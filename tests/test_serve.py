@@ -3,6 +3,7 @@
 `os.execve` is replaced by a recorder, so these run without starting vLLM (test_vllm.py starts it).
 """
 
+import json
 import socket
 
 import pytest
@@ -77,6 +78,45 @@ def test_full_and_pruned_serve_the_models_own_folders(monkeypatch, capsys, recor
     assert flag(argv, "--model") == str(pair / "dec")
     argv, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--mode", "full", "--name", "big")
     assert flag(argv, "--model") == str(pair / "full") and flag(argv, "--served-model-name") == "big"
+
+
+def test_prefill_and_decode_instances_serve_each_model_with_its_connector_role(monkeypatch, capsys, recorded, pair, tmp_path):
+    kv = tmp_path / "kv"
+    argv, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
+                         "--role", "prefill", "--kv-path", str(kv))
+    transfer = json.loads(flag(argv, "--kv-transfer-config"))
+    assert flag(argv, "--model") == str(pair / "full") and transfer["kv_role"] == "kv_producer"
+    assert transfer["kv_connector_module_path"] == "overfill.vllm.kv_connector" and transfer["kv_connector_extra_config"]["path"] == str(kv)
+    assert "--no-enable-prefix-caching" not in argv  # the prefill instance caches full-model prompt KV only
+    argv, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
+                         "--role", "decode", "--kv-path", str(kv))
+    assert flag(argv, "--model") == str(pair / "dec") and json.loads(flag(argv, "--kv-transfer-config"))["kv_role"] == "kv_consumer"
+    assert "--no-enable-prefix-caching" in argv  # its blocks past a prompt hold the decoder's KV
+    argv, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
+                         "--role", "decode", "--kv-transport", "nixl")
+    transfer = json.loads(flag(argv, "--kv-transfer-config"))
+    assert transfer["kv_connector"] == "OverFillNixlConnector" and not transfer["kv_connector_extra_config"]["enforce_handshake_compat"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--role", "both"), "--role both: pick prefill or decode"),
+    (("--role", "decode", "--disaggregated"), "pick one"),
+    (("--disaggregated", "--mode", "full"), "drop --mode"),
+    (("--role", "decode", "--kv-transport", "rdma"), "--kv-transport rdma"),
+])
+def test_bad_disaggregation_flags_are_one_error_line(monkeypatch, capsys, recorded, pair, args, message):
+    code, _, err = run_cli(monkeypatch, capsys, "serve", "--model", str(pair / "full"), "--decoder", str(pair / "dec"), *args)
+    assert code == 2 and message in err and err.startswith("error:") and not recorded
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--decode", "http://a:1"), "--prefill got nothing"),
+    (("--prefill", "a:1", "--decode", "http://a:1"), "is not a URL"),
+    (("--prefill", "http://a:1", "--decode", "http://a:2", "--policy", "random"), "--policy random"),
+])
+def test_router_flags_are_checked_before_anything_starts(monkeypatch, capsys, args, message):
+    code, _, err = run_cli(monkeypatch, capsys, "router", *args)
+    assert code == 2 and message in err
 
 
 def test_port_in_use_is_one_error_line(monkeypatch, capsys, recorded, pair):

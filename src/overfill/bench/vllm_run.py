@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict
 
 from overfill.atomic import check_writable
-from overfill.bench.config import BenchConfig
+from overfill.bench.config import DISAGGREGATED, BenchConfig
 from overfill.bench.prompts import PromptSource
 from overfill.bench.vllm_timing import prompt_key, time_lanes
 from overfill.errors import OverfillError
@@ -250,7 +250,9 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
 
         max_model_len = max(max_model_len, load_context(config))  # checked now, not after the offline runs
     started = time.perf_counter()
-    served = dict.fromkeys((*(config.modes if config.offline_runs else ()), *(config.load_modes if config.load_test else ()),
+    # --disaggregated serves the plain full model and the decoder: their folders, checked here like the others'.
+    loaded = tuple(m for mode in config.load_modes for m in (("full", "pruned") if mode == DISAGGREGATED else (mode,)))
+    served = dict.fromkeys((*(config.modes if config.offline_runs else ()), *(loaded if config.load_test else ()),
                             *(("overfill",) if config.mixed_step else ()),
                             *(("full", "pruned") if config.speculative_tokens else ())))
     with console.status("building the folders vLLM loads"):

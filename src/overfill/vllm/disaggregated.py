@@ -39,11 +39,19 @@ def default_kv_path() -> str:
     return str(base / "overfill-kv")
 
 
-def role_args(role: str, kv_path: str) -> list[str]:
-    """vLLM server flags of a prefill or decode instance."""
-    config = {"kv_connector": "OverFillConnector", "kv_connector_module_path": "overfill.vllm.kv_connector",
-              "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
-              "kv_connector_extra_config": {"path": kv_path}}
+TRANSPORTS = ("files", "nixl")
+
+
+def role_args(role: str, kv_path: str, transport: str = "files") -> list[str]:
+    """vLLM server flags of a prefill or decode instance: OverFill's file connector (one machine, or a shared file
+    system), or vLLM's NIXL connector with OverFill's decode-side count (nixl_connector.py; across machines)."""
+    kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
+    if transport == "nixl":
+        config = {"kv_connector": "OverFillNixlConnector", "kv_connector_module_path": "overfill.vllm.nixl_connector",
+                  "kv_role": kv_role, "kv_connector_extra_config": {"enforce_handshake_compat": False}}
+    else:
+        config = {"kv_connector": "OverFillConnector", "kv_connector_module_path": "overfill.vllm.kv_connector",
+                  "kv_role": kv_role, "kv_connector_extra_config": {"path": kv_path}}
     args = ["--kv-transfer-config", json.dumps(config)]
     if role == "decode":
         args.append("--no-enable-prefix-caching")
@@ -134,6 +142,8 @@ class RouterConfig(Settings):
     """Model name clients ask for."""
     policy: str = "round-robin"
     """How the next instance of a kind is picked: round-robin or least-loaded (fewest requests in flight)."""
+    transport: str = "files"
+    """How the instances move the prompt's KV, as they were started: files (OverFill's connector) or nixl."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -151,6 +161,8 @@ class RouterConfig(Settings):
 
         if self.policy not in POLICIES:
             raise OverfillError(f"--policy {self.policy}: pick {' or '.join(POLICIES)}")
+        if self.transport not in TRANSPORTS:
+            raise OverfillError(f"--transport {self.transport}: pick {' or '.join(TRANSPORTS)}")
 
 
 def run_router(config: RouterConfig, say=print) -> None:
@@ -161,10 +173,12 @@ def run_router(config: RouterConfig, say=print) -> None:
     from overfill.vllm.serve import check_address
 
     check_address(config.host, config.port)
-    router = Router(list(config.prefill), list(config.decode), name=config.name, policy=config.policy)
+    router = Router(list(config.prefill), list(config.decode), name=config.name, policy=config.policy,
+                    transport_kind=config.transport)
     layout = asyncio.run(_checked(router))
-    say(f"router: {len(config.prefill)} prefill and {len(config.decode)} decode instances share one KV layout "
-        f"({', '.join(f'{k} {v}' for k, v in layout.items())})")
+    shared = (f"share one KV layout ({', '.join(f'{k} {v}' for k, v in layout.items())})" if layout
+              else "answer (NIXL checks their KV layouts at its handshake)")
+    say(f"router: {len(config.prefill)} prefill and {len(config.decode)} decode instances {shared}")
     say(f"  http://{config.host}:{config.port}/v1  (model name '{config.name}')")
     uvicorn.run(make_app(router), host=config.host, port=config.port, log_level="warning")
 

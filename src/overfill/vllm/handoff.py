@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from overfill.vllm.kv_connector import KEY
-
 # What the router sets itself in the prefill request, or must not pass on to the decode instance.
 _FIRST_ONLY = ("max_tokens", "max_completion_tokens", "n", "stream", "stream_options", "kv_transfer_params", "echo")
 
@@ -45,7 +43,7 @@ class FirstToken:
     @property
     def ends_reply(self) -> bool:
         """Token 1 was the last: EOS or a stop string, or a reply of one token."""
-        return self.finish_reason is not None and self.finish_reason != "length" or self.kv is None or KEY not in self.kv
+        return self.finish_reason is not None and self.finish_reason != "length" or not self.kv
 
 
 def max_new(body: dict) -> int | None:

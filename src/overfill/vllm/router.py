@@ -39,6 +39,8 @@ from overfill.vllm.kv_connector import LAYOUT, STORE
 POLICIES = ("round-robin", "least-loaded")
 RETRY_DOWN_S = 2.0  # an instance that did not answer is skipped this long, then tried again
 TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
+NIXL_STORE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None,
+              "remote_host": None, "remote_port": None}  # as vLLM's own disaggregation proxies ask
 
 
 class Unavailable(Exception):
@@ -81,7 +83,7 @@ class Pool:
 
 class Router:
     def __init__(self, prefill: list[str], decode: list[str], *, name: str, policy: str = "round-robin",
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, transport_kind: str = "files"):
         if policy not in POLICIES:
             raise OverfillError(f"--policy {policy}: pick {' or '.join(POLICIES)}")
         self.prefill = Pool("prefill", [Instance(u.rstrip("/")) for u in prefill], policy)
@@ -89,6 +91,8 @@ class Router:
         self.name = name
         self._client: httpx.AsyncClient | None = None
         self._transport = transport  # tests answer for the instances
+        # What the prefill request asks of its connector: OverFill's store, or NIXL's hand-off to a decode instance.
+        self.store_params = {STORE: True} if transport_kind == "files" else NIXL_STORE
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -105,13 +109,16 @@ class Router:
     # ---- start: names and KV layouts ----
 
     async def check(self) -> dict:
-        """Every instance's model name and KV layout; one error if an instance is down or the layouts differ."""
+        """Every instance's model name and KV layout; one error if an instance is down or the layouts differ (with
+        NIXL, names only: its handshake compares the layouts)."""
         layouts = {}
         for pool in (self.prefill, self.decode):
             for instance in pool.instances:
                 try:
                     models = (await self.client.get(f"{instance.url}/v1/models")).json()
                     instance.name = models["data"][0]["id"]
+                    if STORE not in self.store_params:
+                        continue
                     answer = await self.client.post(f"{instance.url}/v1/completions", json={
                         "model": instance.name, "prompt": [0], "max_tokens": 1, "kv_transfer_params": {LAYOUT: True}})
                     layout = (answer.json().get("kv_transfer_params") or {}).get(LAYOUT)
@@ -122,6 +129,8 @@ class Router:
                     raise OverfillError(f"the {pool.kind} instance {instance.url} runs without OverFill's KV connector: "
                                         "start it with `overfill serve --kv-role` (or vLLM's --kv-transfer-config)")
                 layouts[instance.url] = layout
+        if not layouts:
+            return {}
         first_url, first = next(iter(layouts.items()))
         for url, layout in layouts.items():
             if layout != first:
@@ -159,7 +168,7 @@ class Router:
     async def _first(self, payload: dict, offset: int, chat: bool) -> FirstToken:
         request = first_request(payload, offset)
         if max_new(payload) != 1:  # a reply of one token is the prefill instance's alone: nothing to store
-            request["kv_transfer_params"] = {STORE: True}
+            request["kv_transfer_params"] = dict(self.store_params)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         answer = await self._post(self.prefill, path, request)
         return FirstToken.from_answer(answer, chat)

@@ -19,7 +19,7 @@ from overfill.atomic import check_writable
 from overfill.errors import OverfillError, OverfillWarning
 from overfill.model_source import ModelSource
 from overfill.modeling import Mode, check_mode
-from overfill.vllm.disaggregated import ROLE_MODE, ROLES, default_kv_path, role_args, serve_disaggregated
+from overfill.vllm.disaggregated import ROLE_MODE, ROLES, TRANSPORTS, default_kv_path, role_args, serve_disaggregated
 
 
 @dataclass
@@ -46,6 +46,8 @@ class ServeConfig(ModelSource):
     """On this machine: a prefill instance, a decode instance (cores split between them) and the router in front, on --host/--port."""
     kv_path: str | None = None
     """Folder the prompt's KV passes through between the two instances (default: /dev/shm/overfill-kv, shared memory)."""
+    kv_transport: str = "files"
+    """With --role: files (OverFill's connector through --kv-path; one machine or a shared file system) or nixl (vLLM's NIXL connector, across machines; pip install nixl)."""
     prefill_cores: int | None = None
     """With --disaggregated: how many of this machine's cores the prefill instance binds (default: half)."""
     logs: str | None = None
@@ -71,6 +73,10 @@ class ServeConfig(ModelSource):
             raise OverfillError("--role starts one instance, --disaggregated both and the router: pick one")
         if (self.role or self.disaggregated) and self.mode != "overfill":
             raise OverfillError("--role and --disaggregated pick each instance's model themselves: drop --mode")
+        if self.kv_transport not in TRANSPORTS:
+            raise OverfillError(f"--kv-transport {self.kv_transport}: pick {' or '.join(TRANSPORTS)}")
+        if self.disaggregated and self.kv_transport != "files":
+            raise OverfillError("--disaggregated runs both instances on this machine, through files: drop --kv-transport")
         if self.role or self.disaggregated:
             self.kv_path = self.kv_path or default_kv_path()
             check_writable(self.kv_path, "--kv-path")
@@ -123,7 +129,7 @@ def serve(config: ServeConfig, say=print) -> None:
     env = engine_env()
     if api_key:
         env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` would show it
-    roles = role_args(config.role, config.kv_path) if config.role else []
+    roles = role_args(config.role, config.kv_path, config.kv_transport) if config.role else []
     argv = server_argv(model, host=config.host, port=config.port, max_model_len=config.max_model_len,
                        extra=(*roles, *config.vllm_args))
     dtype = "vLLM's default dtype" if model.dtype == "auto" else model.dtype
