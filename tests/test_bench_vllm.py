@@ -442,3 +442,14 @@ def test_health_wait_takes_any_failure_to_answer_as_not_yet(monkeypatch, tmp_pat
     monkeypatch.setattr(bench_load.time, "sleep", lambda seconds: None)
     bench_load._wait_healthy(SimpleNamespace(poll=lambda: None), 8000, tmp_path / "serve.log", lambda text: None)
     assert next(answers, None) is None  # asked until it answered
+
+
+def test_disaggregated_sizing_from_the_mixed_steps_parts():
+    from overfill.bench.report import disaggregated_sizing
+
+    mixed = {"chunk": 256, "decoding": 32, "decodes_alone_forward_ms": 40.0,
+             "routes": {"split": {"full_part_ms": 128.0}}}  # 2,000 prompt tokens/s; 800 tokens/s decoded
+    sizing = disaggregated_sizing(mixed, prompt_len=200, new_tokens=400)
+    assert sizing["prefill_tokens_per_s"] == pytest.approx(2000) and sizing["decode_tokens_per_s"] == pytest.approx(800)
+    assert sizing["prefill_per_decode"] == pytest.approx((200 / 2000) / (400 / 800))  # 0.1 s against 0.5 s a request
+    assert disaggregated_sizing(mixed, prompt_len=200, new_tokens=None) is None

@@ -40,4 +40,4 @@ def run_mixed_step(config, console, out: Path) -> dict:
             result = worker.mixed_step(**settings)
         finally:
             worker.close()
-    return {**result, "engine": engine, "dtype": worker.info.get("dtype")}
+    return {**result, "engine": engine, "dtype": worker.info.get("dtype"), "new_tokens": config.new_tokens}
