@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = init_logger(__name__)
+# Under vLLM's logger, whose handler prints INFO in every vLLM process (a logger outside it prints warnings only).
+logger = init_logger(f"vllm.{__name__}")
 
 STORE = "overfill_store"  # kv_transfer_params: asks the prefill instance to store this prompt's KV
 KEY = "overfill_kv"  # kv_transfer_params: the stored prompt's key (prefill -> router -> decode)
