@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from overfill.vllm import KEY, LAYOUT, LOADED, STORE
 from overfill.vllm.handoff import FirstToken, StopScanner, first_request, join_logprobs, rest_request
-from overfill.vllm.kv_connector import KEY, LAYOUT, STORE
 from overfill.vllm.router import Router, make_app
 
 P, D = "http://prefill:1", "http://decode:2"
@@ -54,6 +54,8 @@ class Instances:
         self.calls = {P: [], D: []}
         self.stores: dict[str, list[int]] = {}
         self.layout = {"layers": 2, "kv_heads": 1, "head_dim": 8, "dtype": "float32", "block_size": 16}
+        self.fail_mid_stream = False
+        self.store = True  # False: a prefill instance without OverFill's connector
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         base = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
@@ -76,7 +78,7 @@ class Instances:
         token = full_next(prompt)
         params = body.get("kv_transfer_params") or {}
         kv = None
-        if STORE in params:
+        if STORE in params and self.store:
             key = f"{len(self.stores):04x}"
             self.stores[key] = prompt
             kv = {KEY: key, "tokens": len(prompt)}
@@ -100,6 +102,10 @@ class Instances:
         key = body["kv_transfer_params"][KEY]
         prompt = body["prompt"]
         assert self.stores.pop(key) == prompt[:-1], "the decode request must carry its own prompt's key"
+        if self.fail_mid_stream:
+            sse = f"data: {json.dumps({'choices': [{'index': 0, 'text': 'x', 'token_ids': [120]}]})}\n\n" \
+                  f"data: {json.dumps({'error': {'message': 'engine died', 'code': 500}})}\n\n"
+            return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
         out, finish, stop = [], "length", None
         stops = body.get("stop") or []
         while len(out) < body["max_tokens"]:
@@ -115,7 +121,8 @@ class Instances:
             logprobs = {"tokens": [chr(t) for t in out], "token_logprobs": [-1.0] * len(out), "top_logprobs": [None] * len(out),
                         "text_offset": list(range(len(out)))} if body.get("logprobs") is not None else None
             return httpx.Response(200, json={"choices": [{"text": text, "token_ids": out, "finish_reason": finish,
-                                                          "stop_reason": stop, "logprobs": logprobs}]})
+                                                          "stop_reason": stop, "logprobs": logprobs}],
+                                             "kv_transfer_params": {LOADED: len(prompt) - 1}})
         lines = []
         for i, token in enumerate(out):
             last = i == len(out) - 1
@@ -135,6 +142,7 @@ def served():
     router = Router([P], [D], name="overfill", transport=httpx.MockTransport(instances))
     asyncio.run(router.check())
     asyncio.run(router.close())
+    instances.calls = {P: [], D: []}  # what clients' requests ask of them, from here on
     with TestClient(make_app(router)) as client:
         yield instances, client
 
@@ -238,6 +246,36 @@ def test_errors_pass_through_and_a_missing_instance_is_a_503_until_it_is_back(se
     assert client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3}).status_code == 200
 
 
+def test_what_two_instances_cannot_serve_as_one_is_refused_and_bad_answers_are_502(served):
+    instances, client = served
+    refused = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hey"}],
+                                                        "response_format": {"type": "json_object"}})
+    assert refused.status_code == 400 and "response_format" in refused.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3, "min_tokens": 2}).status_code == 200
+    instances.store = False  # restarted without the connector: a reply must not silently stop at token 1
+    lost = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
+    assert lost.status_code == 502 and "stored no KV" in lost.json()["error"]["message"]
+    instances.store, instances.fail_mid_stream = True, True
+    streamed = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3, "stream": True})
+    assert events(streamed)[-1]["error"]["message"] == "engine died"  # the failure reaches the client, then the end
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    assert client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3}).status_code == 500
+
+
+def test_a_decode_instance_that_cannot_read_the_store_is_refused_at_start():
+    instances = Instances()
+
+    async def blind(request):  # the decode instance finds no store: it would read every prompt itself
+        if request.url.host == "decode" and KEY in (json.loads(request.content or b"{}").get("kv_transfer_params") or {}):
+            return httpx.Response(200, json={"choices": [{"text": "x", "token_ids": [120], "finish_reason": "length"}]})
+        return await instances(request)
+
+    from overfill.errors import OverfillError
+
+    with pytest.raises(OverfillError, match="cannot load what"):
+        asyncio.run(Router([P], [D], name="overfill", transport=httpx.MockTransport(blind)).check())
+
+
 def test_instances_with_different_kv_layouts_are_refused_at_start():
     instances = Instances()
 
@@ -272,7 +310,20 @@ def test_requests_for_each_instance():
                        kv={KEY: "00ff", "tokens": 2})
     rest = rest_request(body, token, 1, chat=False)
     assert rest["prompt"] == [1, 2, 9] and rest["max_tokens"] == 4 and rest["min_tokens"] == 2 and rest["seed"] == 5
-    assert rest["kv_transfer_params"] == token.kv and rest["logprobs"] == 2 and rest["stream_options"]["include_usage"]
+    assert rest["kv_transfer_params"] == token.kv and rest["logprobs"] == 2 and rest["stream"] is True
+    assert first["min_tokens"] == 1  # vLLM refuses min_tokens > max_tokens: the rest is the decode instance's
     joined = join_logprobs({"tokens": ["a"], "token_logprobs": [-1], "top_logprobs": [None], "text_offset": [0]},
                            [{"tokens": ["b"], "token_logprobs": [-2], "top_logprobs": [None], "text_offset": [0]}], offset=1)
     assert joined["text_offset"] == [0, 1] and joined["tokens"] == ["a", "b"]
+
+
+def test_a_router_key_is_required_of_clients_and_bodies_must_be_json():
+    instances = Instances()
+    router = Router([P], [D], name="overfill", transport=httpx.MockTransport(instances))
+    with TestClient(make_app(router, api_key="sekrit")) as client:
+        assert client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).status_code == 401
+        router.prefill.instances[0].name, router.decode.instances[0].name = "full", "decoder"
+        ok = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}, headers={"Authorization": "Bearer sekrit"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == text_of(expected(tokens("hello"), 2))
+        garbled = client.post("/v1/completions", content=b"{not json", headers={"Authorization": "Bearer sekrit"})
+        assert garbled.status_code == 400

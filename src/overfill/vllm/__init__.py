@@ -22,6 +22,10 @@ COUNT_TOKENS_ENV = "OVERFILL_VLLM_COUNT_TOKENS"
 # How the model logs a step that falls back to the eager route (the bench's load run counts them in the server's log).
 EAGER_STEP_LOG = ("OverFill: a step ran both stages eagerly (a request recomputes prompt and reply tokens in one chunk, "
                   "after preemption); eager steps so far: %d")
+# kv_transfer_params between the router and OverFill's KV connector (kv_connector.py), here so that the router
+# needs no vLLM: ask the prefill instance to store a prompt's KV; the stored prompt's key (prefill -> router ->
+# decode); the positions a decode request loaded (decode -> router); ask for (and receive) an instance's KV layout.
+STORE, KEY, LOADED, LAYOUT = "overfill_store", "overfill_kv", "overfill_loaded", "overfill_layout"
 # How the KV connector logs its running totals (the bench's load run reads the last line of each instance's log).
 MOVED_LOG = "OverFill KV %s: %d prompts, %d bytes, %.3f s in all"
 

@@ -20,11 +20,12 @@ import socket
 import tempfile
 import time
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from overfill.config import Settings, as_tuple
-from overfill.errors import OverfillError
+from overfill.errors import OverfillError, OverfillWarning
 from overfill.processes import start, stop_all
 
 ROLES = ("prefill", "decode")
@@ -36,7 +37,7 @@ def default_kv_path() -> str:
     """Where the prompt's KV waits between the two instances on one machine: shared memory where there is one."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return str(base / "overfill-kv")
+    return str(base / f"overfill-kv-{os.getuid()}")  # this user's (the connector creates it 0700): prompts are private
 
 
 TRANSPORTS = ("files", "nixl")
@@ -92,13 +93,15 @@ def wait_healthy(url: str, proc, log: Path, say) -> None:
 def serve_disaggregated(config, say) -> None:
     """A prefill instance and a decode instance on this machine, then the router on config.host:config.port."""
     from overfill.vllm.export import engine_model
-    from overfill.vllm.runtime import engine_env, server_argv, vllm_version
+    from overfill.vllm.runtime import engine_env, on_cpu, server_argv, vllm_version
+    from overfill.vllm.serve import check_address
 
     vllm_version()
+    check_address(config.host, config.port)  # the router's address, before minutes of starting engines
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    from overfill.vllm.runtime import on_cpu
-
     split = split_cores(cores, config.prefill_cores) if on_cpu() else (cores, cores)
+    # One GPU, two engines: each takes part of its memory unless the user's vLLM flags say otherwise.
+    shared_gpu = () if on_cpu() or "--gpu-memory-utilization" in config.vllm_args else ("--gpu-memory-utilization", "0.45")
     logs = Path(config.logs or tempfile.mkdtemp(prefix="overfill-serve-"))
     logs.mkdir(parents=True, exist_ok=True)
     Path(config.kv_path).mkdir(parents=True, exist_ok=True)
@@ -107,9 +110,11 @@ def serve_disaggregated(config, say) -> None:
         for role, bound in zip(ROLES, split):
             model = engine_model(config, ROLE_MODE[role], name=f"{config.name or 'overfill'}-{role}", dtype=config.engine_dtype)
             port = free_port()
-            env = engine_env({**os.environ, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, bound))})
+            # Loopback only, so no key of their own: the router in front checks the clients' key.
+            env = engine_env({**{k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"},
+                              "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, bound))})
             argv = server_argv(model, host="127.0.0.1", port=port, max_model_len=config.max_model_len,
-                               extra=(*role_args(role, config.kv_path), *config.vllm_args))
+                               extra=(*role_args(role, config.kv_path), *shared_gpu, *config.vllm_args))
             log = logs / f"{role}.log"
             say(f"starting the {role} instance ({model.mode} model, cores {','.join(map(str, bound))}) on port {port}; log {log}")
             procs.append((start(argv, log, env, die_with_parent=True), log))
@@ -117,9 +122,11 @@ def serve_disaggregated(config, say) -> None:
         for (proc, log), role in zip(procs, ROLES):
             wait_healthy(urls[role], proc, log, say)
         run_router(RouterConfig(prefill=(urls["prefill"],), decode=(urls["decode"],), host=config.host, port=config.port,
-                                name=config.name or f"{_base_name(config)}-overfill"), say)
+                                name=config.name or f"{_base_name(config)}-overfill", api_key=config.api_key), say)
     finally:
         stop_all([proc for proc, _ in procs])
+        for store in Path(config.kv_path).glob("*.safetensors*"):  # prompts nobody will load now
+            store.unlink(missing_ok=True)
 
 
 def _base_name(config) -> str:
@@ -144,6 +151,10 @@ class RouterConfig(Settings):
     """How the next instance of a kind is picked: round-robin or least-loaded (fewest requests in flight)."""
     transport: str = "files"
     """How the instances move the prompt's KV, as they were started: files (OverFill's connector) or nixl."""
+    api_key: str | None = None
+    """Require this bearer key of every client (also read from VLLM_API_KEY)."""
+    instance_api_key: str | None = None
+    """The bearer key the instances require, if they were started with one (also read from OVERFILL_INSTANCE_API_KEY)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -170,17 +181,22 @@ def run_router(config: RouterConfig, say=print) -> None:
     import uvicorn
 
     from overfill.vllm.router import Router, make_app
-    from overfill.vllm.serve import check_address
+    from overfill.vllm.serve import _exposed, check_address
 
     check_address(config.host, config.port)
+    api_key = config.api_key or os.environ.get("VLLM_API_KEY")
+    if not api_key and _exposed(config.host):
+        warnings.warn(f"listening on {config.host} without --api-key: anyone who can reach this machine can use the model",
+                      OverfillWarning, stacklevel=2)
     router = Router(list(config.prefill), list(config.decode), name=config.name, policy=config.policy,
-                    transport_kind=config.transport)
+                    transport_kind=config.transport,
+                    instance_api_key=config.instance_api_key or os.environ.get("OVERFILL_INSTANCE_API_KEY"))
     layout = asyncio.run(_checked(router))
     shared = (f"share one KV layout ({', '.join(f'{k} {v}' for k, v in layout.items())})" if layout
               else "answer (NIXL checks their KV layouts at its handshake)")
     say(f"router: {len(config.prefill)} prefill and {len(config.decode)} decode instances {shared}")
     say(f"  http://{config.host}:{config.port}/v1  (model name '{config.name}')")
-    uvicorn.run(make_app(router), host=config.host, port=config.port, log_level="warning")
+    uvicorn.run(make_app(router, api_key=api_key), host=config.host, port=config.port, log_level="warning")
 
 
 async def _checked(router) -> dict:

@@ -30,20 +30,40 @@ class FirstToken:
     stop_reason: str | int | None
     logprobs: object  # completion-style dict, a chat-style {"content": [...]}, or None
     kv: dict | None  # kv_transfer_params: the stored prompt's key
+    last: bool = False  # the client asked for one token
 
     @classmethod
     def from_answer(cls, answer: dict, chat: bool) -> FirstToken:
         choice = answer["choices"][0]
         text = (choice["message"].get("content") or "") if chat else (choice.get("text") or "")
-        return cls(prompt_ids=list(answer.get("prompt_token_ids") or choice.get("prompt_token_ids") or []),
-                   token_id=(choice.get("token_ids") or [None])[0], text=text, finish_reason=choice.get("finish_reason"),
+        prompt_ids = answer.get("prompt_token_ids") or choice.get("prompt_token_ids")
+        if not prompt_ids or not choice.get("token_ids"):
+            raise KeyError("prompt_token_ids or token_ids")
+        return cls(prompt_ids=list(prompt_ids), token_id=choice["token_ids"][0], text=text, finish_reason=choice.get("finish_reason"),
                    stop_reason=choice.get("stop_reason"), logprobs=choice.get("logprobs"),
                    kv=answer.get("kv_transfer_params"))
 
     @property
     def ends_reply(self) -> bool:
         """Token 1 was the last: EOS or a stop string, or a reply of one token."""
-        return self.finish_reason is not None and self.finish_reason != "length" or not self.kv
+        return self.last or self.finish_reason not in (None, "length")
+
+
+# Requests the decode instance cannot continue as one engine would: a grammar or format (it would restart after
+# token 1) and chat's tool calls (the decode instance speaks completions).
+UNSUPPORTED = ("tools", "tool_choice", "functions", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+               "guided_grammar", "guided_decoding_backend")
+
+
+def check_supported(body: dict) -> None:
+    """A ValueError (a 400 for the client) for what the two instances cannot serve as one."""
+    asked = [key for key in UNSUPPORTED if body.get(key) not in (None, [], "none", "auto")]
+    fmt = body.get("response_format")
+    if fmt and (fmt.get("type") if isinstance(fmt, dict) else fmt) not in (None, "text"):
+        asked.append("response_format")
+    if asked:
+        raise ValueError(f"{', '.join(asked)}: not served across prefill and decode instances (the decoder would not "
+                         "continue it after token 1); send it to `overfill serve` without --disaggregated")
 
 
 def max_new(body: dict) -> int | None:
@@ -55,6 +75,8 @@ def first_request(body: dict, seed_offset: int) -> dict:
     """The prefill instance's request for one choice: the client's, one token, not streamed, with token ids."""
     first = {k: v for k, v in body.items() if k not in _FIRST_ONLY}
     first.update(max_tokens=1, n=1, stream=False, return_token_ids=True)
+    if body.get("min_tokens"):
+        first["min_tokens"] = 1  # the rest is the decode instance's (vLLM refuses min_tokens > max_tokens)
     if body.get("seed") is not None:
         first["seed"] = int(body["seed"]) + seed_offset  # choice i of a seeded request: its own, repeatable, stream
     return first
@@ -66,8 +88,8 @@ def rest_request(body: dict, first: FirstToken, seed_offset: int, *, chat: bool)
                                                        "logprobs", "top_logprobs", "add_generation_prompt",
                                                        "chat_template", "chat_template_kwargs", "tools", "tool_choice",
                                                        "max_completion_tokens", "response_format", "user")}
-    rest.update(prompt=first.prompt_ids + [first.token_id], stream=bool(body.get("stream")), n=1,
-                kv_transfer_params=first.kv, return_token_ids=True)
+    rest.update(prompt=first.prompt_ids + [first.token_id], stream=True, n=1, kv_transfer_params=first.kv,
+                return_token_ids=True)
     if (limit := max_new(body)) is not None:
         rest["max_tokens"] = limit - 1
     if body.get("min_tokens"):
@@ -79,8 +101,6 @@ def rest_request(body: dict, first: FirstToken, seed_offset: int, *, chat: bool)
             rest["logprobs"] = int(body.get("top_logprobs") or 0)
     elif body.get("logprobs") is not None:
         rest["logprobs"] = body["logprobs"]
-    if body.get("stream"):
-        rest["stream_options"] = {"include_usage": True}  # the router counts completion tokens across the seam
     return rest
 
 

@@ -42,8 +42,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.logger import init_logger
+from vllm.v1.request import RequestStatus
 
-from overfill.vllm import MOVED_LOG
+from overfill.vllm import KEY, LAYOUT, LOADED, MOVED_LOG, STORE
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -56,9 +57,6 @@ if TYPE_CHECKING:
 # Under vLLM's logger, whose handler prints INFO in every vLLM process (a logger outside it prints warnings only).
 logger = init_logger(f"vllm.{__name__}")
 
-STORE = "overfill_store"  # kv_transfer_params: asks the prefill instance to store this prompt's KV
-KEY = "overfill_kv"  # kv_transfer_params: the stored prompt's key (prefill -> router -> decode)
-LAYOUT = "overfill_layout"  # kv_transfer_params: ask for (and receive) the instance's KV layout
 MOVED_EVERY = 16
 
 
@@ -103,8 +101,11 @@ class OverFillConnector(KVConnectorBase_V1):
         if transfer.kv_role not in ("kv_producer", "kv_consumer"):
             raise ValueError(f"OverFillConnector moves KV one way: kv_role kv_producer (prefill instance) or "
                              f"kv_consumer (decode instance), not {transfer.kv_role}")
+        if vllm_config.parallel_config.world_size > 1:  # each rank holds a shard of heads or layers: one file each, not built
+            raise ValueError("OverFillConnector moves one rank's cache: serve each instance without tensor or pipeline "
+                             "parallelism, or use --kv-transport nixl")
         self.folder = Path(transfer.get_from_extra_config("path", os.path.join(tempfile.gettempdir(), "overfill-kv")))
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         # A store nobody loaded (its client went away between the two instances) is removed after this long.
         self.keep_s = float(transfer.get_from_extra_config("keep_s", 600))
         self._swept = 0.0
@@ -114,27 +115,37 @@ class OverFillConnector(KVConnectorBase_V1):
         self._requests: dict[str, Request] = {}
         self._stored: dict[str, tuple[str, int]] = {}
         self._to_load: dict[str, tuple[str, int, int]] = {}
+        self._loaded: dict[str, int] = {}  # decode side: positions loaded per request, reported when it finishes
         # Worker side: this step's stores, gathered layer by layer and written once the step is done; what has moved.
         self._gathered: dict[str, dict[str, torch.Tensor]] = {}
+        self._load_errors: set[int] = set()
         self.moved = {"requests": 0, "bytes": 0, "seconds": 0.0}
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return True  # a full CUDA graph would replay a step without calling save_kv_layer, and store nothing
 
     # ---- scheduler side ----
 
     def on_new_request(self, request: Request) -> None:
-        self._requests[request.request_id] = request
+        if self.producer:
+            self._requests[request.request_id] = request
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        """Decode instance: the stored prompt positions this request loads (prompt + token 1 in, L positions loaded)."""
+        """Decode instance: the stored prompt positions this request loads (prompt + token 1 in, L positions loaded).
+
+        Anything wrong with the request's key or its file costs that request its load (the decoder then reads the
+        prompt itself, and the instance logs it), never the engine: a client can send any kv_transfer_params."""
         params = request.kv_transfer_params or {}
         if self.producer or KEY not in params:
             return 0, False
         prompt = list(request.prompt_token_ids or [])[:-1]  # the last prompt token is token 1: the decoder computes its KV
-        path = self._path(params[KEY])
         try:
-            with safe_open(path, "pt") as stored:
+            with safe_open(self._path(params[KEY]), "pt") as stored:
                 digest = (stored.metadata() or {}).get("prompt")
-        except (OSError, ValueError):  # not there (or half a file from elsewhere): the prompt is recomputed
-            logger.warning("OverFill: no stored KV for key %s; the decoder recomputes the prompt", params[KEY])
+        except Exception as error:  # no such key or file, a bad key, half a file from elsewhere
+            logger.warning("OverFill: no stored KV for key %r (%s); the decoder reads the prompt itself", params[KEY],
+                           type(error).__name__)
             return 0, False
         if digest != prompt_digest(prompt):
             logger.warning("OverFill: the KV stored under %s is another prompt's; the decoder recomputes the prompt", params[KEY])
@@ -168,27 +179,42 @@ class OverFillConnector(KVConnectorBase_V1):
             if req_id in scheduler_output.num_scheduled_tokens:
                 meta.transfers.append(Transfer(req_id, key, blocks(manager.get_block_ids(req_id)[0], self.block_size, start, end),
                                                store=False, tokens=end - start))
+                self._loaded[req_id] = end - start
                 del self._to_load[req_id]
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
         self._to_load.pop(request.request_id, None)
-        stored = self._stored.pop(request.request_id, None)
-        if stored:
-            self._sweep()
         params = {}
-        if stored:
+        stored = self._stored.pop(request.request_id, None)
+        if stored and request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_ABORTED):
+            self._remove(stored[0])  # token 1 ended the reply (EOS, a stop string) or the client left: no decode follows
+        elif stored:
             params.update({KEY: stored[0], "tokens": stored[1]})
+        if self._sweep_due():
+            self._sweep()
+        loaded = self._loaded.pop(request.request_id, None)
+        if loaded is not None:
+            params[LOADED] = loaded
+            # Removed once the request is done, not once loaded: a request preempted after its load loads it again.
+            self._remove((request.kv_transfer_params or {}).get(KEY, ""))
         if LAYOUT in (request.kv_transfer_params or {}):
             params[LAYOUT] = self.layout
         return False, params or None
 
+    def _remove(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except (ValueError, OSError):
+            pass
+
+    def _sweep_due(self) -> bool:
+        return time.time() - self._swept >= 60
+
     def _sweep(self) -> None:
-        now = time.time()
-        if now - self._swept < 60:
-            return
-        self._swept = now
+        """Removes stores nobody loaded within keep_s (a client gone between the two instances)."""
+        now = self._swept = time.time()
         for path in self.folder.glob("*.safetensors*"):
             try:
                 if now - path.stat().st_mtime > self.keep_s:
@@ -202,19 +228,25 @@ class OverFillConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         for transfer in (t for t in meta.transfers if not t.store):
             started = time.perf_counter()
-            path = self._path(transfer.key)
-            stored = load_file(path)
+            try:
+                stored = load_file(self._path(transfer.key))
+                caches = {name: layer.kv_cache for name, layer in forward_context.no_compile_layers.items()
+                          if getattr(layer, "kv_cache", None) is not None}
+                if missing := sorted(set(caches) - set(stored)):
+                    raise KeyError(f"no layer {missing[0]}: the two instances serve models with different layers")
+                for name, cache in caches.items():  # the stored blocks from block start // size on
+                    cache[transfer.blocks] = stored[name][-len(transfer.blocks):].to(cache.device, cache.dtype)
+            except Exception as error:  # gone meanwhile, garbled, another model's: vLLM's kv_load_failure_policy decides
+                logger.warning("OverFill: loading the KV stored under %s failed (%s: %s)", transfer.key,
+                               type(error).__name__, error)
+                self._load_errors.update(transfer.blocks.tolist())
+                continue
             self._count(sum(t.numel() * t.element_size() for t in stored.values()), started)
-            for name, layer in forward_context.no_compile_layers.items():
-                cache = getattr(layer, "kv_cache", None)
-                if cache is None:
-                    continue
-                if name not in stored:
-                    raise RuntimeError(f"OverFill: the stored KV {path} has no layer {name}: the prefill and decode "
-                                       "instances serve models with different layers")
-                cache[transfer.blocks] = stored[name][-len(transfer.blocks):].to(cache.dtype)  # from block start // size
-            path.unlink(missing_ok=True)  # loaded once: the store is the request's own
             self.moved["seconds"] += time.perf_counter() - started
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous: done in start_load_kv
@@ -222,8 +254,8 @@ class OverFillConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         for transfer in (t for t in meta.transfers if t.store):
-            taken = kv_layer[transfer.blocks]  # [blocks, heads, block_size, content]: vLLM's per-layer view
-            self._gathered.setdefault(transfer.req_id, {})[layer_name] = taken.detach().to("cpu", copy=True)
+            taken = kv_layer[transfer.blocks]  # [blocks, heads, block_size, content]: vLLM's per-layer view; a copy
+            self._gathered.setdefault(transfer.req_id, {})[layer_name] = taken.to("cpu")
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()

@@ -12,6 +12,7 @@ and checking at start that every instance shares one KV layout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -24,9 +25,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from overfill.errors import OverfillError
+from overfill.vllm import LAYOUT, LOADED, STORE
 from overfill.vllm.handoff import (
     FirstToken,
     StopScanner,
+    check_supported,
     completion_to_chat_logprobs,
     first_request,
     join_logprobs,
@@ -34,17 +37,23 @@ from overfill.vllm.handoff import (
     rest_request,
     usage,
 )
-from overfill.vllm.kv_connector import LAYOUT, STORE
 
 POLICIES = ("round-robin", "least-loaded")
 RETRY_DOWN_S = 2.0  # an instance that did not answer is skipped this long, then tried again
-TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
+# A reply may wait in an instance's queue for a while, but not forever: a peer gone without a reset ends here.
+TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=30.0, pool=None)
+LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=256)  # every streaming reply holds one
+NOT_REACHED = (httpx.ConnectError, httpx.ConnectTimeout)
 NIXL_STORE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None,
               "remote_host": None, "remote_port": None}  # as vLLM's own disaggregation proxies ask
 
 
 class Unavailable(Exception):
     """No instance of a kind answers: the client gets a 503."""
+
+
+class BadAnswer(Exception):
+    """An instance answered, but not as OverFill's connector and vLLM do: the client gets a 502."""
 
 
 class Refused(Exception):
@@ -83,7 +92,8 @@ class Pool:
 
 class Router:
     def __init__(self, prefill: list[str], decode: list[str], *, name: str, policy: str = "round-robin",
-                 transport: httpx.AsyncBaseTransport | None = None, transport_kind: str = "files"):
+                 transport: httpx.AsyncBaseTransport | None = None, transport_kind: str = "files",
+                 instance_api_key: str | None = None):
         if policy not in POLICIES:
             raise OverfillError(f"--policy {policy}: pick {' or '.join(POLICIES)}")
         self.prefill = Pool("prefill", [Instance(u.rstrip("/")) for u in prefill], policy)
@@ -91,6 +101,7 @@ class Router:
         self.name = name
         self._client: httpx.AsyncClient | None = None
         self._transport = transport  # tests answer for the instances
+        self.auth = {"Authorization": f"Bearer {instance_api_key}"} if instance_api_key else {}
         # What the prefill request asks of its connector: OverFill's store, or NIXL's hand-off to a decode instance.
         self.store_params = {STORE: True} if transport_kind == "files" else NIXL_STORE
 
@@ -98,7 +109,7 @@ class Router:
     def client(self) -> httpx.AsyncClient:
         """One connection pool per event loop: made in the loop that serves."""
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=TIMEOUT, transport=self._transport)
+            self._client = httpx.AsyncClient(timeout=TIMEOUT, limits=LIMITS, transport=self._transport)
         return self._client
 
     async def close(self) -> None:
@@ -115,11 +126,11 @@ class Router:
         for pool in (self.prefill, self.decode):
             for instance in pool.instances:
                 try:
-                    models = (await self.client.get(f"{instance.url}/v1/models")).json()
+                    models = (await self.client.get(f"{instance.url}/v1/models", headers=self.auth)).json()
                     instance.name = models["data"][0]["id"]
                     if STORE not in self.store_params:
                         continue
-                    answer = await self.client.post(f"{instance.url}/v1/completions", json={
+                    answer = await self.client.post(f"{instance.url}/v1/completions", headers=self.auth, json={
                         "model": instance.name, "prompt": [0], "max_tokens": 1, "kv_transfer_params": {LAYOUT: True}})
                     layout = (answer.json().get("kv_transfer_params") or {}).get(LAYOUT)
                 except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
@@ -137,7 +148,23 @@ class Router:
                 differ = ", ".join(f"{k} {first.get(k)} vs {layout.get(k)}" for k in sorted(first) if first.get(k) != layout.get(k))
                 raise OverfillError(f"{first_url} and {url} keep different KV layouts ({differ}): serve the full model "
                                     "and its decoder in one dtype and block size")
+        await self._round_trip()
         return first
+
+    async def _round_trip(self) -> None:
+        """One prompt through every prefill and decode instance pair: the store must reach each decode instance
+        (a --kv-path it cannot see would leave every prompt to the decoder, silently)."""
+        for prefill in self.prefill.instances:
+            for decode in self.decode.instances:
+                first = FirstToken.from_answer((await self.client.post(f"{prefill.url}/v1/completions", headers=self.auth, json={
+                    "model": prefill.name, "prompt": [0, 1, 2], "max_tokens": 1, "min_tokens": 1,
+                    "kv_transfer_params": dict(self.store_params)})).json(), chat=False)
+                answer = (await self.client.post(f"{decode.url}/v1/completions", headers=self.auth, json={
+                    "model": decode.name, "prompt": first.prompt_ids + [first.token_id], "max_tokens": 1,
+                    "kv_transfer_params": first.kv})).json()
+                if (answer.get("kv_transfer_params") or {}).get(LOADED) != len(first.prompt_ids):
+                    raise OverfillError(f"the decode instance {decode.url} cannot load what {prefill.url} stores: start "
+                                        "both with one --kv-path they can both read (or use --kv-transport nixl)")
 
     # ---- one request ----
 
@@ -145,16 +172,19 @@ class Router:
         if body.get("model") not in (None, self.name):
             return _error(404, f"The model `{body['model']}` does not exist: this router serves `{self.name}`.", "NotFoundError")
         try:
+            check_supported(body)
             jobs = _choices(body, chat)
             firsts = await asyncio.gather(*(self._first(payload, offset, chat) for payload, offset in jobs))
+            prefixes = await asyncio.gather(*(self._echo(payload, first) for (payload, _), first in zip(jobs, firsts))) \
+                if body.get("echo") and not chat else [""] * len(jobs)
         except Refused as refused:
             return Response(refused.body, status_code=refused.status, media_type="application/json")
         except Unavailable as down:
             return _error(503, str(down), "ServiceUnavailableError")
+        except BadAnswer as bad:
+            return _error(502, str(bad), "BadGatewayError")
         except ValueError as bad:
             return _error(400, str(bad), "BadRequestError")
-        prefixes = await asyncio.gather(*(self._echo(payload, first) for (payload, _), first in zip(jobs, firsts))) \
-            if body.get("echo") and not chat else [""] * len(jobs)
         reply = Reply(self, body, chat, jobs, firsts, prefixes)
         if body.get("stream"):
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
@@ -164,6 +194,8 @@ class Router:
             return Response(refused.body, status_code=refused.status, media_type="application/json")
         except Unavailable as down:
             return _error(503, str(down), "ServiceUnavailableError")
+        except BadAnswer as bad:
+            return _error(502, str(bad), "BadGatewayError")
 
     async def _first(self, payload: dict, offset: int, chat: bool) -> FirstToken:
         request = first_request(payload, offset)
@@ -171,7 +203,14 @@ class Router:
             request["kv_transfer_params"] = dict(self.store_params)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         answer = await self._post(self.prefill, path, request)
-        return FirstToken.from_answer(answer, chat)
+        try:
+            first = FirstToken.from_answer(answer, chat)
+            first.last = max_new(payload) == 1
+        except (KeyError, IndexError, TypeError) as error:
+            raise BadAnswer(f"the prefill instance's answer has no {error}: is it vLLM 0.32 or newer?") from None
+        if not first.ends_reply and not first.kv:
+            raise BadAnswer("the prefill instance stored no KV for the prompt: start it with `overfill serve --role prefill`")
+        return first
 
     async def _echo(self, payload: dict, first: FirstToken) -> str:
         """The prompt's text, for echo: the prompt itself, or the prefill instance's reading of its token ids."""
@@ -183,10 +222,13 @@ class Router:
         for instance in pool.candidates():
             instance.in_flight += 1
             try:
-                answer = await self.client.post(instance.url + path, json={**request, "model": instance.name})
-            except httpx.TransportError:
+                answer = await self.client.post(instance.url + path, json={**request, "model": instance.name}, headers=self.auth)
+            except NOT_REACHED:  # never reached the instance: another may take the request
                 instance.down_until = time.monotonic() + RETRY_DOWN_S
                 continue
+            except httpx.TransportError as error:  # reached it, then lost it: retrying could run the request twice
+                instance.down_until = time.monotonic() + RETRY_DOWN_S
+                raise Unavailable(f"the {pool.kind} instance {instance.url} stopped answering ({type(error).__name__})") from None
             finally:
                 instance.in_flight -= 1
             if answer.status_code >= 400:
@@ -200,15 +242,18 @@ class Router:
         for instance in self.decode.candidates():
             instance.in_flight += 1
             try:
-                async with self.client.stream("POST", instance.url + "/v1/completions",
+                async with self.client.stream("POST", instance.url + "/v1/completions", headers=self.auth,
                                               json={**request, "model": instance.name}) as answer:
                     if answer.status_code >= 400:
                         raise Refused(answer.status_code, await answer.aread())
                     async for line in answer.aiter_lines():
                         if line.startswith("data: ") and line != "data: [DONE]":
-                            yield json.loads(line[len("data: "):])
+                            chunk = json.loads(line[len("data: "):])
+                            if "error" in chunk:  # vLLM reports a failure mid-stream as an event
+                                raise Refused(int(chunk["error"].get("code") or 500), json.dumps(chunk).encode())
+                            yield chunk
                     return
-            except httpx.ConnectError:
+            except NOT_REACHED:
                 instance.down_until = time.monotonic() + RETRY_DOWN_S
                 continue
             except httpx.TransportError as error:  # went down mid-reply: nothing to retry on
@@ -271,26 +316,25 @@ class Reply:
         self.completion_tokens += 1
         request = rest_request(payload, first, offset, chat=self.chat)
         shift = len(self.prefixes[index]) + len(first.text)  # the decoder's text offsets start after token 1's text
-        finish, stop = "length", None
-        async for chunk in self.router.stream_rest(request) if request.get("stream") else self._one(request):
-            if chunk.get("usage") and not chunk.get("choices"):
-                continue
-            choice = chunk["choices"][0]
-            self.completion_tokens += len(choice.get("token_ids") or [])
-            final = choice.get("finish_reason") is not None
-            text = scanner.feed(choice.get("text") or "", final=final)
-            if scanner.matched is not None:
-                yield text, _logprobs(choice.get("logprobs"), self.chat, shift), choice.get("token_ids"), "stop", scanner.matched
-                return  # leaving the stream aborts the decode instance's request
-            if final:
-                finish, stop = choice["finish_reason"], choice.get("stop_reason")
-                yield text, _logprobs(choice.get("logprobs"), self.chat, shift), choice.get("token_ids"), finish, stop
-                return
-            yield text, _logprobs(choice.get("logprobs"), self.chat, shift), choice.get("token_ids"), None, None
-
-    async def _one(self, request: dict) -> AsyncIterator[dict]:
-        answer = await self.router._post(self.router.decode, "/v1/completions", request)
-        yield answer
+        # Streamed from the decode instance whatever the client asked: a stop string found here ends its request at once.
+        async with contextlib.aclosing(self.router.stream_rest(request)) as chunks:
+            async for chunk in chunks:
+                if not chunk.get("choices"):
+                    continue  # the usage chunk: tokens are counted from each chunk's ids
+                choice = chunk["choices"][0]
+                self.completion_tokens += len(choice.get("token_ids") or [])
+                final = choice.get("finish_reason") is not None
+                text = scanner.feed(choice.get("text") or "", final=final)
+                logprobs, ids = _logprobs(choice.get("logprobs"), self.chat, shift), choice.get("token_ids")
+                if scanner.matched is not None:
+                    yield text, logprobs, ids, "stop", scanner.matched
+                    return  # closing the stream aborts the decode instance's request
+                if final:
+                    yield text, logprobs, ids, choice["finish_reason"], choice.get("stop_reason")
+                    return
+                yield text, logprobs, ids, None, None
+        # The stream ended without a finish (the instance closed it): what the scanner held back, then the end.
+        yield scanner.feed("", final=True), None, [], "length", None
 
     async def stream(self) -> AsyncIterator[bytes]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -381,8 +425,15 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-def make_app(router: Router) -> FastAPI:
+def make_app(router: Router, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="OverFill router")
+
+    if api_key:
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            if request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {api_key}":
+                return _error(401, "Unauthorized: pass the router's key as `Authorization: Bearer KEY`", "AuthenticationError")
+            return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
@@ -392,12 +443,21 @@ def make_app(router: Router) -> FastAPI:
     async def models() -> dict:
         return {"object": "list", "data": [{"id": router.name, "object": "model", "owned_by": "overfill"}]}
 
+    async def body_of(request: Request) -> dict | Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the request body is not JSON", "BadRequestError")
+        return body if isinstance(body, dict) else _error(400, "the request body is not a JSON object", "BadRequestError")
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await router.handle(await request.json(), chat=False)
+        body = await body_of(request)
+        return body if isinstance(body, Response) else await router.handle(body, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await router.handle(await request.json(), chat=True)
+        body = await body_of(request)
+        return body if isinstance(body, Response) else await router.handle(body, chat=True)
 
     return app
