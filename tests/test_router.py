@@ -92,8 +92,11 @@ class Instances:
             choice["message"] = {"role": "assistant", "content": text_of([token])}
         else:
             choice["text"] = text_of([token])
-        return httpx.Response(200, json={"choices": [choice], "prompt_token_ids": prompt, "kv_transfer_params": kv,
-                                         "usage": {"prompt_tokens": len(prompt), "completion_tokens": 1}})
+        answer = {"choices": [choice], "prompt_token_ids": prompt, "kv_transfer_params": kv,
+                  "usage": {"prompt_tokens": len(prompt), "completion_tokens": 1}}
+        if not body.get("return_token_ids"):  # as vLLM: token ids only when asked for
+            del answer["prompt_token_ids"], choice["token_ids"]
+        return httpx.Response(200, json=answer)
 
     def decode(self, body):
         if LAYOUT in (body.get("kv_transfer_params") or {}):

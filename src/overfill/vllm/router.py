@@ -157,7 +157,7 @@ class Router:
         for prefill in self.prefill.instances:
             for decode in self.decode.instances:
                 first = FirstToken.from_answer((await self.client.post(f"{prefill.url}/v1/completions", headers=self.auth, json={
-                    "model": prefill.name, "prompt": [0, 1, 2], "max_tokens": 1, "min_tokens": 1,
+                    "model": prefill.name, "prompt": [0, 1, 2], "max_tokens": 1, "return_token_ids": True,
                     "kv_transfer_params": dict(self.store_params)})).json(), chat=False)
                 answer = (await self.client.post(f"{decode.url}/v1/completions", headers=self.auth, json={
                     "model": decode.name, "prompt": first.prompt_ids + [first.token_id], "max_tokens": 1,
