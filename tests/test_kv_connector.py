@@ -51,3 +51,23 @@ def test_nixl_decode_side_pulls_the_prompt_and_not_token_1(prompt_len):
     block = 32
     prefill_blocks = -(-prompt_len // block)
     assert -(-ours._get_remote_prefill_token_count(given) // block) == prefill_blocks  # never a block prefill lacks
+
+
+def test_stores_nobody_loads_are_bounded_by_bytes_then_by_age(tmp_path):
+    import os
+    import time
+
+    from overfill.vllm.kv_connector import OverFillConnector
+
+    connector = OverFillConnector.__new__(OverFillConnector)  # the sweep alone, on a folder of stores
+    connector.folder, connector.keep_bytes, connector.keep_s, connector._swept = tmp_path, 2500, 600.0, 0.0
+    now = time.time()
+    for i in range(4):  # 1,000 bytes each, oldest first
+        path = tmp_path / f"{i:04x}.safetensors"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (now - 100 + i, now - 100 + i))
+    connector._sweep(by_age=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0002.safetensors", "0003.safetensors"]  # the newest 2,000 bytes
+    os.utime(tmp_path / "0002.safetensors", (now - 700, now - 700))
+    connector._sweep(by_age=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["0003.safetensors"]  # past keep_s

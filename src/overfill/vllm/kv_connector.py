@@ -106,8 +106,10 @@ class OverFillConnector(KVConnectorBase_V1):
                              "parallelism, or use --kv-transport nixl")
         self.folder = Path(transfer.get_from_extra_config("path", os.path.join(tempfile.gettempdir(), "overfill-kv")))
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # A store nobody loaded (its client went away between the two instances) is removed after this long.
+        # Stores nobody loaded (a client gone, a decode instance down) are removed after keep_s, and the oldest
+        # beyond keep_mb at once: in shared memory they are RAM.
         self.keep_s = float(transfer.get_from_extra_config("keep_s", 600))
+        self.keep_bytes = int(float(transfer.get_from_extra_config("keep_mb", 1024)) * 2**20)
         self._swept = 0.0
         self.block_size = vllm_config.cache_config.block_size
         self.layout = kv_layout(vllm_config)
@@ -192,8 +194,8 @@ class OverFillConnector(KVConnectorBase_V1):
             self._remove(stored[0])  # token 1 ended the reply (EOS, a stop string) or the client left: no decode follows
         elif stored:
             params.update({KEY: stored[0], "tokens": stored[1]})
-        if self._sweep_due():
-            self._sweep()
+        if stored:
+            self._sweep(by_age=self._sweep_due())
         loaded = self._loaded.pop(request.request_id, None)
         if loaded is not None:
             params[LOADED] = loaded
@@ -212,15 +214,24 @@ class OverFillConnector(KVConnectorBase_V1):
     def _sweep_due(self) -> bool:
         return time.time() - self._swept >= 60
 
-    def _sweep(self) -> None:
-        """Removes stores nobody loaded within keep_s (a client gone between the two instances)."""
-        now = self._swept = time.time()
-        for path in self.folder.glob("*.safetensors*"):
+    def _sweep(self, by_age: bool) -> None:
+        """Removes the oldest stores beyond keep_mb, and (every minute) those older than keep_s."""
+        now = time.time()
+        if by_age:
+            self._swept = now
+        stores = []
+        for entry in os.scandir(self.folder):
             try:
-                if now - path.stat().st_mtime > self.keep_s:
-                    path.unlink()
+                info = entry.stat()
             except FileNotFoundError:  # loaded (and removed) meanwhile
-                pass
+                continue
+            stores.append((info.st_mtime, info.st_size, entry.path))
+        total = sum(size for _, size, _ in stores)
+        for mtime, size, path in sorted(stores):
+            if total <= self.keep_bytes and not (by_age and now - mtime > self.keep_s):
+                continue
+            Path(path).unlink(missing_ok=True)
+            total -= size
 
     # ---- worker side ----
 

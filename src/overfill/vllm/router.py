@@ -81,6 +81,10 @@ class Pool:
     policy: str = "round-robin"
     _turn: itertools.count = field(default_factory=itertools.count)
 
+    def all_down(self) -> bool:
+        now = time.monotonic()
+        return all(i.down_until > now for i in self.instances)
+
     def candidates(self) -> list[Instance]:
         now = time.monotonic()
         up = [i for i in self.instances if i.down_until <= now] or list(self.instances)  # all down: try them anyway
@@ -171,6 +175,9 @@ class Router:
     async def handle(self, body: dict, chat: bool) -> Response:
         if body.get("model") not in (None, self.name):
             return _error(404, f"The model `{body['model']}` does not exist: this router serves `{self.name}`.", "NotFoundError")
+        if self.decode.all_down() and max_new(body) != 1:  # no prompt read (and stored) for a reply nobody can finish
+            return _error(503, f"no decode instance answers ({', '.join(i.url for i in self.decode.instances)}): the "
+                          "router serves again as soon as one is up", "ServiceUnavailableError")
         try:
             check_supported(body)
             jobs = _choices(body, chat)
