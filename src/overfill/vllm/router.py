@@ -184,12 +184,8 @@ class Router:
             firsts = await asyncio.gather(*(self._first(payload, offset, chat) for payload, offset in jobs))
             prefixes = await asyncio.gather(*(self._echo(payload, first) for (payload, _), first in zip(jobs, firsts))) \
                 if body.get("echo") and not chat else [""] * len(jobs)
-        except Refused as refused:
-            return Response(refused.body, status_code=refused.status, media_type="application/json")
-        except Unavailable as down:
-            return _error(503, str(down), "ServiceUnavailableError")
-        except BadAnswer as bad:
-            return _error(502, str(bad), "BadGatewayError")
+        except (Refused, Unavailable, BadAnswer) as failure:
+            return _failed(failure)
         except ValueError as bad:
             return _error(400, str(bad), "BadRequestError")
         reply = Reply(self, body, chat, jobs, firsts, prefixes)
@@ -197,12 +193,8 @@ class Router:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
         try:
             return JSONResponse(await reply.whole())
-        except Refused as refused:
-            return Response(refused.body, status_code=refused.status, media_type="application/json")
-        except Unavailable as down:
-            return _error(503, str(down), "ServiceUnavailableError")
-        except BadAnswer as bad:
-            return _error(502, str(bad), "BadGatewayError")
+        except (Refused, Unavailable, BadAnswer) as failure:
+            return _failed(failure)
 
     async def _first(self, payload: dict, offset: int, chat: bool) -> FirstToken:
         request = first_request(payload, offset)
@@ -426,6 +418,15 @@ def _refusal(refused: Refused) -> dict:
         return json.loads(refused.body).get("error") or {"message": refused.body.decode(errors="replace"), "code": refused.status}
     except ValueError:
         return {"message": refused.body.decode(errors="replace"), "code": refused.status}
+
+
+def _failed(failure: Exception) -> Response:
+    """The client's answer when an instance refused, was missing, or answered unlike vLLM."""
+    if isinstance(failure, Refused):  # the instance's own error, as it gave it
+        return Response(failure.body, status_code=failure.status, media_type="application/json")
+    if isinstance(failure, Unavailable):
+        return _error(503, str(failure), "ServiceUnavailableError")
+    return _error(502, str(failure), "BadGatewayError")
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
