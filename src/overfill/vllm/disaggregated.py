@@ -27,6 +27,7 @@ from pathlib import Path
 from overfill.config import Settings, as_tuple
 from overfill.errors import OverfillError, OverfillWarning
 from overfill.processes import start, stop_all
+from overfill.vllm.listen import check_address, exposed
 
 ROLES = ("prefill", "decode")
 ROLE_MODE = {"prefill": "full", "decode": "pruned"}  # which model each instance serves
@@ -94,7 +95,6 @@ def serve_disaggregated(config, say) -> None:
     """A prefill instance and a decode instance on this machine, then the router on config.host:config.port."""
     from overfill.vllm.export import engine_model
     from overfill.vllm.runtime import engine_env, on_cpu, server_argv, vllm_version
-    from overfill.vllm.serve import check_address
 
     vllm_version()
     check_address(config.host, config.port)  # the router's address, before minutes of starting engines
@@ -181,11 +181,10 @@ def run_router(config: RouterConfig, say=print) -> None:
     import uvicorn
 
     from overfill.vllm.router import Router, make_app
-    from overfill.vllm.serve import _exposed, check_address
 
     check_address(config.host, config.port)
     api_key = config.api_key or os.environ.get("VLLM_API_KEY")
-    if not api_key and _exposed(config.host):
+    if not api_key and exposed(config.host):
         warnings.warn(f"listening on {config.host} without --api-key: anyone who can reach this machine can use the model",
                       OverfillWarning, stacklevel=2)
     router = Router(list(config.prefill), list(config.decode), name=config.name, policy=config.policy,

@@ -8,10 +8,7 @@ vLLM's server (`exec`): /v1/chat/completions and /v1/completions with streaming,
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +17,7 @@ from overfill.errors import OverfillError, OverfillWarning
 from overfill.model_source import ModelSource
 from overfill.modeling import Mode, check_mode
 from overfill.vllm.disaggregated import ROLE_MODE, ROLES, TRANSPORTS, default_kv_path, role_args, serve_disaggregated
+from overfill.vllm.listen import check_address, exposed
 
 
 @dataclass
@@ -82,32 +80,6 @@ class ServeConfig(ModelSource):
             check_writable(self.kv_path, "--kv-path")
 
 
-def check_address(host: str, port: int) -> None:
-    """Refuse an address the server could not listen on, before minutes of loading: one error line."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        raise OverfillError(f"--host {host} is not an address of this machine: pass e.g. 127.0.0.1 or 0.0.0.0") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind(address)
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise OverfillError(f"port {port} on {host} is in use: pick another --port (or stop the other server)") from None
-            if error.errno == errno.EACCES:
-                raise OverfillError(f"no permission to listen on port {port}: pick a port above 1023") from None
-            raise OverfillError(f"cannot listen on {host}:{port} ({error.strerror}): pick another --host or --port") from None
-
-
-def _exposed(host: str) -> bool:
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host != "localhost"
-
-
 def serve(config: ServeConfig, say=print) -> None:
     """Build the folder, then replace this process with vLLM's OpenAI server (returns only with export_only)."""
     from overfill.vllm.export import engine_model
@@ -122,7 +94,7 @@ def serve(config: ServeConfig, say=print) -> None:
     version = vllm_version()
     check_address(config.host, config.port)
     api_key = config.api_key or os.environ.get("VLLM_API_KEY")
-    if _exposed(config.host) and not api_key:
+    if exposed(config.host) and not api_key:
         warnings.warn(f"listening on {config.host} without --api-key: anyone who can reach this machine can use the model",
                       OverfillWarning, stacklevel=2)
     model = engine_model(config, mode, name=config.name, dtype=config.engine_dtype)
