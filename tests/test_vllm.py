@@ -927,6 +927,7 @@ def server_boot(pair, home, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update(OVERFILL_HOME=str(home), HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
     argv = [sys.executable, "-m", "overfill", "serve", "--model", str(pair.full), "--decoder", str(pair.pruned),
+            "--dtype", "float32",  # our loop's dtype on a CPU (the server's own default is vLLM's, bfloat16 here)
             "--port", str(port), "--api-key", API_KEY, "--max-model-len", "256",
             # vLLM's own flags, passed through: cached-token counts in `usage`, cache blocks a short chat fills
             "--", "--max-num-seqs", "4", "--enable-prompt-tokens-details", "--block-size", "32"]

@@ -222,7 +222,7 @@ def print_mixed_step(console, mixed: dict) -> None:
                       f"{split['decoder_part_ms']:.1f} ms, full stage on the {mixed['chunk']}-token chunk "
                       f"{split['full_part_ms']:.1f} ms; the decodes alone (before the chunk arrives) "
                       f"{mixed['decodes_alone_forward_ms']:.1f} ms a forward")
-        sizing = disaggregated_sizing(mixed, prompt_len=mixed["prompt_len"], new_tokens=mixed.get("new_tokens"))
+        sizing = disaggregated_sizing(mixed, prompt_len=mixed.get("prompt_len"), new_tokens=mixed.get("new_tokens"))
         if sizing:
             console.print(f"sizing, prefill and decode on separate instances of equal cores: the full model reads "
                           f"{sizing['prefill_tokens_per_s']:.0f} prompt tokens/s, the decoder writes "
@@ -236,7 +236,7 @@ def disaggregated_sizing(mixed: dict, *, prompt_len: int, new_tokens: int | None
     model's prompt throughput (its chunk) and the decoder's decode throughput (its decoding batch). Per request a
     prefill instance spends prompt_len / prefill rate, a decode instance new_tokens / decode rate (at that batch)."""
     split = mixed["routes"]["split"]
-    if not new_tokens or "full_part_ms" not in split:
+    if not new_tokens or not prompt_len or "full_part_ms" not in split:
         return None
     prefill = mixed["chunk"] / (split["full_part_ms"] / 1e3)
     decode = mixed["decoding"] / (mixed["decodes_alone_forward_ms"] / 1e3)
