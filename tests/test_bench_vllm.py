@@ -438,9 +438,12 @@ def test_health_wait_takes_any_failure_to_answer_as_not_yet(monkeypatch, tmp_pat
             raise answer
         return contextlib.nullcontext(answer)
 
-    monkeypatch.setattr(bench_load.urllib.request, "urlopen", urlopen)
-    monkeypatch.setattr(bench_load.time, "sleep", lambda seconds: None)
-    bench_load._wait_healthy(SimpleNamespace(poll=lambda: None), 8000, tmp_path / "serve.log", lambda text: None)
+    from overfill.vllm import listen  # the wait the load run and `serve --disaggregated` share
+
+    monkeypatch.setattr(listen.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(listen.time, "sleep", lambda seconds: None)
+    listen.wait_healthy("http://127.0.0.1:8000", SimpleNamespace(poll=lambda: None), tmp_path / "serve.log",
+                        "overfill serve", lambda text: None)
     assert next(answers, None) is None  # asked until it answered
 
 

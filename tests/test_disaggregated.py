@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 from overfill.generation import GenerationConfig, generate_ids
 from overfill.model_source import ModelSource
 from overfill.prune import PruneConfig, prune_model, save_pruned
+from overfill.vllm.listen import free_port
 from tiny import VOCAB, tiny_model, tiny_tokenizer
 
 BLOCK = 32  # the instances' cache block size (vLLM on a CPU: a multiple of 32): prompts of 32 and 96 tokens fill whole blocks
@@ -69,12 +69,6 @@ def our_loop(full: Path, decoder: Path, ids: list[int], n: int) -> list[int]:
     steps = generate_ids(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
                          GenerationConfig(mode="overfill", max_new_tokens=n), eos_ids=set(), pad_id=0)
     return [int(step.tokens[0]) for step in steps]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(base: str, path: str, body: dict, timeout: float = 120) -> tuple[int, dict | str]:

@@ -19,14 +19,11 @@ measured run). All traffic goes to 127.0.0.1; request count and time are bounded
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import re
-import socket
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,21 +31,15 @@ from overfill.bench.config import DISAGGREGATED, BenchConfig
 from overfill.errors import OverfillError
 from overfill.processes import failure, say, start, stop, wait
 from overfill.vllm import EAGER_STEP_LOG, MOVED_LOG
+from overfill.vllm.listen import free_port, wait_healthy
 from overfill.vllm.runtime import child_env
 
 HOST = "127.0.0.1"
 MAX_WAVES = 50  # bounds the request count whatever the probe measured
-HEALTH_TIMEOUT_S = 900  # engine start: ~25 s on an idle 2-core CPU, minutes on a busy one
 PERCENTILES = "50,99"
 METRICS = ("ttft", "tpot", "itl", "e2el")
 LOAD_RATIOS = (("output tok/s", "output_tokens_per_s"), ("TTFT p50", "ttft_p50_ms"), ("ITL p50", "itl_p50_ms"),
                ("ITL p99", "itl_p99_ms"))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def serve_argv(config: BenchConfig, mode: str, port: int, max_model_len: int, logs: Path | None = None) -> list[str]:
@@ -231,7 +222,7 @@ def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
     results = []
     try:
         started = time.perf_counter()
-        _wait_healthy(server, port, server_log, report)
+        wait_healthy(f"http://{HOST}:{port}", server, server_log, "overfill serve", report)
         ready_s = time.perf_counter() - started
 
         def client(clients: int, requests: int, name: str, seed: int) -> dict:
@@ -261,22 +252,6 @@ def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
     finally:
         stop(server)
     return results
-
-
-def _wait_healthy(server, port: int, log: Path, report) -> None:
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise failure("overfill serve", server.returncode, log)
-        try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except (OSError, http.client.HTTPException):  # no answer yet, however it fails (refused, reset, timed out, a garbled reply)
-            pass
-        report("waiting for /health")
-        time.sleep(2.0)
-    raise OverfillError(f"overfill serve did not answer /health within {HEALTH_TIMEOUT_S} s; its log is {log}")
 
 
 def _client_main(argv: list[str]) -> None:

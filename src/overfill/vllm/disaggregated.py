@@ -16,10 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import tempfile
-import time
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +24,10 @@ from pathlib import Path
 from overfill.config import Settings, as_tuple
 from overfill.errors import OverfillError, OverfillWarning
 from overfill.processes import start, stop_all
-from overfill.vllm.listen import check_address, exposed
+from overfill.vllm.listen import check_address, exposed, free_port, wait_healthy
 
 ROLES = ("prefill", "decode")
 ROLE_MODE = {"prefill": "full", "decode": "pruned"}  # which model each instance serves
-HEALTH_TIMEOUT_S = 900.0
 
 
 def default_kv_path() -> str:
@@ -70,27 +66,6 @@ def split_cores(cores: list[int], prefill: int | None) -> tuple[list[int], list[
     return cores[:count], cores[count:]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc, log: Path, say) -> None:
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise OverfillError(f"the instance at {url} exited with code {proc.returncode} while starting: see {log}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2.0)
-    raise OverfillError(f"the instance at {url} did not answer /health within {HEALTH_TIMEOUT_S:.0f} s: see {log}")
-
-
 def serve_disaggregated(config, say) -> None:
     """A prefill instance and a decode instance on this machine, then the router on config.host:config.port."""
     from overfill.vllm.export import engine_model
@@ -120,7 +95,7 @@ def serve_disaggregated(config, say) -> None:
             procs.append((start(argv, log, env, die_with_parent=True), log))
             urls[role] = f"http://127.0.0.1:{port}"
         for (proc, log), role in zip(procs, ROLES):
-            wait_healthy(urls[role], proc, log, say)
+            wait_healthy(urls[role], proc, log, f"the {role} instance")
         run_router(RouterConfig(prefill=(urls["prefill"],), decode=(urls["decode"],), host=config.host, port=config.port,
                                 name=config.name or f"{_base_name(config)}-overfill", api_key=config.api_key), say)
     finally:

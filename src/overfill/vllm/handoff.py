@@ -7,13 +7,31 @@ from prompt + that token. A client must not see the seam, so this module:
     echo and seeds counted across the seam, the decode instance always given token ids;
   * finds stop strings that neither instance sees whole, one that begins in token 1's text and ends
     in the decoder's (`StopScanner`, which also holds back text that may yet start one, as vLLM does);
-  * joins logprobs and usage, and turns the decode instance's completion chunks into chat chunks.
-No I/O here: router.py does the HTTP.
+  * joins logprobs and usage, and turns the decode instance's completion logprobs into chat ones;
+  * names the ways an instance can fail a reply (Unavailable, Refused, BadAnswer).
+No I/O here: router.py does the HTTP, reply.py assembles the client's reply.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+class Unavailable(Exception):
+    """No instance of a kind answers: the client gets a 503."""
+
+
+class BadAnswer(Exception):
+    """An instance answered, but not as OverFill's connector and vLLM do: the client gets a 502."""
+
+
+class Refused(Exception):
+    """An instance answered with an error status: the client gets it as it was."""
+
+    def __init__(self, status: int, body: bytes):
+        super().__init__(status)
+        self.status, self.body = status, body
+
 
 # What the router sets itself in the prefill request, or must not pass on to the decode instance.
 _FIRST_ONLY = ("max_tokens", "max_completion_tokens", "n", "stream", "stream_options", "kv_transfer_params", "echo")

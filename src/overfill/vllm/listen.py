@@ -1,12 +1,20 @@
-"""Where a server listens: an address checked before minutes of loading, and whether it reaches past this machine."""
+"""Where a server listens: an address checked before minutes of loading, whether it reaches past this machine,
+a free port for a child server, and waiting until that child answers /health."""
 
 from __future__ import annotations
 
 import errno
+import http.client
 import ipaddress
 import socket
+import time
+import urllib.request
+from pathlib import Path
 
 from overfill.errors import OverfillError
+from overfill.processes import failure
+
+HEALTH_TIMEOUT_S = 900  # engine start: ~25 s on an idle 2-core CPU, minutes on a busy one
 
 
 def check_address(host: str, port: int) -> None:
@@ -33,3 +41,28 @@ def exposed(host: str) -> bool:
         return not ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host != "localhost"
+
+
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on now (for a child server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc, log: Path, what: str, report=None) -> None:
+    """Until the child server `proc` answers 200 on url/health: one error line if it exits or never answers."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise failure(what, proc.returncode, log)
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (OSError, http.client.HTTPException):  # no answer yet, however it fails (refused, reset, timed out, garbled)
+            pass
+        if report:
+            report("waiting for /health")
+        time.sleep(2.0)
+    raise OverfillError(f"{what} did not answer /health within {HEALTH_TIMEOUT_S} s; its log is {log}")

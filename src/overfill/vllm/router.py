@@ -3,8 +3,8 @@
 Per choice of a request: the prefill instance reads the prompt and answers token 1 (the full model's
 head) with the key of the prompt's stored KV; the router streams that token at once and asks a
 decode instance to go on from prompt + token 1, which loads the prompt's KV (kv_connector.py) and
-decodes with the decoder. handoff.py shapes both requests and joins the answers; this module does
-the HTTP: picking instances (round robin or least loaded), passing a 4xx through as the instance
+decodes with the decoder. handoff.py shapes both requests, reply.py joins the answers into the
+client's reply; this module does the HTTP: picking instances (round robin or least loaded), passing a 4xx through as the instance
 gave it, answering 503 while no instance of a kind is up (and serving again once one is back),
 and checking at start that every instance shares one KV layout.
 """
@@ -12,11 +12,9 @@ and checking at start that every instance shares one KV layout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -26,17 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from overfill.errors import OverfillError
 from overfill.vllm import LAYOUT, LOADED, STORE
-from overfill.vllm.handoff import (
-    FirstToken,
-    StopScanner,
-    check_supported,
-    completion_to_chat_logprobs,
-    first_request,
-    join_logprobs,
-    max_new,
-    rest_request,
-    usage,
-)
+from overfill.vllm.handoff import BadAnswer, FirstToken, Refused, Unavailable, check_supported, first_request, max_new
+from overfill.vllm.reply import Reply
 
 POLICIES = ("round-robin", "least-loaded")
 RETRY_DOWN_S = 2.0  # an instance that did not answer is skipped this long, then tried again
@@ -46,22 +35,6 @@ LIMITS = httpx.Limits(max_connections=4096, max_keepalive_connections=256)  # ev
 NOT_REACHED = (httpx.ConnectError, httpx.ConnectTimeout)
 NIXL_STORE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None,
               "remote_host": None, "remote_port": None}  # as vLLM's own disaggregation proxies ask
-
-
-class Unavailable(Exception):
-    """No instance of a kind answers: the client gets a 503."""
-
-
-class BadAnswer(Exception):
-    """An instance answered, but not as OverFill's connector and vLLM do: the client gets a 502."""
-
-
-class Refused(Exception):
-    """An instance answered with an error status: the client gets it as it was."""
-
-    def __init__(self, status: int, body: bytes):
-        super().__init__(status)
-        self.status, self.body = status, body
 
 
 @dataclass
@@ -188,7 +161,7 @@ class Router:
             return _failed(failure)
         except ValueError as bad:
             return _error(400, str(bad), "BadRequestError")
-        reply = Reply(self, body, chat, jobs, firsts, prefixes)
+        reply = Reply(self.stream_rest, body, chat, jobs, firsts, prefixes, model=body.get("model") or self.name)
         if body.get("stream"):
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
         try:
@@ -274,150 +247,6 @@ def _choices(body: dict, chat: bool) -> list[tuple[dict, int]]:
     prompt = body.get("prompt")
     batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
     return [({**body, "prompt": p}, j) for p in batch for j in range(n)]
-
-
-class Reply:
-    """One client reply: token 1 of every choice, then each choice's decode stream, joined."""
-
-    def __init__(self, router: Router, body: dict, chat: bool, jobs: list, firsts: list[FirstToken], prefixes: list[str]):
-        self.router, self.body, self.chat, self.jobs, self.firsts = router, body, chat, jobs, firsts
-        self.prefixes = prefixes  # each choice's prompt text, with echo
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = body.get("model") or router.name
-        self.prompt_tokens = sum(len(f.prompt_ids) for (payload, j), f in zip(jobs, firsts) if j == 0)
-        self.completion_tokens = 0
-
-    def _chunk(self, index: int, text: str, *, logprobs=None, finish: str | None = None, stop=None,
-               token_ids=None, first: bool = False) -> dict:
-        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
-        if self.chat:
-            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
-        else:
-            choice["text"] = text
-        if token_ids is not None and self.body.get("return_token_ids"):
-            choice["token_ids"] = token_ids
-        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice]}
-
-    async def _rest(self, index: int) -> AsyncIterator[tuple[str, object, list[int], str | None, object]]:
-        """(text, logprobs, token ids, finish, stop) pieces of choice `index` after token 1, stop strings across the seam applied."""
-        payload, offset = self.jobs[index]
-        first = self.firsts[index]
-        scanner = StopScanner.of(self.body)
-        head = scanner.feed(first.text, final=first.ends_reply)
-        logprobs = first.logprobs
-        if first.ends_reply:
-            self.completion_tokens += 1
-            yield head, logprobs, [first.token_id], first.finish_reason, first.stop_reason
-            return
-        yield head, logprobs, [first.token_id], None, None
-        self.completion_tokens += 1
-        request = rest_request(payload, first, offset, chat=self.chat)
-        shift = len(self.prefixes[index]) + len(first.text)  # the decoder's text offsets start after token 1's text
-        # Streamed from the decode instance whatever the client asked: a stop string found here ends its request at once.
-        async with contextlib.aclosing(self.router.stream_rest(request)) as chunks:
-            async for chunk in chunks:
-                if not chunk.get("choices"):
-                    continue  # the usage chunk: tokens are counted from each chunk's ids
-                choice = chunk["choices"][0]
-                self.completion_tokens += len(choice.get("token_ids") or [])
-                final = choice.get("finish_reason") is not None
-                text = scanner.feed(choice.get("text") or "", final=final)
-                logprobs, ids = _logprobs(choice.get("logprobs"), self.chat, shift), choice.get("token_ids")
-                if scanner.matched is not None:
-                    yield text, logprobs, ids, "stop", scanner.matched
-                    return  # closing the stream aborts the decode instance's request
-                if final:
-                    yield text, logprobs, ids, choice["finish_reason"], choice.get("stop_reason")
-                    return
-                yield text, logprobs, ids, None, None
-        # The stream ended without a finish (the instance closed it): what the scanner held back, then the end.
-        yield scanner.feed("", final=True), None, [], "length", None
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int) -> None:
-            firsts = True
-            try:
-                async for text, logprobs, ids, finish, stop in self._rest(index):
-                    text = self.prefixes[index] + text if firsts else text
-                    await queue.put(self._chunk(index, text, logprobs=logprobs, finish=finish, stop=stop, token_ids=ids,
-                                                first=firsts))
-                    firsts = False
-            except Refused as refused:
-                await queue.put({"error": _refusal(refused)})
-            except Unavailable as down:
-                await queue.put({"error": {"message": str(down), "type": "ServiceUnavailableError", "code": 503}})
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.jobs))]
-        try:
-            open_choices = len(tasks)
-            while open_choices:
-                item = await queue.get()
-                if item is None:
-                    open_choices -= 1
-                    continue
-                yield f"data: {json.dumps(item)}\n\n".encode()
-            if (self.body.get("stream_options") or {}).get("include_usage"):
-                tail = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                        "created": self.created, "model": self.model, "choices": [],
-                        "usage": usage(self.prompt_tokens, self.completion_tokens)}
-                yield f"data: {json.dumps(tail)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-        finally:
-            for task in tasks:
-                task.cancel()  # a client that went away stops the decode requests too
-
-    async def whole(self) -> dict:
-        async def one(index: int) -> dict:
-            texts, logprobs, ids, finish, stop = [], [], [], None, None
-            async for text, part, token_ids, finish, stop in self._rest(index):
-                texts.append(text)
-                logprobs.append(part)
-                ids += token_ids or []
-            text = self.prefixes[index] + "".join(texts)
-            choice = {"index": index, "finish_reason": finish, "stop_reason": stop,
-                      "logprobs": _joined(logprobs[0], logprobs[1:], self.chat)}
-            if self.chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            if self.body.get("return_token_ids"):
-                choice["token_ids"] = ids
-            return choice
-
-        choices = await asyncio.gather(*(one(i) for i in range(len(self.jobs))))
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model, "choices": list(choices), "usage": usage(self.prompt_tokens, self.completion_tokens)}
-
-
-def _logprobs(part, chat: bool, shift: int):
-    """The decode instance's logprobs in the client's format, text offsets counted from the reply's start."""
-    if part is None:
-        return None
-    if chat:
-        return {"content": completion_to_chat_logprobs(part)}
-    return {**part, "text_offset": [shift + o for o in part.get("text_offset") or []]}
-
-
-def _joined(first, parts: list, chat: bool):
-    """Token 1's logprobs, then the decode instance's (already in the client's format and offsets)."""
-    if first is None:
-        return None
-    if chat:
-        return {"content": [entry for part in (first, *parts) for entry in (part or {}).get("content") or []]}
-    return join_logprobs(first, [p for p in parts if p])
-
-
-def _refusal(refused: Refused) -> dict:
-    try:
-        return json.loads(refused.body).get("error") or {"message": refused.body.decode(errors="replace"), "code": refused.status}
-    except ValueError:
-        return {"message": refused.body.decode(errors="replace"), "code": refused.status}
 
 
 def _failed(failure: Exception) -> Response:
