@@ -481,13 +481,17 @@ def stop_checking_split(model) -> list[float]:
 
 
 def split_steps_equal_our_loop(llm, want) -> None:
-    """Staggered requests (prompt chunks beside decodes) give our loop's tokens, through compiled split steps whose
-    hidden rows are the eager route's."""
+    """Staggered requests (prompt chunks beside decodes), their steps mixed as vLLM mixes them, give our loop's
+    tokens, through compiled split steps whose hidden rows are the eager route's."""
+    from overfill.vllm.scheduler import set_step_policy
+
     reset_stats(llm)
     llm.apply_model(check_split_against_eager)
+    set_step_policy(llm, "mixed")
     try:
         got = staggered(llm, PROMPTS, 20)
     finally:
+        set_step_policy(llm, "alternate")
         differences = llm.apply_model(stop_checking_split)[0]
     assert got == [want.tokens(p, 20) for p in PROMPTS]
     counts = stats(llm)
@@ -650,6 +654,20 @@ def test_reply_blocks_hash_apart_from_prompt_blocks():
     assert request(tokens[:6], tokens[6:], plain) == as_prompt  # plain vLLM would serve them to a prompt
     assert request(tokens[:6], tokens[6:], ours) == split_at_6  # the same split again: the same hashes
     assert request(tokens[:5], tokens[5:], ours)[1] != split_at_6[1]  # another split point: another hash
+
+
+@vllm_test
+def test_busy_steps_read_prompts_and_decode_in_turn(engines, reference):
+    """By default a step with prompt work and decodes waiting takes one kind, in turn: no step mixes the stages, every
+    staggered prompt gets a full-model step of its own, and the tokens are our loop's."""
+    llm = engines.get("pruned")
+    reset_stats(llm)
+    got = staggered(llm, PROMPTS, 20)
+    assert got == [reference.tokens(p, 20) for p in PROMPTS]
+    counts = stats(llm)
+    assert counts["split"] == 0 and counts["eager"] == 0
+    assert counts["full"] == len(PROMPTS)  # one prompt step each (each prompt fits the step budget)
+    assert counts["full_tokens"] == sum(map(len, PROMPTS)) and counts["decoder_tokens"] == len(PROMPTS) * 19
 
 
 @vllm_test

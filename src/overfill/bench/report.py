@@ -212,10 +212,16 @@ def print_mixed_step(console, mixed: dict) -> None:
     for column in ("route", "engine step (ms)", "model forward (ms)"):
         table.add_column(column, justify="left" if column == "route" else "right")
     for route, row in mixed["routes"].items():
-        table.add_row(route, f"{row['step_ms']:.1f}", f"{row['forward_ms']:.1f}")
+        table.add_row(f"mixed step, {route}", f"{row['step_ms']:.1f}", f"{row['forward_ms']:.1f}")
+    for kind, row in mixed.get("in_turn", {}).items():
+        table.add_row(f"in turn: {kind} step", f"{row['step_ms']:.1f}", f"{row['forward_ms']:.1f}")
     console.print(table)
     console.print(f"eager / split: {mixed['eager_over_split_step']:.2f}x per engine step, "
                   f"{mixed['eager_over_split_forward']:.2f}x per forward")
+    if "in_turn" in mixed:
+        console.print(f"split mixed step / steps in turn (OverFill's default): the chunk's request waits "
+                      f"{mixed['split_over_prompt_step']:.2f}x for its step; a decoding request's next token, across "
+                      f"the chunk (a prompt step, then a decode step): {mixed['split_over_turn_pair']:.2f}x")
     split = mixed["routes"]["split"]
     if "full_part_ms" in split:
         console.print(f"split forward, median parts: decoder stage on the {mixed['decoding']} decoding requests "

@@ -5,8 +5,9 @@ engine core and workers. register() adds OverFill's entry, so users pass no extr
 
 What OverFill changes, and only where it must (everything else is the user's and vLLM's defaults):
   * its batch tracker, a no-op logits processor (tracker.py), on the V1 model runner;
-  * with prefix caching on, its scheduler (prefix_cache.py), so that a cache block holding the
-    decoder's KV is never served to a later prompt as if the full model had computed it;
+  * its scheduler (scheduler.py): prompt steps and decode steps in turn rather than mixed, and with
+    prefix caching on, a cache block holding the decoder's KV never served to a later prompt as if
+    the full model had computed it (prefix_cache.py);
   * on CUDA, piecewise graph capture instead of whole-model capture (model.py says why).
 """
 
@@ -15,7 +16,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.platforms import current_platform
 
-from overfill.vllm.prefix_cache import SCHEDULER_FQCN
+from overfill.vllm.scheduler import SCHEDULER_FQCN, step_policy
 from overfill.vllm.tracker import TRACKER_FQCN
 
 logger = init_logger(__name__)
@@ -28,14 +29,15 @@ class OverFillConfigHook(VerifyAndUpdateConfig):
         if vllm_config.speculative_config is not None:
             raise ValueError("OverFill: vLLM's speculative decoding is not supported on an OverFill model "
                              "(serve the full model with the decoder as its draft instead)")
+        step_policy(vllm_config)  # a misspelt policy fails here, in the process that parsed it
         cache_config, scheduler_config = vllm_config.cache_config, vllm_config.scheduler_config
-        if cache_config.enable_prefix_caching:
-            if scheduler_config.scheduler_cls in (None, SCHEDULER_FQCN):
-                scheduler_config.scheduler_cls = SCHEDULER_FQCN
-            else:
-                logger.warning("OverFill: prefix caching is off: it needs OverFill's scheduler, and "
-                               "--scheduler-cls %s is set", scheduler_config.scheduler_cls)
-                cache_config.enable_prefix_caching = False
+        if scheduler_config.scheduler_cls in (None, SCHEDULER_FQCN):
+            scheduler_config.scheduler_cls = SCHEDULER_FQCN
+        else:
+            logger.warning("OverFill: --scheduler-cls %s is set, so steps mix prompts and decodes%s",
+                           scheduler_config.scheduler_cls,
+                           " and prefix caching is off (it needs OverFill's scheduler)" if cache_config.enable_prefix_caching else "")
+            cache_config.enable_prefix_caching = False
         compilation = vllm_config.compilation_config
         if current_platform.is_cuda_alike() and not model_config.enforce_eager:
             mode = compilation.cudagraph_mode

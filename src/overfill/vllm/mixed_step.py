@@ -1,13 +1,15 @@
-"""Timing mixed steps inside an OverFill engine: decoding requests beside one prompt chunk, eager route against split.
+"""Timing a busy OverFill engine's steps: decoding requests beside one prompt chunk, by route and by step policy.
 
-A busy server's typical step: `decoding` requests each decode one token while a new prompt is read in
-chunks of `chunk` tokens (the engine's step budget is exactly decoding + chunk, so every timed step
-holds both). The same steps are timed with the model's split route (each stage compiled on its own
-requests) and with the eager route it replaces (both stages' layers row by row), alternating, in the
-engine process itself. Reported per route: the whole engine step (scheduling, model, sampling: what
-a request waits for) and the model's forward alone; for the split route also its two parts (each
-sub-batch's context and compiled stage), and a step of the decodes alone, before the chunk arrives:
-where a mixed step's time goes.
+A busy server's typical moment: `decoding` requests each decode one token while a new prompt is read in
+chunks of `chunk` tokens (the engine's step budget is exactly decoding + chunk, so a step can hold both).
+Timed in the engine process itself, round by round in rotating order:
+  * mixed steps (the "mixed" step policy, vLLM's way), with the model's split route (each stage compiled
+    on its own requests) and with the eager route it replaced (both stages' layers row by row);
+  * OverFill's default policy, prompt steps and decode steps in turn (scheduler.py): the same work as a
+    prompt step (the chunk alone) and a decode step (the decodes alone).
+Reported per route: the whole engine step (scheduling, model, sampling: what a request waits for) and the
+model's forward alone; for the split route also its two parts (each sub-batch's context and compiled
+stage), and a step of the decodes alone, before the chunk arrives: where a mixed step's time goes.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import time
 
 import numpy as np
 
-ROUTES = ("eager", "split")
+ROUTES = ("eager", "split", "alternate")  # the first two in mixed steps
 
 
 def _use_route(route: str):
     def set_route(model) -> None:
-        model.split_mixed_steps = route == "split"
+        model.split_mixed_steps = route != "eager"
 
     return set_route
 
@@ -64,13 +66,15 @@ def _remove_timer(model) -> None:
     model.split_mixed_steps = True
 
 
-def _split_steps(model) -> int:
-    return model.stats["split"]
+def _step_counts(model) -> dict:
+    return dict(model.stats)
 
 
 def time_mixed_steps(llm, *, decoding: int, chunk: int, prompt_len: int, steps: int, rounds: int, seed: int = 0) -> dict:
-    """Median ms per mixed step and per forward, for each route (see the module's docstring)."""
+    """Median ms per step and per forward, for each route (see the module's docstring)."""
     from vllm import SamplingParams
+
+    from overfill.vllm.scheduler import engine_scheduler, set_step_policy
 
     engine = llm.llm_engine
     budget = engine.vllm_config.scheduler_config.max_num_batched_tokens
@@ -82,13 +86,15 @@ def time_mixed_steps(llm, *, decoding: int, chunk: int, prompt_len: int, steps: 
     def ids(n: int) -> list[int]:
         return rng.integers(100, vocab, n).tolist()
 
-    lasting = SamplingParams(temperature=0.0, max_tokens=rounds * len(ROUTES) * (steps + 2) + 64, ignore_eos=True)
+    lasting = SamplingParams(temperature=0.0, max_tokens=rounds * len(ROUTES) * (2 * steps + 2) + 64, ignore_eos=True)
     for i in range(decoding):
         engine.add_request(f"decode-{i}", {"prompt_token_ids": ids(prompt_len)}, lasting)
-    for _ in range(decoding * prompt_len // budget + 4):  # their prompts, then each one's first token
-        engine.step()
+    scheduler = engine_scheduler(llm)
+    while len(scheduler.waiting) or any(r.num_computed_tokens <= r.num_prompt_tokens for r in scheduler.running):
+        engine.step()  # their prompts, then each one's first decode step
     llm.apply_model(_install_timer)
     timings = {route: {"step_s": [], "forward_s": []} for route in ROUTES}
+    turns = {"prompt": {"step_s": [], "forward_s": []}, "decode": {"step_s": [], "forward_s": []}}
     decodes_alone = []
     try:
         llm.apply_model(_take_forward_seconds)
@@ -97,31 +103,47 @@ def time_mixed_steps(llm, *, decoding: int, chunk: int, prompt_len: int, steps: 
         decodes_alone = llm.apply_model(_take_forward_seconds)[0]
         llm.apply_model(_take_split_parts)
         for r in range(rounds):
-            for route in ROUTES[r % 2:] + ROUTES[:r % 2]:
+            for route in ROUTES[r % len(ROUTES):] + ROUTES[:r % len(ROUTES)]:
                 llm.apply_model(_use_route(route))
+                set_step_policy(llm, "alternate" if route == "alternate" else "mixed")
                 llm.apply_model(_take_forward_seconds)
-                before = llm.apply_model(_split_steps)[0]
                 engine.add_request(f"chunked-{r}-{route}", {"prompt_token_ids": ids(chunk * steps)},
                                    SamplingParams(temperature=0.0, max_tokens=1))
-                for _ in range(steps):
+                for _ in range(2 * steps if route == "alternate" else steps):
+                    before = llm.apply_model(_step_counts)[0]
                     t0 = time.perf_counter()
                     engine.step()
-                    timings[route]["step_s"].append(time.perf_counter() - t0)
-                timings[route]["forward_s"] += llm.apply_model(_take_forward_seconds)[0]
-                mixed = llm.apply_model(_split_steps)[0] - before
-                if mixed != steps:
-                    raise RuntimeError(f"{mixed} of {steps} timed steps mixed a prompt chunk with decodes")
+                    seconds = time.perf_counter() - t0
+                    forward = llm.apply_model(_take_forward_seconds)[0]
+                    ran = {k: v - before[k] for k, v in llm.apply_model(_step_counts)[0].items() if k in ("full", "decoder", "split", "eager")}
+                    if route == "alternate":
+                        kind = "prompt" if ran["full"] else "decode"
+                        if ran[{"prompt": "full", "decode": "decoder"}[kind]] != 1 or sum(ran.values()) != 1:
+                            raise RuntimeError(f"a step in turn ran {ran}, not one stage")
+                        turns[kind]["step_s"].append(seconds)
+                        turns[kind]["forward_s"] += forward
+                    elif ran["split"] != 1:  # a mixed step (counted as one the split route could take)
+                        raise RuntimeError(f"a timed step ran {ran}, not one mixed step")
+                    timings[route]["step_s"].append(seconds)
+                    timings[route]["forward_s"] += forward
         parts = llm.apply_model(_take_split_parts)[0]
     finally:
+        set_step_policy(llm, "alternate")
         llm.apply_model(_remove_timer)
         for i in range(decoding):
             engine.abort_request([f"decode-{i}"])
     ms = lambda seconds: 1000 * statistics.median(seconds)  # noqa: E731
     summary = {route: {"step_ms": ms(t["step_s"]), "forward_ms": ms(t["forward_s"]), "steps": len(t["step_s"])}
-               for route, t in timings.items()}
+               for route, t in timings.items() if route != "alternate"}
     summary["split"]["decoder_part_ms"] = ms([p[0] for p in parts])
     summary["split"]["full_part_ms"] = ms([p[1] for p in parts])
+    in_turn = {kind: {"step_ms": ms(t["step_s"]), "forward_ms": ms(t["forward_s"]), "steps": len(t["step_s"])}
+               for kind, t in turns.items()}
+    split_step = summary["split"]["step_ms"]
     return {"decoding": decoding, "chunk": chunk, "prompt_len": prompt_len, "rounds": rounds, "routes": summary,
-            "decodes_alone_forward_ms": ms(decodes_alone),
-            "eager_over_split_step": summary["eager"]["step_ms"] / summary["split"]["step_ms"],
-            "eager_over_split_forward": summary["eager"]["forward_ms"] / summary["split"]["forward_ms"]}
+            "in_turn": in_turn, "decodes_alone_forward_ms": ms(decodes_alone),
+            "eager_over_split_step": summary["eager"]["step_ms"] / split_step,
+            "eager_over_split_forward": summary["eager"]["forward_ms"] / summary["split"]["forward_ms"],
+            # what the chunk's request waits for its step, and what a decoding request waits across the chunk
+            "split_over_prompt_step": split_step / in_turn["prompt"]["step_ms"],
+            "split_over_turn_pair": split_step / (in_turn["prompt"]["step_ms"] + in_turn["decode"]["step_ms"])}

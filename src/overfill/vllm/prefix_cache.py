@@ -14,8 +14,8 @@ more key in its hash: how many of its tokens were prompt tokens. Then
 
 vLLM hashes a request's blocks through `Request._block_hasher` (the engine core's, set at creation;
 prompt-only blocks are hashed then, with no extra key, as here). The scheduler is the extension
-point vLLM offers (`--scheduler-cls`, set by config_hook.py): ours hands each request OverFill's
-hasher as it arrives, before any reply block exists. Multimodal and prompt-embedding inputs, which
+point vLLM offers (`--scheduler-cls`, set by config_hook.py): OverFill's (scheduler.py) hands each
+request OverFill's hasher as it arrives, before any reply block exists. Multimodal and prompt-embedding inputs, which
 OverFill does not take, are not hashed here.
 """
 
@@ -25,11 +25,8 @@ from collections.abc import Callable
 
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import BlockHash, generate_block_hash_extra_keys, hash_block_tokens
-from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-SCHEDULER_FQCN = "overfill.vllm.prefix_cache.overfill_scheduler"
 PROMPT_TOKENS_KEY = "overfill_prompt_tokens"
 
 
@@ -66,16 +63,3 @@ class PromptAwareHashing:
             request._block_hasher = self.overfill_hasher
         super().add_request(request)
 
-
-class OverFillScheduler(PromptAwareHashing, Scheduler):
-    pass
-
-
-class OverFillAsyncScheduler(PromptAwareHashing, AsyncScheduler):
-    pass
-
-
-def overfill_scheduler(**kwargs):
-    """What `--scheduler-cls` names: vLLM decides async scheduling after the config hook ran, so pick here."""
-    async_scheduling = kwargs["vllm_config"].scheduler_config.async_scheduling
-    return (OverFillAsyncScheduler if async_scheduling else OverFillScheduler)(**kwargs)
