@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
@@ -370,6 +371,56 @@ def test_load_summary_and_ratios_from_a_vllm_result():
     pruned = dict(full, output_tokens_per_s=790.8)
     ratios = {r["name"]: r["value"] for r in bench_load.load_ratios({"overfill": faster, "pruned": pruned})}
     assert ratios["overfill / pruned output tok/s"] == pytest.approx(0.75) and "overfill / full ITL p50" not in ratios
+
+
+def _raw(ttfts, itls, tokens=4, errors=None, duration=10.0):
+    errors = errors or [""] * len(ttfts)
+    ok = [not e for e in errors]
+    return {"duration": duration, "num_prompts": len(ttfts), "completed": sum(ok), "failed": len(ttfts) - sum(ok),
+            "errors": errors, "total_output_tokens": tokens * sum(ok), "output_lens": [tokens if g else 0 for g in ok],
+            "output_throughput": tokens * sum(ok) / duration, "request_throughput": sum(ok) / duration,
+            "ttfts": ttfts, "itls": itls, "latencies": [t + sum(i) for t, i in zip(ttfts, itls)],
+            "max_concurrent_requests": len(ttfts)}
+
+
+def test_segments_of_a_load_run_merge_as_one_run():
+    a = _raw([0.1, 0.3], [[0.02, 0.02, 0.02], [0.04, 0.04, 0.04]])
+    b = _raw([0.2, 9.0], [[0.03, 0.03, 0.03], []], errors=["", "timeout"], duration=30.0)
+    merged = bench_load.summarize_load(bench_load.merge_runs([a, b]))
+    assert merged["completed"] == 3 and merged["failed"] == 1 and merged["errors"] == ["timeout"]
+    assert merged["output_tokens_per_s"] == pytest.approx(12 / 40.0)  # the failed request's 9 s TTFT left out
+    assert merged["ttft_p50_ms"] == pytest.approx(200.0) and merged["itl_p50_ms"] == pytest.approx(30.0)
+    assert merged["tpot_mean_ms"] == pytest.approx(1000 * (0.06 + 0.12 + 0.09) / 3 / 3)
+
+
+def test_the_load_run_drives_every_server_in_rotating_turns(tmp_path, monkeypatch):
+    """All servers up at once, each number of clients: a probe per mode, then ROUNDS turns in rotating order; each
+    mode's figures are its turns together."""
+    import os
+
+    driven = []
+
+    def drive(config, mode, engine, port, clients, requests, name, seed, logs, report):
+        driven.append((clients, name, mode, seed))
+        return _raw([0.1 * (1 + len(driven) % 3)] * requests, [[0.02] * 3] * requests)
+
+    monkeypatch.setattr(bench_load, "start", lambda argv, log, env: SimpleNamespace(pid=os.getpid()))
+    monkeypatch.setattr(bench_load, "wait_healthy", lambda *a, **k: None)
+    monkeypatch.setattr(bench_load, "stop", lambda proc: None)
+    monkeypatch.setattr(bench_load, "_drive", drive)
+    config = BenchConfig(engine="vllm", model="m", decoder="d", load_test=True, load_clients=(8, 32), load_seconds=30,
+                         prompt_len=16, new_tokens=8)
+    engines = {m: SimpleNamespace(name=m, path="p") for m in ("overfill", "full", "pruned")}
+    results = bench_load._load_side_by_side(config, engines, tmp_path, lambda text: None)
+    turns = [(name, mode) for clients, name, mode, _ in driven if clients == 8 and name != "probe"]
+    assert turns == [("turn1", "overfill"), ("turn1", "full"), ("turn1", "pruned"), ("turn2", "full"), ("turn2", "pruned"),
+                     ("turn2", "overfill"), ("turn3", "pruned"), ("turn3", "overfill"), ("turn3", "full")]
+    assert [name for clients, name, _, _ in driven[:3]] == ["probe"] * 3
+    seeds = {(name, seed) for clients, name, mode, seed in driven if clients == 32}
+    assert len({seed for _, seed in seeds}) == len({name for name, _ in seeds}) == 4  # one prompt set per turn, shared
+    assert [len(results[m]) for m in engines] == [2, 2, 2] and results["full"][1]["segments"] == bench_load.ROUNDS
+    probe_s = results["overfill"][0]["probe"]["duration_s"]
+    assert results["overfill"][0]["completed"] == bench_load.ROUNDS * 8 * bench_load.waves_for(30 / bench_load.ROUNDS, probe_s)
 
 
 def test_serve_and_client_command_lines(tmp_path):

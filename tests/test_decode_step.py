@@ -181,6 +181,51 @@ def test_static_buffers_are_reused_once_a_cache_is_dropped():
     assert StaticCache.for_model(model, 2, 40).key_buffers[0].data_ptr() == first  # same shape again: the same buffer
 
 
+def test_idle_buffers_are_kept_only_within_the_byte_budget(monkeypatch):
+    from overfill import kv_cache
+
+    monkeypatch.setattr(kv_cache, "_POOL", kv_cache._BufferPool(0))
+    model = tiny_model("llama")
+    one_set = kv_cache.buffer_bytes(StaticCache.for_model(model, 2, 40)._buffers())
+    assert kv_cache.idle_cache_bytes() == 0  # budget 0: the dropped cache's buffers were freed with it
+    kv_cache.set_idle_budget(1.5 * one_set / (1 << 20))  # room for one idle set, not two
+    a, b = StaticCache.for_model(model, 2, 40), StaticCache.for_model(model, 3, 40)
+    kept = a.key_buffers[0].data_ptr()
+    del b, a  # b goes back first, then a: the most recent (a's) is the one kept
+    assert kv_cache.idle_cache_bytes() == one_set
+    assert StaticCache.for_model(model, 2, 40).key_buffers[0].data_ptr() == kept
+
+
+def test_the_compiled_step_holds_no_second_copy_of_the_weights(captured, tmp_path):
+    """The step's fused matrices are the only copy: the model's own layers view them, its eager forward still
+    gives the same logits, and it saves and loads back as before."""
+    model = pruned_model("qwen2")  # q/k/v biases too
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    with torch.inference_mode():
+        before = model.decoder(ids).logits
+    bytes_before = _parameter_bytes(model.decoder)
+    eager = replies(model, PROMPTS, compile=False, max_new_tokens=6)
+    assert replies(model, PROMPTS, compile=True, max_new_tokens=6) == eager
+    step = decode_step._STEPS[model.decoder][torch.device("cpu")].weights
+    layer = model.decoder.model.layers[1]
+    storage = step.qkv.weight.untyped_storage().data_ptr()
+    for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        assert linear.weight.untyped_storage().data_ptr() == storage
+        assert linear.bias.untyped_storage().data_ptr() == step.qkv.bias.untyped_storage().data_ptr()
+    assert layer.mlp.down_proj.weight.untyped_storage().data_ptr() == step.down.weight.untyped_storage().data_ptr()
+    assert _parameter_bytes(model.decoder, step) <= bytes_before  # the step added no weight bytes
+    with torch.inference_mode():
+        torch.testing.assert_close(model.decoder(ids).logits, before)
+    again = OverFillModel.from_pretrained(model.save_pretrained(tmp_path / "checkpoint"), model.full)
+    assert replies(again, PROMPTS, compile=False, max_new_tokens=6) == eager
+
+
+def _parameter_bytes(*modules) -> int:
+    """Bytes of the distinct storages behind the modules' parameters."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in modules for p in m.parameters()}
+    return sum(storages.values())
+
+
 # ---------------------------------------------------------------- when to compile
 
 

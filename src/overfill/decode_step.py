@@ -50,7 +50,13 @@ from overfill.kv_cache import StaticCache
 
 def _parameter_key(model: nn.Module) -> tuple:
     """Changes when any weight is replaced or modified in place (training, `.to()`, convert): then rebuild."""
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    return tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in model.parameters())
+
+
+def _version(tensor: torch.Tensor) -> int:
+    # An inference tensor (e.g. int8 weights made under inference mode) has no version counter: nothing
+    # outside inference mode can modify it in place, so its address alone says whether it changed.
+    return -1 if tensor.is_inference() else tensor._version
 
 
 class Projection(nn.Module):
@@ -77,11 +83,27 @@ class Projection(nn.Module):
                     self.bias = _frozen(torch.stack(bias))  # [L, out]
                 else:
                     self.bias = None
+            self._hold_once(parts)
         else:
             self.layers = nn.ModuleList(nn.ModuleList(layer) for layer in parts)
             for module in self.layers.modules():
                 if hasattr(module, "prepare"):  # precision.Int8Linear: its kernel settings, before tracing
                     module.prepare()
+
+    @torch.no_grad()
+    def _hold_once(self, parts: list[list[nn.Module]]) -> None:
+        """Point the model's own linear layers at their slices of the stacked matrices, so that every weight is held
+        once (the originals are freed): the model's forward (prefill, eager steps) and this step read the same
+        memory. On a CPU a layer's weight is then a transposed view ([out, in] over [in, out] storage), which
+        `F.linear` reads as it is. The parameters stay the model's own objects (an optimizer keeps them)."""
+        for i, layer in enumerate(parts):
+            start = 0
+            for module in layer:
+                end = start + module.out_features
+                module.weight.data = self.weight[i, :, start:end].t() if self.transposed else self.weight[i, start:end]
+                if module.bias is not None:
+                    module.bias.data = self.bias[i, start:end]
+                start = end
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] -> [B, out] through layer i's projection(s)."""
@@ -101,6 +123,27 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
+def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each weight in storage of its own, as a safetensors file needs: a compiled step
+    leaves a layer kind's weights as views into one stacked matrix (`Projection._hold_once`). A tied weight (one
+    tensor under two names) stays shared, for transformers to store once."""
+    state = model.state_dict()
+    owners: dict[int, set] = {}
+    for tensor in state.values():
+        owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add((tensor.data_ptr(), tensor.shape, tensor.stride()))
+    return {name: tensor.clone() if len(owners[tensor.untyped_storage().data_ptr()]) > 1 else tensor
+            for name, tensor in state.items()}
+
+
+def _stacked(norms: list[list[nn.Module]]) -> nn.Parameter:
+    """Norm weights stacked [L, n, width], the modules' own weights then views into the stack (held once)."""
+    stack = _frozen(torch.stack([torch.stack([m.weight for m in layer]) for layer in norms]))
+    for i, layer in enumerate(norms):
+        for j, module in enumerate(layer):
+            module.weight.data = stack[i, j]
+    return stack
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm (Llama, Qwen2/3, Mistral): normalised in float32, scaled in the input's dtype."""
     xf = x.float()
@@ -117,8 +160,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class StepWeights(nn.Module):
     """A decode model's weights in step layout; `forward` is the step over Q tokens per row (see the module docstring).
 
-    Holds its own copies of the fused (and, on a CPU, transposed) matrices, about the model's
-    weight bytes again; embedding, norms and rotary tables are the model's own.
+    The fused (and, on a CPU, transposed) matrices become the only copy of those weights: the model's
+    linear layers read views into them (`Projection._hold_once`), so the step costs no weight memory
+    of its own. Embedding, norms and rotary tables are the model's own.
     """
 
     def __init__(self, model: nn.Module, device: torch.device):
@@ -141,12 +185,12 @@ class StepWeights(nn.Module):
         self.gate_up = Projection([[m.gate_proj, m.up_proj] for m in mlp], self.transposed)
         self.down = Projection([[m.down_proj] for m in mlp], self.transposed)
         with torch.no_grad():
-            self.norms = _frozen(torch.stack([torch.stack([layer.input_layernorm.weight, layer.post_attention_layernorm.weight])
-                                              for layer in layers]))  # [L, 2, hidden]
+            norms = [[layer.input_layernorm, layer.post_attention_layernorm] for layer in layers]
+            self.norms = _stacked(norms)  # [L, 2, hidden]
             qk_norm = getattr(attention[0], "q_norm", None)  # Qwen3: RMSNorm over each head's head_dim
             self.qk_eps = float(qk_norm.variance_epsilon) if qk_norm is not None else None
             if qk_norm is not None:
-                self.qk_norms = _frozen(torch.stack([torch.stack([a.q_norm.weight, a.k_norm.weight]) for a in attention]))  # [L, 2, D]
+                self.qk_norms = _stacked([[a.q_norm, a.k_norm] for a in attention])  # [L, 2, D]
             self.final_norm = body.norm
             self.head = Projection([[model.lm_head]], self.transposed)
 
@@ -156,7 +200,7 @@ class StepWeights(nn.Module):
 
         Q is 1 for a decode step, and k + 1 for speculative decoding's verification pass (the last token and k
         drafts read in one pass). tokens, positions [B, Q]; column [1]: the cache column the row's first new
-        entry goes to (moved on by Q here); mask [B, Q, C] bool: the columns each new token attends to (itself
+        entry goes to (the cache's length: the caller owns it, the step only reads it); mask [B, Q, C] bool: the columns each new token attends to (itself
         and the earlier ones included); cache_keys/values: L tensors [B, KV, C, D] in the cache's dtype (the
         full model's, which may differ from ours).
         """
@@ -190,7 +234,6 @@ class StepWeights(nn.Module):
             h = rms_norm(x, self.norms[i, 1], self.eps).view(rows * width, -1)
             gate, up = self.gate_up(i, h).chunk(2, dim=-1)
             x = x + self.down(i, self.act(gate) * up).view(rows, width, -1)
-        column.add_(width)
         return self.head(0, self.final_norm(x).view(rows * width, -1)).view(rows, width, -1).float()
 
 
@@ -262,10 +305,9 @@ class CompiledStep:
     def refresh(self) -> "CompiledStep":
         """Rebuild the step's weights if the model's changed since (training, `.to()`): once per generation, not per step."""
         model = self.model_ref()
-        key = _parameter_key(model)
-        if self.weights is None or key != self.key:
+        if self.weights is None or _parameter_key(model) != self.key:
             self.weights = StepWeights(model, self.device).eval()
-            self.key = key
+            self.key = _parameter_key(model)  # after: the model's layers now view the new layout
             self.compiled = torch.compile(self.weights, **compile_options(self.device))
         return self
 
@@ -280,8 +322,7 @@ class CompiledStep:
         """Q tokens per row in one pass: tokens, positions [B, Q]; attention_mask [B, T] covers the cache plus the Q
         tokens -> logits [B, Q, V] float32, each token seeing the cache and the block's tokens up to itself."""
         length, width = cache.get_seq_length(), tokens.shape[1]
-        if cache.column_at != length:
-            cache.column.fill_(length)
+        column = torch.full((1,), length, dtype=torch.long, device=tokens.device)  # where the new entries go: the cache's length
         mask = cache.mask_from(attention_mask)[:, None, :]  # [B, 1, C]
         if width > 1:  # causal within the block: token i sees the columns up to its own, length + i
             reach = length + torch.arange(width, device=mask.device)[:, None]  # [Q, 1]
@@ -290,11 +331,10 @@ class CompiledStep:
         started = time.perf_counter() if shape not in self.seen else None
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        logits = self.compiled(tokens, positions, cache.column, mask, cache.key_buffers, cache.value_buffers)
+        logits = self.compiled(tokens, positions, column, mask, cache.key_buffers, cache.value_buffers)
         if self.device.type == "cuda":
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         cache.advance(width)
-        cache.column_at = length + width
         if started is not None:
             self.seen.add(shape)
             name = f"{shape[0]}x{shape[2]}" if width == 1 else f"{shape[0]}x{width}x{shape[2]}"

@@ -182,7 +182,8 @@ class StaticCache(DynamicCache):
 
     What the compiled decode step reads and writes (decode_step.py), so that its inputs keep their
     shapes and addresses from step to step (what CUDA graphs need) and across calls of the same
-    shape: buffers come from a small pool and go back to it when the cache is dropped. Each layer's
+    shape: buffers come from a pool and go back to it when the cache is dropped (idle ones are kept
+    up to a byte budget, `set_idle_budget`). Each layer's
     are separate tensors, not views of one: a compiled step writing into views of one input would
     copy all of it, every layer. `mask` [B, capacity] (bool) says which columns a decode step attends
     to. Capacities are whole multiples of CAPACITY_STEP, so prompts of many lengths share one compiled step.
@@ -191,10 +192,9 @@ class StaticCache(DynamicCache):
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
                  device: torch.device):
         self.shape = (layers, rows, kv_heads, capacity_for(capacity), head_dim)
-        self.key_buffers, self.value_buffers, self.mask, self.column = _POOL.borrow(self, self.shape, dtype, torch.device(device))
+        self.key_buffers, self.value_buffers, self.mask = _POOL.borrow(self, self.shape, dtype, torch.device(device))
         Cache.__init__(self, layers=[StaticLayer(k, v) for k, v in zip(self.key_buffers, self.value_buffers)])
         self.mask_width = 0  # columns of `mask` that hold the loop's attention mask (mask_from)
-        self.column_at = -1  # the length `column` holds, -1 when unknown (the step moves it on by one)
 
     @classmethod
     def for_model(cls, model, rows: int, columns: int) -> "StaticCache":
@@ -214,6 +214,9 @@ class StaticCache(DynamicCache):
         for source, layer in zip(cache.layers, static.layers):
             layer.update(source.keys, source.values)
         return static
+
+    def _buffers(self) -> tuple:
+        return self.key_buffers, self.value_buffers, self.mask
 
     @property
     def rows(self) -> int:
@@ -246,13 +249,13 @@ class StaticCache(DynamicCache):
             return
         old = self.layers
         self.shape = (self.shape[0], self.rows * repeats, *self.shape[2:])
-        self.key_buffers, self.value_buffers, self.mask, self.column = _POOL.borrow(self, self.shape, self.key_buffers[0].dtype,
-                                                                      self.key_buffers[0].device)
+        self.key_buffers, self.value_buffers, self.mask = _POOL.borrow(self, self.shape, self.key_buffers[0].dtype,
+                                                          self.key_buffers[0].device)
         self.layers = [StaticLayer(k, v) for k, v in zip(self.key_buffers, self.value_buffers)]
         for source, layer in zip(old, self.layers):
             layer.update(source.keys.repeat_interleave(repeats, dim=0), source.values.repeat_interleave(repeats, dim=0))
         del old
-        self.mask_width, self.column_at = 0, -1
+        self.mask_width = 0
 
 
 CAPACITY_STEP = 128
@@ -265,12 +268,12 @@ def capacity_for(tokens: int) -> int:
 
 class _BufferPool:
     """KV buffers kept for reuse between calls of the same shape: a compiled step (a CUDA graph above all)
-    then finds its inputs where it left them. A cache borrows one for its lifetime; a finalizer gives it back."""
+    then finds its inputs where it left them. A cache borrows one set for its lifetime; a finalizer gives it
+    back, and idle sets are kept, the most recently returned first, while they fit the byte budget."""
 
-    KEEP = 4  # idle buffer sets kept, the most recently returned first
-
-    def __init__(self):
-        self.idle: list[tuple[tuple, tuple]] = []  # (key, (keys, values, mask, column))
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.idle: list[tuple[tuple, tuple]] = []  # (key, (keys, values, mask))
 
     def borrow(self, owner, shape: tuple, dtype: torch.dtype, device: torch.device):
         key = (shape, dtype, device)
@@ -283,17 +286,45 @@ class _BufferPool:
             keys = [torch.zeros(rows, *layer_shape, dtype=dtype, device=device) for _ in range(layers)]
             values = [torch.zeros(rows, *layer_shape, dtype=dtype, device=device) for _ in range(layers)]
             mask = torch.zeros(rows, layer_shape[1], dtype=torch.bool, device=device)  # [B, capacity]
-            column = torch.zeros(1, dtype=torch.long, device=device)
             if device.type == "cuda":  # CUDA graphs read these where they are, not from copies
-                for tensor in (*keys, *values, mask, column):
+                for tensor in (*keys, *values, mask):
                     torch._dynamo.mark_static_address(tensor, guard=False)  # a new buffer re-records, never recompiles
-            buffers = (keys, values, mask, column)
+            buffers = (keys, values, mask)
         weakref.finalize(owner, self._give_back, key, buffers)
         return buffers
 
     def _give_back(self, key, buffers) -> None:
         self.idle.insert(0, (key, buffers))
-        del self.idle[self.KEEP :]
+        self.trim()
+
+    def trim(self) -> None:
+        kept, total = [], 0
+        for entry in self.idle:
+            total += buffer_bytes(entry[1])
+            if total <= self.budget_bytes:
+                kept.append(entry)
+        self.idle = kept
+
+    def idle_bytes(self) -> int:
+        return sum(buffer_bytes(buffers) for _, buffers in self.idle)
 
 
-_POOL = _BufferPool()
+def buffer_bytes(buffers: tuple) -> int:
+    keys, values, mask = buffers
+    return sum(t.numel() * t.element_size() for t in (*keys, *values, mask))
+
+
+# Idle buffers kept for reuse, at most (one batch-1 set of a Llama-3.2-3B shape at 2,048 tokens in bfloat16: 224 MiB).
+IDLE_BUDGET_MB = 1024
+_POOL = _BufferPool(IDLE_BUDGET_MB << 20)
+
+
+def set_idle_budget(megabytes: float) -> None:
+    """Keep at most this many MiB of idle static-cache buffers for reuse (0: none, a cache's buffers go with it)."""
+    _POOL.budget_bytes = int(megabytes * (1 << 20))
+    _POOL.trim()
+
+
+def idle_cache_bytes() -> int:
+    """Bytes of static-cache buffers held idle for reuse (the pool's, not any live cache's)."""
+    return _POOL.idle_bytes()

@@ -45,9 +45,9 @@ class FullModelSource(Settings):
     def load_full(self) -> OverFillModel:
         """The full model alone, standing in for both halves (only mode full may run on it)."""
         model = self.model or DEFAULT_MODEL
-        full, tokenizer = load_model(model, dtype=check_dtype(self.dtype), trust_remote_code=self.trust_remote_code,
-                                     quiet=True)
-        return OverFillModel(full.to(torch.device(self.device)), full, tokenizer, full_source=model)
+        full, tokenizer = load_model(model, dtype=check_dtype(self.dtype), device=self.device,
+                                     trust_remote_code=self.trust_remote_code, quiet=True)
+        return OverFillModel(full, full, tokenizer, full_source=model)
 
 
 @dataclass(unsafe_hash=True)

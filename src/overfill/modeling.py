@@ -33,7 +33,7 @@ from overfill.atomic import atomic_folder, read_json_object
 from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
 from overfill.kv_cache import KVCache, crop_to
-from overfill.loading import load_model, resolve_model
+from overfill.loading import load_model, resolve_model, stored_folder
 from overfill.tensors import IGNORE, context_and_reply, label_cross_entropy, positions_from_mask, reply_labels
 
 Mode = Literal["overfill", "full", "pruned"]
@@ -240,8 +240,9 @@ class OverFillModel(nn.Module):
 
     @property
     def full_fingerprint(self) -> str:
+        """Of the full model's weights as stored (its files, where its source is known), whatever dtype they run in."""
         if self._full_fingerprint is None:
-            self._full_fingerprint = fingerprint(self.full)
+            self._full_fingerprint = fingerprint(self.full, stored=stored_folder(self.full_source))
         return self._full_fingerprint
 
     # ------------------------------------------------------------ save / load
@@ -253,12 +254,14 @@ class OverFillModel(nn.Module):
         "decoder_dtype" and comes back so on loading; an int8 one is saved as the float32 weights
         its int8 values stand for (a plain model folder) plus the int8 values themselves.
         """
+        from overfill.decode_step import state_dict_to_save
         from overfill.precision import DECODER_DTYPES, decoder_dtype, float_copy, save_int8
 
         folder = Path(folder)
         dtype = decoder_dtype(self.decoder)
         with atomic_folder(folder) as tmp:
-            (float_copy(self.decoder) if dtype == "int8" else self.decoder).save_pretrained(tmp / "decoder")
+            saved = float_copy(self.decoder) if dtype == "int8" else self.decoder
+            saved.save_pretrained(tmp / "decoder", state_dict=state_dict_to_save(saved))
             if dtype == "int8":
                 save_int8(self.decoder, tmp / "decoder")
             if self.tokenizer is not None:
@@ -292,15 +295,16 @@ class OverFillModel(nn.Module):
                                     f"overfill does not know ({', '.join(DECODER_DTYPES)}): upgrade overfill, or re-save "
                                     "the checkpoint")
         tokenizer = None
+        chosen = decoder_dtype or meta.get("decoder_dtype")
         if full_model is None or isinstance(full_model, str):
             source = full_model or meta.get("full_model")
             if not source:
                 raise OverfillError(f"{folder}/overfill.json names no full model: pass the full model explicitly")
-            full, tokenizer = load_model(source, trust_remote_code=trust_remote_code, quiet=True)
+            full, tokenizer = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quiet=True)
         else:
             full, source = full_model, None
-        decoder, decoder_tokenizer = load_model(str(folder / meta.get("decoder", "decoder")),
-                                                trust_remote_code=trust_remote_code, quiet=True)
+        decoder, decoder_tokenizer = load_model(str(folder / meta.get("decoder", "decoder")), dtype=_loaded_dtype(dtype, chosen),
+                                                device=device, trust_remote_code=trust_remote_code, quiet=True)
         model = cls(full, decoder, tokenizer or decoder_tokenizer, full_source=source,
                     decoder_tokenizer=decoder_tokenizer, pruning=meta.get("pruning"))
         expected = meta.get("full_fingerprint")
@@ -312,8 +316,10 @@ class OverFillModel(nn.Module):
                 + (f" ({meta['full_model']})" if meta.get("full_model") else "")
             )
         model.full_source = model.full_source or meta.get("full_model")
-        model.cast(dtype, decoder_dtype or meta.get("decoder_dtype"), device)
-        if (decoder_dtype or meta.get("decoder_dtype")) == "int8":
+        if full_model is not None and not isinstance(full_model, str):
+            model.full.to(dtype=dtype, device=device)  # a module handed in: in the dtype and on the device asked for
+        model.set_decoder_dtype(chosen)
+        if chosen == "int8":
             from overfill.precision import restore_int8
 
             restore_int8(model.decoder, folder / meta.get("decoder", "decoder"))
@@ -324,8 +330,9 @@ class OverFillModel(nn.Module):
                   trust_remote_code: bool = False, decoder_dtype: str | None = None,
                   device: str | torch.device = "cpu") -> "OverFillModel":
         """A full model and a decoder folder (e.g. from `overfill prune`), checked against each other."""
-        full, tokenizer = load_model(full_model, trust_remote_code=trust_remote_code, quiet=True)
-        dec, dec_tokenizer = load_model(decoder, trust_remote_code=trust_remote_code, quiet=True)
+        full, tokenizer = load_model(full_model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quiet=True)
+        dec, dec_tokenizer = load_model(decoder, dtype=_loaded_dtype(dtype, decoder_dtype), device=device,
+                                        trust_remote_code=trust_remote_code, quiet=True)
         pruning = {}
         record_path = Path(resolve_model(decoder, quiet=True)) / "pruning.json"
         if record_path.is_file():
@@ -337,29 +344,26 @@ class OverFillModel(nn.Module):
                 f"decoder {decoder} was pruned from another model than {full_model} "
                 f"(fingerprint {model.full_fingerprint[:12]} != {expected[:12]}): pair it with its source model"
             )
-        return model.cast(dtype, decoder_dtype, device)
+        return model.set_decoder_dtype(decoder_dtype)
 
-    def cast(self, dtype: torch.dtype, decoder_dtype: str | None = None,
-             device: str | torch.device | None = None) -> "OverFillModel":
-        """Both models in `dtype` on `device`, then the decoder alone in `decoder_dtype` if given
-        (precision.py: float32, bfloat16 or int8, whose kernels depend on the device). Loading stays
-        float32 until the pair is checked: the fingerprints recorded at pruning and training time are
-        of float32 weights."""
-        if dtype != torch.float32:
-            _ = self.full_fingerprint  # of the float32 weights, before they are cast
-            self.full.to(dtype)
-            self.decoder.to(dtype)
-        if device is not None:
-            self.full.to(device)
-            self.decoder.to(device)
-        if decoder_dtype:
-            from overfill.precision import set_decoder_dtype
+    def set_decoder_dtype(self, decoder_dtype: str | None) -> "OverFillModel":
+        """The decoder alone in `decoder_dtype` (precision.py: float32, bfloat16 or int8, whose kernels depend on the
+        device), behind the full model and KV cache in theirs; None leaves it as loaded."""
+        from overfill.precision import decoder_dtype as current
+        from overfill.precision import set_decoder_dtype
 
-            if decoder_dtype == "float32" and dtype != torch.float32:
-                self.decoder.float()
-            else:
-                set_decoder_dtype(self.decoder, decoder_dtype)
+        if not decoder_dtype or decoder_dtype == current(self.decoder):
+            return self
+        if decoder_dtype == "float32":
+            self.decoder.float()
+        else:
+            set_decoder_dtype(self.decoder, decoder_dtype)
         return self
+
+
+def _loaded_dtype(dtype: torch.dtype, decoder_dtype: str | None) -> torch.dtype:
+    """The dtype a decoder's weights are read in: a float decoder dtype's own, else the model's (int8 converts from it)."""
+    return getattr(torch, decoder_dtype) if decoder_dtype in ("float32", "bfloat16") else dtype
 
 
 def read_checkpoint_meta(folder: Path) -> dict:

@@ -291,6 +291,12 @@ def slice_model(model, hidden_idx: torch.Tensor, mlp_idx: list[torch.Tensor]):
     return pruned.eval()
 
 
+def stored_dtype(config) -> torch.dtype:
+    """The dtype a model's weights are saved in, as its config records it (float32 where it records none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -361,10 +367,12 @@ def prune(config: PruneConfig, *, progress: bool = True) -> PruneResult:
     if config.calib_data != BUNDLED_CALIBRATION:
         read_records(config.calib_data)  # a missing, empty or binary file; calibration reads it again, it is small
     location = resolve_model(config.model, quiet=not progress)
-    arch.arch_of(load_config(location, trust_remote_code=config.trust_remote_code))
-    model, tokenizer = load_model(location, trust_remote_code=config.trust_remote_code)
-    result = prune_model(model.to(config.device), tokenizer, config, progress=progress)
-    result.model.to("cpu")  # saved from the CPU; its weights are sliced from the same float32 ones
+    source_config = load_config(location, trust_remote_code=config.trust_remote_code)
+    arch.arch_of(source_config)
+    # calibration runs in float32 (scores summed over many tokens); the decoder is saved in its model's dtype
+    model, tokenizer = load_model(location, device=config.device, trust_remote_code=config.trust_remote_code)
+    result = prune_model(model, tokenizer, config, progress=progress)
+    result.model.to(device="cpu", dtype=stored_dtype(source_config))
     result.record["source_path"] = location
     save_pruned(result, tokenizer, config.out, force=config.force)
     return result

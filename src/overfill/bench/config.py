@@ -101,6 +101,10 @@ class BenchConfig(ModelSource):
     """Requests decoding in each timed mixed step."""
     mixed_chunk: int = 256
     """Prompt tokens in each timed mixed step (a chunk of a longer prompt)."""
+    memory: bool = False
+    """Measure memory instead of time: a random-weight pair of a real model's shape (--memory-shape) written in --dtype (default bfloat16), then loaded and decoded (eager, compiled at batch 1 and 8, speculative), each phase's peak resident (and GPU) memory against the weight bytes."""
+    memory_shape: str | None = None
+    """The memory check's pair: llama-3.2-3b (the paper's 3B with its 1B decoder; default) or llama-3.2-1b (with a 0.45 decoder; --quick)."""
     offline_runs: bool = True
     """With --engine vllm: time the offline engines (key points, sweeps); --no-offline-runs with --load-test or --mixed-step times only those."""
 
@@ -108,7 +112,16 @@ class BenchConfig(ModelSource):
         # vLLM runs every model in the dtype it would pick for users (`overfill serve` does the same) unless --dtype
         # is given; taken before the source fills in our own engine's default.
         self.engine_dtype = self.dtype or "auto"
+        self.memory_dtype = self.dtype or "bfloat16"  # the dtype users serve 1-8B models in
         super().__post_init__()
+        if self.memory:
+            from overfill.bench.memory import SHAPES
+
+            self.memory_shape = self.memory_shape or ("llama-3.2-1b" if self.quick else "llama-3.2-3b")
+            if self.memory_shape not in SHAPES:
+                raise OverfillError(f"--memory-shape got '{self.memory_shape}': pick {' or '.join(SHAPES)}")
+            if self.engine != "torch":
+                raise OverfillError("--memory measures our own engine's load and decode: drop --engine vllm")
         check_engine(self.engine)
         vllm = self.engine == "vllm"
         preset = PRESETS[{"torch": ("default", "quick"), "vllm": ("vllm", "vllm-quick")}[self.engine][self.quick]]

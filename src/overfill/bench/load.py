@@ -1,20 +1,24 @@
-"""`overfill bench --engine vllm --load-test`: `overfill serve` under concurrent streaming clients, mode by mode.
+"""`overfill bench --engine vllm --load-test`: `overfill serve` under concurrent streaming clients, the modes side by side.
 
-For each of --load-modes (default overfill, full and pruned), one at a time: start `overfill serve` on
-127.0.0.1 at a free port (vLLM's defaults, as users serve it), wait for /health, drive
-it with vLLM's own load client (`vllm bench serve`, module vllm.benchmarks.serve: random
+Every one of --load-modes (default overfill, full and pruned) is served at once, each by its own
+`overfill serve` on 127.0.0.1 at a free port (vLLM's defaults, as users serve it), and the clients take
+turns: for each --load-clients number, a probe of one request per client warms each server up and
+measures how long a wave of requests takes there, then ROUNDS rounds give each mode in turn (the order
+rotating by round) a segment of waves lasting about --load-seconds / ROUNDS; a mode's figures are its
+segments' requests together. So every mode is measured across the whole run, and a machine whose speed
+drifts over the minutes of a run (a shared host does) moves every mode alike: the ratios stay the
+modes' own. Only the mode being driven is busy; the others wait idle. `disaggregated` (two instances
+behind the router, the cores split) is driven on its own afterwards.
+
+The clients are vLLM's own load client (`vllm bench serve`, module vllm.benchmarks.serve: random
 prompts of exactly --prompt-len tokens, --new-tokens streamed back per request with ignore_eos,
---load-clients requests in flight at once), then stop the server's whole process group.
-
-That client sends a fixed number of requests, not for a fixed time, so the time is covered in two
-runs: a probe of one request per client (it also warms the server up) measures how long a wave of
-requests takes, and the measured run sends enough waves to last --load-seconds; its actual
-duration is reported. (guidellm 0.8.1 can stop after a time, but installing it would downgrade
-click and multidict, aiohttp's, and add 19 packages: not adopted.) Reported per mode: output tokens/s, TTFT and ITL (inter-token
-latency) median and p99, TPOT, requests completed and failed with their errors; then the
-OverFill / full and OverFill / pruned ratios, and how many of OverFill's steps fell back to the eager route
-(read from the server's log). Each server serves every --load-clients number in turn (probe, then the
-measured run). All traffic goes to 127.0.0.1; request count and time are bounded.
+--load-clients requests in flight at once). It sends a fixed number of requests, not for a fixed time,
+hence the waves sized from the probe. (guidellm 0.8.1 can stop after a time, but installing it would
+downgrade click and multidict, aiohttp's, and add 19 packages: not adopted.) Reported per mode: output
+tokens/s, TTFT and ITL (inter-token latency) median and p99, TPOT, requests completed and failed with
+their errors; then the OverFill / full and OverFill / pruned ratios, and how many of OverFill's steps
+fell back to the eager route (read from the server's log). All traffic goes to 127.0.0.1; request
+count and time are bounded.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from overfill.vllm.runtime import child_env
 
 HOST = "127.0.0.1"
 MAX_WAVES = 50  # bounds the request count whatever the probe measured
+ROUNDS = 3  # turns each mode gets per number of clients
 PERCENTILES = "50,99"
 METRICS = ("ttft", "tpot", "itl", "e2el")
 LOAD_RATIOS = (("output tok/s", "output_tokens_per_s"), ("TTFT p50", "ttft_p50_ms"), ("ITL p50", "itl_p50_ms"),
@@ -127,29 +132,66 @@ def load_ratios(rows: dict[str, dict]) -> list[dict]:
 
 
 def run_load(config, console, out: Path) -> list[dict]:
-    """Load-test `overfill serve` for each of config.load_modes, one server per mode serving each number of
-    config.load_clients in turn: per number of clients, the per-mode results and their ratios."""
+    """Load-test `overfill serve` for config.load_modes (see the module docstring): per number of
+    config.load_clients, the per-mode results and their ratios."""
     from overfill.vllm.export import engine_model
 
-    by_mode = {}
+    engines = {}
     for mode in config.load_modes:
         if mode == DISAGGREGATED:  # the router serves the full model's tokenizer under its own name
-            engine = SimpleNamespace(path=engine_model(config, "full", dtype=config.engine_dtype).path,
-                                     name=f"overfill-{DISAGGREGATED}")
+            engines[mode] = SimpleNamespace(path=engine_model(config, "full", dtype=config.engine_dtype).path,
+                                            name=f"overfill-{DISAGGREGATED}")
         else:
-            engine = engine_model(config, mode, dtype=config.engine_dtype)
-        with console.status(f"load run, {mode}: starting overfill serve") as status:
-            by_mode[mode] = _load_one(config, mode, engine, out, lambda text, m=mode: status.update(f"load run, {m}: {text}"))
+            engines[mode] = engine_model(config, mode, dtype=config.engine_dtype)
+    side_by_side = [mode for mode in config.load_modes if mode != DISAGGREGATED]
+    by_mode = {}
+    with console.status("load run: starting the servers") as status:
+        if side_by_side:
+            by_mode.update(_load_side_by_side(config, {m: engines[m] for m in side_by_side}, out, status.update))
+        if DISAGGREGATED in engines:
+            by_mode[DISAGGREGATED] = _load_side_by_side(config, {DISAGGREGATED: engines[DISAGGREGATED]}, out,
+                                                        status.update)[DISAGGREGATED]
+    for mode in config.load_modes:
         for clients, r in zip(config.load_clients, by_mode[mode]):
             console.print(f"load run {mode}, {clients} clients: {r['completed']}/{r['requests']} requests in "
-                          f"{r['duration_s']:.0f} s, {r['output_tokens_per_s']:.1f} output tok/s")
+                          f"{r['duration_s']:.0f} s over {r['segments']} turns, {r['output_tokens_per_s']:.1f} output tok/s")
     runs = []
     for i, clients in enumerate(config.load_clients):
-        rows = {mode: found[i] for mode, found in by_mode.items()}
+        rows = {mode: by_mode[mode][i] for mode in config.load_modes}
         runs.append({"client": "vllm bench serve (vllm.benchmarks.serve), random dataset, streaming /v1/completions",
                      "clients": clients, "seconds": config.load_seconds, "prompt_len": config.prompt_len,
-                     "new_tokens": config.new_tokens, "rows": rows, "ratios": load_ratios(rows)})
+                     "new_tokens": config.new_tokens, "rounds": ROUNDS, "rows": rows, "ratios": load_ratios(rows)})
     return runs
+
+
+def merge_runs(raws: list[dict]) -> dict:
+    """Several `vllm bench serve` results of one server as one (its --save-result format): totals summed, rates over
+    the summed durations, percentiles over every request's figures (computed as vLLM computes them)."""
+    import numpy as np
+
+    duration = sum(r["duration"] for r in raws)
+    merged = {"duration": duration, "num_prompts": sum(r.get("num_prompts") or 0 for r in raws),
+              "completed": sum(r["completed"] for r in raws), "failed": sum(r.get("failed") or 0 for r in raws),
+              "errors": [e for r in raws for e in r.get("errors") or []],
+              "total_output_tokens": sum(r["total_output_tokens"] for r in raws),
+              "max_concurrent_requests": max((r.get("max_concurrent_requests") or 0) for r in raws)}
+    merged["output_throughput"] = merged["total_output_tokens"] / duration
+    merged["request_throughput"] = merged["completed"] / duration
+    figures = {metric: [] for metric in METRICS}
+    for r in raws:
+        for length, ttft, itl, latency, error in zip(r["output_lens"], r["ttfts"], r["itls"], r["latencies"], r["errors"]):
+            if error or not length:  # a failed request (vLLM counts only the successful ones)
+                continue
+            figures["ttft"].append(ttft)
+            figures["e2el"].append(latency)
+            figures["itl"] += itl
+            if length > 1:
+                figures["tpot"].append((latency - ttft) / (length - 1))
+    for metric, values in figures.items():
+        merged[f"mean_{metric}_ms"] = float(np.mean(values)) * 1000 if values else None
+        for p in PERCENTILES.split(","):
+            merged[f"p{p}_{metric}_ms"] = float(np.percentile(values, float(p))) * 1000 if values else None
+    return merged
 
 
 EAGER_STEPS = re.compile(re.escape(EAGER_STEP_LOG).replace("%d", r"(\d+)"))
@@ -212,46 +254,65 @@ def resident_mb(pid: int) -> dict:
         return {}
 
 
-def _load_one(config, mode: str, engine, out: Path, report) -> list[dict]:
-    port = free_port()
+def _load_side_by_side(config, engines: dict, out: Path, report) -> dict[str, list[dict]]:
+    """Serve every mode of `engines` at once and drive them in turn (the module's docstring): per mode, one result
+    per number of config.load_clients."""
     logs = out / "logs"
-    server_log = logs / f"serve_{mode}.log"
     max_model_len = load_context(config)
-    instance_logs = logs / mode  # --disaggregated: its two instances' logs
-    server = start(serve_argv(config, mode, port, max_model_len, instance_logs), server_log, child_env())
-    results = []
+    servers = {}
     try:
-        started = time.perf_counter()
-        wait_healthy(f"http://{HOST}:{port}", server, server_log, "overfill serve", report)
-        ready_s = time.perf_counter() - started
-
-        def client(clients: int, requests: int, name: str, seed: int) -> dict:
-            result = logs / f"load_{mode}_{clients}_{name}.json"
-            log = logs / f"load_{mode}_{clients}_{name}.log"
-            argv = client_argv(port=port, model_name=engine.name, tokenizer=str(engine.path), prompt_len=config.prompt_len,
-                               new_tokens=config.new_tokens, clients=clients, requests=requests, result=result, seed=seed)
-            report(f"{clients} clients, {name}: {requests} requests, {clients} at a time")
-            # Bounded: a run that takes far longer than planned is stopped (the server is stopped below either way).
-            code = wait(start(argv, log, child_env()), log, timeout_s=max(600.0, 10.0 * config.load_seconds),
-                        what=f"the load client ({mode}, {clients} clients, {name})")
-            if code != 0 or not result.is_file():
-                raise failure(f"the load client ({mode}, {clients} clients, {name})", code, log)
-            return json.loads(result.read_text())
-
+        for mode in engines:
+            port = free_port()
+            servers[mode] = SimpleNamespace(port=port, log=logs / f"serve_{mode}.log", instance_logs=logs / mode)
+            servers[mode].proc = start(serve_argv(config, mode, port, max_model_len, servers[mode].instance_logs),
+                                       servers[mode].log, child_env())
+        for mode, server in servers.items():
+            started = time.perf_counter()
+            wait_healthy(f"http://{HOST}:{server.port}", server.proc, server.log, "overfill serve",
+                         lambda text, m=mode: report(f"load run, {m}: {text}"))
+            server.ready_s = time.perf_counter() - started
+        results = {mode: [] for mode in engines}
         for i, clients in enumerate(config.load_clients):
-            probe = summarize_load(client(clients, clients, "probe", seed=2 * i))
-            waves = waves_for(config.load_seconds, probe["duration_s"])
-            eager_before = eager_steps(server_log)
-            measured = summarize_load(client(clients, clients * waves, "run", seed=2 * i + 1))
-            disaggregated = mode == DISAGGREGATED
-            results.append({**measured, "waves": waves, "probe": probe, "server_ready_s": ready_s, "port": port,
-                            "dtype": served_dtype(instance_logs / "prefill.log" if disaggregated else server_log),
-                            "max_model_len": max_model_len, "resident_mb": resident_mb(server.pid),
-                            "kv_moved": kv_moved(instance_logs) if disaggregated else None,
-                            "eager_steps": eager_steps(server_log) - eager_before if mode == "overfill" else None})
+            probes = {mode: summarize_load(_drive(config, mode, engines[mode], servers[mode].port, clients, clients,
+                                                  "probe", 2 * i, logs, report)) for mode in engines}
+            segments = {mode: [] for mode in engines}
+            eager_before = {mode: eager_steps(server.log) for mode, server in servers.items()}
+            modes = list(engines)
+            for turn in range(ROUNDS):
+                for mode in modes[turn % len(modes):] + modes[:turn % len(modes)]:
+                    waves = waves_for(config.load_seconds / ROUNDS, probes[mode]["duration_s"])
+                    # the same prompts for every mode in a turn, none repeated across turns (no prefix-cache hits)
+                    segments[mode].append(_drive(config, mode, engines[mode], servers[mode].port, clients, clients * waves,
+                                                 f"turn{turn + 1}", 2 * i + 1 + 100 * turn, logs, report))
+            for mode, server in servers.items():
+                disaggregated = mode == DISAGGREGATED
+                measured = summarize_load(merge_runs(segments[mode]))
+                results[mode].append({
+                    **measured, "segments": len(segments[mode]), "probe": probes[mode], "server_ready_s": server.ready_s,
+                    "port": server.port, "max_model_len": max_model_len, "resident_mb": resident_mb(server.proc.pid),
+                    "dtype": served_dtype(server.instance_logs / "prefill.log" if disaggregated else server.log),
+                    "kv_moved": kv_moved(server.instance_logs) if disaggregated else None,
+                    "eager_steps": eager_steps(server.log) - eager_before[mode] if mode == "overfill" else None})
+        return results
     finally:
-        stop(server)
-    return results
+        for server in servers.values():
+            stop(server.proc)
+
+
+def _drive(config, mode: str, engine, port: int, clients: int, requests: int, name: str, seed: int, logs: Path,
+           report) -> dict:
+    """One run of vLLM's load client against a server: its raw result."""
+    result = logs / f"load_{mode}_{clients}_{name}.json"
+    log = logs / f"load_{mode}_{clients}_{name}.log"
+    argv = client_argv(port=port, model_name=engine.name, tokenizer=str(engine.path), prompt_len=config.prompt_len,
+                       new_tokens=config.new_tokens, clients=clients, requests=requests, result=result, seed=seed)
+    report(f"load run, {mode}, {clients} clients, {name}: {requests} requests, {clients} at a time")
+    # Bounded: a run that takes far longer than planned is stopped (the servers are stopped by the caller either way).
+    code = wait(start(argv, log, child_env()), log, timeout_s=max(600.0, 10.0 * config.load_seconds),
+                what=f"the load client ({mode}, {clients} clients, {name})")
+    if code != 0 or not result.is_file():
+        raise failure(f"the load client ({mode}, {clients} clients, {name})", code, log)
+    return json.loads(result.read_text())
 
 
 def _client_main(argv: list[str]) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import re
 import time
 from dataclasses import asdict
@@ -136,6 +137,8 @@ def run_bench(config: BenchConfig, console, model=None) -> dict:
         from overfill.bench.vllm_run import run_vllm_bench
 
         return run_vllm_bench(config, console, model)
+    if config.memory:
+        return _run_memory(config, console)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -143,6 +146,20 @@ def run_bench(config: BenchConfig, console, model=None) -> dict:
         return _run_bench(config, console, model)
     finally:
         torch.set_num_threads(threads)
+
+
+def _run_memory(config: BenchConfig, console) -> dict:
+    from overfill.bench.memory import run_memory
+
+    check_writable(config.out, "--out")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {"config": asdict(config), "memory": run_memory(config, console, out)}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    console.print(f"{result['memory']['cpu']['name']}; {result['seconds']:.0f} s; wrote bench.json to {out}")
+    return result
 
 
 def _run_bench(config: BenchConfig, console, model) -> dict:

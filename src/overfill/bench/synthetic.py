@@ -91,6 +91,15 @@ LLAMA_3B = dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num
                               "original_max_position_embeddings": 8192},
                 bos_token_id=128000, eos_token_id=128009)
 DECODER_045 = dict(hidden_size=1680, intermediate_size=4505)
+# Llama-3.2-1B-Instruct's shape (its config.json): the quick pair of the memory check, with a 0.45 decoder.
+LLAMA_1B = dict(LLAMA_3B, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, head_dim=64)
+
+
+def config_model(fields: dict, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """A Llama of these config fields with random weights, built in `dtype` on `device`, in eval mode."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**fields), dtype=dtype).eval()
 
 
 def paper_pair(dtype: torch.dtype, device: torch.device, *, scale: dict | None = None):
@@ -100,17 +109,12 @@ def paper_pair(dtype: torch.dtype, device: torch.device, *, scale: dict | None =
     preset), the decoder keeping the same ratio of widths.
     """
     full_config = dict(LLAMA_3B, **(scale or {}))
-    decoder_config = dict(full_config, **_scaled(DECODER_045, full_config))
+    decoder_config = dict(full_config, **scaled_widths(DECODER_045, full_config))
 
-    def build(values: dict):
-        torch.manual_seed(0)
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(LlamaConfig(**values), dtype=dtype).eval()
-
-    return build(full_config), build(decoder_config)
+    return config_model(full_config, dtype, device), config_model(decoder_config, dtype, device)
 
 
-def _scaled(decoder: dict, full: dict) -> dict:
+def scaled_widths(decoder: dict, full: dict) -> dict:
     """The decoder's widths for a full model of other widths: the paper pair's ratios, the hidden width a multiple of the heads."""
     heads = full["num_attention_heads"]
     hidden = max(heads, round(full["hidden_size"] * decoder["hidden_size"] / LLAMA_3B["hidden_size"] / heads) * heads)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from overfill.atomic import atomic_folder, check_writable
+from overfill.decode_step import state_dict_to_save
 from overfill.errors import OverfillError
 from overfill.train.config import TrainConfig
 from overfill.train.trainee import Trainee
@@ -63,7 +64,7 @@ def save_model_folder(trainee: Trainee, folder: Path, extra: dict) -> Path:
         if trainee.pair is not None:
             return trainee.pair.save_pretrained(folder, extra={"training": extra})
         with atomic_folder(folder) as tmp:
-            trainee.trained.save_pretrained(tmp)
+            trainee.trained.save_pretrained(tmp, state_dict=state_dict_to_save(trainee.trained))
             trainee.tokenizer.save_pretrained(tmp)
             (tmp / "training.json").write_text(json.dumps(extra, indent=1) + "\n")
         return folder

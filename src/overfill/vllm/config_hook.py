@@ -16,7 +16,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.platforms import current_platform
 
-from overfill.vllm.scheduler import SCHEDULER_FQCN, step_policy
+from overfill.vllm.scheduler import SCHEDULER_FQCN, prompt_steps, step_policy
 from overfill.vllm.tracker import TRACKER_FQCN
 
 logger = init_logger(__name__)
@@ -29,7 +29,7 @@ class OverFillConfigHook(VerifyAndUpdateConfig):
         if vllm_config.speculative_config is not None:
             raise ValueError("OverFill: vLLM's speculative decoding is not supported on an OverFill model "
                              "(serve the full model with the decoder as its draft instead)")
-        step_policy(vllm_config)  # a misspelt policy fails here, in the process that parsed it
+        step_policy(vllm_config), prompt_steps(vllm_config)  # a misspelt setting fails here, where it was parsed
         cache_config, scheduler_config = vllm_config.cache_config, vllm_config.scheduler_config
         if scheduler_config.scheduler_cls in (None, SCHEDULER_FQCN):
             scheduler_config.scheduler_cls = SCHEDULER_FQCN

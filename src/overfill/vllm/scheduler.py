@@ -35,6 +35,8 @@ from overfill.vllm.prefix_cache import PromptAwareHashing
 SCHEDULER_FQCN = "overfill.vllm.scheduler.overfill_scheduler"
 STEPS_KEY = "overfill_steps"  # in vLLM's additional_config
 STEP_POLICIES = ("alternate", "mixed")
+PROMPT_STEPS_KEY = "overfill_prompt_steps"
+PROMPT_STEPS = 2  # prompt steps in a row at most, while decodes wait
 
 
 def step_policy(vllm_config) -> str:
@@ -46,13 +48,24 @@ def step_policy(vllm_config) -> str:
     return policy
 
 
+def prompt_steps(vllm_config) -> int:
+    """How many prompt steps may run back to back while decodes wait (additional_config overfill_prompt_steps)."""
+    additional = vllm_config.additional_config
+    steps = additional.get(PROMPT_STEPS_KEY, PROMPT_STEPS) if isinstance(additional, dict) else PROMPT_STEPS
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"OverFill: additional_config {PROMPT_STEPS_KEY}={steps!r}; use a whole number of at least 1")
+    return steps
+
+
 class StagesInTurn:
     """Scheduler mixin: when prompt work and decodes both wait, a step takes one kind, in turn (the module says why)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.alternate_stages = step_policy(kwargs["vllm_config"]) == "alternate"
-        self.read_prompts_last = False
+        vllm_config = kwargs["vllm_config"]
+        self.alternate_stages = step_policy(vllm_config) == "alternate"
+        self.max_prompt_steps = prompt_steps(vllm_config)
+        self.prompt_steps_in_row = 0
 
     def schedule(self, *args, **kwargs):
         if not self.alternate_stages:
@@ -62,14 +75,14 @@ class StagesInTurn:
             (reading if request.num_computed_tokens < request.num_prompt_tokens else decoding).append(request)
         admissible = len(self.running) < self.max_num_active_reqs  # else no waiting request can start now
         prompt_work = bool(reading or (admissible and (len(self.waiting) or len(self.kv_holding_waiting))))
+        read_prompts = prompt_work and (not decoding or self.prompt_steps_in_row < self.max_prompt_steps)
+        self.prompt_steps_in_row = self.prompt_steps_in_row + 1 if read_prompts else 0
         if not (decoding and prompt_work):
-            self.read_prompts_last = prompt_work
             return super().schedule(*args, **kwargs)
-        self.read_prompts_last = not self.read_prompts_last
         # schedule() counts this step first, then skips a request while current_step < its eligible step
-        for request in (decoding if self.read_prompts_last else reading):
+        for request in (decoding if read_prompts else reading):
             request.next_decode_eligible_step = max(request.next_decode_eligible_step, self.current_step + 2)
-        if self.read_prompts_last:
+        if read_prompts:
             return super().schedule(*args, **kwargs)
         admitted, self.max_num_active_reqs = self.max_num_active_reqs, 0  # a decode step admits no new request
         try:
