@@ -27,6 +27,7 @@ def test_small_preset_runs_every_section(tmp_path, monkeypatch, capsys):
             "overfill, 3 candidates"} <= set(cases)
     assert all(engines[e]["equal"] for engines in cases.values() for e in ("eager", "compiled"))
     assert sections["training step"]["ok"]
+    assert len(sections["memory"]["phases"]) == 5 and sections["memory"]["weight_bytes"] > 0
     figures = saved["figures"]
     assert set(figures["key_point"]["rows"]) == {"overfill:compiled", "full:compiled", "pruned:compiled"}
     assert set(figures["sweeps"]) == {"new_tokens", "batch", "prompt_len"}

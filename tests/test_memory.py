@@ -16,9 +16,8 @@ TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 @pytest.fixture
-def tiny_pair(tmp_path, monkeypatch):
-    monkeypatch.setitem(memory.SHAPES, "tiny", (TINY, synthetic.DECODER_045))
-    counts = memory.write_pair("tiny", torch.float32, tmp_path)
+def tiny_pair(tmp_path):
+    counts = memory.write_pair(TINY, synthetic.DECODER_045, torch.float32, tmp_path)
     return tmp_path, counts
 
 

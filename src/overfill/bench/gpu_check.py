@@ -236,6 +236,17 @@ def training_step(device: torch.device) -> dict:
 # ---------------------------------------------------------------- the run
 
 
+def memory_phases(preset: dict, device: torch.device) -> dict:
+    """`overfill bench --memory`'s phases on the device: the paper's pair (the small preset: its tiny shape)."""
+    from overfill.bench import memory, synthetic
+
+    dtype = getattr(torch, preset["dtype"])
+    full = synthetic.LLAMA_3B if preset["scale"] is None else dict(synthetic.LLAMA_3B, **preset["scale"])
+    with tempfile.TemporaryDirectory() as folder:
+        memory.write_pair(full, synthetic.DECODER_045, dtype, Path(folder))
+        return memory.measure(Path(folder), dtype, device)
+
+
 def run_check(config: GpuCheckConfig) -> dict:
     preset = PRESETS[config.preset]
     device = torch.device(config.device)
@@ -261,6 +272,11 @@ def run_check(config: GpuCheckConfig) -> dict:
     training = check.section("training step", lambda: training_step(device), needs=20)
     if training is not None:
         check.sane("one training step on the device", training["ok"], f"loss {training['losses']}, decoder on {training['decoder_on']}")
+    memory = check.section("memory", lambda: memory_phases(preset, device), needs=60)
+    if memory is not None:
+        worst = max(row["over_weights"] for row in memory["phases"].values())
+        check.sane("peak memory less KV at most 1.15x the weights", worst <= 1.15, f"{worst:.2f}x",
+                   judged=config.preset == "paper")
     paper_figures(check, config, preset)
     failed = [name for name, value in check.result["sections"].items() if isinstance(value, dict) and "error" in value]
     insane = [s["check"] for s in check.result["sanity"] if s["judged"] and not s["ok"]]

@@ -81,12 +81,11 @@ def kv_bytes(config, rows: int, tokens: int, dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------- the pair, written once
 
 
-def write_pair(shape: str, dtype: torch.dtype, folder: Path) -> dict:
-    """Build the shape's random pair from its config and save it in `dtype` (safetensors), with the pruning record
-    a `from_pair` load checks; returns the pair's parameter counts."""
+def write_pair(full_fields: dict, decoder_widths: dict, dtype: torch.dtype, folder: Path) -> dict:
+    """Build a random pair from the full model's config fields (the decoder's widths scaled to it) and save it in
+    `dtype` (safetensors), with the pruning record a `from_pair` load checks; returns the parameter counts."""
     from overfill.fingerprint import fingerprint
 
-    full_fields, decoder_widths = SHAPES[shape]
     tokenizer = synthetic.byte_tokenizer()
     counts = {}
     for part, widths in (("full", None), ("decoder", decoder_widths)):
@@ -98,7 +97,7 @@ def write_pair(shape: str, dtype: torch.dtype, folder: Path) -> dict:
         if part == "full":
             source = fingerprint(model, stored=folder / "full")
         del model
-    record = {"source_model": str(folder / "full"), "source_fingerprint": source, "synthetic": shape}
+    record = {"source_model": str(folder / "full"), "source_fingerprint": source, "synthetic": True}
     (folder / "decoder" / "pruning.json").write_text(json.dumps(record) + "\n")
     return counts
 
@@ -211,11 +210,11 @@ def print_memory(console, result: dict) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    torch_dtype = getattr(torch, args[1] if command == "measure" else args[1])
+    torch_dtype = getattr(torch, args[1])
     if command == "write":
         shape_name, _, target = args
         folder = Path(target)
-        counts = write_pair(shape_name, torch_dtype, folder)
+        counts = write_pair(*SHAPES[shape_name], torch_dtype, folder)
         (folder / "counts.json").write_text(json.dumps(counts) + "\n")
         print(json.dumps(counts))
     else:
