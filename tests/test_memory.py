@@ -46,11 +46,9 @@ def test_a_pair_loads_in_bfloat16_and_checks_its_fingerprint_against_the_files(t
 
 def test_the_memory_check_measures_every_phase(tiny_pair, monkeypatch):
     folder, counts = tiny_pair
-    monkeypatch.setattr(memory, "NEW_TOKENS", 4)
-    monkeypatch.setattr(memory, "PROMPT_LEN", 8)
     monkeypatch.setattr("overfill.decode_step.BACKEND", "aot_eager")
     lines = []
-    result = memory.measure(folder, torch.float32, torch.device("cpu"), say=lines.append)
+    result = memory.measure(folder, torch.float32, torch.device("cpu"), say=lines.append, prompt_len=8, new_tokens=4)
     phases = result["phases"]
     assert list(phases) == ["load", "eager decode, batch 1", "compiled decode, batch 1", "compiled decode, batch 8",
                             "speculative (compiled), batch 1"] and len(lines) == len(phases)

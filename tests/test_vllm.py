@@ -508,6 +508,20 @@ def test_mixed_steps_run_compiled_split_and_equal_our_own_loop(engines, referenc
 
 
 @vllm_test
+def test_busy_steps_read_prompts_and_decode_in_turn(engines, reference):
+    """By default a step with prompt work and decodes waiting takes one kind, in turn: no step mixes the stages, every
+    staggered prompt gets a full-model step of its own, and the tokens are our loop's."""
+    llm = engines.get("pruned")
+    reset_stats(llm)
+    got = staggered(llm, PROMPTS, 8)
+    assert got == [reference.tokens(p, 8) for p in PROMPTS]
+    counts = stats(llm)
+    assert counts["split"] == 0 and counts["eager"] == 0
+    assert counts["full"] == len(PROMPTS)  # one prompt step each (each prompt fits the step budget)
+    assert counts["full_tokens"] == sum(map(len, PROMPTS)) and counts["decoder_tokens"] == len(PROMPTS) * 7
+
+
+@vllm_test
 def test_a_request_finishing_first_reorders_the_batch(engines, reference):
     """vLLM fills the slot of a finished request with the batch's last one: its prompt length must move along
     (left behind, the 131-token prompt's length would send the 5-token request's reply to the full model)."""
@@ -654,20 +668,6 @@ def test_reply_blocks_hash_apart_from_prompt_blocks():
     assert request(tokens[:6], tokens[6:], plain) == as_prompt  # plain vLLM would serve them to a prompt
     assert request(tokens[:6], tokens[6:], ours) == split_at_6  # the same split again: the same hashes
     assert request(tokens[:5], tokens[5:], ours)[1] != split_at_6[1]  # another split point: another hash
-
-
-@vllm_test
-def test_busy_steps_read_prompts_and_decode_in_turn(engines, reference):
-    """By default a step with prompt work and decodes waiting takes one kind, in turn: no step mixes the stages, every
-    staggered prompt gets a full-model step of its own, and the tokens are our loop's."""
-    llm = engines.get("pruned")
-    reset_stats(llm)
-    got = staggered(llm, PROMPTS, 20)
-    assert got == [reference.tokens(p, 20) for p in PROMPTS]
-    counts = stats(llm)
-    assert counts["split"] == 0 and counts["eager"] == 0
-    assert counts["full"] == len(PROMPTS)  # one prompt step each (each prompt fits the step budget)
-    assert counts["full_tokens"] == sum(map(len, PROMPTS)) and counts["decoder_tokens"] == len(PROMPTS) * 19
 
 
 @vllm_test

@@ -135,6 +135,21 @@ def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, tensor in state.items()}
 
 
+# StepWeights' own tensors (the rest, embedding and final norm, are the model's modules)
+STEP_LAYOUT = ("qkv", "o", "gate_up", "down", "head", "norms", "qk_norms")
+
+
+def _own_the_rest(model: nn.Module, step: nn.Module) -> None:
+    """Give the model's weights the step did not take (the final norm, an untied embedding) storage of their own.
+    A model loaded from safetensors holds its weights in a mapping of the file, which lives while any of its
+    tensors does: one small weight left in it would keep every replaced weight's pages resident."""
+    own = [p for name, p in step.named_parameters() if name.split(".")[0] in STEP_LAYOUT and type(p.data) is torch.Tensor]
+    taken = {p.untyped_storage().data_ptr() for p in own}  # the fused and stacked tensors the step made
+    for parameter in model.parameters():
+        if type(parameter.data) is torch.Tensor and parameter.untyped_storage().data_ptr() not in taken:
+            parameter.data = parameter.data.clone()
+
+
 def _stacked(norms: list[list[nn.Module]]) -> nn.Parameter:
     """Norm weights stacked [L, n, width], the modules' own weights then views into the stack (held once)."""
     stack = _frozen(torch.stack([torch.stack([m.weight for m in layer]) for layer in norms]))
@@ -193,6 +208,7 @@ class StepWeights(nn.Module):
                 self.qk_norms = _stacked([[a.q_norm, a.k_norm] for a in attention])  # [L, 2, D]
             self.final_norm = body.norm
             self.head = Projection([[model.lm_head]], self.transposed)
+            _own_the_rest(model, self)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor, mask: torch.Tensor,
                 cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor]) -> torch.Tensor:

@@ -244,7 +244,7 @@ def memory_phases(preset: dict, device: torch.device) -> dict:
     full = synthetic.LLAMA_3B if preset["scale"] is None else dict(synthetic.LLAMA_3B, **preset["scale"])
     with tempfile.TemporaryDirectory() as folder:
         memory.write_pair(full, synthetic.DECODER_045, dtype, Path(folder))
-        return memory.measure(Path(folder), dtype, device)
+        return memory.measure(Path(folder), dtype, device, prompt_len=preset["prompt_len"], new_tokens=preset["new_tokens"])
 
 
 def run_check(config: GpuCheckConfig) -> dict:

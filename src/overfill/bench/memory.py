@@ -58,6 +58,17 @@ class PeakResident:
     def reset(self) -> None:
         self.peak = self.now()
 
+    @staticmethod
+    def kinds() -> dict:
+        """Resident bytes now, by kind: anonymous (the process's own) and file-backed (mapped weight files)."""
+        found = {}
+        with open("/proc/self/smaps_rollup") as rollup:
+            for line in rollup:
+                key, _, value = line.partition(":")
+                if key in ("Rss_Anon", "Rss_File", "Pss_Anon", "Pss_File"):
+                    found[key.split("_")[1].lower()] = int(value.split()[0]) * 1024
+        return found
+
     def close(self) -> None:
         self._stop.set()
         self.thread.join()
@@ -105,8 +116,11 @@ def write_pair(full_fields: dict, decoder_widths: dict, dtype: torch.dtype, fold
 # ---------------------------------------------------------------- measured, in a process of its own
 
 
-def measure(folder: Path, dtype: torch.dtype, device: torch.device, say=print) -> dict:
-    """Load the pair in `folder` and decode phase by phase; each phase's time and peak memory."""
+def measure(folder: Path, dtype: torch.dtype, device: torch.device, say=print, *, prompt_len: int | None = None,
+            new_tokens: int | None = None) -> dict:
+    """Load the pair in `folder` and decode phase by phase (prompts of `prompt_len` tokens, `new_tokens` each; default
+    PROMPT_LEN and NEW_TOKENS); each phase's time and peak memory."""
+    prompt_len, new_tokens = prompt_len or PROMPT_LEN, new_tokens or NEW_TOKENS
     from overfill.generation import GenerationConfig, generate_ids
     from overfill.modeling import OverFillModel
 
@@ -124,7 +138,7 @@ def measure(folder: Path, dtype: torch.dtype, device: torch.device, say=print) -
         if cuda:
             torch.cuda.synchronize()
         phases[name] = {"seconds": round(time.perf_counter() - started, 2), "peak_resident_bytes": sampler.peak,
-                        "kv_bytes": kv, **({"peak_device_bytes": torch.cuda.max_memory_allocated(device)} if cuda else {})}
+                        "kv_bytes": kv, "resident_after": sampler.kinds(), **({"peak_device_bytes": torch.cuda.max_memory_allocated(device)} if cuda else {})}
 
     state = {"runtime_bytes": sampler.now()}
 
@@ -136,11 +150,11 @@ def measure(folder: Path, dtype: torch.dtype, device: torch.device, say=print) -
     weights = weight_bytes(model.full, model.decoder)
 
     def decode(rows: int, **settings):
-        ids = torch.randint(3, 250, (rows, PROMPT_LEN), generator=torch.Generator().manual_seed(rows), device="cpu").to(device)
-        config = GenerationConfig(max_new_tokens=NEW_TOKENS, **settings)
+        ids = torch.randint(3, 250, (rows, prompt_len), generator=torch.Generator().manual_seed(rows), device="cpu").to(device)
+        config = GenerationConfig(max_new_tokens=new_tokens, **settings)
         return lambda: list(generate_ids(model, ids, torch.ones_like(ids), config, eos_ids=set(), pad_id=0))
 
-    tokens = PROMPT_LEN + NEW_TOKENS + DRAFT_TOKENS
+    tokens = prompt_len + new_tokens + DRAFT_TOKENS
     kv = lambda rows: kv_bytes(model.full.config, rows, tokens, dtype)  # noqa: E731
     phase("eager decode, batch 1", decode(1, compile=False), kv(1))
     for rows in BATCHES:
