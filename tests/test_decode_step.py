@@ -15,7 +15,8 @@ from transformers import DynamicCache
 
 from overfill import decode_step
 from overfill.chat import ChatSession
-from overfill.decode_step import compile_seconds, decide_compile
+from overfill.decode_step import compile_seconds
+from overfill.devices import decide_compile
 from overfill.errors import OverfillWarning
 from overfill.generation import GenerationConfig, encode_prompt, generate, stream
 from overfill.kv_cache import CAPACITY_STEP, StaticCache, capacity_for
@@ -218,6 +219,20 @@ def test_the_compiled_step_holds_no_second_copy_of_the_weights(captured, tmp_pat
         torch.testing.assert_close(model.decoder(ids).logits, before)
     again = OverFillModel.from_pretrained(model.save_pretrained(tmp_path / "checkpoint"), model.full)
     assert replies(again, PROMPTS, compile=False, max_new_tokens=6) == eager
+
+
+def test_a_model_trains_after_compiled_decoding_and_its_step_follows(captured):
+    """The model's weights, views of the step's layout, stay ordinary tensors: a training step works on them after a
+    compiled reply, and the next compiled reply uses the trained weights."""
+    model = pruned_model("llama")
+    replies(model, PROMPTS[:1], compile=True, max_new_tokens=4)
+    assert not any(p.is_inference() for p in model.decoder.parameters())
+    model.decoder.train()
+    optimizer = torch.optim.SGD(model.decoder.parameters(), lr=0.5)
+    model.decoder(torch.tensor([[5, 9, 14, 3, 7]]), labels=torch.tensor([[5, 9, 14, 3, 7]])).loss.backward()
+    optimizer.step()
+    model.decoder.eval()
+    assert replies(model, PROMPTS, compile=True, max_new_tokens=6) == replies(model, PROMPTS, compile=False, max_new_tokens=6)
 
 
 def _parameter_bytes(*modules) -> int:

@@ -697,6 +697,21 @@ def test_chunked_prefill_with_a_one_token_final_chunk(engines, reference):
 
 
 @vllm_test
+def test_a_prompt_read_in_chunks_takes_turns_with_the_decodes(engines, reference):
+    """A 40-token prompt in 16-token chunks arriving while another request decodes: chunk steps and decode steps take
+    turns (the decode steps hold the chunked prompt back and admit nothing), no step mixes them, and both replies are
+    our loop's."""
+    llm = engines.get("small")
+    first, chunked = prompt(10, seed=31), prompt(40, seed=32)
+    reset_stats(llm)
+    got = staggered(llm, [first, chunked], 12)
+    assert got == [reference.tokens(first, 12), reference.tokens(chunked, 12)]
+    counts = stats(llm)
+    assert counts["split"] == 0 and counts["eager"] == 0
+    assert counts["full"] == 1 + 3 and counts["full_tokens"] == 50  # one step for the first prompt, three chunks
+
+
+@vllm_test
 def test_preempted_requests_recompute_to_the_same_tokens(engines, reference):
     llm = engines.get("small")
     prompts = [prompt(20, seed=20 + i) for i in range(3)]

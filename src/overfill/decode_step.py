@@ -123,18 +123,6 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-def state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with each weight in storage of its own, as a safetensors file needs: a compiled step
-    leaves a layer kind's weights as views into one stacked matrix (`Projection._hold_once`). A tied weight (one
-    tensor under two names) stays shared, for transformers to store once."""
-    state = model.state_dict()
-    owners: dict[int, set] = {}
-    for tensor in state.values():
-        owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add((tensor.data_ptr(), tensor.shape, tensor.stride()))
-    return {name: tensor.clone() if len(owners[tensor.untyped_storage().data_ptr()]) > 1 else tensor
-            for name, tensor in state.items()}
-
-
 # StepWeights' own tensors (the rest, embedding and final norm, are the model's modules)
 STEP_LAYOUT = ("qkv", "o", "gate_up", "down", "head", "norms", "qk_norms")
 
@@ -322,7 +310,10 @@ class CompiledStep:
         """Rebuild the step's weights if the model's changed since (training, `.to()`): once per generation, not per step."""
         model = self.model_ref()
         if self.weights is None or _parameter_key(model) != self.key:
-            self.weights = StepWeights(model, self.device).eval()
+            # Built outside inference mode: the model's own weights become views of this layout, and must stay
+            # ordinary tensors (a training step, `.to()` and `load_state_dict` refuse inference tensors).
+            with torch.inference_mode(False), torch.no_grad():
+                self.weights = StepWeights(model, self.device).eval()
             self.key = _parameter_key(model)  # after: the model's layers now view the new layout
             self.compiled = torch.compile(self.weights, **compile_options(self.device))
         return self
@@ -374,37 +365,6 @@ def compile_seconds(model: nn.Module) -> dict[str, float]:
     """What compiling the model's step took so far, per device and shape ('cpu 1x384': seconds)."""
     return {f"{device} {shape}": s for device, step in _STEPS.get(model, {}).items()
             for shape, s in step.compile_seconds.items()}
-
-
-# ---------------------------------------------------------------- when compiling pays
-
-# Measured on this project's 2-core CPU (AMD EPYC, fp32, SmolLM2-135M + its 0.45 decoder, batch 1):
-# compiling both models' steps took 30-60 s (less once inductor's on-disk cache holds the kernels) and
-# saved 8.6 ms per OverFill decode step (23.2 -> 14.6 ms) and 11.7 ms per full-model step: it pays
-# back after a few thousand decoded tokens. On a GPU eager decoding is bound by kernel launches, so a
-# compiled step (one CUDA graph) pays back within a reply or two of a long run.
-CPU_PAYS_AFTER_TOKENS = 4096
-
-
-def decide_compile(asked: bool | None, device: torch.device, decode_tokens: int | None = None) -> tuple[bool, str]:
-    """Whether a command compiles its decode step, and the line that says why.
-
-    `asked` is --compile / --no-compile (None: decide here); `decode_tokens` bounds the tokens the
-    command will decode (rows x new tokens), None when unknown (chat).
-    """
-    if asked is not None:
-        return asked, f"decode step: {'compiled' if asked else 'eager'} (--{'' if asked else 'no-'}compile)"
-    if device.type == "cuda":
-        return True, ("decode step: compiled, CUDA graphs (auto on a GPU: an eager step waits on one kernel launch "
-                      "per operator; --no-compile to decode eagerly)")
-    if device.type != "cpu":
-        return False, f"decode step: eager (auto on {device.type}; --compile to try torch.compile there)"
-    if decode_tokens is not None and decode_tokens >= CPU_PAYS_AFTER_TOKENS:
-        return True, (f"decode step: compiled (auto on a CPU: up to {decode_tokens:,} tokens to decode; compiling "
-                      f"takes about a minute and pays back after ~{CPU_PAYS_AFTER_TOKENS:,}; --no-compile to decode eagerly)")
-    bound = "" if decode_tokens is None else f", this run decodes at most {decode_tokens:,}"
-    return False, (f"decode step: eager (auto on a CPU: compiling takes about a minute and pays back after "
-                   f"~{CPU_PAYS_AFTER_TOKENS:,} decoded tokens{bound}; --compile to compile anyway)")
 
 
 def step_function(decode_model, device: torch.device, compile: bool | None, capacity: int):

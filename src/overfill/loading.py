@@ -165,7 +165,10 @@ def stored_folder(name_or_path: str | None) -> Path | None:
     snapshot), or None where there is none to read."""
     if name_or_path is None:
         return None
-    location = resolve_model(name_or_path, quiet=True)
+    try:
+        location = resolve_model(name_or_path, quiet=True)
+    except OverfillError:  # gone since it was loaded: fingerprints are then taken from the loaded weights
+        return None
     if Path(location).is_dir():
         return Path(location)
     from huggingface_hub import snapshot_download

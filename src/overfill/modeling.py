@@ -34,7 +34,7 @@ from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
 from overfill.kv_cache import KVCache, crop_to
 from overfill.loading import load_model, resolve_model, stored_folder
-from overfill.tensors import IGNORE, context_and_reply, label_cross_entropy, positions_from_mask, reply_labels
+from overfill.tensors import IGNORE, context_and_reply, label_cross_entropy, positions_from_mask, reply_labels, state_dict_to_save
 
 Mode = Literal["overfill", "full", "pruned"]
 MODES: Final[tuple[str, ...]] = typing.get_args(Mode)
@@ -254,7 +254,6 @@ class OverFillModel(nn.Module):
         "decoder_dtype" and comes back so on loading; an int8 one is saved as the float32 weights
         its int8 values stand for (a plain model folder) plus the int8 values themselves.
         """
-        from overfill.decode_step import state_dict_to_save
         from overfill.precision import DECODER_DTYPES, decoder_dtype, float_copy, save_int8
 
         folder = Path(folder)
@@ -315,9 +314,12 @@ class OverFillModel(nn.Module):
                 f"(fingerprint {model.full_fingerprint[:12]} != {expected[:12]}): pass the original full model"
                 + (f" ({meta['full_model']})" if meta.get("full_model") else "")
             )
-        model.full_source = model.full_source or meta.get("full_model")
         if full_model is not None and not isinstance(full_model, str):
-            model.full.to(dtype=dtype, device=device)  # a module handed in: in the dtype and on the device asked for
+            _ = model.full_fingerprint  # of the module handed in, before it is named after the recorded model
+            model.full.to(device)  # a module handed in: on the device asked for, in its dtype unless one is asked
+            if dtype != torch.float32:
+                model.full.to(dtype)
+        model.full_source = model.full_source or meta.get("full_model")
         model.set_decoder_dtype(chosen)
         if chosen == "int8":
             from overfill.precision import restore_int8

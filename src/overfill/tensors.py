@@ -1,5 +1,6 @@
 """Tensor helpers every stage shares: padding, mask-derived positions, the pad id, and teacher forcing's
-inputs, labels and cross-entropy (written once for the OverFill loss, the standalone baselines and distillation).
+inputs, labels and cross-entropy (written once for the OverFill loss, the standalone baselines and distillation),
+and a state dict fit to save (`state_dict_to_save`).
 
 Contexts are left-padded everywhere in overfill (so every row's last column is its last real
 token, where the first reply token is predicted) and replies right-padded. Positions always
@@ -82,3 +83,15 @@ def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     float32 whatever the logits' dtype; and how many that is (the loop weights micro-batches by it)."""
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
     return loss, int((labels != IGNORE).sum())
+
+
+def state_dict_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each weight in storage of its own, as a safetensors file needs: a compiled step
+    leaves a layer kind's weights as views into one stacked matrix (`Projection._hold_once`). A tied weight (one
+    tensor under two names) stays shared, for transformers to store once."""
+    state = model.state_dict()
+    owners: dict[int, set] = {}
+    for tensor in state.values():
+        owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add((tensor.data_ptr(), tensor.shape, tensor.stride()))
+    return {name: tensor.clone() if len(owners[tensor.untyped_storage().data_ptr()]) > 1 else tensor
+            for name, tensor in state.items()}

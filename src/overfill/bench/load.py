@@ -47,7 +47,8 @@ LOAD_RATIOS = (("output tok/s", "output_tokens_per_s"), ("TTFT p50", "ttft_p50_m
                ("ITL p99", "itl_p99_ms"))
 
 
-def serve_argv(config: BenchConfig, mode: str, port: int, max_model_len: int, logs: Path | None = None) -> list[str]:
+def serve_argv(config: BenchConfig, mode: str, port: int, max_model_len: int, logs: Path | None = None,
+               extra: tuple[str, ...] = ()) -> list[str]:
     """`overfill serve` for `config`'s models in `mode` on 127.0.0.1:port, served as the offline bench serves it
     (in vLLM's own dtype unless the bench was given --dtype)."""
     argv = [sys.executable, "-m", "overfill", "serve"]
@@ -65,7 +66,7 @@ def serve_argv(config: BenchConfig, mode: str, port: int, max_model_len: int, lo
     argv += ["--host", HOST, "--port", str(port), "--max-model-len", str(max_model_len)]
     if config.trust_remote_code:
         argv.append("--trust-remote-code")
-    return argv
+    return argv + list(extra)
 
 
 def client_argv(*, port: int, model_name: str, tokenizer: str, prompt_len: int, new_tokens: int, clients: int,
@@ -257,15 +258,19 @@ def resident_mb(pid: int) -> dict:
 def _load_side_by_side(config, engines: dict, out: Path, report) -> dict[str, list[dict]]:
     """Serve every mode of `engines` at once and drive them in turn (the module's docstring): per mode, one result
     per number of config.load_clients."""
+    from overfill.vllm.runtime import on_cpu
+
     logs = out / "logs"
     max_model_len = load_context(config)
+    # on a GPU the servers share its memory (vLLM's default takes 90% of it for one)
+    shared = () if on_cpu() or len(engines) == 1 else ("--gpu-memory-utilization", f"{0.9 / len(engines):.2f}")
     servers = {}
     try:
         for mode in engines:
             port = free_port()
             servers[mode] = SimpleNamespace(port=port, log=logs / f"serve_{mode}.log", instance_logs=logs / mode)
-            servers[mode].proc = start(serve_argv(config, mode, port, max_model_len, servers[mode].instance_logs),
-                                       servers[mode].log, child_env())
+            argv = serve_argv(config, mode, port, max_model_len, servers[mode].instance_logs, extra=shared)
+            servers[mode].proc = start(argv, servers[mode].log, child_env())
         for mode, server in servers.items():
             started = time.perf_counter()
             wait_healthy(f"http://{HOST}:{server.port}", server.proc, server.log, "overfill serve",

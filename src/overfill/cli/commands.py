@@ -243,10 +243,10 @@ def print_replies(command: GenerateCommand, replies) -> None:
 
 
 def decided(config: GenerationConfig, source: ModelSource, decode_tokens: int | None, say: bool = True) -> GenerationConfig:
-    """`config` with --compile decided for this device and workload (decode_step.decide_compile), said on stderr."""
+    """`config` with --compile decided for this device and workload (devices.decide_compile), said on stderr."""
     import torch
 
-    from overfill.decode_step import decide_compile
+    from overfill.devices import decide_compile
 
     compile, why = decide_compile(config.compile, torch.device(source.device), decode_tokens)
     if config.mode == "speculative":  # both stages step compiled or both eagerly: the drafts, and the verifying pass

@@ -21,7 +21,7 @@ import torch
 
 from overfill.data.examples import split_messages
 from overfill.data.prompts import Prompt, load_prompts
-from overfill.decode_step import decide_compile
+from overfill.devices import decide_compile
 from overfill.distill.config import DistillConfig
 from overfill.distill.engines import VLLM_MAX_TEMPERATURE, TorchEngine, VllmEngine, prompt_seed
 from overfill.distill.output import Appender, Resume, check_settings, resume_point, settings_path, write_settings

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 import torch
 
-from overfill.decode_step import decide_compile
+from overfill.devices import decide_compile
 from overfill.evaluation.scoring import generate_ids_batched, score_examples
 from overfill.model_source import ModelSource
 from overfill.modeling import check_mode

@@ -34,7 +34,7 @@ from rich.markup import escape
 
 from overfill.atomic import atomic_write_text, check_writable
 from overfill.data.examples import check_examples_fit
-from overfill.decode_step import decide_compile
+from overfill.devices import decide_compile
 from overfill.evaluation.agreement import DEFAULT_TIE, first_divergence, greedy_agreement, reference_examples, score_agreement
 from overfill.evaluation.answers import answer_accuracy, extract_answer, reference_answer
 from overfill.evaluation.config import EvalConfig, ModelEntry

@@ -32,7 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from overfill.atomic import atomic_write_text, check_writable
 from overfill.bench.results import environment
 from overfill.bench.timing import paired_ratio
-from overfill.decode_step import compile_seconds, decide_compile
+from overfill.decode_step import compile_seconds
+from overfill.devices import decide_compile
 from overfill.evaluation import EvalConfig, evaluate
 from overfill.evaluation.config import ModelEntry, parse_entry
 from overfill.frontier.config import FrontierConfig

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from overfill.atomic import atomic_folder, check_writable
-from overfill.decode_step import state_dict_to_save
 from overfill.errors import OverfillError
+from overfill.tensors import state_dict_to_save
 from overfill.train.config import TrainConfig
 from overfill.train.trainee import Trainee
 

@@ -28,6 +28,7 @@ split route); the bench uses it to time the routes of a mixed step against each 
 from __future__ import annotations
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from overfill.vllm.prefix_cache import PromptAwareHashing
@@ -73,8 +74,10 @@ class StagesInTurn:
         decoding, reading = [], []
         for request in self.running:
             (reading if request.num_computed_tokens < request.num_prompt_tokens else decoding).append(request)
-        admissible = len(self.running) < self.max_num_active_reqs  # else no waiting request can start now
-        prompt_work = bool(reading or (admissible and (len(self.waiting) or len(self.kv_holding_waiting))))
+        # waiting requests count only where one could start now (a free slot; new ones not paused)
+        admissible = len(self.running) + self.num_waiting_for_streaming_input < self.max_num_active_reqs
+        waiting = len(self.kv_holding_waiting) + (len(self.waiting) if self._pause_state == PauseState.UNPAUSED else 0)
+        prompt_work = bool(reading or (admissible and waiting))
         read_prompts = prompt_work and (not decoding or self.prompt_steps_in_row < self.max_prompt_steps)
         self.prompt_steps_in_row = self.prompt_steps_in_row + 1 if read_prompts else 0
         if not (decoding and prompt_work):
