@@ -90,13 +90,13 @@ class BenchConfig(ModelSource):
     load_test: bool = False
     """With --engine vllm: also load-test `overfill serve` (--load-modes), concurrent streaming clients for a fixed time."""
     load_modes: tuple[str, ...] = comma_list(("overfill", "full", "pruned"))
-    """Modes served in the load run, one server at a time; `disaggregated` adds `overfill serve --disaggregated` (a prefill and a decode instance, cores split, behind the router)."""
+    """Modes served in the load run, all at once, the clients driving them in turns; `disaggregated` adds `overfill serve --disaggregated` (a prefill and a decode instance, cores split, behind the router; driven after the others, on its own)."""
     load_clients: tuple[int, ...] | None = None
     """Concurrent streaming clients in the load run: one run per number, against the same servers (preset: 8,32; quick 8)."""
     load_seconds: int | None = None
     """How long the load run keeps the clients busy, per mode and number of clients (preset: 60; quick 10)."""
     mixed_step: bool = False
-    """With --engine vllm: also time OverFill's mixed steps (decodes beside a prompt chunk, a busy server's usual step) through the split route and the eager one."""
+    """With --engine vllm: also time OverFill's mixed steps (decodes beside a prompt chunk, a busy server's usual step) as mixed steps, split and eager, and as prompt and decode steps in turn (the default schedule)."""
     mixed_decoding: int = 31
     """Requests decoding in each timed mixed step."""
     mixed_chunk: int = 256

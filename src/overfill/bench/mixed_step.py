@@ -1,10 +1,11 @@
-"""`overfill bench --engine vllm --mixed-step`: OverFill's mixed steps on vLLM, eager route against split.
+"""`overfill bench --engine vllm --mixed-step`: a busy OverFill engine's steps, mixed (eager, split) and in turn.
 
 On a busy server most steps carry a new prompt chunk beside the running requests' decode tokens. One
 OverFill engine (vLLM's defaults, but a step budget of exactly --mixed-decoding + --mixed-chunk
 tokens) holds --mixed-decoding requests decoding while prompts of --mixed-steps chunks arrive, one at a
-time; each of their steps is timed with the split route (each stage compiled on its own requests) and
-with the eager route, alternating route by round (overfill.vllm.mixed_step runs inside the engine).
+time; their steps are timed as mixed steps, with the split route (each stage compiled on its own
+requests) and with the eager route, and under OverFill's default schedule, a prompt step and a decode
+step in turn, rotating by round (overfill.vllm.mixed_step runs inside the engine).
 """
 
 from __future__ import annotations
