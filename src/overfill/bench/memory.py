@@ -74,12 +74,6 @@ class PeakResident:
         self.thread.join()
 
 
-def weight_bytes(*modules) -> int:
-    """Bytes of the distinct storages behind the modules' parameters (a tied or shared weight counted once)."""
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in modules for p in m.parameters()}
-    return sum(storages.values())
-
-
 def kv_bytes(config, rows: int, tokens: int, dtype: torch.dtype) -> int:
     """Keys and values of `rows` x `tokens` positions, every layer, at the static cache's capacity."""
     from overfill.arch import head_dim_of, kv_heads_of
@@ -123,6 +117,7 @@ def measure(folder: Path, dtype: torch.dtype, device: torch.device, say=print, *
     prompt_len, new_tokens = prompt_len or PROMPT_LEN, new_tokens or NEW_TOKENS
     from overfill.generation import GenerationConfig, generate_ids
     from overfill.modeling import OverFillModel
+    from overfill.precision import weight_bytes
 
     sampler, phases = PeakResident(), {}
     cuda = device.type == "cuda"
@@ -147,7 +142,7 @@ def measure(folder: Path, dtype: torch.dtype, device: torch.device, say=print, *
 
     phase("load", load)
     model = state["model"]
-    weights = weight_bytes(model.full, model.decoder)
+    weights = weight_bytes(model.full) + weight_bytes(model.decoder)  # loaded, before any layout shares storage
 
     def decode(rows: int, **settings):
         ids = torch.randint(3, 250, (rows, prompt_len), generator=torch.Generator().manual_seed(rows), device="cpu").to(device)
