@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from overfill import tensors
 from overfill.bench import memory, synthetic
 from overfill.fingerprint import fingerprint
 from overfill.loading import load_model
@@ -57,3 +58,41 @@ def test_the_memory_check_measures_every_phase(tiny_pair, monkeypatch):
     for row in phases.values():
         assert row["peak_resident_bytes"] >= result["runtime_bytes_before_load"] > 0
         assert row["over_weights"] > 0
+
+
+def _resident_file_bytes() -> int:
+    return memory.PeakResident.kinds()["file"]
+
+
+def test_a_weight_mapped_from_its_file_hands_its_pages_back(tmp_path):
+    """The pages a copied weight leaves in its file's mapping go back to the kernel, and its values survive."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    values = torch.arange(8 * 2**20, dtype=torch.float32).view(2048, -1)  # 32 MiB
+    save_file({"weight": values}, tmp_path / "model.safetensors")
+    with safe_open(tmp_path / "model.safetensors", "pt") as stored:
+        mapped = stored.get_tensor("weight")
+    assert torch.equal(mapped, values)  # every page read, so resident
+    before = _resident_file_bytes()
+    if not tensors.hand_back_pages(mapped):
+        pytest.skip("this kernel takes no MADV_PAGEOUT hint")
+    assert before - _resident_file_bytes() > 24 * 2**20
+    assert torch.equal(mapped, values)  # read again from the file
+    assert not tensors.hand_back_pages(values.clone())  # memory of its own: freed when dropped, left alone
+
+
+def test_hf_models_compute_logits_from_contiguous_rows(tiny_pair):
+    """Prefill asks for the last column by index: on a strided [B, 1, H] view `F.linear` would multiply every row by
+    a copy of the LM head (one per row: gigabytes at a real vocabulary)."""
+    from overfill.modeling import prefill, prefill_with_reply
+
+    folder, _ = tiny_pair
+    model, _ = load_model(str(folder / "full"), dtype=torch.float32)
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape, args[0].is_contiguous())))
+    ids = torch.randint(3, 250, (3, 7))
+    with torch.inference_mode():
+        prefill(model, ids, torch.ones_like(ids))
+        prefill_with_reply(model, ids, torch.ones_like(ids), ids[:, :4], torch.ones_like(ids[:, :4]), 4)
+    assert seen == [(torch.Size([3, 1, 64]), True), (torch.Size([3, 4, 64]), True)]

@@ -44,6 +44,7 @@ from torch import nn
 from overfill import arch
 from overfill.errors import OverfillWarning
 from overfill.kv_cache import StaticCache
+from overfill.tensors import hand_back_pages
 
 # ---------------------------------------------------------------- the weights, laid out for one token
 
@@ -73,37 +74,12 @@ class Projection(nn.Module):
         dense = all(type(m) is nn.Linear and not hasattr(m.weight, "qdata") for layer in parts for m in layer)
         self.dense = dense and len({m.weight.dtype for layer in parts for m in layer}) == 1
         if self.dense:
-            with torch.no_grad():
-                weight = torch.stack([torch.cat([m.weight for m in layer]) for layer in parts])  # [L, out, in]
-                self.weight = _frozen(weight.transpose(1, 2).contiguous() if transposed else weight)
-                biased = [m.bias is not None for layer in parts for m in layer]
-                if any(biased):
-                    bias = [torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in layer])
-                            for layer in parts]
-                    self.bias = _frozen(torch.stack(bias))  # [L, out]
-                else:
-                    self.bias = None
-            self._hold_once(parts)
+            self.weight, self.bias = _fuse(parts, transposed)
         else:
             self.layers = nn.ModuleList(nn.ModuleList(layer) for layer in parts)
             for module in self.layers.modules():
                 if hasattr(module, "prepare"):  # precision.Int8Linear: its kernel settings, before tracing
                     module.prepare()
-
-    @torch.no_grad()
-    def _hold_once(self, parts: list[list[nn.Module]]) -> None:
-        """Point the model's own linear layers at their slices of the stacked matrices, so that every weight is held
-        once (the originals are freed): the model's forward (prefill, eager steps) and this step read the same
-        memory. On a CPU a layer's weight is then a transposed view ([out, in] over [in, out] storage), which
-        `F.linear` reads as it is. The parameters stay the model's own objects (an optimizer keeps them)."""
-        for i, layer in enumerate(parts):
-            start = 0
-            for module in layer:
-                end = start + module.out_features
-                module.weight.data = self.weight[i, :, start:end].t() if self.transposed else self.weight[i, start:end]
-                if module.bias is not None:
-                    module.bias.data = self.bias[i, start:end]
-                start = end
 
     def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """x [B, in] -> [B, out] through layer i's projection(s)."""
@@ -115,6 +91,46 @@ class Projection(nn.Module):
         else:
             y = F.linear(x, weight, None if self.bias is None else self.bias[i])
         return y
+
+
+COPY_BYTES = 32 * 2**20  # what the layout copies at a time from a weight mapped from its file (see `_fuse`)
+
+
+@torch.no_grad()
+def _fuse(parts: list[list[nn.Linear]], transposed: bool) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """The layers' linears concatenated along their outputs and stacked: weight [L, in, out] (`transposed`) or
+    [L, out, in], bias [L, out] or None; the model's own linears then read their slices of it.
+
+    Every weight is held once: the stack is allocated empty and filled a matrix at a time, each linear's
+    weight rebound (`.data`, so an optimizer keeps its parameter objects) as soon as it is copied, which
+    frees the original or, for a weight mapped from its file, hands its pages back as it goes (COPY_BYTES at a
+    time). Building the layout then costs a few megabytes, not a second copy of the model. On a CPU a linear's weight becomes a
+    transposed view ([out, in] over [in, out] storage), which `F.linear` reads as it is.
+    """
+    first = parts[0]
+    reference, inputs = first[0].weight, first[0].in_features
+    width = sum(m.out_features for m in first)
+    shape = (len(parts), inputs, width) if transposed else (len(parts), width, inputs)
+    weight = torch.empty(shape, dtype=reference.dtype, device=reference.device)
+    biased = any(m.bias is not None for layer in parts for m in layer)
+    bias = torch.zeros(len(parts), width, dtype=reference.dtype, device=reference.device) if biased else None
+    for i, layer in enumerate(parts):
+        start = 0
+        for module in layer:
+            end = start + module.out_features
+            held = weight[i, :, start:end].t() if transposed else weight[i, start:end]  # [out, in], as the linear's
+            original = module.weight.data
+            rows = max(1, COPY_BYTES // (original.shape[1] * original.element_size()))
+            for first in range(0, original.shape[0], rows):  # a slice at a time: at most one slice is held twice
+                held[first : first + rows] = original[first : first + rows]
+                hand_back_pages(original[first : first + rows])
+            module.weight.data = held
+            if module.bias is not None:
+                original = module.bias.data
+                bias[i, start:end] = original
+                module.bias.data = bias[i, start:end]
+            start = end
+    return _frozen(weight), (_frozen(bias) if biased else None)
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -164,7 +180,7 @@ class StepWeights(nn.Module):
     """A decode model's weights in step layout; `forward` is the step over Q tokens per row (see the module docstring).
 
     The fused (and, on a CPU, transposed) matrices become the only copy of those weights: the model's
-    linear layers read views into them (`Projection._hold_once`), so the step costs no weight memory
+    linear layers read views into them (`_fuse`), so the step costs no weight memory
     of its own. Embedding, norms and rotary tables are the model's own.
     """
 

@@ -34,7 +34,15 @@ from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
 from overfill.kv_cache import KVCache, crop_to
 from overfill.loading import load_model, resolve_model, stored_folder
-from overfill.tensors import IGNORE, context_and_reply, label_cross_entropy, positions_from_mask, reply_labels, state_dict_to_save
+from overfill.tensors import (
+    IGNORE,
+    context_and_reply,
+    label_cross_entropy,
+    last_columns,
+    positions_from_mask,
+    reply_labels,
+    state_dict_to_save,
+)
 
 Mode = Literal["overfill", "full", "pruned"]
 MODES: Final[tuple[str, ...]] = typing.get_args(Mode)
@@ -60,7 +68,8 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     cache = KVCache() if cache is None else cache
     positions = positions_from_mask(attention_mask, input_ids.shape[1], past_lengths)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                past_key_values=cache, use_cache=True,
+                logits_to_keep=last_columns(1, input_ids.shape[1], input_ids.device))
     return out.logits[:, -1].float(), out.past_key_values
 
 
@@ -75,7 +84,8 @@ def prefill_with_reply(model: nn.Module, context_ids: torch.Tensor, context_mask
     """
     inputs, mask = context_and_reply(context_ids, context_mask, target_ids, target_mask)  # [B, Tc + N - 1]
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions_from_mask(mask), past_key_values=KVCache(),
-                use_cache=True, logits_to_keep=logits_to_keep)
+                use_cache=True, logits_to_keep=(last_columns(logits_to_keep, inputs.shape[1], inputs.device)
+                                                      if isinstance(logits_to_keep, int) else logits_to_keep))
     return out.logits, out.past_key_values
 
 

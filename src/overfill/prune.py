@@ -31,7 +31,7 @@ from overfill.devices import model_device, resolve_device
 from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
 from overfill.loading import load_config, load_model, resolve_model
-from overfill.tensors import left_pad, pad_id_of, positions_from_mask
+from overfill.tensors import last_columns, left_pad, pad_id_of, positions_from_mask
 from overfill.zoo import DEFAULT_MODEL
 
 BUNDLED_CALIBRATION = "bundled"
@@ -175,7 +175,8 @@ def collect_scores(model, sequences: list[list[int]], *, pad_id: int, batch_size
             ids, mask = (t.to(device) for t in left_pad(ordered[start : start + batch_size], pad_id))
             state["mask"] = mask
             state["hidden"] = torch.zeros(ids.shape[0], hidden, dtype=wide, device=device)
-            model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False, logits_to_keep=1)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
+                  logits_to_keep=last_columns(1, ids.shape[1], device))
             hidden_sq += (state["hidden"] ** 2).sum(0)
             tokens += int(mask.sum())
     finally:

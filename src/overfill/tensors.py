@@ -10,6 +10,11 @@ see alone (docs/design.md, "Batching rules").
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +68,17 @@ def positions_from_mask(mask: torch.Tensor, new_tokens: int | None = None,
     return positions.clamp(min=0)
 
 
+def last_columns(count: int, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The last `count` of `length` columns as indices: what to pass HF models as `logits_to_keep`, never the count.
+
+    Given a count, HF slices the hidden states ([B, count, H], a strided view of [B, T, H]), and on a strided
+    3-D input `F.linear` cannot fold the batch into one matrix product: it multiplies every row by a copy of
+    the LM head (B x 0.8 GB for Llama-3.2-3B's, measured on a CPU). Indices gather the rows into a contiguous
+    tensor first, and the head is read once.
+    """
+    return torch.arange(length - count, length, device=device)
+
+
 def context_and_reply(context_ids: torch.Tensor, context_mask: torch.Tensor, target_ids: torch.Tensor,
                       target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher forcing's input columns: the left-padded context, then reply tokens y1..y_{N-1} (each predicts
@@ -87,7 +103,7 @@ def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 def state_dict_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with each weight in storage of its own, as a safetensors file needs: a compiled step
-    leaves a layer kind's weights as views into one stacked matrix (`Projection._hold_once`). A tied weight (one
+    leaves a layer kind's weights as views into one stacked matrix (`_fuse`). A tied weight (one
     tensor under two names) stays shared, for transformers to store once."""
     state = model.state_dict()
     owners: dict[int, set] = {}
@@ -95,3 +111,45 @@ def state_dict_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         owners.setdefault(tensor.untyped_storage().data_ptr(), set()).add((tensor.data_ptr(), tensor.shape, tensor.stride()))
     return {name: tensor.clone() if len(owners[tensor.untyped_storage().data_ptr()]) > 1 else tensor
             for name, tensor in state.items()}
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now
+
+
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def _in_mapped_file(address: int) -> bool:
+    """Whether this address lies in a mapping of a file (e.g. a safetensors file), per the process's memory map."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, _, _, _, inode, *_ = line.split()
+            low, high = (int(end, 16) for end in span.split("-"))
+            if low <= address < high:
+                return inode != "0"
+    return False
+
+
+def hand_back_pages(tensor: torch.Tensor) -> bool:
+    """Let the kernel reclaim the memory pages inside a CPU tensor that is being dropped while its storage lives on.
+
+    A model loaded from safetensors holds its weights in one mapping of the file, which lives as long as any of
+    them does: a weight replaced by a copy (the compiled step's fused layout) would keep its pages resident
+    until the last weight of the file goes, so the model would be held twice meanwhile. A hint only, never a
+    loss: a page written since it was read is kept (with no swap), a clean one is read from the file again if
+    it is touched. Does nothing for a tensor outside a mapped file (dropping it frees it), on a GPU, or off Linux.
+    True when the kernel took the hint.
+    """
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux") or not tensor.is_contiguous():
+        return False
+    if not _in_mapped_file(tensor.data_ptr()):
+        return False
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page  # whole pages only: a neighbour's bytes share the edge pages
+    end = (tensor.data_ptr() + tensor.nbytes) // page * page
+    # an old kernel answers EINVAL: nothing reclaimed, nothing lost
+    return end > start and _madvise()(start, end - start, _MADV_PAGEOUT) == 0

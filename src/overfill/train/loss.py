@@ -28,7 +28,7 @@ from torch import nn
 from overfill.data import Batch, Example, collate
 from overfill.errors import OverfillError
 from overfill.refresh import refresh_schedule, teacher_forcing
-from overfill.tensors import context_and_reply, label_cross_entropy, positions_from_mask, reply_labels
+from overfill.tensors import context_and_reply, label_cross_entropy, last_columns, positions_from_mask, reply_labels
 from overfill.train.trainee import Trainee
 
 
@@ -59,7 +59,7 @@ def standalone_logits(model: nn.Module, batch: Batch, first: int = 1) -> tuple[t
     if labels.shape[1] < 1:  # logits_to_keep=0 would mean "all positions"
         raise OverfillError("targets need at least 2 tokens: the loss covers reply tokens 2..N")
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=False,
-                logits_to_keep=labels.shape[1])
+                logits_to_keep=last_columns(labels.shape[1], inputs.shape[1], inputs.device))
     return out.logits, labels
 
 
