@@ -65,7 +65,8 @@ def test_compiled_drafts_give_the_full_models_reply(kind, drafter, monkeypatch):
             config = GenerationConfig(mode="speculative", max_new_tokens=20, draft_tokens=k, drafter=drafter, compile=compile)
             counted[compile] = Speculation()
             assert run(model, contexts, config, speculative=True, eos=set(), stats=counted[compile]) == want
-        assert counted[True].per_round == counted[False].per_round  # the same drafts, kept as often
+        assert counted[True].as_dict() == counted[False].as_dict()  # the same drafts, kept as often, in as many rounds
+        assert counted[True].emitted == counted[False].emitted
     assert decode_step.compile_seconds(model.decoder), "the drafts did not come from the compiled step"
     blocks = {key.split()[-1] for key in decode_step.compile_seconds(model.full)}
     assert {"3x2x128", "3x3x128", "3x5x128"} <= blocks, f"the verification did not run compiled: {blocks}"
@@ -75,6 +76,9 @@ def test_compiled_drafts_give_the_full_models_reply(kind, drafter, monkeypatch):
     config = GenerationConfig(mode="speculative", max_new_tokens=20, draft_tokens=3, drafter=drafter, compile=True)
     assert run(same, contexts, config, speculative=True, eos=set(), stats=stats) == want
     assert stats.acceptance_rate == 1.0
+    if drafter == "pruned":  # after a round that kept every draft, its drafter reads two tokens: compiled too
+        caught_up = {key.split()[-1] for key in decode_step.compile_seconds(same.decoder)}
+        assert "3x2x128" in caught_up, f"the drafter's catch-up did not run compiled: {caught_up}"
 
 
 
@@ -101,7 +105,7 @@ def test_a_decoder_that_is_the_full_model_has_every_draft_kept(drafter):
     got = run(model, prompts(2), config, speculative=True, eos=set(), stats=stats)
     assert got == run(model, prompts(2), GenerationConfig(mode="full", max_new_tokens=17), eos=set())
     # 1 token from the prefill, then 16 in rounds of 4 kept drafts + 1: 16 / 5 -> 3 full rounds and a 1-token one
-    assert stats.acceptance_rate == 1.0 and stats.per_round == [4, 4, 4, 0]
+    assert stats.acceptance_rate == 1.0 and (stats.rounds, stats.drafted, stats.emitted) == (4, 2 * 12, 16)
 
 
 def test_speculation_ends_rows_on_eos_and_stop_and_repeats_candidates():

@@ -43,7 +43,7 @@ from torch import nn
 
 from overfill import arch
 from overfill.errors import OverfillWarning
-from overfill.kv_cache import StaticCache
+from overfill.kv_cache import GrowingCache, StaticCache
 from overfill.tensors import hand_back_pages
 
 # ---------------------------------------------------------------- the weights, laid out for one token
@@ -313,6 +313,8 @@ class CompiledStep:
     new shape (rows, capacity): what compiling (or capturing a CUDA graph) cost.
     """
 
+    compiled = True
+
     def __init__(self, model: nn.Module, device: torch.device):
         self.model_ref = weakref.ref(model)
         self.device = device
@@ -331,8 +333,18 @@ class CompiledStep:
             with torch.inference_mode(False), torch.no_grad():
                 self.weights = StepWeights(model, self.device).eval()
             self.key = _parameter_key(model)  # after: the model's layers now view the new layout
-            self.compiled = torch.compile(self.weights, **compile_options(self.device))
+            self.forward = torch.compile(self.weights, **compile_options(self.device))
         return self
+
+    @staticmethod
+    def new_cache(owner: nn.Module, rows: int, columns: int) -> StaticCache:
+        """The cache this step runs on: static, `columns` wide, for `owner`'s KV (the prefill model's)."""
+        return StaticCache.for_model(owner, rows, columns)
+
+    @staticmethod
+    def adopt(cache, columns: int) -> StaticCache:
+        """A caller's cache (a conversation's earlier turns) as one this step runs on: copied into a static one."""
+        return cache if isinstance(cache, StaticCache) else StaticCache.copy_of(cache, columns)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache,
                  attention_mask: torch.Tensor) -> torch.Tensor:
@@ -354,7 +366,7 @@ class CompiledStep:
         started = time.perf_counter() if shape not in self.seen else None
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        logits = self.compiled(tokens, positions, column, mask, cache.key_buffers, cache.value_buffers)
+        logits = self.forward(tokens, positions, column, mask, cache.key_buffers, cache.value_buffers)
         if self.device.type == "cuda":
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         cache.advance(width)
@@ -383,16 +395,45 @@ def compile_seconds(model: nn.Module) -> dict[str, float]:
             for shape, s in step.compile_seconds.items()}
 
 
-def step_function(decode_model, device: torch.device, compile: bool | None, capacity: int):
-    """The decode step a loop runs: a CompiledStep when compiling (None: on a GPU), else None
-    (the model's own forward, op by op). A model the compiled step cannot run decodes eagerly, with a warning
-    when compiling was asked for."""
+class EagerStep:
+    """The decode model's own forward, op by op, behind CompiledStep's interface: a token per row (`__call__`) or
+    Q of them (`block`) -> float32 logits, on a cache that grows as it goes. What a loop runs when it does not
+    compile, so that it never asks which kind of step it has."""
+
+    compiled = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @staticmethod
+    def new_cache(owner: nn.Module, rows: int, columns: int) -> GrowingCache:
+        return GrowingCache()
+
+    @staticmethod
+    def adopt(cache, columns: int):
+        return cache
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.block(tokens[:, None], positions[:, None], cache, attention_mask)[:, 0]
+
+    def block(self, tokens: torch.Tensor, positions: torch.Tensor, cache, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True)
+        return out.logits.float()
+
+
+DecodeStep = CompiledStep | EagerStep
+
+
+def step_function(decode_model, device: torch.device, compile: bool | None, capacity: int) -> DecodeStep:
+    """The decode step a loop runs: compiled when compiling (None: on a GPU), else the model's own forward. A
+    model the compiled step cannot run decodes eagerly, with a warning when compiling was asked for."""
     if not (compile if compile is not None else device.type == "cuda"):
-        return None
+        return EagerStep(decode_model)
     reason = unsupported(decode_model, capacity)
     if reason is not None:
         if compile:
             warnings.warn(f"decoding eagerly: the compiled step cannot run this model ({reason})", OverfillWarning,
                           stacklevel=4)
-        return None
+        return EagerStep(decode_model)
     return compiled_step(decode_model, device)

@@ -23,10 +23,9 @@ from overfill.config import as_tuple, at_least
 from overfill.decode_step import step_function
 from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
-from overfill.kv_cache import GrowingCache, StaticCache
-from overfill.modeling import MODES, Mode, decode, prefill
+from overfill.modeling import MODES, Mode, prefill
 from overfill.refresh import refresh
-from overfill.sampling import Sampling, Step, TokenChooser
+from overfill.sampling import RowState, Sampling, Step, TokenChooser
 from overfill.speculative import Drafter, Speculation, speculative_ids
 from overfill.stops import cut_at_stop, stop_checker, stream_steps
 from overfill.tensors import left_pad, pad_id_of
@@ -116,51 +115,33 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     columns = attention_mask.shape[1] + config.max_new_tokens  # cache columns the longest row can reach
     step = step_function(decode_model, device, config.compile, columns)
     started = time.perf_counter()
-    if cache is None:
-        # Decoding appends to the cache every step: in place, into spare room, never re-concatenated.
-        cache = StaticCache.for_model(prefill_model, input_ids.shape[0], columns) if step else GrowingCache()
+    # Decoding appends to the cache every step: in place, into spare room, never re-concatenated.
+    cache = step.new_cache(prefill_model, input_ids.shape[0], columns) if cache is None else cache
     logits, cache = prefill(prefill_model, input_ids, attention_mask, cache, past_lengths)
-    if step and not isinstance(cache, StaticCache):  # a caller's cache keeps the context; the reply goes on here
-        cache = StaticCache.copy_of(cache, columns)
+    cache = step.adopt(cache, columns)  # a caller's cache keeps the context; the reply goes on here
     # Several candidates share one prefill: repeat the cache, never re-run the prompt.
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, 0)
         attention_mask = attention_mask.repeat_interleave(n, 0)
-    rows = logits.shape[0]
+    state = RowState(logits.shape[0], device, eos_ids, pad_id, is_stopped)
     lengths = attention_mask.sum(-1)  # [B] real tokens in the cache
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    generated = torch.empty(rows, 0, dtype=torch.long, device=device)
     block_start = attention_mask.shape[1]  # cache columns that hold full-model KV
 
     for index in range(config.max_new_tokens):
         if every and index > 0 and index % every == 0:
-            # generated [B, index]: the block is its last K tokens; lengths - 1 is the newest one's position.
-            logits = refresh(prefill_model, generated[:, -every:], attention_mask, cache, block_start, lengths - every)
+            # state.tokens [B, index]: the block is its last K tokens; lengths - 1 is the newest one's position.
+            logits = refresh(prefill_model, state.tokens[:, -every:], attention_mask, cache, block_start, lengths - every)
             block_start = attention_mask.shape[1]
         elif index > 0:
             # The handoff: from here on `decode_model` reads and extends `prefill_model`'s cache.
-            # tokens [B]: chosen at the previous step
-            if step is None:
-                logits = decode(decode_model, tokens[:, None], attention_mask, cache, start=lengths - 1)[:, -1].float()  # noqa: F821
-            else:
-                logits = step(tokens, lengths - 1, cache, attention_mask)  # noqa: F821
-        tokens = chooser(logits, generated)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-        generated = torch.cat([generated, tokens[:, None]], dim=1)
-        newly_done = ~finished & torch.isin(tokens, eos)
-        if is_stopped is not None:
-            for row in (~finished & ~newly_done).nonzero().flatten().tolist():
-                if is_stopped(row, generated[row]):
-                    newly_done[row] = True
-        finished = finished | newly_done
-        done = bool(finished.all())  # waits for the device: the step's time includes its work
-        yield Step(tokens=tokens, finished=finished.clone(), seconds=time.perf_counter() - started)
+            logits = step(tokens, lengths - 1, cache, attention_mask)  # noqa: F821 - tokens: chosen at the previous step
+        tokens = state.record(chooser(logits, state.tokens))
+        yield state.step(tokens, time.perf_counter() - started)
         started = time.perf_counter()  # the caller's time between steps is not the model's
-        if done:
+        if state.done:
             return
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         lengths = lengths + 1
 
 

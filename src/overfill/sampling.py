@@ -99,3 +99,30 @@ class Step:
     tokens: torch.Tensor  # [B] token chosen at this step (pad for finished rows)
     finished: torch.Tensor  # [B] bool, row done after this step
     seconds: float  # wall time of this step (prefill + first token for step 0), the device's work included
+
+
+class RowState:
+    """What a token loop keeps of each row: the tokens it chose so far and whether the row has finished (EOS, or
+    a stop string by `is_stopped(row, tokens) -> bool`). `record` takes one token per row and returns them with
+    finished rows padded; both loops (generation's and speculative decoding's) read their rows through it."""
+
+    def __init__(self, rows: int, device: torch.device, eos_ids: set[int], pad_id: int, is_stopped=None):
+        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        self.pad_id, self.is_stopped = pad_id, is_stopped
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.tokens = torch.empty(rows, 0, dtype=torch.long, device=device)  # [B, N] chosen so far
+        self.done = False
+
+    def record(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = torch.where(self.finished, torch.full_like(tokens, self.pad_id), tokens)
+        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
+        ended = ~self.finished & torch.isin(tokens, self.eos)
+        if self.is_stopped is not None:
+            for row in (~self.finished & ~ended).nonzero().flatten().tolist():
+                ended[row] = bool(self.is_stopped(row, self.tokens[row]))
+        self.finished = self.finished | ended
+        self.done = bool(self.finished.all())  # waits for the device: a step timed after this includes its work
+        return tokens
+
+    def step(self, tokens: torch.Tensor, seconds: float) -> Step:
+        return Step(tokens=tokens, finished=self.finished.clone(), seconds=seconds)

@@ -28,16 +28,16 @@ drafts, V vocabulary.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from transformers import DynamicCache
 
-from overfill.decode_step import step_function
-from overfill.kv_cache import GrowingCache, StaticCache, crop_to
-from overfill.modeling import decode, prefill
-from overfill.sampling import Step, TokenChooser
+from overfill.decode_step import EagerStep, step_function
+from overfill.kv_cache import crop_to
+from overfill.modeling import prefill
+from overfill.sampling import RowState, TokenChooser
 
 Drafter = Literal["overfill", "pruned"]
 
@@ -50,7 +50,6 @@ class Speculation:
     drafted: int = 0  # draft tokens proposed, summed over unfinished rows
     accepted: int = 0  # of those, the ones each row's own test kept (before the batch's common length)
     emitted: int = 0  # tokens the rounds emitted per row (kept drafts + the full model's own), summed over rounds
-    per_round: list[int] = field(default_factory=list)  # the batch's common kept length, round by round
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -149,22 +148,19 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     k_max, own = config.draft_tokens, config.drafter == "pruned"
     if own and cache is not None:
         raise ValueError("the pruned drafter keeps a cache of its own: it cannot continue another model's cache")
-    # With --compile the drafts come from the decoder's compiled one-token step, on static caches, and the full
-    # model verifies each block in one pass of its own compiled step (decode_step.CompiledStep.block): an eager
-    # pass over a few tokens costs a small model about three compiled steps, which no acceptance rate repays.
+    # With --compile the drafts come from the decoder's compiled step on static caches, and the full model
+    # verifies each block in one pass of its own compiled step (CompiledStep.block): an eager pass over a few
+    # tokens costs a small model about three compiled steps, which no acceptance rate repays.
     columns = attention_mask.shape[1] + config.max_new_tokens + k_max  # drafts may run k past the last reply token
-    step = step_function(decoder, input_ids.device, config.compile, columns)
-    verify_step = step_function(full, input_ids.device, config.compile, columns) if step is not None else None
+    draft = step_function(decoder, input_ids.device, config.compile, columns)
+    verify = step_function(full, input_ids.device, config.compile, columns) if draft.compiled else EagerStep(full)
     rows = input_ids.shape[0]
 
-    def empty(owner):
-        return StaticCache.for_model(owner, rows, columns) if step else GrowingCache()
-
     started = time.perf_counter()
-    logits, cache = prefill(full, input_ids, attention_mask, empty(full) if cache is None else cache, past_lengths)
-    if step and not isinstance(cache, StaticCache):  # a caller's cache keeps the context; the reply goes on here
-        cache = StaticCache.copy_of(cache, columns)
-    own_cache = prefill(decoder, input_ids, attention_mask, empty(decoder))[1] if own else None
+    cache = draft.new_cache(full, rows, columns) if cache is None else cache
+    logits, cache = prefill(full, input_ids, attention_mask, cache, past_lengths)
+    cache = draft.adopt(cache, columns)  # a caller's cache keeps the context; the reply goes on here
+    own_cache = prefill(decoder, input_ids, attention_mask, draft.new_cache(decoder, rows, columns))[1] if own else None
     if config.num_return_sequences > 1:  # several candidates share one prefill (each model's)
         for c in (cache, own_cache):
             if c is not None:
@@ -172,52 +168,35 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         logits = logits.repeat_interleave(config.num_return_sequences, 0)
         attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, 0)
     rows, prompt_columns = logits.shape[0], attention_mask.shape[1]
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=logits.device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
-    generated = torch.empty(rows, 0, dtype=torch.long, device=logits.device)
+    state = RowState(rows, logits.device, eos_ids, pad_id, is_stopped)
     own_length = prompt_columns  # columns of the drafter's own cache (pruned drafter)
 
-    def emit(tokens: torch.Tensor, seconds: float):
-        nonlocal generated, finished
-        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-        generated = torch.cat([generated, tokens[:, None]], dim=1)
-        done = ~finished & torch.isin(tokens, eos)
-        if is_stopped is not None:
-            for row in (~finished & ~done).nonzero().flatten().tolist():
-                done[row] = bool(is_stopped(row, generated[row]))
-        finished = finished | done
-        return Step(tokens=tokens, finished=finished.clone(), seconds=seconds)
-
-    yield emit(chooser(logits, generated), time.perf_counter() - started)
+    tokens = state.record(chooser(logits, state.tokens))
+    yield state.step(tokens, time.perf_counter() - started)
     mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)  # covers the cache and t0
     lengths = mask.sum(-1)  # [B] real tokens, t0 included: t0 sits at position lengths - 1
-    while not bool(finished.all()) and generated.shape[1] < config.max_new_tokens:
+    while not state.done and state.tokens.shape[1] < config.max_new_tokens:
         started = time.perf_counter()
+        generated = state.tokens
         cached = mask.shape[1] - 1  # full-model KV columns; t0, the newest token, is not cached yet
         k = min(k_max, config.max_new_tokens - generated.shape[1] - 1)
-        active = ~finished
-        # draft d1..dk: from t0, on the full model's cache (overfill) or on the drafter's own (pruned)
+        active = ~state.finished
+        # draft d1..dk: from t0, on the full model's cache (overfill) or on the drafter's own (pruned), which first
+        # reads what it has not read yet (t0, or the last kept draft and t0 after a round that kept every draft)
         drafts, draft_probs = [], []
         if k:
             drafting_cache = own_cache if own else cache
-            feed = generated[:, own_length - prompt_columns:] if own else generated[:, -1:]  # [B, m] tokens it has not read
-            if step is not None and feed.shape[1] == 1:
-                step_logits = step(feed[:, 0], lengths - 1, drafting_cache, mask)
-            else:
-                step_logits = decode(decoder, feed, mask, drafting_cache, start=lengths - feed.shape[1])[:, -1].float()
+            feed = generated[:, own_length - prompt_columns:] if own else generated[:, -1:]  # [B, m]
+            positions = (lengths - feed.shape[1])[:, None] + torch.arange(feed.shape[1], device=feed.device)
+            step_logits = draft.block(feed, positions, drafting_cache, mask)[:, -1]
             for i in range(k):
                 if i:
                     feed_mask = torch.cat([mask, mask.new_ones(rows, i)], dim=1)
-                    if step is not None:
-                        step_logits = step(drafts[-1], lengths - 1 + i, drafting_cache, feed_mask)
-                    else:
-                        step_logits = decode(decoder, drafts[-1][:, None], feed_mask, drafting_cache,
-                                             start=lengths - 1 + i)[:, -1].float()
-                history = torch.cat([generated, *[d[:, None] for d in drafts]], dim=1)
+                    step_logits = draft(drafts[-1], lengths - 1 + i, drafting_cache, feed_mask)
                 if config.greedy:
                     drafts.append(step_logits.argmax(-1))
                 else:
-                    q = chooser.probs(step_logits, history)
+                    q = chooser.probs(step_logits, torch.cat([generated, *[d[:, None] for d in drafts]], dim=1))
                     draft_probs.append(q)
                     drafts.append(chooser.draw(q))
             if not own:
@@ -227,11 +206,8 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         block = torch.cat([generated[:, -1:], drafted], dim=1)  # [B, k + 1]
         verify_mask = torch.cat([mask, mask.new_ones(rows, k)], dim=1)
         positions = (lengths - 1)[:, None] + torch.arange(k + 1, device=block.device)
-        if verify_step is not None:
-            target = verify_step.block(block, positions, cache, verify_mask)  # [B, k + 1, V]
-        else:
-            target = full(input_ids=block, attention_mask=verify_mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True).logits.float()
+        target = verify.block(block, positions, cache, verify_mask)  # [B, k + 1, V]
+        # accept
         if config.greedy:
             verdict = accept_greedy(drafted, target, active)
         else:
@@ -240,8 +216,9 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                         for i in range(k + 1)], dim=1)
             verdict = accept_sampled(drafted, torch.stack(draft_probs, dim=1) if k else target_probs[:, :0],
                                      target_probs, active, chooser.uniform, chooser.draw)
+        # crop: t0 and the n kept drafts stay in the full model's cache, as it computed them
         n = verdict.n
-        crop_to(cache, cached + n + 1)  # t0 and the n kept drafts, as the full model computed them
+        crop_to(cache, cached + n + 1)
         if own and k:
             own_length = min(cached + n + 1, cached + k)  # the drafter read t0, d1..d(k-1): keep what was kept
             crop_to(own_cache, own_length)
@@ -249,11 +226,10 @@ def speculative_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         stats.drafted += k * int(active.sum())
         stats.accepted += int(verdict.kept[active].sum())
         stats.emitted += n + 1
-        stats.per_round.append(n)
         seconds = (time.perf_counter() - started) / (n + 1)
         for j in range(n + 1):
-            yield emit(verdict.tokens[:, j], seconds)
-            if bool(finished.all()):
+            yield state.step(state.record(verdict.tokens[:, j]), seconds)
+            if state.done:
                 return
         mask = torch.cat([mask, mask.new_ones(rows, n + 1)], dim=1)
         lengths = lengths + n + 1
