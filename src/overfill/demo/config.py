@@ -54,7 +54,7 @@ class DemoConfig(Settings):
     lr: float = 5e-4
     """Peak learning rate (cosine schedule, 5% warmup)."""
     loss: Loss = "ce"
-    """What both decoders optimise, as `overfill train --loss`: ce (the full model's reply tokens), kd (its next-token distributions) or ce+kd (both, half each). ce by default: kd was a little better per step in the README's loss trials but cost 2.3x the time per step, so ce wins at the same time."""
+    """What both decoders optimise, as `overfill train --loss`: ce (the full model's reply tokens), kd (its next-token distributions) or ce+kd (both, half each). ce by default: kd was a little better per step in the loss trials (docs/recipes.md) but cost 2.3x the time per step, so ce wins at the same time."""
     engine: EngineOrAuto = "auto"
     """What generates the full model's training replies, as `overfill distill --engine`: auto (vLLM when it is installed, else torch), torch (our own loop) or vllm; greedy replies are the same tokens on both."""
     heldout: int | None = None

@@ -45,7 +45,7 @@ def plot_frontier(result: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     env = result["environment"]
     fig.suptitle(f"Quality against decode cost, every configuration ({env['device']}, "
-                 f"{result['decode_step']['compile'] and 'compiled' or 'eager'} decode step; speculative: the full model verifies eagerly)", fontsize=10)
+                 f"{result['decode_step']['compile'] and 'compiled' or 'eager'} decode step, for drafting and verifying alike)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

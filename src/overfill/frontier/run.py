@@ -12,7 +12,7 @@ another dtype. Each gets
 - its decode cost (timing.py): ms per decoded token of its own replies to the first prompts, batch
   1, every configuration interleaved in one run, on the decode step the run decides (compiled or
   eager, printed); speculative configurations draft on that step, and the full model verifies each block
-  of drafts eagerly.
+  of drafts on a step of the same kind (one compiled pass over the block when compiling).
 
 Both halves are saved as they finish and reused by a rerun with the same settings (resumable).
 Writes frontier.json and frontier.png; prints the table and the configurations on the frontier.
