@@ -17,16 +17,13 @@ from overfill.errors import OverfillError
 
 def test_small_preset_runs_every_section(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(decode_step, "BACKEND", "aot_eager")
-    result = run_check(GpuCheckConfig(out=str(tmp_path), preset="small", device="cpu", kinds=("llama", "qwen3")))
+    result = run_check(GpuCheckConfig(out=str(tmp_path), preset="small", device="cpu"))
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["ok"] and result["ok"], [s for s in saved["sanity"] if not s["ok"]] or saved["sections"]
     sections = saved["sections"]
-    assert set(sections["tiny models"]) == {"llama", "qwen3"}
-    cases = sections["tiny models"]["llama"]
-    assert {"overfill, padded batch", "full, padded batch", "pruned, padded batch", "overfill, refresh every 4",
-            "overfill, 3 candidates"} <= set(cases)
-    assert all(engines[e]["equal"] for engines in cases.values() for e in ("eager", "compiled"))
-    assert sections["training step"]["ok"]
+    tested = sections["device tests"]  # the suite's own device cases, run by pytest on the check's device
+    assert tested["ok"] and tested["tests"] == 1 and tested["failures"] == tested["errors"] == 0, tested
+    assert (tmp_path / "device_tests.xml").is_file()
     assert len(sections["memory"]["phases"]) == 5 and sections["memory"]["weight_bytes"] > 0
     figures = saved["figures"]
     assert set(figures["key_point"]["rows"]) == {"overfill:compiled", "full:compiled", "pruned:compiled"}
@@ -42,11 +39,27 @@ def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
     import overfill.bench.gpu_check as gpu_check
 
     monkeypatch.setattr(decode_step, "BACKEND", "aot_eager")
-    monkeypatch.setattr(gpu_check, "training_step", lambda device: 1 / 0)
+    monkeypatch.setattr(gpu_check, "device_tests", lambda device, out, select: 1 / 0)
     monkeypatch.setattr(gpu_check, "paper_figures", lambda check, config, preset: None)
-    result = run_check(GpuCheckConfig(out=str(tmp_path), preset="small", device="cpu", kinds=("mistral",)))
-    assert not result["ok"] and "ZeroDivisionError" in result["sections"]["training step"]["error"]
-    assert result["sections"]["tiny models"]["mistral"]  # the sections before and after it ran
+    result = run_check(GpuCheckConfig(out=str(tmp_path), preset="small", device="cpu"))
+    assert not result["ok"] and "ZeroDivisionError" in result["sections"]["device tests"]["error"]
+    assert result["sections"]["memory"]["phases"]  # the section after it ran
+
+
+def test_a_failing_device_case_fails_the_check(tmp_path, monkeypatch):
+    """What pytest reports is what the check records: a device case that fails makes the check fail."""
+    import overfill.bench.gpu_check as gpu_check
+
+    monkeypatch.setattr(gpu_check, "paper_figures", lambda check, config, preset: None)
+    monkeypatch.setattr(gpu_check, "memory_phases", lambda preset, device: {"phases": {"load": {"over_weights": 1.0}}})
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_on_device.py").write_text(
+        "import pytest\n\n@pytest.mark.gpu\ndef test_training_step():\n    assert False, 'broken on purpose'\n")
+    monkeypatch.setattr(gpu_check, "TESTS", suite)
+    result = run_check(GpuCheckConfig(out=str(tmp_path / "run"), preset="small", device="cpu"))
+    tested = result["sections"]["device tests"]
+    assert not result["ok"] and tested["failed"] == ["test_training_step"] and tested["failures"] == 1, (result, tested)
 
 
 def test_bad_arguments_are_one_line(capsys, tmp_path):

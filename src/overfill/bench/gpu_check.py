@@ -2,9 +2,10 @@
 
 One prepared run, nothing downloaded (every model is built from a config with random weights):
 
-(a) correctness, tiny models of each architecture (Llama, Qwen2, Qwen3, Mistral) in float32: greedy
-    tokens on the device equal the CPU's, eager and compiled, for every mode, prefill refresh, a
-    left-padded batch and several candidates from one prefill; then one training step on the device;
+(a) correctness: the test suite's device cases (`pytest -m gpu`, tests/test_on_device.py) on this device:
+    greedy tokens of tiny models of every architecture equal the CPU's, eager and compiled, in every
+    mode, and a training step runs there; the run records what passed (from a checkout: the package
+    does not ship its tests);
 (b) speed at the paper's scale (gpu_paper_scale.py): a Llama-3.2-3B-shaped full model and its 0.45 decoder (synthetic.py;
     a decode step's time depends on shapes and bytes, not on weight values) in bfloat16 on the
     compiled engine: Fig. 3 (new tokens), Fig. 4 (prompt length, prefill/decode split) and Fig. 5
@@ -16,19 +17,22 @@ fit; it writes gpu_check.json after every section (a run cut short keeps what it
 figures as soon as there are some, and gpu_check.log; a sub-check that fails is recorded in the
 JSON with its error and the run goes on. `sanity` lists the checks the run made of its own
 figures. The small preset (`--preset small`, what `auto` picks without a GPU) runs the same code on
-small shapes in about a minute on a CPU: the test suite runs it.
+small shapes in about a minute on a CPU (of the device cases, the training step only): the test suite runs it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import torch
 
@@ -37,20 +41,17 @@ from overfill.bench.gpu_paper_scale import paper_figures
 from overfill.devices import clock, resolve_device
 from overfill.errors import OverfillError
 
-PROMPTS = ["hi", "What is the capital of France?", "Tell me a story about a dragon and a knight.", "2+2="]
-MODES = ("overfill", "full", "pruned")
-
 PRESETS = {
     # Sized for one H200 and a few minutes: two compiled graphs per model (batch 1, and any batch above 1 with
     # symbolic sizes), every other shape one CUDA graph capture.
     "paper": dict(scale=None, dtype="bfloat16", prompt_len=256, new_tokens=512, new_tokens_sweep=(32, 64, 128, 256, 512),
                   prompt_len_sweep=(128, 256, 512, 1024, 2048), batch_sweep=(1, 2, 4, 8, 16, 32), sweep_new_tokens=64,
-                  repeats=3, sweep_repeats=2, eager_tokens=64, tiny_tokens=16),
+                  repeats=3, sweep_repeats=2, eager_tokens=64),
     # The same code on shapes a CPU runs in about a minute: a check of the wiring, not a figure.
     "small": dict(scale=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=24, vocab_size=512, bos_token_id=1, eos_token_id=2),
                   dtype="float32", prompt_len=24, new_tokens=8, new_tokens_sweep=(4, 8), prompt_len_sweep=(24, 40),
-                  batch_sweep=(1, 2), sweep_new_tokens=4, repeats=1, sweep_repeats=1, eager_tokens=4, tiny_tokens=6),
+                  batch_sweep=(1, 2), sweep_new_tokens=4, repeats=1, sweep_repeats=1, eager_tokens=4),
 }
 
 
@@ -64,8 +65,6 @@ class GpuCheckConfig:
     """Where to run: auto (CUDA when available, else CPU), cuda, cuda:N, cpu or mps."""
     budget: float = 330.0
     """Seconds the whole check may take; what would not fit is skipped and recorded as skipped."""
-    kinds: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
-    """Architectures of the tiny-model checks."""
 
     def __post_init__(self):
         self.device = str(resolve_device(self.device))
@@ -133,7 +132,7 @@ class Check:
         atomic_write_text(self.out / "gpu_check.json", json.dumps(self.result, indent=1, default=str) + "\n")
 
 
-# ---------------------------------------------------------------- (a) correctness on tiny models
+# ---------------------------------------------------------------- the machine
 
 
 def copy_bandwidth(device: torch.device, megabytes: int) -> float:
@@ -170,67 +169,27 @@ def default_dtype_name(device: torch.device) -> str:
     return default_dtype(device)
 
 
-def tokens(model, prompts, **settings) -> list[list[int]]:
-    from overfill.generation import GenerationConfig, generate
-
-    return [r.token_ids for r in generate(model, prompts, GenerationConfig(**settings))]
+# ---------------------------------------------------------------- (a) correctness: the test suite's device cases
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    """How far two sets of greedy replies agree: equal or not, the share of equal tokens, the first difference."""
-    total = max(1, sum(max(len(x), len(y)) for x, y in zip(a, b)))
-    same = sum(sum(p == q for p, q in zip(x, y)) for x, y in zip(a, b))
-    first = next(((row, next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))))
-                  for row, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    return {"equal": a == b, "token_share": round(same / total, 4), "first_difference": first}
+TESTS = Path(__file__).resolve().parents[3] / "tests"  # a checkout's test suite (src layout)
 
 
-def tiny_checks(kind: str, device: torch.device, new_tokens: int) -> dict:
-    """One architecture: the CPU's eager greedy tokens, then the device's, eager and compiled, compared."""
-    from overfill.bench.synthetic import byte_tokenizer, tiny_model
-    from overfill.modeling import OverFillModel
-    from overfill.prune import PruneConfig, prune_model
-
-    tok = byte_tokenizer()
-    full = tiny_model(kind)
-    decoder = prune_model(full, tok, PruneConfig(ratio=0.5, calib_samples=8, calib_len=64), progress=False).model
-    cpu_model = OverFillModel(full, decoder, tok)
-    there = OverFillModel(copy.deepcopy(full), copy.deepcopy(decoder), tok).to(device)
-    cases = {f"{mode}, padded batch": dict(prompts=PROMPTS, mode=mode) for mode in MODES}
-    cases["overfill, refresh every 4"] = dict(prompts=PROMPTS, mode="overfill", refresh_every=4)
-    cases["overfill, 3 candidates"] = dict(prompts=PROMPTS[:2], mode="overfill", num_return_sequences=3)
-    result = {}
-    for name, case in cases.items():
-        prompts = case.pop("prompts")
-        reference = tokens(cpu_model, prompts, max_new_tokens=new_tokens, compile=False, **case)
-        result[name] = {engine: agreement(tokens(there, prompts, max_new_tokens=new_tokens, compile=engine == "compiled",
-                                                 **case), reference)
-                        for engine in ("eager", "compiled")}
-    return result
-
-
-def training_step(device: torch.device) -> dict:
-    """One optimizer step of `overfill train --mode overfill` on a tiny pair, placed by --device (Accelerate's rule)."""
-    from overfill.bench.synthetic import byte_tokenizer, tiny_model
-    from overfill.prune import PruneConfig, prune_model, save_pruned
-    from overfill.train import TrainConfig, train
-
-    with tempfile.TemporaryDirectory(prefix="overfill-gpu-check-") as folder:
-        root = Path(folder)
-        tok, full = byte_tokenizer(), tiny_model("llama")
-        full.save_pretrained(root / "full")
-        tok.save_pretrained(root / "full")
-        save_pruned(prune_model(full, tok, PruneConfig(ratio=0.5, calib_samples=8, calib_len=64), progress=False), tok,
-                    root / "decoder")
-        rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w[::-1]}]}
-                for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")]
-        (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        result = train(TrainConfig(mode="overfill", model=str(root / "full"), decoder=str(root / "decoder"),
-                                   data=str(root / "data.jsonl"), out=str(root / "run"), val_size=2, batch_size=4,
-                                   max_steps=1, eval_every=0, progress=False, device=str(device)))
-        where = {p.device.type for p in result.model.decoder.parameters()}
-        return {"losses": result.losses, "val_loss": result.val_loss, "decoder_on": sorted(where),
-                "ok": bool(result.losses) and all(math.isfinite(v) for v in result.losses) and where == {device.type}}
+def device_tests(device: torch.device, out: Path, select: str | None = None) -> dict:
+    """The test suite's device cases (`-m gpu`) on `device`, in a pytest process of their own; what passed."""
+    if not (TESTS / "test_on_device.py").is_file():
+        return {"not_run": f"no test suite at {TESTS}: run the check from a checkout"}
+    report = out / "device_tests.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={report}",
+               str(TESTS / "test_on_device.py"), *(["-k", select] if select else [])]
+    done = subprocess.run(command, cwd=TESTS.parent, capture_output=True, text=True,
+                          env=dict(os.environ, OVERFILL_TEST_DEVICES=str(device)))
+    suite = ElementTree.parse(report).getroot().find("testsuite") if report.is_file() else None
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")} if suite is not None else {}
+    failed = [case.get("name") for case in (suite.iter("testcase") if suite is not None else [])
+              if case.find("failure") is not None or case.find("error") is not None]
+    return {**counts, "failed": failed, "exit_code": done.returncode, "tail": done.stdout.strip().splitlines()[-3:],
+            "ok": done.returncode == 0 and counts.get("tests", 0) > counts.get("skipped", 0)}
 
 
 # ---------------------------------------------------------------- the run
@@ -256,22 +215,13 @@ def run_check(config: GpuCheckConfig) -> dict:
     if env:
         check.say(f"torch {env['torch']}, transformers {env['transformers']}, {env.get('gpu') or env['device']}, "
                   f"copy bandwidth {env['copy_bandwidth_gb_s']} GB/s")
-    # Correctness gets at most a third of the budget; the paper-scale figures need the rest.
-    correctness_until = config.budget / 3
-    tiny = check.result["sections"].setdefault("tiny models", {})
-    for kind in config.kinds:
-        if kind != config.kinds[0] and check.elapsed() > correctness_until:
-            check.result["skipped"][f"tiny {kind}"] = "the correctness share of the budget is spent"
-            check.say(f"tiny {kind}: skipped (the correctness share of the budget is spent)")
-            continue
-        value = check.section(f"tiny {kind}", lambda kind=kind: tiny_checks(kind, device, preset["tiny_tokens"]))
-        if value is not None:
-            tiny[kind] = check.result["sections"].pop(f"tiny {kind}")
-            bad = [f"{case} ({engine})" for case, engines in value.items() for engine, a in engines.items() if not a["equal"]]
-            check.sane(f"tiny {kind}: {device} tokens equal the CPU's", not bad, "all cases" if not bad else ", ".join(bad))
-    training = check.section("training step", lambda: training_step(device), needs=20)
-    if training is not None:
-        check.sane("one training step on the device", training["ok"], f"loss {training['losses']}, decoder on {training['decoder_on']}")
+    # Correctness gets at most a third of the budget; the paper-scale figures need the rest. The small preset (a CPU,
+    # the test suite) runs only the training step: the token cases compile a step per model, minutes there.
+    select = "training_step" if config.preset == "small" else None
+    tested = check.section("device tests", lambda: device_tests(device, check.out, select), needs=20)
+    if tested is not None and "not_run" not in tested:
+        check.sane(f"the test suite's device cases pass on {device}", tested["ok"],
+                   f"{tested.get('tests', 0)} run, failed: {', '.join(tested['failed']) or 'none'}")
     memory = check.section("memory", lambda: memory_phases(preset, device), needs=60)
     if memory is not None:
         worst = max(row["over_weights"] for row in memory["phases"].values())
@@ -298,11 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     defaults = GpuCheckConfig.__dataclass_fields__
     for name in ("out", "preset", "device", "budget"):
         parser.add_argument(f"--{name}", default=defaults[name].default, type=type(defaults[name].default), help=docs[name])
-    parser.add_argument("--kinds", default=",".join(defaults["kinds"].default), help=docs["kinds"])
     args = parser.parse_args(argv)
     try:
-        config = GpuCheckConfig(out=args.out, preset=args.preset, device=args.device, budget=args.budget,
-                                kinds=tuple(k for k in args.kinds.split(",") if k))
+        config = GpuCheckConfig(out=args.out, preset=args.preset, device=args.device, budget=args.budget)
     except OverfillError as error:
         raise SystemExit(f"error: {error}") from None
     result = run_check(config)
