@@ -13,7 +13,7 @@ vllm = pytest.importorskip("vllm", reason="the connectors run inside vLLM; insta
 
 
 def test_the_blocks_of_a_prompt_are_those_that_hold_its_positions():
-    from overfill.vllm.kv_connector import blocks
+    from overfill.vllm.plugin.kv_connector import blocks
 
     table = [7, 3, 9, 4]  # a request's blocks, in position order
     assert blocks(table, 32, 0, 5).tolist() == [7]  # under a block
@@ -24,7 +24,7 @@ def test_the_blocks_of_a_prompt_are_those_that_hold_its_positions():
 
 
 def test_a_store_names_its_prompt_exactly():
-    from overfill.vllm.kv_connector import prompt_digest
+    from overfill.vllm.plugin.kv_connector import prompt_digest
 
     assert prompt_digest([1, 2, 3]) == prompt_digest((1, 2, 3))
     assert prompt_digest([1, 2, 3]) != prompt_digest([1, 2, 3, 4]) != prompt_digest([3, 2, 1])
@@ -42,7 +42,7 @@ def _scheduler(cls, lookahead: int = 1):
 def test_nixl_decode_side_pulls_the_prompt_and_not_token_1(prompt_len):
     from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import NixlPullConnectorScheduler
 
-    from overfill.vllm.nixl_connector import PromptOnlyScheduler
+    from overfill.vllm.plugin.nixl_connector import PromptOnlyScheduler
 
     given = prompt_len + 1  # the decode request: prompt + token 1
     stock, ours = _scheduler(NixlPullConnectorScheduler), _scheduler(PromptOnlyScheduler)
@@ -57,7 +57,7 @@ def test_stores_nobody_loads_are_bounded_by_bytes_then_by_age(tmp_path):
     import os
     import time
 
-    from overfill.vllm.kv_connector import OverFillConnector
+    from overfill.vllm.plugin.kv_connector import OverFillConnector
 
     connector = OverFillConnector.__new__(OverFillConnector)  # the sweep alone, on a folder of stores
     connector.folder, connector.keep_bytes, connector.keep_s, connector._swept = tmp_path, 2500, 600.0, 0.0

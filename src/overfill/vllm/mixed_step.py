@@ -74,7 +74,7 @@ def time_mixed_steps(llm, *, decoding: int, chunk: int, prompt_len: int, steps: 
     """Median ms per step and per forward, for each route (see the module's docstring)."""
     from vllm import SamplingParams
 
-    from overfill.vllm.scheduler import engine_scheduler, set_step_policy
+    from overfill.vllm.plugin.scheduler import engine_scheduler, set_step_policy
 
     engine = llm.llm_engine
     budget = engine.vllm_config.scheduler_config.max_num_batched_tokens

@@ -163,7 +163,7 @@ def _serve(llm, model: EngineModel, receive, send) -> None:
 
     counters = None
     if model.mode == "overfill":
-        from overfill.vllm.model import get_stats, reset_stats
+        from overfill.vllm.plugin.model import get_stats, reset_stats
 
         counters = lambda reset: llm.apply_model(reset_stats if reset else get_stats)[0]  # noqa: E731
     for message in receive:

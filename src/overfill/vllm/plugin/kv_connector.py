@@ -20,7 +20,7 @@ KV layout (layers, KV heads, head_dim, dtype, block size; and the attention back
 machine's kind and that dtype decide), which `kv_layout` reports and the router checks before serving.
 
 Loaded by vLLM from `--kv-transfer-config '{"kv_connector": "OverFillConnector", "kv_connector_module_path":
-"overfill.vllm.kv_connector", "kv_role": ..., "kv_connector_extra_config": {"path": FOLDER}}'`.
+"overfill.vllm.plugin.kv_connector", "kv_role": ..., "kv_connector_extra_config": {"path": FOLDER}}'`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix
 
@@ -116,6 +117,11 @@ class SharedAttention(nn.Module):
         )
 
 
+# checkpoint projection -> (the stage's fused parameter, shard), as vLLM's own Llama loads them
+STACKED_PARAMS = ((".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v"),
+                  (".gate_up_proj.", ".gate_proj.", 0), (".gate_up_proj.", ".up_proj.", 1))
+
+
 class Stage(nn.Module):
     """Embedding, layers, final norm and LM head of one model (full or decoder)."""
 
@@ -138,6 +144,22 @@ class Stage(nn.Module):
         if shape.tie:
             self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
         self.__dict__["shared"] = shared  # not a submodule: the OverFill model owns it (once)
+
+    def load_weights(self, weights) -> set[str]:
+        """This stage's checkpoint tensors, named as the model's mapper leaves them ("layers.0.q_proj.weight"); the
+        projections vLLM fuses go in as shards of their fused parameter (vLLM's stacked-parameter mapping)."""
+        params, loaded = dict(self.named_parameters()), set()
+        for name, tensor in weights:
+            for fused, part, shard in STACKED_PARAMS:
+                if part in name:
+                    name = name.replace(part, fused)
+                    params[name].weight_loader(params[name], tensor, shard)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """All tokens through this stage: [N] -> marked hidden states [N, out_width]."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-TRACKER_FQCN = "overfill.vllm.tracker:PromptLengthTracker"
+TRACKER_FQCN = "overfill.vllm.plugin.tracker:PromptLengthTracker"
 
 
 class _Mirror:

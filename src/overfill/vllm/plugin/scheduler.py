@@ -31,9 +31,9 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from overfill.vllm.prefix_cache import PromptAwareHashing
+from overfill.vllm.plugin.prefix_cache import PromptAwareHashing
 
-SCHEDULER_FQCN = "overfill.vllm.scheduler.overfill_scheduler"
+SCHEDULER_FQCN = "overfill.vllm.plugin.scheduler.overfill_scheduler"
 STEPS_KEY = "overfill_steps"  # in vLLM's additional_config
 STEP_POLICIES = ("alternate", "mixed")
 PROMPT_STEPS_KEY = "overfill_prompt_steps"

@@ -50,24 +50,20 @@ from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context, is_forward_context_available, override_forward_context, set_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from overfill.vllm import COUNT_TOKENS_ENV, EAGER_STEP_LOG, tracker
-from overfill.vllm.stages import WARMUP_TOKENS, DecoderStage, FullStage, SharedAttention, StageShape
-from overfill.vllm.sub_batch import SubBatch, SubBatchContexts
+from overfill.vllm import COUNT_TOKENS_ENV, EAGER_STEP_LOG
+from overfill.vllm.plugin import tracker
+from overfill.vllm.plugin.stages import WARMUP_TOKENS, DecoderStage, FullStage, SharedAttention, StageShape
+from overfill.vllm.plugin.sub_batch import SubBatch, SubBatchContexts
 
 logger = init_logger(__name__)
 
-# checkpoint sub-name -> (parameter sub-name, shard id) for vLLM's fused projections
-STACKED = (
-    (".self_attn.q_proj.", ".qkv_proj.", "q"),
-    (".self_attn.k_proj.", ".qkv_proj.", "k"),
-    (".self_attn.v_proj.", ".qkv_proj.", "v"),
-    (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
-    (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
-)
+# Checkpoint names (export.py) -> this model's: the full model's "model." is the full stage, the decoder's
+# "decoder.model." the decoder stage, and a stage's layer holds its attention projections itself (no self_attn).
+CHECKPOINT_NAMES = WeightsMapper(orig_to_new_prefix={"decoder.model.": "decoder.", "model.": "full.", "lm_head.": "full.lm_head."},
+                                 orig_to_new_substr={".self_attn.": "."})
 
 
 def _full_model_ties(vllm_config: VllmConfig) -> bool:
@@ -131,7 +127,7 @@ class OverFillForCausalLM(nn.Module):
     # ------------------------------------------------------------------ vLLM model interface
 
     def get_model_state_cls(self):  # Model Runner V2 hook (vllm/v1/worker/gpu/model_states/__init__.py)
-        from overfill.vllm.model_state import OverFillModelState
+        from overfill.vllm.plugin.model_state import OverFillModelState
         return OverFillModelState
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -256,33 +252,9 @@ class OverFillForCausalLM(nn.Module):
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            stage = "decoder" if name.startswith("decoder.") else "full"
-            hf_name = name[len("decoder."):] if stage == "decoder" else name
-            if "rotary_emb.inv_freq" in hf_name:
-                continue
-            if hf_name.startswith("model."):
-                target = f"{stage}.{hf_name[len('model.'):]}"
-            elif hf_name.startswith("lm_head."):
-                if getattr(self, stage).lm_head.weight is getattr(self, stage).embed_tokens.weight:
-                    continue  # tied: the embedding carries it
-                target = f"{stage}.{hf_name}"
-            else:
-                raise ValueError(f"OverFill: unexpected weight {name}")
-            for old, new, shard in STACKED:
-                if old in target:
-                    target = target.replace(old, new)
-                    param = params[target]
-                    param.weight_loader(param, tensor, shard)
-                    break
-            else:
-                target = target.replace(".self_attn.", ".")  # o_proj, q_norm, k_norm sit on the stage's layer
-                param = params[target]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(target)
-        return loaded
+        """vLLM's AutoWeightsLoader over both stages (each loads its fused projections, `Stage.load_weights`); a tied
+        LM head is its embedding, loaded once. A tensor that fits nowhere stops the load."""
+        return AutoWeightsLoader(self).load_weights(weights, mapper=CHECKPOINT_NAMES)
 
 
 def get_stats(model: nn.Module) -> dict:

@@ -16,8 +16,8 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.platforms import current_platform
 
-from overfill.vllm.scheduler import SCHEDULER_FQCN, prompt_steps, step_policy
-from overfill.vllm.tracker import TRACKER_FQCN
+from overfill.vllm.plugin.scheduler import SCHEDULER_FQCN, prompt_steps, step_policy
+from overfill.vllm.plugin.tracker import TRACKER_FQCN
 
 logger = init_logger(__name__)
 
