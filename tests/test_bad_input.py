@@ -476,13 +476,13 @@ def test_saved_weight_files_have_ordinary_permissions(files, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (("generate", "--mode", "half", "-p", "hi"), "'half' is not one of 'overfill', 'full', 'pruned'"),
-    (("train", "--mode", "half"), "'half' is not one of"),
-    (("eval", "--dtype", "fp8"), "'fp8' is not one of"),
-    (("prune", "--ratio"), "requires an argument"),
-    (("prune", "--ratio", "lots"), "Input should be a valid number"),
-    (("generate", "--bogus", "1"), "No such option: --bogus"),
-    (("bogus",), "No such command 'bogus'"),
+    (("generate", "--mode", "half", "-p", "hi"), "--mode got 'half': pick one of overfill, full, pruned"),
+    (("train", "--mode", "half"), "--mode got 'half': pick one of"),
+    (("eval", "--dtype", "fp8"), "--dtype got 'fp8': pick one of"),
+    (("prune", "--ratio"), "--ratio needs a value"),
+    (("prune", "--ratio", "lots"), "--ratio takes a number"),
+    (("generate", "--bogus", "1"), "no such option: --bogus"),
+    (("bogus",), "no such command 'bogus'"),
 ])
 def test_usage_errors_are_one_line_too(monkeypatch, capsys, args, fragment):
     refused(monkeypatch, capsys, fragment, *args)

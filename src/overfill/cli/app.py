@@ -69,6 +69,8 @@ TYRO_MARKERS = (tyro.conf.DisallowNone,)
 def parse(argv: list[str]):
     """The config of the command `argv` names, and that command's `run`; `--help` prints and exits."""
     name = argv[0] if argv and argv[0] in COMMANDS else None
+    if argv and name is None and not argv[0].startswith("-"):
+        raise UsageError(f"no such command '{argv[0]}': pick one of {', '.join(COMMANDS)}", "overfill")
     head, tail = (argv[: argv.index("--")], tuple(argv[argv.index("--") + 1 :])) if "--" in argv else (argv, ())
     if tail and name not in PASSTHROUGH:
         raise UsageError(f"unexpected arguments after `--`: {' '.join(tail)} (only `overfill serve` passes flags on, to vLLM)",
@@ -77,7 +79,7 @@ def parse(argv: list[str]):
         head = [name, *gathered(head[1:], COMMANDS[name].config)]
     choices = tuple(Annotated[command.config, tyro.conf.subcommand(key, description=command.help)]
                     for key, command in COMMANDS.items())
-    with one_line_errors():
+    with one_line_errors(f"overfill {name}" if name else "overfill"):
         config = tyro.cli(Union[choices], args=head, prog="overfill", description=ABOUT, config=TYRO_MARKERS)
     if name in PASSTHROUGH:
         setattr(config, PASSTHROUGH[name], tail)
@@ -115,7 +117,7 @@ def _show_overfill_warnings():
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # a bare `overfill`: what it can do, as a usage error
-        with one_line_errors():
+        with one_line_errors("overfill"):
             try:
                 parse(["--help"])
             except SystemExit:

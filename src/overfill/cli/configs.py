@@ -22,7 +22,7 @@ from overfill.model_source import ModelSource
 from overfill.train import TrainConfig
 from overfill.vllm.serve import ServeConfig
 
-Checkpoint = tyro.conf.Positional[str | None]
+Checkpoint = Annotated[str | None, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
 
 
 @dataclass

@@ -6,6 +6,8 @@ before that; `tyro._errors` is marked unstable, which the exact pin of tyro in p
 
 from __future__ import annotations
 
+import typing
+
 from tyro import _errors as refusals
 
 
@@ -21,28 +23,45 @@ def _name(argument) -> str:
     return argument.display_name()
 
 
+def _choices(annotation) -> list[str]:
+    """A Literal field's values in the order the field lists them (through Optional and Annotated)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(value) for value in typing.get_args(annotation)]
+    return [value for arg in typing.get_args(annotation) for value in _choices(arg)]
+
+
+def _kind(annotation) -> str:
+    """What a field takes, in words, for a value it could not read."""
+    origin, args = typing.get_origin(annotation), [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (tuple, list) and args:
+        return {int: "whole numbers, e.g. 8,16,32", float: "numbers, e.g. 0.5,1"}.get(args[0], "values")
+    if args:
+        return _kind(args[0])
+    return {int: "a whole number", float: "a number"}.get(annotation, "a value")
+
+
 def _message(event) -> str:
     if isinstance(event, refusals.InvalidChoice):
-        return f"{_name(event.argument)} got '{event.value}': pick one of {', '.join(event.choices)}"
+        choices = _choices(event.argument.field.type_stripped) or [c for c in event.choices if c != "None"]
+        return f"{_name(event.argument)} got '{event.value}': pick one of {', '.join(choices)}"
     if isinstance(event, refusals.BadValue):
         return f"{_name(event.argument)} needs a value"
     if isinstance(event, refusals.MissingArgs):
         return "missing " + ", ".join(_name(missing.arg) for missing in event.missing_arguments)
-    if isinstance(event, refusals.MissingSubcommand):
-        return "name a command"
     if isinstance(event, refusals.UnrecognizedArgs):
-        return f"no such option: {' '.join(event.tokens)}"
+        words = " ".join(event.tokens)
+        return f"no such option: {words}" if words.startswith("-") else f"unexpected argument: {words}"
+    if isinstance(event, refusals.InstantiationFailure) and event.argument is not None:
+        return f"{_name(event.argument)} takes {_kind(event.argument.field.type_stripped)} ({event.message.strip().splitlines()[0]})"
     if isinstance(event, refusals.InstantiationFailure):
-        reason = event.message.strip().splitlines()[0]
-        return f"{_name(event.argument)}: {reason}" if event.argument is not None else reason
+        return event.message.strip().splitlines()[0]
     return f"the command line was not understood ({type(event).__name__})"
 
 
-def refuse(event) -> None:
-    """The hook: raise the refusal as a UsageError, for `app.main` to say in one line."""
-    raise UsageError(_message(event), event.prog)
+def one_line_errors(where: str):
+    """While parsing: tyro's refusals become a UsageError that sends to `where --help`."""
 
+    def refuse(event) -> None:
+        raise UsageError(_message(event), where)
 
-def one_line_errors():
-    """While parsing: tyro's refusals become UsageError."""
     return refusals.on_parse_error(refuse)
