@@ -34,6 +34,7 @@ import torch
 
 from overfill.atomic import atomic_write_text, check_writable
 from overfill.bench.gpu_paper_scale import paper_figures
+from overfill.config import comma_list
 from overfill.devices import clock, resolve_device
 from overfill.errors import OverfillError
 
@@ -64,7 +65,7 @@ class GpuCheckConfig:
     """Where to run: auto (CUDA when available, else CPU), cuda, cuda:N, cpu or mps."""
     budget: float = 330.0
     """Seconds the whole check may take; what would not fit is skipped and recorded as skipped."""
-    kinds: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
+    kinds: tuple[str, ...] = comma_list(("llama", "qwen2", "qwen3", "mistral"))
     """Architectures of the tiny-model checks."""
 
     def __post_init__(self):
@@ -289,21 +290,15 @@ def run_check(config: GpuCheckConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
+    import sys
 
-    from overfill.cli.configs import field_docs
+    from overfill.cli.app import read_config
+    from overfill.cli.usage import UsageError
 
-    docs = field_docs(GpuCheckConfig)
-    parser = argparse.ArgumentParser(prog="python -m overfill.bench.gpu_check", description=__doc__.split("\n\n")[0])
-    defaults = GpuCheckConfig.__dataclass_fields__
-    for name in ("out", "preset", "device", "budget"):
-        parser.add_argument(f"--{name}", default=defaults[name].default, type=type(defaults[name].default), help=docs[name])
-    parser.add_argument("--kinds", default=",".join(defaults["kinds"].default), help=docs["kinds"])
-    args = parser.parse_args(argv)
     try:
-        config = GpuCheckConfig(out=args.out, preset=args.preset, device=args.device, budget=args.budget,
-                                kinds=tuple(k for k in args.kinds.split(",") if k))
-    except OverfillError as error:
+        config = read_config(GpuCheckConfig, sys.argv[1:] if argv is None else argv, prog="python -m overfill.bench.gpu_check",
+                             description=__doc__.split("\n\n")[0])
+    except (UsageError, OverfillError) as error:
         raise SystemExit(f"error: {error}") from None
     result = run_check(config)
     raise SystemExit(0 if result["ok"] else 1)

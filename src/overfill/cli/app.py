@@ -66,6 +66,12 @@ PASSTHROUGH = {"serve": "vllm_args"}
 TYRO_MARKERS = (tyro.conf.DisallowNone,)
 
 
+def read_config(config_cls, argv: list[str], *, prog: str, description: str | None = None):
+    """One config dataclass from `argv`, for a module with a command line of its own (bench/gpu_check.py)."""
+    with one_line_errors(prog):
+        return tyro.cli(config_cls, args=gathered(argv, config_cls), prog=prog, description=description, config=TYRO_MARKERS)
+
+
 def parse(argv: list[str]):
     """The config of the command `argv` names, and that command's `run`; `--help` prints and exits."""
     name = argv[0] if argv and argv[0] in COMMANDS else None
