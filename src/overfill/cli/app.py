@@ -60,7 +60,7 @@ COMMANDS = {
                       "instances (the decoder alone)."),
     "bench": Command(BenchConfig, commands.run_bench, "Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots."),
 }
-# The one command that passes the words after `--` on, to another program (vLLM's server).
+# The one command that passes the words after `--` on, to another program (vLLM's server): the field they fill.
 PASSTHROUGH = {"serve": "vllm_args"}
 # Optional flags stay flags: `--compile/--no-compile` rather than a choice of True/False/None, a number rather than "None".
 TYRO_MARKERS = (tyro.conf.DisallowNone,)
@@ -85,7 +85,8 @@ def parse(argv: list[str]):
         head = [name, *gathered(head[1:], COMMANDS[name].config)]
     choices = tuple(Annotated[command.config, tyro.conf.subcommand(key, description=command.help)]
                     for key, command in COMMANDS.items())
-    with one_line_errors(f"overfill {name}" if name else "overfill"):
+    hint = " (flags for vLLM go after `--`)" if name in PASSTHROUGH else ""
+    with one_line_errors(f"overfill {name}" if name else "overfill", hint):
         config = tyro.cli(Union[choices], args=head, prog="overfill", description=ABOUT, config=TYRO_MARKERS)
     if name in PASSTHROUGH:
         setattr(config, PASSTHROUGH[name], tail)

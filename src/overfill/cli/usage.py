@@ -40,7 +40,7 @@ def _kind(annotation) -> str:
     return {int: "a whole number", float: "a number"}.get(annotation, "a value")
 
 
-def _message(event) -> str:
+def _message(event, extra_words_hint: str) -> str:
     if isinstance(event, refusals.InvalidChoice):
         choices = _choices(event.argument.field.type_stripped) or [c for c in event.choices if c != "None"]
         return f"{_name(event.argument)} got '{event.value}': pick one of {', '.join(choices)}"
@@ -50,7 +50,7 @@ def _message(event) -> str:
         return "missing " + ", ".join(_name(missing.arg) for missing in event.missing_arguments)
     if isinstance(event, refusals.UnrecognizedArgs):
         words = " ".join(event.tokens)
-        return f"no such option: {words}" if words.startswith("-") else f"unexpected argument: {words}"
+        return f"no such option: {words}" if words.startswith("-") else f"unexpected extra arguments: {words}{extra_words_hint}"
     if isinstance(event, refusals.InstantiationFailure) and event.argument is not None:
         return f"{_name(event.argument)} takes {_kind(event.argument.field.type_stripped)} ({event.message.strip().splitlines()[0]})"
     if isinstance(event, refusals.InstantiationFailure):
@@ -58,10 +58,11 @@ def _message(event) -> str:
     return f"the command line was not understood ({type(event).__name__})"
 
 
-def one_line_errors(where: str):
-    """While parsing: tyro's refusals become a UsageError that sends to `where --help`."""
+def one_line_errors(where: str, extra_words_hint: str = ""):
+    """While parsing: tyro's refusals become a UsageError that sends to `where --help`; `extra_words_hint` follows
+    words that no argument took."""
 
     def refuse(event) -> None:
-        raise UsageError(_message(event), where)
+        raise UsageError(_message(event, extra_words_hint), where)
 
     return refusals.on_parse_error(refuse)
