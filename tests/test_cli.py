@@ -137,6 +137,24 @@ def test_the_cli_splits_name_lists_but_never_free_text(monkeypatch, capsys, tiny
     assert seen[-1].prompt == ("a, b",) and seen[-1].stop == ("x,y",)
 
 
+def test_a_list_flag_replaces_its_default(monkeypatch, capsys, tiny_folder, tmp_path):
+    """`--modes full` is that one mode, not the default modes and full; the same flag repeated adds to what was given."""
+    import overfill.bench
+
+    seen = []
+    monkeypatch.setattr(overfill.bench, "run_bench", lambda config, console: seen.append(config))
+    for given, expected in ((["--modes", "full"], ("full",)), (["--modes", "pruned", "--modes=full"], ("pruned", "full"))):
+        code, _, err = run_cli(monkeypatch, capsys, "bench", "--model", str(tiny_folder), "--decoder", str(tiny_folder),
+                               "--out", str(tmp_path / "b"), *given)
+        assert code in (0, None), err
+        assert seen[-1].modes == expected
+
+
+def test_only_serve_takes_words_after_a_double_dash(monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "prune", "--", "--max-num-seqs", "4")
+    assert_one_line_error(code, err, "unexpected arguments after `--`: --max-num-seqs 4")
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["eval", "--data", "x.jsonl"], ["prune"], ["bench"],
                                      ["train", "--data", "x.jsonl", "--decoder", "d"], ["demo"], ["distill", "--data", "x.jsonl"]])
