@@ -88,7 +88,7 @@ def parse(argv: list[str]):
     hint = " (flags for vLLM go after `--`)" if name in PASSTHROUGH else ""
     with one_line_errors(f"overfill {name}" if name else "overfill", hint):
         config = tyro.cli(Union[choices], args=head, prog="overfill", description=ABOUT, config=TYRO_MARKERS)
-    if name in PASSTHROUGH:
+    if name in PASSTHROUGH:  # a field no check reads: set on the checked config
         setattr(config, PASSTHROUGH[name], tail)
     return config, COMMANDS[name].run
 
@@ -123,12 +123,11 @@ def _show_overfill_warnings():
 
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:  # a bare `overfill`: what it can do, as a usage error
-        with one_line_errors("overfill"):
-            try:
-                parse(["--help"])
-            except SystemExit:
-                sys.exit(2)
+    if not argv:  # a bare `overfill`: what it can do, and the exit code of a usage error
+        try:
+            parse(["--help"])
+        except SystemExit:
+            sys.exit(2)
     _quiet_libraries()
     _show_overfill_warnings()
     try:

@@ -10,6 +10,7 @@ marked `config.comma_list`, never free text (prompts, stop strings).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ def _item_type(annotation) -> type | None:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Annotated:
         return _item_type(args[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return _item_type(inner[0]) if len(inner) == 1 else None
     return args[0] if origin in (tuple, list) and args else None

@@ -19,10 +19,6 @@ class UsageError(Exception):
         self.where = where
 
 
-def _name(argument) -> str:
-    return argument.display_name()
-
-
 def _choices(annotation) -> list[str]:
     """A Literal field's values in the order the field lists them (through Optional and Annotated)."""
     if typing.get_origin(annotation) is typing.Literal:
@@ -43,16 +39,17 @@ def _kind(annotation) -> str:
 def _message(event, extra_words_hint: str) -> str:
     if isinstance(event, refusals.InvalidChoice):
         choices = _choices(event.argument.field.type_stripped) or [c for c in event.choices if c != "None"]
-        return f"{_name(event.argument)} got '{event.value}': pick one of {', '.join(choices)}"
+        return f"{event.argument.display_name()} got '{event.value}': pick one of {', '.join(choices)}"
     if isinstance(event, refusals.BadValue):
-        return f"{_name(event.argument)} needs a value"
+        return f"{event.argument.display_name()} needs a value"
     if isinstance(event, refusals.MissingArgs):
-        return "missing " + ", ".join(_name(missing.arg) for missing in event.missing_arguments)
+        return "missing " + ", ".join(missing.arg.display_name() for missing in event.missing_arguments)
     if isinstance(event, refusals.UnrecognizedArgs):
         words = " ".join(event.tokens)
         return f"no such option: {words}" if words.startswith("-") else f"unexpected extra arguments: {words}{extra_words_hint}"
     if isinstance(event, refusals.InstantiationFailure) and event.argument is not None:
-        return f"{_name(event.argument)} takes {_kind(event.argument.field.type_stripped)} ({event.message.strip().splitlines()[0]})"
+        reason = event.message.strip().splitlines()[0]
+        return f"{event.argument.display_name()} takes {_kind(event.argument.field.type_stripped)} ({reason})"
     if isinstance(event, refusals.InstantiationFailure):
         return event.message.strip().splitlines()[0]
     return f"the command line was not understood ({type(event).__name__})"
