@@ -22,7 +22,7 @@ from overfill.model_source import ModelSource
 from overfill.train import TrainConfig
 from overfill.vllm.serve import ServeConfig
 
-Checkpoint = Annotated[str | None, tyro.conf.Positional, tyro.conf.arg(metavar="CHECKPOINT")]
+Checkpoint = Annotated[str | None, tyro.conf.Positional, tyro.conf.arg(metavar="[CHECKPOINT]")]
 
 
 @dataclass
