@@ -8,7 +8,7 @@ take the checkpoint as a positional argument, give a flag a short alias, keep a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Annotated
 
 import tyro
@@ -94,14 +94,15 @@ class ConvertCommand(ModelSource):
 class TrainCommand(TrainConfig):
     """`overfill train`: TrainConfig, and --max-examples, the old name of --limit, for the scripts that use it."""
 
-    max_examples: int | None = None
+    # An init-only field: the config the library gets, and the train_config.json it writes, have --limit alone.
+    max_examples: InitVar[int | None] = None
     """The old name of --limit."""
 
-    def __post_init__(self):
-        if self.max_examples is not None:
+    def __post_init__(self, max_examples: int | None):
+        if max_examples is not None:
             if self.limit is not None:
                 raise OverfillError(f"{flag('max_examples')} is the old name of {flag('limit')}: pass one of the two")
-            self.limit = self.max_examples
+            self.limit = max_examples
         super().__post_init__()
 
 
