@@ -406,17 +406,17 @@ def test_a_checkpoint_file_that_cannot_be_read_is_corrupt(tmp_path, unreadable):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_interrupted_generate_prints_what_it_has(monkeypatch, capsys, files, stream):
-    import overfill.generation
+    from overfill.decode_step import EagerStep
 
-    real_decode, calls = overfill.generation.decode, []
+    real_block, calls = EagerStep.block, []
 
     def decode_then_ctrl_c(*args, **kwargs):  # the user presses Ctrl-C during the fourth decode step
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real_decode(*args, **kwargs)
+        return real_block(*args, **kwargs)
 
-    monkeypatch.setattr(overfill.generation, "decode", decode_then_ctrl_c)
+    monkeypatch.setattr(EagerStep, "block", decode_then_ctrl_c)
     code, out, err = run_cli(monkeypatch, capsys, "generate", str(files / "ckpt"), "-p", "hi", "--max-new-tokens", "50",
                              *(["--stream"] if stream else []))
     assert code == 130 and "Traceback" not in err
@@ -476,13 +476,13 @@ def test_saved_weight_files_have_ordinary_permissions(files, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (("generate", "--mode", "half", "-p", "hi"), "'half' is not one of 'overfill', 'full', 'pruned'"),
-    (("train", "--mode", "half"), "'half' is not one of"),
-    (("eval", "--dtype", "fp8"), "'fp8' is not one of"),
-    (("prune", "--ratio"), "requires an argument"),
-    (("prune", "--ratio", "lots"), "Input should be a valid number"),
-    (("generate", "--bogus", "1"), "No such option: --bogus"),
-    (("bogus",), "No such command 'bogus'"),
+    (("generate", "--mode", "half", "-p", "hi"), "--mode got 'half': pick one of overfill, full, pruned"),
+    (("train", "--mode", "half"), "--mode got 'half': pick one of"),
+    (("eval", "--dtype", "fp8"), "--dtype got 'fp8': pick one of"),
+    (("prune", "--ratio"), "--ratio needs a value"),
+    (("prune", "--ratio", "lots"), "--ratio takes a number"),
+    (("generate", "--bogus", "1"), "no such option: --bogus"),
+    (("bogus",), "no such command 'bogus'"),
 ])
 def test_usage_errors_are_one_line_too(monkeypatch, capsys, args, fragment):
     refused(monkeypatch, capsys, fragment, *args)

@@ -65,7 +65,7 @@ def test_heldout_prompts_share_no_prompt_topic_or_heldout_wording_with_training(
     assert all(p in heldout for p in chat_prompts(heldout))
 
 
-@pytest.mark.parametrize("args, fragment", [(("--loss", "mse"), "'mse' is not one of 'ce', 'kd', 'ce+kd'"),
+@pytest.mark.parametrize("args, fragment", [(("--loss", "mse"), "--loss got 'mse': pick one of ce, kd, ce+kd"),
                                             (("--prompts", "100000"), "more than the"),
                                             (("--heldout", "0"), "--heldout must be at least 1"),
                                             (("--max-new-tokens", "1"), "at least 2")])

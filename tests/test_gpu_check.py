@@ -1,7 +1,7 @@
 """The GPU check's small preset on the CPU: every section runs, records its result and writes its files.
 
 On a machine without a GPU the check compares the CPU with itself; what it is for runs on a GPU
-(`python -m overfill.bench.gpu_check`, README). The compiled step's graph is captured as everywhere
+(`overfill gpu-check`, docs/gpu-check.md). The compiled step's graph is captured as everywhere
 else but run by PyTorch's own kernels here (no C++ build per shape: the suite stays fast).
 """
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from overfill import decode_step
-from overfill.bench.gpu_check import GpuCheckConfig, main, run_check
+from overfill.bench.gpu_check import GpuCheckConfig, run_check
+from overfill.cli import main
 from overfill.errors import OverfillError
 
 
@@ -72,5 +73,8 @@ def test_bad_arguments_are_one_line(capsys, tmp_path):
     for out in (tmp_path / "file" / "run", Path("/proc/overfill-run")):  # under a file; a place that refuses folders
         with pytest.raises(OverfillError, match="--out .* cannot be written"):
             GpuCheckConfig(out=str(out))
-    with pytest.raises(SystemExit, match="error: --preset"):
-        main(["--preset", "huge"])
+    with pytest.raises(SystemExit) as stopped:
+        main(["gpu-check", "--preset", "huge", "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --preset got 'huge': pick paper, small or auto"), lines

@@ -2,7 +2,7 @@
 mode, and a training step runs there (`gpu` marker).
 
 Parametrised over the accelerators this machine has (CUDA, MPS): with none, every case is skipped, and CI has
-none. The GPU check (`python -m overfill.bench.gpu_check`) runs these cases on the device it is given:
+none. The GPU check (`overfill gpu-check`) runs these cases on the device it is given:
 `OVERFILL_TEST_DEVICES=cuda:1` names the devices instead (`cpu` there runs the cases against the CPU itself,
 which checks the cases' own wiring and nothing of a device).
 """

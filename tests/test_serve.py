@@ -135,7 +135,7 @@ def test_port_in_use_is_one_error_line(monkeypatch, capsys, recorded, pair):
     (("--max-model-len", "1"), "--max-model-len must be at least 2"),
     (("--host", "no.such.host.invalid"), "is not an address of this machine"),
     (("--mode", "pruned"), "no decoder given"),
-    (("--bogus",), "No such option: --bogus"),
+    (("--bogus",), "no such option: --bogus"),
     (("stray", "words"), "unexpected extra arguments: words (flags for vLLM go after `--`)"),
 ])
 def test_bad_flags(monkeypatch, capsys, recorded, pair, args, fragment):

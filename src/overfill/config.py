@@ -5,9 +5,9 @@ A group (`model_source.ModelSource`, `generation.Sampling` and `GenerationConfig
 the groups it needs and adds its own fields. Each class's `__post_init__` checks its own fields and
 calls `super().__post_init__()`, so a config that mixes in several groups runs every group's checks
 once, in method-resolution order, with no check called by hand. Fields stay flat (not nested), so a
-field is a flag of the same name (cli/configs.py) and a keyword of the Python API alike.
+field is a flag of the same name (read by tyro, cli/app.py) and a keyword of the Python API alike.
 
-Values arrive typed: a tuple field takes a tuple (or one lone value) from Python; the CLI splits
+Values arrive typed: a tuple field takes a tuple (or one lone value) from Python; the CLI (cli/lists.py) splits
 comma-separated flags ("8,16,32") before the config sees them (`comma_list` marks the text lists it
 may split). Checks that read the filesystem live in each config's `check_files()`, which the stage
 calls first, before any model loads (see docs/design.md, "Configs").
@@ -16,7 +16,6 @@ calls first, before any model loads (see docs/design.md, "Configs").
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
 
 from overfill.errors import OverfillError
 
@@ -33,9 +32,6 @@ def comma_list(default: tuple[str, ...]):
 @dataclass
 class Settings:
     """The root of every config: ends the cooperative `__post_init__` chain and the `check_files` chain."""
-
-    # A shared group names the --help panel its flags are listed under; a command's own flags stay in "Options".
-    panel: ClassVar[str | None] = None
 
     def __post_init__(self):
         pass

@@ -14,7 +14,7 @@ import time
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar, Final, Iterator, Literal
+from typing import Final, Iterator, Literal
 
 import torch
 from transformers import DynamicCache
@@ -40,7 +40,6 @@ DRAFTERS: Final[tuple[str, ...]] = typing.get_args(Drafter)
 
 @dataclass
 class GenerationConfig(Sampling):
-    panel: ClassVar[str] = "Generation"
 
     mode: GenerationMode = "overfill"
     """overfill (the full model prefills, the decoder decodes), full (the full model alone), pruned (the decoder alone), or speculative (the decoder drafts, the full model verifies: the full model's own reply)."""

@@ -8,7 +8,6 @@ on top of it: a checkpoint folder, or --model with --decoder, and the decoder's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -23,8 +22,6 @@ from overfill.zoo import DEFAULT_MODEL
 @dataclass(unsafe_hash=True)  # hashable: eval groups entries that share one source
 class FullModelSource(Settings):
     """One model: which, in what dtype, on which device."""
-
-    panel: ClassVar[str] = "Model"
 
     model: str | None = None
     """Full model (zoo name, folder or hub id); default: the one a checkpoint records, else smollm2-135m-instruct (unset rather than that name, so that a checkpoint's own is kept unless you replace it)."""

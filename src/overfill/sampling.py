@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -21,8 +20,6 @@ from overfill.errors import OverfillError
 @dataclass
 class Sampling(Settings):
     """How each token is chosen: what generate, chat and distill share."""
-
-    panel: ClassVar[str] = "Sampling"
 
     temperature: float = 0.0
     """0 = greedy; > 0 samples."""

@@ -1,4 +1,4 @@
-"""`python -m overfill.bench.gpu_check`: the PyTorch engine checked on a GPU, and the paper's Figures 3-5 at the paper's scale.
+"""`overfill gpu-check`: the PyTorch engine checked on a GPU, and the paper's Figures 3-5 at the paper's scale.
 
 One prepared run, nothing downloaded (every model is built from a config with random weights):
 
@@ -237,25 +237,3 @@ def run_check(config: GpuCheckConfig) -> dict:
     check.log.close()
     return check.result
 
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from overfill.cli.configs import field_docs
-
-    docs = field_docs(GpuCheckConfig)
-    parser = argparse.ArgumentParser(prog="python -m overfill.bench.gpu_check", description=__doc__.split("\n\n")[0])
-    defaults = GpuCheckConfig.__dataclass_fields__
-    for name in ("out", "preset", "device", "budget"):
-        parser.add_argument(f"--{name}", default=defaults[name].default, type=type(defaults[name].default), help=docs[name])
-    args = parser.parse_args(argv)
-    try:
-        config = GpuCheckConfig(out=args.out, preset=args.preset, device=args.device, budget=args.budget)
-    except OverfillError as error:
-        raise SystemExit(f"error: {error}") from None
-    result = run_check(config)
-    raise SystemExit(0 if result["ok"] else 1)
-
-
-if __name__ == "__main__":
-    main()

