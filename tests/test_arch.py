@@ -1,6 +1,8 @@
 """One spec per family (overfill.arch): it describes HF's own layers, and pruning, the compiled decode step and the
 vLLM model all read it, so a new family is one ARCHS entry and one tiny config."""
 
+import json
+
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -116,3 +118,19 @@ def test_the_vllm_stages_read_the_spec(new_family):
     assert stages.layer_traits(CONFIGS["newfamily"]()).o_bias
     with pytest.raises(OverfillError, match="unsupported architecture 'gpt2'"):
         stages.layer_traits(AutoConfig.for_model("gpt2"))
+
+
+def test_a_pruned_decoder_vllm_would_misread_is_served_as_a_llama_with_its_biases(tmp_path, monkeypatch):
+    """vLLM's own Qwen2 derives head_dim from hidden_size (`vllm_derives_head_dim`): its pruned decoder goes to vLLM
+    as a Llama with Qwen2's q/k/v biases and none on o_proj; a Llama decoder goes as it is."""
+    from overfill.vllm.export import plain_decoder
+
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
+    for kind in ("qwen2", "llama"):
+        prune_model(tiny_model(kind), tiny_tokenizer(), PruneConfig(ratio=0.5, **CALIBRATION), progress=False
+                    ).model.save_pretrained(tmp_path / kind)
+    assert plain_decoder(tmp_path / "llama") == tmp_path / "llama"
+    served = plain_decoder(tmp_path / "qwen2")
+    view = json.loads((served / "config.json").read_text())
+    assert served != tmp_path / "qwen2" and view["head_dim"] == 10 and view["hidden_size"] == 20
+    assert (view["model_type"], view["qkv_bias"], view["attention_bias"], view["mlp_bias"]) == ("llama", True, False, False)
