@@ -206,7 +206,7 @@ class StepWeights(nn.Module):
         with torch.no_grad():
             norms = [[layer.input_layernorm, layer.post_attention_layernorm] for layer in layers]
             self.norms = _stacked(norms)  # [L, 2, hidden]
-            # Biases need no word here: each Projection carries its linears' own (Qwen2's q/k/v, Llama's attention_bias).
+            # Biases need no flag: each Projection fuses its linears' own (Qwen2's q/k/v, Llama's attention_bias).
             qk_norm = arch.layer_traits(config).qk_norm  # Qwen3: RMSNorm over each head's head_dim
             self.qk_eps = float(attention[0].q_norm.variance_epsilon) if qk_norm else None
             if qk_norm:
@@ -262,7 +262,7 @@ def unsupported(model: nn.Module, capacity: int) -> str | None:
     """Why `StepWeights` cannot run this model's steps (None: it can)."""
     config = model.config
     try:
-        traits = arch.layer_traits(config)
+        arch.arch_of(config)
     except Exception as error:  # noqa: BLE001 - the reason is the message
         return str(error)
     window = arch.sliding_window_of(config)
@@ -271,8 +271,6 @@ def unsupported(model: nn.Module, capacity: int) -> str | None:
     body = getattr(model, "model", None)
     if body is None or not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "its layout is not Llama's (model.embed_tokens, layers, norm, rotary_emb)"
-    if traits.qk_norm and not all(hasattr(layer.self_attn, "q_norm") for layer in body.layers):
-        return f"its {config.model_type} layers have no per-head q/k norms (self_attn.q_norm, k_norm)"
     if "dynamic" in str(getattr(body.rotary_emb, "rope_type", "")):
         return "dynamic rotary scaling changes with the sequence length"
     return None
