@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import json
 
-# The builders live in the package, where the GPU check uses them too.
+# The builders live in the package, where the GPU check uses them too. TINY_CONFIGS holds one config per family of
+# overfill.arch.ARCHS (test_arch checks it): a new family adds its tiny config there.
 from overfill.bench.synthetic import KINDS, VOCAB, tiny_model  # noqa: F401 - the tests import them from here
 from overfill.bench.synthetic import TINY_CONFIGS as CONFIGS  # noqa: F401
 from overfill.bench.synthetic import byte_tokenizer as tiny_tokenizer

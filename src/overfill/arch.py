@@ -1,4 +1,5 @@
-"""Where each weight lives, per supported architecture, and the cache-compatibility check (docs/design.md, "The method").
+"""One description of each supported architecture, where each weight lives, and the cache-compatibility check
+(docs/design.md, "The method").
 
 OverFill's decoder reads the full model's KV cache directly, so the two must agree on everything
 that shapes, positions or windows a cache entry: layer count, KV heads, head_dim, the rotary
@@ -6,9 +7,14 @@ embedding and any sliding window.
 Width pruning changes only the residual width D and the MLP width I, which is why it is the only
 pruning that keeps caches compatible.
 
-All supported families share Llama's module layout; they differ in biases (Qwen2 q/k/v), per-head
-q/k norms (Qwen3, over head_dim, so untouched by width pruning) and in whether the config class
-insists that hidden_size be a multiple of the head count (Llama, in transformers 5.19 to 5.23).
+Every supported family has Llama's module layout (HF's modeling files: model.embed_tokens, layers of
+self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj between two RMSNorms, model.norm, lm_head) and
+reads head_dim, the rotary settings and tie_word_embeddings from its config alike. An `ArchSpec` says
+where a family departs from that, and every consumer reads it: pruning (prune.py), the compiled decode
+step (decode_step.py), the vLLM model (vllm/stages.py, which imports this module inside vLLM's
+processes: keep it free of torch and transformers) and the plain vLLM export (vllm/export.py).
+A new family is one entry in ARCHS and one tiny config (overfill.bench.synthetic.TINY_CONFIGS, which
+tests/tiny.py hands to every per-family test). SmolLM and SmolLM2 are Llamas (model_type "llama").
 """
 
 from __future__ import annotations
@@ -17,20 +23,60 @@ from dataclasses import dataclass
 
 from overfill.errors import OverfillError
 
+# A bias field is True or False for every model of the family, or the name of the config flag that turns it on.
+BiasRule = bool | str
+
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """One family as HF's modeling file builds it: what pruning, the compiled step and the vLLM model need to know."""
+
     model_type: str
-    # LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim.
-    hidden_multiple_of_heads: bool
+    qkv_bias: BiasRule = False  # q/k/v projections (Qwen2: always)
+    o_bias: BiasRule = False  # o_proj
+    mlp_bias: BiasRule = False  # gate/up/down projections
+    # RMSNorm over each head's q and k before rotary (Qwen3); over head_dim, so width pruning keeps it.
+    qk_norm: bool = False
+    # Whether some layers may attend to a window of recent positions only (config.sliding_window, per layer
+    # where layer_types says so): the compiled step cannot run a window shorter than its cache.
+    sliding_window: bool = False
+    # The config class refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim
+    # (LlamaConfig in transformers 5.19 to 5.23): pruning rounds the hidden width to a multiple of the heads.
+    hidden_multiple_of_heads: bool = False
+    # vLLM's own model class derives head_dim as hidden_size / heads (vLLM 0.32's Qwen2), wrong once pruning
+    # shrinks hidden_size: a decoder served alone goes to vLLM as a Llama with this family's biases.
+    vllm_derives_head_dim: bool = False
+
+    def layer(self, config) -> LayerTraits:
+        """What this config's layers hold (its bias flags resolved)."""
+        return LayerTraits(qkv_bias=_resolve(self.qkv_bias, config), o_bias=_resolve(self.o_bias, config),
+                           mlp_bias=_resolve(self.mlp_bias, config), qk_norm=self.qk_norm)
 
 
-ARCHS: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama", hidden_multiple_of_heads=True),
-    "qwen2": ArchSpec("qwen2", hidden_multiple_of_heads=False),
-    "qwen3": ArchSpec("qwen3", hidden_multiple_of_heads=False),
-    "mistral": ArchSpec("mistral", hidden_multiple_of_heads=False),
-}
+@dataclass(frozen=True)
+class LayerTraits:
+    """One model's decoder layer as its family's spec and its config make it: the vLLM model builds its layers from this."""
+
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+
+def _resolve(rule: BiasRule, config) -> bool:
+    return bool(getattr(config, rule, False)) if isinstance(rule, str) else rule
+
+
+def _by_type(*specs: ArchSpec) -> dict[str, ArchSpec]:
+    return {spec.model_type: spec for spec in specs}
+
+
+ARCHS: dict[str, ArchSpec] = _by_type(
+    ArchSpec("llama", qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias", hidden_multiple_of_heads=True),
+    ArchSpec("qwen2", qkv_bias=True, sliding_window=True, vllm_derives_head_dim=True),
+    ArchSpec("qwen3", qkv_bias="attention_bias", o_bias="attention_bias", qk_norm=True, sliding_window=True),
+    ArchSpec("mistral", sliding_window=True),
+)
 
 # State-dict key suffixes inside each decoder layer, grouped by how width pruning slices them.
 # [out, in] is nn.Linear's weight layout.
@@ -56,6 +102,11 @@ def arch_of(config) -> ArchSpec:
     return ARCHS[model_type]
 
 
+def layer_traits(config) -> LayerTraits:
+    """What this model's decoder layers hold, from its family's spec (an unsupported family: arch_of's error)."""
+    return arch_of(config).layer(config)
+
+
 def head_dim_of(config) -> int:
     explicit = getattr(config, "head_dim", None)
     return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
@@ -75,6 +126,9 @@ def rope_of(config) -> dict:
 
 def sliding_window_of(config) -> int | None:
     """The attention window some layers use (Mistral, Qwen2/3 with use_sliding_window), or None when every layer sees all."""
+    spec = ARCHS.get(getattr(config, "model_type", None))
+    if spec is not None and not spec.sliding_window:
+        return None  # a family without windows (Llama): its layers see every position whatever the config holds
     window = getattr(config, "sliding_window", None)
     if window is None or not getattr(config, "use_sliding_window", True):
         return None

@@ -206,9 +206,10 @@ class StepWeights(nn.Module):
         with torch.no_grad():
             norms = [[layer.input_layernorm, layer.post_attention_layernorm] for layer in layers]
             self.norms = _stacked(norms)  # [L, 2, hidden]
-            qk_norm = getattr(attention[0], "q_norm", None)  # Qwen3: RMSNorm over each head's head_dim
-            self.qk_eps = float(qk_norm.variance_epsilon) if qk_norm is not None else None
-            if qk_norm is not None:
+            # Biases need no flag: each Projection fuses its linears' own (Qwen2's q/k/v, Llama's attention_bias).
+            qk_norm = arch.layer_traits(config).qk_norm  # Qwen3: RMSNorm over each head's head_dim
+            self.qk_eps = float(attention[0].q_norm.variance_epsilon) if qk_norm else None
+            if qk_norm:
                 self.qk_norms = _stacked([[a.q_norm, a.k_norm] for a in attention])  # [L, 2, D]
             self.final_norm = body.norm
             self.head = Projection([[model.lm_head]], self.transposed)

@@ -29,10 +29,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from overfill.arch import ARCHS
 from overfill.atomic import atomic_folder, check_writable, read_json_object
 from overfill.errors import OverfillError
 from overfill.fingerprint import fingerprint
@@ -144,16 +146,19 @@ def plain_decoder(decoder: Path) -> Path:
 
     Width pruning keeps head_dim and shrinks hidden_size, so head_dim is no longer hidden_size / heads.
     vLLM 0.32's Llama, Mistral and Qwen3 read head_dim from the config; its Qwen2 derives it, and
-    would build attention of the wrong width. Its Llama with `qkv_bias` is Qwen2's layer exactly (q/k/v
-    biases, none on o_proj, the same weight names), so a pruned Qwen2 decoder is served as that Llama:
-    a folder of its config, rewritten, and its files linked, under $OVERFILL_HOME/vllm/.
+    would build attention of the wrong width (`vllm_derives_head_dim` in the family's spec, arch.py).
+    Its Llama with `qkv_bias` and `attention_bias` set apart takes any family's biases (Qwen2: q/k/v
+    biases, none on o_proj) under the same weight names, so such a pruned decoder is served as that
+    Llama: a folder of its config, rewritten, and its files linked, under $OVERFILL_HOME/vllm/.
     """
     config = read_json_object(decoder / "config.json", "re-save the decoder with `overfill prune` or save_pretrained")
     derived = config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
-    if config.get("model_type") != "qwen2" or config.get("head_dim") in (None, derived):
+    spec = ARCHS.get(config.get("model_type"))
+    if spec is None or not spec.vllm_derives_head_dim or config.get("head_dim") in (None, derived):
         return decoder
     if config.get("use_sliding_window"):
-        raise OverfillError(f"{decoder}: vLLM serves a pruned Qwen2 decoder as a Llama, which has no Qwen2 sliding window; "
+        kind = spec.model_type
+        raise OverfillError(f"{decoder}: vLLM serves a pruned {kind} decoder as a Llama, which has no {kind} sliding window; "
                             "serve it with the full model (--mode overfill)")
     target = overfill_home() / "vllm" / f"plain-{_folder_key(decoder, decoder)}"
     if (target / DONE).is_file():
@@ -163,8 +168,9 @@ def plain_decoder(decoder: Path) -> Path:
         for item in decoder.iterdir():
             if item.name != DONE:
                 os.symlink(item.resolve(), tmp / item.name)
-        view = dict(config, model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False, qkv_bias=True,
-                    mlp_bias=False)
+        layer = spec.layer(SimpleNamespace(**config))
+        view = dict(config, model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=layer.o_bias,
+                    qkv_bias=layer.qkv_bias, mlp_bias=layer.mlp_bias)
         (tmp / DONE).write_text(json.dumps(view, indent=1) + "\n")
     return target
 

@@ -1,9 +1,9 @@
 """One stage of the OverFill model on vLLM (the full model or the decoder): its layers' weights, the two
 halves of a layer around the attention call both stages share, and the compiled module each stage is.
 
-The four families differ only in ArchTraits (biases, per-head q/k norms); sliding windows come per
-layer from `layer_types`, else from vLLM's cache config (Mistral). model.py holds the two stages,
-routes each step and loads the weights.
+The families differ only in what their spec in overfill.arch says of a layer (`arch.layer_traits`: biases,
+per-head q/k norms); sliding windows come per layer from `layer_types`, else from vLLM's cache config
+(Mistral). model.py holds the two stages, routes each step and loads the weights.
 """
 
 from __future__ import annotations
@@ -24,24 +24,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import maybe_prefix
 
-
-@dataclass(frozen=True)
-class ArchTraits:
-    """What sets one family's layer apart from Llama's (as vLLM's own llama/qwen2/qwen3 files read them)."""
-
-    qkv_bias: bool
-    o_bias: bool
-    qk_norm: bool  # RMSNorm over each head's q and k before rotary (over head_dim: width pruning keeps it)
-
-
-def arch_traits(config) -> ArchTraits:
-    model_type = getattr(config, "model_type", "llama")
-    if model_type == "qwen2":
-        return ArchTraits(qkv_bias=True, o_bias=False, qk_norm=False)
-    if model_type == "qwen3":
-        return ArchTraits(qkv_bias=bool(getattr(config, "attention_bias", False)), o_bias=False, qk_norm=True)
-    bias = bool(getattr(config, "attention_bias", False))  # llama, mistral
-    return ArchTraits(qkv_bias=bias, o_bias=bias, qk_norm=False)
+from overfill.arch import LayerTraits, layer_traits
 
 
 @dataclass(frozen=True)
@@ -57,7 +40,7 @@ class StageShape:
 class StageLayer(nn.Module):
     """One transformer layer's weights of one stage, in two halves around the shared attention kernel."""
 
-    def __init__(self, config, shape: StageShape, traits: ArchTraits, quant_config, prefix: str):
+    def __init__(self, config, shape: StageShape, traits: LayerTraits, quant_config, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
         heads, kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -74,7 +57,7 @@ class StageLayer(nn.Module):
                                         prefix=f"{prefix}.o_proj")
         self.post_attention_layernorm = RMSNorm(shape.hidden, eps=shape.eps)
         self.mlp = LlamaMLP(shape.hidden, shape.intermediate, config.hidden_act, quant_config=quant_config,
-                            bias=getattr(config, "mlp_bias", False), prefix=f"{prefix}.mlp")
+                            bias=traits.mlp_bias, prefix=f"{prefix}.mlp")
 
     def attention_input(self, h, residual, positions, rotary_emb):
         """[n, D] stream -> q [n, H*hd], k, v [n, KV*hd] with rotary applied, and the residual."""
@@ -135,7 +118,7 @@ class Stage(nn.Module):
         self.hidden, self.out_width = shape.hidden, out_width
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, shape.hidden, quant_config=quant_config,
                                                    prefix=f"{prefix}.embed_tokens")
-        traits = arch_traits(config)
+        traits = layer_traits(config)  # an unsupported model_type stops here, naming the supported ones
         self.layers = nn.ModuleList(
             StageLayer(config, shape, traits, quant_config, f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers)
         )
