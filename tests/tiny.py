@@ -1,15 +1,62 @@
-"""Tiny randomly initialised models and a tiny tokenizer for the tests (no downloads; overfill.bench.synthetic)."""
+"""Tiny randomly initialised models and a tiny tokenizer for the tests (no downloads).
+
+`CONFIGS` holds one config per family of overfill.arch.ARCHS (test_arch checks it): a new family adds its tiny
+config here. The tokenizer is the bench's byte tokenizer (overfill.bench.synthetic).
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 
-# The builders live in the package, where the GPU check uses them too. TINY_CONFIGS holds one config per family of
-# overfill.arch.ARCHS (test_arch checks it): a new family adds its tiny config there.
-from overfill.bench.synthetic import KINDS, VOCAB, tiny_model  # noqa: F401 - the tests import them from here
-from overfill.bench.synthetic import TINY_CONFIGS as CONFIGS  # noqa: F401
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from overfill.bench.synthetic import VOCAB  # noqa: F401 - the tests import it from here
 from overfill.bench.synthetic import byte_tokenizer as tiny_tokenizer
+
+_IDS = dict(pad_token_id=0, eos_token_id=2, bos_token_id=1)
+CONFIGS = {
+    # Any field can be overridden, e.g. head_dim=32 (and a hidden size to match) for vLLM's CPU attention.
+    "llama": lambda **kw: LlamaConfig(**{
+        **dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=12, tie_word_embeddings=True, **_IDS),
+        **kw,
+    }),
+    "qwen2": lambda **kw: Qwen2Config(**{
+        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, tie_word_embeddings=False, **_IDS),
+        **kw,
+    }),
+    "qwen3": lambda **kw: Qwen3Config(**{
+        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, **_IDS),
+        **kw,
+    }),
+    # head_dim left to be derived (hidden_size / heads = 10), as in real Mistral configs: pruning must pin it.
+    # No sliding window by default, so every position sees the whole prompt and results are exact.
+    "mistral": lambda **kw: MistralConfig(**{
+        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None, **_IDS),
+        **kw,
+    }),
+}
+KINDS = tuple(CONFIGS)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **config_kwargs):
+    """A tiny float32 model of `kind` on the CPU, in eval mode; the same weights for the same seed."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[kind](**config_kwargs), dtype=torch.float32)
+    # Random init gives near-identical tiny weights; widen them so outputs differ clearly per channel.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2)
+    return model.eval()
+
 
 
 @functools.cache

@@ -11,10 +11,10 @@ Every supported family has Llama's module layout (HF's modeling files: model.emb
 self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj between two RMSNorms, model.norm, lm_head) and
 reads head_dim, the rotary settings and tie_word_embeddings from its config alike. An `ArchSpec` says
 where a family departs from that, and every consumer reads it: pruning (prune.py), the compiled decode
-step (decode_step.py), the vLLM model (vllm/stages.py, which imports this module inside vLLM's
+step (decode_step.py), the vLLM model (vllm/plugin/stages.py, which imports this module inside vLLM's
 processes: keep it free of torch and transformers) and the plain vLLM export (vllm/export.py).
-A new family is one entry in ARCHS and one tiny config (overfill.bench.synthetic.TINY_CONFIGS, which
-tests/tiny.py hands to every per-family test). SmolLM and SmolLM2 are Llamas (model_type "llama").
+A new family is one entry in ARCHS and one tiny config (tests/tiny.py's CONFIGS, which every per-family
+test runs over). SmolLM and SmolLM2 are Llamas (model_type "llama").
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""Models built from a config with random weights, and a byte-level tokenizer: what the tests and the GPU
-check run on without downloading anything.
+"""Models of a real model's shape built from a config with random weights, and a byte-level tokenizer: what the
+bench's paper-scale and memory runs use without downloading anything (a step's time and memory depend on shapes
+and bytes, not on weight values). The tests' tiny models are the tests' own (tests/tiny.py).
 
-- `tiny_model(kind)`: a 2-3 layer model of each supported architecture (Llama, Qwen2, Qwen3, Mistral),
-  with weights wide enough that every channel matters (greedy tokens then differ clearly per model);
 - `paper_pair(...)`: a Llama-3.2-3B-shaped full model and its 0.45 decoder (paper §4.1), for latency only:
   a decode step's time depends on the shapes and bytes it reads, not on the weight values;
 - `byte_tokenizer()`: one token per byte plus three specials and a chat template (vocabulary 259).
@@ -12,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -36,49 +35,6 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-_IDS = dict(pad_token_id=0, eos_token_id=2, bos_token_id=1)
-TINY_CONFIGS = {
-    # Any field can be overridden, e.g. head_dim=32 (and a hidden size to match) for vLLM's CPU attention.
-    "llama": lambda **kw: LlamaConfig(**{
-        **dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=12, tie_word_embeddings=True, **_IDS),
-        **kw,
-    }),
-    "qwen2": lambda **kw: Qwen2Config(**{
-        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, tie_word_embeddings=False, **_IDS),
-        **kw,
-    }),
-    "qwen3": lambda **kw: Qwen3Config(**{
-        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, **_IDS),
-        **kw,
-    }),
-    # head_dim left to be derived (hidden_size / heads = 10), as in real Mistral configs: pruning must pin it.
-    # No sliding window by default, so every position sees the whole prompt and results are exact.
-    "mistral": lambda **kw: MistralConfig(**{
-        **dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None, **_IDS),
-        **kw,
-    }),
-}
-KINDS = tuple(TINY_CONFIGS)
-
-
-def tiny_model(kind: str = "llama", seed: int = 0, **config_kwargs):
-    """A tiny float32 model of `kind` on the CPU, in eval mode; the same weights for the same seed."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind](**config_kwargs), dtype=torch.float32)
-    # Random init gives near-identical tiny weights; widen them so outputs differ clearly per channel.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.2)
-    return model.eval()
 
 
 # Llama-3.2-3B-Instruct's shape (its config.json) and the paper's 0.45 decoder of it: hidden 3072 -> 1689 and MLP
