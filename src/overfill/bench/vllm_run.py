@@ -50,6 +50,7 @@ from overfill.atomic import check_writable
 from overfill.bench.config import DISAGGREGATED, BenchConfig
 from overfill.bench.prompts import PromptSource
 from overfill.bench.vllm_timing import prompt_key, time_lanes
+from overfill.configuration import Configuration
 from overfill.errors import OverfillError
 
 METRICS = ("prefill_s", "decode_s", "e2e_s", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s")
@@ -166,7 +167,7 @@ def key_ratios(rows: dict[str, dict[str, dict]]) -> list[dict]:
             r = ratio(modes.get(a), modes.get(b), metric)
             if r:
                 found.append({"engine": engine, "name": name, "a": a, "b": b, "metric": metric, **r})
-        for lane in (m for m in modes if m.startswith("draft k=")):  # vLLM's speculative decoding, against its target
+        for lane in (m for m in modes if "+spec" in m):  # vLLM's speculative decoding, against its target
             for what, metric in (("decode tok/s", "decode_tokens_per_s"), ("end-to-end", "e2e_s")):
                 r = ratio(modes[lane], modes.get("full"), metric)
                 if r:
@@ -254,7 +255,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     loaded = tuple(m for mode in config.load_modes for m in (("full", "pruned") if mode == DISAGGREGATED else (mode,)))
     served = dict.fromkeys((*(config.modes if config.offline_runs else ()), *(loaded if config.load_test else ()),
                             *(("overfill",) if config.mixed_step else ()),
-                            *(("full", "pruned") if config.speculative_tokens else ())))
+                            *(("full", "pruned") if config.draft_tokens else ())))
     with console.status("building the folders vLLM loads"):
         engines = {mode: engine_model(config, mode, dtype=config.engine_dtype) for mode in served}
     _check_context(engines, max_model_len)
@@ -340,15 +341,16 @@ def extra_lanes(config: BenchConfig, engines: dict) -> dict[str, dict[str, tuple
     phases = {}
     if config.eager_rows:
         phases["vllm eager"] = {m: (engines[m], {"enforce_eager": True}) for m in config.modes}
-    if config.speculative_tokens:
+    if config.draft_tokens:
         # vLLM's own draft-model speculative decoding: the plain full model verifies, the pruned decoder
-        # (a model of its own, with its own KV cache) drafts; the full model alone beside it for the ratio.
+        # (a model of its own, with its own KV cache) drafts, as our loop's overfill+specK/pruned; the full
+        # model alone beside it for the ratio.
         draft = str(engines["pruned"].path)
         phases["vllm speculative"] = {"full": (engines["full"], {}), **{
-            f"draft k={k}": (engines["full"], {"speculative_config": {"method": "draft_model", "model": draft,
+            Configuration("overfill", draft_tokens=k, drafter="pruned").name: (engines["full"], {"speculative_config": {"method": "draft_model", "model": draft,
                                                                       "num_speculative_tokens": k},
                                                 "disable_log_stats": False})  # its acceptance counters
-            for k in config.speculative_tokens}}
+            for k in config.draft_tokens}}
     return phases
 
 

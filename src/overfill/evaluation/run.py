@@ -248,7 +248,7 @@ def greedy_replies(config: EvalConfig, mode: str, contexts: list[list[int]], eos
                                    refresh_every=entry.refresh_every if entry else 0,
                                    draft_tokens=entry.draft_tokens if entry and entry.draft_tokens else 4,
                                    drafter=entry.drafter if entry else "overfill", speculation=speculation,
-                                   compile=compile)
+                                   compile=True if entry and entry.compiled else compile)
     seconds = {"generate": round(time.perf_counter() - t0, 2)}
     return replies, {**seconds, "speculation": speculation.as_dict()} if speculation else seconds
 

@@ -31,7 +31,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from overfill.atomic import atomic_write_text, check_writable
 from overfill.bench.results import environment
-from overfill.bench.timing import paired_ratio
 from overfill.decode_step import compile_seconds
 from overfill.devices import decide_compile
 from overfill.evaluation import EvalConfig, evaluate
@@ -40,6 +39,7 @@ from overfill.frontier.config import FrontierConfig
 from overfill.frontier.plots import plot_frontier
 from overfill.frontier.report import print_frontier
 from overfill.frontier.timing import time_entries
+from overfill.interleaved import paired_ratio
 from overfill.modeling import OverFillModel
 
 EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig) if f.name != "out")
