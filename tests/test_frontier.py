@@ -126,16 +126,16 @@ def test_frontier_places_vllm_rows_beside_ours(tmp_path, monkeypatch, vllm_wirin
     result = run_frontier(config, Console(file=open(tmp_path / "console.txt", "w"), width=220))
     points = {p["name"]: p for p in result["points"]}
     assert list(points) == ["full", "pruned", "overfill", "overfill+spec2", "vllm full", "vllm pruned", "vllm overfill",
-                            "vllm spec2"]
+                            "vllm overfill+spec2/pruned"]
     # vLLM's replies are our loop's, model for model; its speculative decoding gives the full model's.
-    for name in ("vllm full", "vllm spec2"):
+    for name in ("vllm full", "vllm overfill+spec2/pruned"):
         assert points[name]["exact_match"] == 1.0
     for mode in ("pruned", "overfill"):
         assert points[f"vllm {mode}"]["token_match"] == pytest.approx(points[mode]["token_match"])
-    spec = points["vllm spec2"]
+    spec = points["vllm overfill+spec2/pruned"]
     assert 0 <= spec["acceptance_rate"] <= 1 and 1 <= spec["tokens_per_full_pass"] <= 3
     assert spec["decode_ms_per_token"] > 0 and points["vllm full"]["decode_ms_vs_full"] == pytest.approx(1.0)
-    assert json.loads((tmp_path / "out" / "vllm.json").read_text())["rows"]["vllm spec2"]["kind"] == "vllm speculative"
+    assert json.loads((tmp_path / "out" / "vllm.json").read_text())["rows"]["vllm overfill+spec2/pruned"]["kind"] == "vllm speculative"
 
 
 @pytest.mark.parametrize("content", [None, "", '{"settings": {"a": 1}, "rows": [', "[1, 2]", b"\xff\xfe"])
