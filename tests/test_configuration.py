@@ -90,3 +90,43 @@ def test_the_type_refuses_what_the_parser_refuses():
                    dict(mode="overfill", refresh_every=-1)):
         with pytest.raises(OverfillError):
             Configuration(**kwargs)
+
+
+def run_cli(monkeypatch, capsys, *args):
+    import sys
+
+    from overfill import cli
+
+    monkeypatch.setattr(sys, "argv", ["overfill", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+def test_an_old_bench_name_given_to_eval_is_one_error_line_with_the_new_spelling(monkeypatch, capsys, tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    line = run_cli(monkeypatch, capsys, "eval", "--data", str(tmp_path / "x.jsonl"), "--checkpoint", "c",
+                   "--entries", "full,speculative4/pruned")
+    assert "write overfill+spec4/pruned" in line
+
+
+def test_bench_takes_draft_tokens_and_its_old_name(monkeypatch, capsys):
+    """--draft-tokens, as every other command spells it; --speculative-tokens still works, off --help."""
+    from overfill.bench import BenchConfig
+
+    seen = []
+
+    def caught(config):
+        seen.append(config.draft_tokens)
+        raise OverfillError("stop here")
+
+    monkeypatch.setattr(BenchConfig, "__post_init__", caught)
+    for name in ("--draft-tokens", "--speculative-tokens"):
+        assert "stop here" in run_cli(monkeypatch, capsys, "bench", name, "2,4")
+    assert seen == [(2, 4), (2, 4)]
+    line = run_cli(monkeypatch, capsys, "bench", "--draft-tokens", "2", "--speculative-tokens", "4")
+    assert "--speculative-tokens is the old name of --draft-tokens" in line

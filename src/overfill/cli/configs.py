@@ -144,7 +144,8 @@ def add_config_command(app: typer.Typer, name: str, config_cls, run: Callable[[A
         for old, new in (renamed or {}).items():
             value = kwargs.pop(f"renamed__{old}")
             if value is not None:
-                if kwargs[new] != fields[new].default:
+                default = fields[new].default  # a tuple field's flag gives a list
+                if kwargs[new] != (list(default) if isinstance(default, tuple) else default):
                     raise OverfillError(f"{flag_of(old)} is the old name of {flag_of(new)}: pass one of the two")
                 kwargs[new] = value
         for key, (item_type, split) in lists.items():

@@ -104,7 +104,8 @@ def evaluate(config: EvalConfig, console=None) -> dict:
 
         scored: dict[tuple, object] = {}  # (what, scoring mode, refresh) -> scores, within this group's model
         for entry in group:
-            models[entry.name] = {"mode": entry.generation_mode, "source": what, "seconds": {}, "stop_ids": sorted(eos),
+            models[entry.name] = {"configuration": entry.configuration.name, "mode": entry.generation_mode, "source": what,
+                                  "seconds": {}, "stop_ids": sorted(eos),
                                   **({"refresh_every": entry.refresh_every} if entry.refresh_every else {}),
                                   **({"draft_tokens": entry.draft_tokens, "drafter": entry.drafter}
                                      if entry.draft_tokens else {}),

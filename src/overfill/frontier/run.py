@@ -237,7 +237,8 @@ def frontier_points(entries: list[ModelEntry], quality: dict, timing: dict) -> l
         row, m = rows[entry.name], models.get(entry.name) or (full_quality if entry.draft_tokens else {})
         agreement = m.get("agreement", {})
         spec = row.get("speculation") or m.get("speculation")
-        point = {"name": entry.name, "kind": kind_of(entry), "mode": entry.generation_mode,
+        point = {"name": entry.name, "configuration": entry.configuration.name, "kind": kind_of(entry),
+                 "mode": entry.generation_mode,
                  "decode_step": row["decode_step"], "decode_ms_per_token": row["decode_ms_per_token"]["median"],
                  "decode_ms_spread": row["decode_ms_per_token"],
                  "top1": agreement.get("top1"), "first_divergence_mean": agreement.get("first_divergence_mean"),
