@@ -183,3 +183,26 @@ def test_sweeps_parse_and_skip():
     config = BenchConfig(quick=True, batch_sweep=0, prompt_len_sweep=(256, 64), modes=["overfill", "full"])
     assert config.batch_sweep == () and config.prompt_len_sweep == (64, 256) and config.modes == ("overfill", "full")
     assert config.new_tokens_sweep == (16, 32, 64) and config.key_run_tokens == 64  # the rest comes from the preset
+
+
+def test_sweep_tables_pair_each_step_with_its_own_kind(tmp_path):
+    """The sweep table sets OverFill beside the pruned and full rows of the same step, eager and compiled."""
+    from overfill.bench.report import print_bench
+    from overfill.bench.results import summarize
+
+    def row(scale):
+        return [summarize([{"prefill_s": 0.1, "decode_s": scale, "e2e_s": 0.1 + scale, "new_tokens": 9, "decode_tokens": 8,
+                            "steps": 9}], 1)]
+
+    rows = {name: row(scale) for name, scale in (("overfill", 1.0), ("pruned", 0.8), ("overfill+compiled", 0.5),
+                                                 ("pruned+compiled", 0.25), ("full+compiled", 1.0))}
+    result = {"config": {"repeats": 1}, "key_point": {"batch": 1, "prompt_len": 8, "new_tokens": 9, "rows": {}, "ratios": []},
+              "sweeps": {"batch": {"values": [1], "rows": rows}}, "seconds": 1.0, "files": [],
+              "environment": {"cpu": {"name": "cpu", "instruction_sets": []}, "torch_threads": 1, "load_average": None,
+                              "dtype": "float32"}}
+    path = tmp_path / "console.txt"
+    print_bench(Console(file=open(path, "w"), width=300), result, tmp_path)
+    text = path.read_text()
+    for column in ("overfill / pruned", "overfill+compiled / pruned+compiled", "full+compiled / overfill+compiled"):
+        assert column in text
+    assert "overfill / pruned+compiled" not in text

@@ -151,3 +151,21 @@ def test_a_saved_half_that_cannot_be_read_is_measured_again(tmp_path, content):
     assert _saved(path, "settings", {"a": 1}, Console(file=io.StringIO())) is None
     path.write_text(json.dumps({"settings": {"a": 1}, "rows": []}))
     assert _saved(path, "settings", {"a": 1}, Console(file=io.StringIO())) == {"settings": {"a": 1}, "rows": []}
+
+
+def test_vllm_lanes_are_named_by_the_one_grammar(checkpoints, tmp_path, monkeypatch):
+    """vLLM's draft-model speculative decoding (the full model verifies, the pruned folder drafts with a cache of its
+    own) is named as our loop's configuration of the same kind, after `vllm `."""
+    from types import SimpleNamespace
+
+    import overfill.vllm.export
+    from overfill.frontier.vllm_rows import vllm_lanes
+
+    monkeypatch.setattr(overfill.vllm.export, "engine_model", lambda source, mode: SimpleNamespace(path=tmp_path / mode))
+    root, data = checkpoints
+    config = config_for(root, data, tmp_path / "out")
+    lanes = {lane["name"]: lane for lane in vllm_lanes(config, config.model_entries(), (2, 4))}
+    assert list(lanes) == ["vllm full", "vllm pruned", "vllm overfill", "vllm overfill+spec2/pruned",
+                           "vllm overfill+spec4/pruned"]
+    spec = lanes["vllm overfill+spec4/pruned"]
+    assert spec["engine"]["speculative_config"]["num_speculative_tokens"] == 4 and spec["like"] == "full"
