@@ -7,10 +7,11 @@ detokenise either). Every engine runs at vLLM's defaults, as users run it: compi
 trace, Inductor; GPU: piecewise CUDA graphs for OverFill, vLLM's own choice for the plain models),
 prefix caching on, its cache emptied before each run so that every run reads its whole prompt.
 With --eager-rows (default) each mode is timed again at the key points with --enforce-eager: extra
-rows labelled "vllm eager", for what compilation buys each model. With --speculative-tokens K,...
+rows labelled "vllm eager", for what compilation buys each model. With --draft-tokens K,...
 the plain full model is timed at the key points beside vLLM's own draft-model speculative decoding
-(the pruned decoder drafting K tokens, the full model verifying them; the output is the full model's
-own): rows labelled "vllm speculative", with vLLM's acceptance rate and tokens per target pass. The prompts
+(the pruned decoder drafting K tokens on a cache of its own, the full model verifying them; the output
+is the full model's own): rows overfill+specK/pruned, as our loop names the same configuration, under
+the engine "vllm speculative", with vLLM's acceptance rate and tokens per target pass. The prompts
 are those of the torch bench (bench/prompts.py: real text cut to an exact token count in the chat
 template), given to vLLM as token ids, identical for every mode and engine.
 
