@@ -63,10 +63,16 @@ def spread(values: Sequence[float]) -> dict:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+def round_ratios(x: Sequence[float | None], y: Sequence[float | None]) -> list[float]:
+    """x[r] / y[r] for each round r that both ran, leaving out a round where either value is missing or y is 0."""
+    return [a / b for a, b in zip(x, y) if a is not None and b]
+
+
 def paired_ratio(a: dict, b: dict, metric: str) -> dict | None:
-    """a/b round by round (the two ran in the same rounds), as a spread; `a["samples"][metric]` per round."""
+    """a/b round by round (the two ran in the same rounds), as a spread; `a["samples"][metric]` per round.
+    None when a round of b is 0 (no ratio to take)."""
     x, y = a["samples"][metric], b["samples"][metric]
     n = min(len(x), len(y))
     if n == 0 or any(v == 0 for v in y[:n]):
         return None
-    return spread([x[i] / y[i] for i in range(n)])
+    return spread(round_ratios(x, y))

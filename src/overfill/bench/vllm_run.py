@@ -53,6 +53,7 @@ from overfill.bench.prompts import PromptSource
 from overfill.bench.vllm_timing import prompt_key, time_lanes
 from overfill.configuration import Configuration
 from overfill.errors import OverfillError
+from overfill.interleaved import round_ratios
 
 METRICS = ("prefill_s", "decode_s", "e2e_s", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s")
 
@@ -150,13 +151,9 @@ def _paired(a: dict, b: dict, metric: str) -> float | None:
     sa, sb = a.get("samples", {}), b.get("samples", {})
     if "t1_s" not in sa or "t1_s" not in sb:
         return None
-    n = min(len(sa["t1_s"]), len(sa["tn_s"]), len(sb["t1_s"]), len(sb["tn_s"]))
-    per_round = []
-    for r in range(n):
-        x = _metrics(sa["t1_s"][r], sa["tn_s"][r], a["new_tokens"], a["batch"])[metric]
-        y = _metrics(sb["t1_s"][r], sb["tn_s"][r], b["new_tokens"], b["batch"])[metric]
-        if x is not None and y:
-            per_round.append(x / y)
+    x = [_metrics(t1, tn, a["new_tokens"], a["batch"])[metric] for t1, tn in zip(sa["t1_s"], sa["tn_s"])]
+    y = [_metrics(t1, tn, b["new_tokens"], b["batch"])[metric] for t1, tn in zip(sb["t1_s"], sb["tn_s"])]
+    per_round = round_ratios(x, y)
     return statistics.median(per_round) if per_round else None
 
 
