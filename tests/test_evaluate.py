@@ -373,3 +373,20 @@ def test_refresh_gap_is_measured_against_the_same_checkpoints_plain_entry():
     assert set(summary) == {"overfill+refresh4", "b8"}
     assert summary["overfill+refresh4"]["gap_closed"] == pytest.approx(0.5)
     assert summary["b8"]["plain_nll"] == 3.0 and summary["b8"]["gap_closed"] == pytest.approx(0.5)
+
+
+def test_an_entry_named_compiled_generates_with_the_compiled_step(monkeypatch):
+    """+compiled is the entry's own step; without it the run's --compile choice stands."""
+    from types import SimpleNamespace
+
+    from overfill.evaluation import run
+
+    asked = []
+    monkeypatch.setattr(run, "generate_ids_batched", lambda *args, **kwargs: asked.append(kwargs["compile"]) or [])
+    config = SimpleNamespace(engine="torch", max_new_tokens=4, batch_size=1)
+    for name in ("overfill+compiled", "overfill+spec2+compiled", "overfill"):
+        run.greedy_replies(config, "overfill", [[1, 2]], {0}, model=None, source=None, entry=parse_entry(name), compile=False)
+    assert asked == [True, True, False]
+    assert parse_entry("overfill+compiled").name == "overfill+compiled"
+    with pytest.raises(OverfillError, match="--engine torch"):
+        EvalConfig(data="x.jsonl", checkpoint="c", entries=("overfill+compiled",), engine="vllm", nll=False)

@@ -126,16 +126,16 @@ def test_frontier_places_vllm_rows_beside_ours(tmp_path, monkeypatch, vllm_wirin
     result = run_frontier(config, Console(file=open(tmp_path / "console.txt", "w"), width=220))
     points = {p["name"]: p for p in result["points"]}
     assert list(points) == ["full", "pruned", "overfill", "overfill+spec2", "vllm full", "vllm pruned", "vllm overfill",
-                            "vllm spec2"]
+                            "vllm overfill+spec2/pruned"]
     # vLLM's replies are our loop's, model for model; its speculative decoding gives the full model's.
-    for name in ("vllm full", "vllm spec2"):
+    for name in ("vllm full", "vllm overfill+spec2/pruned"):
         assert points[name]["exact_match"] == 1.0
     for mode in ("pruned", "overfill"):
         assert points[f"vllm {mode}"]["token_match"] == pytest.approx(points[mode]["token_match"])
-    spec = points["vllm spec2"]
+    spec = points["vllm overfill+spec2/pruned"]
     assert 0 <= spec["acceptance_rate"] <= 1 and 1 <= spec["tokens_per_full_pass"] <= 3
     assert spec["decode_ms_per_token"] > 0 and points["vllm full"]["decode_ms_vs_full"] == pytest.approx(1.0)
-    assert json.loads((tmp_path / "out" / "vllm.json").read_text())["rows"]["vllm spec2"]["kind"] == "vllm speculative"
+    assert json.loads((tmp_path / "out" / "vllm.json").read_text())["rows"]["vllm overfill+spec2/pruned"]["kind"] == "vllm speculative"
 
 
 @pytest.mark.parametrize("content", [None, "", '{"settings": {"a": 1}, "rows": [', "[1, 2]", b"\xff\xfe"])
@@ -151,3 +151,21 @@ def test_a_saved_half_that_cannot_be_read_is_measured_again(tmp_path, content):
     assert _saved(path, "settings", {"a": 1}, Console(file=io.StringIO())) is None
     path.write_text(json.dumps({"settings": {"a": 1}, "rows": []}))
     assert _saved(path, "settings", {"a": 1}, Console(file=io.StringIO())) == {"settings": {"a": 1}, "rows": []}
+
+
+def test_vllm_lanes_are_named_by_the_one_grammar(checkpoints, tmp_path, monkeypatch):
+    """vLLM's draft-model speculative decoding (the full model verifies, the pruned folder drafts with a cache of its
+    own) is named as our loop's configuration of the same kind, after `vllm `."""
+    from types import SimpleNamespace
+
+    import overfill.vllm.export
+    from overfill.frontier.vllm_rows import vllm_lanes
+
+    monkeypatch.setattr(overfill.vllm.export, "engine_model", lambda source, mode: SimpleNamespace(path=tmp_path / mode))
+    root, data = checkpoints
+    config = config_for(root, data, tmp_path / "out")
+    lanes = {lane["name"]: lane for lane in vllm_lanes(config, config.model_entries(), (2, 4))}
+    assert list(lanes) == ["vllm full", "vllm pruned", "vllm overfill", "vllm overfill+spec2/pruned",
+                           "vllm overfill+spec4/pruned"]
+    spec = lanes["vllm overfill+spec4/pruned"]
+    assert spec["engine"]["speculative_config"]["num_speculative_tokens"] == 4 and spec["like"] == "full"

@@ -27,9 +27,9 @@ def test_small_preset_runs_every_section(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "device_tests.xml").is_file()
     assert len(sections["memory"]["phases"]) == 5 and sections["memory"]["weight_bytes"] > 0
     figures = saved["figures"]
-    assert set(figures["key_point"]["rows"]) == {"overfill:compiled", "full:compiled", "pruned:compiled"}
+    assert set(figures["key_point"]["rows"]) == {"overfill+compiled", "full+compiled", "pruned+compiled"}
     assert set(figures["sweeps"]) == {"new_tokens", "batch", "prompt_len"}
-    assert set(saved["roofline"]["rows"]) == {"overfill:compiled", "full:compiled", "pruned:compiled"}
+    assert set(saved["roofline"]["rows"]) == {"overfill+compiled", "full+compiled", "pruned+compiled"}
     assert {"eager_beside_compiled", "compile_seconds"} <= set(figures)
     for name in ("gpu_check.log", "breakdown.png", "new_tokens.png", "prompt_len.png", "batch.png"):
         assert (tmp_path / name).stat().st_size > 0

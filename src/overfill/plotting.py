@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 COLORS = {"overfill": "tab:green", "full": "tab:blue", "pruned": "tab:orange", "hf_generate": "tab:gray",
-          "hf_assisted": "tab:purple", "overfill:compiled": "darkgreen", "full:compiled": "navy",
-          "pruned:compiled": "saddlebrown"}
+          "hf_assisted": "tab:purple", "overfill+compiled": "darkgreen", "full+compiled": "navy",
+          "pruned+compiled": "saddlebrown"}
 
 
 def pyplot():

@@ -46,11 +46,11 @@ class BenchConfig(ModelSource):
     modes: tuple[str, ...] = comma_list(MODES)
     """Modes to time: overfill, full, pruned (repeat the flag or separate with commas)."""
     refresh_every: tuple[int, ...] = ()
-    """Also time OverFill with prefill refresh every K tokens at the key point, one row per K (e.g. 8,16,32); torch engine only."""
+    """Also time OverFill with prefill refresh every K tokens at the key point, one row per K (e.g. 8,16,32; rows overfill+refreshK); torch engine only."""
     decoder_dtypes: tuple[str, ...] = comma_list(())
     """Also time OverFill with its decoder in each of these dtypes at the key point (float32, bfloat16, int8; rows overfill@DTYPE); torch engine only."""
     decode_steps: tuple[str, ...] = comma_list(("eager", "compiled"))
-    """Decode steps to time every loop row with, side by side: eager (the model's own forward, op by op) and compiled (static KV cache + torch.compile, rows MODE:compiled); torch engine only."""
+    """Decode steps to time every loop row with, side by side: eager (the model's own forward, op by op) and compiled (static KV cache + torch.compile, rows MODE+compiled, e.g. overfill+spec4+compiled); torch engine only."""
     references: bool = True
     """Also time HF `generate` of the full model and HF assisted generation (decoder as assistant); torch engine only."""
     prompt_len: int | None = None
@@ -81,10 +81,10 @@ class BenchConfig(ModelSource):
     """torch CPU threads (0 = torch's default)."""
     eager_rows: bool = True
     """With --engine vllm: also time every mode at the key points with vLLM's --enforce-eager (extra rows, labelled 'vllm eager'); the main rows are vLLM's defaults."""
-    speculative_tokens: tuple[int, ...] = ()
-    """Also time speculative decoding (the decoder drafts, the full model verifies: the full model's own reply) at the key point with each of these numbers of draft tokens (e.g. 2,4,8): rows speculativeK in our loop; with --engine vllm, vLLM's own draft-model method, the pruned decoder drafting for the plain full model."""
+    draft_tokens: tuple[int, ...] = ()
+    """Also time speculative decoding (the decoder drafts, the full model verifies: the full model's own reply) at the key point with each of these numbers of draft tokens (e.g. 2,4,8): rows overfill+specK in our loop; with --engine vllm, vLLM's own draft-model method, the pruned decoder drafting for the plain full model (rows overfill+specK/pruned)."""
     drafters: tuple[str, ...] = comma_list(("overfill",))
-    """Torch engine, with --speculative-tokens: the drafters to time, overfill (drafts on the full model's cache) and/or pruned (drafts on a cache of its own; rows speculativeK/pruned)."""
+    """Torch engine, with --draft-tokens: the drafters to time, overfill (drafts on the full model's cache) and/or pruned (drafts on a cache of its own; rows overfill+specK/pruned)."""
     torch_rows: bool = True
     """With --engine vllm: also time our own PyTorch loop at the key points, on the same prompts."""
     load_test: bool = False
@@ -133,7 +133,7 @@ class BenchConfig(ModelSource):
             raise OverfillError(f"--modes got nothing: pick from {', '.join(MODES)}")
         for mode in self.modes:
             check_mode(mode, "--modes")
-        for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "refresh_every", "speculative_tokens"):
+        for name in ("new_tokens_sweep", "prompt_len_sweep", "batch_sweep", "refresh_every", "draft_tokens"):
             setattr(self, name, _sweep(getattr(self, name), name))
         self.decode_steps = as_tuple(self.decode_steps)
         if not self.decode_steps or any(step not in ("eager", "compiled") for step in self.decode_steps):

@@ -46,8 +46,8 @@ def roofline(model, key: dict, bandwidth_gb_s: float, capacity: int) -> dict:
     kv_bytes = (2 * config.num_hidden_layers * kv_heads_of(config) * head_dim_of(config) * capacity
                 * model.full.get_input_embeddings().weight.element_size())
     out = {"bandwidth_gb_s": bandwidth_gb_s, "kv_cache_bytes_read_per_step": kv_bytes, "capacity": capacity, "rows": {}}
-    for row, decode_model in (("full:compiled", model.full), ("overfill:compiled", model.decoder),
-                              ("pruned:compiled", model.decoder)):
+    for row, decode_model in (("full+compiled", model.full), ("overfill+compiled", model.decoder),
+                              ("pruned+compiled", model.decoder)):
         if row not in key["rows"]:
             continue
         weights = weight_bytes(decode_model)
@@ -69,7 +69,7 @@ def paper_figures(check, config, preset: dict) -> None:
     from overfill.bench.report import print_bench
     from overfill.bench.results import describe, summarize
     from overfill.bench.run import bench_rows, compile_report, measure_key_point, measure_sweep, new_tokens_sweep
-    from overfill.bench.timing import compiled_row, measure_point
+    from overfill.bench.timing import measure_point
     from overfill.tensors import pad_id_of
 
     device = torch.device(config.device)
@@ -123,7 +123,7 @@ def paper_figures(check, config, preset: dict) -> None:
     def eager_beside():
         """The eager engine beside the compiled one at batch 1 (shorter runs: an eager GPU step waits on launches)."""
         bench, model = state["bench"], state["model"]
-        rows = ("full", "overfill", compiled_row("full"), compiled_row("overfill"))
+        rows = ("full", "overfill", "full+compiled", "overfill+compiled")
         ids, mask = state["prompts"].batch(bench.prompt_len, 1)
         n = preset["eager_tokens"]
         with torch.inference_mode():
@@ -175,25 +175,25 @@ def paper_sanity(check, figures: dict, model) -> None:
 
     rows = figures["key_point"]["rows"]
     ms = {row: s["decode_ms_per_token"]["median"] for row, s in rows.items()}
-    if {"overfill:compiled", "full:compiled"} <= set(ms):
-        ratio = ms["full:compiled"] / ms["overfill:compiled"]
+    if {"overfill+compiled", "full+compiled"} <= set(ms):
+        ratio = ms["full+compiled"] / ms["overfill+compiled"]
         sane("OverFill decodes faster than the full model (compiled, batch 1)", ratio > 1,
                    f"full / overfill decode ms/token = {ratio:.2f} (weight bytes ratio "
                    f"{weight_bytes(model.full) / weight_bytes(model.decoder):.2f})")
-        prefill = {row: rows[row]["prefill_s"]["median"] for row in ("overfill:compiled", "full:compiled")}
-        same = abs(prefill["overfill:compiled"] / prefill["full:compiled"] - 1)
+        prefill = {row: rows[row]["prefill_s"]["median"] for row in ("overfill+compiled", "full+compiled")}
+        same = abs(prefill["overfill+compiled"] / prefill["full+compiled"] - 1)
         sane("OverFill's prefill is the full model's", same < 0.25,
-                   f"overfill / full prefill = {prefill['overfill:compiled'] / prefill['full:compiled']:.2f}")
+                   f"overfill / full prefill = {prefill['overfill+compiled'] / prefill['full+compiled']:.2f}")
     for row, r in check.result.get("roofline", {}).get("rows", {}).items():
         sane(f"{row} decode no faster than its weights can be read", r["of_roofline"] <= 1.05,
                    f"{r['measured_ms']:.3f} ms/token measured, roofline {r['roofline_ms']:.3f} ms ({r['of_roofline']:.0%})")
     prompt = figures["sweeps"].get("prompt_len")
-    if prompt and len(prompt["values"]) > 1 and "full:compiled" in prompt["rows"]:
-        prefill = [p["prefill_s"]["median"] for p in prompt["rows"]["full:compiled"]]
+    if prompt and len(prompt["values"]) > 1 and "full+compiled" in prompt["rows"]:
+        prefill = [p["prefill_s"]["median"] for p in prompt["rows"]["full+compiled"]]
         sane("prefill grows with the prompt (Fig. 4)", prefill[-1] > prefill[0],
                    f"{1e3 * prefill[0]:.1f} ms at {prompt['values'][0]} tokens, {1e3 * prefill[-1]:.1f} ms at {prompt['values'][-1]}")
     batch = figures["sweeps"].get("batch")
-    if batch and len(batch["values"]) > 1 and "overfill:compiled" in batch["rows"]:
-        throughput = [p["tokens_per_s"]["median"] for p in batch["rows"]["overfill:compiled"]]
+    if batch and len(batch["values"]) > 1 and "overfill+compiled" in batch["rows"]:
+        throughput = [p["tokens_per_s"]["median"] for p in batch["rows"]["overfill+compiled"]]
         sane("throughput grows with the batch (Fig. 5)", throughput[-1] > throughput[0],
                    f"{throughput[0]:.0f} tok/s at batch {batch['values'][0]}, {throughput[-1]:.0f} at {batch['values'][-1]}")

@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from overfill.bench.timing import COMPILED, paired_ratio
+from overfill.configuration import Configuration
+from overfill.interleaved import paired_ratio
 
 
 def _range(s: dict, fmt: str) -> str:
@@ -49,8 +50,9 @@ def print_bench(console, result: dict, out: Path) -> None:
         for mode in modes:
             table.add_column(mode, justify="right")
         # OverFill against the pruned model (what it costs) and the full model (what it saves), per engine.
-        pairs = [(a + suffix, b + suffix) for suffix in ("", COMPILED) for a, b in (("overfill", "pruned"), ("full", "overfill"))
-                 if a + suffix in modes and b + suffix in modes]
+        pairs = [(Configuration(a, compiled=c).name, Configuration(b, compiled=c).name) for c in (False, True)
+                 for a, b in (("overfill", "pruned"), ("full", "overfill"))]
+        pairs = [(a, b) for a, b in pairs if a in modes and b in modes]
         for a, b in pairs:
             table.add_column(f"{a} / {b}", justify="right")
         for i, value in enumerate(sweep["values"]):

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from overfill.atomic import atomic_write_text
-from overfill.bench.timing import spread
 from overfill.devices import cpu_info
 from overfill.devices import describe as describe_device
+from overfill.interleaved import spread
 
 
 def summarize(splits: list[dict], batch: int) -> dict:

@@ -33,9 +33,8 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -47,20 +46,12 @@ from overfill.bench.plots import write_plots
 from overfill.bench.prompts import PromptSource
 from overfill.bench.report import print_bench
 from overfill.bench.results import describe, environment, publish, summarize
-from overfill.bench.timing import (
-    COMPILED,
-    REFERENCES,
-    compiled_row,
-    dtype_row,
-    loop_overhead,
-    measure_point,
-    paired_ratio,
-    refresh_row,
-    speculative_row,
-)
+from overfill.bench.timing import REFERENCES, loop_overhead, measure_point
+from overfill.configuration import Configuration, parse
 from overfill.decode_step import compile_seconds
 from overfill.devices import model_device
 from overfill.errors import OverfillError
+from overfill.interleaved import paired_ratio
 from overfill.modeling import MODES
 from overfill.tensors import pad_id_of
 
@@ -89,33 +80,33 @@ def decoder_variants(model, dtypes: tuple[str, ...]) -> dict:
         if dtype == decoder_dtype(model.decoder):
             continue
         decoder = set_decoder_dtype(copy.deepcopy(model.decoder), dtype)
-        variants[dtype_row(dtype)] = OverFillModel(model.full, decoder, model.tokenizer, full_source=model.full_source)
+        variants[Configuration("overfill", decoder_dtype=dtype).name] = OverFillModel(model.full, decoder, model.tokenizer, full_source=model.full_source)
     return variants
 
 
 def key_ratios(rows: dict) -> list[dict]:
     """The paper's ratios among eager rows, the same among compiled rows (each side on its engine's default,
     the compiled step), what compiling gains per mode, and what the refresh and dtype rows cost."""
-    def compiled(name: str) -> str:
-        for mode in MODES:
-            name = re.sub(rf"\b{mode}\b(?!{COMPILED})", compiled_row(mode), name)
-        return name
+    def compiled(mode: str) -> str:
+        return Configuration(mode, compiled=True).name
 
     found = []
-    on_compiled = [(compiled(name), compiled_row(a), compiled_row(b), metric) for name, a, b, metric in RATIOS
-                   if b not in REFERENCES]
-    gains = [(f"{compiled_row(mode)} decode tok/s / {mode}", compiled_row(mode), mode, "decode_tokens_per_s")
-             for mode in MODES]
+    on_compiled = [(" ".join(compiled(word) if word in MODES else word for word in name.split()), compiled(a), compiled(b),
+                    metric) for name, a, b, metric in RATIOS if b not in REFERENCES]
+    gains = [(f"{compiled(mode)} decode tok/s / {mode}", compiled(mode), mode, "decode_tokens_per_s") for mode in MODES]
     variants = []
     for row in rows:
-        suffix = COMPILED if row.endswith(COMPILED) else ""
-        if "+refresh" in row or "@" in row:
-            variants.append((f"{row} decode ms/token / overfill{suffix}", row, f"overfill{suffix}", "decode_ms_per_token"))
-        if "@" in row:
-            variants.append((f"{row} decode tok/s / full{suffix}", row, f"full{suffix}", "decode_tokens_per_s"))
-        if row.startswith("speculative"):  # lossless: what matters is its speed against the full model's, eager and compiled
-            variants += [(f"{row} decode tok/s / {full}", row, full, "decode_tokens_per_s")
-                         for full in dict.fromkeys((f"full{suffix}", "full", compiled_row("full")))]
+        if row in REFERENCES:
+            continue
+        configuration = parse(row)
+        overfill, full = (Configuration(mode, compiled=configuration.compiled).name for mode in ("overfill", "full"))
+        if configuration.refresh_every or configuration.decoder_dtype:
+            variants.append((f"{row} decode ms/token / {overfill}", row, overfill, "decode_ms_per_token"))
+        if configuration.decoder_dtype:
+            variants.append((f"{row} decode tok/s / {full}", row, full, "decode_tokens_per_s"))
+        if configuration.draft_tokens:  # lossless: what matters is its speed against the full model's, eager and compiled
+            variants += [(f"{row} decode tok/s / {other}", row, other, "decode_tokens_per_s")
+                         for other in dict.fromkeys((full, "full", compiled("full")))]
     for name, a, b, metric in (*RATIOS, *on_compiled, *gains, *variants):
         if a in rows and b in rows:
             ratio = paired_ratio(rows[a], rows[b], metric)
@@ -224,16 +215,18 @@ def _measure(model, config: BenchConfig, console, prompts: PromptSource, pad_id:
 
 
 def bench_rows(model, config: BenchConfig) -> tuple[tuple[str, ...], dict, dict]:
-    """(the key point's rows, the models of the decoder-dtype rows, rows skipped and why): every mode, refresh and
-    dtype row, eager and/or compiled, then the HF reference rows."""
-    rows = config.modes
+    """(the key point's rows, the models of the decoder-dtype rows, rows skipped and why): every mode, refresh,
+    dtype and speculative row, eager and/or compiled, each named as configuration.py names it, then the HF
+    reference rows."""
+    configurations = [Configuration(mode) for mode in config.modes]
     if "overfill" in config.modes:
-        rows = rows + tuple(refresh_row(k) for k in config.refresh_every)
+        configurations += [Configuration("overfill", refresh_every=k) for k in config.refresh_every]
     variants = decoder_variants(model, config.decoder_dtypes)
-    rows = rows + tuple(variants)
-    rows = rows + tuple(speculative_row(k, drafter) for k in config.speculative_tokens for drafter in config.drafters)
-    rows = (rows if "eager" in config.decode_steps else ()) + (
-        tuple(map(compiled_row, rows)) if "compiled" in config.decode_steps else ())
+    configurations += [parse(row) for row in variants]
+    configurations += [Configuration("overfill", draft_tokens=k, drafter=drafter) for k in config.draft_tokens
+                       for drafter in config.drafters]
+    steps = [compiled for compiled in (False, True) if ("compiled" if compiled else "eager") in config.decode_steps]
+    rows = tuple(replace(c, compiled=compiled).name for compiled in steps for c in configurations)
     skipped = {}
     if config.references:
         rows = rows + ("hf_generate",)

@@ -1,12 +1,12 @@
 """Timing one generation run, split into prefill and decode, as `overfill bench` measures it (paper Figures 3-5).
 
 `time_loop` times our generation loop (`generation.generate_ids`) in any mode, with the model's
-own forward op by op (eager) or the compiled decode step (rows MODE:compiled, decode_step.py);
+own forward op by op (eager) or the compiled decode step (rows MODE+compiled, decode_step.py);
 `time_hf` times the reference rows, Hugging Face `generate` of the full model and assisted
 generation with the decoder as the assistant. A `Run` records when each emission of new tokens
 happened (the device's work included), so one long run also yields every shorter one.
-`measure_point` interleaves the rows in rotating order within each repeat (machine drift hits them
-alike); its warm-up runs have the timed runs' shapes, so a compiled row is compiled before it is
+`measure_point` interleaves the rows in rotating order within each repeat (interleaved.py: machine drift
+hits them alike); its warm-up runs have the timed runs' shapes, so a compiled row is compiled before it is
 timed. `loop_overhead` measures what the loop adds to the decoder's own forward passes.
 """
 
@@ -17,14 +17,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from overfill.configuration import parse
 from overfill.devices import model_device, synchronize
 from overfill.errors import OverfillError
 from overfill.generation import GenerationConfig, eos_ids_of, generate_ids
+from overfill.interleaved import spread, time_rounds
 from overfill.modeling import prefill
 from overfill.speculative import Speculation
 
-REFERENCES = ("hf_generate", "hf_assisted")
-COMPILED = ":compiled"  # the suffix of a row decoded by the compiled step
+REFERENCES = ("hf_generate", "hf_assisted")  # the rows that are not our loop's configurations
 
 
 @dataclass
@@ -53,38 +54,11 @@ def _emissions_for(counts: list[int], tokens: int) -> int:
     raise OverfillError(f"a run produced {total} tokens, fewer than the {tokens} asked")
 
 
-def refresh_row(every: int) -> str:
-    """The bench row of OverFill with prefill refresh every `every` tokens."""
-    return f"overfill+refresh{every}"
-
-
-def dtype_row(dtype: str) -> str:
-    """The bench row of OverFill with its decoder in `dtype` (precision.py)."""
-    return f"overfill@{dtype}"
-
-
-def speculative_row(draft_tokens: int, drafter: str = "overfill") -> str:
-    """The bench row of speculative decoding with `draft_tokens` drafts per full-model pass; the OverFill drafter
-    reads the full model's cache, the pruned one (row suffix /pruned) a cache of its own."""
-    return f"speculative{draft_tokens}" + ("" if drafter == "overfill" else f"/{drafter}")
-
-
-def compiled_row(row: str) -> str:
-    """The bench row of `row` decoded by the compiled step."""
-    return f"{row}{COMPILED}"
-
-
 def row_generation(row: str) -> GenerationConfig:
-    """A loop row's generation settings: a mode, overfill+refreshK, or overfill@DTYPE (the decoder's dtype
-    is the row's model, see measure_point), each eager or with the :compiled suffix; or speculativeK[/pruned]
-    (compiled: the drafts come from the compiled step, the full model verifies eagerly)."""
-    compiled = row.endswith(COMPILED)
-    if row.startswith("speculative"):
-        draft_tokens, _, drafter = row.removeprefix("speculative").removesuffix(COMPILED).partition("/")
-        return GenerationConfig(mode="speculative", draft_tokens=int(draft_tokens), drafter=drafter or "overfill",
-                                compile=compiled)
-    mode, _, every = row.removesuffix(COMPILED).split("@")[0].partition("+refresh")
-    return GenerationConfig(mode=mode, refresh_every=int(every or 0), compile=compiled)
+    """A loop row's generation settings: the row is a configuration's name (configuration.py), eager unless it says
+    +compiled (a speculative row's drafts and its verifying pass alike); an @DTYPE row's decoder is its model
+    (see measure_point)."""
+    return parse(row).generation(max_new_tokens=GenerationConfig.max_new_tokens, compile=False)
 
 
 def time_loop(model, row: str, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int,
@@ -146,32 +120,7 @@ def time_row(model, row: str, ids, mask, new_tokens: int, pad_id: int, steps: in
     return time_loop(model, row, ids, mask, new_tokens, pad_id, steps)
 
 
-# ---------------------------------------------------------------- statistics of repeats
-
-
-def spread(values: list[float]) -> dict:
-    """Median, interquartile range and extremes of repeated measurements."""
-    t = torch.tensor(values, dtype=torch.float64)
-    q1, median, q3 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-    return {"median": median, "q1": q1, "q3": q3, "min": float(t.min()), "max": float(t.max()), "n": len(values)}
-
-
-def paired_ratio(a: dict, b: dict, metric: str) -> dict | None:
-    """a/b per repeat (the rows ran side by side in each repeat), as a spread."""
-    x, y = a["samples"][metric], b["samples"][metric]
-    n = min(len(x), len(y))
-    if n == 0 or any(v == 0 for v in y[:n]):
-        return None
-    return spread([x[i] / y[i] for i in range(n)])
-
-
 # ---------------------------------------------------------------- several rows, several repeats
-
-
-def rotated(rows, repeat: int):
-    """`rows` started at position `repeat` (mod its length): each repeat runs them in another order."""
-    k = repeat % len(rows)
-    return rows[k:] + rows[:k]
 
 
 def measure_point(model, rows: tuple[str, ...], ids, mask, new_tokens: dict[str, int], pad_id: int, repeats: int,
@@ -179,20 +128,19 @@ def measure_point(model, rows: tuple[str, ...], ids, mask, new_tokens: dict[str,
     """Warm every row up, then time `repeats` rounds with the rows interleaved in rotating order.
 
     `models` gives some rows a model of their own (overfill@int8: the same full model, another decoder;
-    its :compiled twin too).
+    its overfill@int8+compiled twin too).
     """
     models = models or {}
-    model_of = {row: models.get(row.removesuffix(COMPILED), model) for row in rows}
-    for _ in range(warmup):
-        for row in rows:
-            time_row(model_of[row], row, ids, mask, new_tokens[row], pad_id, steps=16)
-    runs = {row: [] for row in rows}
-    for repeat in range(repeats):
-        for row in rotated(rows, repeat):
-            if report:
-                report(f"{row} {repeat + 1}/{repeats}")
-            runs[row].append(time_row(model_of[row], row, ids, mask, new_tokens[row], pad_id))
-    return runs
+    model_of = {row: model if row in REFERENCES else models.get(replace(parse(row), compiled=False).name, model)
+                for row in rows}
+
+    def run(row: str, repeat: int) -> Run:
+        if report:
+            report(f"{row} {repeat + 1}/{repeats}")
+        return time_row(model_of[row], row, ids, mask, new_tokens[row], pad_id)
+
+    return time_rounds(rows, run, repeats=repeats, warmup=warmup,
+                       warm=lambda row: time_row(model_of[row], row, ids, mask, new_tokens[row], pad_id, steps=16))
 
 
 def loop_overhead(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int, pad_id: int) -> dict:

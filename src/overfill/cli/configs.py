@@ -13,6 +13,7 @@ from typing import Annotated
 
 import tyro
 
+from overfill.bench import BenchConfig
 from overfill.config import flag
 from overfill.engines import Engine
 from overfill.errors import OverfillError, check_utf8
@@ -103,6 +104,21 @@ class TrainCommand(TrainConfig):
             if self.limit is not None:
                 raise OverfillError(f"{flag('max_examples')} is the old name of {flag('limit')}: pass one of the two")
             self.limit = max_examples
+        super().__post_init__()
+
+
+@dataclass
+class BenchCommand(BenchConfig):
+    """`overfill bench`: BenchConfig, and --speculative-tokens, the old name of --draft-tokens (every command's name)."""
+
+    speculative_tokens: InitVar[tuple[int, ...] | None] = None
+    """The old name of --draft-tokens."""
+
+    def __post_init__(self, speculative_tokens: tuple[int, ...] | None):
+        if speculative_tokens is not None:
+            if self.draft_tokens:
+                raise OverfillError(f"{flag('speculative_tokens')} is the old name of {flag('draft_tokens')}: pass one of the two")
+            self.draft_tokens = tuple(speculative_tokens)
         super().__post_init__()
 
 

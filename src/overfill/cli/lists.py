@@ -42,9 +42,10 @@ def list_flags(config_cls) -> dict[str, ListFlag]:
     """Every spelling of each list flag of `config_cls` (its aliases from `tyro.conf.arg` too)."""
     hints = typing.get_type_hints(config_cls, include_extras=True)
     found = {}
-    for field in dataclasses.fields(config_cls):
-        item = _item_type(hints[field.name])
-        annotated = typing.get_args(hints[field.name])[1:] if typing.get_origin(hints[field.name]) is typing.Annotated else ()
+    for field in config_cls.__dataclass_fields__.values():  # init-only fields too (a flag's old name)
+        hint = hints[field.name].type if isinstance(hints[field.name], dataclasses.InitVar) else hints[field.name]
+        item = _item_type(hint)
+        annotated = typing.get_args(hint)[1:] if typing.get_origin(hint) is typing.Annotated else ()
         if item is None:
             continue
         spec = ListFlag(field.name, item in (int, float) or bool(field.metadata.get(COMMA_LIST)))

@@ -6,18 +6,17 @@ model's own replies) and the engine that generates the replies."""
 from __future__ import annotations
 
 import math
-import re
 import typing
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 from overfill.config import as_tuple, at_least, comma_list, whole_numbers
+from overfill.configuration import Configuration, parse
 from overfill.data import Example, LoadedData, RecordFields, truncate
 from overfill.engines import Engine, check_engine
 from overfill.errors import OverfillError
 from overfill.generation import DRAFTERS
 from overfill.model_source import ModelSource
-from overfill.modeling import MODES
 from overfill.precision import check_decoder_dtype
 
 AnswerKind = Literal["auto", "gsm8k", "none"]
@@ -25,62 +24,42 @@ AnswerKind = Literal["auto", "gsm8k", "none"]
 
 @dataclass(frozen=True)
 class ModelEntry:
-    name: str  # column name in reports
-    mode: str  # overfill | full | pruned
-    checkpoint: str | None  # OverFill checkpoint folder; None = the config's shared source
-    refresh_every: int = 0  # prefill refresh every K reply tokens (overfill mode; 0 = off)
-    draft_tokens: int = 0  # speculative decoding with this checkpoint's decoder drafting K tokens per full pass (0 = off)
-    drafter: str = "overfill"  # speculative: the decoder drafts on the full model's cache (overfill) or its own (pruned)
-    decoder_dtype: str | None = None  # the decoder's dtype for this entry (None: the config's --decoder-dtype)
+    """A configuration (configuration.py) under the name its column goes by in reports."""
 
-    @property
-    def generation_mode(self) -> str:
-        """The loop's mode for this entry's replies: speculative entries are overfill entries that draft."""
-        return "speculative" if self.draft_tokens else self.mode
+    name: str  # NAME= when given, else the configuration's label (its name without the checkpoint)
+    configuration: Configuration
 
-    @property
-    def scoring_mode(self) -> str:
-        """The mode its teacher-forced scores come from: speculative decoding's replies are the full model's own."""
-        return "full" if self.draft_tokens else self.mode
+    # What the runs read of the configuration, under the names they always had.
+    mode = property(lambda self: self.configuration.mode)
+    checkpoint = property(lambda self: self.configuration.checkpoint)  # None: the config's shared source
+    refresh_every = property(lambda self: self.configuration.refresh_every)
+    draft_tokens = property(lambda self: self.configuration.draft_tokens)
+    drafter = property(lambda self: self.configuration.drafter)
+    decoder_dtype = property(lambda self: self.configuration.decoder_dtype)
+    compiled = property(lambda self: self.configuration.compiled)
+    generation_mode = property(lambda self: self.configuration.generation_mode)
+    scoring_mode = property(lambda self: self.configuration.scoring_mode)
 
-
-# A configuration's own dials, written as the names the global flags give their variants: MODE[@DTYPE][+refreshK]
-# [+specK[/DRAFTER]], e.g. overfill@int8+spec2 (speculative, drafting with the int8 decoder).
-_MODIFIERS = re.compile(r"(?P<mode>[a-z]+)(?:@(?P<dtype>[a-z0-9]+))?(?:\+refresh(?P<refresh>\d+))?"
-                        r"(?:\+spec(?P<spec>\d+)(?:/(?P<drafter>[a-z]+))?)?")
+    def variant(self, **dials) -> ModelEntry:
+        """This entry with `dials` set, named as the grammar names them: NAME followed by the dials' part."""
+        configuration = replace(self.configuration, **dials)
+        return ModelEntry(self.name + configuration.dials, configuration)
 
 
 def parse_entry(spec: str) -> ModelEntry:
-    """'[NAME=]MODE[@DTYPE][+refreshK][+specK[/DRAFTER]][:CHECKPOINT]', e.g. 'overfill', 'base=pruned:runs/pruned-ft',
-    'full:runs/ckpt', 'overfill@int8+spec2' (the name, when none is given, is the text before the checkpoint)."""
+    """'[NAME=]CONFIGURATION', the configuration as configuration.py writes it, e.g. 'overfill',
+    'base=pruned:runs/pruned-ft', 'full:runs/ckpt', 'overfill@int8+spec2' (the name, when none is given, is the
+    configuration's label: its name without the checkpoint)."""
     text = spec.strip()
     eq, colon = text.find("="), text.find(":")
     name = ""
-    if eq != -1 and (colon == -1 or eq < colon):
+    if eq != -1 and (colon == -1 or eq < colon):  # an '=' after the ':' belongs to the checkpoint's path
         name, text = text[:eq].strip(), text[eq + 1 :]
-    configuration, _, checkpoint = text.partition(":")
-    configuration = configuration.strip()
-    match = _MODIFIERS.fullmatch(configuration)
-    mode = match["mode"] if match else configuration
-    form = "write [NAME=]MODE[@DTYPE][+refreshK][+specK[/DRAFTER]][:CHECKPOINT]"
-    if mode not in MODES or not match:
-        raise OverfillError(f"model entry '{spec}' has unknown mode '{configuration}': {form} with MODE one of {', '.join(MODES)}")
-    if mode != "overfill" and (match["dtype"] or match["refresh"] or match["spec"]):
-        raise OverfillError(f"model entry '{spec}': @DTYPE, +refreshK and +specK vary an overfill entry's decoder; "
-                            f"{mode} takes none")
-    if match["dtype"]:
-        check_decoder_dtype(match["dtype"], f"model entry '{spec}'")
-    drafter = match["drafter"] or "overfill"
-    if drafter not in DRAFTERS:
-        raise OverfillError(f"model entry '{spec}' has unknown drafter '{drafter}': pick from {', '.join(DRAFTERS)}")
-    numbers = {key: int(match[key]) for key in ("refresh", "spec") if match[key]}
-    if len(numbers) == 2:
-        raise OverfillError(f"model entry '{spec}': a speculative entry's replies are the full model's own, which "
-                            "refresh would not change: drop +refreshK or +specK")
-    if any(n < 1 for n in numbers.values()):
-        raise OverfillError(f"model entry '{spec}': +refreshK and +specK take K of at least 1")
-    return ModelEntry(name or configuration, mode, checkpoint.strip() or None, refresh_every=numbers.get("refresh", 0),
-                      draft_tokens=numbers.get("spec", 0), drafter=drafter, decoder_dtype=match["dtype"])
+    try:
+        configuration = parse(text)
+    except OverfillError as err:
+        raise OverfillError(f"model entry {err}") from None
+    return ModelEntry(name or configuration.label, configuration)
 
 
 @dataclass
@@ -88,7 +67,7 @@ class EvalConfig(ModelSource, RecordFields):
     prompts_alone_allowed: ClassVar[bool] = True  # with --no-nll: the agreement measures need no reference replies
 
     entries: tuple[str, ...] = comma_list(("full", "pruned", "overfill"))
-    """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[:CHECKPOINT]; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used. An overfill entry may carry its own dials, named as the variants the flags below add: overfill@int8, overfill+refresh16, overfill+spec2/pruned, overfill@int8+spec4; the flags vary only entries without them."""
+    """Models to evaluate (repeat or comma-separate), each [NAME=]MODE[@DTYPE][+refreshK][+specK[/DRAFTER]][+compiled][:CHECKPOINT], the one name overfill bench, eval and frontier give a configuration; MODE is overfill, full or pruned; without CHECKPOINT the shared --checkpoint (or --model/--decoder) is used. An overfill entry may carry its own dials, named as the variants the flags below add: overfill@int8, overfill+refresh16, overfill+spec2/pruned, overfill@int8+spec4; the flags vary only entries without them. +compiled decodes that entry with the compiled step whatever --compile says."""
     out: str = "runs/eval"
     """Output folder: results.json, per_position.json + per_position.png (NLL), agreement_per_position.json + .png (agreement), replies.jsonl (replies)."""
     limit: int | None = None
@@ -147,6 +126,8 @@ class EvalConfig(ModelSource, RecordFields):
             raise OverfillError("--refresh-every applies to overfill entries, and there is none: add one (e.g. --entries overfill)")
         if any(e.draft_tokens for e in parsed) and self.generate and self.engine != "torch":
             raise OverfillError("speculative entries (--draft-tokens) run on our own engine only: pass --engine torch")
+        if any(e.compiled for e in parsed) and self.generate and self.engine != "torch":
+            raise OverfillError("+compiled entries decode with our own engine's compiled step: pass --engine torch")
         if any(e.refresh_every for e in parsed) and self.generate and self.engine != "torch":
             raise OverfillError("prefill refresh runs on our own engine only: pass --engine torch, or --no-generate "
                                 "for its teacher-forced NLL alone")
@@ -208,11 +189,10 @@ class EvalConfig(ModelSource, RecordFields):
         out = []
         for entry in map(parse_entry, self.entries):
             out.append(entry)
-            if entry.mode == "overfill" and entry == ModelEntry(entry.name, entry.mode, entry.checkpoint):  # no dials of its own
-                out += [replace(entry, name=f"{entry.name}+refresh{k}", refresh_every=k) for k in self.refresh_every]
-                out += [replace(entry, name=f"{entry.name}+spec{k}" + ("" if d == "overfill" else f"/{d}"), draft_tokens=k,
-                                drafter=d) for k in self.draft_tokens for d in self.drafters]
-                out += [replace(entry, name=f"{entry.name}@{dtype}", decoder_dtype=dtype) for dtype in self.decoder_dtypes]
+            if entry.mode == "overfill" and entry.configuration.plain:  # no dials of its own
+                out += [entry.variant(refresh_every=k) for k in self.refresh_every]
+                out += [entry.variant(draft_tokens=k, drafter=d) for k in self.draft_tokens for d in self.drafters]
+                out += [entry.variant(decoder_dtype=dtype) for dtype in self.decoder_dtypes]
         return out
 
     def source_of(self, entry: ModelEntry) -> ModelSource:

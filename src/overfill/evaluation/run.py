@@ -104,7 +104,8 @@ def evaluate(config: EvalConfig, console=None) -> dict:
 
         scored: dict[tuple, object] = {}  # (what, scoring mode, refresh) -> scores, within this group's model
         for entry in group:
-            models[entry.name] = {"mode": entry.generation_mode, "source": what, "seconds": {}, "stop_ids": sorted(eos),
+            models[entry.name] = {"configuration": entry.configuration.name, "mode": entry.generation_mode, "source": what,
+                                  "seconds": {}, "stop_ids": sorted(eos),
                                   **({"refresh_every": entry.refresh_every} if entry.refresh_every else {}),
                                   **({"draft_tokens": entry.draft_tokens, "drafter": entry.drafter}
                                      if entry.draft_tokens else {}),
@@ -248,7 +249,7 @@ def greedy_replies(config: EvalConfig, mode: str, contexts: list[list[int]], eos
                                    refresh_every=entry.refresh_every if entry else 0,
                                    draft_tokens=entry.draft_tokens if entry and entry.draft_tokens else 4,
                                    drafter=entry.drafter if entry else "overfill", speculation=speculation,
-                                   compile=compile)
+                                   compile=True if entry and entry.compiled else compile)
     seconds = {"generate": round(time.perf_counter() - t0, 2)}
     return replies, {**seconds, "speculation": speculation.as_dict()} if speculation else seconds
 

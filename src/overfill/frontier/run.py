@@ -31,7 +31,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from overfill.atomic import atomic_write_text, check_writable
 from overfill.bench.results import environment
-from overfill.bench.timing import paired_ratio
 from overfill.decode_step import compile_seconds
 from overfill.devices import decide_compile
 from overfill.evaluation import EvalConfig, evaluate
@@ -40,6 +39,7 @@ from overfill.frontier.config import FrontierConfig
 from overfill.frontier.plots import plot_frontier
 from overfill.frontier.report import print_frontier
 from overfill.frontier.timing import time_entries
+from overfill.interleaved import paired_ratio
 from overfill.modeling import OverFillModel
 
 EVAL_FIELDS = tuple(f.name for f in fields(EvalConfig) if f.name != "out")
@@ -237,7 +237,8 @@ def frontier_points(entries: list[ModelEntry], quality: dict, timing: dict) -> l
         row, m = rows[entry.name], models.get(entry.name) or (full_quality if entry.draft_tokens else {})
         agreement = m.get("agreement", {})
         spec = row.get("speculation") or m.get("speculation")
-        point = {"name": entry.name, "kind": kind_of(entry), "mode": entry.generation_mode,
+        point = {"name": entry.name, "configuration": entry.configuration.name, "kind": kind_of(entry),
+                 "mode": entry.generation_mode,
                  "decode_step": row["decode_step"], "decode_ms_per_token": row["decode_ms_per_token"]["median"],
                  "decode_ms_spread": row["decode_ms_per_token"],
                  "top1": agreement.get("top1"), "first_divergence_mean": agreement.get("first_divergence_mean"),

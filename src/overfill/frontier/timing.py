@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from overfill import speculative
-from overfill.bench.timing import rotated, spread
 from overfill.evaluation.config import ModelEntry
 from overfill.generation import Endings, GenerationConfig, generate_ids
+from overfill.interleaved import spread, time_rounds
 from overfill.speculative import Speculation
 from overfill.tensors import left_pad
 
@@ -31,9 +31,9 @@ class Reply:
 
 
 def entry_generation(entry: ModelEntry, max_new_tokens: int, compile: bool) -> GenerationConfig:
-    """An entry's greedy generation settings (compiled: a speculative entry's drafts and its verification pass alike)."""
-    return GenerationConfig(mode=entry.generation_mode, max_new_tokens=max_new_tokens, refresh_every=entry.refresh_every,
-                            draft_tokens=entry.draft_tokens or 4, drafter=entry.drafter, compile=compile)
+    """An entry's greedy generation settings (compiled: a speculative entry's drafts and its verification pass alike;
+    an entry named +compiled is compiled whatever `compile` says)."""
+    return entry.configuration.generation(max_new_tokens, compile)
 
 
 def time_reply(model, config: GenerationConfig, context: list[int], endings: Endings, steps: int | None = None) -> Reply:
@@ -60,19 +60,19 @@ def time_entries(models: dict[str, object], entries: list[ModelEntry], contexts:
     """
     generation = {e.name: entry_generation(e, max_new_tokens, compile) for e in entries}
     endings = {e.name: Endings.of(models[e.name]) for e in entries}
-    for _ in range(warmup):  # a few steps per prompt: every shape a compiled step meets is compiled here
-        for e in entries:
-            for context in contexts:
-                time_reply(models[e.name], generation[e.name], context, endings[e.name], steps=8)
-    rounds = {e.name: [] for e in entries}
-    for repeat in range(repeats):
-        for e in rotated(list(entries), repeat):
-            replies = []
-            for context in contexts:
-                replies.append(time_reply(models[e.name], generation[e.name], context, endings[e.name]))
-                if advance:
-                    advance(f"{e.name}, round {repeat + 1}/{repeats}")
-            rounds[e.name].append(replies)
+    def warm(name: str) -> None:  # a few steps per prompt: every shape a compiled step meets is compiled here
+        for context in contexts:
+            time_reply(models[name], generation[name], context, endings[name], steps=8)
+
+    def run(name: str, repeat: int) -> list[Reply]:
+        replies = []
+        for context in contexts:
+            replies.append(time_reply(models[name], generation[name], context, endings[name]))
+            if advance:
+                advance(f"{name}, round {repeat + 1}/{repeats}")
+        return replies
+
+    rounds = time_rounds([e.name for e in entries], run, repeats=repeats, warmup=warmup, warm=warm)
     rows = {name: summarize(runs, generation[name]) for name, runs in rounds.items()}
     # Greedy speculative decoding is lossless: its timed replies must be the full row's, token for token.
     full = next((e.name for e in entries if e.generation_mode == "full"), None)

@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from overfill.bench.timing import spread
 from overfill.bench.vllm_timing import speculation_rates
+from overfill.configuration import Configuration
 from overfill.evaluation.agreement import greedy_agreement
 from overfill.evaluation.config import ModelEntry
+from overfill.interleaved import spread
 
 
 def vllm_lanes(config, entries: list[ModelEntry], draft_tokens: tuple[int, ...]) -> list[dict]:
@@ -38,7 +39,7 @@ def vllm_lanes(config, entries: list[ModelEntry], draft_tokens: tuple[int, ...])
     if "full" in plain and "pruned" in plain:
         target = engine_model(config.source_of(plain["full"]), "full")
         draft = str(engine_model(config.source_of(plain["pruned"]), "pruned").path)
-        lanes += [{"name": f"vllm spec{k}", "model": target, "like": plain["full"].name, "kind": "vllm speculative",
+        lanes += [{"name": f"vllm {Configuration('overfill', draft_tokens=k, drafter='pruned').label}", "model": target, "like": plain["full"].name, "kind": "vllm speculative",
                    "engine": {"speculative_config": {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
                               "disable_log_stats": False}} for k in draft_tokens]
     return lanes
