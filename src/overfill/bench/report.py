@@ -74,8 +74,8 @@ def print_bench(console, result: dict, out: Path) -> None:
     if compiles:
         console.print("compiled step, first call of each shape (compiling; capturing a CUDA graph on a GPU): " + "; ".join(
             f"{model} " + ", ".join(f"{shape} {s:.1f} s" for shape, s in shapes.items()) for model, shapes in compiles.items()))
-    if result.get("decoder_speed"):
-        console.print(result["decoder_speed"])
+    if result.get("decoder_precision"):
+        console.print(result["decoder_precision"])
     env = result["environment"]
     console.print(f"{env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), {env['torch_threads']} threads, load average {env['load_average'][0] if env['load_average'] else '?'} "
                   f"at start; {env.get('device', 'cpu')}, {env['dtype']}; {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")
