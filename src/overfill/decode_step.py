@@ -369,8 +369,19 @@ class CompiledStep:
         if started is not None:
             self.seen.add(shape)
             name = f"{shape[0]}x{shape[2]}" if width == 1 else f"{shape[0]}x{width}x{shape[2]}"
-            self.compile_seconds[name] = round(time.perf_counter() - started, 2)
+            seconds = time.perf_counter() - started
+            self.compile_seconds[name] = round(seconds, 2)
+            _COMPILING[0] += seconds
         return logits
+
+
+_COMPILING = [0.0]  # seconds of every compiled step's first call per shape, this process
+
+
+def seconds_compiling() -> float:
+    """Seconds this process has spent so far in first calls of a compiled step's shapes (compiling, or capturing a
+    CUDA graph): a loop reads it before and after a step to keep compiling out of its decode time."""
+    return _COMPILING[0]
 
 
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
