@@ -54,7 +54,7 @@ def dtype_advice(dtype: str, batch: int = 1, device: torch.device | None = None)
     """A warning to show before running a decoder in `dtype` on `device` (default: the CPU), or None: from what the
     device can do, not from timing it."""
     device = torch.device("cpu") if device is None else device
-    if dtype != "bfloat16" or devices.native_bfloat16(device):
+    if dtype != "bfloat16" or device.type not in ("cpu", "cuda") or devices.native_bfloat16(device):
         return None
     if device.type == "cuda":
         capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
@@ -62,7 +62,7 @@ def dtype_advice(dtype: str, batch: int = 1, device: torch.device | None = None)
                 "may decode slower than float32; `overfill bench --decoder-dtypes float32,bfloat16` measures it")
     where = "matrix-vector products at batch 1 may gain from the halved bytes" if batch == 1 else \
         f"at batch {batch} its matrix-matrix products can be far slower than float32"
-    return (f"this {device.type.upper()} has no native bfloat16 (no AVX512-BF16 or AMX): {where}; "
+    return (f"this CPU has no native bfloat16 (no AVX512-BF16 or AMX): {where}; "
             "`overfill bench --decoder-dtypes float32,bfloat16,int8` measures it")
 
 
