@@ -252,7 +252,7 @@ class Reply:
     prompt_index: int = 0
     sequence_index: int = 0
     extra: dict = field(default_factory=dict)
-    compile_s: float = 0.0  # compiling a new shape of the compiled step: a decode step that did, whole (prefill_s keeps the rest of its step)
+    compile_s: float = 0.0  # the decode steps that compiled a new shape of the compiled step, whole, and any compiling in the prefill's
     decode_tokens: int | None = None  # tokens the decode_s covers: all but the first, less those of steps that compiled
 
     @property
