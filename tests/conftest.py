@@ -19,13 +19,6 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     yield
 
 
-@pytest.fixture(autouse=True)
-def _no_decoder_speed_measurement(monkeypatch):
-    """Converting a decoder on a CPU times this machine once (precision.decoder_speedup): tests make no timing and
-    write nothing to the user's cache; test_precision checks that path with injected timings."""
-    monkeypatch.setattr("overfill.precision.measured_advice", lambda dtype: None)
-
-
 @pytest.fixture(scope="session")
 def smollm_folder():
     """The bundled SmolLM2 materialised once (in OVERFILL_HOME, default ~/.cache/overfill)."""

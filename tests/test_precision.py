@@ -2,7 +2,6 @@
 it survives save/load."""
 
 import copy
-import json
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ from overfill.errors import OverfillWarning
 from overfill.generation import GenerationConfig, generate_ids
 from overfill.model_source import ModelSource
 from overfill.modeling import OverFillModel, handoff
-from overfill.precision import decoder_dtype, measured_advice, set_decoder_dtype, weight_bytes
+from overfill.precision import decoder_dtype, set_decoder_dtype, weight_bytes
 from overfill.tensors import left_pad
 from test_generation import PAD, pruned_model
 from tiny import save_tiny
@@ -66,7 +65,7 @@ def test_a_low_precision_decoder_round_trips_through_save_and_load(dtype, tmp_pa
     model.save_pretrained(tmp_path / "ckpt")
     loaded = OverFillModel.from_pretrained(tmp_path / "ckpt")
     assert decoder_dtype(loaded.decoder) == dtype
-    for (name, a), b in zip(model.decoder.state_dict().items(), loaded.decoder.state_dict().values()):
+    for (name, a), b in zip(model.decoder.state_dict().items(), loaded.decoder.state_dict().values(), strict=True):
         if hasattr(a, "qdata"):
             assert torch.equal(a.qdata, b.qdata) and torch.allclose(a.scale, b.scale, rtol=1e-6), name
         else:
@@ -125,27 +124,63 @@ def test_int8_layers_multiply_like_their_dequantised_weights(in_features, rows, 
     assert fused.shape == exact.shape and fused.dtype == torch.float32
     # The kernel may take bfloat16 input here (precision.int8_kernel_input): ~3 significant digits.
     assert (fused - exact).abs().max() <= 0.02 * exact.abs().max()
-    monkeypatch.setattr(precision, "int8_kernel_input", lambda: None)  # where float32 F.linear is faster
+    monkeypatch.setattr("overfill.devices.native_bfloat16", lambda device: False)  # the kernel's float32 path
     assert torch.allclose(layer(x), exact, atol=1e-5)
 
 
-def test_without_native_bfloat16_the_int8_kernel_input_is_measured(monkeypatch):
-    """Where bfloat16 is not native nothing is assumed: the pick is whichever measured fastest, and the layer agrees."""
+@pytest.mark.parametrize("native", [True, False])
+def test_the_precision_a_decoder_computes_in_follows_the_devices_capability_alone(native, tmp_path, monkeypatch):
+    """Capability decides (devices.native_bfloat16): the same answer on every call, with no clock read and no file
+    written while converting and running a decoder, so a checkpoint's numbers never follow the machine's load."""
+    import time
+
     from torch import nn
 
-    import overfill.precision as precision
+    monkeypatch.setattr("overfill.devices.native_bfloat16", lambda device: native)
+    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
 
-    monkeypatch.setattr(precision, "native_bf16", lambda: False)
-    precision.int8_kernel_input.cache_clear()
-    try:
-        picked = precision.int8_kernel_input()
-        assert picked in (None, torch.bfloat16, torch.float32)
-        layer = set_decoder_dtype(nn.Sequential(nn.Linear(315, 40)), "int8")
-        x = torch.randn(3, 315)
-        exact = nn.functional.linear(x, layer[0].dequantize(), layer[0].bias)
-        assert (layer(x) - exact).abs().max() <= 0.02 * exact.abs().max()
-    finally:
-        precision.int8_kernel_input.cache_clear()
+    def no_clock():
+        raise AssertionError("the precision was timed")
+
+    expected = torch.bfloat16 if native else torch.float32
+    layer = nn.Sequential(nn.Linear(315, 40))
+    x = torch.randn(3, 315)
+    with monkeypatch.context() as clock:
+        for name in ("perf_counter", "perf_counter_ns", "monotonic", "time", "process_time"):
+            clock.setattr(time, name, no_clock)
+        assert [precision.int8_kernel_input() for _ in range(3)] == [expected] * 3
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            set_decoder_dtype(layer, "int8")
+            bf16 = set_decoder_dtype(nn.Sequential(nn.Linear(8, 8)), "bfloat16")
+        y = layer(x)
+        bf16(torch.randn(1, 8, dtype=torch.bfloat16))
+    assert list(tmp_path.iterdir()) == []
+    # the kernel gets the activations the capability says, and the layer's output is the product's
+    assert y.dtype == torch.float32
+    seen = []
+    real_kernel = torch.ops.aten._weight_int8pack_mm
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda h, *rest: seen.append(h.dtype) or real_kernel(h, *rest),
+                        raising=False)
+    assert torch.equal(layer(x), y) and seen == [expected]
+    exact = nn.functional.linear(x, layer[0].dequantize(), layer[0].bias)
+    assert (y - exact).abs().max() <= (0.02 if native else 1e-5) * exact.abs().max()
+    # bfloat16 warns where it is not native, and only there; int8 converts without a word either way
+    messages = [str(w.message) for w in caught if issubclass(w.category, OverfillWarning)]
+    assert messages == ([] if native else [precision.dtype_advice("bfloat16")])
+    assert precision.precision_summary(("bfloat16", "int8"), torch.device("cpu")).endswith(
+        f"PyTorch's int8 kernel with {str(expected).removeprefix('torch.')} activations")
+
+
+def test_a_gpus_bfloat16_is_native_from_compute_capability_8(monkeypatch):
+    from overfill import devices
+
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert devices.native_bfloat16(torch.device("cuda", 0)) is native
+        advice = precision.dtype_advice("bfloat16", device=torch.device("cuda", 0))
+        assert (advice is None) is native and (native or "7.5" in advice)
+    assert devices.native_bfloat16(torch.device("mps")) is False
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
@@ -186,89 +221,6 @@ def test_int8_on_torchaos_kernels_saves_the_same_values(tmp_path):
     tokens = greedy(torchao_int8)
     torchao_int8.save_pretrained(tmp_path / "ckpt")
     loaded = OverFillModel.from_pretrained(tmp_path / "ckpt")  # on the CPU: the fused kernel's layers
-    for (name, a), b in zip(fused_int8.state_dict().items(), loaded.decoder.state_dict().values()):
+    for (name, a), b in zip(fused_int8.state_dict().items(), loaded.decoder.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert (greedy(loaded) == tokens).float().mean() > 0.9  # other kernels, other rounding
-
-
-# ---------------------------------------------------------------- is a low-precision decoder faster here?
-# The logic on injected timings: these tests make no claim about this machine's speed.
-
-
-class Measurements:
-    """An injected measurement: the speed-up it reports per dtype, and which dtypes it was asked for."""
-
-    def __init__(self, **speedups):
-        self.speedups, self.asked = speedups, []
-
-    def __call__(self, dtype):
-        self.asked.append(dtype)
-        return self.speedups[dtype]
-
-
-def test_decoder_speed_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
-    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
-    measure = Measurements(bfloat16=0.7, int8=1.8)
-    assert precision.decoder_speedup("bfloat16", measure) == 0.7
-    assert precision.decoder_speedup("bfloat16", measure) == 0.7  # from the cache
-    assert precision.decoder_speedup("int8", measure) == 1.8
-    assert precision.decoder_speedup("float32", measure) == 1.0  # nothing to measure
-    assert measure.asked == ["bfloat16", "int8"]
-    cached = json.loads((tmp_path / precision.SPEED_CACHE).read_text())
-    assert {key: entry["speedup"] for key, entry in cached.items()} == {
-        precision.speed_key("bfloat16"): 0.7, precision.speed_key("int8"): 1.8}
-    assert torch.__version__ in precision.speed_key("int8") and "int8" in precision.speed_key("int8")
-    # another torch (or CPU) is another machine as far as kernels go: measured again
-    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
-    assert precision.decoder_speedup("bfloat16", Measurements(bfloat16=1.3)) == 1.3
-    assert len(json.loads((tmp_path / precision.SPEED_CACHE).read_text())) == 3
-
-
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 1}'])
-def test_an_unreadable_speed_cache_is_measured_again(tmp_path, monkeypatch, content):
-    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
-    (tmp_path / precision.SPEED_CACHE).write_text(content)
-    measure = Measurements(int8=0.9)
-    assert precision.decoder_speedup("int8", measure) == 0.9 and measure.asked == ["int8"]
-
-
-def test_an_unwritable_speed_cache_still_gives_the_measurement(tmp_path, monkeypatch):
-    (tmp_path / "home").write_text("a file where the home folder should be")
-    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path / "home"))
-    assert precision.decoder_speedup("int8", Measurements(int8=0.9)) == 0.9
-
-
-def test_a_decoder_no_faster_than_float32_is_one_warning(tmp_path, monkeypatch):
-    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
-    assert precision.speed_advice("int8", 1.8) is None and precision.speed_advice("float32", 0.5) is None
-    slow = precision.speed_advice("int8", 1.02)
-    assert "1.02x" in slow and "no faster" in slow and "--decoder-dtype float32" in slow and "\n" not in slow
-    # converting a decoder on a CPU asks the measured speed, and says so in one warning
-    monkeypatch.setattr(precision, "measured_advice", measured_advice)
-    monkeypatch.setattr(precision, "measure_speedup", Measurements(bfloat16=0.65))
-    model = pruned_model("llama")
-    with pytest.warns(OverfillWarning) as caught:
-        set_decoder_dtype(model.decoder, "bfloat16")
-    assert [str(w.message) for w in caught] == [precision.speed_advice("bfloat16", 0.65)]
-    # ... and is silent where it is faster (the batch-1 heuristics aside)
-    monkeypatch.setattr(precision, "native_bf16", lambda: True)
-    (tmp_path / precision.SPEED_CACHE).unlink()
-    monkeypatch.setattr(precision, "measure_speedup", Measurements(bfloat16=2.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", OverfillWarning)
-        set_decoder_dtype(pruned_model("llama").decoder, "bfloat16")
-
-
-def test_the_bench_line_names_each_dtypes_speedup(tmp_path, monkeypatch):
-    monkeypatch.setenv("OVERFILL_HOME", str(tmp_path))
-    line = precision.speedup_summary(("float32", "bfloat16", "int8"), Measurements(bfloat16=0.7, int8=1.8))
-    assert line.endswith("bfloat16 0.70x, int8 1.80x") and "\n" not in line
-
-
-def test_the_measurement_runs_each_dtype_beside_float32():
-    """Its shape only (a tiny width, a short budget): a positive, finite ratio for each dtype."""
-    for dtype in ("bfloat16", "int8"):
-        speedup = precision.measure_speedup(dtype, seconds=0.01, width=64)
-        assert 0 < speedup < float("inf")
-    with pytest.raises(ValueError):
-        precision.measure_speedup("float32")

@@ -55,9 +55,32 @@ def _parameter_key(model: nn.Module) -> tuple:
 
 
 def _version(tensor: torch.Tensor) -> int:
-    # An inference tensor (e.g. int8 weights made under inference mode) has no version counter: nothing
-    # outside inference mode can modify it in place, so its address alone says whether it changed.
-    return -1 if tensor.is_inference() else tensor._version
+    # A tensor made under inference mode (a decoder copied or converted there, as the bench does) has no version
+    # counter, and keeps none after its `.data` is replaced outside inference mode (StepWeights does that: the
+    # parameter then no longer reads as an inference tensor, yet still has no counter). Its address, dtype and
+    # device alone then say whether it changed.
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
+def _count_versions(model: nn.Module) -> None:
+    """Give every weight and buffer made under inference mode (a decoder copied or converted there, as the bench
+    does) a copy made outside it, in place in its module (a weight tied to two modules stays one). The compiled
+    graph reads a version counter of each tensor it is handed, and such a tensor has none; nor does a parameter
+    made there keep one once its `.data` is replaced outside inference mode, as StepWeights does."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or _version(tensor) >= 0:
+                    continue
+                if id(tensor) not in made:
+                    fresh = tensor.detach().clone()
+                    made[id(tensor)] = (nn.Parameter(fresh, requires_grad=tensor.requires_grad)
+                                        if isinstance(tensor, nn.Parameter) else fresh)
+                table[name] = made[id(tensor)]
 
 
 class Projection(nn.Module):
@@ -332,6 +355,7 @@ class CompiledStep:
             # Built outside inference mode: the model's own weights become views of this layout, and must stay
             # ordinary tensors (a training step, `.to()` and `load_state_dict` refuse inference tensors).
             with torch.inference_mode(False), torch.no_grad():
+                _count_versions(model)
                 self.weights = StepWeights(model, self.device).eval()
             self.key = _parameter_key(model)  # after: the model's layers now view the new layout
             self.forward = torch.compile(self.weights, **compile_options(self.device))
@@ -374,8 +398,19 @@ class CompiledStep:
         if started is not None:
             self.seen.add(shape)
             name = f"{shape[0]}x{shape[2]}" if width == 1 else f"{shape[0]}x{width}x{shape[2]}"
-            self.compile_seconds[name] = round(time.perf_counter() - started, 2)
+            seconds = time.perf_counter() - started
+            self.compile_seconds[name] = round(seconds, 2)
+            _COMPILING[0] += seconds
         return logits
+
+
+_COMPILING = [0.0]  # seconds of every compiled step's first call per shape, this process
+
+
+def seconds_compiling() -> float:
+    """Seconds this process has spent so far in first calls of a compiled step's shapes (compiling, or capturing a
+    CUDA graph): a loop reads it before and after a step to keep compiling out of its decode time."""
+    return _COMPILING[0]
 
 
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -4,12 +4,13 @@
 training and every other command agree). `cuda`, `cuda:N`, `mps` and `cpu` are taken as given, and
 refused at once, in one line, where this machine or this torch build lacks them. Each device has
 its default weights dtype: bfloat16 on a GPU (tensor cores, half the bytes a decode step reads),
-float32 on a CPU (most CPUs have no fast bfloat16 matrix product; precision.py says which do).
+float32 on a CPU (most CPUs have no fast bfloat16 matrix product: `native_bfloat16` says which do).
 `decide_compile` says, per device and workload, whether compiling the decode step pays.
 """
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import time
@@ -110,6 +111,20 @@ def cpu_info() -> dict:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return {"name": name, "instruction_sets": [f for f in wanted if f in flags]}
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: a CPU with AVX512-BF16 or AMX, a CUDA GPU of compute capability
+    8.0 (Ampere) or later. What the device can do, not how fast it ran once: the precision a decoder computes in
+    (precision.py) follows from it, so its numbers never depend on the machine's load."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and _cpu_native_bfloat16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_native_bfloat16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 # ---------------------------------------------------------------- when compiling pays

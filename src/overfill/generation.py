@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from overfill.config import as_tuple, at_least
-from overfill.decode_step import step_function
+from overfill.decode_step import seconds_compiling, step_function
 from overfill.devices import model_device
 from overfill.errors import OverfillError, OverfillWarning, check_utf8
 from overfill.modeling import MODES, Mode, prefill
@@ -166,10 +166,15 @@ class Rows:
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.reasons: list[str | None] = [None] * rows
         self.seconds: list[float] = []  # per step, the device's work included
+        self.compiling: list[float] = []  # per step, the part of its seconds spent compiling a new shape
+        self._compiled_until = seconds_compiling()
 
     def add(self, step: Step) -> None:
         tokens, finished = step.tokens.tolist(), step.finished.tolist()  # one copy per step, not one per row
         self.seconds.append(step.seconds)
+        compiled_until = seconds_compiling()
+        self.compiling.append(compiled_until - self._compiled_until)
+        self._compiled_until = compiled_until
         for row, (token, done) in enumerate(zip(tokens, finished)):
             if self.reasons[row] is None:
                 self.ids[row].append(token)
@@ -223,20 +228,23 @@ class Reply:
     new_tokens: int
     finish_reason: str  # "eos" | "stop" | "length" | "interrupted"
     prefill_s: float
-    decode_s: float
+    decode_s: float  # compiling left out: see compile_s
     prompt_index: int = 0
     sequence_index: int = 0
     extra: dict = field(default_factory=dict)
+    compile_s: float = 0.0  # the decode steps that compiled a new shape of the compiled step, whole, and any compiling in the prefill's
+    decode_tokens: int | None = None  # tokens the decode_s covers: all but the first, less those of steps that compiled
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens produced by the decode model (all but the first) per second of decoding."""
-        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+        """Tokens produced by the decode model (all but the first) per second of decoding, compiling left out."""
+        tokens = self.new_tokens - 1 if self.decode_tokens is None else self.decode_tokens
+        return tokens / self.decode_s if self.decode_s > 0 and tokens > 0 else 0.0
 
     def as_dict(self) -> dict:
         return {
             "mode": self.mode, "text": self.text, "new_tokens": self.new_tokens, "finish_reason": self.finish_reason,
-            "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
+            "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4), "compile_s": round(self.compile_s, 4),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "prompt_index": self.prompt_index, "sequence_index": self.sequence_index, **self.extra,
         }
@@ -332,16 +340,21 @@ def generate(model, prompts, config: GenerationConfig | None = None) -> list[Rep
 def _replies(rows: Rows, made: list[RowReply], tokenizer, config: GenerationConfig, endings: Endings,
              speculation: Speculation | None = None) -> list[Reply]:
     """Text replies with their timing: prefill (+ first token) is the first step; a row's decode time is its
-    share of the steps (the batch runs until its slowest row). Speculative mode adds the batch's
-    drafting counters to every reply's `extra`."""
+    share of the steps (the batch runs until its slowest row). A step that compiled a new shape of the compiled
+    step counts whole as compiling (`compile_s`), out of the prefill and decode times and their tokens.
+    Speculative mode adds the batch's drafting counters to every reply's `extra`."""
     replies = []
     for row, r in enumerate(made):
         text = tokenizer.decode([t for t in r.token_ids if t not in endings.eos_ids], skip_special_tokens=True)
         if config.stop:
             text, _ = cut_at_stop(text, config.stop)
+        decoding = list(zip(rows.seconds[1 : r.steps], rows.compiling[1 : r.steps], strict=True))
         replies.append(Reply(mode=config.mode, text=text, token_ids=r.token_ids, new_tokens=len(r.token_ids),
-                             finish_reason=r.finish_reason, prefill_s=rows.seconds[0],
-                             decode_s=sum(rows.seconds[1 : r.steps]),
+                             finish_reason=r.finish_reason,
+                             prefill_s=rows.seconds[0] if not rows.compiling[0] else rows.seconds[0] - rows.compiling[0],
+                             decode_s=sum(s for s, c in decoding if not c),
+                             compile_s=sum(rows.compiling[: r.steps]) + sum(s - c for s, c in decoding if c),
+                             decode_tokens=sum(1 for _, c in decoding if not c),
                              prompt_index=row // config.num_return_sequences,
                              sequence_index=row % config.num_return_sequences,
                              extra={"speculation": speculation.as_dict()} if speculation else {}))

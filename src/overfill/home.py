@@ -2,7 +2,6 @@
 
 models/   the bundled model, dequantised (zoo.py)
 vllm/     folders exported for vLLM (vllm/export.py)
-decoder_speed.json   each decoder dtype's measured speed against float32, per CPU and torch (precision.py)
 """
 
 from __future__ import annotations

@@ -16,23 +16,19 @@ bfloat16). Only the decoder changes:
               float32 on every call, which costs more time than the int8 bytes save (measured: slower
               than float32). On a GPU the layers keep torchao's weights and kernels (`int8_kernels`).
 
-Whether bfloat16 pays depends on the CPU: with AVX512-BF16 or AMX it is native; without (AMD Zen3,
-AVX2 only) matrix-matrix products were measured ~400x slower than float32, while matrix-vector
-products at batch 1 can still gain from the halved bytes. And instruction sets do not settle it:
-on a Xeon with AVX512-BF16 but no AMX, an int8 decoder ran at 0.97-1.07x the float32 decoder's
-speed and a bfloat16 one at 0.6-0.77x, while on an AMD EPYC the int8 one ran at 1.8x. So the speed
-is measured, once per machine (`decoder_speedup`: a batch-1 decode-shaped step in each dtype beside
-float32, a few seconds, cached in `$OVERFILL_HOME`), and converting a decoder on a CPU warns in one
-line where its dtype is no faster than float32 there. `overfill bench --decoder-dtypes` measures
-the real decoder.
+Which precision the arithmetic runs in is settled by what the device can do, never by timing it, so
+a checkpoint computes the same numbers on every run of a machine (`devices.native_bfloat16`): an
+int8 layer hands PyTorch's kernel bfloat16 activations on a CPU with AVX512-BF16 or AMX (the
+kernel's vectorised path there), float32 ones elsewhere. Whether a lower precision pays is the
+machine's to show, not the conversion's to guess: bfloat16 without native support gets one warning
+line (at batch 1 its halved bytes may still gain, at larger batches its products can be far slower
+than float32), and `overfill bench --decoder-dtypes float32,bfloat16,int8` times the real decoder
+in each.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import json
-import time
 import typing
 import warnings
 from pathlib import Path
@@ -41,10 +37,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from overfill.atomic import atomic_write_text
-from overfill.devices import cpu_info
+from overfill import devices
 from overfill.errors import OverfillError, OverfillWarning
-from overfill.home import overfill_home
 
 DecoderDtype = Literal["float32", "bfloat16", "int8"]
 DECODER_DTYPES: tuple[str, ...] = typing.get_args(DecoderDtype)
@@ -56,28 +50,24 @@ def check_decoder_dtype(value: str, flag: str = "--decoder-dtype") -> str:
     return value
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); True on a GPU."""
-    if torch.cuda.is_available():
-        return True
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def dtype_advice(dtype: str, batch: int = 1) -> str | None:
-    """A warning to show before running a decoder in `dtype` here, or None."""
-    if dtype == "int8" and not torch.cuda.is_available() and int8_kernel_input() is None:
-        return ("PyTorch's int8 kernel measured slower than a float32 product on this CPU: the int8 decoder keeps "
-                "a quarter of the weight memory but widens each weight on every call, so it decodes slower here")
-    if dtype == "bfloat16" and not native_bf16():
-        where = "matrix-vector products at batch 1 may gain from the halved bytes" if batch == 1 else \
-            f"at batch {batch} its matrix-matrix products can be far slower than float32"
-        return (f"this CPU has no native bfloat16 (no AVX512-BF16 or AMX): {where}; "
-                "`overfill bench --decoder-dtypes float32,bfloat16,int8` measures it")
-    return None
+def dtype_advice(dtype: str, batch: int = 1, device: torch.device | None = None) -> str | None:
+    """A warning to show before running a decoder in `dtype` on `device` (default: the CPU), or None: from what the
+    device can do, not from timing it."""
+    device = torch.device("cpu") if device is None else device
+    if dtype != "bfloat16" or device.type not in ("cpu", "cuda") or devices.native_bfloat16(device):
+        return None
+    if device.type == "cuda":
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        return (f"this GPU has no native bfloat16 (compute capability {capability}, below 8.0): a bfloat16 decoder "
+                "may decode slower than float32; `overfill bench --decoder-dtypes float32,bfloat16` measures it")
+    where = "matrix-vector products at batch 1 may gain from the halved bytes" if batch == 1 else \
+        f"at batch {batch} its matrix-matrix products can be far slower than float32"
+    return (f"this CPU has no native bfloat16 (no AVX512-BF16 or AMX): {where}; "
+            "`overfill bench --decoder-dtypes float32,bfloat16,int8` measures it")
 
 
 def _torchao():
-    """torchao (its messages about GPU kernels a CPU machine cannot load are muted in overfill/__init__)."""
+    """torchao (the command line mutes its messages about GPU kernels a CPU machine cannot load: cli/app.py)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -113,107 +103,25 @@ def set_decoder_dtype(decoder: nn.Module, dtype: str, batch: int = 1, kernels: s
 
 
 def _advise(dtype: str, batch: int, device: torch.device) -> None:
-    advice = (measured_advice(dtype) if device.type == "cpu" else None) or dtype_advice(dtype, batch)
+    advice = dtype_advice(dtype, batch, device)
     if advice:
         warnings.warn(advice, OverfillWarning, stacklevel=3)
 
 
-# ---------------------------------------------------------------- is it faster here? measured once per machine
-
-# Below this speed-up over float32 a lower-precision decoder counts as no faster: run-to-run noise on
-# a shared machine is of this order, and a gain within it does not pay for the lost precision.
-FASTER = 1.1
-SPEED_CACHE = "decoder_speed.json"  # in $OVERFILL_HOME
-
-
-def speed_key(dtype: str) -> str:
-    """What a measured speed-up holds for: this CPU model, this torch (its kernels), the dtype."""
-    return f"{cpu_info()['name']} | torch {torch.__version__} | {dtype}"
-
-
-def measure_speedup(dtype: str, seconds: float = 2.0, width: int = 1024) -> float:
-    """float32 time over `dtype` time of a decode-shaped step at batch 1 on this CPU.
-
-    The step is an MLP block's two products, [width -> 4 width -> width] (32 MB of float32 weights at
-    1024: more than the caches hold, as a decoder's weights are, so the bytes read count), on the
-    layers the real decoder gets (bfloat16 weights, or `Int8Linear`). The two alternate round by
-    round, so a busy machine slows both alike; best round of each, for about `seconds`.
-    """
-    generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(4 * width, width, generator=generator) / width ** 0.5,
-               torch.randn(width, 4 * width, generator=generator) / (4 * width) ** 0.5]
-    x = torch.randn(1, width, generator=generator)
-    if dtype == "bfloat16":
-        low, x_low = [w.to(torch.bfloat16) for w in weights], x.to(torch.bfloat16)
-        low_step = lambda: nn.functional.linear(nn.functional.linear(x_low, low[0]), low[1])  # noqa: E731
-    elif dtype == "int8":
-        layers = []
-        for w in weights:
-            scale = w.abs().amax(1) / 127
-            layers.append(Int8Linear(torch.round(w / scale[:, None]).to(torch.int8), scale))
-        low_step = lambda: layers[1](layers[0](x))  # noqa: E731
-    else:
-        raise ValueError(f"no lower precision to measure: {dtype}")
-    steps = {"float32": lambda: nn.functional.linear(nn.functional.linear(x, weights[0]), weights[1]), dtype: low_step}
-    best = dict.fromkeys(steps, float("inf"))
-    with torch.inference_mode():
-        for step in steps.values():
-            step()  # first calls pick kernels and allocate
-        deadline, rounds = time.perf_counter() + seconds, 0
-        while rounds < 3 or (time.perf_counter() < deadline and rounds < 1000):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                for _ in range(4):
-                    step()
-                best[name] = min(best[name], time.perf_counter() - start)
-            rounds += 1
-    return best["float32"] / best[dtype]
-
-
-def decoder_speedup(dtype: str, measure=None) -> float:
-    """How many times faster than float32 a `dtype` decoder steps on this CPU (1.0 for float32 itself).
-
-    Measured by `measure(dtype)` (default `measure_speedup`) the first time on a machine (per CPU model, torch version and dtype:
-    `speed_key`) and read from $OVERFILL_HOME/decoder_speed.json after that. A cache that cannot be
-    read is measured again; one that cannot be written only costs the next run the measurement.
-    """
-    if dtype == "float32":
-        return 1.0
-    path, key = overfill_home() / SPEED_CACHE, speed_key(dtype)
-    try:
-        known = json.loads(path.read_text())
-        known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        known = {}
-    entry = known.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("speedup"), (int, float)):
-        return float(entry["speedup"])
-    speedup = float((measure or measure_speedup)(dtype))
-    known[key] = {"speedup": round(speedup, 3), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
-    except OSError:
-        pass
-    return speedup
-
-
-def speed_advice(dtype: str, speedup: float) -> str | None:
-    """The one warning line for a `dtype` decoder that measured `speedup` times float32 here, or None when it is faster."""
-    if dtype == "float32" or speedup >= FASTER:
-        return None
-    return (f"the {dtype} decoder measured {speedup:.2f}x the float32 decoder's speed on this CPU ({cpu_info()['name']}, "
-            f"torch {torch.__version__}): no faster here, at lower precision; --decoder-dtype float32 decodes as fast")
-
-
-def measured_advice(dtype: str) -> str | None:
-    """`speed_advice` from this machine's measured speed-up (measured now if it never was)."""
-    return None if dtype == "float32" else speed_advice(dtype, decoder_speedup(dtype))
-
-
-def speedup_summary(dtypes: tuple[str, ...] = ("bfloat16", "int8"), measure=None) -> str:
-    """One line a benchmark can print: each dtype's measured decode speed-up over float32 on this CPU."""
-    parts = [f"{d} {decoder_speedup(d, measure):.2f}x" for d in dtypes if d != "float32"]
-    return f"decoder step vs float32 on this CPU (batch 1, measured once per machine): {', '.join(parts)}"
+def precision_summary(dtypes: tuple[str, ...], device: torch.device) -> str:
+    """One line a benchmark can print: what each lower-precision decoder computes in on `device`, and the capability
+    that decided it (the bench's own rows time what it costs)."""
+    where = "AVX512-BF16 or AMX" if device.type == "cpu" else ""
+    if device.type == "cuda":
+        where = "compute capability " + ".".join(map(str, torch.cuda.get_device_capability(device)))
+    native = f"{'native' if devices.native_bfloat16(device) else 'no native'} bfloat16" + (f" ({where})" if where else "")
+    parts = []
+    if "bfloat16" in dtypes:
+        parts.append("bfloat16 decoder: bfloat16 weights and activations")
+    if "int8" in dtypes:
+        parts.append(f"int8 decoder: PyTorch's int8 kernel with {str(int8_kernel_input(device)).removeprefix('torch.')} "
+                     "activations" if int8_kernels(device) == "pytorch" else "int8 decoder: torchao's int8 kernels")
+    return f"decoder precision on {device.type}, {native}" + (f": {'; '.join(parts)}" if parts else "")
 
 
 # ---------------------------------------------------------------- int8 weights, PyTorch's fused kernel
@@ -228,8 +136,8 @@ class Int8Linear(nn.Module):
 
     The product runs in PyTorch's `_weight_int8pack_mm` on CPU, which reads the int8 bytes as they
     are: at batch 1 a decode step is bound by weight bytes, so a quarter of them is most of the
-    saving. Its input is cast to the dtype that kernel is fastest with here (`int8_kernel_input`),
-    and the output back, so the rest of the decoder keeps its dtype. On other devices the weight is
+    saving. Its input is cast to the dtype this CPU's kernel computes in (`int8_kernel_input`: by
+    capability, so the numbers do not depend on the machine's load), and the output back, so the rest of the decoder keeps its dtype. On other devices the weight is
     widened per call (correct, not fast).
     """
 
@@ -252,7 +160,7 @@ class Int8Linear(nn.Module):
         if torch.compiler.is_compiling():  # a compiled step: what `prepare` settled, as constants
             kernel_dtype, scale = self._prepared
         else:
-            kernel_dtype = int8_kernel_input() if x.device.type == "cpu" else None
+            kernel_dtype = int8_kernel_input(x.device) if x.device.type == "cpu" else None
             scale = None if kernel_dtype is None else self._kernel_scale(kernel_dtype)
         if kernel_dtype is None:
             y = nn.functional.linear(x, self.dequantize().to(x.dtype))
@@ -266,7 +174,7 @@ class Int8Linear(nn.Module):
 
     def prepare(self) -> None:
         """Settle the kernel's input dtype and scales before a compiled step traces `forward` (decode_step.py)."""
-        kernel_dtype = int8_kernel_input() if self.packed.device.type == "cpu" else None
+        kernel_dtype = int8_kernel_input(self.packed.device) if self.packed.device.type == "cpu" else None
         self._prepared = (kernel_dtype, None if kernel_dtype is None else self._kernel_scale(kernel_dtype))
 
     def _kernel_scale(self, dtype: torch.dtype) -> torch.Tensor:
@@ -280,39 +188,15 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-@functools.lru_cache(maxsize=1)
-def int8_kernel_input() -> torch.dtype | None:
-    """The input dtype PyTorch's int8 kernel is fastest with on this CPU, or None if float32 F.linear beats both.
+def int8_kernel_input(device: torch.device | None = None) -> torch.dtype:
+    """The activation dtype PyTorch's int8 kernel computes in on this CPU: bfloat16 where it is native (AVX512-BF16 or
+    AMX: the kernel's vectorised path, measured ~8x faster than its float32 path and 3-9x faster than float32
+    F.linear at batch 1), else float32.
 
-    With native bfloat16 (AVX512-BF16 or AMX) the kernel's bfloat16 path is its vectorised one:
-    measured here ~8x faster than its float32 path and 3-9x faster than float32 F.linear at batch 1.
-    Without, nothing is assumed: measured once per process, a batch-1 product with a matrix larger
-    than the caches (a decode step reads its weights from memory), the candidates interleaved so a
-    busy machine slows them alike, best of each. (Not measured where it is native: on a busy machine
-    the kernel's threads suffer more than MKL's, and the pick would follow the load, not the CPU.)
+    Decided by capability alone (`devices.native_bfloat16`), never by a timing race: a checkpoint's numbers are the
+    same on every run of a machine, however busy it is. `overfill bench --decoder-dtypes` measures what it costs.
     """
-    if native_bf16():
-        return torch.bfloat16
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(8192, 1024, generator=generator)  # 32 MB in float32
-    scale = weight.abs().amax(1) / 127
-    packed = torch.round(weight / scale[:, None]).to(torch.int8).contiguous()
-    x = torch.randn(1, 1024, generator=generator)
-    calls = {None: lambda: nn.functional.linear(x, weight)}
-    for dtype in (torch.bfloat16, torch.float32):
-        h, s = x.to(dtype), scale.to(dtype)
-        try:
-            torch.ops.aten._weight_int8pack_mm(h, packed, s)
-        except (RuntimeError, NotImplementedError):  # a build without the kernel
-            continue
-        calls[dtype] = lambda h=h, s=s: torch.ops.aten._weight_int8pack_mm(h, packed, s)
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(8):
-        for dtype, call in calls.items():
-            start = time.perf_counter()
-            call()
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return min(best, key=best.get)
+    return torch.bfloat16 if devices.native_bfloat16(device or torch.device("cpu")) else torch.float32
 
 
 def decoder_dtype(decoder: nn.Module) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from overfill.tables import readable
+
 
 def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
@@ -24,6 +26,6 @@ def print_prune_summary(console, record: dict, out=None) -> None:
     table.add_row("parameters", _millions(params["source"]), f"{_millions(params['pruned'])} ({params['pruned'] / params['source']:.0%})")
     cal = record["calibration"]
     table.add_row("calibration", f"{cal['sequences']} seqs, {cal['tokens']} tokens", f"{record['seconds']:.1f} s")
-    console.print(table)
+    console.print(readable(table))
     if out is not None:
         console.print(f"saved to [bold]{out}[/]")

@@ -198,6 +198,8 @@ def _child(argv: list[str], status=None) -> dict:
 def print_memory(console, result: dict) -> None:
     from rich.table import Table
 
+    from overfill.tables import readable
+
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     counts = result["counts"]
     table = Table(title=f"Memory, a random {result['shape']}-shaped pair ({counts['full'] / 1e9:.2f}B + "
@@ -211,7 +213,7 @@ def print_memory(console, result: dict) -> None:
         cells = [name, f"{row['seconds']:.1f}", gib(row["peak_resident_bytes"]), gib(row["kv_bytes"]),
                  f"{row['over_weights']:.2f}x"]
         table.add_row(*cells, *([gib(row["peak_device_bytes"])] if device else []))
-    console.print(table)
+    console.print(readable(table))
     worst = max(row["over_weights"] for row in result["phases"].values())
     console.print(f"largest (peak resident - KV) / weights: {worst:.2f}x (target at most {result['target']}x; the runtime "
                   f"held {gib(result['runtime_bytes_before_load'])} GiB before loading)")

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from overfill.configuration import Configuration
 from overfill.interleaved import paired_ratio
+from overfill.tables import readable
 
 
 def _range(s: dict, fmt: str) -> str:
@@ -27,7 +28,7 @@ def print_bench(console, result: dict, out: Path) -> None:
         table.add_row(row, _range({k: 1e3 * v for k, v in s["prefill_s"].items()}, ".0f"),
                       _range(s["decode_ms_per_token"], ".1f"), _range(s["decode_tokens_per_s"], ".1f"),
                       _range(s["e2e_s"], ".2f"), f"{s['new_tokens_per_step']['median']:.2f}")
-    console.print(table)
+    console.print(readable(table))
     for row, s in key["rows"].items():
         spec = s.get("speculation")
         if spec and spec["acceptance_rate"] is not None:
@@ -39,7 +40,7 @@ def print_bench(console, result: dict, out: Path) -> None:
         table.add_column(column, justify="left" if column == "ratio" else "right")
     for r in key["ratios"]:
         table.add_row(r["name"], _range(r, ".3f"))
-    console.print(table)
+    console.print(readable(table))
 
     for name, sweep in result["sweeps"].items():
         # Across batch sizes the decode step is what changes; elsewhere the whole reply's latency.
@@ -61,7 +62,7 @@ def print_bench(console, result: dict, out: Path) -> None:
                 ratio = paired_ratio(sweep["rows"][a][i], sweep["rows"][b][i], metric)
                 cells.append(f"{ratio['median']:.3f}" if ratio else "")
             table.add_row(str(value), *cells)
-        console.print(table)
+        console.print(readable(table))
 
     if "overhead" in result:
         o = result["overhead"]
@@ -76,8 +77,8 @@ def print_bench(console, result: dict, out: Path) -> None:
     if compiles:
         console.print("compiled step, first call of each shape (compiling; capturing a CUDA graph on a GPU): " + "; ".join(
             f"{model} " + ", ".join(f"{shape} {s:.1f} s" for shape, s in shapes.items()) for model, shapes in compiles.items()))
-    if result.get("decoder_speed"):
-        console.print(result["decoder_speed"])
+    if result.get("decoder_precision"):
+        console.print(result["decoder_precision"])
     env = result["environment"]
     console.print(f"{env['cpu']['name']} ({', '.join(env['cpu']['instruction_sets']) or 'no AVX2'}), {env['torch_threads']} threads, load average {env['load_average'][0] if env['load_average'] else '?'} "
                   f"at start; {env.get('device', 'cpu')}, {env['dtype']}; {result['seconds']:.0f} s; wrote {', '.join(result['files'])} to [bold]{out}[/]")
@@ -112,7 +113,7 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
             for mode, row in rows.items():
                 table.add_row(engine, mode, _best(row["prefill_s"], ".0f", 1e3), _best(row["decode_ms_per_token"], ".1f"),
                               _best(row["decode_tokens_per_s"], ".1f"), _best(row["e2e_s"], ".2f"))
-        console.print(table)
+        console.print(readable(table))
         for mode, row in key["rows"].get("vllm speculative", {}).items():
             spec = row.get("speculation")
             if spec and spec.get("acceptance_rate") is not None:
@@ -138,7 +139,7 @@ def print_vllm_bench(console, result: dict, out: Path) -> None:
                               _best(p["decode_ms_per_token"], ".1f", median=False), _best(p["e2e_s"], ".2f", median=False),
                               _best(p["tokens_per_s"], ".1f", median=False), *ratios,
                               end_section=mode == list(sweep["rows"])[-1])
-        console.print(table)
+        console.print(readable(table))
 
     for load in result.get("load") or []:
         print_load(console, load)
@@ -170,7 +171,7 @@ def print_load(console, load: dict) -> None:
         table.add_row(mode, f"{row['completed']}/{row['requests']}", str(row["failed"]), f"{row['duration_s']:.1f}",
                       f"{row['output_tokens_per_s']:.1f}", pair(row, "ttft"), pair(row, "itl"),
                       "?" if tpot is None else f"{tpot:.1f}")
-    console.print(table)
+    console.print(readable(table))
     for mode, row in load["rows"].items():
         memory = row.get("resident_mb") or {}
         if memory:
@@ -205,7 +206,7 @@ def _print_key_ratios(console, keys: list[dict]) -> None:
             found = [r for r in key["ratios"] if (r["engine"], r["name"]) == (engine, name)]
             cells.append(_paired(found[0]) if found else "")
         table.add_row(engine, name, *cells)
-    console.print(table)
+    console.print(readable(table))
 
 
 def print_mixed_step(console, mixed: dict) -> None:
@@ -217,7 +218,7 @@ def print_mixed_step(console, mixed: dict) -> None:
         table.add_row(f"mixed step, {route}", f"{row['step_ms']:.1f}", f"{row['forward_ms']:.1f}")
     for kind, row in mixed.get("in_turn", {}).items():
         table.add_row(f"in turn: {kind} step", f"{row['step_ms']:.1f}", f"{row['forward_ms']:.1f}")
-    console.print(table)
+    console.print(readable(table))
     console.print(f"eager / split: {mixed['eager_over_split_step']:.2f}x per engine step, "
                   f"{mixed['eager_over_split_forward']:.2f}x per forward")
     if "in_turn" in mixed:

@@ -169,11 +169,11 @@ def _run_bench(config: BenchConfig, console, model) -> dict:
     prompts = PromptSource.from_tokenizer(model.tokenizer)
     result = {"config": asdict(config), "environment": environment(config.dtype, model_device(model.full)),
               "models": describe(model)}
-    if config.decoder_dtypes and model_device(model.full).type == "cpu":
-        from overfill.precision import speedup_summary
+    if config.decoder_dtypes:
+        from overfill.precision import precision_summary
 
-        # what `--decoder-dtype` warns from (measured once per machine), beside this run's own rows
-        result["decoder_speed"] = speedup_summary(tuple(config.decoder_dtypes))
+        # what each decoder dtype computes in here (decided by capability), beside this run's own rows timing it
+        result["decoder_precision"] = precision_summary(tuple(config.decoder_dtypes), model_device(model.full))
     started = time.perf_counter()
     # A full collection takes ~0.2 s here, as long as a few decode steps: freeze what exists now so
     # that the collector's occasional runs during timing only scan the few objects the runs create.

@@ -98,6 +98,14 @@ def parse(argv: list[str]):
 
 
 def _quiet_libraries():
+    """The command line's own choice, made here and not on import: a library that imports overfill keeps its log levels."""
+    import logging
+
+    # transformers imports torchao (our int8 decoder) when it is installed; on a CPU machine torchao then
+    # reports each GPU kernel library it cannot load, and torch a deprecation per torchao enum: noise
+    # on every command. Real errors still come through.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings

@@ -180,9 +180,10 @@ def print_replies(command: GenerateCommand, replies) -> None:
         spec = reply.extra.get("speculation")
         drafting = (f", {spec['acceptance_rate']:.0%} of drafts kept, {spec['tokens_per_full_pass']:.2f} tokens per "
                     "full-model pass" if spec and spec["acceptance_rate"] is not None else "")
+        compiling = f", compile {reply.compile_s:.2f} s (not in decode)" if reply.compile_s else ""
         err.print(
             f"[dim]{reply.mode}: {reply.new_tokens} tokens, prefill {reply.prefill_s:.2f} s, "
-            f"decode {reply.decode_s:.2f} s ({reply.decode_tokens_per_s:.1f} tok/s), {reply.finish_reason}{drafting}[/]"
+            f"decode {reply.decode_s:.2f} s ({reply.decode_tokens_per_s:.1f} tok/s){compiling}, {reply.finish_reason}{drafting}[/]"
         )
 
 

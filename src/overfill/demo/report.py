@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.table import Table
 
 from overfill.atomic import atomic_write_text
+from overfill.tables import readable
 
 LABELS = {"full": "full model", "overfill": "OverFill", "pruned": "pruned baseline", "untrained": "untrained decoder",
           "refresh": "OverFill, refresh every 8", "speculative": "speculative (decoder drafts 3, full model verifies)"}
@@ -77,7 +78,7 @@ def print_chat(console, chat: list[dict]) -> None:
             table.add_column(column, overflow="fold")
         for mode, reply in turn["replies"].items():
             table.add_row(LABELS[mode], _timing(reply), reply["text"].strip())
-        console.print(table)
+        console.print(readable(table))
 
 
 def chat_markdown(chat: list[dict]) -> list[str]:

@@ -6,6 +6,8 @@ import math
 
 from rich.table import Table
 
+from overfill.tables import readable
+
 
 def _fmt(value, digits: int = 3, percent: bool = False, percent_digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -37,7 +39,7 @@ def print_eval_table(console, results: dict) -> None:
                       _fmt(agree.get("top1"), percent=True, percent_digits=1), _fmt(agree.get("nll")),
                       _fmt(agree.get("token_match"), percent=True), _fmt(agree.get("exact_match"), percent=True), same,
                       _fmt(answers.get("accuracy"), percent=True), from_first)
-    console.print(table)
+    console.print(readable(table))
     if any("first_divergence_mean" in m.get("agreement", {}) for m in results["models"].values()):
         console.print("agree top-1 / NLL on full: teacher-forced on the full model's greedy replies; agree tok / exact / "
                       "same tokens: each model's greedy replies against them (same tokens: before the first divergence)")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from overfill.tables import readable
+
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "" if value is None else f"{scale * value:{spec}}"
@@ -28,7 +30,7 @@ def print_frontier(console, result: dict, out: Path) -> None:
                       _fmt(p["decode_ms_vs_full"], ".2f"), _fmt(p["top1"], ".1%"), _fmt(p["first_divergence_mean"], ".1f"),
                       _fmt(p["nll"], ".3f"), _fmt(p["accuracy"], ".1%"), _fmt(p["acceptance_rate"], ".0%"),
                       _fmt(p["tokens_per_full_pass"], ".2f"))
-    console.print(table)
+    console.print(readable(table))
     by_name = {p["name"]: p for p in points}
     steps = [f"{name} ({by_name[name]['decode_ms_per_token']:.1f} ms, {by_name[name]['top1']:.1%})" for name in result["frontier"]]
     console.print("the frontier, cheapest first (each buys agreement with the full model at a price): " + " -> ".join(steps))

@@ -1,4 +1,4 @@
-"""One offline vLLM engine in a child process of its own, driven by JSON lines over two pipes.
+"""One offline vLLM engine in a child process of its own, driven by JSON messages over two pipes.
 
 vLLM engines do not share a process well (each keeps its KV cache, threads and state until the
 interpreter exits), so `bench --engine vllm` and `eval --engine vllm` run each engine in a child
@@ -14,7 +14,9 @@ interpreter exits), so `bench --engine vllm` and `eval --engine vllm` run each e
     parent -> child   {"op": "mixed_step", "settings": {...}} -> {"mixed_step": mixed_step.time_mixed_steps(...)}
     parent -> child   end of input                     -> the child exits
 
-JSON only: nothing is pickled either way. The engine runs inside the child
+Each message is one JSON document, framed by `multiprocessing.connection` (`send_bytes`/`recv_bytes`: its
+length-prefixed framing, polling with a timeout, and EOFError when the other end is gone). JSON only: the
+connections' pickling `send`/`recv` are not used, nothing is pickled either way. The engine runs inside the child
 (VLLM_ENABLE_V1_MULTIPROCESSING=0): the child is the isolation already, and it saves two more
 processes importing torch and vLLM (18 s vs 45 s per engine start here). That also lets the
 OverFill counters be read straight from the model, without vLLM's pickled RPC.
@@ -27,10 +29,9 @@ dies is one error line naming its log.
 from __future__ import annotations
 
 import json
-import os
-import select
 import sys
 import time
+from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 
 from overfill.errors import OverfillError
@@ -58,7 +59,6 @@ class EngineWorker:
         self.engine, self.env = dict(engine or {}), env
         self.proc = None
         self.info: dict = {}
-        self._buffer = b""
 
     def __enter__(self) -> EngineWorker:
         return self.start()
@@ -69,12 +69,12 @@ class EngineWorker:
     def start(self, report=None) -> EngineWorker:
         """Start the child and wait until its engine is built (`report(text)` gets its progress lines)."""
         env = dict(self.env if self.env is not None else worker_env())
-        to_child_r, self._to_child = os.pipe()
-        self._from_child, from_child_w = os.pipe()
-        self.proc = start([sys.executable, "-m", "overfill.vllm.worker", str(to_child_r), str(from_child_w)], self.log, env,
-                          pass_fds=(to_child_r, from_child_w))
-        os.close(to_child_r)
-        os.close(from_child_w)
+        child_in, self._to_child = Pipe(duplex=False)
+        self._from_child, child_out = Pipe(duplex=False)
+        fds = (child_in.fileno(), child_out.fileno())
+        self.proc = start([sys.executable, "-m", "overfill.vllm.worker", *map(str, fds)], self.log, env, pass_fds=fds)
+        child_in.close()  # the child's ends: theirs now, so that its exit reads as EOF here
+        child_out.close()
         self._send({"model": self.model.as_json(), "engine": self.engine})
         self.info = self._receive(report)["ready"]
         return self
@@ -107,40 +107,36 @@ class EngineWorker:
         if self.proc is None:
             return
         try:
-            os.close(self._to_child)  # end of input: the child exits on its own
+            self._to_child.close()  # end of input: the child exits on its own
             self.proc.wait(timeout=30)
         except Exception:
             pass
         finally:
             stop(self.proc, grace_s=10.0)
-            os.close(self._from_child)
+            self._from_child.close()
             self.proc = None
 
-    # ---------------------------------------------------------------- the pipe
+    # ---------------------------------------------------------------- the pipes
 
     def _send(self, message: dict) -> None:
         try:
-            os.write(self._to_child, (json.dumps(message) + "\n").encode())
-        except BrokenPipeError:
+            self._to_child.send_bytes(json.dumps(message).encode())
+        except OSError:  # BrokenPipeError: the child is gone
             raise self._failed() from None
 
     def _receive(self, report=None) -> dict:
-        while b"\n" not in self._buffer:
-            ready, _, _ = select.select([self._from_child], [], [], POLL_S)
-            if not ready:
-                if self.proc.poll() is not None:
-                    raise self._failed()
-                if report:
-                    line = last_line(self.log, PROGRESS)
-                    if line:
-                        report(line[len(PROGRESS):])
-                continue
-            chunk = os.read(self._from_child, 1 << 20)
-            if not chunk:
+        # poll is also true at EOF (a child that died): recv_bytes then raises EOFError
+        while not self._from_child.poll(POLL_S):
+            if self.proc.poll() is not None:
                 raise self._failed()
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        message = json.loads(line)
+            if report:
+                line = last_line(self.log, PROGRESS)
+                if line:
+                    report(line[len(PROGRESS):])
+        try:
+            message = json.loads(self._from_child.recv_bytes())
+        except (EOFError, OSError):
+            raise self._failed() from None
         if "error" in message:
             raise OverfillError(f"{self.what} failed: {message['error']}; its whole log is {self.log}")
         return message
@@ -202,14 +198,23 @@ def speculation_counters(llm) -> dict | None:
     return {key: found.get(key, 0) for key in SPECULATION_METRICS.values()}
 
 
+def _messages(inbox: Connection):
+    """The parent's messages until it closes its end (EOF)."""
+    while True:
+        try:
+            data = inbox.recv_bytes()
+        except EOFError:
+            return
+        yield json.loads(data)
+
+
 def main(argv: list[str] | None = None) -> None:
     in_fd, out_fd = (int(a) for a in (argv if argv is not None else sys.argv[1:]))
-    receive = (json.loads(line) for line in os.fdopen(in_fd, "r"))
-    out = os.fdopen(out_fd, "w")
+    receive = _messages(Connection(in_fd, writable=False))
+    outbox = Connection(out_fd, readable=False)
 
     def send(message: dict) -> None:
-        out.write(json.dumps(message) + "\n")
-        out.flush()
+        outbox.send_bytes(json.dumps(message).encode())
 
     try:
         setup = next(receive)
