@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from overfill import arch, decode_step
+from overfill import arch, decode_step, step_weights
 from overfill.arch import ArchSpec, LayerTraits
 from overfill.decode_step import compile_seconds
 from overfill.errors import OverfillError
@@ -82,7 +82,7 @@ def test_a_new_family_decodes_through_the_compiled_step(new_family, monkeypatch)
     full = tiny_model("newfamily")
     decoder = prune_model(full, tiny_tokenizer(), PruneConfig(ratio=0.5, **CALIBRATION), progress=False).model
     model = OverFillModel(full, decoder, tiny_tokenizer())
-    assert decode_step.unsupported(model.decoder, 128) is None
+    assert step_weights.unsupported(model.decoder, 128) is None
     settings = dict(mode="overfill", max_new_tokens=10)
     eager = [r.token_ids for r in generate(model, PROMPTS, GenerationConfig(compile=False, **settings))]
     compiled = [r.token_ids for r in generate(model, PROMPTS, GenerationConfig(compile=True, **settings))]
@@ -102,7 +102,7 @@ def test_a_family_without_a_spec_is_refused_by_every_consumer_alike():
         prune_model(model, tiny_tokenizer(), PruneConfig(ratio=0.5, **CALIBRATION), progress=False)
     with pytest.raises(OverfillError, match=UNSUPPORTED):
         OverFillModel(model, model, tiny_tokenizer())
-    assert decode_step.unsupported(model, 128).startswith(UNSUPPORTED)
+    assert step_weights.unsupported(model, 128).startswith(UNSUPPORTED)
     with pytest.raises(OverfillError, match=UNSUPPORTED):
         arch.layer_traits(model.config)  # what the vLLM model's stages build their layers from
 

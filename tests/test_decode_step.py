@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from overfill import decode_step
+from overfill import decode_step, step_weights
 from overfill.chat import ChatSession
 from overfill.decode_step import compile_seconds
 from overfill.devices import decide_compile
@@ -201,7 +201,7 @@ def test_the_compiled_step_holds_no_second_copy_of_the_weights(captured, tmp_pat
     """The step's fused matrices are the only copy: the model's own layers view them, its eager forward still
     gives the same logits, and it saves and loads back as before. The layout is copied a row at a time here
     (as a weight mapped from its file is, a slice at a time)."""
-    monkeypatch.setattr(decode_step, "COPY_BYTES", 1)
+    monkeypatch.setattr(step_weights, "COPY_BYTES", 1)
     model = pruned_model("qwen2")  # q/k/v biases too
     ids = torch.tensor([[5, 9, 14, 3, 7]])
     with torch.inference_mode():
