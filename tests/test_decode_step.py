@@ -173,30 +173,6 @@ def test_static_cache_serves_the_eager_forward_like_a_dynamic_cache():
     assert static.get_seq_length() == static.layers[0].values.shape[-2] == ids.shape[1] - 3
 
 
-def test_static_buffers_are_reused_once_a_cache_is_dropped():
-    model = tiny_model("llama")
-    cache = StaticCache.for_model(model, 2, 40)
-    first = cache.key_buffers[0].data_ptr()
-    assert StaticCache.for_model(model, 2, 40).key_buffers[0].data_ptr() != first  # still in use: another buffer
-    del cache
-    assert StaticCache.for_model(model, 2, 40).key_buffers[0].data_ptr() == first  # same shape again: the same buffer
-
-
-def test_idle_buffers_are_kept_only_within_the_byte_budget(monkeypatch):
-    from overfill import kv_cache
-
-    monkeypatch.setattr(kv_cache, "_POOL", kv_cache._BufferPool(0))
-    model = tiny_model("llama")
-    one_set = kv_cache.buffer_bytes(StaticCache.for_model(model, 2, 40)._buffers())
-    assert kv_cache.idle_cache_bytes() == 0  # budget 0: the dropped cache's buffers were freed with it
-    kv_cache.set_idle_budget(1.5 * one_set / (1 << 20))  # room for one idle set, not two
-    a, b = StaticCache.for_model(model, 2, 40), StaticCache.for_model(model, 3, 40)
-    kept = a.key_buffers[0].data_ptr()
-    del b, a  # b goes back first, then a: the most recent (a's) is the one kept
-    assert kv_cache.idle_cache_bytes() == one_set
-    assert StaticCache.for_model(model, 2, 40).key_buffers[0].data_ptr() == kept
-
-
 def test_the_compiled_step_holds_no_second_copy_of_the_weights(captured, tmp_path):
     """The step's fused matrices are the only copy: the model's own layers view them, its eager forward still
     gives the same logits, and it saves and loads back as before."""
