@@ -84,7 +84,7 @@ def test_inductor_step_equals_eager_for_the_other_architectures(kind):
 def test_padded_batch_equals_each_row_alone(captured):
     model = pruned_model("llama")
     batch = same_both_ways(model, max_new_tokens=12)
-    for prompt, ids in zip(PROMPTS, batch):
+    for prompt, ids in zip(PROMPTS, batch, strict=True):
         assert replies(model, prompt, compile=True, max_new_tokens=12) == [ids]
 
 
@@ -142,7 +142,7 @@ def test_int8_and_bfloat16_decoders(captured):
             set_decoder_dtype(model.decoder, dtype)
         eager = replies(model, PROMPTS, compile=False, max_new_tokens=10)
         compiled = replies(model, PROMPTS, compile=True, max_new_tokens=10)
-        agree = sum(a == b for e, c in zip(eager, compiled) for a, b in zip(e, c)) / sum(map(len, eager))
+        agree = sum(a == b for e, c in zip(eager, compiled, strict=True) for a, b in zip(e, c)) / sum(map(len, eager))
         assert agree > (0.99 if dtype == "int8" else 0.8), dtype  # bfloat16 rounds its own way
 
 
