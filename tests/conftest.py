@@ -11,21 +11,53 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 
+# Where the bundled models live for the tests: OVERFILL_TEST_HOME, else the user's own OVERFILL_HOME (read before any
+# test sets its own; default ~/.cache/overfill).
+BUNDLED_HOME = Path(os.environ.get("OVERFILL_TEST_HOME") or os.environ.get("OVERFILL_HOME") or Path.home() / ".cache" / "overfill")
+
+
+def _link_bundled(home: Path) -> None:
+    """Link the bundled models already materialised in BUNDLED_HOME into `home`'s models/ (read there, never written)."""
+    from overfill.zoo import ZOO
+
+    for name in ZOO:
+        source, link = BUNDLED_HOME / "models" / name, home / "models" / name
+        if (source / "config.json").is_file() and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source.resolve(), target_is_directory=True)
+
+
+@pytest.fixture(scope="session")
+def _test_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("overfill-home")
+    _link_bundled(home)
+    return home
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    """Tiny-model tests never touch the user's cache; slow tests share one per session (see below)."""
-    if "OVERFILL_TEST_HOME" in os.environ:
-        monkeypatch.setenv("OVERFILL_HOME", os.environ["OVERFILL_TEST_HOME"])
+def _isolated_home(_test_home, monkeypatch):
+    """Tests never write to the user's cache (but for a first materialisation of the bundled model, see smollm_folder):
+    OVERFILL_HOME is one temporary folder per session (vLLM exports, measured decoder speeds, ...), whose models/
+    links to the bundled models in BUNDLED_HOME. A test that checks what goes into OVERFILL_HOME sets its own on top."""
+    monkeypatch.setenv("OVERFILL_HOME", str(_test_home))
     yield
 
 
 @pytest.fixture(scope="session")
-def smollm_folder():
-    """The bundled SmolLM2 materialised once (in OVERFILL_HOME, default ~/.cache/overfill)."""
+def smollm_folder(_test_home):
+    """The bundled SmolLM2, as the zoo name resolves it under the tests' OVERFILL_HOME. On a machine where it was never
+    materialised, it is materialised once into BUNDLED_HOME (where any command would put it: the one thing the
+    tests write there, so later sessions skip the half minute of dequantising) and linked from the tests' home."""
     from overfill.loading import resolve_model
     from overfill.zoo import DEFAULT_MODEL
 
-    return resolve_model(DEFAULT_MODEL, quiet=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OVERFILL_HOME", str(BUNDLED_HOME))
+        resolve_model(DEFAULT_MODEL, quiet=True)
+    _link_bundled(_test_home)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OVERFILL_HOME", str(_test_home))
+        return resolve_model(DEFAULT_MODEL, quiet=True)
 
 
 @pytest.fixture

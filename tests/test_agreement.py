@@ -27,7 +27,7 @@ GREEDY_KEYS = {"token1_match", "token_match", "exact_match", "first_divergence_m
 def test_greedy_agreement_and_first_divergence_by_hand():
     replies = [[1, 2, 3, 9], [5, 6, 2], [7], [4, 4, 2]]
     reference = [[1, 2, 4, 9], [5, 6, 2], [8, 1], [4, 4, 4, 4]]
-    assert [first_divergence(a, b) for a, b in zip(replies, reference)] == [2, 3, 0, 2]
+    assert [first_divergence(a, b) for a, b in zip(replies, reference, strict=True)] == [2, 3, 0, 2]
     a = greedy_agreement(replies, reference)
     assert a["token1_match"] == pytest.approx(3 / 4)
     assert a["token_match"] == pytest.approx((2 + 2 + 0 + 1) / (3 + 2 + 1 + 3))  # positions 2..N of the longer reply
@@ -65,8 +65,8 @@ def hand_scores(full, decoder, context: list[int], reply: list[int]) -> tuple[li
             positions = torch.arange(len(context), len(context) + len(reply) - 1)[None]
             rest = decoder(torch.tensor([reply[:-1]]), past_key_values=out.past_key_values, position_ids=positions).logits[0]
             logits += list(rest)
-    hits = [int(lg.argmax()) == y for lg, y in zip(logits, reply)]
-    return hits, [lg.log_softmax(-1)[y].item() for lg, y in zip(logits, reply)]
+    hits = [int(lg.argmax()) == y for lg, y in zip(logits, reply, strict=True)]
+    return hits, [lg.log_softmax(-1)[y].item() for lg, y in zip(logits, reply, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_a_different_decoder_agrees_less_as_counted_by_hand(evaluated):
     reference, ours = replies["full"], replies["other"]
     # Tokens before the first divergence, counted here from the generated token lists.
     counts = []
-    for a, b in zip(ours, reference):
+    for a, b in zip(ours, reference, strict=True):
         k = 0
         for x, y in zip(a, b):
             if x != y:
@@ -146,7 +146,7 @@ def test_a_different_decoder_agrees_less_as_counted_by_hand(evaluated):
     # Teacher forced on the full model's replies: top-1 and NLL by hand, unpadded, one reply at a time.
     pair = OverFillModel.from_pretrained(next(e.checkpoint for e in config.model_entries() if e.name == "other"))
     examples = config.read(pair.tokenizer).examples
-    hand = [hand_scores(pair.full, pair.decoder, e.context_ids, r) for e, r in zip(examples, reference)]
+    hand = [hand_scores(pair.full, pair.decoder, e.context_ids, r) for e, r in zip(examples, reference, strict=True)]
     hits = [h for row, _ in hand for h in row[1:]]
     nll = -sum(lp for _, row in hand for lp in row[1:]) / len(hits)
     assert agree["top1"] == pytest.approx(sum(hits) / len(hits)) and agree["top1"] < 1.0

@@ -7,7 +7,6 @@ from rich.console import Console
 
 from overfill.bench import BenchConfig, run_bench
 from overfill.bench.prompts import PromptSource
-from overfill.configuration import parse
 from overfill.errors import OverfillError
 from overfill.modeling import OverFillModel
 from overfill.prune import PruneConfig, prune_model
@@ -21,63 +20,99 @@ def pair():
     return OverFillModel(full, decoder, tok)
 
 
-def test_bench_writes_json_and_plots(pair, tmp_path):
-    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=(3, 6), prompt_len_sweep=(20, 30),
-                         batch_sweep=(1, 2), sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4, threads=1,
-                         decode_steps="eager")
-    result = run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
-
-    saved = json.loads((tmp_path / "bench.json").read_text())
-    assert set(saved) >= {"config", "environment", "models", "key_point", "sweeps", "overhead", "files"}
-    key = saved["key_point"]
-    assert set(key["rows"]) == {"overfill", "full", "pruned", "hf_generate", "hf_assisted"}
-    for row in key["rows"].values():
-        assert row["new_tokens"] == 6 and len(row["samples"]["e2e_s"]) == 2
-        assert {"median", "q1", "q3", "min", "max"} <= set(row["decode_tokens_per_s"])
-    names = {r["name"] for r in key["ratios"]}
-    assert {"overfill decode tok/s / full", "overfill end-to-end / pruned end-to-end", "overfill end-to-end / HF assisted"} <= names
-    assert [p["new_tokens"] for p in saved["sweeps"]["new_tokens"]["rows"]["overfill"]] == [3, 6]
-    assert saved["sweeps"]["prompt_len"]["values"] == [20, 30]
-    assert [p["batch"] for p in saved["sweeps"]["batch"]["rows"]["pruned"]] == [1, 2]
-    assert saved["overhead"]["steps"] == 4 and saved["overhead"]["overhead_in_loop_ms_per_step"]["n"] == 8
-    for name in ("breakdown.png", "new_tokens.png", "prompt_len.png", "batch.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-        assert name in result["files"]
-    assert "ratios measured in this run" in (tmp_path / "console.txt").read_text()
-
-
-def test_bench_times_refresh_rows_beside_the_modes(pair, tmp_path):
-    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=9, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
-                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, refresh_every=(4, 2),
-                         decode_steps="eager")
-    run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
-    key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
-    assert set(key["rows"]) == {"overfill", "full", "pruned", "overfill+refresh2", "overfill+refresh4"}
-    ratios = {r["name"]: r for r in key["ratios"]}
-    assert ratios["overfill+refresh2 decode ms/token / overfill"]["n"] == 2
-
-
-def test_bench_times_decoder_dtypes_beside_the_modes(pair, tmp_path, monkeypatch):
+def test_bench_writes_json_and_plots(pair, tmp_path, monkeypatch):
+    """The one whole eager run: every section and every kind of row (modes, references, refresh, decoder dtype,
+    speculative); how rows are named and paired is unit-tested below, without a run."""
     from overfill.precision import decoder_dtype
 
     # what each dtype computes in follows from the machine's capability, said beside the rows that time it
     monkeypatch.setattr("overfill.devices.native_bfloat16", lambda device: True)
-    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=(1, 2),
-                         sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=0, overhead_steps=0, threads=1,
-                         references=False, decoder_dtypes=("float32", "bfloat16", "int8"), modes=("overfill", "full"), decode_steps="eager")
-    run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
-    result = json.loads((tmp_path / "bench.json").read_text())
-    key = result["key_point"]
-    # The batch sweep times the dtype rows too (whether a dtype pays can flip with the batch size).
-    batch = result["sweeps"]["batch"]["rows"]
-    assert set(batch) == set(key["rows"]) and all(len(points) == 2 for points in batch.values())
-    assert "decode ms/token" in (tmp_path / "console.txt").read_text()
-    assert result["decoder_precision"] in (tmp_path / "console.txt").read_text()
-    assert result["decoder_precision"].endswith("int8 decoder: PyTorch's int8 kernel with bfloat16 activations")
-    assert set(key["rows"]) == {"overfill", "full", "overfill@bfloat16", "overfill@int8"}  # float32 is the overfill row
-    names = {r["name"] for r in key["ratios"]}
-    assert {"overfill@int8 decode ms/token / overfill", "overfill@int8 decode tok/s / full"} <= names
+    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=6, new_tokens_sweep=(3, 6), prompt_len_sweep=(20, 30),
+                         batch_sweep=(1, 2), sweep_new_tokens=4, repeats=2, sweep_repeats=1, warmup=1, overhead_steps=4, threads=1,
+                         decode_steps="eager", refresh_every=(2,), decoder_dtypes=("float32", "int8"), draft_tokens=(2,),
+                         drafters=("overfill", "pruned"))
+    result = run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
+
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    console = (tmp_path / "console.txt").read_text()
+    assert set(saved) >= {"config", "environment", "models", "key_point", "sweeps", "overhead", "files"}
+    key = saved["key_point"]
+    spec_rows = {"overfill+spec2", "overfill+spec2/pruned"}
+    assert set(key["rows"]) == {"overfill", "full", "pruned", "hf_generate", "hf_assisted", "overfill+refresh2",
+                                "overfill@int8"} | spec_rows
+    for row in key["rows"].values():
+        assert row["new_tokens"] == 6 and len(row["samples"]["e2e_s"]) == 2
+        assert {"median", "q1", "q3", "min", "max"} <= set(row["decode_tokens_per_s"])
+    ratios = {r["name"]: r for r in key["ratios"]}
+    assert {"overfill decode tok/s / full", "overfill end-to-end / pruned end-to-end", "overfill end-to-end / HF assisted",
+            "overfill@int8 decode ms/token / overfill", "overfill@int8 decode tok/s / full",
+            "overfill+spec2/pruned decode tok/s / full"} <= set(ratios)
+    assert ratios["overfill+refresh2 decode ms/token / overfill"]["n"] == 2
+    for row in spec_rows:
+        counters = key["rows"][row]["speculation"]
+        assert counters["runs"] == 2 and 0 <= counters["accepted"] <= counters["drafted"]
+        assert 1 <= counters["tokens_per_full_pass"] <= 3  # each pass of the full model: its own token plus the kept drafts
+    assert [p["new_tokens"] for p in saved["sweeps"]["new_tokens"]["rows"]["overfill"]] == [3, 6]
+    assert saved["sweeps"]["prompt_len"]["values"] == [20, 30]
+    batch = saved["sweeps"]["batch"]["rows"]  # the dtype rows too (whether a dtype pays can flip with the batch size)
+    assert [p["batch"] for p in batch["pruned"]] == [1, 2] and [p["batch"] for p in batch["overfill@int8"]] == [1, 2]
+    assert saved["overhead"]["steps"] == 4 and saved["overhead"]["overhead_in_loop_ms_per_step"]["n"] == 8
+    for name in ("breakdown.png", "new_tokens.png", "prompt_len.png", "batch.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+        assert name in result["files"]
+    assert "ratios measured in this run" in console and "decode ms/token" in console and "draft tokens accepted" in console
+    assert saved["decoder_precision"] in console
+    assert saved["decoder_precision"].endswith("int8 decoder: PyTorch's int8 kernel with bfloat16 activations")
     assert decoder_dtype(pair.decoder) == "float32"  # the bench converted copies, not the model it was given
+
+
+def test_bench_rows_name_every_row(pair):
+    """The key point's rows in order: modes, refresh, dtype and speculative rows, eager then compiled, then references."""
+    from overfill.bench.run import bench_rows
+    from overfill.precision import decoder_dtype
+
+    config = BenchConfig(modes=("overfill", "full"), refresh_every=(4, 2), decoder_dtypes=("float32", "bfloat16"),
+                         draft_tokens=(4, 2), drafters=("overfill", "pruned"), batch_size=2)
+    rows, variants, skipped = bench_rows(pair, config)
+    eager = ("overfill", "full", "overfill+refresh2", "overfill+refresh4", "overfill@bfloat16", "overfill+spec2",
+             "overfill+spec2/pruned", "overfill+spec4", "overfill+spec4/pruned")  # the config sorts refresh and draft counts
+    assert rows == eager + tuple(f"{row}+compiled" for row in eager) + ("hf_generate",)
+    assert skipped == {"hf_assisted": "HF assisted generation runs batch 1 only"}
+    assert list(variants) == ["overfill@bfloat16"] and decoder_dtype(variants["overfill@bfloat16"].decoder) == "bfloat16"
+    assert variants["overfill@bfloat16"].full is pair.full and decoder_dtype(pair.decoder) == "float32"  # a copy converted
+    rows, _, skipped = bench_rows(pair, BenchConfig(modes=("full", "pruned"), decode_steps="compiled", references=False))
+    assert rows == ("full+compiled", "pruned+compiled") and skipped == {}
+
+
+def summary(decode_s: list[float], prefill_s: float = 0.5) -> dict:
+    """A row as the key point summarises it: 10 new tokens per repeat (9 decoded), these decode times."""
+    from overfill.bench.results import summarize
+
+    splits = [{"prefill_s": prefill_s, "decode_s": d, "e2e_s": prefill_s + d, "new_tokens": 10, "decode_tokens": 9, "steps": 10}
+              for d in decode_s]
+    return summarize(splits, batch=1)
+
+
+def test_key_ratios_pair_rows_repeat_by_repeat():
+    """Each ratio divides a row's sample by the other's of the same repeat; compiled rows pair with compiled ones."""
+    from overfill.bench.run import key_ratios
+
+    rows = {"overfill": summary([1.0, 2.0]), "full": summary([2.0, 2.0]), "pruned": summary([1.0, 1.0]),
+            "overfill+compiled": summary([0.5, 0.5]), "full+compiled": summary([2.0, 1.0]),
+            "overfill+refresh2": summary([3.0, 4.0]), "overfill@int8+compiled": summary([0.25, 0.25]),
+            "overfill+spec3/pruned": summary([1.0, 4.0])}
+    ratios = {r["name"]: r for r in key_ratios(rows)}
+    assert ratios["overfill decode tok/s / full"]["median"] == 1.5  # 2/1 and 2/2 (tok/s: the inverse of the times)
+    assert ratios["overfill end-to-end / pruned end-to-end"]["median"] == (1.5 / 1.5 + 2.5 / 1.5) / 2
+    assert ratios["overfill+compiled decode tok/s / full+compiled"]["median"] == 3.0  # 4 and 2
+    assert ratios["overfill+compiled decode tok/s / overfill"]["median"] == 3.0  # 2 and 4
+    assert ratios["full+compiled decode tok/s / full"]["median"] == 1.5  # 1 and 2
+    assert ratios["overfill+refresh2 decode ms/token / overfill"]["median"] == 2.5  # 3 and 2
+    assert ratios["overfill@int8+compiled decode ms/token / overfill+compiled"]["median"] == 0.5
+    assert ratios["overfill@int8+compiled decode tok/s / full+compiled"]["median"] == 6.0  # 8 and 4
+    assert {"overfill+spec3/pruned decode tok/s / full", "overfill+spec3/pruned decode tok/s / full+compiled"} <= set(ratios)
+    assert all(r["n"] == 2 for r in ratios.values())
+    assert not any("hf_" in name or "pruned+compiled" in name for name in ratios)  # no row, no ratio
 
 
 def test_bench_times_compiled_rows_beside_the_eager_ones(pair, tmp_path):
@@ -95,24 +130,6 @@ def test_bench_times_compiled_rows_beside_the_eager_ones(pair, tmp_path):
     # Compiled in the warm-up (same shapes as the timed runs), so the timed runs pay no compile.
     assert set(result["compile_seconds"]["full"]) == {"cpu 4x128"} and set(result["compile_seconds"]["decoder"]) == {"cpu 4x128"}
     assert "compiled step, first call of each shape" in (tmp_path / "console.txt").read_text()
-
-
-def test_bench_times_speculative_rows_with_either_drafter(pair, tmp_path):
-    config = BenchConfig(out=str(tmp_path), prompt_len=24, new_tokens=9, new_tokens_sweep=0, prompt_len_sweep=0, batch_sweep=0,
-                         repeats=2, warmup=0, overhead_steps=0, threads=1, references=False, modes=("overfill", "full"),
-                         decode_steps="eager", draft_tokens=(4, 2), drafters=("overfill", "pruned"))
-    run_bench(config, Console(file=open(tmp_path / "console.txt", "w"), width=200), model=pair)
-    key = json.loads((tmp_path / "bench.json").read_text())["key_point"]
-    spec_rows = {"overfill+spec2", "overfill+spec4", "overfill+spec2/pruned", "overfill+spec4/pruned"}
-    assert set(key["rows"]) == {"overfill", "full"} | spec_rows
-    for row in spec_rows:
-        counters, k = key["rows"][row]["speculation"], parse(row).draft_tokens
-        assert counters["runs"] == 2 and 0 <= counters["accepted"] <= counters["drafted"]
-        # each pass of the full model yields its own token plus the drafts it kept: 1..k+1 tokens
-        assert 1 <= counters["tokens_per_full_pass"] <= k + 1
-    names = {r["name"] for r in key["ratios"]}
-    assert "overfill+spec4/pruned decode tok/s / full" in names
-    assert "draft tokens accepted" in (tmp_path / "console.txt").read_text()
 
 
 def test_speculative_rows_verify_once_per_round(pair):

@@ -71,7 +71,7 @@ def test_plan_times_each_distinct_run_once_with_the_most_repeats():
     points = plan_points(small())
     keys = [(p["prompt_len"], p["batch"], p["max_tokens"]) for p in points]
     assert len(keys) == len(set(keys)) and keys == sorted(keys)
-    repeats = {k: p["repeats"] for k, p in zip(keys, points)}
+    repeats = {k: p["repeats"] for k, p in zip(keys, points, strict=True)}
     # key point (batch 1 and 4, 20 tokens): 3 repeats, and its 1-token runs too, shared with the sweeps
     assert repeats[(100, 1, 20)] == repeats[(100, 1, 1)] == repeats[(100, 4, 20)] == repeats[(100, 4, 1)] == 3
     assert repeats[(100, 1, 10)] == repeats[(50, 1, 10)] == repeats[(50, 1, 1)] == repeats[(100, 2, 10)] == 2
@@ -382,7 +382,7 @@ def _raw(ttfts, itls, tokens=4, errors=None, duration=10.0):
     return {"duration": duration, "num_prompts": len(ttfts), "completed": sum(ok), "failed": len(ttfts) - sum(ok),
             "errors": errors, "total_output_tokens": tokens * sum(ok), "output_lens": [tokens if g else 0 for g in ok],
             "output_throughput": tokens * sum(ok) / duration, "request_throughput": sum(ok) / duration,
-            "ttfts": ttfts, "itls": itls, "latencies": [t + sum(i) for t, i in zip(ttfts, itls)],
+            "ttfts": ttfts, "itls": itls, "latencies": [t + sum(i) for t, i in zip(ttfts, itls, strict=True)],
             "max_concurrent_requests": len(ttfts)}
 
 

@@ -117,7 +117,7 @@ def test_training_reads_back_the_same_contexts_and_the_generated_tokens_as_targe
     rows = records(out)
     ours = generate(setup["pair"], [turns_of(r) for r in rows], GenerationConfig(mode="full", max_new_tokens=NEW))
     assert len(examples) == len(rows)
-    for example, row, reply in zip(examples, rows, ours):
+    for example, row, reply in zip(examples, rows, ours, strict=True):
         assert example.context_ids == encode_prompt(tokenizer, turns_of(row))  # the context the reply continued
         # The very tokens generated; a reply cut at the limit gets its end of turn from the chat template.
         assert example.target_ids == reply.token_ids + ([EOS] if reply.finish_reason == "length" else [])

@@ -120,7 +120,7 @@ def test_nll_and_per_position_by_hand():
 def test_full_mode_scores_match_one_forward_under_left_padding():
     model = pair()
     scores = score_examples(model, "full", EXAMPLES, batch_size=3)  # one left-padded batch
-    for example, s in zip(EXAMPLES, scores):
+    for example, s in zip(EXAMPLES, scores, strict=True):
         assert s.logprobs == pytest.approx(by_hand(model.full, example), abs=1e-4)
         assert len(s.top1) == len(example.target_ids)
 
@@ -130,7 +130,7 @@ def test_overfill_mode_token1_is_the_full_models_and_the_rest_the_decoders():
     full = score_examples(model, "full", EXAMPLES, batch_size=2)
     overfill = score_examples(model, "overfill", EXAMPLES, batch_size=2)
     pruned = score_examples(model, "pruned", EXAMPLES, batch_size=2)
-    for example, f, o, p in zip(EXAMPLES, full, overfill, pruned):
+    for example, f, o, p in zip(EXAMPLES, full, overfill, pruned, strict=True):
         assert o.logprobs[0] == pytest.approx(f.logprobs[0], abs=1e-5)
         assert p.logprobs == pytest.approx(by_hand(model.decoder, example), abs=1e-4)
         # Tokens 2..N by hand: the decoder continues the full model's cache of the context.
@@ -142,7 +142,7 @@ def test_overfill_mode_token1_is_the_full_models_and_the_rest_the_decoders():
                 assert o.logprobs[1:] == pytest.approx(expected.tolist(), abs=1e-4)
     # With decoder == full model, OverFill is the full model.
     same = pair()
-    for a, b in zip(score_examples(same, "overfill", EXAMPLES), score_examples(same, "full", EXAMPLES)):
+    for a, b in zip(score_examples(same, "overfill", EXAMPLES), score_examples(same, "full", EXAMPLES), strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 

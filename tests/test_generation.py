@@ -79,7 +79,7 @@ def test_batch_equals_each_row_alone(mode):
     model = pruned_model("llama")
     config = GenerationConfig(mode=mode, max_new_tokens=16)
     batch = generate(model, PROMPTS, config)
-    for prompt, reply in zip(PROMPTS, batch):
+    for prompt, reply in zip(PROMPTS, batch, strict=True):
         alone = generate(model, prompt, config)[0]
         assert (reply.token_ids, reply.text, reply.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
 
@@ -173,7 +173,7 @@ def test_eos_ends_rows_independently():
             m.lm_head.weight[[EOS, token]] = m.lm_head.weight[[token, EOS]]
     replies = generate(model, PROMPTS, config)
     assert replies[0].token_ids == free[0][:step] + [EOS] and replies[0].finish_reason == "eos"
-    for reply, ids in zip(replies[1:], free[1:]):
+    for reply, ids in zip(replies[1:], free[1:], strict=True):
         assert reply.token_ids == ids and reply.finish_reason == "length"
     # at the token level, the finished row holds pad while the others go on
     tok = model.tokenizer

@@ -52,7 +52,7 @@ def test_pruned_folder_reloads_and_writes_full_model_cache_shapes(kind, tmp_path
         full_cache = model(input_ids=ids, use_cache=True).past_key_values
         pruned_cache = reloaded(input_ids=ids, use_cache=True).past_key_values
     assert len(full_cache.layers) == len(pruned_cache.layers) == full.num_hidden_layers
-    for a, b in zip(full_cache.layers, pruned_cache.layers):
+    for a, b in zip(full_cache.layers, pruned_cache.layers, strict=True):
         assert a.keys.shape == b.keys.shape == (1, full.num_key_value_heads, ids.shape[1], full_head_dim)
         assert a.values.shape == b.values.shape == a.keys.shape
     # and the pruned model can extend the full model's cache

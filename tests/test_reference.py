@@ -101,10 +101,10 @@ def test_pruned_decoder_generation_matches_plain_hf_reference(kind):
 
     alone = [reference_alone(full, decoder, p) for p in PROMPTS]
     batch = overfill_tokens(kind, "overfill", PROMPTS)
-    for row, (ours, expected) in enumerate(zip(batch, alone)):
+    for row, (ours, expected) in enumerate(zip(batch, alone, strict=True)):
         assert ours == expected, f"{kind} row {row} (prompt length {len(PROMPTS[row])})"
     assert reference_batch(full, decoder, PROMPTS) == alone  # the reference agrees with itself under padding
-    for prompt, expected in zip(PROMPTS, alone):  # and each prompt on its own
+    for prompt, expected in zip(PROMPTS, alone, strict=True):  # and each prompt on its own
         assert overfill_tokens(kind, "overfill", [prompt]) == [expected]
 
     # The check can tell the models apart: the first token is the full model's, the rest the decoder's,

@@ -65,7 +65,7 @@ def test_refreshed_positions_hold_the_full_models_own_kv():
     _, own = prefill(model.full, full_ids, full_mask)
     assert cache.get_seq_length() == width + new - 1  # the last token is chosen, never fed back
     real = full_mask.bool()
-    for layer, reference in zip(cache.layers, own.layers):
+    for layer, reference in zip(cache.layers, own.layers, strict=True):
         for got, want in ((layer.keys, reference.keys), (layer.values, reference.values)):
             got, want = got[:, :, :refreshed], want
             assert torch.allclose(got.transpose(1, 2)[real], want.transpose(1, 2)[real], atol=1e-5)

@@ -35,7 +35,7 @@ def run(model, contexts, config, *, speculative: bool = False, **kw) -> list[lis
     rows = [[] for _ in range(ids.shape[0] * config.num_return_sequences)]
     done = [False] * len(rows)
     for step in loop(model, ids, mask, config, eos_ids=set(kw.pop("eos", {EOS})), pad_id=PAD, **kw):
-        for r, (token, fin) in enumerate(zip(step.tokens.tolist(), step.finished.tolist())):
+        for r, (token, fin) in enumerate(zip(step.tokens.tolist(), step.finished.tolist(), strict=True)):
             if not done[r]:
                 rows[r].append(token)
                 done[r] = fin

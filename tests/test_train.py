@@ -152,8 +152,9 @@ def test_resume_continues_exactly(setup, tmp_path):
     resumed = train(config(setup, tmp_path / "cut", resume="latest", **kw))
     assert resumed.losses == whole.losses  # bit-identical on CPU, the pre-resume steps included
     assert resumed.val_losses == whole.val_losses
-    for (name, a), b in zip(whole.model.decoder.state_dict().items(), resumed.model.decoder.state_dict().values()):
-        assert torch.equal(a, b), name
+    for (name, a), (resumed_name, b) in zip(whole.model.decoder.state_dict().items(),
+                                            resumed.model.decoder.state_dict().items(), strict=True):
+        assert resumed_name == name and torch.equal(a, b), name
     # a different schedule is not the same run
     with pytest.raises(OverfillError, match="--lr"):
         train(config(setup, tmp_path / "cut", resume="latest", **{**kw, "lr": 1e-3}))

@@ -214,8 +214,9 @@ def test_a_resumed_kd_run_continues_exactly(setup, tmp_path, mode):
     assert resumed.losses == whole.losses and resumed.val_losses == whole.val_losses
     parts = [[(r["loss_ce"], r["loss_kd"]) for r in _rows(run.out / "metrics.jsonl") if "loss" in r] for run in (whole, resumed)]
     assert parts[0] == parts[1]
-    for (name, a), b in zip(whole.model.decoder.state_dict().items(), resumed.model.decoder.state_dict().values()):
-        assert torch.equal(a, b), name
+    for (name, a), (resumed_name, b) in zip(whole.model.decoder.state_dict().items(),
+                                            resumed.model.decoder.state_dict().items(), strict=True):
+        assert resumed_name == name and torch.equal(a, b), name
     for changed, flag in ((dict(loss="kd"), "--loss"), (dict(kd_temperature=1.0), "--kd-temperature"),
                           (dict(kd_weight=0.5), "--kd-weight")):
         with pytest.raises(OverfillError, match=flag):

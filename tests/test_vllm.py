@@ -426,12 +426,12 @@ def test_first_token_is_the_full_models_and_the_decoder_makes_the_rest(engines, 
     full_alone = [reference.tokens(p, 16, "full") for p in PROMPTS]
     decoder_first = [reference.tokens(p, 1, "pruned")[0] for p in PROMPTS]
     # the decoder was built to want another first token than the full model (its LM head is rolled)
-    assert all(d != f[0] for d, f in zip(decoder_first, full_alone))
+    assert all(d != f[0] for d, f in zip(decoder_first, full_alone, strict=True))
     llm = engines.get("pruned")
     reset_stats(llm)
     got = token_lists(run(llm, PROMPTS, greedy(16)))
     assert [g[0] for g in got] == [f[0] for f in full_alone]
-    assert all(g[1:] != f[1:] for g, f in zip(got, full_alone))
+    assert all(g[1:] != f[1:] for g, f in zip(got, full_alone, strict=True))
     counts = stats(llm)
     assert counts["full_tokens"] == sum(map(len, PROMPTS))
     assert counts["decoder_tokens"] == len(PROMPTS) * (16 - 1)
@@ -528,7 +528,7 @@ def test_a_request_finishing_first_reorders_the_batch(engines, reference):
     llm = engines.get("pruned")
     prompts, lengths = [PROMPTS[3], PROMPTS[1], PROMPTS[0]], [2, 20, 20]
     got = token_lists(run(llm, prompts, [greedy(n) for n in lengths]))
-    assert got == [reference.tokens(p, n) for p, n in zip(prompts, lengths)]
+    assert got == [reference.tokens(p, n) for p, n in zip(prompts, lengths, strict=True)]
 
 
 @vllm_test
@@ -578,7 +578,7 @@ def test_sampling_features(engines, reference):
     completion = out.outputs[0]
     assert completion.token_ids == reference.tokens(p, 6)
     assert len(completion.logprobs) == 6
-    for token, top in zip(completion.token_ids, completion.logprobs):
+    for token, top in zip(completion.token_ids, completion.logprobs, strict=True):
         assert top[token].rank == 1 and all(lp.logprob <= 0 for lp in top.values())
     want_first, want_second = reference.first_two_logprobs(p)
     for step, want in ((0, want_first), (1, want_second)):

@@ -305,6 +305,8 @@ class OverFillModel(nn.Module):
                                     "the checkpoint")
         tokenizer = None
         chosen = decoder_dtype or meta.get("decoder_dtype")
+        decoder_folder = str(folder / meta.get("decoder", "decoder"))
+        resolve_model(decoder_folder, quiet=True)  # a missing decoder folder is refused before the full model loads
         if full_model is None or isinstance(full_model, str):
             source = full_model or meta.get("full_model")
             if not source:
@@ -312,7 +314,7 @@ class OverFillModel(nn.Module):
             full, tokenizer = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quiet=True)
         else:
             full, source = full_model, None
-        decoder, decoder_tokenizer = load_model(str(folder / meta.get("decoder", "decoder")), dtype=_loaded_dtype(dtype, chosen),
+        decoder, decoder_tokenizer = load_model(decoder_folder, dtype=_loaded_dtype(dtype, chosen),
                                                 device=device, trust_remote_code=trust_remote_code, quiet=True)
         model = cls(full, decoder, tokenizer or decoder_tokenizer, full_source=source,
                     decoder_tokenizer=decoder_tokenizer, pruning=meta.get("pruning"))
