@@ -16,8 +16,19 @@ from overfill.cli import main
 from overfill.errors import OverfillError
 
 
+def suite(folder, body: str):
+    """A stand-in for tests/test_on_device.py: one `gpu` case with this body (the real cases run on a device; on a CPU
+    they would compare the CPU with itself, at a minute's cost)."""
+    folder.mkdir()
+    (folder / "test_on_device.py").write_text(f"import pytest\n\n@pytest.mark.gpu\ndef test_training_step():\n    {body}\n")
+    return folder
+
+
 def test_small_preset_runs_every_section(tmp_path, monkeypatch, capsys):
+    import overfill.bench.gpu_check as gpu_check
+
     monkeypatch.setattr(decode_step, "BACKEND", "aot_eager")
+    monkeypatch.setattr(gpu_check, "TESTS", suite(tmp_path / "suite", "assert True"))
     result = run_check(GpuCheckConfig(out=str(tmp_path), preset="small", device="cpu"))
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["ok"] and result["ok"], [s for s in saved["sanity"] if not s["ok"]] or saved["sections"]
@@ -53,11 +64,7 @@ def test_a_failing_device_case_fails_the_check(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gpu_check, "paper_figures", lambda check, config, preset: None)
     monkeypatch.setattr(gpu_check, "memory_phases", lambda preset, device: {"phases": {"load": {"over_weights": 1.0}}})
-    suite = tmp_path / "suite"
-    suite.mkdir()
-    (suite / "test_on_device.py").write_text(
-        "import pytest\n\n@pytest.mark.gpu\ndef test_training_step():\n    assert False, 'broken on purpose'\n")
-    monkeypatch.setattr(gpu_check, "TESTS", suite)
+    monkeypatch.setattr(gpu_check, "TESTS", suite(tmp_path / "suite", "assert False, 'broken on purpose'"))
     result = run_check(GpuCheckConfig(out=str(tmp_path / "run"), preset="small", device="cpu"))
     tested = result["sections"]["device tests"]
     assert not result["ok"] and tested["failed"] == ["test_training_step"] and tested["failures"] == 1, (result, tested)
