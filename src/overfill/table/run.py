@@ -91,6 +91,8 @@ def evaluate_cell(lm, task_manager, task: str, lm_eval_name: str, limit: int | N
     records = []
     for name, samples in results.get("samples", {}).items():
         for s in samples:
+            if s.get("filter", filter_name) != filter_name:  # one record per example: the filter the table reads
+                continue
             records.append({"task": name, "doc_id": s.get("doc_id"), "target": s.get("target"),
                             "reply": (s.get("resps") or [[None]])[0][0], "filtered": (s.get("filtered_resps") or [None])[0],
                             metric: s.get(metric)})

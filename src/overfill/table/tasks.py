@@ -152,7 +152,7 @@ def write_task_folder(folder: Path, data_dir: Path, names, limit: int | None) ->
                 config = {"include": str(include), "task": f"{task.lm_eval_name}_{subject}", "tag": [],
                           "task_alias": subject, "dataset_path": "csv", "dataset_name": None,
                           "dataset_kwargs": {"data_files": {"test": str(where / "test" / f"{subject}_test.csv"), "dev": str(dev)},
-                                             "column_names": list(_mmlu_columns()), "keep_default_na": False, "dtype": "str"},
+                                             "column_names": list(_mmlu_columns()), "keep_default_na": False},
                           "description": f"The following are multiple choice questions (with answers) about "
                                          f"{subject.replace('_', ' ')}.\n\n", "num_fewshot": task.shots}
                 (folder / f"{task.lm_eval_name}_{subject}.yaml").write_text(_yaml(config, {"process_docs": "mmlu_docs"}))
