@@ -50,7 +50,9 @@ def mmlu_row(row: dict) -> dict:
 
 
 def mmlu_docs(dataset):
-    return dataset.map(mmlu_row, remove_columns=[c for c in dataset.column_names if c != "question"])
+    import datasets
+
+    return datasets.Dataset.from_list([mmlu_row(row) for row in dataset])
 
 
 def wmt_rows(german: Path, english: Path) -> list[dict]:

@@ -96,7 +96,20 @@ def evaluate_cell(lm, task_manager, task: str, lm_eval_name: str, limit: int | N
             records.append({"task": name, "doc_id": s.get("doc_id"), "target": s.get("target"),
                             "reply": (s.get("resps") or [[None]])[0][0], "filtered": (s.get("filtered_resps") or [None])[0],
                             metric: s.get(metric)})
+    if score["stderr"] is None:
+        score["stderr"] = mean_stderr([r[metric] for r in records], scale)
     return score, records
+
+
+def mean_stderr(values, scale: float) -> float | None:
+    """The standard error of a mean of per-example scores (sample deviation / sqrt(n), lm-eval's `mean_stderr`),
+    for a group lm-eval leaves without one (MMLU with a single question in some subject); None for other metrics."""
+    if len(values) < 2 or not all(isinstance(v, (int, float)) for v in values):
+        return None
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return scale * (variance / len(values)) ** 0.5
 
 
 def run_table(config: TableConfig, console: Console | None = None):
