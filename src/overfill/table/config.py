@@ -39,6 +39,8 @@ class TableConfig(FullModelSource):
     """Prompt through the tokenizer's chat template, few-shot examples as earlier turns, as the paper does (default: when the tokenizer has one)."""
     engine: Engine = "torch"
     """What generates the replies: torch (our own two-stage loop) or vllm (the vLLM plugin's engine, one per configuration, in its own process; needs overfill[vllm]). Scoring is lm-eval's either way."""
+    compile: bool | None = None
+    """With --engine torch: a compiled decode step (--compile), eager (--no-compile), or decided by device and workload (default)."""
     quick: bool = False
     """The small preset: 2 examples per task and replies of at most 16 tokens (a plumbing check, not a measurement)."""
     force: bool = False

@@ -52,7 +52,7 @@ def load_lm(config: TableConfig, configuration: str):
 
     folder = {"full": None, "pruned": config.pruned, "overfill": config.overfill}[configuration]
     common = {"dtype": config.dtype, "device": config.device, "batch_size": config.batch_size,
-              "trust_remote_code": config.trust_remote_code}
+              "trust_remote_code": config.trust_remote_code, "compile": config.compile}
     if folder and (Path(folder).expanduser() / "overfill.json").is_file():
         sources = {"path": folder, "model": config.model}
     else:
