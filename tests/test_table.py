@@ -41,7 +41,7 @@ MMLU = {"astronomy": [("Which is a gas giant?", "Mercury", "Jupiter", "Mars", "V
 WMT = [("Das Haus ist klein.", "The house is small."), ("Ich trinke Wasser.", "I drink water."),
        ("Der Hund schläft.", "The dog sleeps."), ("Es regnet heute.", "It is raining today."),
        ("Wir lesen ein Buch.", "We read a book."), ("Sie singt gern.", "She likes to sing.")]
-NQ = [{"question": "what is the capital of france", "answer": ["Paris"]},
+NQ = [{"question": "what is the capital of france", "answer": ["Paris", "Paris, France"]},  # any answer counts
       {"question": "who wrote hamlet", "answer": ["William Shakespeare", "Shakespeare"]},
       {"question": "how many legs does a spider have", "answer": ["eight", "8"]},
       {"question": "what color is the sky", "answer": ["blue"]},
@@ -281,3 +281,15 @@ def test_vllm_engine_fills_the_same_cells_as_our_loop(tmp_path, monkeypatch, vll
             assert replies["vllm"] == replies["torch"] and len(replies["torch"]) == 2
     scores = {engine: [{c: s["score"] for c, s in r["scores"].items()} for r in t["rows"]] for engine, t in tables.items()}
     assert scores["vllm"] == scores["torch"]
+
+
+def test_mmlu_limit_spreads_over_subjects(files, tmp_path):
+    import yaml
+
+    from overfill.table.tasks import write_task_folder
+
+    _, data = files
+    for limit, subjects, each in ((1, 1, 1), (3, 2, 2), (None, 2, None)):
+        plan = write_task_folder(tmp_path / str(limit), data, ["mmlu"], limit)
+        group = yaml.safe_load((tmp_path / str(limit) / "overfill_table_mmlu.yaml").read_text())
+        assert len(group["task"]) == subjects and plan["mmlu"] == ("overfill_table_mmlu", each)

@@ -30,7 +30,7 @@ class TableConfig(FullModelSource):
     tasks: tuple[str, ...] = comma_list(TASK_NAMES)
     """Rows to fill (repeat or comma-separate): gsm8k, arc, mmlu, wmt16_de_en, ifeval, nq_open."""
     limit: int | None = None
-    """Evaluate only the first N examples of each task (MMLU: N spread over its subjects)."""
+    """Evaluate only the first N examples of each task (MMLU: N spread over its subjects, one each from the first N subjects when N is smaller)."""
     max_gen_toks: int | None = None
     """Cap on every reply's length in tokens (default: each lm-eval task's own)."""
     batch_size: int = 8

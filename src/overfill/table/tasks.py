@@ -113,7 +113,8 @@ def write_task_folder(folder: Path, data_dir: Path, names, limit: int | None) ->
     """Write the task YAMLs for `names` into `folder`; per task, (the lm-eval task or group to run, its limit).
 
     MMLU is one lm-eval task per subject in a group (as lm-eval's own mmlu_llama), each prompted with its own
-    subject's five dev examples; a --limit N spreads over the subjects (ceil(N / subjects) questions each).
+    subject's five dev examples; a --limit N spreads over the subjects (ceil(N / subjects) questions each; below
+    the number of subjects, one question from each of the first N).
     """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{SHIM}.py").write_text("# Written by `overfill table`: lm-eval loads the data adapters from here.\n"
@@ -144,6 +145,8 @@ def write_task_folder(folder: Path, data_dir: Path, names, limit: int | None) ->
                                  training_split=None, fewshot_split="validation")
         elif name == "mmlu":
             subjects = sorted(p.name.removesuffix("_test.csv") for p in (where / "test").glob("*_test.csv"))
+            if limit is not None and limit < len(subjects):
+                subjects = subjects[:limit]  # a quick run: one question from each of the first N subjects
             for subject in subjects:
                 dev = where / "dev" / f"{subject}_dev.csv"
                 if not dev.is_file():
