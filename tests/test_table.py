@@ -293,3 +293,19 @@ def test_mmlu_limit_spreads_over_subjects(files, tmp_path):
         plan = write_task_folder(tmp_path / str(limit), data, ["mmlu"], limit)
         group = yaml.safe_load((tmp_path / str(limit) / "overfill_table_mmlu.yaml").read_text())
         assert len(group["task"]) == subjects and plan["mmlu"] == ("overfill_table_mmlu", each)
+
+
+def test_chat_prompt_leaves_a_reply_prefix_open():
+    """ARC's and MMLU's tasks start the reply with "The best answer is": the harness model's chat template must
+    leave that assistant turn open for the reply to continue, not close it (the model would then just stop)."""
+    from overfill.evaluation.lm_eval import OverFillLM
+    from tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    holder = type("Holder", (), {"tokenizer": tokenizer})()
+    history = [{"role": "user", "content": "Which?"}, {"role": "assistant", "content": "The best answer is"}]
+    assert OverFillLM.apply_chat_template(holder, history, add_generation_prompt=False).endswith("<assistant>The best answer is")
+    asked = OverFillLM.apply_chat_template(holder, history[:1], add_generation_prompt=True)
+    assert asked == "<user>Which?</user>\n<assistant>"

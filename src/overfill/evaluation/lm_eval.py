@@ -102,7 +102,11 @@ class OverFillLM(TemplateLM):
         return str(getattr(self.tokenizer, "name_or_path", self.source)).replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # A task with a reply prefix (gen_prefix: "The best answer is") ends the history with that assistant turn
+        # and asks for no generation prompt: the reply continues it, so the template must leave the turn open.
+        continuing = not add_generation_prompt and bool(chat_history) and chat_history[-1].get("role") == "assistant"
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=continuing)
 
     # ------------------------------------------------------------ scoring
 

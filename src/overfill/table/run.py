@@ -93,7 +93,8 @@ def evaluate_cell(lm, task_manager, task: str, lm_eval_name: str, limit: int | N
         for s in samples:
             if s.get("filter", filter_name) != filter_name:  # one record per example: the filter the table reads
                 continue
-            records.append({"task": name, "doc_id": s.get("doc_id"), "target": s.get("target"),
+            arguments = (s.get("arguments") or [[None]])[0]
+            records.append({"task": name, "doc_id": s.get("doc_id"), "prompt": arguments[0], "target": s.get("target"),
                             "reply": (s.get("resps") or [[None]])[0][0], "filtered": (s.get("filtered_resps") or [None])[0],
                             metric: s.get(metric)})
     if score["stderr"] is None:
