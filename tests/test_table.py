@@ -122,7 +122,7 @@ def test_relative_improvement_and_gap_closed_by_hand():
 
 # ---------------------------------------------------------------- lm-eval's scoring, on scripted replies
 
-# (text in the question, right reply, wrong reply): which one each example gets is fixed below
+# per task: (text of the question, the reply it gets); the first reply is right, the second wrong
 REPLIES = {
     "gsm8k": [("Tom has 3 apples", "3 + 2 = 5. The final answer is 5"), ("4 pens per box", "4 * 3 = 11. The final answer is 11")],
     "arc": [("closest to the Sun", " C."), ("plants take in", " B.")],  # right (Mercury = C), wrong (gold is A)
