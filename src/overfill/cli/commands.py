@@ -88,6 +88,12 @@ def run_serve(config) -> None:
     serve(config, say=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
 
 
+def run_table(config) -> None:
+    from overfill.table import run_table as table
+
+    table(config, out)
+
+
 def run_demo(config) -> None:
     from overfill.demo import run_demo as demo
 

@@ -63,7 +63,7 @@ class OverFillLM(TemplateLM):
             raise OverfillError(f"mode {mode} needs a decoder: pass path=<checkpoint> or decoder=<pruned folder>")
         self.mode = mode
         self.source = path or (f"{model}+{decoder}" if decoder else model)
-        source = ModelSource(checkpoint=path, model=model, decoder=decoder, dtype=dtype,
+        self.model_source = source = ModelSource(checkpoint=path, model=model, decoder=decoder, dtype=dtype,
                              trust_remote_code=_flag(trust_remote_code), device=device or "auto")
         self._device = torch.device(source.device)
         self.compile = None if compile is None else _flag(compile)
@@ -102,7 +102,11 @@ class OverFillLM(TemplateLM):
         return str(getattr(self.tokenizer, "name_or_path", self.source)).replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # A task with a reply prefix (gen_prefix: "The best answer is") ends the history with that assistant turn
+        # and asks for no generation prompt: the reply continues it, so the template must leave the turn open.
+        continuing = not add_generation_prompt and bool(chat_history) and chat_history[-1].get("role") == "assistant"
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=continuing)
 
     # ------------------------------------------------------------ scoring
 
