@@ -7,7 +7,7 @@ from rich.table import Table
 from overfill.bench import BenchConfig, run_bench
 from overfill.demo.report import print_chat
 from overfill.frontier.report import print_frontier
-from overfill.tables import readable
+from overfill.terminal_tables import readable
 from test_bench import pair  # noqa: F401  (the fixture)
 
 WIDTH = 80

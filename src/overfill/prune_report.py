@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from overfill.tables import readable
+from overfill.terminal_tables import readable
 
 
 def _millions(n: int) -> str:

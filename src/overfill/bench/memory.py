@@ -198,7 +198,7 @@ def _child(argv: list[str], status=None) -> dict:
 def print_memory(console, result: dict) -> None:
     from rich.table import Table
 
-    from overfill.tables import readable
+    from overfill.terminal_tables import readable
 
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     counts = result["counts"]

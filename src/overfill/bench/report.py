@@ -10,7 +10,7 @@ from rich.table import Table
 
 from overfill.configuration import Configuration
 from overfill.interleaved import paired_ratio
-from overfill.tables import readable
+from overfill.terminal_tables import readable
 
 
 def _range(s: dict, fmt: str) -> str:

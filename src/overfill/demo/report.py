@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.table import Table
 
 from overfill.atomic import atomic_write_text
-from overfill.tables import readable
+from overfill.terminal_tables import readable
 
 LABELS = {"full": "full model", "overfill": "OverFill", "pruned": "pruned baseline", "untrained": "untrained decoder",
           "refresh": "OverFill, refresh every 8", "speculative": "speculative (decoder drafts 3, full model verifies)"}

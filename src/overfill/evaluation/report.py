@@ -6,7 +6,7 @@ import math
 
 from rich.table import Table
 
-from overfill.tables import readable
+from overfill.terminal_tables import readable
 
 
 def _fmt(value, digits: int = 3, percent: bool = False, percent_digits: int = 0) -> str:

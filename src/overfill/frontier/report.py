@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from overfill.tables import readable
+from overfill.terminal_tables import readable
 
 
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
