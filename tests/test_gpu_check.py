@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from overfill import decode_step
 from overfill.bench.gpu_check import GpuCheckConfig, run_check
@@ -29,6 +30,9 @@ def test_small_preset_runs_every_section(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(decode_step, "BACKEND", "aot_eager")
     monkeypatch.setattr(gpu_check, "TESTS", suite(tmp_path / "suite", "assert True"))
+    measured = []  # the memory phases themselves: test_memory.py's (the same measure, on a tiny pair)
+    monkeypatch.setattr("overfill.bench.memory.measure", lambda folder, dtype, device, **kw: measured.append(device) or
+                        {"weight_bytes": 1, "phases": {name: {"over_weights": 1.0} for name in "abcde"}})
     result = run_check(GpuCheckConfig(out=str(tmp_path), preset="small", device="cpu"))
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["ok"] and result["ok"], [s for s in saved["sanity"] if not s["ok"]] or saved["sections"]
@@ -36,7 +40,7 @@ def test_small_preset_runs_every_section(tmp_path, monkeypatch, capsys):
     tested = sections["device tests"]  # the suite's own device cases, run by pytest on the check's device
     assert tested["ok"] and tested["tests"] == 1 and tested["failures"] == tested["errors"] == 0, tested
     assert (tmp_path / "device_tests.xml").is_file()
-    assert len(sections["memory"]["phases"]) == 5 and sections["memory"]["weight_bytes"] > 0
+    assert len(sections["memory"]["phases"]) == 5 and measured == [torch.device("cpu")]  # on the check's device
     figures = saved["figures"]
     assert set(figures["key_point"]["rows"]) == {"overfill+compiled", "full+compiled", "pruned+compiled"}
     assert set(figures["sweeps"]) == {"new_tokens", "batch", "prompt_len"}
