@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from overfill import arch
-from overfill.tensors import hand_back_pages
+from overfill.tensors import hand_back_pages, in_mapped_file
 
 
 class Projection(nn.Module):
@@ -85,9 +85,10 @@ def _fuse(parts: list[list[nn.Linear]], transposed: bool) -> tuple[nn.Parameter,
             held = weight[i, :, start:end].t() if transposed else weight[i, start:end]  # [out, in], as the linear's
             original = module.weight.data
             rows = max(1, COPY_BYTES // (original.shape[1] * original.element_size()))
+            mapped = in_mapped_file(original.data_ptr())  # once per weight, not per slice: one read of the memory map
             for first in range(0, original.shape[0], rows):  # a slice at a time: at most one slice is held twice
                 held[first : first + rows] = original[first : first + rows]
-                hand_back_pages(original[first : first + rows])
+                hand_back_pages(original[first : first + rows], mapped)
             module.weight.data = held
             if module.bias is not None:
                 original = module.bias.data

@@ -123,7 +123,7 @@ def _madvise():
     return libc.madvise
 
 
-def _in_mapped_file(address: int) -> bool:
+def in_mapped_file(address: int) -> bool:
     """Whether this address lies in a mapping of a file (e.g. a safetensors file), per the process's memory map."""
     with open("/proc/self/maps") as maps:
         for line in maps:
@@ -134,7 +134,7 @@ def _in_mapped_file(address: int) -> bool:
     return False
 
 
-def hand_back_pages(tensor: torch.Tensor) -> bool:
+def hand_back_pages(tensor: torch.Tensor, mapped: bool | None = None) -> bool:
     """Let the kernel reclaim the memory pages inside a CPU tensor that is being dropped while its storage lives on.
 
     A model loaded from safetensors holds its weights in one mapping of the file, which lives as long as any of
@@ -142,11 +142,12 @@ def hand_back_pages(tensor: torch.Tensor) -> bool:
     until the last weight of the file goes, so the model would be held twice meanwhile. A hint only, never a
     loss: a page written since it was read is kept (with no swap), a clean one is read from the file again if
     it is touched. Does nothing for a tensor outside a mapped file (dropping it frees it), on a GPU, or off Linux.
-    True when the kernel took the hint.
+    True when the kernel took the hint. `mapped`: whether the tensor lies in a mapped file, when the caller
+    already knows (slices of one weight), else read from the process's memory map.
     """
     if tensor.device.type != "cpu" or not sys.platform.startswith("linux") or not tensor.is_contiguous():
         return False
-    if not _in_mapped_file(tensor.data_ptr()):
+    if not (in_mapped_file(tensor.data_ptr()) if mapped is None else mapped):
         return False
     page = mmap.PAGESIZE
     start = -(-tensor.data_ptr() // page) * page  # whole pages only: a neighbour's bytes share the edge pages
