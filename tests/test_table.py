@@ -17,18 +17,12 @@ from overfill.table import TableConfig, run_table
 from overfill.table import run as table_run
 from overfill.table.docs import arc_question, arc_rows, mmlu_row, wmt_rows
 from overfill.table.report import gap_closed, relative_improvement
+from overfill.table.tasks import PUNKT, REGEX_SENTENCES
 from test_cli import assert_one_line_error, run_cli
 from tiny import save_tiny, tiny_model, write_jsonl
 
 pytest.importorskip("lm_eval")
 IFEVAL_SCORABLE = all(importlib.util.find_spec(m) for m in ("langdetect", "immutabledict", "nltk"))
-if IFEVAL_SCORABLE:
-    import nltk
-
-    try:
-        nltk.data.find("tokenizers/punkt_tab")
-    except LookupError:
-        IFEVAL_SCORABLE = False
 NO_IFEVAL = ("gsm8k", "arc", "mmlu", "wmt16_de_en", "nq_open")
 ALL_TASKS = NO_IFEVAL + (("ifeval",) if IFEVAL_SCORABLE else ())
 
@@ -46,7 +40,8 @@ NQ = [{"question": "what is the capital of france", "answer": ["Paris", "Paris, 
       {"question": "how many legs does a spider have", "answer": ["eight", "8"]},
       {"question": "what color is the sky", "answer": ["blue"]},
       {"question": "largest ocean on earth", "answer": ["Pacific Ocean", "Pacific"]}]
-IFEVAL = [{"key": 1, "prompt": "Describe a cat. Do not use any commas.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+IFEVAL = [{"key": 1, "prompt": "Describe a cat in fewer than 3 sentences.", "instruction_id_list": ["length_constraints:number_sentences"],
+           "kwargs": [{"relation": "less than", "num_sentences": 3}]},
           {"key": 2, "prompt": "Describe a dog. Do not use any commas.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}]
 
 
@@ -129,7 +124,8 @@ REPLIES = {
     "mmlu": [("gas giant", " B."), ("pumps blood", " A.")],  # right (Jupiter = B), wrong (heart = D)
     "nq_open": [("capital of france", " Paris"), ("who wrote hamlet", " Charles Dickens")],
     "wmt16_de_en": [("Das Haus ist klein.", " The house is small."), ("Ich trinke Wasser.", " You eat bread.")],
-    "ifeval": [("Describe a cat", "A cat is small and soft."), ("Describe a dog", "A dog is loyal, kind, and fast.")],
+    # right: two sentences, where a splitter that ends one at "Mr." would count three; wrong: a comma
+    "ifeval": [("Describe a cat", "Mr. Tom is a cat. He is soft."), ("Describe a dog", "A dog is loyal, kind, and fast.")],
 }
 
 
@@ -175,6 +171,10 @@ def test_lm_eval_scores_one_right_and_one_wrong_reply(files, tmp_path, monkeypat
     else:
         assert cell["score"] == pytest.approx(50.0), (task, cell)
         assert cell["stderr"] == pytest.approx(50.0)  # lm-eval's sample standard error of [1, 0], in percent
+    if task == "ifeval":  # the cell says what counted the sentences, and the table says so when it is not punkt_tab
+        counter = json.loads((tmp_path / "out" / "cells" / "ifeval__full.json").read_text())["settings"]["sentence_counter"]
+        assert counter in (PUNKT, REGEX_SENTENCES)
+        assert (counter == REGEX_SENTENCES) == (REGEX_SENTENCES in (tmp_path / "out" / "table.md").read_text())
 
 
 # ---------------------------------------------------------------- the command end to end on tiny models

@@ -14,7 +14,7 @@ from rich.table import Table
 from overfill.atomic import atomic_write_text
 from overfill.table.config import CONFIGURATIONS
 from overfill.table.paper import PAPER, PAPER_AVERAGE_RELATIVE_IMPROVEMENT, PAPER_SCORES
-from overfill.table.tasks import TASKS
+from overfill.table.tasks import PUNKT, TASKS
 
 NAMES = {"full": "Full", "pruned": "Pruned", "overfill": "OverFill"}
 
@@ -56,10 +56,16 @@ def build_table(config, cells: dict[tuple[str, str], dict]) -> dict:
     return {"paper": PAPER, "configurations": list(config.configurations),
             "settings": {"model": config.model, "pruned": config.pruned, "overfill": config.overfill, "limit": config.limit,
                          "max_gen_toks": config.max_gen_toks, "engine": config.engine, "greedy": True},
-            "rows": rows,
+            "rows": rows, "notes": notes(cells),
             "average_relative_improvement": _mean(r["relative_improvement"] for r in rows),
             "average_gap_closed": _mean(r["gap_closed"] for r in rows),
             "paper_average_relative_improvement": PAPER_AVERAGE_RELATIVE_IMPROVEMENT}
+
+
+def notes(cells: dict[tuple[str, str], dict]) -> list[str]:
+    """What a reader must know to compare the cells with lm-eval's own runs of the same tasks."""
+    counters = {cell["settings"].get("sentence_counter") for (task, _), cell in cells.items() if task == "ifeval"}
+    return [f"IFEval's sentence-count instructions scored with {c}." for c in sorted(counters - {None, PUNKT})]
 
 
 def _num(value, digits: int = 1, suffix: str = "") -> str:
@@ -89,7 +95,7 @@ def markdown(table: dict) -> str:
               f"{_num(table['average_gap_closed'], 2)}.",
               "", "Scores in percent (BLEU for WMT16), ± one standard error (lm-eval's); greedy generation. "
               "Paper figures marked n/a were not available to this tool. "
-              f"Examples per task: {table['settings']['limit'] or 'all'}."]
+              f"Examples per task: {table['settings']['limit'] or 'all'}.", *table.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from overfill.atomic import atomic_write_text
 from overfill.table.config import TableConfig
-from overfill.table.tasks import TASKS, write_task_folder
+from overfill.table.tasks import PUNKT, TASKS, ifeval_sentence_counter, prepare_ifeval_scoring, write_task_folder
 
 BOOTSTRAP_ITERS = 1000  # BLEU's standard error is bootstrapped (lm-eval's default of 100000 takes minutes per cell)
 
@@ -34,7 +34,8 @@ def cell_settings(config: TableConfig, task: str, configuration: str) -> dict:
     return {"model": config.model, "decoder": str(Path(source).expanduser().resolve()) if source else None,
             "data": str((Path(config.data_dir).expanduser() / task).resolve()), "limit": config.limit,
             "max_gen_toks": config.max_gen_toks, "chat_template": config.chat_template, "dtype": config.dtype,
-            "shots": TASKS[task].shots, "metric": TASKS[task].metric}
+            "shots": TASKS[task].shots, "metric": TASKS[task].metric,
+            **({"sentence_counter": ifeval_sentence_counter()} if task == "ifeval" else {})}
 
 
 def finished_cell(out: Path, task: str, configuration: str, settings: dict) -> dict | None:
@@ -150,6 +151,10 @@ def _fill(config, out, plan, todo, cells, console, total) -> None:
     for name in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     task_manager = TaskManager(include_path=str(out / "tasks"), include_defaults=False)
+    if any("ifeval" in tasks for tasks in todo.values()):
+        counter = prepare_ifeval_scoring()
+        if counter != PUNKT:
+            console.print(f"[yellow]IFEval: sentence counts by {counter}[/]", highlight=False)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} cells"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:

@@ -78,23 +78,53 @@ def check_data(data_dir: Path, names) -> None:
 
 
 def check_ifeval_scoring() -> None:
-    """IFEval is scored by lm-eval's own instruction checkers, which import langdetect and immutabledict and split
-    sentences with nltk's punkt_tab data. lm-eval would try to download punkt_tab on first use: checked here
-    instead, so that a machine without it gets one line before any model loads, not a failure mid-run."""
+    """IFEval is scored by lm-eval's own instruction checkers, which import langdetect and immutabledict: checked
+    here, so that a machine without them gets one line before any model loads, not a failure mid-run."""
     import importlib.util
 
     missing = [m for m in ("langdetect", "immutabledict", "nltk") if importlib.util.find_spec(m) is None]
     if missing:
         raise OverfillError(f"IFEval's scoring (lm-eval's instruction checkers) needs {', '.join(missing)}: "
                             f"pip install {' '.join(missing)} (or 'overfill[eval]'), or leave ifeval out of --tasks")
+
+
+PUNKT = "nltk punkt_tab"
+REGEX_SENTENCES = "IFEval's own regex sentence splitter (nltk's punkt_tab data not installed)"
+
+
+def ifeval_sentence_counter() -> str:
+    """What counts sentences for IFEval's "at most / at least N sentences" instructions (46 of its 541 prompts):
+    nltk's punkt_tab data where installed (lm-eval's choice); otherwise the regex splitter IFEval's checkers
+    already use for their other sentence rules. lm-eval would download punkt_tab on first import; a run never
+    downloads, so without the data the checkers get the regex splitter, and the cell records which one scored it."""
     import nltk
 
     try:
         nltk.data.find("tokenizers/punkt_tab")
+        return PUNKT
     except LookupError:
-        raise OverfillError("IFEval's scoring needs nltk's punkt_tab data, which is not installed (and is never downloaded "
-                            "during a run): run `python -m nltk.downloader punkt_tab` where there is network, or put it in "
-                            "a folder named by NLTK_DATA; or leave ifeval out of --tasks") from None
+        return REGEX_SENTENCES
+
+
+def prepare_ifeval_scoring() -> str:
+    """Import lm-eval's IFEval checkers without their download, with the sentence counter `ifeval_sentence_counter`
+    names; returns that name."""
+    import nltk
+
+    counter = ifeval_sentence_counter()
+    if counter == PUNKT:
+        return counter
+    download, nltk.download = nltk.download, lambda *args, **kwargs: False
+    try:
+        from lm_eval.tasks.ifeval import instructions_util
+    finally:
+        nltk.download = download
+
+    class RegexSentences:
+        tokenize = staticmethod(instructions_util.split_into_sentences)
+
+    instructions_util._get_sentence_tokenizer = lambda: RegexSentences
+    return counter
 
 
 def _yaml(config: dict, functions: dict[str, str] | None = None) -> str:
