@@ -24,11 +24,15 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/overfill demo
 
+# Two workers, a test file each at a time (a file's module fixtures, such as its vLLM engines, start once): the
+# tests run torch on one thread, and much of their time is single-threaded (imports, compiles, engine starts).
+XDIST = -n 2 --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 # What `make test` leaves out for time (see the `heavy` marker in pyproject.toml): a few minutes more.
 test-heavy: setup

@@ -27,6 +27,16 @@ def _link_bundled(home: Path) -> None:
             link.symlink_to(source.resolve(), target_is_directory=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with vLLM engines or the bundled model first: under `make test`'s two workers (a file each at a time),
+    the long files start early and the short ones fill in behind them, so both workers finish together."""
+    def long(item) -> bool:
+        return any(item.get_closest_marker(m) for m in ("vllm", "slow"))
+
+    long_files = {item.path for item in items if long(item)}
+    items.sort(key=lambda item: item.path not in long_files)  # stable: each file's own order is kept
+
+
 @pytest.fixture(scope="session")
 def _test_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("overfill-home")
