@@ -34,9 +34,13 @@ def engine_request(source: ModelSource, mode: str, contexts: list[list[int]], *,
         # (and would stop a reply early if prompt + reply reached it).
         "engine": {"max_model_len": max(len(c) for c in contexts) + max_new_tokens},
         "prompts": [list(map(int, c)) for c in contexts],
-        "params": {"temperature": 0.0, "max_tokens": max_new_tokens, "stop_token_ids": sorted(stop_ids),
-                   "detokenize": False},
+        "params": greedy_params(max_new_tokens, stop_ids),
     }
+
+
+def greedy_params(max_new_tokens: int, stop_ids: set[int]) -> dict:
+    """vLLM's sampling fields for our loop's greedy replies: at most max_new_tokens, ending on (and keeping) a stop id."""
+    return {"temperature": 0.0, "max_tokens": max_new_tokens, "stop_token_ids": sorted(stop_ids), "detokenize": False}
 
 
 def vllm_replies(source: ModelSource, mode: str, contexts: list[list[int]], *, max_new_tokens: int,

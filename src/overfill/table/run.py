@@ -162,21 +162,24 @@ def _fill(config, out, plan, todo, cells, console, total) -> None:
         for configuration, tasks in todo.items():
             progress.update(bar, description=f"loading {configuration}")
             lm = load_lm(config, configuration)
-            chat = config.chat_template if config.chat_template is not None else bool(getattr(lm.tokenizer, "chat_template", None))
-            for task in tasks:
-                progress.update(bar, description=f"{configuration} on {TASKS[task].label}")
-                lm_eval_name, limit = plan[task]
-                started = time.perf_counter()
-                score, records = evaluate_cell(lm, task_manager, task, lm_eval_name, limit, config, chat)
-                cell = {"task": task, "configuration": configuration, **score, "metric": TASKS[task].metric_label,
-                        "seconds": round(time.perf_counter() - started, 1), "chat_template": chat,
-                        "engine": config.engine, "settings": cell_settings(config, task, configuration)}
-                samples = cell_path(out, task, configuration).with_suffix(".samples.jsonl")
-                atomic_write_text(samples, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
-                atomic_write_text(cell_path(out, task, configuration), json.dumps(cell, indent=1))
-                cells[(task, configuration)] = cell
-                progress.advance(bar)
-                err = f" ± {cell['stderr']:.1f}" if cell["stderr"] is not None else ""
-                progress.console.print(f"{configuration:>8} {TASKS[task].label:<14} {cell['score']:6.1f}{err} "
-                                       f"({cell['n']} examples, {cell['seconds']:.0f} s)", highlight=False)
-            del lm
+            try:
+                chat = config.chat_template if config.chat_template is not None else bool(getattr(lm.tokenizer, "chat_template", None))
+                for task in tasks:
+                    progress.update(bar, description=f"{configuration} on {TASKS[task].label}")
+                    lm_eval_name, limit = plan[task]
+                    started = time.perf_counter()
+                    score, records = evaluate_cell(lm, task_manager, task, lm_eval_name, limit, config, chat)
+                    cell = {"task": task, "configuration": configuration, **score, "metric": TASKS[task].metric_label,
+                            "seconds": round(time.perf_counter() - started, 1), "chat_template": chat,
+                            "engine": config.engine, "settings": cell_settings(config, task, configuration)}
+                    samples = cell_path(out, task, configuration).with_suffix(".samples.jsonl")
+                    atomic_write_text(samples, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+                    atomic_write_text(cell_path(out, task, configuration), json.dumps(cell, indent=1))
+                    cells[(task, configuration)] = cell
+                    progress.advance(bar)
+                    err = f" ± {cell['stderr']:.1f}" if cell["stderr"] is not None else ""
+                    progress.console.print(f"{configuration:>8} {TASKS[task].label:<14} {cell['score']:6.1f}{err} "
+                                           f"({cell['n']} examples, {cell['seconds']:.0f} s)", highlight=False)
+            finally:
+                getattr(lm, "close", lambda: None)()  # a column's vLLM engine stops before the next column's starts
+                del lm
