@@ -150,11 +150,11 @@ def _fill(config, out, plan, todo, cells, console, total) -> None:
 
     for name in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    task_manager = TaskManager(include_path=str(out / "tasks"), include_defaults=False)
-    if any("ifeval" in tasks for tasks in todo.values()):
+    if any("ifeval" in tasks for tasks in todo.values()):  # before lm-eval reads the task folder, which imports them
         counter = prepare_ifeval_scoring()
         if counter != PUNKT:
             console.print(f"[yellow]IFEval: sentence counts by {counter}[/]", highlight=False)
+    task_manager = TaskManager(include_path=str(out / "tasks"), include_defaults=False)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} cells"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
