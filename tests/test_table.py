@@ -16,7 +16,7 @@ from overfill.modeling import OverFillModel
 from overfill.table import TableConfig, run_table
 from overfill.table import run as table_run
 from overfill.table.docs import arc_question, arc_rows, mmlu_row, wmt_rows
-from overfill.table.report import gap_closed, relative_improvement
+from overfill.table.report import gap_closed, relative_improvement, same_answers
 from overfill.table.tasks import PUNKT, REGEX_SENTENCES
 from test_cli import assert_one_line_error, run_cli
 from tiny import save_tiny, tiny_model, write_jsonl
@@ -42,7 +42,8 @@ NQ = [{"question": "what is the capital of france", "answer": ["Paris", "Paris, 
       {"question": "largest ocean on earth", "answer": ["Pacific Ocean", "Pacific"]}]
 IFEVAL = [{"key": 1, "prompt": "Describe a cat in fewer than 3 sentences.", "instruction_id_list": ["length_constraints:number_sentences"],
            "kwargs": [{"relation": "less than", "num_sentences": 3}]},
-          {"key": 2, "prompt": "Describe a dog. Do not use any commas.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}]
+          {"key": 2, "prompt": "Describe a dog with at least 2 words in capitals.", "instruction_id_list": ["change_case:capital_word_frequency"],
+           "kwargs": [{"capital_relation": "at least", "capital_frequency": 2}]}]
 
 
 def write_data(root):
@@ -115,6 +116,13 @@ def test_relative_improvement_and_gap_closed_by_hand():
     assert relative_improvement(10.0, 0.0) is None and gap_closed(50.0, 50.0, 60.0) is None
 
 
+def test_same_answer_as_the_full_model_by_hand():
+    full = {("arc", 0): "A", ("arc", 1): "B", ("arc", 2): "C", ("arc", 3): "D"}
+    assert same_answers(full, {**full, ("arc", 3): "A"}) == pytest.approx(75.0)
+    assert same_answers(full, {("arc", 0): "A", ("arc", 1): "C"}) == pytest.approx(50.0)  # only examples both answered
+    assert same_answers(full, {("mmlu", 0): "A"}) is None and same_answers(None, full) is None
+
+
 # ---------------------------------------------------------------- lm-eval's scoring, on scripted replies
 
 # per task: (text of the question, the reply it gets); the first reply is right, the second wrong
@@ -124,8 +132,8 @@ REPLIES = {
     "mmlu": [("gas giant", " B."), ("pumps blood", " A.")],  # right (Jupiter = B), wrong (heart = D)
     "nq_open": [("capital of france", " Paris"), ("who wrote hamlet", " Charles Dickens")],
     "wmt16_de_en": [("Das Haus ist klein.", " The house is small."), ("Ich trinke Wasser.", " You eat bread.")],
-    # right: two sentences, where a splitter that ends one at "Mr." would count three; wrong: a comma
-    "ifeval": [("Describe a cat", "Mr. Tom is a cat. He is soft."), ("Describe a dog", "A dog is loyal, kind, and fast.")],
+    # right: two sentences, where a splitter that ends one at "Mr." would count three; wrong: one word in capitals
+    "ifeval": [("Describe a cat", "Mr. Tom is a cat. He is soft."), ("Describe a dog", "The dog is LOYAL. It is kind.")],
 }
 
 
@@ -200,6 +208,9 @@ def test_quick_preset_end_to_end_then_rerun_resumes(files, tmp_path, monkeypatch
             assert len(samples) == expected_n
     markdown = (out / "table.md").read_text()
     assert all(f"| {row['label']} (" in markdown for row in table["rows"]) and "paper" in markdown
+    for row in table["rows"]:  # the same checkpoint serves the pruned and OverFill columns: counted from the samples
+        same = row["same_answer_as_full"]
+        assert set(same) == {"pruned", "overfill"} and all(0.0 <= v <= 100.0 for v in same.values())
     assert (out / "table.png").read_bytes()[:4] == b"\x89PNG"
     assert "ARC-Challenge" in printed and "average relative improvement" in printed
     # the rerun keeps every finished cell: no model is loaded, no cell file is rewritten

@@ -39,7 +39,17 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def build_table(config, cells: dict[tuple[str, str], dict]) -> dict:
+def same_answers(full: dict | None, other: dict | None) -> float | None:
+    """The share of examples (percent) whose scored answer is the full model's own: the answer letter on ARC and
+    MMLU, the last number on GSM8K, the whole reply on WMT16 and IFEval. None without both columns' answers."""
+    keys = (full or {}).keys() & (other or {}).keys()
+    return 100.0 * sum(full[k] == other[k] for k in keys) / len(keys) if keys else None
+
+
+def build_table(config, cells: dict[tuple[str, str], dict], answers: dict[tuple[str, str], dict] | None = None) -> dict:
+    """The table from the cells; `answers[(task, configuration)]` (each example's scored answer) adds how often the
+    pruned model and OverFill give the full model's own answer."""
+    answers = answers or {}
     rows = []
     for task in config.tasks:
         spec = TASKS[task]
@@ -51,6 +61,8 @@ def build_table(config, cells: dict[tuple[str, str], dict]) -> dict:
                      "shots_source": spec.shots_source, "scores": scores,
                      "relative_improvement": relative_improvement(value.get("overfill"), value.get("pruned")),
                      "gap_closed": gap_closed(value.get("full"), value.get("pruned"), value.get("overfill")),
+                     "same_answer_as_full": {c: same_answers(answers.get((task, "full")), answers.get((task, c)))
+                                             for c in ("pruned", "overfill") if c in config.configurations},
                      "paper": paper, "paper_relative_improvement": relative_improvement(paper["overfill"], paper["pruned"]),
                      "paper_gap_closed": gap_closed(paper["full"], paper["pruned"], paper["overfill"])})
     return {"paper": PAPER, "configurations": list(config.configurations),
@@ -78,9 +90,15 @@ def _cell(score: dict | None) -> str:
     return _num(score["score"]) + (f" ± {score['stderr']:.1f}" if score.get("stderr") is not None else "")
 
 
+def _same(row: dict) -> str:
+    same = row.get("same_answer_as_full", {})
+    return " / ".join(_num(same.get(c), suffix="%") for c in ("pruned", "overfill"))
+
+
 def markdown(table: dict) -> str:
     configs = table["configurations"]
     head = ["Task (metric, shots)", *[NAMES[c] for c in configs], "OverFill vs pruned", "gap closed",
+            "same answer as Full (Pruned / OverFill)",
             *[f"paper {NAMES[c]}" for c in CONFIGURATIONS], "paper OverFill vs pruned"]
     lines = [f"# OverFill table ({table['paper']}, our run beside it)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -88,7 +106,7 @@ def markdown(table: dict) -> str:
         lines.append("| " + " | ".join([f"{row['label']} ({row['metric']}, {row['shots']}-shot)",
                                         *[_cell(row["scores"].get(c)) for c in configs],
                                         _num(row["relative_improvement"], suffix="%"), _num(row["gap_closed"], 2),
-                                        *[_num(row["paper"][c]) for c in CONFIGURATIONS],
+                                        _same(row), *[_num(row["paper"][c]) for c in CONFIGURATIONS],
                                         _num(row["paper_relative_improvement"], suffix="%")]) + " |")
     lines += ["", f"Average relative improvement of OverFill over pruned: {_num(table['average_relative_improvement'], suffix='%')} "
               f"(paper: {table['paper_average_relative_improvement']}%); average share of the pruned-to-full gap closed: "
@@ -140,12 +158,12 @@ def write_outputs(table: dict, out: Path) -> dict[str, Path]:
 def print_summary(console: Console, table: dict, paths: dict[str, Path]) -> None:
     configs = table["configurations"]
     view = Table(title=f"Our run beside {table['paper']}")
-    for name in ("task", *[NAMES[c] for c in configs], "vs pruned", "gap closed", "paper F/P/O"):
+    for name in ("task", *[NAMES[c] for c in configs], "vs pruned", "gap closed", "= Full P/O", "paper F/P/O"):
         view.add_column(name, justify="left" if name == "task" else "right")
     for row in table["rows"]:
         paper = "/".join(_num(row["paper"][c]) for c in CONFIGURATIONS)
         view.add_row(row["label"], *[_cell(row["scores"].get(c)) for c in configs], _num(row["relative_improvement"], suffix="%"),
-                     _num(row["gap_closed"], 2), paper)
+                     _num(row["gap_closed"], 2), _same(row), paper)
     console.print(view)
     console.print(f"average relative improvement of OverFill over pruned: {_num(table['average_relative_improvement'], suffix='%')} "
                   f"(paper {table['paper_average_relative_improvement']}%); written {escape(', '.join(str(p) for p in paths.values()))}",

@@ -38,6 +38,13 @@ def cell_settings(config: TableConfig, task: str, configuration: str) -> dict:
             **({"sentence_counter": ifeval_sentence_counter()} if task == "ifeval" else {})}
 
 
+def scored_answers(out: Path, task: str, configuration: str) -> dict[tuple[str, int], str]:
+    """A cell's scored answer per example (what the task's filter kept of the reply), keyed by (lm-eval task, doc id)."""
+    path = cell_path(out, task, configuration).with_suffix(".samples.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {(r["task"], r["doc_id"]): r["filtered"] for r in rows}
+
+
 def finished_cell(out: Path, task: str, configuration: str, settings: dict) -> dict | None:
     path = cell_path(out, task, configuration)
     try:
@@ -138,7 +145,7 @@ def run_table(config: TableConfig, console: Console | None = None):
     total = sum(map(len, todo.values()))
     if total:
         _fill(config, out, plan, todo, cells, console, total)
-    table = build_table(config, cells)
+    table = build_table(config, cells, {key: scored_answers(out, *key) for key in cells})
     paths = write_outputs(table, out)
     print_summary(console, table, paths)
     return table

@@ -93,7 +93,7 @@ REGEX_SENTENCES = "IFEval's own regex sentence splitter (nltk's punkt_tab data n
 
 
 def ifeval_sentence_counter() -> str:
-    """What counts sentences for IFEval's "at most / at least N sentences" instructions (46 of its 541 prompts):
+    """What splits sentences for IFEval's "at most / at least N sentences" and "N words in capitals" rules:
     nltk's punkt_tab data where installed (lm-eval's choice); otherwise the regex splitter IFEval's checkers
     already use for their other sentence rules. lm-eval would download punkt_tab on first import; a run never
     downloads, so without the data the checkers get the regex splitter, and the cell records which one scored it."""
@@ -123,7 +123,20 @@ def prepare_ifeval_scoring() -> str:
     class RegexSentences:
         tokenize = staticmethod(instructions_util.split_into_sentences)
 
+    class NltkWithRegexSentences:
+        """nltk as the checkers see it, but for word_tokenize, which splits sentences with punkt_tab first (for the
+        "N words in capitals" rule): here it splits them with the regex splitter."""
+
+        def __getattr__(self, name):
+            return getattr(nltk, name)
+
+        @staticmethod
+        def word_tokenize(text, language="english", preserve_line=False):
+            sentences = [text] if preserve_line else instructions_util.split_into_sentences(text)
+            return [word for sentence in sentences for word in nltk.word_tokenize(sentence, language, preserve_line=True)]
+
     instructions_util._get_sentence_tokenizer = lambda: RegexSentences
+    instructions_util.nltk = NltkWithRegexSentences()
     return counter
 
 
