@@ -77,7 +77,8 @@ def build_table(config, cells: dict[tuple[str, str], dict], answers: dict[tuple[
 def notes(cells: dict[tuple[str, str], dict]) -> list[str]:
     """What a reader must know to compare the cells with lm-eval's own runs of the same tasks."""
     counters = {cell["settings"].get("sentence_counter") for (task, _), cell in cells.items() if task == "ifeval"}
-    return [f"IFEval's sentence-count instructions scored with {c}." for c in sorted(counters - {None, PUNKT})]
+    return [f"IFEval's rules on sentences and on words in capitals split sentences with {c}."
+            for c in sorted(counters - {None, PUNKT})]
 
 
 def _num(value, digits: int = 1, suffix: str = "") -> str:
